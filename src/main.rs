@@ -1,1 +1,5 @@
-fn main(){}
+//! The `rankpilot` binary: a thin shell over [`rankpilot::cli`].
+
+fn main() {
+    std::process::exit(rankpilot::cli::main());
+}

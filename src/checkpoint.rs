@@ -1,0 +1,538 @@
+//! Checkpoints: safetensors weights plus JSON metadata, written atomically.
+//!
+//! A checkpoint is a directory:
+//!
+//! ```text
+//! <dir>/checkpoint.json              metadata (format version, kind, step, config, state, weights ref)
+//! <dir>/weights-00001200.safetensors the tensors, named as in the VarStore
+//! ```
+//!
+//! `checkpoint.json` names its weights file together with the file's size and SHA-256, and it is
+//! the commit point: the weights are written first (temp file, fsync, rename), then the JSON the
+//! same way. A crash at any moment leaves the previous checkpoint readable; a truncated or edited
+//! weights file is detected by its hash. Superseded weights files are removed only after the new
+//! JSON is in place.
+//!
+//! The same atomic safetensors writer serves PEFT adapter export ([`write_safetensors`]).
+
+use std::collections::HashMap;
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use safetensors::tensor::{Dtype, SafeTensors, View};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tch::{Kind, Tensor};
+
+/// The checkpoint format this build writes and reads.
+pub const FORMAT_VERSION: u32 = 1;
+/// Name of the metadata file inside a checkpoint directory.
+pub const META_FILE: &str = "checkpoint.json";
+
+/// Everything in `checkpoint.json`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointMeta {
+    /// [`FORMAT_VERSION`] of the writer.
+    pub format_version: u32,
+    /// What the weights are, e.g. `"policy"` or `"lora-adapter"`; readers check it.
+    pub kind: String,
+    /// Training step (environment steps, optimizer steps: the kind decides) at save time.
+    pub step: u64,
+    /// The configuration that produced the weights (presets, CLI options).
+    pub config: serde_json::Value,
+    /// Everything else needed to resume: RNG states, observation-normalizer statistics, counters.
+    pub state: serde_json::Value,
+    /// Weights file name, relative to the checkpoint directory.
+    pub weights: String,
+    /// Size of the weights file in bytes.
+    pub weights_bytes: u64,
+    /// Lower-case hex SHA-256 of the weights file.
+    pub weights_sha256: String,
+    /// `rankpilot <version>` that wrote the checkpoint.
+    pub written_by: String,
+}
+
+/// Why a checkpoint could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    /// No `checkpoint.json` in the directory.
+    #[error("{}: no checkpoint here (missing {META_FILE})", .dir.display())]
+    Missing {
+        /// The directory that was searched.
+        dir: PathBuf,
+    },
+    /// The file exists but its content is not what it claims (truncated, edited, not JSON...).
+    #[error("{}: corrupted or truncated checkpoint: {why}", .file.display())]
+    Corrupt {
+        /// The damaged file.
+        file: PathBuf,
+        /// What check failed.
+        why: String,
+    },
+    /// Written by another format version.
+    #[error("{}: checkpoint format version {found}, this rankpilot reads version {FORMAT_VERSION}", .file.display())]
+    WrongVersion {
+        /// The metadata file.
+        file: PathBuf,
+        /// The version found.
+        found: u32,
+    },
+    /// A checkpoint of another kind (e.g. an adapter where a policy was expected).
+    #[error("{}: checkpoint holds a `{found}`, expected a `{expected}`", .file.display())]
+    WrongKind {
+        /// The metadata file.
+        file: PathBuf,
+        /// Kind found in the file.
+        found: String,
+        /// Kind the caller asked for.
+        expected: String,
+    },
+    /// An I/O failure, with the path.
+    #[error("{}: {source}", .path.display())]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
+    move |source| CheckpointError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Writes a checkpoint into `dir` (created if needed), replacing any previous one atomically.
+/// `meta`'s `format_version`, `weights*` and `written_by` fields are filled in here.
+pub fn save(
+    dir: &Path,
+    kind: &str,
+    step: u64,
+    config: serde_json::Value,
+    state: serde_json::Value,
+    tensors: &[(String, Tensor)],
+) -> Result<CheckpointMeta, CheckpointError> {
+    fs::create_dir_all(dir).map_err(io_err(dir))?;
+    let weights = format!("weights-{step:08}.safetensors");
+    let bytes = serialize_tensors(tensors, None).map_err(|why| CheckpointError::Corrupt {
+        file: dir.join(&weights),
+        why,
+    })?;
+    let weights_path = dir.join(&weights);
+    atomic_write(&weights_path, &bytes)?;
+    let meta = CheckpointMeta {
+        format_version: FORMAT_VERSION,
+        kind: kind.to_string(),
+        step,
+        config,
+        state,
+        weights: weights.clone(),
+        weights_bytes: bytes.len() as u64,
+        weights_sha256: hex_sha256(&bytes),
+        written_by: format!("rankpilot {}", env!("CARGO_PKG_VERSION")),
+    };
+    let json = serde_json::to_vec_pretty(&meta).expect("checkpoint metadata serializes");
+    atomic_write(&dir.join(META_FILE), &json)?;
+    // The new checkpoint is committed; drop weights files no longer referenced.
+    if let Ok(entries) = fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            if name.starts_with("weights-") && name.ends_with(".safetensors") && name != weights {
+                let _ = fs::remove_file(e.path());
+            }
+        }
+    }
+    Ok(meta)
+}
+
+/// Reads the checkpoint in `dir`, checking format version, kind, size and hash.
+/// Tensors are returned on the CPU, in the file's order of names.
+pub fn load(
+    dir: &Path,
+    expected_kind: &str,
+) -> Result<(CheckpointMeta, Vec<(String, Tensor)>), CheckpointError> {
+    let meta = read_meta(dir)?;
+    let meta_path = dir.join(META_FILE);
+    if meta.kind != expected_kind {
+        return Err(CheckpointError::WrongKind {
+            file: meta_path,
+            found: meta.kind,
+            expected: expected_kind.into(),
+        });
+    }
+    let weights_path = dir.join(&meta.weights);
+    if meta.weights.contains('/') || meta.weights.contains("..") {
+        return Err(CheckpointError::Corrupt {
+            file: meta_path,
+            why: format!("weights path `{}` leaves the directory", meta.weights),
+        });
+    }
+    let bytes = fs::read(&weights_path).map_err(io_err(&weights_path))?;
+    let corrupt = |why: String| CheckpointError::Corrupt {
+        file: weights_path.clone(),
+        why,
+    };
+    if bytes.len() as u64 != meta.weights_bytes {
+        return Err(corrupt(format!(
+            "{} bytes on disk, {} recorded in {META_FILE}",
+            bytes.len(),
+            meta.weights_bytes
+        )));
+    }
+    if hex_sha256(&bytes) != meta.weights_sha256 {
+        return Err(corrupt(format!(
+            "SHA-256 differs from the one recorded in {META_FILE}"
+        )));
+    }
+    let tensors = deserialize_tensors(&bytes).map_err(corrupt)?;
+    Ok((meta, tensors))
+}
+
+/// Reads and checks only `checkpoint.json`.
+pub fn read_meta(dir: &Path) -> Result<CheckpointMeta, CheckpointError> {
+    let meta_path = dir.join(META_FILE);
+    let text = match fs::read(&meta_path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(CheckpointError::Missing {
+                dir: dir.to_path_buf(),
+            });
+        }
+        Err(e) => {
+            return Err(CheckpointError::Io {
+                path: meta_path,
+                source: e,
+            });
+        }
+    };
+    // Check the version before the full schema, so an old or future file says so plainly.
+    let value: serde_json::Value =
+        serde_json::from_slice(&text).map_err(|e| CheckpointError::Corrupt {
+            file: meta_path.clone(),
+            why: e.to_string(),
+        })?;
+    let found = value.get("format_version").and_then(|v| v.as_u64());
+    match found {
+        Some(v) if v == FORMAT_VERSION as u64 => {}
+        Some(v) => {
+            return Err(CheckpointError::WrongVersion {
+                file: meta_path,
+                found: v as u32,
+            });
+        }
+        None => {
+            return Err(CheckpointError::Corrupt {
+                file: meta_path,
+                why: "no `format_version` field".into(),
+            });
+        }
+    }
+    serde_json::from_value(value).map_err(|e| CheckpointError::Corrupt {
+        file: meta_path,
+        why: e.to_string(),
+    })
+}
+
+/// Writes tensors as a safetensors file atomically, with optional header metadata
+/// (PEFT adapters carry `{"format": "pt"}`).
+pub fn write_safetensors(
+    path: &Path,
+    tensors: &[(String, Tensor)],
+    metadata: Option<HashMap<String, String>>,
+) -> Result<(), CheckpointError> {
+    let bytes = serialize_tensors(tensors, metadata).map_err(|why| CheckpointError::Corrupt {
+        file: path.to_path_buf(),
+        why,
+    })?;
+    atomic_write(path, &bytes)
+}
+
+/// Reads every tensor of a safetensors file onto the CPU, with the header metadata.
+pub fn read_safetensors(
+    path: &Path,
+) -> Result<(Vec<(String, Tensor)>, HashMap<String, String>), CheckpointError> {
+    let bytes = fs::read(path).map_err(io_err(path))?;
+    let corrupt = |why: String| CheckpointError::Corrupt {
+        file: path.to_path_buf(),
+        why,
+    };
+    let (_, header) = SafeTensors::read_metadata(&bytes).map_err(|e| corrupt(e.to_string()))?;
+    let metadata = header.metadata().clone().unwrap_or_default();
+    Ok((deserialize_tensors(&bytes).map_err(corrupt)?, metadata))
+}
+
+/// Writes `bytes` to `path` via a temporary file in the same directory, fsync, rename, and an
+/// fsync of the directory, so readers see either the old file or the complete new one.
+pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let result = (|| {
+        let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
+        f.write_all(bytes).map_err(io_err(&tmp))?;
+        f.sync_all().map_err(io_err(&tmp))?;
+        fs::rename(&tmp, path).map_err(io_err(path))?;
+        if let Ok(d) = File::open(dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+fn hex_sha256(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// A CPU copy of a tensor's bytes, in the form safetensors serializes.
+struct RawTensor {
+    dtype: Dtype,
+    shape: Vec<usize>,
+    data: Vec<u8>,
+}
+
+impl View for &RawTensor {
+    fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        std::borrow::Cow::Borrowed(&self.data)
+    }
+    fn data_len(&self) -> usize {
+        self.data.len()
+    }
+}
+
+fn kind_to_dtype(kind: Kind) -> Result<Dtype, String> {
+    Ok(match kind {
+        Kind::Float => Dtype::F32,
+        Kind::Double => Dtype::F64,
+        Kind::Half => Dtype::F16,
+        Kind::BFloat16 => Dtype::BF16,
+        Kind::Int64 => Dtype::I64,
+        Kind::Int => Dtype::I32,
+        Kind::Int16 => Dtype::I16,
+        Kind::Int8 => Dtype::I8,
+        Kind::Uint8 => Dtype::U8,
+        Kind::Bool => Dtype::BOOL,
+        other => {
+            return Err(format!(
+                "tensor kind {other:?} cannot be stored in safetensors"
+            ));
+        }
+    })
+}
+
+fn dtype_to_kind(dtype: Dtype) -> Result<Kind, String> {
+    Ok(match dtype {
+        Dtype::F32 => Kind::Float,
+        Dtype::F64 => Kind::Double,
+        Dtype::F16 => Kind::Half,
+        Dtype::BF16 => Kind::BFloat16,
+        Dtype::I64 => Kind::Int64,
+        Dtype::I32 => Kind::Int,
+        Dtype::I16 => Kind::Int16,
+        Dtype::I8 => Kind::Int8,
+        Dtype::U8 => Kind::Uint8,
+        Dtype::BOOL => Kind::Bool,
+        other => return Err(format!("safetensors dtype {other:?} is not supported")),
+    })
+}
+
+fn serialize_tensors(
+    tensors: &[(String, Tensor)],
+    metadata: Option<HashMap<String, String>>,
+) -> Result<Vec<u8>, String> {
+    let mut raw = Vec::with_capacity(tensors.len());
+    for (name, t) in tensors {
+        let t = t.detach().to_device(tch::Device::Cpu).contiguous();
+        let numel = t.numel();
+        let dtype = kind_to_dtype(t.kind()).map_err(|e| format!("{name}: {e}"))?;
+        let mut data = vec![0u8; numel * t.kind().elt_size_in_bytes()];
+        t.f_copy_data_u8(&mut data, numel)
+            .map_err(|e| format!("{name}: {e}"))?;
+        let shape = t.size().iter().map(|&d| d as usize).collect();
+        raw.push((name.clone(), RawTensor { dtype, shape, data }));
+    }
+    safetensors::serialize(raw.iter().map(|(n, r)| (n.as_str(), r)), metadata)
+        .map_err(|e| e.to_string())
+}
+
+fn deserialize_tensors(bytes: &[u8]) -> Result<Vec<(String, Tensor)>, String> {
+    let st = SafeTensors::deserialize(bytes).map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    for name in st.names() {
+        let view = st.tensor(name).map_err(|e| e.to_string())?;
+        let kind = dtype_to_kind(view.dtype()).map_err(|e| format!("{name}: {e}"))?;
+        let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+        let t = Tensor::f_from_data_size(view.data(), &shape, kind)
+            .map_err(|e| format!("{name}: {e}"))?;
+        out.push((name.to_string(), t));
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Vec<(String, Tensor)> {
+        vec![
+            (
+                "net.weight".into(),
+                Tensor::arange(6, (Kind::Float, tch::Device::Cpu)).view([2, 3]),
+            ),
+            ("norm.count".into(), Tensor::from_slice(&[7i64])),
+        ]
+    }
+
+    #[test]
+    fn round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = serde_json::json!({"rng": [1, 2, 3], "obs_mean": [0.5]});
+        save(
+            dir.path(),
+            "policy",
+            12,
+            serde_json::json!({"lr": 3e-4}),
+            state.clone(),
+            &sample(),
+        )
+        .unwrap();
+        let (meta, t) = load(dir.path(), "policy").unwrap();
+        assert_eq!(meta.step, 12);
+        assert_eq!(meta.state, state);
+        assert_eq!(t.len(), 2);
+        assert_eq!(t[0].0, "net.weight");
+        assert_eq!(
+            Vec::<f32>::try_from(t[0].1.flatten(0, -1)).unwrap(),
+            vec![0., 1., 2., 3., 4., 5.]
+        );
+        assert_eq!(t[1].1.kind(), Kind::Int64);
+    }
+
+    #[test]
+    fn newer_save_replaces_old_weights() {
+        let dir = tempfile::tempdir().unwrap();
+        save(
+            dir.path(),
+            "policy",
+            1,
+            serde_json::Value::Null,
+            serde_json::Value::Null,
+            &sample(),
+        )
+        .unwrap();
+        save(
+            dir.path(),
+            "policy",
+            2,
+            serde_json::Value::Null,
+            serde_json::Value::Null,
+            &sample(),
+        )
+        .unwrap();
+        let names: Vec<String> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into())
+            .collect();
+        assert_eq!(names.len(), 2, "{names:?}");
+        assert!(names.contains(&"weights-00000002.safetensors".to_string()));
+    }
+
+    #[test]
+    fn detects_truncation_wrong_kind_version_and_missing() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = save(
+            dir.path(),
+            "policy",
+            3,
+            serde_json::Value::Null,
+            serde_json::Value::Null,
+            &sample(),
+        )
+        .unwrap();
+        let wpath = dir.path().join(&meta.weights);
+        let original = fs::read(&wpath).unwrap();
+
+        assert!(matches!(
+            load(dir.path(), "lora-adapter"),
+            Err(CheckpointError::WrongKind { .. })
+        ));
+
+        fs::write(&wpath, &original[..original.len() - 5]).unwrap();
+        let e = load(dir.path(), "policy").unwrap_err();
+        assert!(matches!(e, CheckpointError::Corrupt { .. }), "{e}");
+        assert!(e.to_string().contains("truncated"), "{e}");
+
+        let mut flipped = original.clone();
+        let last = flipped.len() - 1;
+        flipped[last] ^= 0xff;
+        fs::write(&wpath, &flipped).unwrap();
+        assert!(
+            load(dir.path(), "policy")
+                .unwrap_err()
+                .to_string()
+                .contains("SHA-256")
+        );
+
+        let mpath = dir.path().join(META_FILE);
+        let json = fs::read_to_string(&mpath)
+            .unwrap()
+            .replace("\"format_version\": 1", "\"format_version\": 99");
+        fs::write(&mpath, json).unwrap();
+        let e = load(dir.path(), "policy").unwrap_err();
+        assert!(
+            matches!(e, CheckpointError::WrongVersion { found: 99, .. }),
+            "{e}"
+        );
+
+        fs::write(&mpath, "{\"format_version\": 1, \"kind\": ").unwrap();
+        assert!(matches!(
+            load(dir.path(), "policy"),
+            Err(CheckpointError::Corrupt { .. })
+        ));
+
+        let empty = tempfile::tempdir().unwrap();
+        assert!(matches!(
+            load(empty.path(), "policy"),
+            Err(CheckpointError::Missing { .. })
+        ));
+    }
+
+    #[test]
+    fn safetensors_metadata_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("adapter_model.safetensors");
+        let md = HashMap::from([("format".to_string(), "pt".to_string())]);
+        write_safetensors(&p, &sample(), Some(md.clone())).unwrap();
+        let (t, got) = read_safetensors(&p).unwrap();
+        assert_eq!(got, md);
+        assert_eq!(t[0].1.size(), vec![2, 3]);
+        fs::write(&p, b"not a safetensors file").unwrap();
+        assert!(matches!(
+            read_safetensors(&p),
+            Err(CheckpointError::Corrupt { .. })
+        ));
+    }
+}

@@ -1,0 +1,124 @@
+//! Command-line interface: argument definitions and dispatch to the library.
+//!
+//! Exit codes: 0 success, 1 runtime failure, 2 bad input (usage, preset, or checkpoint that
+//! does not fit). Errors are printed as one `error:` line with their causes; never a panic.
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::device;
+
+/// rankpilot — RL rank allocation for LoRA fine-tuning.
+///
+/// A policy (PPO, optionally refined by DDIM) picks a LoRA rank for every adapted projection
+/// from per-layer sensitivities and the state of a resource (wireless channel, latency budget,
+/// parameter budget). Logs go to TensorBoard event files (`--logdir`).
+#[derive(Debug, Parser)]
+#[command(name = "rankpilot", version, about, long_about, max_term_width = 100)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Report the installation: versions, libtorch location, CUDA devices, the chosen device.
+    Doctor(DoctorArgs),
+}
+
+/// Options shared by every command that computes.
+#[derive(Debug, Clone, Args)]
+pub struct Common {
+    /// Random seed; the same seed gives the same results on the CPU.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Compute device: auto (CUDA when available, else CPU), cpu, cuda, or cuda:N.
+    #[arg(long, default_value = "auto", value_parser = device::parse_device)]
+    pub device: tch::Device,
+}
+
+#[derive(Debug, Args)]
+struct DoctorArgs {
+    #[command(flatten)]
+    common: Common,
+}
+
+/// Marks an error as bad input (exit code 2).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct BadInput(pub String);
+
+/// Parses the process arguments, runs the command, prints any error, returns the exit code.
+pub fn main() -> i32 {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { 2 } else { 0 };
+        }
+    };
+    match run(cli) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            exit_code(&e)
+        }
+    }
+}
+
+/// Exit code for an error: 2 for bad input anywhere in its chain, else 1.
+pub fn exit_code(e: &anyhow::Error) -> i32 {
+    let bad_input = e.chain().any(|c| {
+        c.is::<BadInput>()
+            || c.is::<rankpilot_config::ConfigError>()
+            || matches!(
+                c.downcast_ref::<crate::checkpoint::CheckpointError>(),
+                Some(
+                    crate::checkpoint::CheckpointError::WrongKind { .. }
+                        | crate::checkpoint::CheckpointError::WrongVersion { .. }
+                )
+            )
+    });
+    if bad_input { 2 } else { 1 }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Doctor(a) => doctor(&a),
+    }
+}
+
+fn doctor(a: &DoctorArgs) -> anyhow::Result<()> {
+    tch::manual_seed(a.common.seed as i64);
+    let libtorch = std::env::var("LIBTORCH")
+        .ok()
+        .or(option_env!("LIBTORCH").map(String::from));
+    println!("rankpilot      {}", env!("CARGO_PKG_VERSION"));
+    println!(
+        "libtorch       {}",
+        libtorch.unwrap_or_else(|| "(resolved through rpath)".into())
+    );
+    println!("cuda available {}", tch::Cuda::is_available());
+    println!(
+        "cuda devices   {}",
+        if tch::Cuda::is_available() {
+            tch::Cuda::device_count()
+        } else {
+            0
+        }
+    );
+    println!("cudnn          {}", tch::Cuda::cudnn_is_available());
+    println!("device         {}", device::describe(a.common.device));
+    // A tiny computation on the chosen device proves the libraries load and run there.
+    let x = tch::Tensor::randn([64, 64], (tch::Kind::Float, a.common.device));
+    let s = x.matmul(&x.tr()).trace().double_value(&[]);
+    anyhow::ensure!(
+        s.is_finite(),
+        "a 64×64 matmul on {:?} gave a non-finite trace",
+        a.common.device
+    );
+    println!(
+        "check          64×64 matmul on {} ok",
+        device::describe(a.common.device)
+    );
+    Ok(())
+}
