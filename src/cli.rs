@@ -5,7 +5,7 @@
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::device;
+use crate::{commands, device};
 
 /// rankpilot — RL rank allocation for LoRA fine-tuning.
 ///
@@ -19,10 +19,11 @@ pub struct Cli {
     command: Command,
 }
 
+/// One variant per subcommand; each lives in its own module under `commands/`.
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Report the installation: versions, libtorch location, CUDA devices, the chosen device.
-    Doctor(DoctorArgs),
+    Doctor(commands::doctor::DoctorArgs),
 }
 
 /// Options shared by every command that computes.
@@ -34,12 +35,6 @@ pub struct Common {
     /// Compute device: auto (CUDA when available, else CPU), cpu, cuda, or cuda:N.
     #[arg(long, default_value = "auto", value_parser = device::parse_device)]
     pub device: tch::Device,
-}
-
-#[derive(Debug, Args)]
-struct DoctorArgs {
-    #[command(flatten)]
-    common: Common,
 }
 
 /// Marks an error as bad input (exit code 2).
@@ -83,42 +78,6 @@ pub fn exit_code(e: &anyhow::Error) -> i32 {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Doctor(a) => doctor(&a),
+        Command::Doctor(a) => commands::doctor::run(&a),
     }
-}
-
-fn doctor(a: &DoctorArgs) -> anyhow::Result<()> {
-    tch::manual_seed(a.common.seed as i64);
-    let libtorch = std::env::var("LIBTORCH")
-        .ok()
-        .or(option_env!("LIBTORCH").map(String::from));
-    println!("rankpilot      {}", env!("CARGO_PKG_VERSION"));
-    println!(
-        "libtorch       {}",
-        libtorch.unwrap_or_else(|| "(resolved through rpath)".into())
-    );
-    println!("cuda available {}", tch::Cuda::is_available());
-    println!(
-        "cuda devices   {}",
-        if tch::Cuda::is_available() {
-            tch::Cuda::device_count()
-        } else {
-            0
-        }
-    );
-    println!("cudnn          {}", tch::Cuda::cudnn_is_available());
-    println!("device         {}", device::describe(a.common.device));
-    // A tiny computation on the chosen device proves the libraries load and run there.
-    let x = tch::Tensor::randn([64, 64], (tch::Kind::Float, a.common.device));
-    let s = x.matmul(&x.tr()).trace().double_value(&[]);
-    anyhow::ensure!(
-        s.is_finite(),
-        "a 64×64 matmul on {:?} gave a non-finite trace",
-        a.common.device
-    );
-    println!(
-        "check          64×64 matmul on {} ok",
-        device::describe(a.common.device)
-    );
-    Ok(())
 }

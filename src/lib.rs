@@ -6,5 +6,6 @@
 
 pub mod checkpoint;
 pub mod cli;
+pub mod commands;
 pub mod device;
 pub mod tensorboard;
