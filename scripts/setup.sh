@@ -28,8 +28,11 @@ done
 if ((${#missing[@]})); then
   sudo=""; [[ $(id -u) == 0 ]] || sudo="sudo"
   say "installing Debian packages: ${missing[*]}"
-  if ! { $sudo apt-get update -qq && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"; } >&2; then
-    die "could not install Debian packages: ${missing[*]} (needs root or sudo and a reachable Debian mirror)"
+  mkdir -p "$cache"
+  apt_log=$cache/apt-install.log
+  if ! { $sudo apt-get update -qq && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"; } >"$apt_log" 2>&1; then
+    tail -n 5 "$apt_log" >&2
+    die "could not install Debian packages: ${missing[*]} (needs root or sudo and a reachable Debian mirror). Full log: $apt_log"
   fi
 fi
 
