@@ -1,1 +1,11 @@
-//! placeholder
+//! Rank-allocation policies for rankpilot (tch).
+//!
+//! - [`network`]: one policy/value network shared across sites, for any number of sites;
+//! - [`ppo`]: PPO with GAE, clipping, value clipping, KL early stop — every detail in one file;
+//! - [`normalize`]: running observation normalization, saved with the policy;
+//! - [`projection`]: the feasibility projection that makes every plan fit the estimated budget.
+
+pub mod network;
+pub mod normalize;
+pub mod ppo;
+pub mod projection;

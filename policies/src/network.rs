@@ -1,0 +1,151 @@
+//! The policy network: one network for any number of sites.
+//!
+//! Each site is a token built from its features; the resource state (channel, progress, data
+//! statistics) is a global token. Tokens are mixed by pooling (DeepSets with context):
+//!
+//! ```text
+//! e_i    = tanh(W₂ tanh(W₁ s_i))                     site token            [B, L, H]
+//! c      = tanh(W₄ tanh(W₃ g))                       global token          [B, H]
+//! p      = mean_i e_i ‖ max_i e_i                    pooled over real sites [B, 2H]
+//! h_i    = tanh(W₆ tanh(W₅ [e_i ‖ p ‖ c]))           site in context       [B, L, H]
+//! logits = W₇ h_i                                    categorical over ranks [B, L, K]
+//! V      = W₉ tanh(W₈ [p ‖ c])                       value of the state     [B]
+//! ```
+//!
+//! Padding sites (mask 0) are excluded from the pools; their logits are ignored by the caller.
+//! Initialization follows CleanRL: orthogonal weights with gain √2, 0.01 for the policy head
+//! (near-uniform initial policy) and 1 for the value head, zero biases.
+
+use serde::{Deserialize, Serialize};
+use tch::nn::{self, Module};
+use tch::{Kind, Tensor};
+
+/// Sizes of the network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetConfig {
+    /// Width H of every hidden layer (default 128).
+    pub hidden: i64,
+}
+
+impl Default for NetConfig {
+    fn default() -> Self {
+        NetConfig { hidden: 128 }
+    }
+}
+
+fn layer(p: nn::Path, i: i64, o: i64, gain: f64) -> nn::Linear {
+    nn::linear(
+        p,
+        i,
+        o,
+        nn::LinearConfig {
+            ws_init: nn::Init::Orthogonal { gain },
+            bs_init: Some(nn::Init::Const(0.0)),
+            bias: true,
+        },
+    )
+}
+
+/// Weights of the shared-across-sites policy/value network.
+#[derive(Debug)]
+pub struct PolicyNet {
+    site1: nn::Linear,
+    site2: nn::Linear,
+    glob1: nn::Linear,
+    glob2: nn::Linear,
+    mix1: nn::Linear,
+    mix2: nn::Linear,
+    logits: nn::Linear,
+    value1: nn::Linear,
+    value2: nn::Linear,
+}
+
+impl PolicyNet {
+    /// Creates the variables under `p` for `global_dim` global features, `site_dim` per-site
+    /// features and `n_ranks` rank choices.
+    pub fn new(p: &nn::Path, global_dim: i64, site_dim: i64, n_ranks: i64, cfg: NetConfig) -> Self {
+        let h = cfg.hidden;
+        let g = 2f64.sqrt();
+        PolicyNet {
+            site1: layer(p / "site1", site_dim, h, g),
+            site2: layer(p / "site2", h, h, g),
+            glob1: layer(p / "glob1", global_dim, h, g),
+            glob2: layer(p / "glob2", h, h, g),
+            mix1: layer(p / "mix1", 4 * h, h, g),
+            mix2: layer(p / "mix2", h, h, g),
+            logits: layer(p / "logits", h, n_ranks, 0.01),
+            value1: layer(p / "value1", 3 * h, h, g),
+            value2: layer(p / "value2", h, 1, 1.0),
+        }
+    }
+
+    /// `global` [B, G], `sites` [B, L, F], `mask` [B, L] (1 real site, 0 padding), all float.
+    /// Returns logits [B, L, K] and values [B].
+    pub fn forward(&self, global: &Tensor, sites: &Tensor, mask: &Tensor) -> (Tensor, Tensor) {
+        let e = self.site2.forward(&self.site1.forward(sites).tanh()).tanh();
+        let c = self
+            .glob2
+            .forward(&self.glob1.forward(global).tanh())
+            .tanh();
+        let m = mask.unsqueeze(-1);
+        let count = m.sum_dim_intlist(1, false, Kind::Float).clamp_min(1.0);
+        let mean = (&e * &m).sum_dim_intlist(1, false, Kind::Float) / count;
+        // Padding must never win the max: push it far below tanh's range.
+        let max = (&e + (&m - 1.0) * 4.0).amax(1, false);
+        let pooled = Tensor::cat(&[mean, max], -1);
+        let l = sites.size()[1];
+        let ctx = Tensor::cat(&[&pooled, &c], -1);
+        let ctx_per_site = ctx.unsqueeze(1).expand([-1, l, -1], false);
+        let h = self
+            .mix2
+            .forward(
+                &self
+                    .mix1
+                    .forward(&Tensor::cat(&[&e, &ctx_per_site], -1))
+                    .tanh(),
+            )
+            .tanh();
+        let logits = self.logits.forward(&h);
+        let value = self
+            .value2
+            .forward(&self.value1.forward(&ctx).tanh())
+            .squeeze_dim(-1);
+        (logits, value)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Device;
+
+    #[test]
+    fn shapes_and_padding_invariance() {
+        tch::manual_seed(0);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let net = PolicyNet::new(&vs.root(), 5, 7, 8, NetConfig { hidden: 16 });
+        let g = Tensor::randn([2, 5], (Kind::Float, Device::Cpu));
+        let s = Tensor::randn([2, 3, 7], (Kind::Float, Device::Cpu));
+        let mask = Tensor::ones([2, 3], (Kind::Float, Device::Cpu));
+        let (logits, v) = net.forward(&g, &s, &mask);
+        assert_eq!(logits.size(), vec![2, 3, 8]);
+        assert_eq!(v.size(), vec![2]);
+        // Adding a padding site changes nothing for the real ones.
+        let s_pad = Tensor::cat(
+            &[&s, &Tensor::randn([2, 1, 7], (Kind::Float, Device::Cpu))],
+            1,
+        );
+        let mask_pad = Tensor::cat(
+            &[&mask, &Tensor::zeros([2, 1], (Kind::Float, Device::Cpu))],
+            1,
+        );
+        let (logits_pad, v_pad) = net.forward(&g, &s_pad, &mask_pad);
+        let diff = (logits_pad.narrow(1, 0, 3) - &logits)
+            .abs()
+            .max()
+            .double_value(&[]);
+        assert!(diff < 1e-6, "{diff}");
+        assert!((v_pad - v).abs().max().double_value(&[]) < 1e-6);
+    }
+}

@@ -1,0 +1,515 @@
+//! Proximal Policy Optimization for per-site rank decisions, every detail in one place.
+//!
+//! Follows CleanRL's `ppo.py` / SB3's PPO, with names from the PPO paper (Schulman et al. 2017)
+//! and GAE (Schulman et al. 2016):
+//!
+//! - rollouts of `num_steps` rounds from `num_envs` environments stepped together;
+//! - GAE(λ) advantages, returns = advantages + values ([`gae`]);
+//! - `update_epochs` passes over the rollout in `num_minibatches` minibatches drawn without
+//!   replacement (a fresh permutation per epoch);
+//! - per-minibatch advantage normalization;
+//! - the clipped surrogate `−min(ρ·Â, clip(ρ, 1±ε)·Â)`;
+//! - the clipped value loss `½·max((V−R)², (V_old + clip(V−V_old, ±ε) − R)²)`;
+//! - an entropy bonus, global gradient-norm clipping, linear learning-rate annealing;
+//! - approximate-KL early stop: `mean((ρ−1) − log ρ) > target_kl` ends the epoch loop;
+//! - non-finite losses or gradients stop the update and restore the weights from before it.
+//!
+//! **Factorized actions.** An action is one rank per site, each from its own categorical
+//! distribution. The ratio is taken per site, ρ_i = π(a_i|s)/π_old(a_i|s), clipped per site and
+//! averaged over the sites with the state's shared advantage. At ρ = 1 its gradient is the joint
+//! policy gradient Σ_i ∇log π(a_i|s)·Â divided by the number of sites; clipping per site keeps a
+//! 224-site plan from turning into one huge joint ratio that is clipped almost always.
+
+use serde::{Deserialize, Serialize};
+use tch::{Kind, Tensor, nn};
+
+use crate::network::{NetConfig, PolicyNet};
+
+/// Every PPO hyperparameter, with the defaults used by the shipped policy.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PpoConfig {
+    /// Environments stepped together (default 16).
+    pub num_envs: usize,
+    /// Rounds collected per environment per iteration (default 64).
+    pub num_steps: usize,
+    /// Adam learning rate at the start (default 3e-4).
+    pub learning_rate: f64,
+    /// Anneal the learning rate linearly to 0 over the run (default true).
+    pub anneal_lr: bool,
+    /// Adam ε (default 1e-5, as CleanRL/SB3).
+    pub adam_eps: f64,
+    /// Discount γ (default 0.99).
+    pub gamma: f64,
+    /// GAE λ (default 0.95).
+    pub gae_lambda: f64,
+    /// Minibatches per epoch (default 4).
+    pub num_minibatches: usize,
+    /// Epochs over each rollout (default 4).
+    pub update_epochs: usize,
+    /// Normalize advantages per minibatch (default true).
+    pub norm_adv: bool,
+    /// Surrogate clipping ε (default 0.2).
+    pub clip_coef: f64,
+    /// Clip the value loss with the same ε (default true).
+    pub clip_vloss: bool,
+    /// Entropy bonus coefficient (default 0.01).
+    pub ent_coef: f64,
+    /// Value loss coefficient (default 0.5).
+    pub vf_coef: f64,
+    /// Global gradient-norm clip (default 0.5).
+    pub max_grad_norm: f64,
+    /// Stop the epochs when the approximate KL exceeds this (default 0.02; ≤ 0 disables).
+    pub target_kl: f64,
+    /// Rewards are multiplied by this before GAE (default 1).
+    pub reward_scale: f64,
+    /// Network sizes.
+    pub net: NetConfig,
+}
+
+impl Default for PpoConfig {
+    fn default() -> Self {
+        PpoConfig {
+            num_envs: 16,
+            num_steps: 64,
+            learning_rate: 3e-4,
+            anneal_lr: true,
+            adam_eps: 1e-5,
+            gamma: 0.99,
+            gae_lambda: 0.95,
+            num_minibatches: 4,
+            update_epochs: 4,
+            norm_adv: true,
+            clip_coef: 0.2,
+            clip_vloss: true,
+            ent_coef: 0.01,
+            vf_coef: 0.5,
+            max_grad_norm: 0.5,
+            target_kl: 0.02,
+            reward_scale: 1.0,
+            net: NetConfig::default(),
+        }
+    }
+}
+
+impl rankpilot_config::Validate for PpoConfig {
+    fn validate(&self, v: &mut rankpilot_config::Violations) {
+        v.check(
+            self.num_envs >= 1,
+            "num_envs",
+            self.num_envs,
+            "an integer >= 1",
+        );
+        v.check(
+            self.num_steps >= 1,
+            "num_steps",
+            self.num_steps,
+            "an integer >= 1",
+        );
+        v.check(
+            self.learning_rate > 0.0 && self.learning_rate < 1.0,
+            "learning_rate",
+            self.learning_rate,
+            "a number in (0, 1)",
+        );
+        v.check(
+            self.adam_eps > 0.0,
+            "adam_eps",
+            self.adam_eps,
+            "a number > 0",
+        );
+        v.check(
+            (0.0..=1.0).contains(&self.gamma),
+            "gamma",
+            self.gamma,
+            "a number in [0, 1]",
+        );
+        v.check(
+            (0.0..=1.0).contains(&self.gae_lambda),
+            "gae_lambda",
+            self.gae_lambda,
+            "a number in [0, 1]",
+        );
+        v.check(
+            self.num_minibatches >= 1 && self.num_minibatches <= self.num_envs * self.num_steps,
+            "num_minibatches",
+            self.num_minibatches,
+            "an integer in [1, num_envs × num_steps]",
+        );
+        v.check(
+            self.update_epochs >= 1,
+            "update_epochs",
+            self.update_epochs,
+            "an integer >= 1",
+        );
+        v.check(
+            self.clip_coef > 0.0,
+            "clip_coef",
+            self.clip_coef,
+            "a number > 0",
+        );
+        v.check(
+            self.ent_coef >= 0.0,
+            "ent_coef",
+            self.ent_coef,
+            "a number >= 0",
+        );
+        v.check(
+            self.vf_coef >= 0.0,
+            "vf_coef",
+            self.vf_coef,
+            "a number >= 0",
+        );
+        v.check(
+            self.max_grad_norm > 0.0,
+            "max_grad_norm",
+            self.max_grad_norm,
+            "a number > 0",
+        );
+        v.check(
+            self.reward_scale > 0.0,
+            "reward_scale",
+            self.reward_scale,
+            "a number > 0",
+        );
+        v.check(
+            self.net.hidden >= 1,
+            "net.hidden",
+            self.net.hidden,
+            "an integer >= 1",
+        );
+    }
+}
+
+/// Generalized advantage estimation over a `[T, N]` rollout (row-major, step-major).
+///
+/// `terminated[t·N + n]` is 1 when environment n's episode ended with the transition at step t
+/// (the observation at t+1 is then a fresh episode's). `next_value[n]` is V(s_T) for the
+/// observation after the last step. Returns (advantages, returns) with returns = A + V.
+pub fn gae(
+    rewards: &[f32],
+    values: &[f32],
+    terminated: &[f32],
+    next_value: &[f32],
+    num_envs: usize,
+    gamma: f64,
+    lambda: f64,
+) -> (Vec<f32>, Vec<f32>) {
+    let t_len = rewards.len() / num_envs;
+    let mut adv = vec![0f32; rewards.len()];
+    for n in 0..num_envs {
+        let mut last = 0f64;
+        for t in (0..t_len).rev() {
+            let i = t * num_envs + n;
+            let not_done = 1.0 - terminated[i] as f64;
+            let v_next = if t + 1 == t_len {
+                next_value[n]
+            } else {
+                values[i + num_envs]
+            } as f64;
+            let delta = rewards[i] as f64 + gamma * v_next * not_done - values[i] as f64;
+            last = delta + gamma * lambda * not_done * last;
+            adv[i] = last as f32;
+        }
+    }
+    let ret = adv.iter().zip(values).map(|(a, v)| a + v).collect();
+    (adv, ret)
+}
+
+/// One rollout, flattened to `B = num_steps × num_envs` states, ready for [`update`].
+#[derive(Debug)]
+pub struct Batch {
+    /// Normalized global features [B, G].
+    pub global: Tensor,
+    /// Normalized site features [B, L, F].
+    pub sites: Tensor,
+    /// Real-site mask [B, L] (float).
+    pub mask: Tensor,
+    /// Sampled rank indices [B, L] (int64).
+    pub actions: Tensor,
+    /// Log-probabilities of the sampled ranks under the rollout policy [B, L].
+    pub logp: Tensor,
+    /// Values under the rollout policy [B].
+    pub values: Tensor,
+    /// GAE advantages [B].
+    pub advantages: Tensor,
+    /// Returns [B].
+    pub returns: Tensor,
+}
+
+/// What one update did, for logging.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct UpdateStats {
+    /// Mean clipped-surrogate loss.
+    pub policy_loss: f64,
+    /// Mean (clipped) value loss.
+    pub value_loss: f64,
+    /// Mean per-site entropy (nats).
+    pub entropy: f64,
+    /// Approximate KL `mean((ρ−1) − log ρ)` of the last minibatch.
+    pub approx_kl: f64,
+    /// Share of per-site ratios outside 1 ± ε.
+    pub clip_fraction: f64,
+    /// 1 − Var(R − V)/Var(R) of the rollout's values.
+    pub explained_variance: f64,
+    /// Epochs completed (fewer than configured after a KL early stop).
+    pub epochs: usize,
+    /// The learning rate used.
+    pub learning_rate: f64,
+    /// True when a non-finite loss or gradient stopped the update (weights restored).
+    pub non_finite: bool,
+}
+
+/// Log-probabilities, entropies and values of `actions` under the current network.
+/// Returns (logp [B, L], entropy [B, L], value [B]).
+pub fn evaluate_actions(
+    net: &PolicyNet,
+    global: &Tensor,
+    sites: &Tensor,
+    mask: &Tensor,
+    actions: &Tensor,
+) -> (Tensor, Tensor, Tensor) {
+    let (logits, value) = net.forward(global, sites, mask);
+    let logp_all = logits.log_softmax(-1, Kind::Float);
+    let logp = logp_all
+        .gather(-1, &actions.unsqueeze(-1), false)
+        .squeeze_dim(-1);
+    let entropy = -(logp_all.exp() * &logp_all).sum_dim_intlist(-1, false, Kind::Float);
+    (logp, entropy, value)
+}
+
+/// Runs the PPO epochs on one rollout. `perm` supplies a permutation of `0..B` per epoch (from the
+/// trainer's seeded RNG, so runs are reproducible and resumable). On a non-finite loss or gradient
+/// the weights in `vs` are restored to their state before the update and `non_finite` is set.
+pub fn update(
+    cfg: &PpoConfig,
+    net: &PolicyNet,
+    vs: &nn::VarStore,
+    opt: &mut nn::Optimizer,
+    batch: &Batch,
+    learning_rate: f64,
+    mut perm: impl FnMut(usize) -> Vec<i64>,
+) -> UpdateStats {
+    let b = batch.values.size()[0] as usize;
+    let mb = (b / cfg.num_minibatches).max(1);
+    opt.set_lr(learning_rate);
+    let backup: Vec<(String, Tensor)> = vs
+        .variables()
+        .into_iter()
+        .map(|(k, v)| (k, v.detach().copy()))
+        .collect();
+    let mut stats = UpdateStats {
+        learning_rate,
+        ..Default::default()
+    };
+    let (mut n_mb, mut pl, mut vl, mut ent, mut cf) = (0usize, 0.0, 0.0, 0.0, 0.0);
+    'epochs: for _ in 0..cfg.update_epochs {
+        let order = perm(b);
+        for chunk in order.chunks(mb) {
+            let idx = Tensor::from_slice(chunk).to_device(batch.values.device());
+            let sel = |t: &Tensor| t.index_select(0, &idx);
+            let mask = sel(&batch.mask);
+            let sites_in_mb = mask.sum(Kind::Float).clamp_min(1.0);
+            let (logp, entropy, value) = evaluate_actions(
+                net,
+                &sel(&batch.global),
+                &sel(&batch.sites),
+                &mask,
+                &sel(&batch.actions),
+            );
+            let logratio = (&logp - sel(&batch.logp)) * &mask;
+            let ratio = logratio.exp();
+
+            let (approx_kl, clipped) = tch::no_grad(|| {
+                let kl = (((&ratio - 1.0) - &logratio) * &mask).sum(Kind::Float) / &sites_in_mb;
+                let clipped = (((&ratio - 1.0).abs().gt(cfg.clip_coef)).to_kind(Kind::Float)
+                    * &mask)
+                    .sum(Kind::Float)
+                    / &sites_in_mb;
+                (kl.double_value(&[]), clipped.double_value(&[]))
+            });
+
+            let mut adv = sel(&batch.advantages);
+            if cfg.norm_adv && chunk.len() > 1 {
+                adv = (&adv - adv.mean(Kind::Float)) / (adv.std(true) + 1e-8);
+            }
+            let adv = adv.unsqueeze(-1);
+            let pg1 = -&adv * &ratio;
+            let pg2 = -&adv * ratio.clamp(1.0 - cfg.clip_coef, 1.0 + cfg.clip_coef);
+            let policy_loss = (pg1.maximum(&pg2) * &mask).sum(Kind::Float) / &sites_in_mb;
+
+            let returns = sel(&batch.returns);
+            let v_unclipped = (&value - &returns).square();
+            let value_loss = if cfg.clip_vloss {
+                let v_old = sel(&batch.values);
+                let v_clipped = &v_old + (&value - &v_old).clamp(-cfg.clip_coef, cfg.clip_coef);
+                v_unclipped
+                    .maximum(&(v_clipped - &returns).square())
+                    .mean(Kind::Float)
+                    * 0.5
+            } else {
+                v_unclipped.mean(Kind::Float) * 0.5
+            };
+            let entropy_loss = (&entropy * &mask).sum(Kind::Float) / &sites_in_mb;
+            let loss = &policy_loss - &entropy_loss * cfg.ent_coef + &value_loss * cfg.vf_coef;
+
+            let loss_value = loss.double_value(&[]);
+            if !loss_value.is_finite() {
+                stats.non_finite = true;
+                break 'epochs;
+            }
+            opt.zero_grad();
+            loss.backward();
+            let grads_finite = vs.trainable_variables().iter().all(|v| {
+                let g = v.grad();
+                !g.defined() || g.isfinite().all().int64_value(&[]) == 1
+            });
+            if !grads_finite {
+                stats.non_finite = true;
+                break 'epochs;
+            }
+            opt.clip_grad_norm(cfg.max_grad_norm);
+            opt.step();
+
+            n_mb += 1;
+            pl += policy_loss.double_value(&[]);
+            vl += value_loss.double_value(&[]);
+            ent += entropy_loss.double_value(&[]);
+            cf += clipped;
+            stats.approx_kl = approx_kl;
+            if cfg.target_kl > 0.0 && approx_kl > cfg.target_kl {
+                stats.epochs += 1;
+                break 'epochs;
+            }
+        }
+        stats.epochs += 1;
+    }
+    if stats.non_finite {
+        tch::no_grad(|| {
+            let mut vars = vs.variables();
+            for (name, saved) in &backup {
+                if let Some(v) = vars.get_mut(name) {
+                    v.copy_(saved);
+                }
+            }
+        });
+        opt.zero_grad();
+    }
+    let n = n_mb.max(1) as f64;
+    stats.policy_loss = pl / n;
+    stats.value_loss = vl / n;
+    stats.entropy = ent / n;
+    stats.clip_fraction = cf / n;
+    stats.explained_variance = explained_variance(&batch.values, &batch.returns);
+    stats
+}
+
+/// 1 − Var(R − V)/Var(R); NaN when the returns have no variance.
+pub fn explained_variance(values: &Tensor, returns: &Tensor) -> f64 {
+    let var_r = returns.var(false).double_value(&[]);
+    if var_r == 0.0 {
+        return f64::NAN;
+    }
+    1.0 - (returns - values).var(false).double_value(&[]) / var_r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Device;
+
+    #[test]
+    fn gae_matches_hand_computation() {
+        // One environment, three steps, episode ends after step 1 (index 1).
+        let rewards = [1.0, 2.0, 3.0];
+        let values = [0.5, 1.0, 1.5];
+        let terminated = [0.0, 1.0, 0.0];
+        let next_value = [2.0];
+        let (g, l) = (0.9f64, 0.8f64);
+        let (adv, ret) = gae(&rewards, &values, &terminated, &next_value, 1, g, l);
+        // Step 2: δ = 3 + 0.9·2 − 1.5 = 3.3; A₂ = 3.3.
+        // Step 1: terminal, δ = 2 − 1 = 1; A₁ = 1.
+        // Step 0: δ = 1 + 0.9·1 − 0.5 = 1.4; A₀ = 1.4 + 0.9·0.8·1 = 2.12.
+        let want = [2.12f32, 1.0, 3.3];
+        for (a, w) in adv.iter().zip(want) {
+            assert!((a - w).abs() < 1e-6, "{adv:?}");
+        }
+        assert!((ret[0] - 2.62).abs() < 1e-6);
+    }
+
+    #[test]
+    fn gae_keeps_environments_apart() {
+        // Two environments interleaved step-major; env 1 has zero reward throughout.
+        let rewards = [1.0, 0.0, 1.0, 0.0];
+        let values = [0.0; 4];
+        let (adv, _) = gae(&rewards, &values, &[0.0; 4], &[0.0, 0.0], 2, 1.0, 1.0);
+        assert_eq!(adv, vec![2.0, 0.0, 1.0, 0.0]);
+    }
+
+    #[test]
+    fn clipped_objective_has_zero_gradient_outside_clip_range() {
+        // One site, two ranks. Make the current policy far from the old one in the direction
+        // that the advantage favours: the clipped term is flat there, so no policy gradient.
+        let logits = Tensor::from_slice(&[2.0f32, 0.0]).set_requires_grad(true);
+        let logp_new = logits.log_softmax(-1, Kind::Float).get(0);
+        let logp_old = Tensor::from(-2.0f32); // ρ = exp(logp_new + 2) ≈ 7.5 ≫ 1.2
+        let ratio = (&logp_new - &logp_old).exp();
+        let adv = Tensor::from(1.0f32);
+        let eps = 0.2;
+        let loss = (-&adv * &ratio).maximum(&(-&adv * ratio.clamp(1.0 - eps, 1.0 + eps)));
+        loss.backward();
+        let g = logits.grad();
+        assert_eq!(g.abs().sum(Kind::Float).double_value(&[]), 0.0);
+
+        // Inside the range the gradient is not zero.
+        let logits = Tensor::from_slice(&[0.0f32, 0.0]).set_requires_grad(true);
+        let logp_new = logits.log_softmax(-1, Kind::Float).get(0);
+        let ratio = (&logp_new - 0.5f64.ln()).exp();
+        let loss = (-&adv * &ratio).maximum(&(-&adv * ratio.clamp(1.0 - eps, 1.0 + eps)));
+        loss.backward();
+        assert!(logits.grad().abs().sum(Kind::Float).double_value(&[]) > 0.1);
+    }
+
+    #[test]
+    fn update_restores_weights_on_non_finite_loss() {
+        tch::manual_seed(1);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let net = PolicyNet::new(&vs.root(), 2, 3, 4, NetConfig { hidden: 8 });
+        let mut opt = nn::OptimizerConfig::build(nn::Adam::default(), &vs, 1e-3).unwrap();
+        let before: Vec<f32> =
+            Vec::try_from(vs.variables()["logits.weight"].flatten(0, -1)).unwrap();
+        let b = 8;
+        let batch = Batch {
+            global: Tensor::randn([b, 2], (Kind::Float, Device::Cpu)),
+            sites: Tensor::randn([b, 5, 3], (Kind::Float, Device::Cpu)),
+            mask: Tensor::ones([b, 5], (Kind::Float, Device::Cpu)),
+            actions: Tensor::zeros([b, 5], (Kind::Int64, Device::Cpu)),
+            logp: Tensor::full([b, 5], -1.0, (Kind::Float, Device::Cpu)),
+            values: Tensor::zeros([b], (Kind::Float, Device::Cpu)),
+            advantages: Tensor::ones([b], (Kind::Float, Device::Cpu)),
+            // The first minibatch is fine and takes a step; the second has NaN returns.
+            returns: Tensor::from_slice(&[
+                0.0,
+                0.0,
+                0.0,
+                0.0,
+                f32::NAN,
+                f32::NAN,
+                f32::NAN,
+                f32::NAN,
+            ]),
+        };
+        let cfg = PpoConfig {
+            num_minibatches: 2,
+            target_kl: 0.0,
+            ..Default::default()
+        };
+        let stats = update(&cfg, &net, &vs, &mut opt, &batch, 1e-3, |n| {
+            (0..n as i64).collect()
+        });
+        assert!(stats.non_finite);
+        let after: Vec<f32> =
+            Vec::try_from(vs.variables()["logits.weight"].flatten(0, -1)).unwrap();
+        assert_eq!(before, after);
+    }
+}
