@@ -5,6 +5,7 @@
 //! - [`normalize`]: running observation normalization, saved with the policy;
 //! - [`projection`]: the feasibility projection that makes every plan fit the estimated budget.
 
+pub mod adam;
 pub mod ddim;
 pub mod network;
 pub mod normalize;

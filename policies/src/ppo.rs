@@ -23,6 +23,7 @@
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor, nn};
 
+use crate::adam::Adam;
 use crate::network::{NetConfig, PolicyNet};
 
 /// Every PPO hyperparameter, with the defaults used by the shipped policy.
@@ -285,14 +286,14 @@ pub fn update(
     cfg: &PpoConfig,
     net: &PolicyNet,
     vs: &nn::VarStore,
-    opt: &mut nn::Optimizer,
+    opt: &mut Adam,
     batch: &Batch,
     learning_rate: f64,
     mut perm: impl FnMut(usize) -> Vec<i64>,
 ) -> UpdateStats {
     let b = batch.values.size()[0] as usize;
     let mb = (b / cfg.num_minibatches).max(1);
-    opt.set_lr(learning_rate);
+    opt.lr = learning_rate;
     let backup: Vec<(String, Tensor)> = vs
         .variables()
         .into_iter()
@@ -360,11 +361,7 @@ pub fn update(
             }
             opt.zero_grad();
             loss.backward();
-            let grads_finite = vs.trainable_variables().iter().all(|v| {
-                let g = v.grad();
-                !g.defined() || g.isfinite().all().int64_value(&[]) == 1
-            });
-            if !grads_finite {
+            if !opt.grads_finite() {
                 stats.non_finite = true;
                 break 'epochs;
             }
@@ -475,7 +472,7 @@ mod tests {
         tch::manual_seed(1);
         let vs = nn::VarStore::new(Device::Cpu);
         let net = PolicyNet::new(&vs.root(), 2, 3, 4, NetConfig { hidden: 8 });
-        let mut opt = nn::OptimizerConfig::build(nn::Adam::default(), &vs, 1e-3).unwrap();
+        let mut opt = Adam::new(&vs, "", 1e-3, 1e-5);
         let before: Vec<f32> =
             Vec::try_from(vs.variables()["logits.weight"].flatten(0, -1)).unwrap();
         let b = 8;
