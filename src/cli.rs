@@ -24,6 +24,10 @@ pub struct Cli {
 enum Command {
     /// Report the installation: versions, libtorch location, CUDA devices, the chosen device.
     Doctor(commands::doctor::DoctorArgs),
+    /// Train a rank policy (PPO, optionally + DDIM) in a simulated environment.
+    Train(commands::train::TrainArgs),
+    /// Evaluate baselines, the oracle and trained policies on an environment preset.
+    Eval(commands::eval::EvalArgs),
 }
 
 /// Options shared by every command that computes.
@@ -79,5 +83,7 @@ pub fn exit_code(e: &anyhow::Error) -> i32 {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Doctor(a) => commands::doctor::run(&a),
+        Command::Train(a) => commands::train::run(&a),
+        Command::Eval(a) => commands::eval::run(&a),
     }
 }

@@ -10,4 +10,6 @@ pub mod ddim;
 pub mod network;
 pub mod normalize;
 pub mod ppo;
+pub mod model;
 pub mod projection;
+pub mod trainer;

@@ -9,10 +9,13 @@
 //! p      = mean_i e_i ‖ max_i e_i                    pooled over real sites [B, 2H]
 //! h_i    = tanh(W₆ tanh(W₅ [e_i ‖ p ‖ c]))           site in context       [B, L, H]
 //! logits = W₇ h_i                                    categorical over ranks [B, L, K]
-//! V      = W₉ tanh(W₈ [p ‖ c])                       value of the state     [B]
+//! V_i    = W₉ tanh(W₈ h_i)                           value share of site i  [B, L]
 //! ```
 //!
-//! Padding sites (mask 0) are excluded from the pools; their logits are ignored by the caller.
+//! The state value is V(s) = Σ_i V_i: with per-site credit (see [`crate::ppo`]) each V_i is
+//! trained on site i's own reward stream, with shared credit only their sum is trained.
+//! Padding sites (mask 0) are excluded from the pools and get V_i = 0; their logits are ignored
+//! by the caller.
 //! Initialization follows CleanRL: orthogonal weights with gain √2, 0.01 for the policy head
 //! (near-uniform initial policy) and 1 for the value head, zero biases.
 
@@ -75,13 +78,13 @@ impl PolicyNet {
             mix1: layer(p / "mix1", 4 * h, h, g),
             mix2: layer(p / "mix2", h, h, g),
             logits: layer(p / "logits", h, n_ranks, 0.01),
-            value1: layer(p / "value1", 3 * h, h, g),
+            value1: layer(p / "value1", h, h, g),
             value2: layer(p / "value2", h, 1, 1.0),
         }
     }
 
     /// `global` [B, G], `sites` [B, L, F], `mask` [B, L] (1 real site, 0 padding), all float.
-    /// Returns logits [B, L, K] and values [B].
+    /// Returns logits [B, L, K] and per-site values [B, L] (0 at padding).
     pub fn forward(&self, global: &Tensor, sites: &Tensor, mask: &Tensor) -> (Tensor, Tensor) {
         let e = self.site2.forward(&self.site1.forward(sites).tanh()).tanh();
         let c = self
@@ -107,11 +110,8 @@ impl PolicyNet {
             )
             .tanh();
         let logits = self.logits.forward(&h);
-        let value = self
-            .value2
-            .forward(&self.value1.forward(&ctx).tanh())
-            .squeeze_dim(-1);
-        (logits, value)
+        let site_values = self.value2.forward(&self.value1.forward(&h).tanh()).squeeze_dim(-1) * mask;
+        (logits, site_values)
     }
 }
 
@@ -130,7 +130,7 @@ mod tests {
         let mask = Tensor::ones([2, 3], (Kind::Float, Device::Cpu));
         let (logits, v) = net.forward(&g, &s, &mask);
         assert_eq!(logits.size(), vec![2, 3, 8]);
-        assert_eq!(v.size(), vec![2]);
+        assert_eq!(v.size(), vec![2, 3]);
         // Adding a padding site changes nothing for the real ones.
         let s_pad = Tensor::cat(
             &[&s, &Tensor::randn([2, 1, 7], (Kind::Float, Device::Cpu))],
@@ -146,6 +146,7 @@ mod tests {
             .max()
             .double_value(&[]);
         assert!(diff < 1e-6, "{diff}");
-        assert!((v_pad - v).abs().max().double_value(&[]) < 1e-6);
+        assert!((v_pad.narrow(1, 0, 3) - &v).abs().max().double_value(&[]) < 1e-6);
+        assert_eq!(v_pad.narrow(1, 3, 1).abs().sum(Kind::Float).double_value(&[]), 0.0);
     }
 }

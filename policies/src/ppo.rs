@@ -16,15 +16,33 @@
 //!
 //! **Factorized actions.** An action is one rank per site, each from its own categorical
 //! distribution. The ratio is taken per site, ρ_i = π(a_i|s)/π_old(a_i|s), clipped per site and
-//! averaged over the sites with the state's shared advantage. At ρ = 1 its gradient is the joint
-//! policy gradient Σ_i ∇log π(a_i|s)·Â divided by the number of sites; clipping per site keeps a
-//! 224-site plan from turning into one huge joint ratio that is clipped almost always.
+//! averaged over the sites; clipping per site keeps a 224-site plan from turning into one huge
+//! joint ratio that is clipped almost always.
+//!
+//! **Credit** ([`Credit`]). The environments' reward is a sum of per-site terms (each site's
+//! weighted residual loss and its share of the resource cost) plus nothing else, so each site can
+//! be credited with its own reward stream: per-site GAE with per-site values V_i(s), as in
+//! multi-agent PPO with individual rewards. With `shared` credit every site gets the state's
+//! advantage from the total reward and V(s) = Σ_i V_i(s); at ρ = 1 that is the joint policy
+//! gradient divided by the number of sites. Per-site credit removes the other sites' noise from
+//! each site's advantage, which is what makes 56–224 simultaneous choices learnable from one
+//! scalar reward per round (see the README's comparison).
 
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor, nn};
 
 use crate::adam::Adam;
 use crate::network::{NetConfig, PolicyNet};
+
+/// How the reward is credited to the per-site decisions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Credit {
+    /// Each site's advantage comes from its own reward stream and value V_i (default).
+    PerSite,
+    /// Every site gets the state's advantage from the total reward, V(s) = Σ_i V_i.
+    Shared,
+}
 
 /// Every PPO hyperparameter, with the defaults used by the shipped policy.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -64,6 +82,8 @@ pub struct PpoConfig {
     pub target_kl: f64,
     /// Rewards are multiplied by this before GAE (default 1).
     pub reward_scale: f64,
+    /// Per-site or shared credit (default per-site).
+    pub credit: Credit,
     /// Network sizes.
     pub net: NetConfig,
 }
@@ -88,6 +108,7 @@ impl Default for PpoConfig {
             max_grad_norm: 0.5,
             target_kl: 0.02,
             reward_scale: 1.0,
+            credit: Credit::PerSite,
             net: NetConfig::default(),
         }
     }
@@ -230,11 +251,11 @@ pub struct Batch {
     pub actions: Tensor,
     /// Log-probabilities of the sampled ranks under the rollout policy [B, L].
     pub logp: Tensor,
-    /// Values under the rollout policy [B].
+    /// Values under the rollout policy: [B, L] per site, or [B] state values with shared credit.
     pub values: Tensor,
-    /// GAE advantages [B].
+    /// GAE advantages, same shape as `values`.
     pub advantages: Tensor,
-    /// Returns [B].
+    /// Returns, same shape as `values`.
     pub returns: Tensor,
 }
 
@@ -261,8 +282,8 @@ pub struct UpdateStats {
     pub non_finite: bool,
 }
 
-/// Log-probabilities, entropies and values of `actions` under the current network.
-/// Returns (logp [B, L], entropy [B, L], value [B]).
+/// Log-probabilities, entropies and per-site values of `actions` under the current network.
+/// Returns (logp [B, L], entropy [B, L], site values [B, L]).
 pub fn evaluate_actions(
     net: &PolicyNet,
     global: &Tensor,
@@ -330,11 +351,17 @@ pub fn update(
                 (kl.double_value(&[]), clipped.double_value(&[]))
             });
 
+            let per_site = batch.advantages.dim() == 2;
+            // Per-site tensors are masked; shared ones have one entry per state.
+            let weight = if per_site { mask.shallow_clone() } else { Tensor::ones([chunk.len() as i64], (Kind::Float, mask.device())) };
+            let n_entries = weight.sum(Kind::Float).clamp_min(1.0);
             let mut adv = sel(&batch.advantages);
             if cfg.norm_adv && chunk.len() > 1 {
-                adv = (&adv - adv.mean(Kind::Float)) / (adv.std(true) + 1e-8);
+                let mean = (&adv * &weight).sum(Kind::Float) / &n_entries;
+                let var = ((&adv - &mean).square() * &weight).sum(Kind::Float) / (&n_entries - 1.0).clamp_min(1.0);
+                adv = (&adv - mean) / (var.sqrt() + 1e-8);
             }
-            let adv = adv.unsqueeze(-1);
+            let adv = if per_site { adv } else { adv.unsqueeze(-1) };
             let pg1 = -&adv * &ratio;
             let pg2 = -&adv * ratio.clamp(1.0 - cfg.clip_coef, 1.0 + cfg.clip_coef);
             let policy_loss = (pg1.maximum(&pg2) * &mask).sum(Kind::Float) / &sites_in_mb;
@@ -397,7 +424,7 @@ pub fn update(
     stats.value_loss = vl / n;
     stats.entropy = ent / n;
     stats.clip_fraction = cf / n;
-    stats.explained_variance = explained_variance(&batch.values, &batch.returns);
+    stats.explained_variance = explained_variance(&batch.values.flatten(0, -1), &batch.returns.flatten(0, -1));
     stats
 }
 

@@ -1,0 +1,285 @@
+//! A rank policy ready to act: network weights, frozen observation statistics, the optional DDIM
+//! refiner, and the feasibility projection. Used by the trainer (sampling) and by evaluation and
+//! real runs (greedy), through [`envs::RankPolicy`].
+
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind, Tensor, nn};
+
+use envs::{GLOBAL_FEATURES, Observation, RankPolicy, RoundContext, SITE_FEATURES};
+
+use crate::ddim::{self, DdimConfig, Denoiser};
+use crate::network::{NetConfig, PolicyNet};
+use crate::normalize::ObsNormalizer;
+use crate::projection::project_to_budget;
+
+/// What a checkpoint's observations and actions look like; a policy only acts on inputs that
+/// match it exactly.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Schema {
+    /// Global feature names, in order.
+    pub global_features: Vec<String>,
+    /// Per-site feature names, in order.
+    pub site_features: Vec<String>,
+    /// The rank set the categorical heads choose from.
+    pub ranks: Vec<u32>,
+}
+
+impl Schema {
+    /// The schema of this build's environments with the given rank set.
+    pub fn current(ranks: &[u32]) -> Self {
+        Schema {
+            global_features: envs::schema::GLOBAL_NAMES.iter().map(|s| s.to_string()).collect(),
+            site_features: envs::schema::SITE_NAMES.iter().map(|s| s.to_string()).collect(),
+            ranks: ranks.to_vec(),
+        }
+    }
+
+    /// Explains the first difference from `other` (the environment or run the policy is used on).
+    pub fn check_compatible(&self, other: &Schema) -> Result<(), String> {
+        if self.ranks != other.ranks {
+            return Err(format!("the policy chooses from ranks {:?}, the environment uses {:?}", self.ranks, other.ranks));
+        }
+        if self.global_features != other.global_features || self.site_features != other.site_features {
+            return Err(format!(
+                "observation schema differs: policy has {} global + {} site features, this build has {} + {} (names: policy {:?} / {:?})",
+                self.global_features.len(),
+                self.site_features.len(),
+                other.global_features.len(),
+                other.site_features.len(),
+                self.global_features,
+                self.site_features
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// How [`PolicyModel::act`] picks ranks from the categorical heads.
+pub enum ActMode<'a> {
+    /// Sample from each site's distribution (training).
+    Sample(&'a mut ChaCha8Rng),
+    /// The most likely rank per site (evaluation, real runs).
+    Greedy,
+}
+
+/// One batch of decisions for `n_envs` states.
+#[derive(Debug, Clone, Default)]
+pub struct Decision {
+    /// PPO's per-site rank indices (the action PPO is trained on), `n_envs × n_sites`.
+    pub coarse: Vec<u8>,
+    /// Log-probability of each coarse index under the current policy.
+    pub logp: Vec<f32>,
+    /// The plan that is executed: coarse, refined by DDIM when enabled, then projected.
+    pub executed: Vec<u8>,
+    /// Per-site values V_i(s), `n_envs × n_sites`.
+    pub values: Vec<f32>,
+}
+
+/// Network + statistics + refiner: everything needed to turn observations into plans.
+pub struct PolicyModel {
+    /// All weights (`net.*`, `ddim.*`).
+    pub vs: nn::VarStore,
+    /// The PPO policy/value network.
+    pub net: PolicyNet,
+    /// The DDIM refiner, when configured.
+    pub denoiser: Option<Denoiser>,
+    /// DDIM settings.
+    pub ddim: DdimConfig,
+    /// ᾱ_t of the DDIM schedule.
+    pub alpha_bar: Vec<f64>,
+    /// Observation statistics.
+    pub norm: ObsNormalizer,
+    /// The rank set.
+    pub ranks: Vec<u32>,
+    /// Whether DDIM refines plans (enabled and warmed up).
+    pub ddim_active: bool,
+}
+
+impl PolicyModel {
+    /// Fresh weights on `device`.
+    pub fn new(device: Device, ranks: &[u32], net: NetConfig, ddim: DdimConfig) -> Self {
+        let vs = nn::VarStore::new(device);
+        let root = vs.root();
+        let network = PolicyNet::new(&(&root / "net"), GLOBAL_FEATURES as i64, SITE_FEATURES as i64, ranks.len() as i64, net);
+        let denoiser = ddim.enabled.then(|| Denoiser::new(&(&root / "ddim"), GLOBAL_FEATURES as i64, SITE_FEATURES as i64, ddim.hidden));
+        PolicyModel {
+            vs,
+            net: network,
+            denoiser,
+            alpha_bar: ddim::alpha_bar(&ddim),
+            ddim,
+            norm: ObsNormalizer::new(GLOBAL_FEATURES, SITE_FEATURES),
+            ranks: ranks.to_vec(),
+            ddim_active: false,
+        }
+    }
+
+    /// Device of the weights.
+    pub fn device(&self) -> Device {
+        self.vs.device()
+    }
+
+    /// Normalized copies of raw observations as tensors: global [N, G], sites [N, L, F], mask.
+    pub fn tensors(&self, global: &[f32], sites: &[f32], n_envs: usize, n_sites: usize) -> (Tensor, Tensor, Tensor, Vec<f32>, Vec<f32>) {
+        let mut g = global.to_vec();
+        let mut s = sites.to_vec();
+        self.norm.global.normalize(&mut g);
+        self.norm.site.normalize(&mut s);
+        let dev = self.device();
+        let gt = Tensor::from_slice(&g).view([n_envs as i64, GLOBAL_FEATURES as i64]).to_device(dev);
+        let st = Tensor::from_slice(&s).view([n_envs as i64, n_sites as i64, SITE_FEATURES as i64]).to_device(dev);
+        let mask = Tensor::ones([n_envs as i64, n_sites as i64], (Kind::Float, dev));
+        (gt, st, mask, g, s)
+    }
+
+    /// Decides plans for `n_envs` raw observations. `unit_cost` (per site) and `budgets` (per
+    /// environment, estimated) drive the feasibility projection.
+    #[allow(clippy::too_many_arguments)]
+    pub fn act(
+        &self,
+        global: &[f32],
+        sites: &[f32],
+        n_envs: usize,
+        n_sites: usize,
+        unit_cost: &[f64],
+        budgets: &[f64],
+        mode: ActMode<'_>,
+    ) -> Decision {
+        let k = self.ranks.len();
+        let (gt, st, mask, _, _) = self.tensors(global, sites, n_envs, n_sites);
+        let (logits, values) = tch::no_grad(|| self.net.forward(&gt, &st, &mask));
+        let logp_all: Vec<f32> = Vec::try_from(logits.log_softmax(-1, Kind::Float).to_device(Device::Cpu).flatten(0, -1)).expect("f32 logits");
+        let values: Vec<f32> = Vec::try_from(values.to_device(Device::Cpu).flatten(0, -1)).expect("f32 values");
+        let mut coarse = vec![0u8; n_envs * n_sites];
+        let mut logp = vec![0f32; n_envs * n_sites];
+        let mut rng = match mode {
+            ActMode::Sample(rng) => Some(rng),
+            ActMode::Greedy => None,
+        };
+        for (i, row) in logp_all.chunks_exact(k).enumerate() {
+            let j = match rng.as_deref_mut() {
+                Some(r) => sample_categorical(row, r.random::<f32>()),
+                None => argmax(row),
+            };
+            coarse[i] = j as u8;
+            logp[i] = row[j];
+        }
+        let mut executed = coarse.clone();
+        if let (true, Some(den)) = (self.ddim_active, &self.denoiser) {
+            let enc: Vec<f32> = coarse.iter().map(|&j| ddim::encode(j as usize, k)).collect();
+            let c = Tensor::from_slice(&enc).view([n_envs as i64, n_sites as i64]).to_device(self.device());
+            // DDIM's starting noise comes from its own stream so that greedy evaluation is
+            // reproducible too.
+            let mut noise_rng = <ChaCha8Rng as rand::SeedableRng>::seed_from_u64(
+                coarse.iter().fold(0xddu64, |h, &x| h.wrapping_mul(31).wrapping_add(x as u64)),
+            );
+            let x0 = den.sample(&self.ddim, &self.alpha_bar, &c, &gt, &st, &mask, &mut noise_rng);
+            let x0: Vec<f32> = Vec::try_from(x0.to_device(Device::Cpu).flatten(0, -1)).expect("f32 x0");
+            for (e, x) in executed.iter_mut().zip(x0) {
+                *e = ddim::decode(x, k) as u8;
+            }
+        }
+        // Feasibility projection, per environment, valued by the policy's own preferences.
+        let mut plan = vec![0usize; n_sites];
+        let mut cost = vec![0f64; n_sites * k];
+        for (l, &u) in unit_cost.iter().enumerate() {
+            for (j, &r) in self.ranks.iter().enumerate() {
+                cost[l * k + j] = u * r as f64;
+            }
+        }
+        for e in 0..n_envs {
+            for l in 0..n_sites {
+                plan[l] = executed[e * n_sites + l] as usize;
+            }
+            let rows = &logp_all[e * n_sites * k..(e + 1) * n_sites * k];
+            project_to_budget(&mut plan, rows, &cost, k, budgets[e]);
+            for l in 0..n_sites {
+                executed[e * n_sites + l] = plan[l] as u8;
+            }
+        }
+        Decision { coarse, logp, executed, values }
+    }
+
+    /// Named tensors of the weights, sorted by name.
+    pub fn weights(&self) -> Vec<(String, Tensor)> {
+        let mut v: Vec<(String, Tensor)> = self.vs.variables().into_iter().collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    /// Copies weights from named tensors; every variable must be present with its shape.
+    pub fn load_weights(&mut self, tensors: &[(String, Tensor)]) -> Result<(), String> {
+        let mut vars = self.vs.variables();
+        for (name, var) in vars.iter_mut() {
+            let t = tensors.iter().find(|(n, _)| n == name).map(|(_, t)| t).ok_or_else(|| format!("weight `{name}` missing"))?;
+            if t.size() != var.size() {
+                return Err(format!("weight `{name}` has shape {:?}, the network expects {:?}", t.size(), var.size()));
+            }
+            tch::no_grad(|| var.copy_(&t.to_device(var.device()).to_kind(var.kind())));
+        }
+        Ok(())
+    }
+}
+
+fn argmax(row: &[f32]) -> usize {
+    row.iter().enumerate().fold(0, |best, (j, &x)| if x > row[best] { j } else { best })
+}
+
+/// Inverse-CDF sample from log-probabilities with a uniform `u` in [0, 1).
+fn sample_categorical(logp: &[f32], u: f32) -> usize {
+    let mut acc = 0f32;
+    for (j, &lp) in logp.iter().enumerate() {
+        acc += lp.exp();
+        if u < acc {
+            return j;
+        }
+    }
+    logp.len() - 1
+}
+
+/// A trained policy as an [`envs::RankPolicy`] (greedy decisions), for evaluation tables.
+pub struct TrainedPolicy<'a> {
+    /// The model.
+    pub model: &'a PolicyModel,
+    /// Row name.
+    pub label: String,
+}
+
+impl RankPolicy for TrainedPolicy<'_> {
+    fn name(&self) -> String {
+        self.label.clone()
+    }
+
+    fn act(&mut self, obs: &Observation, ctx: &RoundContext<'_>) -> Vec<u32> {
+        let d = self.model.act(&obs.global, &obs.sites, 1, obs.n_sites, ctx.unit_cost, &[ctx.conservative_budget], ActMode::Greedy);
+        d.executed.iter().map(|&j| self.model.ranks[j as usize]).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn categorical_sampling_follows_probabilities() {
+        let logp = [0.1f32.ln(), 0.6f32.ln(), 0.3f32.ln()];
+        assert_eq!(sample_categorical(&logp, 0.05), 0);
+        assert_eq!(sample_categorical(&logp, 0.5), 1);
+        assert_eq!(sample_categorical(&logp, 0.95), 2);
+        assert_eq!(argmax(&logp), 1);
+    }
+
+    #[test]
+    fn schema_mismatch_is_explained() {
+        let a = Schema::current(&[0, 1, 2]);
+        let b = Schema::current(&[0, 1, 2, 4]);
+        assert!(a.check_compatible(&b).unwrap_err().contains("[0, 1, 2, 4]"));
+        let mut c = Schema::current(&[0, 1, 2]);
+        c.site_features.pop();
+        assert!(a.check_compatible(&c).unwrap_err().contains("observation schema differs"));
+        assert!(a.check_compatible(&a.clone()).is_ok());
+    }
+}

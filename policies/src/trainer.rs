@@ -1,0 +1,498 @@
+//! The training loop: rollouts from a vectorized environment, PPO updates, DDIM updates
+//! alternating with them, and the exact state needed to resume.
+//!
+//! One call to [`Trainer::iterate`] is one PPO iteration: `num_steps` rounds from `num_envs`
+//! environments, then the PPO epochs, then (with DDIM) `updates_per_iteration` denoiser steps on
+//! the replay buffer. The caller (the `rankpilot train` command) owns logging, evaluation and
+//! checkpoint files; [`Trainer::checkpoint_parts`] / [`Trainer::restore`] carry everything a
+//! resumed run needs to continue exactly as an uninterrupted one on the CPU: weights, Adam
+//! moments, observation statistics, RNG state, environment states, the replay buffer.
+
+use std::sync::Arc;
+
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind, Tensor};
+
+use envs::{EnvPreset, EnvSpec, EpisodeSummary, GLOBAL_FEATURES, SITE_FEATURES, VecEnv, VecEnvSnapshot};
+
+use crate::adam::Adam;
+use crate::ddim::{self, DdimConfig};
+use crate::model::{ActMode, PolicyModel, Schema};
+use crate::ppo::{self, Batch, Credit, PpoConfig, UpdateStats};
+
+/// A policy/training preset (`policies/presets/*.toml`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyPreset {
+    /// Preset name.
+    pub name: String,
+    /// One line about it.
+    #[serde(default)]
+    pub description: String,
+    /// PPO hyperparameters.
+    #[serde(default)]
+    pub ppo: PpoConfig,
+    /// DDIM refinement stage.
+    #[serde(default)]
+    pub ddim: DdimConfig,
+}
+
+impl rankpilot_config::Validate for PolicyPreset {
+    fn validate(&self, v: &mut rankpilot_config::Violations) {
+        v.nested("ppo", &self.ppo);
+        v.nested("ddim", &self.ddim);
+    }
+}
+
+/// Presets shipped in `policies/presets/`, embedded in the binary.
+pub const EMBEDDED_PRESETS: &[(&str, &str)] =
+    &[("default", include_str!("../presets/default.toml")), ("ddim", include_str!("../presets/ddim.toml")), ("tiny", include_str!("../presets/tiny.toml"))];
+
+/// Loads a policy preset by embedded name or by path.
+pub fn load_preset(name_or_path: &str) -> Result<PolicyPreset, rankpilot_config::ConfigError> {
+    if let Some((name, text)) = EMBEDDED_PRESETS.iter().find(|(n, _)| *n == name_or_path) {
+        return rankpilot_config::from_str(text, format!("policies/presets/{name}.toml"));
+    }
+    let path = std::path::Path::new(name_or_path);
+    if !path.exists() && !name_or_path.ends_with(".toml") {
+        let names: Vec<&str> = EMBEDDED_PRESETS.iter().map(|(n, _)| *n).collect();
+        return Err(rankpilot_config::ConfigError::Parse {
+            file: path.to_path_buf(),
+            key: String::new(),
+            message: format!("no such policy preset; allowed: {} or a path to a .toml file", names.join(", ")),
+        });
+    }
+    rankpilot_config::load(path)
+}
+
+/// Replay buffer of the DDIM stage: (normalized observation, coarse plan, executed plan, reward).
+#[derive(Debug)]
+struct Replay {
+    global: Vec<f32>,
+    sites: Vec<f32>,
+    coarse: Vec<f32>,
+    executed: Vec<f32>,
+    reward: Vec<f32>,
+    n_sites: usize,
+    capacity: usize,
+    len: usize,
+    pos: usize,
+}
+
+impl Replay {
+    fn new(capacity: usize, n_sites: usize) -> Self {
+        Replay {
+            global: vec![0.0; capacity * GLOBAL_FEATURES],
+            sites: vec![0.0; capacity * n_sites * SITE_FEATURES],
+            coarse: vec![0.0; capacity * n_sites],
+            executed: vec![0.0; capacity * n_sites],
+            reward: vec![0.0; capacity],
+            n_sites,
+            capacity,
+            len: 0,
+            pos: 0,
+        }
+    }
+
+    fn push(&mut self, global: &[f32], sites: &[f32], coarse: &[f32], executed: &[f32], reward: f32) {
+        let (p, l) = (self.pos, self.n_sites);
+        self.global[p * GLOBAL_FEATURES..(p + 1) * GLOBAL_FEATURES].copy_from_slice(global);
+        self.sites[p * l * SITE_FEATURES..(p + 1) * l * SITE_FEATURES].copy_from_slice(sites);
+        self.coarse[p * l..(p + 1) * l].copy_from_slice(coarse);
+        self.executed[p * l..(p + 1) * l].copy_from_slice(executed);
+        self.reward[p] = reward;
+        self.pos = (p + 1) % self.capacity;
+        self.len = (self.len + 1).min(self.capacity);
+    }
+
+    fn tensors(&self) -> Vec<(String, Tensor)> {
+        let l = self.n_sites as i64;
+        let c = self.capacity as i64;
+        vec![
+            ("replay.global".into(), Tensor::from_slice(&self.global).view([c, GLOBAL_FEATURES as i64])),
+            ("replay.sites".into(), Tensor::from_slice(&self.sites).view([c, l, SITE_FEATURES as i64])),
+            ("replay.coarse".into(), Tensor::from_slice(&self.coarse).view([c, l])),
+            ("replay.executed".into(), Tensor::from_slice(&self.executed).view([c, l])),
+            ("replay.reward".into(), Tensor::from_slice(&self.reward)),
+        ]
+    }
+
+    fn load(&mut self, tensors: &[(String, Tensor)], len: usize, pos: usize) -> Result<(), String> {
+        let get = |name: &str, want: usize| -> Result<Vec<f32>, String> {
+            let t = tensors.iter().find(|(n, _)| n == name).map(|(_, t)| t).ok_or_else(|| format!("`{name}` missing"))?;
+            let v: Vec<f32> = Vec::try_from(t.flatten(0, -1).to_kind(Kind::Float)).map_err(|e: tch::TchError| e.to_string())?;
+            if v.len() != want {
+                return Err(format!("`{name}` has {} values, expected {want}", v.len()));
+            }
+            Ok(v)
+        };
+        let (c, l) = (self.capacity, self.n_sites);
+        self.global = get("replay.global", c * GLOBAL_FEATURES)?;
+        self.sites = get("replay.sites", c * l * SITE_FEATURES)?;
+        self.coarse = get("replay.coarse", c * l)?;
+        self.executed = get("replay.executed", c * l)?;
+        self.reward = get("replay.reward", c)?;
+        self.len = len.min(c);
+        self.pos = pos % c.max(1);
+        Ok(())
+    }
+}
+
+/// What one iteration did.
+#[derive(Debug, Clone, Default)]
+pub struct IterationStats {
+    /// Iteration number (1-based after the call).
+    pub iteration: usize,
+    /// Environment steps so far (rounds × environments).
+    pub global_step: u64,
+    /// PPO update statistics.
+    pub update: UpdateStats,
+    /// Mean DDIM loss of this iteration's denoiser steps (NaN when none ran).
+    pub ddim_loss: f64,
+    /// Episodes that finished during the rollout.
+    pub episodes: Vec<EpisodeSummary>,
+    /// Executed ranks of the last rollout step, all environments and sites.
+    pub last_ranks: Vec<u32>,
+    /// Ranks of the last finished episode of environment 0, rounds × sites (row-major).
+    pub episode_ranks: Option<(usize, Vec<u32>)>,
+    /// Mean reward over the rollout.
+    pub mean_reward: f64,
+}
+
+/// The state of a training run.
+pub struct Trainer {
+    /// The policy being trained.
+    pub model: PolicyModel,
+    /// Policy preset.
+    pub preset: PolicyPreset,
+    /// Environment preset.
+    pub env_preset: EnvPreset,
+    /// Total environment steps planned (for LR annealing).
+    pub total_steps: u64,
+    /// The run's seed.
+    pub seed: u64,
+    venv: VecEnv,
+    opt: Adam,
+    ddim_opt: Option<Adam>,
+    replay: Option<Replay>,
+    rng: ChaCha8Rng,
+    /// Iterations done.
+    pub iteration: usize,
+    /// Environment steps done.
+    pub global_step: u64,
+    episode_ranks_env0: Vec<u32>,
+}
+
+/// Serializable resume state (goes into the checkpoint's `state`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ResumeState {
+    iteration: usize,
+    global_step: u64,
+    rng: ChaCha8Rng,
+    venv: VecEnvSnapshot,
+    adam_step: i64,
+    ddim_adam_step: i64,
+    replay_len: usize,
+    replay_pos: usize,
+    ddim_active: bool,
+    episode_ranks_env0: Vec<u32>,
+}
+
+/// The JSON `config` of a policy checkpoint.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointConfig {
+    /// The environment preset trained on (complete, so evaluation can rebuild it).
+    pub env_preset: EnvPreset,
+    /// The policy preset.
+    pub policy_preset: PolicyPreset,
+    /// Observation/action schema.
+    pub schema: Schema,
+    /// Planned environment steps.
+    pub total_steps: u64,
+    /// Seed of the run.
+    pub seed: u64,
+}
+
+impl Trainer {
+    /// A new run: fresh weights (seeded by `seed`), `ppo.num_envs` environments.
+    pub fn new(env_preset: &EnvPreset, preset: &PolicyPreset, total_steps: u64, seed: u64, device: Device) -> Result<Self, String> {
+        tch::manual_seed(seed as i64);
+        let spec: Arc<EnvSpec> = EnvSpec::new(env_preset).map_err(|e| e.to_string())?;
+        let ranks = spec.rank_set.ranks().to_vec();
+        let model = PolicyModel::new(device, &ranks, preset.ppo.net, preset.ddim.clone());
+        let venv = VecEnv::from_spec(spec.clone(), preset.ppo.num_envs, envs::env::derive_seed(seed, 1));
+        let opt = Adam::new(&model.vs, "net.", preset.ppo.learning_rate, preset.ppo.adam_eps);
+        let ddim_opt = preset.ddim.enabled.then(|| Adam::new(&model.vs, "ddim.", preset.ddim.learning_rate, 1e-8));
+        let replay = preset.ddim.enabled.then(|| Replay::new(preset.ddim.replay_capacity, spec.n_sites()));
+        Ok(Trainer {
+            model,
+            preset: preset.clone(),
+            env_preset: env_preset.clone(),
+            total_steps,
+            seed,
+            venv,
+            opt,
+            ddim_opt,
+            replay,
+            rng: ChaCha8Rng::seed_from_u64(envs::env::derive_seed(seed, 2)),
+            iteration: 0,
+            global_step: 0,
+            episode_ranks_env0: Vec::new(),
+        })
+    }
+
+    /// Number of sites of the training environment.
+    pub fn n_sites(&self) -> usize {
+        self.venv.n_sites()
+    }
+
+    /// Iterations the run will take in total.
+    pub fn total_iterations(&self) -> usize {
+        let per = (self.preset.ppo.num_envs * self.preset.ppo.num_steps) as u64;
+        self.total_steps.div_ceil(per).max(1) as usize
+    }
+
+    /// True when the planned number of environment steps is done.
+    pub fn finished(&self) -> bool {
+        self.iteration >= self.total_iterations()
+    }
+
+    /// One PPO iteration (rollout + update, then the DDIM update).
+    pub fn iterate(&mut self) -> IterationStats {
+        let cfg = self.preset.ppo.clone();
+        let (n, l, k) = (cfg.num_envs, self.venv.n_sites(), self.model.ranks.len());
+        let (t_len, g_dim, s_dim) = (cfg.num_steps, GLOBAL_FEATURES, SITE_FEATURES);
+        let frac = 1.0 - self.iteration as f64 / self.total_iterations() as f64;
+        let lr = if cfg.anneal_lr { cfg.learning_rate * frac } else { cfg.learning_rate };
+
+        let mut buf_g = Vec::with_capacity(t_len * n * g_dim);
+        let mut buf_s = Vec::with_capacity(t_len * n * l * s_dim);
+        let mut buf_a = Vec::with_capacity(t_len * n * l);
+        let mut buf_logp = Vec::with_capacity(t_len * n * l);
+        let mut buf_v = Vec::with_capacity(t_len * n);
+        let mut buf_r = Vec::with_capacity(t_len * n);
+        let mut buf_done = Vec::with_capacity(t_len * n);
+        let mut stats = IterationStats::default();
+        let unit_cost = self.venv.spec().unit_cost.clone();
+
+        for _ in 0..t_len {
+            // Running statistics see every observation as it arrives (CleanRL's wrapper order).
+            self.model.norm.global.update(self.venv.obs_global());
+            self.model.norm.site.update(self.venv.obs_sites());
+            let budgets: Vec<f64> = (0..n).map(|i| self.venv.context(i).conservative_budget).collect();
+            let (_, _, _, g_norm, s_norm) = self.model.tensors(self.venv.obs_global(), self.venv.obs_sites(), n, l);
+            let d = self.model.act(self.venv.obs_global(), self.venv.obs_sites(), n, l, &unit_cost, &budgets, ActMode::Sample(&mut self.rng));
+            self.venv.step_indices(&d.executed).expect("the policy emits in-range indices of the right length");
+
+            let rewards = self.venv.rewards();
+            if let Some(replay) = self.replay.as_mut() {
+                for e in 0..n {
+                    let enc = |v: &[u8]| -> Vec<f32> { v.iter().map(|&j| ddim::encode(j as usize, k)).collect() };
+                    replay.push(
+                        &g_norm[e * g_dim..(e + 1) * g_dim],
+                        &s_norm[e * l * s_dim..(e + 1) * l * s_dim],
+                        &enc(&d.coarse[e * l..(e + 1) * l]),
+                        &enc(&d.executed[e * l..(e + 1) * l]),
+                        rewards[e] * cfg.reward_scale as f32,
+                    );
+                }
+            }
+            buf_g.extend_from_slice(&g_norm);
+            buf_s.extend_from_slice(&s_norm);
+            buf_a.extend(d.coarse.iter().map(|&j| j as i64));
+            buf_logp.extend_from_slice(&d.logp);
+            let scale = cfg.reward_scale as f32;
+            match cfg.credit {
+                Credit::PerSite => {
+                    buf_v.extend_from_slice(&d.values);
+                    buf_r.extend(self.venv.site_rewards().iter().map(|&r| r * scale));
+                    for &done in self.venv.dones() {
+                        buf_done.extend(std::iter::repeat_n(if done { 1.0f32 } else { 0.0 }, l));
+                    }
+                }
+                Credit::Shared => {
+                    buf_v.extend(d.values.chunks_exact(l).map(|v| v.iter().sum::<f32>()));
+                    buf_r.extend(rewards.iter().map(|&r| r * scale));
+                    buf_done.extend(self.venv.dones().iter().map(|&x| if x { 1.0f32 } else { 0.0 }));
+                }
+            }
+
+            self.episode_ranks_env0.extend(d.executed[..l].iter().map(|&j| self.model.ranks[j as usize]));
+            if self.venv.dones()[0] {
+                let rounds = self.episode_ranks_env0.len() / l.max(1);
+                stats.episode_ranks = Some((rounds, std::mem::take(&mut self.episode_ranks_env0)));
+            }
+            stats.episodes.extend_from_slice(self.venv.finished());
+            stats.last_ranks = d.executed.iter().map(|&j| self.model.ranks[j as usize]).collect();
+        }
+
+        // Bootstrap value of the observation after the rollout (statistics not updated here).
+        let (gt, st, mask, _, _) = self.model.tensors(self.venv.obs_global(), self.venv.obs_sites(), n, l);
+        let site_values = tch::no_grad(|| self.model.net.forward(&gt, &st, &mask).1);
+        // Per-site credit runs GAE over n × l independent reward streams laid out [T, n, l].
+        let (streams, next_value): (usize, Vec<f32>) = match cfg.credit {
+            Credit::PerSite => (n * l, Vec::try_from(site_values.flatten(0, -1)).expect("f32")),
+            Credit::Shared => (n, Vec::try_from(site_values.sum_dim_intlist(1, false, Kind::Float)).expect("f32")),
+        };
+        let (adv, ret) = ppo::gae(&buf_r, &buf_v, &buf_done, &next_value, streams, cfg.gamma, cfg.gae_lambda);
+        stats.mean_reward = buf_r.iter().map(|&r| r as f64).sum::<f64>() / (t_len * n) as f64;
+
+        let dev = self.model.device();
+        let b = (t_len * n) as i64;
+        let batch = Batch {
+            global: Tensor::from_slice(&buf_g).view([b, g_dim as i64]).to_device(dev),
+            sites: Tensor::from_slice(&buf_s).view([b, l as i64, s_dim as i64]).to_device(dev),
+            mask: Tensor::ones([b, l as i64], (Kind::Float, dev)),
+            actions: Tensor::from_slice(&buf_a).view([b, l as i64]).to_device(dev),
+            logp: Tensor::from_slice(&buf_logp).view([b, l as i64]).to_device(dev),
+            values: Tensor::from_slice(&buf_v).view(value_shape(cfg.credit, b, l)).to_device(dev),
+            advantages: Tensor::from_slice(&adv).view(value_shape(cfg.credit, b, l)).to_device(dev),
+            returns: Tensor::from_slice(&ret).view(value_shape(cfg.credit, b, l)).to_device(dev),
+        };
+        let rng = &mut self.rng;
+        stats.update = ppo::update(&cfg, &self.model.net, &self.model.vs, &mut self.opt, &batch, lr, |len| {
+            let mut p: Vec<i64> = (0..len as i64).collect();
+            p.shuffle(rng);
+            p
+        });
+        stats.ddim_loss = self.ddim_update();
+
+        self.iteration += 1;
+        self.global_step += (t_len * n) as u64;
+        stats.iteration = self.iteration;
+        stats.global_step = self.global_step;
+        stats
+    }
+
+    /// Alternating DDIM step: `updates_per_iteration` reward-weighted denoising steps on replayed
+    /// decisions, after the replay buffer holds `warmup` of them; then DDIM starts refining.
+    fn ddim_update(&mut self) -> f64 {
+        let (Some(replay), Some(opt), Some(den)) = (self.replay.as_ref(), self.ddim_opt.as_mut(), self.model.denoiser.as_ref()) else {
+            return f64::NAN;
+        };
+        let cfg = &self.preset.ddim;
+        if replay.len < cfg.warmup {
+            return f64::NAN;
+        }
+        let dev = self.model.vs.device();
+        let ab = Tensor::from_slice(&self.model.alpha_bar).to_kind(Kind::Float).to_device(dev);
+        let l = replay.n_sites;
+        let mut total = 0.0;
+        for _ in 0..cfg.updates_per_iteration {
+            let idx: Vec<usize> = (0..cfg.batch_size).map(|_| rand::Rng::random_range(&mut self.rng, 0..replay.len)).collect();
+            let gather = |src: &[f32], width: usize| -> Vec<f32> { idx.iter().flat_map(|&i| src[i * width..(i + 1) * width].iter().copied()).collect() };
+            let bsz = cfg.batch_size as i64;
+            let g = Tensor::from_slice(&gather(&replay.global, GLOBAL_FEATURES)).view([bsz, GLOBAL_FEATURES as i64]).to_device(dev);
+            let s = Tensor::from_slice(&gather(&replay.sites, l * SITE_FEATURES)).view([bsz, l as i64, SITE_FEATURES as i64]).to_device(dev);
+            let c = Tensor::from_slice(&gather(&replay.coarse, l)).view([bsz, l as i64]).to_device(dev);
+            let x0 = Tensor::from_slice(&gather(&replay.executed, l)).view([bsz, l as i64]).to_device(dev);
+            let r = Tensor::from_slice(&gather(&replay.reward, 1)).to_device(dev);
+            let mask = Tensor::ones([bsz, l as i64], (Kind::Float, dev));
+            let loss = den.loss(cfg, &ab, &x0, &c, &r, &g, &s, &mask, &mut self.rng);
+            let v = loss.double_value(&[]);
+            if !v.is_finite() {
+                return v;
+            }
+            opt.zero_grad();
+            loss.backward();
+            opt.clip_grad_norm(1.0);
+            opt.step();
+            total += v;
+        }
+        self.model.ddim_active = true;
+        total / cfg.updates_per_iteration.max(1) as f64
+    }
+
+    /// Everything a checkpoint holds: named tensors, the `config` JSON and the `state` JSON.
+    pub fn checkpoint_parts(&self) -> (Vec<(String, Tensor)>, serde_json::Value, serde_json::Value) {
+        let mut tensors = self.model.weights();
+        tensors.extend(self.opt.state_tensors());
+        if let Some(o) = &self.ddim_opt {
+            tensors.extend(o.state_tensors().into_iter().map(|(n, t)| (format!("ddim_{n}"), t)));
+        }
+        if let Some(r) = &self.replay {
+            tensors.extend(r.tensors());
+        }
+        let config = CheckpointConfig {
+            env_preset: self.env_preset.clone(),
+            policy_preset: self.preset.clone(),
+            schema: Schema::current(&self.model.ranks),
+            total_steps: self.total_steps,
+            seed: self.seed,
+        };
+        let state = ResumeState {
+            iteration: self.iteration,
+            global_step: self.global_step,
+            rng: self.rng.clone(),
+            venv: self.venv.snapshot(),
+            adam_step: self.opt.step,
+            ddim_adam_step: self.ddim_opt.as_ref().map_or(0, |o| o.step),
+            replay_len: self.replay.as_ref().map_or(0, |r| r.len),
+            replay_pos: self.replay.as_ref().map_or(0, |r| r.pos),
+            ddim_active: self.model.ddim_active,
+            episode_ranks_env0: self.episode_ranks_env0.clone(),
+        };
+        let state = serde_json::json!({ "normalizer": self.model.norm.to_json(), "trainer": state });
+        (tensors, serde_json::to_value(config).expect("config serializes"), state)
+    }
+
+    /// Rebuilds a run from [`Trainer::checkpoint_parts`]; `total_steps` may extend the plan.
+    pub fn restore(
+        config: &serde_json::Value,
+        state: &serde_json::Value,
+        tensors: &[(String, Tensor)],
+        total_steps: Option<u64>,
+        device: Device,
+    ) -> Result<Self, String> {
+        let cfg: CheckpointConfig = serde_json::from_value(config.clone()).map_err(|e| format!("checkpoint config: {e}"))?;
+        let rs: ResumeState = serde_json::from_value(state.get("trainer").cloned().unwrap_or_default()).map_err(|e| format!("checkpoint state: {e}"))?;
+        let mut t = Trainer::new(&cfg.env_preset, &cfg.policy_preset, total_steps.unwrap_or(cfg.total_steps), cfg.seed, device)?;
+        cfg.schema.check_compatible(&Schema::current(&t.model.ranks))?;
+        t.model.load_weights(tensors)?;
+        t.model.norm = crate::normalize::ObsNormalizer::from_json(&state["normalizer"], GLOBAL_FEATURES, SITE_FEATURES)?;
+        t.opt.load_state_tensors(tensors, rs.adam_step)?;
+        if let Some(o) = t.ddim_opt.as_mut() {
+            let renamed: Vec<(String, Tensor)> =
+                tensors.iter().filter_map(|(n, x)| n.strip_prefix("ddim_").map(|s| (s.to_string(), x.shallow_clone()))).collect();
+            o.load_state_tensors(&renamed, rs.ddim_adam_step)?;
+        }
+        if let Some(r) = t.replay.as_mut() {
+            r.load(tensors, rs.replay_len, rs.replay_pos)?;
+        }
+        t.venv = VecEnv::restore(t.venv.spec().clone(), rs.venv).map_err(|e| e.to_string())?;
+        t.rng = rs.rng;
+        t.iteration = rs.iteration;
+        t.global_step = rs.global_step;
+        t.model.ddim_active = rs.ddim_active;
+        t.episode_ranks_env0 = rs.episode_ranks_env0;
+        Ok(t)
+    }
+}
+
+/// Shape of values/advantages/returns in a [`Batch`]: per site [B, L] or per state [B].
+fn value_shape(credit: Credit, b: i64, l: usize) -> Vec<i64> {
+    match credit {
+        Credit::PerSite => vec![b, l as i64],
+        Credit::Shared => vec![b],
+    }
+}
+
+/// Loads a trained policy (greedy) from checkpoint parts, for evaluation and real runs.
+pub fn policy_from_checkpoint(
+    config: &serde_json::Value,
+    state: &serde_json::Value,
+    tensors: &[(String, Tensor)],
+    device: Device,
+) -> Result<(PolicyModel, CheckpointConfig), String> {
+    let cfg: CheckpointConfig = serde_json::from_value(config.clone()).map_err(|e| format!("checkpoint config: {e}"))?;
+    let mut model = PolicyModel::new(device, &cfg.schema.ranks, cfg.policy_preset.ppo.net, cfg.policy_preset.ddim.clone());
+    model.load_weights(tensors)?;
+    model.norm = crate::normalize::ObsNormalizer::from_json(&state["normalizer"], GLOBAL_FEATURES, SITE_FEATURES)?;
+    model.ddim_active = state["trainer"]["ddim_active"].as_bool().unwrap_or(false);
+    Ok((model, cfg))
+}

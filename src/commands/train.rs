@@ -1,0 +1,221 @@
+//! `rankpilot train`: train a rank policy in a simulated environment.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::Context;
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use envs::{Baseline, EvalTable};
+use policies::model::TrainedPolicy;
+use policies::trainer::{PolicyPreset, Trainer};
+
+use crate::checkpoint;
+use crate::cli::{BadInput, Common};
+use crate::tensorboard::{SummaryWriter, heatmap};
+
+/// Checkpoint kind of trained policies.
+pub const POLICY_KIND: &str = "policy";
+
+/// Arguments of `rankpilot train`.
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// Environment preset: an embedded name (wireless-rayleigh, wireless-rician, latency, budget,
+    /// llama7b) or a path to a .toml file.
+    #[arg(long, default_value = "wireless-rayleigh")]
+    pub env: String,
+    /// Policy/training preset: an embedded name (default, ddim, tiny) or a path to a .toml file.
+    #[arg(long, default_value = "default")]
+    pub policy: String,
+    /// Environment steps to train for (rounds × environments).
+    #[arg(long, default_value_t = 300_000)]
+    pub steps: u64,
+    /// TensorBoard log directory [default: runs/train-<env>-s<seed>].
+    #[arg(long)]
+    pub logdir: Option<PathBuf>,
+    /// Checkpoint directory (written periodically and at the end) [default: checkpoints/<env>].
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Continue from the checkpoint in --out (same seed and presets as stored there).
+    #[arg(long)]
+    pub resume: bool,
+    /// Write a checkpoint every this many PPO iterations.
+    #[arg(long, default_value_t = 10)]
+    pub checkpoint_every: usize,
+    /// Evaluate (greedy policy vs uniform and oracle) every this many iterations; 0 = only at
+    /// the end.
+    #[arg(long, default_value_t = 10)]
+    pub eval_every: usize,
+    /// Episodes per evaluation (held-out seeds).
+    #[arg(long, default_value_t = 32)]
+    pub eval_episodes: usize,
+    /// Stop after this many iterations even if --steps is not reached (to test resuming).
+    #[arg(long, hide = true)]
+    pub stop_after: Option<usize>,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+/// Evaluation seeds are disjoint from training seeds (training uses derive_seed(seed, 1..)).
+pub fn eval_seed(seed: u64) -> u64 {
+    seed ^ 0x5eed_0000_e7a1
+}
+
+/// Runs the command.
+pub fn run(a: &TrainArgs) -> anyhow::Result<()> {
+    let env_preset = envs::presets::load(&a.env).map_err(|e| BadInput(e.to_string()))?;
+    let out = a.out.clone().unwrap_or_else(|| PathBuf::from("checkpoints").join(&env_preset.name));
+    let mut trainer = if a.resume {
+        let (meta, tensors) = checkpoint::load(&out, POLICY_KIND).with_context(|| format!("--resume: reading {}", out.display()))?;
+        Trainer::restore(&meta.config, &meta.state, &tensors, Some(a.steps), a.common.device).map_err(|e| BadInput(format!("{}: {e}", out.display())))?
+    } else {
+        let preset: PolicyPreset = policies::trainer::load_preset(&a.policy)?;
+        Trainer::new(&env_preset, &preset, a.steps, a.common.seed, a.common.device).map_err(BadInput)?
+    };
+    if a.resume && trainer.env_preset.name != env_preset.name {
+        return Err(BadInput(format!(
+            "--resume: the checkpoint in {} was trained on `{}`, not `{}`",
+            out.display(),
+            trainer.env_preset.name,
+            env_preset.name
+        ))
+        .into());
+    }
+    let logdir = a.logdir.clone().unwrap_or_else(|| PathBuf::from(format!("runs/train-{}-s{}", env_preset.name, trainer.seed)));
+    let mut tb = SummaryWriter::new(&logdir)?;
+    let (_, config, _) = trainer.checkpoint_parts();
+    tb.add_text("config", &format!("```json\n{}\n```", serde_json::to_string_pretty(&config)?), trainer.global_step as i64)?;
+
+    let seed = trainer.seed;
+    let baselines = envs::evaluate_baselines(&trainer.env_preset, &[Baseline::Uniform, Baseline::Adalora, Baseline::Oracle], a.eval_episodes, eval_seed(seed))?;
+    let total = trainer.total_iterations();
+    let pb = ProgressBar::new(total as u64);
+    pb.set_style(ProgressStyle::with_template("{spinner} train [{elapsed_precise}] {bar:30} {pos}/{len} it  {msg}").expect("template"));
+    pb.set_position(trainer.iteration as u64);
+    eprintln!(
+        "training on `{}` ({} sites) with `{}`: {} iterations of {}×{} rounds; TensorBoard: {}; checkpoints: {}",
+        trainer.env_preset.name,
+        trainer.n_sites(),
+        trainer.preset.name,
+        total,
+        trainer.preset.ppo.num_envs,
+        trainer.preset.ppo.num_steps,
+        logdir.display(),
+        out.display()
+    );
+    let start = Instant::now();
+    let start_step = trainer.global_step;
+    let mut last_gap = f64::NAN;
+    let mut stopped_early = 0;
+    while !trainer.finished() {
+        let t0 = Instant::now();
+        let st = trainer.iterate();
+        let step = st.global_step as i64;
+        let sps = (trainer.preset.ppo.num_envs * trainer.preset.ppo.num_steps) as f64 / t0.elapsed().as_secs_f64();
+        let u = &st.update;
+        if u.non_finite {
+            pb.println(format!("iteration {}: non-finite loss or gradient; update skipped, last good weights kept", st.iteration));
+        }
+        for (tag, v) in [
+            ("losses/policy_loss", u.policy_loss),
+            ("losses/value_loss", u.value_loss),
+            ("losses/entropy", u.entropy),
+            ("losses/approx_kl", u.approx_kl),
+            ("losses/clip_fraction", u.clip_fraction),
+            ("losses/explained_variance", u.explained_variance),
+            ("losses/epochs", u.epochs as f64),
+            ("losses/non_finite", if u.non_finite { 1.0 } else { 0.0 }),
+            ("charts/learning_rate", u.learning_rate),
+            ("charts/steps_per_s", sps),
+            ("charts/mean_reward", st.mean_reward),
+        ] {
+            tb.add_scalar(tag, v, step)?;
+        }
+        if st.ddim_loss.is_finite() {
+            tb.add_scalar("losses/ddim_loss", st.ddim_loss, step)?;
+        }
+        if !st.episodes.is_empty() {
+            let n = st.episodes.len() as f64;
+            let mean = |f: &dyn Fn(&envs::EpisodeSummary) -> f64| st.episodes.iter().map(f).sum::<f64>() / n;
+            tb.add_scalar("charts/episode_return", mean(&|e| e.episode_return), step)?;
+            tb.add_scalar("charts/final_loss", mean(&|e| e.final_loss), step)?;
+            tb.add_scalar("charts/resource_used", mean(&|e| e.resource_used), step)?;
+            tb.add_scalar("charts/violation_rate", mean(&|e| e.violations as f64 / e.rounds.max(1) as f64), step)?;
+        }
+        let ranks: Vec<f64> = st.last_ranks.iter().map(|&r| r as f64).collect();
+        tb.add_histogram("ranks/all_sites", &ranks, step)?;
+        if let Some((rounds, r)) = &st.episode_ranks {
+            let n_sites = r.len() / rounds.max(&1);
+            // Sites down, rounds across: transpose the rounds × sites record.
+            let mut grid = vec![0.0; n_sites * rounds];
+            for t in 0..*rounds {
+                for l in 0..n_sites {
+                    grid[l * rounds + t] = (1.0 + r[t * n_sites + l] as f64).log2();
+                }
+            }
+            if st.iteration % a.eval_every.max(1) == 0 || trainer.finished() {
+                let max = (1.0 + *trainer.model.ranks.last().unwrap_or(&1) as f64).log2();
+                let img = heatmap(&grid, n_sites, *rounds, 0.0, max, 6);
+                tb.add_image_rgb("ranks/heatmap_sites_x_rounds", img.width, img.height, &img.rgb, step)?;
+            }
+        }
+        let eval_now = (a.eval_every > 0 && st.iteration % a.eval_every == 0) || trainer.finished();
+        if eval_now {
+            let table = evaluate_policy(&trainer, &baselines, a.eval_episodes, seed)?;
+            let row = table.rows.iter().find(|r| r.name == "policy").expect("policy row");
+            last_gap = row.oracle_gap_closed.unwrap_or(f64::NAN);
+            tb.add_scalar("eval/return", row.mean_return, step)?;
+            tb.add_scalar("eval/oracle_gap_closed", last_gap, step)?;
+            tb.add_scalar("eval/final_loss", row.final_loss, step)?;
+            tb.add_scalar("eval/violation_rate", row.violation_rate, step)?;
+            tb.add_scalar("eval/resource_used", row.resource_used, step)?;
+            tb.add_scalar("eval/wall_s", start.elapsed().as_secs_f64(), step)?;
+        }
+        if st.iteration % a.checkpoint_every.max(1) == 0 || trainer.finished() {
+            save(&trainer, &out)?;
+        }
+        pb.set_position(st.iteration as u64);
+        pb.set_message(format!(
+            "return {:.2}  gap closed {:.3}  kl {:.4}  {:.0} steps/s",
+            st.episodes.iter().map(|e| e.episode_return).sum::<f64>() / st.episodes.len().max(1) as f64,
+            last_gap,
+            u.approx_kl,
+            sps
+        ));
+        tb.flush()?;
+        stopped_early += 1;
+        if a.stop_after.is_some_and(|n| stopped_early >= n) {
+            save(&trainer, &out)?;
+            break;
+        }
+    }
+    pb.finish_and_clear();
+    let wall = start.elapsed().as_secs_f64();
+    println!(
+        "trained {} environment steps in {:.1} s ({:.0} steps/s); oracle gap closed {:.3} on {} held-out episodes",
+        trainer.global_step - start_step,
+        wall,
+        (trainer.global_step - start_step) as f64 / wall.max(1e-9),
+        last_gap,
+        a.eval_episodes
+    );
+    println!("checkpoint: {}   TensorBoard: tensorboard --logdir {}", out.display(), logdir.display());
+    Ok(())
+}
+
+fn save(trainer: &Trainer, out: &Path) -> anyhow::Result<()> {
+    let (tensors, config, state) = trainer.checkpoint_parts();
+    checkpoint::save(out, POLICY_KIND, trainer.global_step, config, state, &tensors)?;
+    Ok(())
+}
+
+/// Greedy evaluation of the trainer's current policy next to precomputed baseline rows.
+fn evaluate_policy(trainer: &Trainer, baselines: &EvalTable, episodes: usize, seed: u64) -> anyhow::Result<EvalTable> {
+    let mut policy = TrainedPolicy { model: &trainer.model, label: "policy".into() };
+    let row = envs::evaluate(&trainer.env_preset, &mut policy, episodes, eval_seed(seed))?;
+    let mut table = baselines.clone();
+    table.push(row);
+    table.fill_gap();
+    Ok(table)
+}
