@@ -1094,3 +1094,75 @@ pub fn oracle_plan_into(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::oracle::brute_force;
+    use crate::presets;
+
+    fn small_preset(preset: &str, projections: &str) -> EnvPreset {
+        let text = presets::embedded_text(preset).unwrap();
+        let text = text
+            .lines()
+            .map(|l| {
+                if l.starts_with("layers =") {
+                    "layers = 1".to_string()
+                } else if l.starts_with("projections =") {
+                    format!("projections = {projections}")
+                } else {
+                    l.to_string()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        presets::from_toml(&text, "small.toml", None).unwrap()
+    }
+
+    #[test]
+    fn oracle_matches_brute_force_on_small_envs() {
+        for name in presets::NAMES {
+            if name == "llama7b" {
+                continue;
+            }
+            for proj in [
+                "[\"q\", \"v\", \"down\"]",
+                "[\"q\", \"k\", \"v\", \"o\", \"gate\", \"down\"]",
+            ] {
+                let p = small_preset(name, proj);
+                let mut venv = VecEnv::new(&p, 3, 11).unwrap();
+                let n = venv.n_sites();
+                let k = venv.spec().rank_set.len();
+                let mut rng = ChaCha8Rng::seed_from_u64(5);
+                for round in 0..12 {
+                    for e in 0..venv.n_envs() {
+                        let spec = venv.spec().clone();
+                        let mut values = Vec::new();
+                        let mut costs = Vec::new();
+                        let cap = venv.state(e).oracle_tables(&spec, &mut values, &mut costs);
+                        let (plan, stats) = venv.oracle_plan(e);
+                        assert!(stats.exact);
+                        let (bv, _) = brute_force(&values, &costs, k, cap).unwrap();
+                        let v: f64 = plan
+                            .iter()
+                            .enumerate()
+                            .map(|(l, &r)| values[l * k + spec.rank_set.index_of(r).unwrap()])
+                            .sum();
+                        let c = spec.plan_cost(&plan).unwrap();
+                        assert!(c <= cap, "{name}: oracle plan over budget");
+                        assert!(
+                            (v - bv).abs() <= 1e-9 * (1.0 + bv.abs()),
+                            "{name} round {round}: oracle {v} brute force {bv}"
+                        );
+                    }
+                    // Random actions (mostly feasible) to reach varied states with shrinks.
+                    let rs = venv.spec().rank_set.clone();
+                    let plan: Vec<u32> = (0..venv.n_envs() * n)
+                        .map(|_| rs.rank(rand::Rng::random_range(&mut rng, 0..k / 2 + 2)))
+                        .collect();
+                    venv.step(&plan).unwrap();
+                }
+            }
+        }
+    }
+}
