@@ -1,0 +1,242 @@
+//! Evaluation: run a policy for N episodes and report mean ± standard error, as a table.
+//!
+//! Episode e of an evaluation with seed S is environment seed `derive_seed(S, e)` for every
+//! policy, and the environment's random stream does not depend on the actions, so all rows of
+//! a table face the same episodes (paired comparison).
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::EnvError;
+use crate::env::{EnvSpec, VecEnv, derive_seed};
+use crate::policy::{Baseline, RankPolicy};
+use crate::presets::EnvPreset;
+
+/// One row: a policy's results over the evaluated episodes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalRow {
+    /// Policy name.
+    pub name: String,
+    /// Episodes run.
+    pub episodes: usize,
+    /// Mean episode return.
+    pub mean_return: f64,
+    /// Standard error of the mean return.
+    pub se_return: f64,
+    /// Mean final loss.
+    pub final_loss: f64,
+    /// Standard error of the final loss.
+    pub se_final_loss: f64,
+    /// Mean resource used per episode (bits, FLOPs, ranks or parameters; see the table's unit).
+    pub resource_used: f64,
+    /// Share of rounds that violated the budget.
+    pub violation_rate: f64,
+    /// (R − R_uniform)/(R_oracle − R_uniform), filled by [`EvalTable::fill_gap`].
+    pub oracle_gap_closed: Option<f64>,
+}
+
+/// Rows for one preset.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalTable {
+    /// Preset name.
+    pub preset: String,
+    /// Episodes per row.
+    pub episodes: usize,
+    /// Seed.
+    pub seed: u64,
+    /// Unit of `resource_used`.
+    pub resource_unit: String,
+    /// The rows.
+    pub rows: Vec<EvalRow>,
+}
+
+fn mean_se(x: &[f64]) -> (f64, f64) {
+    let n = x.len() as f64;
+    if x.is_empty() {
+        return (f64::NAN, f64::NAN);
+    }
+    let m = x.iter().sum::<f64>() / n;
+    if x.len() < 2 {
+        return (m, 0.0);
+    }
+    let var = x.iter().map(|v| (v - m).powi(2)).sum::<f64>() / (n - 1.0);
+    (m, (var / n).sqrt())
+}
+
+/// Runs `policy` for `episodes` episodes of `spec`.
+pub fn evaluate_spec(
+    spec: &Arc<EnvSpec>,
+    policy: &mut dyn RankPolicy,
+    episodes: usize,
+    seed: u64,
+) -> Result<EvalRow, EnvError> {
+    let mut returns = Vec::with_capacity(episodes);
+    let mut losses = Vec::with_capacity(episodes);
+    let mut used = 0.0;
+    let mut viol = 0u64;
+    let mut rounds = 0u64;
+    for e in 0..episodes {
+        let mut env = VecEnv::from_seeds(spec.clone(), &[derive_seed(seed, e as u64)]);
+        policy.begin_episode();
+        loop {
+            let obs = env.observation(0);
+            let ctx = if policy.privileged() {
+                env.privileged_context(0)
+            } else {
+                env.context(0)
+            };
+            let plan = policy.act(&obs, &ctx);
+            env.step(&plan)?;
+            if let Some(s) = env.finished().first() {
+                returns.push(s.episode_return);
+                losses.push(s.final_loss);
+                used += s.resource_used;
+                viol += s.violations as u64;
+                rounds += s.rounds as u64;
+                break;
+            }
+        }
+    }
+    let (mean_return, se_return) = mean_se(&returns);
+    let (final_loss, se_final_loss) = mean_se(&losses);
+    Ok(EvalRow {
+        name: policy.name(),
+        episodes,
+        mean_return,
+        se_return,
+        final_loss,
+        se_final_loss,
+        resource_used: used / episodes.max(1) as f64,
+        violation_rate: viol as f64 / rounds.max(1) as f64,
+        oracle_gap_closed: None,
+    })
+}
+
+/// Runs `policy` on `preset` for `episodes` episodes with `seed`.
+pub fn evaluate(
+    preset: &EnvPreset,
+    policy: &mut dyn RankPolicy,
+    episodes: usize,
+    seed: u64,
+) -> Result<EvalRow, EnvError> {
+    evaluate_spec(&EnvSpec::new(preset)?, policy, episodes, seed)
+}
+
+/// Runs the given built-in policies and returns a table with the gap column filled (when the
+/// uniform and oracle rows are present).
+pub fn evaluate_baselines(
+    preset: &EnvPreset,
+    which: &[Baseline],
+    episodes: usize,
+    seed: u64,
+) -> Result<EvalTable, EnvError> {
+    let spec = EnvSpec::new(preset)?;
+    let mut rows = Vec::new();
+    for &b in which {
+        let mut p = b.policy(&spec, derive_seed(seed, u64::MAX));
+        rows.push(evaluate_spec(&spec, p.as_mut(), episodes, seed)?);
+    }
+    let mut t = EvalTable {
+        preset: preset.name.clone(),
+        episodes,
+        seed,
+        resource_unit: spec.resource_unit().to_string(),
+        rows,
+    };
+    t.fill_gap();
+    Ok(t)
+}
+
+/// A number with three significant-ish digits, switching to exponent form for large/small
+/// magnitudes (resource amounts are often 1e9+).
+fn num(x: f64) -> String {
+    if x == 0.0 || (1e-2..1e5).contains(&x.abs()) {
+        format!("{x:.3}")
+    } else {
+        format!("{x:.3e}")
+    }
+}
+
+impl EvalTable {
+    /// Fills `oracle_gap_closed` for every row from the rows named `uniform` and `oracle`.
+    pub fn fill_gap(&mut self) {
+        let get = |n: &str| {
+            self.rows
+                .iter()
+                .find(|r| r.name == n)
+                .map(|r| r.mean_return)
+        };
+        if let (Some(u), Some(o)) = (get("uniform"), get("oracle")) {
+            let d = o - u;
+            for r in &mut self.rows {
+                r.oracle_gap_closed = if d.abs() > 1e-12 {
+                    Some((r.mean_return - u) / d)
+                } else {
+                    None
+                };
+            }
+        }
+    }
+
+    /// Appends a row (e.g. a trained policy's) and refreshes the gap column.
+    pub fn push(&mut self, row: EvalRow) {
+        self.rows.push(row);
+        self.fill_gap();
+    }
+
+    /// Markdown table.
+    pub fn to_markdown(&self) -> String {
+        let mut s = format!(
+            "preset `{}`, {} episodes, seed {}\n\n| policy | return (mean ± se) | final loss (mean ± se) | {} used / episode | violation rate | oracle gap closed |\n|---|---:|---:|---:|---:|---:|\n",
+            self.preset, self.episodes, self.seed, self.resource_unit
+        );
+        for r in &self.rows {
+            s += &format!(
+                "| {} | {:.3} ± {:.3} | {:.4} ± {:.4} | {} | {:.4} | {} |\n",
+                r.name,
+                r.mean_return,
+                r.se_return,
+                r.final_loss,
+                r.se_final_loss,
+                num(r.resource_used),
+                r.violation_rate,
+                r.oracle_gap_closed
+                    .map(|g| format!("{g:.3}"))
+                    .unwrap_or_else(|| "–".into())
+            );
+        }
+        s
+    }
+
+    /// Plain-text table (aligned columns).
+    pub fn to_text(&self) -> String {
+        let mut s = format!(
+            "preset {} | {} episodes | seed {}\n",
+            self.preset, self.episodes, self.seed
+        );
+        s += &format!(
+            "{:<12} {:>22} {:>22} {:>14} {:>10} {:>8}\n",
+            "policy", "return", "final loss", self.resource_unit, "viol.", "gap"
+        );
+        for r in &self.rows {
+            s += &format!(
+                "{:<12} {:>22} {:>22} {:>14} {:>10.4} {:>8}\n",
+                r.name,
+                format!("{:.3} ± {:.3}", r.mean_return, r.se_return),
+                format!("{:.4} ± {:.4}", r.final_loss, r.se_final_loss),
+                num(r.resource_used),
+                r.violation_rate,
+                r.oracle_gap_closed
+                    .map(|g| format!("{g:.3}"))
+                    .unwrap_or_else(|| "-".into())
+            );
+        }
+        s
+    }
+
+    /// JSON text.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("table serializes")
+    }
+}

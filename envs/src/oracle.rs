@@ -1,0 +1,446 @@
+//! Exact multiple-choice knapsack (MCKP) solver: every item (site) picks exactly one choice
+//! (rank), one shared capacity (the round's budget), maximise the summed value.
+//!
+//! # What "exact" means here
+//! Costs are compared as `f64` without a grid: the plan returned is optimal among all plans with
+//! Σ cost ≤ capacity, up to a relative tolerance of 1e-9 on the objective (floating-point
+//! summation). In this crate the costs are integers (rank × params × bits, or rank × FLOPs with
+//! integer multipliers), so their sums are exact in `f64` and feasibility is decided exactly.
+//!
+//! # Algorithm
+//! 1. Lagrangian relaxation: g(μ) = μ·B + Σ_i max_j (v_ij − μ·c_ij) is an upper bound on the
+//!    optimum for every μ ≥ 0; bisection finds the μ where the relaxed plan's cost crosses B.
+//! 2. Incumbent: the relaxed plan at the feasible side of μ, improved greedily.
+//! 3. Reduction: a choice whose bound g(μ) − (reduced cost) is below the incumbent cannot be in a
+//!    better plan and is dropped. Typically only a handful of sites keep more than one choice.
+//! 4. The remaining "core" is solved by dynamic programming over Pareto-optimal (cost, value)
+//!    states with the same Lagrangian bound pruning states. This is exact with real costs.
+//!
+//! If the Pareto state lists ever exceed [`STATE_CAP`] (never observed on the presets) the
+//! incumbent is returned and [`SolveStats::exact`] is false.
+
+/// Largest number of Pareto states kept in one DP layer before giving up exactness.
+pub const STATE_CAP: usize = 1 << 20;
+
+/// What a solve did.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct SolveStats {
+    /// True when the returned plan is provably optimal.
+    pub exact: bool,
+    /// Items that kept more than one choice after the reduction.
+    pub core_items: usize,
+    /// Largest DP layer.
+    pub max_states: usize,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct State {
+    cost: f64,
+    value: f64,
+    parent: u32,
+    choice: u16,
+}
+
+/// Reusable MCKP solver (keeps its scratch buffers between calls, so repeated solves do not
+/// allocate once warmed up).
+#[derive(Debug, Default, Clone)]
+pub struct MckpSolver {
+    alive: Vec<bool>,
+    best: Vec<usize>,
+    free: Vec<usize>,
+    suffix: Vec<f64>,
+    layers: Vec<Vec<State>>,
+    incumbent: Vec<usize>,
+}
+
+impl MckpSolver {
+    /// A solver with empty scratch buffers.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Solves max Σ_i values[i·k + x_i] s.t. Σ_i costs[i·k + x_i] ≤ capacity, writing the chosen
+    /// index x_i per item into `out`. Returns the optimum and stats, or `None` when even the
+    /// cheapest plan exceeds the capacity. Costs must be ≥ 0 and finite; `k` ≤ 65535.
+    pub fn solve(
+        &mut self,
+        values: &[f64],
+        costs: &[f64],
+        k: usize,
+        capacity: f64,
+        out: &mut [usize],
+    ) -> Option<(f64, SolveStats)> {
+        let n = out.len();
+        assert_eq!(values.len(), n * k);
+        assert_eq!(costs.len(), n * k);
+        let mut stats = SolveStats {
+            exact: true,
+            ..SolveStats::default()
+        };
+        if n == 0 {
+            return Some((0.0, stats));
+        }
+        self.alive.clear();
+        self.alive.extend(costs.iter().map(|&c| c <= capacity));
+        // Cheapest plan must fit.
+        let mut min_cost_sum = 0.0;
+        for i in 0..n {
+            let row = &costs[i * k..(i + 1) * k];
+            let m = row.iter().copied().fold(f64::INFINITY, f64::min);
+            if m > capacity {
+                return None;
+            }
+            min_cost_sum += m;
+        }
+        if min_cost_sum > capacity {
+            return None;
+        }
+        // Relaxed plan at multiplier mu; ties go to the cheaper choice so the cost is
+        // monotone in mu.
+        let relaxed = |mu: f64, alive: &[bool], best: &mut Vec<usize>| -> (f64, f64, f64) {
+            best.clear();
+            let (mut f, mut cost, mut val) = (0.0, 0.0, 0.0);
+            for i in 0..n {
+                let mut bj = usize::MAX;
+                let mut bs = f64::NEG_INFINITY;
+                for j in 0..k {
+                    let idx = i * k + j;
+                    if !alive[idx] {
+                        continue;
+                    }
+                    let s = values[idx] - mu * costs[idx];
+                    if s > bs || (s == bs && costs[idx] < costs[i * k + bj]) {
+                        bs = s;
+                        bj = j;
+                    }
+                }
+                best.push(bj);
+                f += bs;
+                cost += costs[i * k + bj];
+                val += values[i * k + bj];
+            }
+            (mu * capacity + f, cost, val)
+        };
+        let (g0, c0, v0) = relaxed(0.0, &self.alive, &mut self.best);
+        let _ = g0;
+        if c0 <= capacity {
+            out.copy_from_slice(&self.best);
+            return Some((v0, stats));
+        }
+        // Upper end of the bisection: above the steepest value/cost slope every item takes its
+        // cheapest choice, which fits.
+        let mut hi: f64 = 0.0;
+        for i in 0..n {
+            let row_c = &costs[i * k..(i + 1) * k];
+            let row_v = &values[i * k..(i + 1) * k];
+            for a in 0..k {
+                for b in 0..k {
+                    if self.alive[i * k + a] && self.alive[i * k + b] && row_c[b] > row_c[a] {
+                        hi = hi.max((row_v[b] - row_v[a]) / (row_c[b] - row_c[a]));
+                    }
+                }
+            }
+        }
+        hi = hi * 2.0 + 1e-300;
+        let mut lo = 0.0;
+        for _ in 0..100 {
+            let mid = 0.5 * (lo + hi);
+            if mid <= lo || mid >= hi {
+                break;
+            }
+            let (_, c, _) = relaxed(mid, &self.alive, &mut self.best);
+            if c <= capacity {
+                hi = mid;
+            } else {
+                lo = mid;
+            }
+        }
+        let (g_lo, _, _) = relaxed(lo, &self.alive, &mut self.best);
+        let (g_hi, mut inc_cost, mut z) = relaxed(hi, &self.alive, &mut self.best);
+        let mu = if g_lo < g_hi { lo } else { hi };
+        let g = g_lo.min(g_hi);
+        // Incumbent: the feasible relaxed plan, greedily improved.
+        self.incumbent.clear();
+        self.incumbent.extend_from_slice(&self.best);
+        for _pass in 0..4 {
+            let mut improved = false;
+            for i in 0..n {
+                let cur = self.incumbent[i];
+                let (cc, cv) = (costs[i * k + cur], values[i * k + cur]);
+                let mut bj = cur;
+                let mut bgain = 0.0;
+                for j in 0..k {
+                    let idx = i * k + j;
+                    if !self.alive[idx] {
+                        continue;
+                    }
+                    let gain = values[idx] - cv;
+                    if gain > bgain && inc_cost - cc + costs[idx] <= capacity {
+                        bgain = gain;
+                        bj = j;
+                    }
+                }
+                if bj != cur {
+                    inc_cost += costs[i * k + bj] - cc;
+                    z += bgain;
+                    self.incumbent[i] = bj;
+                    improved = true;
+                }
+            }
+            if !improved {
+                break;
+            }
+        }
+        let tol = 1e-9 * (1.0 + z.abs());
+        // Reduction by the Lagrangian bound.
+        let mut base_cost = 0.0;
+        let mut base_value = 0.0;
+        self.free.clear();
+        self.suffix.clear();
+        for i in 0..n {
+            let mut m = f64::NEG_INFINITY;
+            for j in 0..k {
+                if self.alive[i * k + j] {
+                    m = m.max(values[i * k + j] - mu * costs[i * k + j]);
+                }
+            }
+            let mut count = 0;
+            let mut last = 0;
+            for j in 0..k {
+                let idx = i * k + j;
+                if self.alive[idx] {
+                    let rc = m - (values[idx] - mu * costs[idx]);
+                    if g - rc < z - tol && j != self.incumbent[i] {
+                        self.alive[idx] = false;
+                    } else {
+                        count += 1;
+                        last = j;
+                    }
+                }
+            }
+            if count == 1 {
+                out[i] = last;
+                base_cost += costs[i * k + last];
+                base_value += values[i * k + last];
+            } else {
+                self.free.push(i);
+            }
+        }
+        stats.core_items = self.free.len();
+        if self.free.is_empty() {
+            if base_cost <= capacity && base_value >= z {
+                return Some((base_value, stats));
+            }
+            out.copy_from_slice(&self.incumbent);
+            return Some((z, stats));
+        }
+        // Suffix bounds over the free items.
+        self.suffix.resize(self.free.len() + 1, 0.0);
+        for p in (0..self.free.len()).rev() {
+            let i = self.free[p];
+            let mut m = f64::NEG_INFINITY;
+            for j in 0..k {
+                if self.alive[i * k + j] {
+                    m = m.max(values[i * k + j] - mu * costs[i * k + j]);
+                }
+            }
+            self.suffix[p] = self.suffix[p + 1] + m;
+        }
+        // Pareto DP over the core.
+        while self.layers.len() < self.free.len() + 1 {
+            self.layers.push(Vec::new());
+        }
+        self.layers[0].clear();
+        self.layers[0].push(State {
+            cost: base_cost,
+            value: base_value,
+            parent: 0,
+            choice: 0,
+        });
+        for p in 0..self.free.len() {
+            let i = self.free[p];
+            let (prev, rest) = self.layers.split_at_mut(p + 1);
+            let prev = &prev[p];
+            let next = &mut rest[0];
+            next.clear();
+            for (si, s) in prev.iter().enumerate() {
+                for j in 0..k {
+                    let idx = i * k + j;
+                    if !self.alive[idx] {
+                        continue;
+                    }
+                    let nc = s.cost + costs[idx];
+                    if nc > capacity {
+                        continue;
+                    }
+                    let nv = s.value + values[idx];
+                    let ub = nv + mu * (capacity - nc) + self.suffix[p + 1];
+                    if ub < z - tol {
+                        continue;
+                    }
+                    next.push(State {
+                        cost: nc,
+                        value: nv,
+                        parent: si as u32,
+                        choice: j as u16,
+                    });
+                }
+            }
+            next.sort_unstable_by(|a, b| {
+                a.cost.total_cmp(&b.cost).then(b.value.total_cmp(&a.value))
+            });
+            let mut kept = 0;
+            let mut best_v = f64::NEG_INFINITY;
+            for t in 0..next.len() {
+                if next[t].value > best_v {
+                    best_v = next[t].value;
+                    next[kept] = next[t];
+                    kept += 1;
+                }
+            }
+            next.truncate(kept);
+            stats.max_states = stats.max_states.max(kept);
+            if kept > STATE_CAP {
+                stats.exact = false;
+                out.copy_from_slice(&self.incumbent);
+                return Some((z, stats));
+            }
+            if kept == 0 {
+                break;
+            }
+        }
+        let last = &self.layers[self.free.len()];
+        // The last layer is Pareto-sorted by cost, so its final state has the largest value.
+        match last.last() {
+            Some(best) if best.value >= z && !self.layers[self.free.len()].is_empty() => {
+                let value = best.value;
+                let mut si = self.layers[self.free.len()].len() - 1;
+                for p in (0..self.free.len()).rev() {
+                    let s = self.layers[p + 1][si];
+                    out[self.free[p]] = s.choice as usize;
+                    si = s.parent as usize;
+                }
+                Some((value, stats))
+            }
+            _ => {
+                out.copy_from_slice(&self.incumbent);
+                Some((z, stats))
+            }
+        }
+    }
+}
+
+/// Exhaustive search (kʰ plans); for tests on small instances.
+pub fn brute_force(
+    values: &[f64],
+    costs: &[f64],
+    k: usize,
+    capacity: f64,
+) -> Option<(f64, Vec<usize>)> {
+    let n = values.len() / k;
+    let mut x = vec![0usize; n];
+    let mut best: Option<(f64, Vec<usize>)> = None;
+    loop {
+        let c: f64 = (0..n).map(|i| costs[i * k + x[i]]).sum();
+        if c <= capacity {
+            let v: f64 = (0..n).map(|i| values[i * k + x[i]]).sum();
+            if best.as_ref().is_none_or(|(bv, _)| v > *bv) {
+                best = Some((v, x.clone()));
+            }
+        }
+        let mut p = 0;
+        loop {
+            if p == n {
+                return best;
+            }
+            x[p] += 1;
+            if x[p] < k {
+                break;
+            }
+            x[p] = 0;
+            p += 1;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    fn check(values: &[f64], costs: &[f64], k: usize, cap: f64) {
+        let n = values.len() / k;
+        let mut s = MckpSolver::new();
+        let mut out = vec![0; n];
+        let got = s.solve(values, costs, k, cap, &mut out);
+        let want = brute_force(values, costs, k, cap);
+        match (got, want) {
+            (None, None) => {}
+            (Some((v, st)), Some((bv, _))) => {
+                assert!(st.exact);
+                assert!(
+                    (v - bv).abs() <= 1e-9 * (1.0 + bv.abs()),
+                    "solver {v} brute {bv}"
+                );
+                let c: f64 = (0..n).map(|i| costs[i * k + out[i]]).sum();
+                let vv: f64 = (0..n).map(|i| values[i * k + out[i]]).sum();
+                assert!(c <= cap);
+                assert!((vv - v).abs() <= 1e-9 * (1.0 + v.abs()));
+            }
+            (g, w) => panic!("solver {g:?} brute {w:?}"),
+        }
+    }
+
+    #[test]
+    fn matches_brute_force_on_random_instances() {
+        let mut rng = ChaCha8Rng::seed_from_u64(7);
+        for trial in 0..400 {
+            let n = rng.random_range(1..=6);
+            let k = rng.random_range(1..=6);
+            let mut values = vec![0.0; n * k];
+            let mut costs = vec![0.0; n * k];
+            for i in 0..n {
+                let unit = rng.random_range(1..20) as f64;
+                let mut v = rng.random_range(-1.0..0.0);
+                for j in 0..k {
+                    // Mix of concave-increasing rows and arbitrary ones.
+                    if trial % 3 == 0 {
+                        values[i * k + j] = rng.random_range(-1.0..1.0);
+                        costs[i * k + j] = rng.random_range(0..30) as f64;
+                    } else {
+                        v += rng.random_range(0.0..1.0) / (j + 1) as f64;
+                        values[i * k + j] = v;
+                        costs[i * k + j] = unit * (1 << j) as f64 - unit;
+                    }
+                }
+            }
+            let total_max: f64 = (0..n)
+                .map(|i| {
+                    costs[i * k..(i + 1) * k]
+                        .iter()
+                        .copied()
+                        .fold(0.0, f64::max)
+                })
+                .sum();
+            let cap = rng.random_range(0.0..=1.0) * total_max;
+            check(&values, &costs, k, cap);
+        }
+    }
+
+    #[test]
+    fn infeasible_returns_none() {
+        let mut s = MckpSolver::new();
+        let mut out = [0; 2];
+        assert!(
+            s.solve(
+                &[1.0, 2.0, 1.0, 2.0],
+                &[5.0, 6.0, 5.0, 6.0],
+                2,
+                9.0,
+                &mut out
+            )
+            .is_none()
+        );
+    }
+}

@@ -1,0 +1,322 @@
+//! The policy interface ([`RankPolicy`]) and the baselines: uniform, AdaLoRA-style, random, and
+//! the privileged oracle.
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::env::{EnvSpec, EnvState, Observation, oracle_plan_into};
+use crate::oracle::MckpSolver;
+use crate::presets::ResourceKind;
+use crate::sites::{RankSet, Site, power_law_tables};
+
+/// Index of the sensitivity feature in a site row (see [`Observation`]).
+const SENSITIVITY: usize = 10;
+
+/// What a policy may use besides the observation: the rank set, the sites, the cost of each
+/// rank unit, and the round's budget as estimated from the observation. A feasibility
+/// projection needs exactly this.
+#[derive(Debug, Clone, Copy)]
+pub struct RoundContext<'a> {
+    /// Allowed ranks.
+    pub rank_set: &'a RankSet,
+    /// The sites (shapes, roles, names).
+    pub sites: &'a [Site],
+    /// Cost of one rank unit per site, in the resource's unit.
+    pub unit_cost: &'a [f64],
+    /// Which resource.
+    pub resource: ResourceKind,
+    /// The round's budget implied by the noisy estimate (no safety margin).
+    pub estimated_budget: f64,
+    /// The estimated budget after the preset's baseline safety margin.
+    pub conservative_budget: f64,
+    /// Privileged access to the hidden state; only given to policies whose
+    /// [`RankPolicy::privileged`] is true (the oracle).
+    pub privileged: Option<Privileged<'a>>,
+}
+
+impl RoundContext<'_> {
+    /// Cost of a plan (rank values) in the resource's unit. Ranks outside the set are costed at
+    /// face value; lengths must match.
+    pub fn plan_cost(&self, ranks: &[u32]) -> f64 {
+        ranks
+            .iter()
+            .zip(self.unit_cost)
+            .map(|(&r, u)| r as f64 * u)
+            .sum()
+    }
+}
+
+/// Privileged view of one environment: the true budget and the hidden state.
+#[derive(Debug, Clone, Copy)]
+pub struct Privileged<'a> {
+    /// The environment's spec.
+    pub spec: &'a EnvSpec,
+    /// The environment's full state.
+    pub state: &'a EnvState,
+}
+
+impl Privileged<'_> {
+    /// The round's true budget.
+    pub fn true_budget(&self) -> f64 {
+        self.state.true_budget()
+    }
+}
+
+/// A rank-allocation policy: one rank per site from the rank set, every round. Implement it in
+/// another crate (e.g. a trained network) and pass it to [`crate::eval::evaluate`].
+pub trait RankPolicy {
+    /// Row name in evaluation tables.
+    fn name(&self) -> String;
+    /// Called before the first round of every episode.
+    fn begin_episode(&mut self) {}
+    /// The plan for this round: `obs.n_sites` rank values from `ctx.rank_set`.
+    fn act(&mut self, obs: &Observation, ctx: &RoundContext<'_>) -> Vec<u32>;
+    /// True if the policy needs [`RoundContext::privileged`] (only the oracle should).
+    fn privileged(&self) -> bool {
+        false
+    }
+}
+
+/// The built-in policies, by name (for the CLI).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Baseline {
+    /// [`UniformPolicy`].
+    Uniform,
+    /// [`AdaloraPolicy`].
+    Adalora,
+    /// [`RandomPolicy`].
+    Random,
+    /// [`OraclePolicy`].
+    Oracle,
+}
+
+impl Baseline {
+    /// All built-in policies.
+    pub const ALL: [Baseline; 4] = [
+        Baseline::Uniform,
+        Baseline::Adalora,
+        Baseline::Random,
+        Baseline::Oracle,
+    ];
+
+    /// Lower-case name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Baseline::Uniform => "uniform",
+            Baseline::Adalora => "adalora",
+            Baseline::Random => "random",
+            Baseline::Oracle => "oracle",
+        }
+    }
+
+    /// A fresh policy object; `seed` only matters for `random`.
+    pub fn policy(self, spec: &EnvSpec, seed: u64) -> Box<dyn RankPolicy> {
+        match self {
+            Baseline::Uniform => Box::new(UniformPolicy),
+            Baseline::Adalora => Box::new(AdaloraPolicy::new(spec.preset.baselines.adalora_beta)),
+            Baseline::Random => Box::new(RandomPolicy::new(seed)),
+            Baseline::Oracle => Box::new(OraclePolicy::default()),
+        }
+    }
+}
+
+impl std::str::FromStr for Baseline {
+    type Err = crate::EnvError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Baseline::ALL
+            .into_iter()
+            .find(|b| b.name() == s)
+            .ok_or_else(|| crate::EnvError::Config {
+                key: "policy".into(),
+                found: s.to_string(),
+                allowed: "uniform, adalora, random, oracle".into(),
+            })
+    }
+}
+
+/// Largest uniform rank r (same at every site) whose plan fits the conservative estimated
+/// budget; the smallest rank of the set if none fits.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct UniformPolicy;
+
+impl RankPolicy for UniformPolicy {
+    fn name(&self) -> String {
+        "uniform".into()
+    }
+    fn act(&mut self, obs: &Observation, ctx: &RoundContext<'_>) -> Vec<u32> {
+        let per_rank: f64 = ctx.unit_cost.iter().sum();
+        let r = ctx
+            .rank_set
+            .ranks()
+            .iter()
+            .rev()
+            .copied()
+            .find(|&r| r as f64 * per_rank <= ctx.conservative_budget)
+            .unwrap_or(ctx.rank_set.rank(0));
+        vec![r; obs.n_sites]
+    }
+}
+
+/// AdaLoRA-style importance allocation: maximises Σ_l ŝ_l·E₀_l(r_l) under the conservative
+/// estimated budget, where ŝ_l is the observed sensitivity and E₀ the energy curve of one
+/// common power law (β = `baselines.adalora_beta`) for every site. The sensitivities are
+/// smoothed across rounds with AdaLoRA's EMA (β₁ = 0.85). It uses the importance signal as
+/// AdaLoRA does (a global ranking of importance per unit cost), but knows nothing
+/// site-specific about the spectra and ignores the training state.
+#[derive(Debug, Clone)]
+pub struct AdaloraPolicy {
+    beta: f64,
+    ema: Vec<f64>,
+    e0: Vec<f64>,
+    values: Vec<f64>,
+    costs: Vec<f64>,
+    choice: Vec<usize>,
+    solver: MckpSolver,
+}
+
+impl AdaloraPolicy {
+    /// With assumed common decay `beta`.
+    pub fn new(beta: f64) -> Self {
+        Self {
+            beta,
+            ema: Vec::new(),
+            e0: Vec::new(),
+            values: Vec::new(),
+            costs: Vec::new(),
+            choice: Vec::new(),
+            solver: MckpSolver::new(),
+        }
+    }
+}
+
+impl RankPolicy for AdaloraPolicy {
+    fn name(&self) -> String {
+        "adalora".into()
+    }
+    fn begin_episode(&mut self) {
+        self.ema.clear();
+    }
+    fn act(&mut self, obs: &Observation, ctx: &RoundContext<'_>) -> Vec<u32> {
+        let n = obs.n_sites;
+        let ranks = ctx.rank_set.ranks();
+        let k = ranks.len();
+        if self.e0.len() != n * k {
+            self.e0 = vec![0.0; n * k];
+            let mut e = vec![0f32; k];
+            let mut t = vec![0f32; k];
+            for (l, s) in ctx.sites.iter().enumerate() {
+                power_law_tables(1.0, self.beta, s.max_rank(), ranks, &mut e, &mut t);
+                for j in 0..k {
+                    self.e0[l * k + j] = e[j] as f64;
+                }
+            }
+        }
+        if self.ema.len() != n {
+            self.ema = (0..n).map(|l| obs.site(l)[SENSITIVITY] as f64).collect();
+        }
+        self.values.clear();
+        self.costs.clear();
+        for l in 0..n {
+            self.ema[l] = 0.85 * self.ema[l] + 0.15 * obs.site(l)[SENSITIVITY] as f64;
+            let s = self.ema[l];
+            for j in 0..k {
+                self.values.push(s * self.e0[l * k + j]);
+                self.costs.push(ranks[j] as f64 * ctx.unit_cost[l]);
+            }
+        }
+        self.choice.resize(n, 0);
+        match self.solver.solve(
+            &self.values,
+            &self.costs,
+            k,
+            ctx.conservative_budget,
+            &mut self.choice,
+        ) {
+            Some(_) => self.choice.iter().map(|&j| ranks[j]).collect(),
+            None => vec![ranks[0]; n],
+        }
+    }
+}
+
+/// Random plan: every site draws a rank uniformly from the set, then random sites are lowered
+/// one step at a time until the plan fits the conservative estimated budget.
+#[derive(Debug, Clone)]
+pub struct RandomPolicy {
+    rng: ChaCha8Rng,
+}
+
+impl RandomPolicy {
+    /// Seeded random policy.
+    pub fn new(seed: u64) -> Self {
+        Self {
+            rng: ChaCha8Rng::seed_from_u64(seed),
+        }
+    }
+}
+
+impl RankPolicy for RandomPolicy {
+    fn name(&self) -> String {
+        "random".into()
+    }
+    fn act(&mut self, obs: &Observation, ctx: &RoundContext<'_>) -> Vec<u32> {
+        let n = obs.n_sites;
+        let k = ctx.rank_set.len();
+        let mut idx: Vec<usize> = (0..n).map(|_| self.rng.random_range(0..k)).collect();
+        let mut cost: f64 = idx
+            .iter()
+            .zip(ctx.unit_cost)
+            .map(|(&j, u)| ctx.rank_set.rank(j) as f64 * u)
+            .sum();
+        let mut lowerable: Vec<usize> = (0..n).filter(|&l| idx[l] > 0).collect();
+        while cost > ctx.conservative_budget && !lowerable.is_empty() {
+            let p = self.rng.random_range(0..lowerable.len());
+            let l = lowerable[p];
+            let before = ctx.rank_set.rank(idx[l]) as f64;
+            idx[l] -= 1;
+            cost -= (before - ctx.rank_set.rank(idx[l]) as f64) * ctx.unit_cost[l];
+            if idx[l] == 0 {
+                lowerable.swap_remove(p);
+            }
+        }
+        idx.into_iter().map(|j| ctx.rank_set.rank(j)).collect()
+    }
+}
+
+/// The privileged oracle: knows the hidden spectra, weights, training state and this round's
+/// true budget, and solves the round's allocation exactly as a multiple-choice knapsack
+/// maximising this round's reward (one-step lookahead: it is greedy over rounds, so it is a
+/// yardstick, not an upper bound on the episode return). Without privileged access it falls
+/// back to [`UniformPolicy`].
+#[derive(Debug, Clone, Default)]
+pub struct OraclePolicy {
+    solver: MckpSolver,
+    values: Vec<f64>,
+    costs: Vec<f64>,
+}
+
+impl RankPolicy for OraclePolicy {
+    fn name(&self) -> String {
+        "oracle".into()
+    }
+    fn privileged(&self) -> bool {
+        true
+    }
+    fn act(&mut self, obs: &Observation, ctx: &RoundContext<'_>) -> Vec<u32> {
+        match ctx.privileged {
+            Some(p) => {
+                let mut out = vec![0; obs.n_sites];
+                oracle_plan_into(
+                    p.spec,
+                    p.state,
+                    &mut self.solver,
+                    &mut self.values,
+                    &mut self.costs,
+                    &mut out,
+                );
+                out
+            }
+            None => UniformPolicy.act(obs, ctx),
+        }
+    }
+}

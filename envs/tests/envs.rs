@@ -1,0 +1,487 @@
+//! Integration tests: determinism, resource statistics, penalties, bad input, presets, oracle
+//! versus baselines.
+
+use envs::presets::{self, EnvPreset};
+use envs::resource::{ChannelModel, ResourceModel};
+use envs::{Baseline, EnvError, GLOBAL_FEATURES, SITE_FEATURES, VecEnv};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+fn edit(name: &str, edits: &[(&str, &str)]) -> Result<EnvPreset, EnvError> {
+    let mut text = presets::embedded_text(name).unwrap().to_string();
+    for (from, to) in edits {
+        assert!(text.contains(from), "{from} not in preset {name}");
+        text = text.replacen(from, to, 1);
+    }
+    presets::from_toml(&text, "edited.toml", None)
+}
+
+fn err(name: &str, edits: &[(&str, &str)]) -> String {
+    let r = edit(name, edits).and_then(|p| envs::EnvSpec::new(&p).map(|_| ()));
+    r.expect_err("expected an error").to_string()
+}
+
+fn rollout(preset: &EnvPreset, seed: u64, steps: usize) -> (Vec<f32>, Vec<f32>) {
+    let mut v = VecEnv::new(preset, 3, seed).unwrap();
+    let n = v.n_sites();
+    let rs = v.spec().rank_set.clone();
+    let mut obs = Vec::new();
+    let mut rew = Vec::new();
+    for t in 0..steps {
+        let plan: Vec<u32> = (0..3 * n).map(|i| rs.rank((i * 7 + t) % 5)).collect();
+        v.step(&plan).unwrap();
+        obs.extend_from_slice(v.obs_global());
+        obs.extend_from_slice(v.obs_sites());
+        rew.extend_from_slice(v.rewards());
+    }
+    (obs, rew)
+}
+
+#[test]
+fn same_seed_same_trajectory() {
+    for name in presets::NAMES {
+        let p = presets::load(name).unwrap();
+        let a = rollout(&p, 42, 25);
+        let b = rollout(&p, 42, 25);
+        assert_eq!(a, b, "{name}");
+        let c = rollout(&p, 43, 25);
+        assert_ne!(a.1, c.1, "{name}: different seeds should differ");
+    }
+}
+
+#[test]
+fn snapshot_resumes_exactly() {
+    let p = presets::load("wireless-rayleigh").unwrap();
+    let mut v = VecEnv::new(&p, 2, 9).unwrap();
+    let n = v.n_sites();
+    let plan = vec![8u32; 2 * n];
+    for _ in 0..7 {
+        v.step(&plan).unwrap();
+    }
+    let json = serde_json::to_string(&v.snapshot()).unwrap();
+    let mut w = VecEnv::restore(v.spec().clone(), serde_json::from_str(&json).unwrap()).unwrap();
+    assert_eq!(v.obs_sites(), w.obs_sites());
+    for _ in 0..30 {
+        v.step(&plan).unwrap();
+        w.step(&plan).unwrap();
+        assert_eq!(v.rewards(), w.rewards());
+        assert_eq!(v.obs_global(), w.obs_global());
+        assert_eq!(v.obs_sites(), w.obs_sites());
+    }
+}
+
+#[test]
+fn auto_reset_and_schema() {
+    let p = presets::load("wireless-rician").unwrap();
+    let mut v = VecEnv::new(&p, 2, 1).unwrap();
+    let n = v.n_sites();
+    assert_eq!(v.obs_global().len(), 2 * GLOBAL_FEATURES);
+    assert_eq!(v.obs_sites().len(), 2 * n * SITE_FEATURES);
+    assert_eq!(envs::schema::GLOBAL_NAMES.len(), GLOBAL_FEATURES);
+    for t in 0..p.rounds {
+        assert!((v.obs_global()[12] - t as f32 / p.rounds as f32).abs() < 1e-6);
+        v.step(&vec![4; 2 * n]).unwrap();
+        assert!(
+            v.obs_global()
+                .iter()
+                .chain(v.obs_sites())
+                .all(|x| x.is_finite())
+        );
+        let done = t + 1 == p.rounds;
+        assert_eq!(v.dones(), &[done, done]);
+        assert_eq!(v.finished().len(), if done { 2 } else { 0 });
+    }
+    assert_eq!(v.obs_global()[12], 0.0, "new episode starts at round 0");
+    assert_eq!(v.obs_sites()[0], 0.0, "ranks reset");
+    let o = v.observation(1);
+    assert_eq!(o.n_sites, n);
+    assert_eq!(o.site(3).len(), SITE_FEATURES);
+}
+
+#[test]
+fn rayleigh_mean_power_is_one() {
+    let p = presets::load("wireless-rayleigh").unwrap();
+    let ch = ChannelModel {
+        cfg: p.resource.channel.clone().unwrap(),
+    };
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    let n = 200_000;
+    let m: f64 = (0..n)
+        .map(|_| ch.sample_fading_power(&mut rng))
+        .sum::<f64>()
+        / n as f64;
+    // Exp(1) has standard deviation 1: 5 standard errors.
+    assert!((m - 1.0).abs() < 5.0 / (n as f64).sqrt(), "E|h|^2 = {m}");
+}
+
+#[test]
+fn rician_k_factor_by_moments() {
+    let p = presets::load("wireless-rician").unwrap();
+    for k in [0.0, 1.0, 6.0, 20.0] {
+        let mut cfg = p.resource.channel.clone().unwrap();
+        cfg.k_factor = k;
+        let ch = ChannelModel { cfg };
+        let mut rng = ChaCha8Rng::seed_from_u64(2);
+        let n = 400_000;
+        let xs: Vec<f64> = (0..n).map(|_| ch.sample_fading_power(&mut rng)).collect();
+        let m = xs.iter().sum::<f64>() / n as f64;
+        let var = xs.iter().map(|x| (x - m).powi(2)).sum::<f64>() / n as f64;
+        assert!((m - 1.0).abs() < 0.01, "K {k}: mean {m}");
+        // Var(P)/E(P)^2 = (1 + 2K)/(K + 1)^2, solved for K.
+        let g = var / (m * m);
+        let k_hat = ((1.0 - g) + (1.0 - g).max(0.0).sqrt()) / g;
+        assert!(
+            (k_hat - k).abs() < 0.05 * k + 0.03,
+            "K {k}: estimated {k_hat}"
+        );
+    }
+}
+
+#[test]
+fn shadowing_autocorrelation_matches_rho() {
+    let p = presets::load("wireless-rayleigh").unwrap();
+    for rho in [0.0, 0.5, 0.9] {
+        let mut cfg = p.resource.channel.clone().unwrap();
+        cfg.shadowing_rho = rho;
+        let sigma = cfg.shadowing_std_db;
+        let ch = ChannelModel { cfg };
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let n = 200_000;
+        let mut s = 0.0;
+        let mut xs = Vec::with_capacity(n);
+        for _ in 0..n {
+            s = ch.next_shadowing(s, &mut rng);
+            xs.push(s);
+        }
+        let m = xs.iter().sum::<f64>() / n as f64;
+        let var = xs.iter().map(|x| (x - m).powi(2)).sum::<f64>() / n as f64;
+        let cov = xs.windows(2).map(|w| (w[0] - m) * (w[1] - m)).sum::<f64>() / (n - 1) as f64;
+        let r1 = cov / var;
+        // Standard error of the lag-1 autocorrelation of an AR(1) is about sqrt((1 - rho^2)/n).
+        assert!(
+            (r1 - rho).abs() < 5.0 * ((1.0 - rho * rho) / n as f64).sqrt() + 1e-3,
+            "rho {rho}: {r1}"
+        );
+        assert!(
+            (var.sqrt() - sigma).abs() < 0.05 * sigma,
+            "std {}",
+            var.sqrt()
+        );
+    }
+}
+
+#[test]
+fn larger_rank_never_raises_a_floor_in_any_preset() {
+    for name in presets::NAMES {
+        let p = presets::load(name).unwrap();
+        let v = VecEnv::new(&p, 2, 5).unwrap();
+        let k = v.spec().rank_set.len();
+        for e in 0..2 {
+            let en = v.state(e).hidden_energy();
+            for l in 0..v.n_sites() {
+                for j in 1..k {
+                    assert!(
+                        1.0 - en[l * k + j] <= 1.0 - en[l * k + j - 1],
+                        "{name} site {l}"
+                    );
+                }
+                assert!(en[l * k] >= 0.0 && en[l * k + k - 1] <= 1.0 + 1e-6);
+            }
+        }
+    }
+}
+
+#[test]
+fn over_budget_plan_is_a_violation_with_the_documented_penalty() {
+    for name in ["wireless-rayleigh", "latency", "budget"] {
+        let p = presets::load(name).unwrap();
+        let mut v = VecEnv::new(&p, 1, 8).unwrap();
+        let n = v.n_sites();
+        // A feasible step first, so there is state to keep.
+        v.step(&vec![1; n]).unwrap();
+        let before_obs = v.obs_sites().to_vec();
+        let loss_before = v.state(0).loss();
+        let ranks_before = v.state(0).ranks(v.spec());
+        let budget = v.state(0).true_budget();
+        let plan = vec![64u32; n];
+        let cost = v.spec().plan_cost(&plan).unwrap();
+        assert!(
+            cost > budget,
+            "{name}: max plan fits; test needs a tighter budget"
+        );
+        v.step(&plan).unwrap();
+        let out = v.outcomes()[0];
+        assert!(out.violation);
+        let c = cost / budget;
+        assert!((out.cost_ratio - c).abs() < 1e-9 * c);
+        let want =
+            -(p.reward.violation_coef + p.reward.cost_coef) * c.min(p.reward.violation_cost_cap);
+        assert!(
+            (out.reward - want).abs() < 1e-9 * want.abs(),
+            "{name}: {} vs {want}",
+            out.reward
+        );
+        assert_eq!(v.state(0).loss(), loss_before, "no progress on a violation");
+        assert_eq!(
+            v.state(0).ranks(v.spec()),
+            ranks_before,
+            "no resize on a violation"
+        );
+        assert_eq!(v.obs_global()[14], 1.0, "last_violation flag");
+        let _ = before_obs;
+    }
+}
+
+#[test]
+fn feasible_round_reward_is_minus_loss_minus_cost() {
+    let p = presets::load("wireless-rayleigh").unwrap();
+    let mut v = VecEnv::new(&p, 1, 3).unwrap();
+    let n = v.n_sites();
+    let plan = vec![0u32; n];
+    v.step(&plan).unwrap();
+    let o = v.outcomes()[0];
+    assert!(!o.violation);
+    // Rank 0 everywhere: nothing learned, loss = floor + total sensitivity, zero cost.
+    assert!((o.loss - (p.dynamics.loss_floor + p.sensitivity.total)).abs() < 1e-6);
+    assert!((o.reward + o.loss).abs() < 1e-9);
+}
+
+#[test]
+fn bad_actions_are_errors_not_panics() {
+    let p = presets::load("wireless-rayleigh").unwrap();
+    let mut v = VecEnv::new(&p, 2, 1).unwrap();
+    let n = v.n_sites();
+    let e = v.step(&vec![4; n]).unwrap_err().to_string();
+    assert!(e.contains(&format!("exactly {}", 2 * n)), "{e}");
+    let mut plan = vec![4; 2 * n];
+    plan[n + 3] = 5;
+    let e = v.step(&plan).unwrap_err().to_string();
+    assert!(
+        e.contains("environment 1, site 3")
+            && e.contains("rank 5")
+            && e.contains("[0, 1, 2, 4, 8, 16, 32, 64]"),
+        "{e}"
+    );
+    let mut idx = vec![0u8; 2 * n];
+    idx[0] = 8;
+    assert!(v.step_indices(&idx).is_err());
+    assert!(v.spec().plan_cost(&[1, 2]).is_err());
+    // Nothing moved.
+    assert_eq!(v.obs_global()[12], 0.0);
+}
+
+#[test]
+fn bad_presets_name_key_and_allowed_values() {
+    let e = err(
+        "wireless-rayleigh",
+        &[("ranks = [0, 1, 2, 4, 8, 16, 32, 64]", "ranks = []")],
+    );
+    assert!(e.contains("key `ranks`") && e.contains("non-empty"), "{e}");
+    let e = err(
+        "wireless-rayleigh",
+        &[(
+            "ranks = [0, 1, 2, 4, 8, 16, 32, 64]",
+            "ranks = [0, 8, 1024]",
+        )],
+    );
+    assert!(e.contains("`ranks`") && e.contains("<= 512"), "{e}");
+    let e = err(
+        "wireless-rayleigh",
+        &[("shadowing_std_db = 4.0", "shadowing_std_db = -1.0")],
+    );
+    assert!(
+        e.contains("resource.channel.shadowing_std_db") && e.contains(">= 0"),
+        "{e}"
+    );
+    let e = err(
+        "wireless-rayleigh",
+        &[("beta_jitter = 0.15", "beta_jitter = -0.1")],
+    );
+    assert!(e.contains("spectrum.beta_jitter"), "{e}");
+    let e = err(
+        "wireless-rayleigh",
+        &[("estimate_noise_db = 1.0", "estimate_noise_db = -2.0")],
+    );
+    assert!(e.contains("resource.channel.estimate_noise_db"), "{e}");
+    let e = err("wireless-rician", &[("k_factor = 6.0", "k_factor = -1.0")]);
+    assert!(
+        e.contains("resource.channel.k_factor") && e.contains(">= 0"),
+        "{e}"
+    );
+    for bad in ["1.0", "-0.1", "1.5"] {
+        let e = err(
+            "wireless-rayleigh",
+            &[("shadowing_rho = 0.9", &format!("shadowing_rho = {bad}"))],
+        );
+        assert!(
+            e.contains("resource.channel.shadowing_rho") && e.contains("[0, 1)"),
+            "{e}"
+        );
+    }
+    let e = err(
+        "latency",
+        &[("throughput_rho = 0.8", "throughput_rho = 1.0")],
+    );
+    assert!(e.contains("resource.compute.throughput_rho"), "{e}");
+    let e = err(
+        "wireless-rayleigh",
+        &[("fading = \"rayleigh\"", "fading = \"nakagami\"")],
+    );
+    assert!(e.contains("rayleigh") && e.contains("rician"), "{e}");
+    let e = err(
+        "wireless-rayleigh",
+        &[("deadline_s = 2.0", "deadline_s = 2.0\ndeadlin = 3.0")],
+    );
+    assert!(e.contains("deadlin") && e.contains("deadline_s"), "{e}");
+    let e = err(
+        "wireless-rayleigh",
+        &[("kind = \"channel\"", "kind = \"compute\"")],
+    );
+    assert!(e.contains("resource.compute"), "{e}");
+    let e = presets::load("no-such-preset").unwrap_err().to_string();
+    assert!(
+        e.contains("wireless-rayleigh") && e.contains("llama7b"),
+        "{e}"
+    );
+}
+
+#[test]
+fn llama7b_has_real_shapes() {
+    let p = presets::load("llama7b").unwrap();
+    let spec = envs::EnvSpec::new(&p).unwrap();
+    assert_eq!(spec.n_sites(), 224);
+    let count = |d_in, d_out| {
+        spec.sites
+            .iter()
+            .filter(|s| s.d_in == d_in && s.d_out == d_out)
+            .count()
+    };
+    assert_eq!(count(4096, 4096), 128);
+    assert_eq!(count(4096, 11008), 64);
+    assert_eq!(count(11008, 4096), 32);
+}
+
+#[test]
+fn calibration_file_round_trip_and_errors() {
+    let p = edit(
+        "wireless-rayleigh",
+        &[("layers = 8\nhidden = 512\nintermediate = 1376\nprojections = [\"q\", \"k\", \"v\", \"o\", \"gate\", \"up\", \"down\"]", "calibration = \"builtin:example\"")],
+    )
+    .unwrap();
+    let cal = p.calibration_data.clone().unwrap();
+    assert_eq!(
+        envs::calibration::Calibration::from_json(&cal.to_json(), "x").unwrap(),
+        cal
+    );
+    let mut v = VecEnv::new(&p, 2, 1).unwrap();
+    assert_eq!(v.n_sites(), cal.sites.len());
+    let n = v.n_sites();
+    for _ in 0..25 {
+        v.step(&vec![4; 2 * n]).unwrap();
+    }
+    let w: f32 = v.state(0).hidden_weights().iter().sum();
+    assert!((w - 1.0).abs() < 1e-4);
+    // From a file path, relative to the preset.
+    let dir = std::env::temp_dir().join(format!("envs-cal-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("cal.json"), cal.to_json()).unwrap();
+    let text = presets::embedded_text("wireless-rayleigh").unwrap().replace(
+        "layers = 8\nhidden = 512\nintermediate = 1376\nprojections = [\"q\", \"k\", \"v\", \"o\", \"gate\", \"up\", \"down\"]",
+        "calibration = \"cal.json\"",
+    );
+    std::fs::write(dir.join("p.toml"), text).unwrap();
+    let q = presets::load(dir.join("p.toml").to_str().unwrap()).unwrap();
+    assert_eq!(q.calibration_data.unwrap(), cal);
+    // Bad files.
+    let mut bad = cal.clone();
+    bad.sites[1].tail_energy = -1.0;
+    let e = envs::calibration::Calibration::from_json(&bad.to_json(), "bad.json")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("bad.json") && e.contains("sites[1].tail_energy"),
+        "{e}"
+    );
+    let mut bad = cal.clone();
+    bad.sites[0].spectrum = vec![1.0, 2.0];
+    let e = envs::calibration::Calibration::from_json(&bad.to_json(), "bad.json")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("descending"), "{e}");
+    let mut bad = cal.clone();
+    bad.sites[0].spectrum = vec![1.0, -0.5];
+    assert!(envs::calibration::Calibration::from_json(&bad.to_json(), "bad.json").is_err());
+    let e = envs::calibration::Calibration::from_json(
+        "{\"format_version\": 1, \"sites\": [], \"extra\": 1}",
+        "x.json",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("extra"), "{e}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn budget_schedule_is_cubic() {
+    let p = presets::load("budget").unwrap();
+    let ResourceModel::Budget(b) = ResourceModel::new(&p.resource) else {
+        panic!()
+    };
+    assert_eq!(b.avg_rank(0, 20), 12.0);
+    assert_eq!(b.avg_rank(1, 20), 12.0);
+    assert_eq!(b.avg_rank(2, 20), 12.0);
+    assert!((b.avg_rank(9, 20) - (8.0 + 4.0 * (1.0 - 7.0 / 14.0f64).powi(3))).abs() < 1e-12);
+    assert_eq!(b.avg_rank(16, 20), 8.0);
+    assert_eq!(b.avg_rank(19, 20), 8.0);
+}
+
+#[test]
+fn oracle_beats_every_baseline_on_every_preset() {
+    for name in presets::NAMES {
+        let p = presets::load(name).unwrap();
+        let episodes = if name == "llama7b" { 6 } else { 16 };
+        let t = envs::evaluate_baselines(&p, &Baseline::ALL, episodes, 123).unwrap();
+        let oracle = t.rows.iter().find(|r| r.name == "oracle").unwrap();
+        assert_eq!(oracle.violation_rate, 0.0);
+        for r in &t.rows {
+            assert!(
+                oracle.mean_return >= r.mean_return,
+                "{name}: oracle {} < {} {}",
+                oracle.mean_return,
+                r.name,
+                r.mean_return
+            );
+        }
+        let md = t.to_markdown();
+        assert!(md.contains("oracle gap closed"));
+        let back: envs::EvalTable = serde_json::from_str(&t.to_json()).unwrap();
+        assert_eq!(back.rows.len(), t.rows.len());
+        for (a, b) in back.rows.iter().zip(&t.rows) {
+            assert_eq!(a.name, b.name);
+            assert!((a.mean_return - b.mean_return).abs() < 1e-12);
+        }
+    }
+}
+
+#[test]
+fn oracle_is_exact_and_small_core_on_llama7b() {
+    let p = presets::load("llama7b").unwrap();
+    let mut v = VecEnv::new(&p, 1, 4).unwrap();
+    let n = v.n_sites();
+    for _ in 0..5 {
+        let (plan, stats) = v.oracle_plan(0);
+        assert!(stats.exact);
+        assert!(v.spec().plan_cost(&plan).unwrap() <= v.state(0).true_budget());
+        v.step(&plan).unwrap();
+        assert_eq!(plan.len(), n);
+    }
+}
+
+#[test]
+fn baseline_names_parse() {
+    for b in Baseline::ALL {
+        assert_eq!(b.name().parse::<Baseline>().unwrap(), b);
+    }
+    let e = "ppo".parse::<Baseline>().unwrap_err().to_string();
+    assert!(e.contains("uniform, adalora, random, oracle"), "{e}");
+}
