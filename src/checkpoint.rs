@@ -100,10 +100,7 @@ pub enum CheckpointError {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
-    move |source| CheckpointError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
+    move |source| CheckpointError::Io { path: path.to_path_buf(), source }
 }
 
 /// Writes a checkpoint into `dir` (created if needed), replacing any previous one atomically.
@@ -118,10 +115,8 @@ pub fn save(
 ) -> Result<CheckpointMeta, CheckpointError> {
     fs::create_dir_all(dir).map_err(io_err(dir))?;
     let weights = format!("weights-{step:08}.safetensors");
-    let bytes = serialize_tensors(tensors, None).map_err(|why| CheckpointError::Corrupt {
-        file: dir.join(&weights),
-        why,
-    })?;
+    let bytes =
+        serialize_tensors(tensors, None).map_err(|why| CheckpointError::Corrupt { file: dir.join(&weights), why })?;
     let weights_path = dir.join(&weights);
     atomic_write(&weights_path, &bytes)?;
     let meta = CheckpointMeta {
@@ -151,18 +146,11 @@ pub fn save(
 
 /// Reads the checkpoint in `dir`, checking format version, kind, size and hash.
 /// Tensors are returned on the CPU, in the file's order of names.
-pub fn load(
-    dir: &Path,
-    expected_kind: &str,
-) -> Result<(CheckpointMeta, Vec<(String, Tensor)>), CheckpointError> {
+pub fn load(dir: &Path, expected_kind: &str) -> Result<(CheckpointMeta, Vec<(String, Tensor)>), CheckpointError> {
     let meta = read_meta(dir)?;
     let meta_path = dir.join(META_FILE);
     if meta.kind != expected_kind {
-        return Err(CheckpointError::WrongKind {
-            file: meta_path,
-            found: meta.kind,
-            expected: expected_kind.into(),
-        });
+        return Err(CheckpointError::WrongKind { file: meta_path, found: meta.kind, expected: expected_kind.into() });
     }
     let weights_path = dir.join(&meta.weights);
     if meta.weights.contains('/') || meta.weights.contains("..") {
@@ -172,21 +160,12 @@ pub fn load(
         });
     }
     let bytes = fs::read(&weights_path).map_err(io_err(&weights_path))?;
-    let corrupt = |why: String| CheckpointError::Corrupt {
-        file: weights_path.clone(),
-        why,
-    };
+    let corrupt = |why: String| CheckpointError::Corrupt { file: weights_path.clone(), why };
     if bytes.len() as u64 != meta.weights_bytes {
-        return Err(corrupt(format!(
-            "{} bytes on disk, {} recorded in {META_FILE}",
-            bytes.len(),
-            meta.weights_bytes
-        )));
+        return Err(corrupt(format!("{} bytes on disk, {} recorded in {META_FILE}", bytes.len(), meta.weights_bytes)));
     }
     if hex_sha256(&bytes) != meta.weights_sha256 {
-        return Err(corrupt(format!(
-            "SHA-256 differs from the one recorded in {META_FILE}"
-        )));
+        return Err(corrupt(format!("SHA-256 differs from the one recorded in {META_FILE}")));
     }
     let tensors = deserialize_tensors(&bytes).map_err(corrupt)?;
     Ok((meta, tensors))
@@ -198,43 +177,26 @@ pub fn read_meta(dir: &Path) -> Result<CheckpointMeta, CheckpointError> {
     let text = match fs::read(&meta_path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(CheckpointError::Missing {
-                dir: dir.to_path_buf(),
-            });
+            return Err(CheckpointError::Missing { dir: dir.to_path_buf() });
         }
         Err(e) => {
-            return Err(CheckpointError::Io {
-                path: meta_path,
-                source: e,
-            });
+            return Err(CheckpointError::Io { path: meta_path, source: e });
         }
     };
     // Check the version before the full schema, so an old or future file says so plainly.
-    let value: serde_json::Value =
-        serde_json::from_slice(&text).map_err(|e| CheckpointError::Corrupt {
-            file: meta_path.clone(),
-            why: e.to_string(),
-        })?;
+    let value: serde_json::Value = serde_json::from_slice(&text)
+        .map_err(|e| CheckpointError::Corrupt { file: meta_path.clone(), why: e.to_string() })?;
     let found = value.get("format_version").and_then(|v| v.as_u64());
     match found {
         Some(v) if v == FORMAT_VERSION as u64 => {}
         Some(v) => {
-            return Err(CheckpointError::WrongVersion {
-                file: meta_path,
-                found: v as u32,
-            });
+            return Err(CheckpointError::WrongVersion { file: meta_path, found: v as u32 });
         }
         None => {
-            return Err(CheckpointError::Corrupt {
-                file: meta_path,
-                why: "no `format_version` field".into(),
-            });
+            return Err(CheckpointError::Corrupt { file: meta_path, why: "no `format_version` field".into() });
         }
     }
-    serde_json::from_value(value).map_err(|e| CheckpointError::Corrupt {
-        file: meta_path,
-        why: e.to_string(),
-    })
+    serde_json::from_value(value).map_err(|e| CheckpointError::Corrupt { file: meta_path, why: e.to_string() })
 }
 
 /// Writes tensors as a safetensors file atomically, with optional header metadata
@@ -244,22 +206,15 @@ pub fn write_safetensors(
     tensors: &[(String, Tensor)],
     metadata: Option<HashMap<String, String>>,
 ) -> Result<(), CheckpointError> {
-    let bytes = serialize_tensors(tensors, metadata).map_err(|why| CheckpointError::Corrupt {
-        file: path.to_path_buf(),
-        why,
-    })?;
+    let bytes = serialize_tensors(tensors, metadata)
+        .map_err(|why| CheckpointError::Corrupt { file: path.to_path_buf(), why })?;
     atomic_write(path, &bytes)
 }
 
 /// Reads every tensor of a safetensors file onto the CPU, with the header metadata.
-pub fn read_safetensors(
-    path: &Path,
-) -> Result<(Vec<(String, Tensor)>, HashMap<String, String>), CheckpointError> {
+pub fn read_safetensors(path: &Path) -> Result<(Vec<(String, Tensor)>, HashMap<String, String>), CheckpointError> {
     let bytes = fs::read(path).map_err(io_err(path))?;
-    let corrupt = |why: String| CheckpointError::Corrupt {
-        file: path.to_path_buf(),
-        why,
-    };
+    let corrupt = |why: String| CheckpointError::Corrupt { file: path.to_path_buf(), why };
     let (_, header) = SafeTensors::read_metadata(&bytes).map_err(|e| corrupt(e.to_string()))?;
     let metadata = header.metadata().clone().unwrap_or_default();
     Ok((deserialize_tensors(&bytes).map_err(corrupt)?, metadata))
@@ -268,14 +223,8 @@ pub fn read_safetensors(
 /// Writes `bytes` to `path` via a temporary file in the same directory, fsync, rename, and an
 /// fsync of the directory, so readers see either the old file or the complete new one.
 pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().to_string())
-        .unwrap_or_default();
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
     let result = (|| {
         let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
@@ -294,10 +243,7 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
 }
 
 fn hex_sha256(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// A CPU copy of a tensor's bytes, in the form safetensors serializes.
@@ -335,9 +281,7 @@ fn kind_to_dtype(kind: Kind) -> Result<Dtype, String> {
         Kind::Uint8 => Dtype::U8,
         Kind::Bool => Dtype::BOOL,
         other => {
-            return Err(format!(
-                "tensor kind {other:?} cannot be stored in safetensors"
-            ));
+            return Err(format!("tensor kind {other:?} cannot be stored in safetensors"));
         }
     })
 }
@@ -368,13 +312,11 @@ fn serialize_tensors(
         let numel = t.numel();
         let dtype = kind_to_dtype(t.kind()).map_err(|e| format!("{name}: {e}"))?;
         let mut data = vec![0u8; numel * t.kind().elt_size_in_bytes()];
-        t.f_copy_data_u8(&mut data, numel)
-            .map_err(|e| format!("{name}: {e}"))?;
+        t.f_copy_data_u8(&mut data, numel).map_err(|e| format!("{name}: {e}"))?;
         let shape = t.size().iter().map(|&d| d as usize).collect();
         raw.push((name.clone(), RawTensor { dtype, shape, data }));
     }
-    safetensors::serialize(raw.iter().map(|(n, r)| (n.as_str(), r)), metadata)
-        .map_err(|e| e.to_string())
+    safetensors::serialize(raw.iter().map(|(n, r)| (n.as_str(), r)), metadata).map_err(|e| e.to_string())
 }
 
 fn deserialize_tensors(bytes: &[u8]) -> Result<Vec<(String, Tensor)>, String> {
@@ -384,8 +326,7 @@ fn deserialize_tensors(bytes: &[u8]) -> Result<Vec<(String, Tensor)>, String> {
         let view = st.tensor(name).map_err(|e| e.to_string())?;
         let kind = dtype_to_kind(view.dtype()).map_err(|e| format!("{name}: {e}"))?;
         let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
-        let t = Tensor::f_from_data_size(view.data(), &shape, kind)
-            .map_err(|e| format!("{name}: {e}"))?;
+        let t = Tensor::f_from_data_size(view.data(), &shape, kind).map_err(|e| format!("{name}: {e}"))?;
         out.push((name.to_string(), t));
     }
     out.sort_by(|a, b| a.0.cmp(&b.0));
@@ -398,10 +339,7 @@ mod tests {
 
     fn sample() -> Vec<(String, Tensor)> {
         vec![
-            (
-                "net.weight".into(),
-                Tensor::arange(6, (Kind::Float, tch::Device::Cpu)).view([2, 3]),
-            ),
+            ("net.weight".into(), Tensor::arange(6, (Kind::Float, tch::Device::Cpu)).view([2, 3])),
             ("norm.count".into(), Tensor::from_slice(&[7i64])),
         ]
     }
@@ -410,52 +348,23 @@ mod tests {
     fn round_trip() {
         let dir = tempfile::tempdir().unwrap();
         let state = serde_json::json!({"rng": [1, 2, 3], "obs_mean": [0.5]});
-        save(
-            dir.path(),
-            "policy",
-            12,
-            serde_json::json!({"lr": 3e-4}),
-            state.clone(),
-            &sample(),
-        )
-        .unwrap();
+        save(dir.path(), "policy", 12, serde_json::json!({"lr": 3e-4}), state.clone(), &sample()).unwrap();
         let (meta, t) = load(dir.path(), "policy").unwrap();
         assert_eq!(meta.step, 12);
         assert_eq!(meta.state, state);
         assert_eq!(t.len(), 2);
         assert_eq!(t[0].0, "net.weight");
-        assert_eq!(
-            Vec::<f32>::try_from(t[0].1.flatten(0, -1)).unwrap(),
-            vec![0., 1., 2., 3., 4., 5.]
-        );
+        assert_eq!(Vec::<f32>::try_from(t[0].1.flatten(0, -1)).unwrap(), vec![0., 1., 2., 3., 4., 5.]);
         assert_eq!(t[1].1.kind(), Kind::Int64);
     }
 
     #[test]
     fn newer_save_replaces_old_weights() {
         let dir = tempfile::tempdir().unwrap();
-        save(
-            dir.path(),
-            "policy",
-            1,
-            serde_json::Value::Null,
-            serde_json::Value::Null,
-            &sample(),
-        )
-        .unwrap();
-        save(
-            dir.path(),
-            "policy",
-            2,
-            serde_json::Value::Null,
-            serde_json::Value::Null,
-            &sample(),
-        )
-        .unwrap();
-        let names: Vec<String> = fs::read_dir(dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into())
-            .collect();
+        save(dir.path(), "policy", 1, serde_json::Value::Null, serde_json::Value::Null, &sample()).unwrap();
+        save(dir.path(), "policy", 2, serde_json::Value::Null, serde_json::Value::Null, &sample()).unwrap();
+        let names: Vec<String> =
+            fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into()).collect();
         assert_eq!(names.len(), 2, "{names:?}");
         assert!(names.contains(&"weights-00000002.safetensors".to_string()));
     }
@@ -463,22 +372,11 @@ mod tests {
     #[test]
     fn detects_truncation_wrong_kind_version_and_missing() {
         let dir = tempfile::tempdir().unwrap();
-        let meta = save(
-            dir.path(),
-            "policy",
-            3,
-            serde_json::Value::Null,
-            serde_json::Value::Null,
-            &sample(),
-        )
-        .unwrap();
+        let meta = save(dir.path(), "policy", 3, serde_json::Value::Null, serde_json::Value::Null, &sample()).unwrap();
         let wpath = dir.path().join(&meta.weights);
         let original = fs::read(&wpath).unwrap();
 
-        assert!(matches!(
-            load(dir.path(), "lora-adapter"),
-            Err(CheckpointError::WrongKind { .. })
-        ));
+        assert!(matches!(load(dir.path(), "lora-adapter"), Err(CheckpointError::WrongKind { .. })));
 
         fs::write(&wpath, &original[..original.len() - 5]).unwrap();
         let e = load(dir.path(), "policy").unwrap_err();
@@ -489,35 +387,19 @@ mod tests {
         let last = flipped.len() - 1;
         flipped[last] ^= 0xff;
         fs::write(&wpath, &flipped).unwrap();
-        assert!(
-            load(dir.path(), "policy")
-                .unwrap_err()
-                .to_string()
-                .contains("SHA-256")
-        );
+        assert!(load(dir.path(), "policy").unwrap_err().to_string().contains("SHA-256"));
 
         let mpath = dir.path().join(META_FILE);
-        let json = fs::read_to_string(&mpath)
-            .unwrap()
-            .replace("\"format_version\": 1", "\"format_version\": 99");
+        let json = fs::read_to_string(&mpath).unwrap().replace("\"format_version\": 1", "\"format_version\": 99");
         fs::write(&mpath, json).unwrap();
         let e = load(dir.path(), "policy").unwrap_err();
-        assert!(
-            matches!(e, CheckpointError::WrongVersion { found: 99, .. }),
-            "{e}"
-        );
+        assert!(matches!(e, CheckpointError::WrongVersion { found: 99, .. }), "{e}");
 
         fs::write(&mpath, "{\"format_version\": 1, \"kind\": ").unwrap();
-        assert!(matches!(
-            load(dir.path(), "policy"),
-            Err(CheckpointError::Corrupt { .. })
-        ));
+        assert!(matches!(load(dir.path(), "policy"), Err(CheckpointError::Corrupt { .. })));
 
         let empty = tempfile::tempdir().unwrap();
-        assert!(matches!(
-            load(empty.path(), "policy"),
-            Err(CheckpointError::Missing { .. })
-        ));
+        assert!(matches!(load(empty.path(), "policy"), Err(CheckpointError::Missing { .. })));
     }
 
     #[test]
@@ -530,9 +412,6 @@ mod tests {
         assert_eq!(got, md);
         assert_eq!(t[0].1.size(), vec![2, 3]);
         fs::write(&p, b"not a safetensors file").unwrap();
-        assert!(matches!(
-            read_safetensors(&p),
-            Err(CheckpointError::Corrupt { .. })
-        ));
+        assert!(matches!(read_safetensors(&p), Err(CheckpointError::Corrupt { .. })));
     }
 }

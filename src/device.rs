@@ -19,11 +19,7 @@ pub fn parse_device(s: &str) -> Result<Device, String> {
                     .ok_or_else(|| format!("invalid device `{s}` ({allowed})"))?,
                 None => return Err(format!("invalid device `{s}` ({allowed})")),
             };
-            let count = if Cuda::is_available() {
-                Cuda::device_count() as usize
-            } else {
-                0
-            };
+            let count = if Cuda::is_available() { Cuda::device_count() as usize } else { 0 };
             if index >= count {
                 return Err(format!(
                     "device `{s}` requested but libtorch sees {count} CUDA device(s) ({allowed}; `auto` falls back to cpu)"
@@ -56,11 +52,7 @@ mod tests {
             assert!(e.contains("allowed: auto, cpu, cuda, cuda:N"), "{e}");
         }
         // Index far beyond any machine's device count.
-        assert!(
-            parse_device("cuda:999")
-                .unwrap_err()
-                .contains("CUDA device")
-        );
+        assert!(parse_device("cuda:999").unwrap_err().contains("CUDA device"));
         let auto = parse_device("auto").unwrap();
         assert_eq!(auto.is_cuda(), Cuda::is_available());
     }

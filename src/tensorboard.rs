@@ -135,24 +135,14 @@ impl SummaryWriter {
         static COUNTER: AtomicUsize = AtomicUsize::new(0);
         let logdir = logdir.as_ref();
         std::fs::create_dir_all(logdir).map_err(|e| with_path(e, logdir))?;
-        let secs = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
+        let secs = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map(|h| h.trim().to_string())
             .unwrap_or_else(|_| "localhost".into());
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let path = logdir.join(format!(
-            "events.out.tfevents.{secs:010}.{host}.{}.{n}",
-            std::process::id()
-        ));
+        let path = logdir.join(format!("events.out.tfevents.{secs:010}.{host}.{}.{n}", std::process::id()));
         let file = File::create(&path).map_err(|e| with_path(e, &path))?;
-        let mut w = SummaryWriter {
-            path,
-            out: BufWriter::new(file),
-            last_flush: Instant::now(),
-        };
+        let mut w = SummaryWriter { path, out: BufWriter::new(file), last_flush: Instant::now() };
         w.write_event(proto::Event {
             wall_time: wall_time(),
             step: 0,
@@ -170,56 +160,24 @@ impl SummaryWriter {
 
     /// A scalar (shown in the Scalars tab).
     pub fn add_scalar(&mut self, tag: &str, value: f64, step: i64) -> io::Result<()> {
-        self.write_value(
-            step,
-            proto::Value {
-                tag: tag.into(),
-                simple_value: Some(value as f32),
-                ..Default::default()
-            },
-        )
+        self.write_value(step, proto::Value { tag: tag.into(), simple_value: Some(value as f32), ..Default::default() })
     }
 
     /// A histogram of `values` with equal-width buckets between their min and max.
     /// Non-finite values are skipped; an empty slice writes nothing.
     pub fn add_histogram(&mut self, tag: &str, values: &[f64], step: i64) -> io::Result<()> {
         match histogram(values) {
-            Some(h) => self.write_value(
-                step,
-                proto::Value {
-                    tag: tag.into(),
-                    histo: Some(h),
-                    ..Default::default()
-                },
-            ),
+            Some(h) => self.write_value(step, proto::Value { tag: tag.into(), histo: Some(h), ..Default::default() }),
             None => Ok(()),
         }
     }
 
     /// An RGB image, `rgb` row-major `height × width × 3`, stored as PNG.
-    pub fn add_image_rgb(
-        &mut self,
-        tag: &str,
-        width: u32,
-        height: u32,
-        rgb: &[u8],
-        step: i64,
-    ) -> io::Result<()> {
+    pub fn add_image_rgb(&mut self, tag: &str, width: u32, height: u32, rgb: &[u8], step: i64) -> io::Result<()> {
         let png = encode_png(width, height, rgb)?;
-        let image = proto::Image {
-            height: height as i32,
-            width: width as i32,
-            colorspace: 3,
-            encoded_image_string: png,
-        };
-        self.write_value(
-            step,
-            proto::Value {
-                tag: tag.into(),
-                image: Some(image),
-                ..Default::default()
-            },
-        )
+        let image =
+            proto::Image { height: height as i32, width: width as i32, colorspace: 3, encoded_image_string: png };
+        self.write_value(step, proto::Value { tag: tag.into(), image: Some(image), ..Default::default() })
     }
 
     /// A text summary (rendered as Markdown in the Text tab).
@@ -230,19 +188,11 @@ impl SummaryWriter {
             string_val: vec![text.as_bytes().to_vec()],
         };
         let metadata = proto::SummaryMetadata {
-            plugin_data: Some(proto::PluginData {
-                plugin_name: "text".into(),
-                content: Vec::new(),
-            }),
+            plugin_data: Some(proto::PluginData { plugin_name: "text".into(), content: Vec::new() }),
         };
         self.write_value(
             step,
-            proto::Value {
-                tag: tag.into(),
-                tensor: Some(tensor),
-                metadata: Some(metadata),
-                ..Default::default()
-            },
+            proto::Value { tag: tag.into(), tensor: Some(tensor), metadata: Some(metadata), ..Default::default() },
         )
     }
 
@@ -254,12 +204,7 @@ impl SummaryWriter {
 
     fn write_value(&mut self, step: i64, value: proto::Value) -> io::Result<()> {
         let summary = proto::Summary { value: vec![value] };
-        self.write_event(proto::Event {
-            wall_time: wall_time(),
-            step,
-            file_version: None,
-            summary: Some(summary),
-        })?;
+        self.write_event(proto::Event { wall_time: wall_time(), step, file_version: None, summary: Some(summary) })?;
         if self.last_flush.elapsed().as_secs_f64() > FLUSH_EVERY_SECS {
             self.flush()?;
         }
@@ -274,9 +219,7 @@ impl SummaryWriter {
         record.extend_from_slice(&masked_crc32c(&len).to_le_bytes());
         record.extend_from_slice(&data);
         record.extend_from_slice(&masked_crc32c(&data).to_le_bytes());
-        self.out
-            .write_all(&record)
-            .map_err(|e| with_path(e, &self.path))
+        self.out.write_all(&record).map_err(|e| with_path(e, &self.path))
     }
 }
 
@@ -294,10 +237,7 @@ fn masked_crc32c(data: &[u8]) -> u32 {
 }
 
 fn wall_time() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
 }
 
 fn with_path(e: io::Error, path: &Path) -> io::Error {
@@ -313,19 +253,11 @@ fn histogram(values: &[f64]) -> Option<proto::HistogramProto> {
     let max = finite.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     let n = if max > min { HISTOGRAM_BUCKETS } else { 1 };
     let width = (max - min) / n as f64;
-    let bucket_limit: Vec<f64> = (1..=n)
-        .map(|i| if i == n { max } else { min + width * i as f64 })
-        .collect();
+    let bucket_limit: Vec<f64> = (1..=n).map(|i| if i == n { max } else { min + width * i as f64 }).collect();
     let mut bucket = vec![0.0; n];
     for &v in &finite {
         // First bucket whose right edge is >= v (values equal to min land in bucket 0).
-        let i = if width > 0.0 {
-            (((v - min) / width).ceil() as usize)
-                .saturating_sub(1)
-                .min(n - 1)
-        } else {
-            0
-        };
+        let i = if width > 0.0 { (((v - min) / width).ceil() as usize).saturating_sub(1).min(n - 1) } else { 0 };
         bucket[i] += 1.0;
     }
     Some(proto::HistogramProto {
@@ -344,10 +276,7 @@ pub fn encode_png(width: u32, height: u32, rgb: &[u8]) -> io::Result<Vec<u8>> {
     if rgb.len() != (width as usize) * (height as usize) * 3 || width == 0 || height == 0 {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
-            format!(
-                "image data has {} bytes, expected {width}×{height}×3 (non-empty)",
-                rgb.len()
-            ),
+            format!("image data has {} bytes, expected {width}×{height}×3 (non-empty)", rgb.len()),
         ));
     }
     let mut png = Vec::new();
@@ -375,11 +304,7 @@ pub struct RgbImage {
 /// colours from dark blue (low) through green to yellow (high), scaled to `[lo, hi]`.
 /// Used for the sites × rounds rank image.
 pub fn heatmap(values: &[f64], rows: usize, cols: usize, lo: f64, hi: f64, cell: u32) -> RgbImage {
-    assert_eq!(
-        values.len(),
-        rows * cols,
-        "heatmap: values must be rows × cols"
-    );
+    assert_eq!(values.len(), rows * cols, "heatmap: values must be rows × cols");
     let (w, h) = (cols as u32 * cell, rows as u32 * cell);
     let mut rgb = Vec::with_capacity((w * h * 3) as usize);
     let span = if hi > lo { hi - lo } else { 1.0 };
@@ -389,22 +314,13 @@ pub fn heatmap(values: &[f64], rows: usize, cols: usize, lo: f64, hi: f64, cell:
             rgb.extend_from_slice(&colormap(((v - lo) / span).clamp(0.0, 1.0)));
         }
     }
-    RgbImage {
-        width: w.max(1),
-        height: h.max(1),
-        rgb,
-    }
+    RgbImage { width: w.max(1), height: h.max(1), rgb }
 }
 
 /// A perceptually ordered colormap (piecewise-linear approximation of viridis).
 fn colormap(t: f64) -> [u8; 3] {
-    const STOPS: [[f64; 3]; 5] = [
-        [68.0, 1.0, 84.0],
-        [59.0, 82.0, 139.0],
-        [33.0, 145.0, 140.0],
-        [94.0, 201.0, 98.0],
-        [253.0, 231.0, 37.0],
-    ];
+    const STOPS: [[f64; 3]; 5] =
+        [[68.0, 1.0, 84.0], [59.0, 82.0, 139.0], [33.0, 145.0, 140.0], [94.0, 201.0, 98.0], [253.0, 231.0, 37.0]];
     let x = t * (STOPS.len() - 1) as f64;
     let i = (x.floor() as usize).min(STOPS.len() - 2);
     let f = x - i as f64;

@@ -17,11 +17,7 @@ fn help_lists_commands_and_options() {
 fn bad_device_is_bad_input() {
     let o = common::rankpilot(&["doctor", "--device", "gpu"]);
     assert_eq!(o.status.code(), Some(2), "{}", common::text(&o));
-    assert!(
-        common::text(&o).contains("allowed: auto, cpu, cuda, cuda:N"),
-        "{}",
-        common::text(&o)
-    );
+    assert!(common::text(&o).contains("allowed: auto, cpu, cuda, cuda:N"), "{}", common::text(&o));
     let o = common::rankpilot(&["doctor", "--device", "cuda:57"]);
     assert_eq!(o.status.code(), Some(2), "{}", common::text(&o));
 }

@@ -6,11 +6,7 @@ use std::process::Command;
 
 #[test]
 fn binary_resolves_libtorch_without_ld_library_path() {
-    let out = Command::new("ldd")
-        .arg(env!("CARGO_BIN_EXE_rankpilot"))
-        .env_remove("LD_LIBRARY_PATH")
-        .output()
-        .unwrap();
+    let out = Command::new("ldd").arg(env!("CARGO_BIN_EXE_rankpilot")).env_remove("LD_LIBRARY_PATH").output().unwrap();
     let text = common::text(&out);
     assert!(out.status.success(), "{text}");
     assert!(!text.contains("not found"), "unresolved libraries:\n{text}");
@@ -20,11 +16,7 @@ fn binary_resolves_libtorch_without_ld_library_path() {
     // And it runs: a matmul through libtorch on the CPU.
     let o = common::rankpilot(&["doctor", "--device", "cpu"]);
     assert!(o.status.success(), "{}", common::text(&o));
-    assert!(
-        common::text(&o).contains("matmul on cpu"),
-        "{}",
-        common::text(&o)
-    );
+    assert!(common::text(&o).contains("matmul on cpu"), "{}", common::text(&o));
 }
 
 #[test]
@@ -41,18 +33,9 @@ fn setup_without_package_index_says_what_is_missing() {
         .output()
         .unwrap();
     let text = common::text(&out);
-    assert!(
-        !out.status.success(),
-        "set-up should fail without an index:\n{text}"
-    );
-    assert!(
-        text.contains("could not install the Python packages from PyPI"),
-        "{text}"
-    );
-    assert!(
-        text.contains("torch==2.13.0") && text.contains("tensorboard=="),
-        "names what is missing:\n{text}"
-    );
+    assert!(!out.status.success(), "set-up should fail without an index:\n{text}");
+    assert!(text.contains("could not install the Python packages from PyPI"), "{text}");
+    assert!(text.contains("torch==2.13.0") && text.contains("tensorboard=="), "names what is missing:\n{text}");
     // Nothing half-installed is left to be mistaken for a good cache.
     assert!(!cache.path().join("venv").exists());
 }

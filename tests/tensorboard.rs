@@ -12,32 +12,22 @@ fn real_tensorboard_reads_scalars_histograms_images_and_text() {
     {
         let mut w = SummaryWriter::new(dir.path()).unwrap();
         for step in 0..10 {
-            w.add_scalar("train/loss", 1.0 / (step as f64 + 1.0), step)
-                .unwrap();
+            w.add_scalar("train/loss", 1.0 / (step as f64 + 1.0), step).unwrap();
         }
         w.add_scalar("charts/steps_per_s", 1234.5, 3).unwrap();
-        let ranks: Vec<f64> = [0, 1, 2, 4, 8, 8, 16, 16, 16, 64]
-            .iter()
-            .map(|&r| r as f64)
-            .collect();
+        let ranks: Vec<f64> = [0, 1, 2, 4, 8, 8, 16, 16, 16, 64].iter().map(|&r| r as f64).collect();
         w.add_histogram("ranks", &ranks, 7).unwrap();
         let values: Vec<f64> = (0..24).map(|i| (i % 8) as f64).collect();
         let img = heatmap(&values, 4, 6, 0.0, 7.0, 5);
-        w.add_image_rgb("ranks/heatmap", img.width, img.height, &img.rgb, 2)
-            .unwrap();
-        w.add_text("config", "| key | value |\n|---|---|\n| lr | 3e-4 |", 0)
-            .unwrap();
+        w.add_image_rgb("ranks/heatmap", img.width, img.height, &img.rgb, 2).unwrap();
+        w.add_text("config", "| key | value |\n|---|---|\n| lr | 3e-4 |", 0).unwrap();
     }
     let out = Command::new(common::python())
         .arg(common::root().join("tests/python/read_events.py"))
         .arg(dir.path())
         .output()
         .expect("run python");
-    assert!(
-        out.status.success(),
-        "python reader failed: {}",
-        common::text(&out)
-    );
+    assert!(out.status.success(), "python reader failed: {}", common::text(&out));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
 
     let loss = v["scalars"]["train/loss"].as_array().unwrap();
@@ -55,31 +45,13 @@ fn real_tensorboard_reads_scalars_histograms_images_and_text() {
     assert_eq!(h["max"], 64.0);
     assert_eq!(h["num"], 10.0);
     assert_eq!(h["sum"], 135.0);
-    assert_eq!(
-        h["sum_squares"],
-        (0 + 1 + 4 + 16 + 64 + 64 + 256 * 3 + 4096) as f64
-    );
-    let counts: f64 = h["bucket"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| c.as_f64().unwrap())
-        .sum();
+    assert_eq!(h["sum_squares"], (0 + 1 + 4 + 16 + 64 + 64 + 256 * 3 + 4096) as f64);
+    let counts: f64 = h["bucket"].as_array().unwrap().iter().map(|c| c.as_f64().unwrap()).sum();
     assert_eq!(counts, 10.0);
 
     let im = &v["images"]["ranks/heatmap"][0];
-    assert_eq!(
-        (
-            im["step"].as_i64(),
-            im["width"].as_i64(),
-            im["height"].as_i64()
-        ),
-        (Some(2), Some(30), Some(20))
-    );
-    assert_eq!(
-        (im["png_width"].as_i64(), im["png_height"].as_i64()),
-        (Some(30), Some(20))
-    );
+    assert_eq!((im["step"].as_i64(), im["width"].as_i64(), im["height"].as_i64()), (Some(2), Some(30), Some(20)));
+    assert_eq!((im["png_width"].as_i64(), im["png_height"].as_i64()), (Some(30), Some(20)));
 
     let t = &v["texts"]["config"][0];
     assert_eq!(t["plugin"], "text");

@@ -56,11 +56,7 @@ pub enum ConfigError {
 }
 
 fn key_prefix(key: &str) -> String {
-    if key.is_empty() || key == "." {
-        String::new()
-    } else {
-        format!("key `{key}`: ")
-    }
+    if key.is_empty() || key == "." { String::new() } else { format!("key `{key}`: ") }
 }
 
 /// One out-of-range value.
@@ -76,11 +72,7 @@ pub struct Violation {
 
 impl fmt::Display for Violation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "key `{}` = {}: allowed: {}",
-            self.key, self.found, self.allowed
-        )
+        write!(f, "key `{}` = {}: allowed: {}", self.key, self.found, self.allowed)
     }
 }
 
@@ -106,11 +98,7 @@ impl Violations {
             full.push('.');
         }
         full.push_str(key);
-        self.found.push(Violation {
-            key: full,
-            found,
-            allowed: allowed.to_string(),
-        });
+        self.found.push(Violation { key: full, found, allowed: allowed.to_string() });
     }
 
     /// Validates a nested value with `key` prefixed to its keys.
@@ -139,30 +127,17 @@ pub trait Validate {
 
 /// Reads and validates a TOML preset file.
 pub fn load<T: DeserializeOwned + Validate>(path: &Path) -> Result<T, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
-        file: path.to_path_buf(),
-        source,
-    })?;
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io { file: path.to_path_buf(), source })?;
     from_str(&text, path)
 }
 
 /// Parses and validates TOML text; `file` is only used in error messages.
-pub fn from_str<T: DeserializeOwned + Validate>(
-    text: &str,
-    file: impl AsRef<Path>,
-) -> Result<T, ConfigError> {
+pub fn from_str<T: DeserializeOwned + Validate>(text: &str, file: impl AsRef<Path>) -> Result<T, ConfigError> {
     let file = file.as_ref().to_path_buf();
     let value: T = parse(text, &file)?;
     let mut v = Violations::default();
     value.validate(&mut v);
-    if v.is_empty() {
-        Ok(value)
-    } else {
-        Err(ConfigError::Invalid {
-            file,
-            violations: v.into_vec(),
-        })
-    }
+    if v.is_empty() { Ok(value) } else { Err(ConfigError::Invalid { file, violations: v.into_vec() }) }
 }
 
 fn parse<T: DeserializeOwned>(text: &str, file: &Path) -> Result<T, ConfigError> {
@@ -179,20 +154,12 @@ fn parse<T: DeserializeOwned>(text: &str, file: &Path) -> Result<T, ConfigError>
             let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
             message = format!("{message} (line {line})");
         }
-        ConfigError::Parse {
-            file: file.to_path_buf(),
-            key,
-            message,
-        }
+        ConfigError::Parse { file: file.to_path_buf(), key, message }
     })
 }
 
 fn one_line(s: &str) -> String {
-    s.lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .collect::<Vec<_>>()
-        .join(" | ")
+    s.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join(" | ")
 }
 
 /// Serializes a preset back to TOML text (for logging the effective config).
@@ -226,51 +193,33 @@ mod tests {
     }
     impl Validate for Inner {
         fn validate(&self, v: &mut Violations) {
-            v.check(
-                (0.0..1.0).contains(&self.rho),
-                "rho",
-                self.rho,
-                "a number in [0, 1)",
-            );
-            v.check(
-                !self.ranks.is_empty(),
-                "ranks",
-                &self.ranks,
-                "a non-empty list",
-            );
+            v.check((0.0..1.0).contains(&self.rho), "rho", self.rho, "a number in [0, 1)");
+            v.check(!self.ranks.is_empty(), "ranks", &self.ranks, "a non-empty list");
         }
     }
 
     #[test]
     fn accepts_valid() {
-        let o: Outer =
-            from_str("name = 'a'\n[inner]\nrho = 0.5\nranks = [1, 2]\n", "x.toml").unwrap();
+        let o: Outer = from_str("name = 'a'\n[inner]\nrho = 0.5\nranks = [1, 2]\n", "x.toml").unwrap();
         assert_eq!(o.name, "a");
         assert_eq!(o.inner.ranks, vec![1, 2]);
     }
 
     #[test]
     fn unknown_key_names_file_key_and_allowed() {
-        let e = from_str::<Outer>(
-            "name = 'a'\n[inner]\nrho = 0.5\nranks = [1]\nrhoo = 1\n",
-            "p.toml",
-        )
-        .unwrap_err()
-        .to_string();
+        let e = from_str::<Outer>("name = 'a'\n[inner]\nrho = 0.5\nranks = [1]\nrhoo = 1\n", "p.toml")
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("p.toml: "), "{e}");
         assert!(e.contains("unknown field `rhoo`"), "{e}");
-        assert!(
-            e.contains("`rho`") && e.contains("`ranks`"),
-            "allowed keys listed: {e}"
-        );
+        assert!(e.contains("`rho`") && e.contains("`ranks`"), "allowed keys listed: {e}");
         assert!(e.contains("inner"), "{e}");
     }
 
     #[test]
     fn wrong_type_names_key_and_line() {
-        let e = from_str::<Outer>("name = 'a'\n[inner]\nrho = 'high'\nranks = [1]\n", "p.toml")
-            .unwrap_err()
-            .to_string();
+        let e =
+            from_str::<Outer>("name = 'a'\n[inner]\nrho = 'high'\nranks = [1]\n", "p.toml").unwrap_err().to_string();
         assert!(e.contains("key `inner.rho`"), "{e}");
         assert!(e.contains("f64") || e.contains("float"), "{e}");
         assert!(e.contains("line 3"), "{e}");
@@ -278,8 +227,7 @@ mod tests {
 
     #[test]
     fn out_of_range_lists_every_violation() {
-        let e = from_str::<Outer>("name = 'a'\n[inner]\nrho = 1.0\nranks = []\n", "p.toml")
-            .unwrap_err();
+        let e = from_str::<Outer>("name = 'a'\n[inner]\nrho = 1.0\nranks = []\n", "p.toml").unwrap_err();
         match &e {
             ConfigError::Invalid { violations, .. } => {
                 assert_eq!(violations.len(), 2);
@@ -293,17 +241,13 @@ mod tests {
 
     #[test]
     fn syntax_error_is_reported() {
-        let e = from_str::<Outer>("name = \n", "p.toml")
-            .unwrap_err()
-            .to_string();
+        let e = from_str::<Outer>("name = \n", "p.toml").unwrap_err().to_string();
         assert!(e.starts_with("p.toml: "), "{e}");
     }
 
     #[test]
     fn missing_file() {
-        let e = load::<Outer>(Path::new("/nonexistent/x.toml"))
-            .unwrap_err()
-            .to_string();
+        let e = load::<Outer>(Path::new("/nonexistent/x.toml")).unwrap_err().to_string();
         assert!(e.contains("/nonexistent/x.toml: cannot read"), "{e}");
     }
 }

@@ -2,8 +2,8 @@
 //!
 //! `cargo bench -p envs --bench envs`
 
-use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
-use envs::{presets, VecEnv};
+use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
+use envs::{VecEnv, presets};
 use std::hint::black_box;
 
 fn stepping(c: &mut Criterion) {

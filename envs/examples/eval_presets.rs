@@ -106,7 +106,13 @@ impl RankPolicy for ModelProbe {
             None => vec![ranks[0]; n],
         };
         for l in 0..n {
-            self.age[l] = if plan[l] == self.last[l] { self.age[l] + 1.0 } else if plan[l] > self.last[l] { 1.0 } else { self.age[l] + 1.0 };
+            self.age[l] = if plan[l] == self.last[l] {
+                self.age[l] + 1.0
+            } else if plan[l] > self.last[l] {
+                1.0
+            } else {
+                self.age[l] + 1.0
+            };
             self.last[l] = plan[l];
         }
         plan
@@ -117,7 +123,8 @@ fn main() -> Result<(), envs::EnvError> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let episodes = args.first().and_then(|a| a.parse().ok()).unwrap_or(200);
     let seed = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(0);
-    let names: Vec<String> = if args.len() > 2 { args[2..].to_vec() } else { envs::presets::NAMES.iter().map(|s| s.to_string()).collect() };
+    let names: Vec<String> =
+        if args.len() > 2 { args[2..].to_vec() } else { envs::presets::NAMES.iter().map(|s| s.to_string()).collect() };
     for name in names {
         let preset = envs::presets::load(&name)?;
         let t0 = std::time::Instant::now();
@@ -125,9 +132,14 @@ fn main() -> Result<(), envs::EnvError> {
         let spec = EnvSpec::new(&preset)?;
         let max_layer = spec.sites.iter().map(|s| s.layer).max().unwrap_or(0).max(1) as f64;
         let sp = &preset.spectrum;
-        let betas = spec.sites.iter().map(|s| sp.beta.get(s.role) + sp.beta_depth_slope * (s.layer as f64 / max_layer - 0.5)).collect();
+        let betas = spec
+            .sites
+            .iter()
+            .map(|s| sp.beta.get(s.role) + sp.beta_depth_slope * (s.layer as f64 / max_layer - 0.5))
+            .collect();
         let betas: Vec<f64> = betas;
-        let mut probe = RoleBetaProbe { betas: betas.clone(), inner: AdaloraPolicy::new(0.75), solver: Default::default() };
+        let mut probe =
+            RoleBetaProbe { betas: betas.clone(), inner: AdaloraPolicy::new(0.75), solver: Default::default() };
         let mut model = ModelProbe {
             betas,
             eta: preset.dynamics.learning_rate,

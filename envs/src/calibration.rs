@@ -84,24 +84,16 @@ impl Calibration {
 
     /// Parses and checks calibration JSON; `file` names it in errors.
     pub fn from_json(text: &str, file: &str) -> Result<Self, EnvError> {
-        let c: Calibration = serde_json::from_str(text).map_err(|e| EnvError::Calibration {
-            file: file.into(),
-            message: e.to_string(),
-        })?;
-        c.check().map_err(|message| EnvError::Calibration {
-            file: file.into(),
-            message,
-        })?;
+        let c: Calibration = serde_json::from_str(text)
+            .map_err(|e| EnvError::Calibration { file: file.into(), message: e.to_string() })?;
+        c.check().map_err(|message| EnvError::Calibration { file: file.into(), message })?;
         Ok(c)
     }
 
     /// Checks ranges; the message names the offending key.
     pub fn check(&self) -> Result<(), String> {
         if self.format_version != FORMAT_VERSION {
-            return Err(format!(
-                "key `format_version` = {}: allowed: {FORMAT_VERSION}",
-                self.format_version
-            ));
+            return Err(format!("key `format_version` = {}: allowed: {FORMAT_VERSION}", self.format_version));
         }
         if self.sites.is_empty() {
             return Err("key `sites`: allowed: a non-empty list".into());
@@ -119,10 +111,7 @@ impl Calibration {
                 ));
             }
             if s.spectrum.windows(2).any(|w| w[1] > w[0]) {
-                return Err(format!(
-                    "{}: allowed: singular values in descending order",
-                    k("spectrum")
-                ));
+                return Err(format!("{}: allowed: singular values in descending order", k("spectrum")));
             }
             if s.spectrum.len() > s.d_in.min(s.d_out) as usize {
                 return Err(format!(
@@ -140,17 +129,10 @@ impl Calibration {
                 ));
             }
             if s.spectrum.iter().map(|x| x * x).sum::<f64>() + s.tail_energy <= 0.0 {
-                return Err(format!(
-                    "{}: allowed: a spectrum with positive energy",
-                    k("spectrum")
-                ));
+                return Err(format!("{}: allowed: a spectrum with positive energy", k("spectrum")));
             }
             if !(s.sensitivity.is_finite() && s.sensitivity > 0.0) {
-                return Err(format!(
-                    "{} = {}: allowed: a positive number",
-                    k("sensitivity"),
-                    s.sensitivity
-                ));
+                return Err(format!("{} = {}: allowed: a positive number", k("sensitivity"), s.sensitivity));
             }
         }
         Ok(())
@@ -160,13 +142,7 @@ impl Calibration {
     pub fn sites(&self) -> Vec<Site> {
         self.sites
             .iter()
-            .map(|s| Site {
-                name: s.name.clone(),
-                d_in: s.d_in,
-                d_out: s.d_out,
-                role: s.role,
-                layer: s.layer,
-            })
+            .map(|s| Site { name: s.name.clone(), d_in: s.d_in, d_out: s.d_out, role: s.role, layer: s.layer })
             .collect()
     }
 

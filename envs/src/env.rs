@@ -47,18 +47,35 @@ const NOISE_LEVELS: usize = 1024;
 /// Φ⁻¹(p), the standard normal quantile (Acklam's rational approximation, relative error
 /// below 1.2e-9), used to tabulate the observation noise.
 pub fn normal_quantile(p: f64) -> f64 {
-    const A: [f64; 6] = [-3.969683028665376e1, 2.209460984245205e2, -2.759285104469687e2, 1.383577518672690e2, -3.066479806614716e1, 2.506628277459239];
-    const B: [f64; 5] = [-5.447609879822406e1, 1.615858368580409e2, -1.556989798598866e2, 6.680131188771972e1, -1.328068155288572e1];
-    const C: [f64; 6] = [-7.784894002430293e-3, -3.223964580411365e-1, -2.400758277161838, -2.549732539343734, 4.374664141464968, 2.938163982698783];
+    const A: [f64; 6] = [
+        -3.969683028665376e1,
+        2.209460984245205e2,
+        -2.759285104469687e2,
+        1.383577518672690e2,
+        -3.066479806614716e1,
+        2.506628277459239,
+    ];
+    const B: [f64; 5] =
+        [-5.447609879822406e1, 1.615858368580409e2, -1.556989798598866e2, 6.680131188771972e1, -1.328068155288572e1];
+    const C: [f64; 6] = [
+        -7.784894002430293e-3,
+        -3.223964580411365e-1,
+        -2.400758277161838,
+        -2.549732539343734,
+        4.374664141464968,
+        2.938163982698783,
+    ];
     const D: [f64; 4] = [7.784695709041462e-3, 3.224671290700398e-1, 2.445134137142996, 3.754408661907416];
     let p_low = 0.02425;
     if p < p_low {
         let q = (-2.0 * p.ln()).sqrt();
-        (((((C[0] * q + C[1]) * q + C[2]) * q + C[3]) * q + C[4]) * q + C[5]) / ((((D[0] * q + D[1]) * q + D[2]) * q + D[3]) * q + 1.0)
+        (((((C[0] * q + C[1]) * q + C[2]) * q + C[3]) * q + C[4]) * q + C[5])
+            / ((((D[0] * q + D[1]) * q + D[2]) * q + D[3]) * q + 1.0)
     } else if p <= 1.0 - p_low {
         let q = p - 0.5;
         let r = q * q;
-        (((((A[0] * r + A[1]) * r + A[2]) * r + A[3]) * r + A[4]) * r + A[5]) * q / (((((B[0] * r + B[1]) * r + B[2]) * r + B[3]) * r + B[4]) * r + 1.0)
+        (((((A[0] * r + A[1]) * r + A[2]) * r + A[3]) * r + A[4]) * r + A[5]) * q
+            / (((((B[0] * r + B[1]) * r + B[2]) * r + B[3]) * r + B[4]) * r + 1.0)
     } else {
         -normal_quantile(1.0 - p)
     }
@@ -202,16 +219,8 @@ impl EnvSpec {
         let max_layer = sites.iter().map(|s| s.layer).max().unwrap_or(0);
         let max_dim = sites.iter().map(|s| s.d_in.max(s.d_out)).max().unwrap_or(1) as f32;
         let mean_unit = sum_unit_cost / n.max(1) as f64;
-        let depth: Vec<f64> = sites
-            .iter()
-            .map(|s| {
-                if max_layer == 0 {
-                    0.0
-                } else {
-                    s.layer as f64 / max_layer as f64
-                }
-            })
-            .collect();
+        let depth: Vec<f64> =
+            sites.iter().map(|s| if max_layer == 0 { 0.0 } else { s.layer as f64 / max_layer as f64 }).collect();
         let mut static_obs = Vec::with_capacity(n * 8);
         for (l, s) in sites.iter().enumerate() {
             let mut role = [0.0f32; 4];
@@ -230,30 +239,23 @@ impl EnvSpec {
             ]);
         }
         let sp = &preset.spectrum;
-        let beta_mean = sites
-            .iter()
-            .zip(&depth)
-            .map(|(s, d)| sp.beta.get(s.role) + sp.beta_depth_slope * (d - 0.5))
-            .collect();
+        let beta_mean =
+            sites.iter().zip(&depth).map(|(s, d)| sp.beta.get(s.role) + sp.beta_depth_slope * (d - 0.5)).collect();
         let se = &preset.sensitivity;
-        let log_w_mean = sites
-            .iter()
-            .zip(&depth)
-            .map(|(s, d)| se.by_role.get(s.role).ln() + se.depth_slope * (d - 0.5))
-            .collect();
+        let log_w_mean =
+            sites.iter().zip(&depth).map(|(s, d)| se.by_role.get(s.role).ln() + se.depth_slope * (d - 0.5)).collect();
         let o = &preset.observation;
         let mut noise_tables = Vec::with_capacity(3 * NOISE_LEVELS);
         for sigma in [o.sensitivity_noise, o.grad_noise, o.tail_noise] {
-            noise_tables.extend((0..NOISE_LEVELS).map(|i| (sigma * normal_quantile((i as f64 + 0.5) / NOISE_LEVELS as f64)).exp() as f32));
+            noise_tables.extend(
+                (0..NOISE_LEVELS)
+                    .map(|i| (sigma * normal_quantile((i as f64 + 0.5) / NOISE_LEVELS as f64)).exp() as f32),
+            );
         }
         let lr = (1.0 + rank_set.max() as f64).log2();
         let rank_log = rank_set.ranks().iter().map(|&r| ((1.0 + r as f64).log2() / lr) as f32).collect();
-        let max_bandwidth = preset
-            .resource
-            .channel
-            .as_ref()
-            .map(|c| c.bandwidth_hz.iter().copied().fold(0.0, f64::max))
-            .unwrap_or(1.0);
+        let max_bandwidth =
+            preset.resource.channel.as_ref().map(|c| c.bandwidth_hz.iter().copied().fold(0.0, f64::max)).unwrap_or(1.0);
         Ok(Arc::new(Self {
             preset: preset.clone(),
             sites,
@@ -281,20 +283,13 @@ impl EnvSpec {
     /// wrong length or a rank outside the set.
     pub fn plan_cost(&self, ranks: &[u32]) -> Result<f64, EnvError> {
         self.check_plan(ranks, 0)?;
-        Ok(ranks
-            .iter()
-            .zip(&self.unit_cost)
-            .map(|(&r, u)| r as f64 * u)
-            .sum())
+        Ok(ranks.iter().zip(&self.unit_cost).map(|(&r, u)| r as f64 * u).sum())
     }
 
     /// Checks one plan; `env` is only used in the error.
     pub fn check_plan(&self, ranks: &[u32], env: usize) -> Result<(), EnvError> {
         if ranks.len() != self.n_sites() {
-            return Err(EnvError::ActionLength {
-                expected: self.n_sites(),
-                found: ranks.len(),
-            });
+            return Err(EnvError::ActionLength { expected: self.n_sites(), found: ranks.len() });
         }
         for (l, &r) in ranks.iter().enumerate() {
             if self.rank_set.index_of(r).is_none() {
@@ -448,8 +443,7 @@ impl EnvState {
                 let nb: f64 = StandardNormal.sample(rng);
                 let na: f64 = StandardNormal.sample(rng);
                 let nw: f64 = StandardNormal.sample(rng);
-                let beta =
-                    (spec.beta_mean[l] + sp.beta_jitter * nb).clamp(sp.beta_min, sp.beta_max);
+                let beta = (spec.beta_mean[l] + sp.beta_jitter * nb).clamp(sp.beta_min, sp.beta_max);
                 let a = (sp.scale_log_std * na).exp();
                 self.beta[l] = beta as f32;
                 let site = &spec.sites[l];
@@ -471,9 +465,7 @@ impl EnvState {
             }
         }
         self.captured.iter_mut().for_each(|c| *c = 0.0);
-        self.rank_idx
-            .iter_mut()
-            .for_each(|r| *r = spec.rank_set.index_of(0).unwrap_or(0) as u8);
+        self.rank_idx.iter_mut().for_each(|r| *r = spec.rank_set.index_of(0).unwrap_or(0) as u8);
         // Initial ranks are the smallest of the set; if it is not 0, nothing is captured yet.
         spec.resource.reset(&mut self.res, &mut self.rng);
         let d = &p.dynamics;
@@ -511,8 +503,7 @@ impl EnvState {
             self.oov = rho * self.oov + s * d.oov_std * n2;
         }
         let ent = (d.entropy_mean + self.entropy).clamp(0.0, 1.0);
-        self.eta =
-            (d.learning_rate * (1.0 - d.entropy_effect * (ent - d.entropy_mean))).clamp(0.0, 1.0);
+        self.eta = (d.learning_rate * (1.0 - d.entropy_effect * (ent - d.entropy_mean))).clamp(0.0, 1.0);
         spec.resource.draw_round(
             &mut self.res,
             self.round,
@@ -536,16 +527,13 @@ impl EnvState {
         global[4..4 + HISTORY].copy_from_slice(&self.budget_hist);
         global[8] = match &spec.resource {
             ResourceModel::Channel(_) => ((self.res.snr_est_db - 10.0) / 10.0) as f32,
-            ResourceModel::Compute(c) => (self.res.est_budget
-                / (c.cfg.throughput_flops * c.cfg.latency_budget_s))
-                .ln() as f32,
+            ResourceModel::Compute(c) => {
+                (self.res.est_budget / (c.cfg.throughput_flops * c.cfg.latency_budget_s)).ln() as f32
+            }
             ResourceModel::Budget(_) => 0.0,
         };
-        global[9] = if kind == ResourceKind::Channel {
-            (self.res.bandwidth_hz / spec.max_bandwidth) as f32
-        } else {
-            0.0
-        };
+        global[9] =
+            if kind == ResourceKind::Channel { (self.res.bandwidth_hz / spec.max_bandwidth) as f32 } else { 0.0 };
         global[10] = (p.dynamics.entropy_mean + self.entropy).clamp(0.0, 1.0) as f32;
         global[11] = (p.dynamics.oov_mean + self.oov).clamp(0.0, 1.0) as f32;
         global[12] = self.round as f32 / p.rounds as f32;
@@ -578,30 +566,35 @@ impl EnvState {
     }
 
     /// Plays one round with rank indices `idx` (already validated).
-    fn play(&mut self, spec: &EnvSpec, idx: &[u8], cost: f64) -> RoundOutcome {
+    /// Plays one round. `site_rewards` receives the reward split over the sites, summing to the
+    /// round's reward: each site's own loss term w_l·(1 − q_l) plus an equal share of the floor,
+    /// its own FLOPs and perturbation terms, and a share of the resource terms (cost and violation
+    /// penalty) proportional to its share of the plan's cost.
+    fn play(&mut self, spec: &EnvSpec, idx: &[u8], cost: f64, site_rewards: &mut [f32]) -> RoundOutcome {
         let p = &spec.preset;
         let rw = &p.reward;
         let c = cost / self.res.true_budget.max(f64::MIN_POSITIVE);
         self.ep_used += cost;
+        let ranks = spec.rank_set.ranks();
+        let n = idx.len().max(1) as f64;
+        // Share of the plan's cost per site (equal shares for an empty plan).
+        let share =
+            |l: usize| if cost > 0.0 { ranks[idx[l] as usize] as f64 * spec.unit_cost[l] / cost } else { 1.0 / n };
         if c > 1.0 {
             let cc = c.min(rw.violation_cost_cap);
             let reward = -(rw.violation_coef + rw.cost_coef) * cc;
+            for (l, r) in site_rewards.iter_mut().enumerate() {
+                *r = (reward * share(l)) as f32;
+            }
             self.ep_violations += 1;
             self.last_violation = true;
             self.last_cost_ratio = c;
-            return RoundOutcome {
-                reward,
-                loss: self.loss,
-                cost_ratio: c,
-                cost,
-                violation: true,
-            };
+            return RoundOutcome { reward, loss: self.loss, cost_ratio: c, cost, violation: true };
         }
         let k = spec.rank_set.len();
         let eta = self.eta as f32;
         let want_pert = rw.perturbation_coef > 0.0;
         let want_flops = rw.flops_coef > 0.0;
-        let ranks = spec.rank_set.ranks();
         let mut resid = 0.0f64;
         let mut pert = 0.0f64;
         let mut flops = 0.0f64;
@@ -610,42 +603,36 @@ impl EnvState {
             let jo = self.rank_idx[l] as usize;
             let e_new = self.energy[l * k + j];
             let mut q = self.captured[l];
+            let mut site_pert = 0.0f64;
             if j != jo {
                 let e_old = self.energy[l * k + jo];
                 if j < jo {
-                    q = if e_old > 0.0 {
-                        q * (e_new / e_old)
-                    } else {
-                        0.0
-                    };
+                    q = if e_old > 0.0 { q * (e_new / e_old) } else { 0.0 };
                 }
                 if want_pert {
-                    pert += (self.total_energy[l] * (e_new - e_old).abs()).sqrt() as f64;
+                    site_pert = (self.total_energy[l] * (e_new - e_old).abs()).sqrt() as f64;
+                    pert += site_pert;
                 }
                 self.rank_idx[l] = j as u8;
             }
             q += eta * (e_new - q).max(0.0);
             self.captured[l] = q;
-            resid += (self.w[l] * (1.0 - q)) as f64;
-            if want_flops {
-                flops += ranks[j] as f64 * spec.flops_per_rank[l];
-            }
+            let site_resid = (self.w[l] * (1.0 - q)) as f64;
+            resid += site_resid;
+            let site_flops = if want_flops { ranks[j] as f64 * spec.flops_per_rank[l] } else { 0.0 };
+            flops += site_flops;
+            site_rewards[l] = (-p.dynamics.loss_floor / n
+                - site_resid
+                - rw.cost_coef * c * share(l)
+                - rw.flops_coef * site_flops / rw.flops_scale
+                - rw.perturbation_coef * site_pert / n) as f32;
         }
         self.loss = p.dynamics.loss_floor + resid;
-        let n = idx.len().max(1) as f64;
-        let reward = -self.loss
-            - rw.cost_coef * c
-            - rw.flops_coef * flops / rw.flops_scale
-            - rw.perturbation_coef * pert / n;
+        let reward =
+            -self.loss - rw.cost_coef * c - rw.flops_coef * flops / rw.flops_scale - rw.perturbation_coef * pert / n;
         self.last_violation = false;
         self.last_cost_ratio = c;
-        RoundOutcome {
-            reward,
-            loss: self.loss,
-            cost_ratio: c,
-            cost,
-            violation: false,
-        }
+        RoundOutcome { reward, loss: self.loss, cost_ratio: c, cost, violation: false }
     }
 
     /// Advances after a round; returns the episode summary when the episode ended (the state is
@@ -683,12 +670,7 @@ impl EnvState {
     /// loss reduction is w_l·(H·E_j − (E_j − q₀)·S_H) with S_H = Σ_{t=1..H} ρᵗ. Per-round cost
     /// terms (λ·c, FLOPs) count H times, the one-off perturbation once. A one-round horizon
     /// would undervalue rank, because captured energy persists while the cost is paid once.
-    pub(crate) fn oracle_tables(
-        &self,
-        spec: &EnvSpec,
-        values: &mut Vec<f64>,
-        costs: &mut Vec<f64>,
-    ) -> f64 {
+    pub(crate) fn oracle_tables(&self, spec: &EnvSpec, values: &mut Vec<f64>, costs: &mut Vec<f64>) -> f64 {
         let k = spec.rank_set.len();
         let n = spec.n_sites();
         let rw = &spec.preset.reward;
@@ -697,11 +679,7 @@ impl EnvState {
         costs.clear();
         let h = spec.preset.rounds.saturating_sub(self.round).max(1) as f64;
         let rho = 1.0 - self.eta;
-        let s_h = if self.eta > 0.0 {
-            rho * (1.0 - rho.powf(h)) / self.eta
-        } else {
-            h
-        };
+        let s_h = if self.eta > 0.0 { rho * (1.0 - rho.powf(h)) / self.eta } else { h };
         for l in 0..n {
             let jo = self.rank_idx[l] as usize;
             let e_old = self.energy[l * k + jo] as f64;
@@ -710,21 +688,14 @@ impl EnvState {
                 let e_new = self.energy[l * k + j] as f64;
                 let mut q0 = self.captured[l] as f64;
                 if j < jo {
-                    q0 = if e_old > 0.0 {
-                        q0 * (e_new / e_old)
-                    } else {
-                        0.0
-                    };
+                    q0 = if e_old > 0.0 { q0 * (e_new / e_old) } else { 0.0 };
                 }
                 let r = spec.rank_set.rank(j) as f64;
                 let cost = r * spec.unit_cost[l];
                 let mut v = w * (h * e_new - (e_new - q0).max(0.0) * s_h)
-                    - h * (rw.cost_coef * cost / b
-                        + rw.flops_coef * r * spec.flops_per_rank[l] / rw.flops_scale);
+                    - h * (rw.cost_coef * cost / b + rw.flops_coef * r * spec.flops_per_rank[l] / rw.flops_scale);
                 if j != jo && rw.perturbation_coef > 0.0 {
-                    v -= rw.perturbation_coef
-                        * (self.total_energy[l] as f64 * (e_new - e_old).abs()).sqrt()
-                        / n as f64;
+                    v -= rw.perturbation_coef * (self.total_energy[l] as f64 * (e_new - e_old).abs()).sqrt() / n as f64;
                 }
                 values.push(v);
                 costs.push(cost);
@@ -750,10 +721,7 @@ impl EnvState {
 
     /// Current rank plan.
     pub fn ranks(&self, spec: &EnvSpec) -> Vec<u32> {
-        self.rank_idx
-            .iter()
-            .map(|&j| spec.rank_set.rank(j as usize))
-            .collect()
+        self.rank_idx.iter().map(|&j| spec.rank_set.rank(j as usize)).collect()
     }
 
     /// Hidden sensitivity weights (privileged; for diagnostics).
@@ -825,6 +793,7 @@ pub struct VecEnv {
     obs_global: Vec<f32>,
     obs_sites: Vec<f32>,
     rewards: Vec<f32>,
+    site_rewards: Vec<f32>,
     dones: Vec<bool>,
     outcomes: Vec<RoundOutcome>,
     finished: Vec<EpisodeSummary>,
@@ -860,6 +829,7 @@ impl VecEnv {
             obs_global: vec![0.0; n_envs * GLOBAL_FEATURES],
             obs_sites: vec![0.0; n_envs * n * SITE_FEATURES],
             rewards: vec![0.0; n_envs],
+            site_rewards: vec![0.0; n_envs * n],
             dones: vec![false; n_envs],
             outcomes: vec![RoundOutcome::default(); n_envs],
             finished: Vec::with_capacity(n_envs),
@@ -894,10 +864,7 @@ impl VecEnv {
         let ok = snap.preset == spec.preset.name
             && snap.obs_global.len() == ne * GLOBAL_FEATURES
             && snap.obs_sites.len() == ne * n * SITE_FEATURES
-            && snap
-                .states
-                .iter()
-                .all(|s| s.w.len() == n && s.energy.len() == n * spec.rank_set.len());
+            && snap.states.iter().all(|s| s.w.len() == n && s.energy.len() == n * spec.rank_set.len());
         if !ok {
             return Err(EnvError::Config {
                 key: "snapshot".into(),
@@ -963,6 +930,12 @@ impl VecEnv {
         &self.rewards
     }
 
+    /// The last step's rewards split over the sites, `n_envs × n_sites` (row e sums to
+    /// `rewards()[e]`): for per-site credit assignment in training. See `EnvState::play`.
+    pub fn site_rewards(&self) -> &[f32] {
+        &self.site_rewards
+    }
+
     /// Episode-end flags of the last step (the observation is then already the next episode's).
     pub fn dones(&self) -> &[bool] {
         &self.dones
@@ -1000,10 +973,7 @@ impl VecEnv {
     /// Like [`VecEnv::context`] plus privileged access (for the oracle and diagnostics).
     pub fn privileged_context(&self, i: usize) -> crate::policy::RoundContext<'_> {
         let mut c = self.context(i);
-        c.privileged = Some(crate::policy::Privileged {
-            spec: &self.spec,
-            state: &self.states[i],
-        });
+        c.privileged = Some(crate::policy::Privileged { spec: &self.spec, state: &self.states[i] });
         c
     }
 
@@ -1013,10 +983,7 @@ impl VecEnv {
         let n = self.spec.n_sites();
         let ne = self.states.len();
         if ranks.len() != ne * n {
-            return Err(EnvError::ActionLength {
-                expected: ne * n,
-                found: ranks.len(),
-            });
+            return Err(EnvError::ActionLength { expected: ne * n, found: ranks.len() });
         }
         let rs = &self.spec.rank_set;
         for e in 0..ne {
@@ -1043,10 +1010,7 @@ impl VecEnv {
         let n = self.spec.n_sites();
         let ne = self.states.len();
         if indices.len() != ne * n {
-            return Err(EnvError::ActionLength {
-                expected: ne * n,
-                found: indices.len(),
-            });
+            return Err(EnvError::ActionLength { expected: ne * n, found: indices.len() });
         }
         let k = self.spec.rank_set.len();
         for e in 0..ne {
@@ -1070,7 +1034,12 @@ impl VecEnv {
         self.finished.clear();
         for e in 0..self.states.len() {
             let st = &mut self.states[e];
-            let out = st.play(&self.spec, &self.idx[e * n..(e + 1) * n], self.costs[e]);
+            let out = st.play(
+                &self.spec,
+                &self.idx[e * n..(e + 1) * n],
+                self.costs[e],
+                &mut self.site_rewards[e * n..(e + 1) * n],
+            );
             self.outcomes[e] = out;
             self.rewards[e] = out.reward as f32;
             let fin = st.advance(&self.spec, e, out.reward);
@@ -1164,10 +1133,7 @@ mod tests {
             if name == "llama7b" {
                 continue;
             }
-            for proj in [
-                "[\"q\", \"v\", \"down\"]",
-                "[\"q\", \"k\", \"v\", \"o\", \"gate\", \"down\"]",
-            ] {
+            for proj in ["[\"q\", \"v\", \"down\"]", "[\"q\", \"k\", \"v\", \"o\", \"gate\", \"down\"]"] {
                 let p = small_preset(name, proj);
                 let mut venv = VecEnv::new(&p, 3, 11).unwrap();
                 let n = venv.n_sites();

@@ -81,11 +81,7 @@ pub fn evaluate_spec(
         policy.begin_episode();
         loop {
             let obs = env.observation(0);
-            let ctx = if policy.privileged() {
-                env.privileged_context(0)
-            } else {
-                env.context(0)
-            };
+            let ctx = if policy.privileged() { env.privileged_context(0) } else { env.context(0) };
             let plan = policy.act(&obs, &ctx);
             env.step(&plan)?;
             if let Some(s) = env.finished().first() {
@@ -151,30 +147,17 @@ pub fn evaluate_baselines(
 /// A number with three significant-ish digits, switching to exponent form for large/small
 /// magnitudes (resource amounts are often 1e9+).
 fn num(x: f64) -> String {
-    if x == 0.0 || (1e-2..1e5).contains(&x.abs()) {
-        format!("{x:.3}")
-    } else {
-        format!("{x:.3e}")
-    }
+    if x == 0.0 || (1e-2..1e5).contains(&x.abs()) { format!("{x:.3}") } else { format!("{x:.3e}") }
 }
 
 impl EvalTable {
     /// Fills `oracle_gap_closed` for every row from the rows named `uniform` and `oracle`.
     pub fn fill_gap(&mut self) {
-        let get = |n: &str| {
-            self.rows
-                .iter()
-                .find(|r| r.name == n)
-                .map(|r| r.mean_return)
-        };
+        let get = |n: &str| self.rows.iter().find(|r| r.name == n).map(|r| r.mean_return);
         if let (Some(u), Some(o)) = (get("uniform"), get("oracle")) {
             let d = o - u;
             for r in &mut self.rows {
-                r.oracle_gap_closed = if d.abs() > 1e-12 {
-                    Some((r.mean_return - u) / d)
-                } else {
-                    None
-                };
+                r.oracle_gap_closed = if d.abs() > 1e-12 { Some((r.mean_return - u) / d) } else { None };
             }
         }
     }
@@ -201,9 +184,7 @@ impl EvalTable {
                 r.se_final_loss,
                 num(r.resource_used),
                 r.violation_rate,
-                r.oracle_gap_closed
-                    .map(|g| format!("{g:.3}"))
-                    .unwrap_or_else(|| "–".into())
+                r.oracle_gap_closed.map(|g| format!("{g:.3}")).unwrap_or_else(|| "–".into())
             );
         }
         s
@@ -211,10 +192,7 @@ impl EvalTable {
 
     /// Plain-text table (aligned columns).
     pub fn to_text(&self) -> String {
-        let mut s = format!(
-            "preset {} | {} episodes | seed {}\n",
-            self.preset, self.episodes, self.seed
-        );
+        let mut s = format!("preset {} | {} episodes | seed {}\n", self.preset, self.episodes, self.seed);
         s += &format!(
             "{:<12} {:>22} {:>22} {:>14} {:>10} {:>8}\n",
             "policy", "return", "final loss", self.resource_unit, "viol.", "gap"
@@ -227,9 +205,7 @@ impl EvalTable {
                 format!("{:.4} ± {:.4}", r.final_loss, r.se_final_loss),
                 num(r.resource_used),
                 r.violation_rate,
-                r.oracle_gap_closed
-                    .map(|g| format!("{g:.3}"))
-                    .unwrap_or_else(|| "-".into())
+                r.oracle_gap_closed.map(|g| format!("{g:.3}")).unwrap_or_else(|| "-".into())
             );
         }
         s

@@ -26,8 +26,8 @@ pub mod schema;
 pub mod sites;
 
 pub use env::{
-    EnvSpec, EnvState, EpisodeSummary, GLOBAL_FEATURES, Observation, RoundOutcome, SITE_FEATURES,
-    VecEnv, VecEnvSnapshot,
+    EnvSpec, EnvState, EpisodeSummary, GLOBAL_FEATURES, Observation, RoundOutcome, SITE_FEATURES, VecEnv,
+    VecEnvSnapshot,
 };
 pub use eval::{EvalRow, EvalTable, evaluate, evaluate_baselines};
 pub use policy::{Baseline, RankPolicy, RoundContext};
@@ -68,9 +68,7 @@ pub enum EnvError {
         message: String,
     },
     /// An action with the wrong number of ranks.
-    #[error(
-        "action has {found} ranks: allowed: exactly {expected} (one rank per site and environment)"
-    )]
+    #[error("action has {found} ranks: allowed: exactly {expected} (one rank per site and environment)")]
     ActionLength {
         /// Expected length.
         expected: usize,
@@ -78,9 +76,7 @@ pub enum EnvError {
         found: usize,
     },
     /// A rank outside the rank set.
-    #[error(
-        "environment {env}, site {site} ({site_name}): rank {rank} is not in the rank set: allowed: {allowed:?}"
-    )]
+    #[error("environment {env}, site {site} ({site_name}): rank {rank} is not in the rank set: allowed: {allowed:?}")]
     RankNotInSet {
         /// Environment index in the batch.
         env: usize,

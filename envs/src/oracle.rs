@@ -73,10 +73,7 @@ impl MckpSolver {
         let n = out.len();
         assert_eq!(values.len(), n * k);
         assert_eq!(costs.len(), n * k);
-        let mut stats = SolveStats {
-            exact: true,
-            ..SolveStats::default()
-        };
+        let mut stats = SolveStats { exact: true, ..SolveStats::default() };
         if n == 0 {
             return Some((0.0, stats));
         }
@@ -251,12 +248,7 @@ impl MckpSolver {
             self.layers.push(Vec::new());
         }
         self.layers[0].clear();
-        self.layers[0].push(State {
-            cost: base_cost,
-            value: base_value,
-            parent: 0,
-            choice: 0,
-        });
+        self.layers[0].push(State { cost: base_cost, value: base_value, parent: 0, choice: 0 });
         for p in 0..self.free.len() {
             let i = self.free[p];
             let (prev, rest) = self.layers.split_at_mut(p + 1);
@@ -278,17 +270,10 @@ impl MckpSolver {
                     if ub < z - tol {
                         continue;
                     }
-                    next.push(State {
-                        cost: nc,
-                        value: nv,
-                        parent: si as u32,
-                        choice: j as u16,
-                    });
+                    next.push(State { cost: nc, value: nv, parent: si as u32, choice: j as u16 });
                 }
             }
-            next.sort_unstable_by(|a, b| {
-                a.cost.total_cmp(&b.cost).then(b.value.total_cmp(&a.value))
-            });
+            next.sort_unstable_by(|a, b| a.cost.total_cmp(&b.cost).then(b.value.total_cmp(&a.value)));
             let mut kept = 0;
             let mut best_v = f64::NEG_INFINITY;
             for t in 0..next.len() {
@@ -331,12 +316,7 @@ impl MckpSolver {
 }
 
 /// Exhaustive search (kʰ plans); for tests on small instances.
-pub fn brute_force(
-    values: &[f64],
-    costs: &[f64],
-    k: usize,
-    capacity: f64,
-) -> Option<(f64, Vec<usize>)> {
+pub fn brute_force(values: &[f64], costs: &[f64], k: usize, capacity: f64) -> Option<(f64, Vec<usize>)> {
     let n = values.len() / k;
     let mut x = vec![0usize; n];
     let mut best: Option<(f64, Vec<usize>)> = None;
@@ -379,10 +359,7 @@ mod tests {
             (None, None) => {}
             (Some((v, st)), Some((bv, _))) => {
                 assert!(st.exact);
-                assert!(
-                    (v - bv).abs() <= 1e-9 * (1.0 + bv.abs()),
-                    "solver {v} brute {bv}"
-                );
+                assert!((v - bv).abs() <= 1e-9 * (1.0 + bv.abs()), "solver {v} brute {bv}");
                 let c: f64 = (0..n).map(|i| costs[i * k + out[i]]).sum();
                 let vv: f64 = (0..n).map(|i| values[i * k + out[i]]).sum();
                 assert!(c <= cap);
@@ -415,14 +392,7 @@ mod tests {
                     }
                 }
             }
-            let total_max: f64 = (0..n)
-                .map(|i| {
-                    costs[i * k..(i + 1) * k]
-                        .iter()
-                        .copied()
-                        .fold(0.0, f64::max)
-                })
-                .sum();
+            let total_max: f64 = (0..n).map(|i| costs[i * k..(i + 1) * k].iter().copied().fold(0.0, f64::max)).sum();
             let cap = rng.random_range(0.0..=1.0) * total_max;
             check(&values, &costs, k, cap);
         }
@@ -432,15 +402,6 @@ mod tests {
     fn infeasible_returns_none() {
         let mut s = MckpSolver::new();
         let mut out = [0; 2];
-        assert!(
-            s.solve(
-                &[1.0, 2.0, 1.0, 2.0],
-                &[5.0, 6.0, 5.0, 6.0],
-                2,
-                9.0,
-                &mut out
-            )
-            .is_none()
-        );
+        assert!(s.solve(&[1.0, 2.0, 1.0, 2.0], &[5.0, 6.0, 5.0, 6.0], 2, 9.0, &mut out).is_none());
     }
 }

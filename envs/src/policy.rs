@@ -38,11 +38,7 @@ impl RoundContext<'_> {
     /// Cost of a plan (rank values) in the resource's unit. Ranks outside the set are costed at
     /// face value; lengths must match.
     pub fn plan_cost(&self, ranks: &[u32]) -> f64 {
-        ranks
-            .iter()
-            .zip(self.unit_cost)
-            .map(|(&r, u)| r as f64 * u)
-            .sum()
+        ranks.iter().zip(self.unit_cost).map(|(&r, u)| r as f64 * u).sum()
     }
 }
 
@@ -93,12 +89,7 @@ pub enum Baseline {
 
 impl Baseline {
     /// All built-in policies.
-    pub const ALL: [Baseline; 4] = [
-        Baseline::Uniform,
-        Baseline::Adalora,
-        Baseline::Random,
-        Baseline::Oracle,
-    ];
+    pub const ALL: [Baseline; 4] = [Baseline::Uniform, Baseline::Adalora, Baseline::Random, Baseline::Oracle];
 
     /// Lower-case name.
     pub fn name(self) -> &'static str {
@@ -124,14 +115,11 @@ impl Baseline {
 impl std::str::FromStr for Baseline {
     type Err = crate::EnvError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Baseline::ALL
-            .into_iter()
-            .find(|b| b.name() == s)
-            .ok_or_else(|| crate::EnvError::Config {
-                key: "policy".into(),
-                found: s.to_string(),
-                allowed: "uniform, adalora, random, oracle".into(),
-            })
+        Baseline::ALL.into_iter().find(|b| b.name() == s).ok_or_else(|| crate::EnvError::Config {
+            key: "policy".into(),
+            found: s.to_string(),
+            allowed: "uniform, adalora, random, oracle".into(),
+        })
     }
 }
 
@@ -226,13 +214,7 @@ impl RankPolicy for AdaloraPolicy {
             }
         }
         self.choice.resize(n, 0);
-        match self.solver.solve(
-            &self.values,
-            &self.costs,
-            k,
-            ctx.conservative_budget,
-            &mut self.choice,
-        ) {
+        match self.solver.solve(&self.values, &self.costs, k, ctx.conservative_budget, &mut self.choice) {
             Some(_) => self.choice.iter().map(|&j| ranks[j]).collect(),
             None => vec![ranks[0]; n],
         }
@@ -249,9 +231,7 @@ pub struct RandomPolicy {
 impl RandomPolicy {
     /// Seeded random policy.
     pub fn new(seed: u64) -> Self {
-        Self {
-            rng: ChaCha8Rng::seed_from_u64(seed),
-        }
+        Self { rng: ChaCha8Rng::seed_from_u64(seed) }
     }
 }
 
@@ -263,11 +243,7 @@ impl RankPolicy for RandomPolicy {
         let n = obs.n_sites;
         let k = ctx.rank_set.len();
         let mut idx: Vec<usize> = (0..n).map(|_| self.rng.random_range(0..k)).collect();
-        let mut cost: f64 = idx
-            .iter()
-            .zip(ctx.unit_cost)
-            .map(|(&j, u)| ctx.rank_set.rank(j) as f64 * u)
-            .sum();
+        let mut cost: f64 = idx.iter().zip(ctx.unit_cost).map(|(&j, u)| ctx.rank_set.rank(j) as f64 * u).sum();
         let mut lowerable: Vec<usize> = (0..n).filter(|&l| idx[l] > 0).collect();
         while cost > ctx.conservative_budget && !lowerable.is_empty() {
             let p = self.rng.random_range(0..lowerable.len());
@@ -306,14 +282,7 @@ impl RankPolicy for OraclePolicy {
         match ctx.privileged {
             Some(p) => {
                 let mut out = vec![0; obs.n_sites];
-                oracle_plan_into(
-                    p.spec,
-                    p.state,
-                    &mut self.solver,
-                    &mut self.values,
-                    &mut self.costs,
-                    &mut out,
-                );
+                oracle_plan_into(p.spec, p.state, &mut self.solver, &mut self.values, &mut self.costs, &mut out);
                 out
             }
             None => UniformPolicy.act(obs, ctx),

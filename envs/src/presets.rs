@@ -66,15 +66,7 @@ pub struct SitesConfig {
 }
 
 fn default_projections() -> Vec<Role> {
-    vec![
-        Role::Q,
-        Role::K,
-        Role::V,
-        Role::O,
-        Role::Gate,
-        Role::Up,
-        Role::Down,
-    ]
+    vec![Role::Q, Role::K, Role::V, Role::O, Role::Gate, Role::Up, Role::Down]
 }
 
 /// A number per projection role.
@@ -352,13 +344,7 @@ pub struct BaselineConfig {
     pub adalora_beta: f64,
 }
 
-fn role_table_ok(
-    v: &mut Violations,
-    key: &str,
-    t: &RoleTable,
-    ok: impl Fn(f64) -> bool,
-    allowed: &str,
-) {
+fn role_table_ok(v: &mut Violations, key: &str, t: &RoleTable, ok: impl Fn(f64) -> bool, allowed: &str) {
     for (role, val) in Role::ALL.iter().zip(t.all()) {
         v.check(ok(val), &format!("{key}.{}", role.name()), val, allowed);
     }
@@ -366,18 +352,8 @@ fn role_table_ok(
 
 impl Validate for EnvPreset {
     fn validate(&self, v: &mut Violations) {
-        v.check(
-            !self.name.is_empty(),
-            "name",
-            &self.name,
-            "a non-empty name",
-        );
-        v.check(
-            (1..=100_000).contains(&self.rounds),
-            "rounds",
-            self.rounds,
-            "an integer in [1, 100000]",
-        );
+        v.check(!self.name.is_empty(), "name", &self.name, "a non-empty name");
+        v.check((1..=100_000).contains(&self.rounds), "rounds", self.rounds, "an integer in [1, 100000]");
         let mut sorted = self.ranks.clone();
         sorted.sort_unstable();
         sorted.dedup();
@@ -408,8 +384,7 @@ impl Validate for EnvPreset {
 
 impl Validate for SitesConfig {
     fn validate(&self, v: &mut Violations) {
-        let generated =
-            self.layers.is_some() || self.hidden.is_some() || self.intermediate.is_some();
+        let generated = self.layers.is_some() || self.hidden.is_some() || self.intermediate.is_some();
         if self.calibration.is_some() {
             v.check(
                 !generated,
@@ -424,18 +399,8 @@ impl Validate for SitesConfig {
                 self.layers,
                 "an integer in [1, 4096] (or set `calibration`)",
             );
-            v.check(
-                matches!(self.hidden, Some(1..)),
-                "hidden",
-                self.hidden,
-                "a positive integer",
-            );
-            v.check(
-                matches!(self.intermediate, Some(1..)),
-                "intermediate",
-                self.intermediate,
-                "a positive integer",
-            );
+            v.check(matches!(self.hidden, Some(1..)), "hidden", self.hidden, "a positive integer");
+            v.check(matches!(self.intermediate, Some(1..)), "intermediate", self.intermediate, "a positive integer");
             v.check(
                 !self.projections.is_empty(),
                 "projections",
@@ -448,67 +413,25 @@ impl Validate for SitesConfig {
 
 impl Validate for SpectrumConfig {
     fn validate(&self, v: &mut Violations) {
-        role_table_ok(
-            v,
-            "beta",
-            &self.beta,
-            |b| b > 0.0 && b <= 10.0,
-            "a number in (0, 10]",
-        );
-        v.check(
-            self.beta_jitter >= 0.0,
-            "beta_jitter",
-            self.beta_jitter,
-            "a number >= 0 (a standard deviation)",
-        );
+        role_table_ok(v, "beta", &self.beta, |b| b > 0.0 && b <= 10.0, "a number in (0, 10]");
+        v.check(self.beta_jitter >= 0.0, "beta_jitter", self.beta_jitter, "a number >= 0 (a standard deviation)");
         v.check(
             self.beta_min > 0.0 && self.beta_min <= self.beta_max && self.beta_max <= 10.0,
             "beta_min",
             [self.beta_min, self.beta_max],
             "0 < beta_min <= beta_max <= 10",
         );
-        v.check(
-            self.beta_depth_slope.is_finite(),
-            "beta_depth_slope",
-            self.beta_depth_slope,
-            "a finite number",
-        );
-        v.check(
-            self.scale_log_std >= 0.0,
-            "scale_log_std",
-            self.scale_log_std,
-            "a number >= 0 (a standard deviation)",
-        );
+        v.check(self.beta_depth_slope.is_finite(), "beta_depth_slope", self.beta_depth_slope, "a finite number");
+        v.check(self.scale_log_std >= 0.0, "scale_log_std", self.scale_log_std, "a number >= 0 (a standard deviation)");
     }
 }
 
 impl Validate for SensitivityConfig {
     fn validate(&self, v: &mut Violations) {
-        v.check(
-            self.total > 0.0 && self.total.is_finite(),
-            "total",
-            self.total,
-            "a positive number",
-        );
-        role_table_ok(
-            v,
-            "by_role",
-            &self.by_role,
-            |b| b > 0.0 && b.is_finite(),
-            "a positive number",
-        );
-        v.check(
-            self.depth_slope.is_finite(),
-            "depth_slope",
-            self.depth_slope,
-            "a finite number",
-        );
-        v.check(
-            self.log_std >= 0.0,
-            "log_std",
-            self.log_std,
-            "a number >= 0 (a standard deviation)",
-        );
+        v.check(self.total > 0.0 && self.total.is_finite(), "total", self.total, "a positive number");
+        role_table_ok(v, "by_role", &self.by_role, |b| b > 0.0 && b.is_finite(), "a positive number");
+        v.check(self.depth_slope.is_finite(), "depth_slope", self.depth_slope, "a finite number");
+        v.check(self.log_std >= 0.0, "log_std", self.log_std, "a number >= 0 (a standard deviation)");
     }
 }
 
@@ -520,48 +443,18 @@ impl Validate for DynamicsConfig {
             self.learning_rate,
             "a number in (0, 1]",
         );
-        v.check(
-            self.loss_floor >= 0.0,
-            "loss_floor",
-            self.loss_floor,
-            "a number >= 0",
-        );
+        v.check(self.loss_floor >= 0.0, "loss_floor", self.loss_floor, "a number >= 0");
         v.check(
             (0.0..=1.0).contains(&self.entropy_effect),
             "entropy_effect",
             self.entropy_effect,
             "a number in [0, 1]",
         );
-        v.check(
-            (0.0..=1.0).contains(&self.entropy_mean),
-            "entropy_mean",
-            self.entropy_mean,
-            "a number in [0, 1]",
-        );
-        v.check(
-            self.entropy_std >= 0.0,
-            "entropy_std",
-            self.entropy_std,
-            "a number >= 0 (a standard deviation)",
-        );
-        v.check(
-            (0.0..=1.0).contains(&self.oov_mean),
-            "oov_mean",
-            self.oov_mean,
-            "a number in [0, 1]",
-        );
-        v.check(
-            self.oov_std >= 0.0,
-            "oov_std",
-            self.oov_std,
-            "a number >= 0 (a standard deviation)",
-        );
-        v.check(
-            (0.0..1.0).contains(&self.data_rho),
-            "data_rho",
-            self.data_rho,
-            "a number in [0, 1)",
-        );
+        v.check((0.0..=1.0).contains(&self.entropy_mean), "entropy_mean", self.entropy_mean, "a number in [0, 1]");
+        v.check(self.entropy_std >= 0.0, "entropy_std", self.entropy_std, "a number >= 0 (a standard deviation)");
+        v.check((0.0..=1.0).contains(&self.oov_mean), "oov_mean", self.oov_mean, "a number in [0, 1]");
+        v.check(self.oov_std >= 0.0, "oov_std", self.oov_std, "a number >= 0 (a standard deviation)");
+        v.check((0.0..1.0).contains(&self.data_rho), "data_rho", self.data_rho, "a number in [0, 1)");
     }
 }
 
@@ -572,12 +465,7 @@ impl Validate for ResourceConfig {
             ResourceKind::Compute => ("compute", self.compute.is_some()),
             ResourceKind::Budget => ("budget", self.budget.is_some()),
         };
-        v.check(
-            present,
-            need,
-            "missing",
-            &format!("a [resource.{need}] section because kind = \"{need}\""),
-        );
+        v.check(present, need, "missing", &format!("a [resource.{need}] section because kind = \"{need}\""));
         if let Some(c) = &self.channel {
             v.nested("channel", c);
         }
@@ -604,18 +492,8 @@ impl Validate for ChannelConfig {
             self.shadowing_std_db,
             "a number >= 0 (a standard deviation, dB)",
         );
-        v.check(
-            (0.0..1.0).contains(&self.shadowing_rho),
-            "shadowing_rho",
-            self.shadowing_rho,
-            "a number in [0, 1)",
-        );
-        v.check(
-            self.path_loss_exponent > 0.0,
-            "path_loss_exponent",
-            self.path_loss_exponent,
-            "a positive number",
-        );
+        v.check((0.0..1.0).contains(&self.shadowing_rho), "shadowing_rho", self.shadowing_rho, "a number in [0, 1)");
+        v.check(self.path_loss_exponent > 0.0, "path_loss_exponent", self.path_loss_exponent, "a positive number");
         v.check(
             self.distance_m[0] > 0.0 && self.distance_m[0] <= self.distance_m[1],
             "distance_m",
@@ -628,18 +506,8 @@ impl Validate for ChannelConfig {
             &self.bandwidth_hz,
             "a non-empty list of positive numbers",
         );
-        v.check(
-            self.deadline_s > 0.0,
-            "deadline_s",
-            self.deadline_s,
-            "a positive number",
-        );
-        v.check(
-            self.bits_per_param > 0.0,
-            "bits_per_param",
-            self.bits_per_param,
-            "a positive number",
-        );
+        v.check(self.deadline_s > 0.0, "deadline_s", self.deadline_s, "a positive number");
+        v.check(self.bits_per_param > 0.0, "bits_per_param", self.bits_per_param, "a positive number");
         v.check(
             self.estimate_noise_db >= 0.0,
             "estimate_noise_db",
@@ -658,42 +526,17 @@ impl Validate for ChannelConfig {
 
 impl Validate for ComputeConfig {
     fn validate(&self, v: &mut Violations) {
-        v.check(
-            self.tokens_per_round > 0.0,
-            "tokens_per_round",
-            self.tokens_per_round,
-            "a positive number",
-        );
-        v.check(
-            self.flops_multiplier > 0.0,
-            "flops_multiplier",
-            self.flops_multiplier,
-            "a positive number",
-        );
-        v.check(
-            self.throughput_flops > 0.0,
-            "throughput_flops",
-            self.throughput_flops,
-            "a positive number",
-        );
+        v.check(self.tokens_per_round > 0.0, "tokens_per_round", self.tokens_per_round, "a positive number");
+        v.check(self.flops_multiplier > 0.0, "flops_multiplier", self.flops_multiplier, "a positive number");
+        v.check(self.throughput_flops > 0.0, "throughput_flops", self.throughput_flops, "a positive number");
         v.check(
             self.throughput_log_std >= 0.0,
             "throughput_log_std",
             self.throughput_log_std,
             "a number >= 0 (a standard deviation)",
         );
-        v.check(
-            (0.0..1.0).contains(&self.throughput_rho),
-            "throughput_rho",
-            self.throughput_rho,
-            "a number in [0, 1)",
-        );
-        v.check(
-            self.latency_budget_s > 0.0,
-            "latency_budget_s",
-            self.latency_budget_s,
-            "a positive number",
-        );
+        v.check((0.0..1.0).contains(&self.throughput_rho), "throughput_rho", self.throughput_rho, "a number in [0, 1)");
+        v.check(self.latency_budget_s > 0.0, "latency_budget_s", self.latency_budget_s, "a positive number");
         v.check(
             self.estimate_noise >= 0.0,
             "estimate_noise",
@@ -705,12 +548,7 @@ impl Validate for ComputeConfig {
 
 impl Validate for BudgetConfig {
     fn validate(&self, v: &mut Violations) {
-        v.check(
-            self.initial_avg_rank > 0.0,
-            "initial_avg_rank",
-            self.initial_avg_rank,
-            "a positive number",
-        );
+        v.check(self.initial_avg_rank > 0.0, "initial_avg_rank", self.initial_avg_rank, "a positive number");
         v.check(
             self.target_avg_rank > 0.0 && self.target_avg_rank <= self.initial_avg_rank,
             "target_avg_rank",
@@ -722,42 +560,12 @@ impl Validate for BudgetConfig {
 
 impl Validate for RewardConfig {
     fn validate(&self, v: &mut Violations) {
-        v.check(
-            self.cost_coef >= 0.0,
-            "cost_coef",
-            self.cost_coef,
-            "a number >= 0",
-        );
-        v.check(
-            self.violation_coef >= 0.0,
-            "violation_coef",
-            self.violation_coef,
-            "a number >= 0",
-        );
-        v.check(
-            self.violation_cost_cap >= 1.0,
-            "violation_cost_cap",
-            self.violation_cost_cap,
-            "a number >= 1",
-        );
-        v.check(
-            self.flops_coef >= 0.0,
-            "flops_coef",
-            self.flops_coef,
-            "a number >= 0",
-        );
-        v.check(
-            self.flops_scale > 0.0,
-            "flops_scale",
-            self.flops_scale,
-            "a positive number",
-        );
-        v.check(
-            self.perturbation_coef >= 0.0,
-            "perturbation_coef",
-            self.perturbation_coef,
-            "a number >= 0",
-        );
+        v.check(self.cost_coef >= 0.0, "cost_coef", self.cost_coef, "a number >= 0");
+        v.check(self.violation_coef >= 0.0, "violation_coef", self.violation_coef, "a number >= 0");
+        v.check(self.violation_cost_cap >= 1.0, "violation_cost_cap", self.violation_cost_cap, "a number >= 1");
+        v.check(self.flops_coef >= 0.0, "flops_coef", self.flops_coef, "a number >= 0");
+        v.check(self.flops_scale > 0.0, "flops_scale", self.flops_scale, "a positive number");
+        v.check(self.perturbation_coef >= 0.0, "perturbation_coef", self.perturbation_coef, "a number >= 0");
     }
 }
 
@@ -768,24 +576,14 @@ impl Validate for ObservationConfig {
             ("grad_noise", self.grad_noise),
             ("tail_noise", self.tail_noise),
         ] {
-            v.check(
-                x >= 0.0 && x.is_finite(),
-                k,
-                x,
-                "a number >= 0 (a standard deviation of ln)",
-            );
+            v.check(x >= 0.0 && x.is_finite(), k, x, "a number >= 0 (a standard deviation of ln)");
         }
     }
 }
 
 impl Validate for BaselineConfig {
     fn validate(&self, v: &mut Violations) {
-        v.check(
-            self.margin >= 0.0 && self.margin.is_finite(),
-            "margin",
-            self.margin,
-            "a number >= 0",
-        );
+        v.check(self.margin >= 0.0 && self.margin.is_finite(), "margin", self.margin, "a number >= 0");
         v.check(
             self.adalora_beta > 0.0 && self.adalora_beta <= 10.0,
             "adalora_beta",
@@ -796,36 +594,21 @@ impl Validate for BaselineConfig {
 }
 
 /// Names of the embedded presets; the first is the default.
-pub const NAMES: [&str; 5] = [
-    "wireless-rayleigh",
-    "wireless-rician",
-    "latency",
-    "budget",
-    "llama7b",
-];
+pub const NAMES: [&str; 5] = ["wireless-rayleigh", "wireless-rician", "latency", "budget", "llama7b"];
 
 /// The default preset name.
 pub const DEFAULT: &str = "wireless-rayleigh";
 
 const EMBEDDED: [(&str, &str); 5] = [
-    (
-        "wireless-rayleigh",
-        include_str!("../presets/wireless-rayleigh.toml"),
-    ),
-    (
-        "wireless-rician",
-        include_str!("../presets/wireless-rician.toml"),
-    ),
+    ("wireless-rayleigh", include_str!("../presets/wireless-rayleigh.toml")),
+    ("wireless-rician", include_str!("../presets/wireless-rician.toml")),
     ("latency", include_str!("../presets/latency.toml")),
     ("budget", include_str!("../presets/budget.toml")),
     ("llama7b", include_str!("../presets/llama7b.toml")),
 ];
 
 /// Embedded calibration files, usable from embedded presets as `calibration = "builtin:<name>"`.
-const EMBEDDED_CALIBRATIONS: [(&str, &str); 1] = [(
-    "example",
-    include_str!("../presets/calibration-example.json"),
-)];
+const EMBEDDED_CALIBRATIONS: [(&str, &str); 1] = [("example", include_str!("../presets/calibration-example.json"))];
 
 /// Loads a preset by embedded name (see [`NAMES`]) or by path to a TOML file.
 pub fn load(name_or_path: &str) -> Result<EnvPreset, EnvError> {
@@ -845,17 +628,9 @@ pub fn load(name_or_path: &str) -> Result<EnvPreset, EnvError> {
 /// Loads a preset from a TOML file; a relative `sites.calibration` is resolved against the
 /// file's directory.
 pub fn load_path(path: &Path) -> Result<EnvPreset, EnvError> {
-    let text = std::fs::read_to_string(path).map_err(|source| {
-        EnvError::Preset(rankpilot_config::ConfigError::Io {
-            file: path.to_path_buf(),
-            source,
-        })
-    })?;
-    from_toml(
-        &text,
-        &path.display().to_string(),
-        path.parent().map(Path::to_path_buf),
-    )
+    let text = std::fs::read_to_string(path)
+        .map_err(|source| EnvError::Preset(rankpilot_config::ConfigError::Io { file: path.to_path_buf(), source }))?;
+    from_toml(&text, &path.display().to_string(), path.parent().map(Path::to_path_buf))
 }
 
 /// Parses and validates preset text; `file` names it in errors, `base_dir` resolves a relative
@@ -864,17 +639,14 @@ pub fn from_toml(text: &str, file: &str, base_dir: Option<PathBuf>) -> Result<En
     let mut p: EnvPreset = rankpilot_config::from_str(text, file).map_err(EnvError::Preset)?;
     if let Some(c) = &p.sites.calibration {
         let cal = if let Some(name) = c.strip_prefix("builtin:") {
-            let (_, text) = EMBEDDED_CALIBRATIONS
-                .iter()
-                .find(|(n, _)| *n == name)
-                .ok_or_else(|| EnvError::Config {
-                    key: "sites.calibration".into(),
-                    found: c.clone(),
-                    allowed: format!(
-                        "builtin:{} or a path to a JSON file",
-                        EMBEDDED_CALIBRATIONS.map(|(n, _)| n).join(", builtin:")
-                    ),
-                })?;
+            let (_, text) = EMBEDDED_CALIBRATIONS.iter().find(|(n, _)| *n == name).ok_or_else(|| EnvError::Config {
+                key: "sites.calibration".into(),
+                found: c.clone(),
+                allowed: format!(
+                    "builtin:{} or a path to a JSON file",
+                    EMBEDDED_CALIBRATIONS.map(|(n, _)| n).join(", builtin:")
+                ),
+            })?;
             Calibration::from_json(text, c)?
         } else {
             let path = match &base_dir {

@@ -7,8 +7,7 @@ use rand_distr::{Distribution, Exp1, StandardNormal};
 use serde::{Deserialize, Serialize};
 
 use crate::presets::{
-    BudgetConfig, BudgetUnit, ChannelConfig, ComputeConfig, FadingKind, ResourceConfig,
-    ResourceKind,
+    BudgetConfig, BudgetUnit, ChannelConfig, ComputeConfig, FadingKind, ResourceConfig, ResourceKind,
 };
 use crate::sites::Site;
 
@@ -93,11 +92,7 @@ impl BudgetModel {
         let c = &self.cfg;
         let end = rounds.saturating_sub(c.final_rounds);
         if t < c.warmup_rounds || end <= c.warmup_rounds {
-            return if t >= end {
-                c.target_avg_rank
-            } else {
-                c.initial_avg_rank
-            };
+            return if t >= end { c.target_avg_rank } else { c.initial_avg_rank };
         }
         if t >= end {
             return c.target_avg_rank;
@@ -145,15 +140,13 @@ impl ResourceModel {
     /// Builds the model named by `cfg.kind` (the preset has been validated).
     pub fn new(cfg: &ResourceConfig) -> Self {
         match cfg.kind {
-            ResourceKind::Channel => ResourceModel::Channel(ChannelModel {
-                cfg: cfg.channel.clone().expect("validated"),
-            }),
-            ResourceKind::Compute => ResourceModel::Compute(ComputeModel {
-                cfg: cfg.compute.clone().expect("validated"),
-            }),
-            ResourceKind::Budget => ResourceModel::Budget(BudgetModel {
-                cfg: cfg.budget.clone().expect("validated"),
-            }),
+            ResourceKind::Channel => {
+                ResourceModel::Channel(ChannelModel { cfg: cfg.channel.clone().expect("validated") })
+            }
+            ResourceKind::Compute => {
+                ResourceModel::Compute(ComputeModel { cfg: cfg.compute.clone().expect("validated") })
+            }
+            ResourceKind::Budget => ResourceModel::Budget(BudgetModel { cfg: cfg.budget.clone().expect("validated") }),
         }
     }
 
@@ -184,11 +177,7 @@ impl ResourceModel {
         match self {
             ResourceModel::Channel(c) => {
                 let [lo, hi] = c.cfg.distance_m;
-                let d = if hi > lo {
-                    rng.random_range(lo..hi)
-                } else {
-                    lo
-                };
+                let d = if hi > lo { rng.random_range(lo..hi) } else { lo };
                 st.bandwidth_hz = c.cfg.bandwidth_hz[rng.random_range(0..c.cfg.bandwidth_hz.len())];
                 st.mean_snr_db = c.mean_snr_db(d, st.bandwidth_hz);
                 let n: f64 = StandardNormal.sample(rng);
@@ -231,8 +220,8 @@ impl ResourceModel {
                 if t > 0 {
                     let n: f64 = StandardNormal.sample(rng);
                     let rho = cfg.throughput_rho;
-                    st.log_throughput_dev = rho * st.log_throughput_dev
-                        + (1.0 - rho * rho).sqrt() * cfg.throughput_log_std * n;
+                    st.log_throughput_dev =
+                        rho * st.log_throughput_dev + (1.0 - rho * rho).sqrt() * cfg.throughput_log_std * n;
                 }
                 let base = cfg.throughput_flops.ln() - 0.5 * cfg.throughput_log_std.powi(2);
                 let n: f64 = StandardNormal.sample(rng);

@@ -30,16 +30,7 @@ pub enum Role {
 
 impl Role {
     /// All roles, in the order used by per-role tables.
-    pub const ALL: [Role; 8] = [
-        Role::Q,
-        Role::K,
-        Role::V,
-        Role::O,
-        Role::Gate,
-        Role::Up,
-        Role::Down,
-        Role::Other,
-    ];
+    pub const ALL: [Role; 8] = [Role::Q, Role::K, Role::V, Role::O, Role::Gate, Role::Up, Role::Down, Role::Other];
 
     /// Index into [`Role::ALL`].
     pub fn index(self) -> usize {
@@ -116,13 +107,7 @@ pub fn llama_sites(layers: u32, hidden: u32, intermediate: u32, projections: &[R
                 Role::Other => "other".to_string(),
                 _ => format!("mlp.{}_proj", role.name()),
             };
-            out.push(Site {
-                name: format!("layers.{layer}.{module}"),
-                d_in,
-                d_out,
-                role,
-                layer,
-            });
+            out.push(Site { name: format!("layers.{layer}.{module}"), d_in, d_out, role, layer });
         }
     }
     out
@@ -145,31 +130,20 @@ impl RankSet {
             "a non-empty list of distinct ranks, each <= {max_allowed} (min(d_in, d_out) of the smallest site), at most 255 entries"
         );
         if ranks.is_empty() || ranks.len() > 255 {
-            return Err(EnvError::Config {
-                key: "ranks".into(),
-                found: format!("{ranks:?}"),
-                allowed,
-            });
+            return Err(EnvError::Config { key: "ranks".into(), found: format!("{ranks:?}"), allowed });
         }
         let mut sorted = ranks.to_vec();
         sorted.sort_unstable();
         sorted.dedup();
         if sorted.len() != ranks.len() || *sorted.last().unwrap() > max_allowed {
-            return Err(EnvError::Config {
-                key: "ranks".into(),
-                found: format!("{ranks:?}"),
-                allowed,
-            });
+            return Err(EnvError::Config { key: "ranks".into(), found: format!("{ranks:?}"), allowed });
         }
         let max = *sorted.last().unwrap() as usize;
         let mut index_of = vec![u8::MAX; max + 1];
         for (i, &r) in sorted.iter().enumerate() {
             index_of[r as usize] = i as u8;
         }
-        Ok(Self {
-            ranks: sorted,
-            index_of,
-        })
+        Ok(Self { ranks: sorted, index_of })
     }
 
     /// The ranks, ascending.
@@ -231,24 +205,11 @@ fn ln_table() -> &'static [f64; 257] {
 /// Euler–Maclaurin formula (integral + end-point and first-derivative corrections), whose
 /// relative error is below 1e-9 for k ≥ 65 — this keeps a 4096-wide site at ~64 `exp` calls per
 /// episode reset instead of 4096.
-pub fn power_law_tables(
-    a: f64,
-    beta: f64,
-    k_max: u32,
-    ranks: &[u32],
-    energy: &mut [f32],
-    tail: &mut [f32],
-) -> f64 {
+pub fn power_law_tables(a: f64, beta: f64, k_max: u32, ranks: &[u32], energy: &mut [f32], tail: &mut [f32]) -> f64 {
     let s = 2.0 * beta;
     let head = ranks.last().copied().unwrap_or(0).min(k_max) as usize;
     let lnt = ln_table();
-    let term = |k: usize| -> f64 {
-        if k < lnt.len() {
-            (-s * lnt[k]).exp()
-        } else {
-            (k as f64).powf(-s)
-        }
-    };
+    let term = |k: usize| -> f64 { if k < lnt.len() { (-s * lnt[k]).exp() } else { (k as f64).powf(-s) } };
     // Head prefix sums, recorded at each rank of the set.
     let mut prefix = 0.0;
     let mut j = 0;
@@ -273,11 +234,8 @@ pub fn power_law_tables(
         let kk = n as f64;
         let f = |x: f64| x.powf(-s);
         let df = |x: f64| -s * x.powf(-s - 1.0);
-        let integral = if (1.0 - s).abs() < 1e-12 {
-            (kk / m).ln()
-        } else {
-            (kk.powf(1.0 - s) - m.powf(1.0 - s)) / (1.0 - s)
-        };
+        let integral =
+            if (1.0 - s).abs() < 1e-12 { (kk / m).ln() } else { (kk.powf(1.0 - s) - m.powf(1.0 - s)) / (1.0 - s) };
         if n - head <= 64 {
             (head + 1..=n).map(|k| (k as f64).powf(-s)).sum()
         } else {
@@ -324,11 +282,7 @@ pub fn explicit_tables(
         }
         let p: f64 = sigma[..r].iter().map(|s| s * s).sum();
         energy[i] = (p / total) as f32;
-        tail[i] = if p > 0.0 {
-            (sigma[r - 1] * sigma[r - 1] / p) as f32
-        } else {
-            0.0
-        };
+        tail[i] = if p > 0.0 { (sigma[r - 1] * sigma[r - 1] / p) as f32 } else { 0.0 };
     }
     scale * scale * total
 }
@@ -346,14 +300,9 @@ mod tests {
                 let mut t = [0f32; 8];
                 let total = power_law_tables(1.0, beta, k_max, &ranks, &mut e, &mut t);
                 let direct: f64 = (1..=k_max).map(|k| (k as f64).powf(-2.0 * beta)).sum();
-                assert!(
-                    ((total - direct) / direct).abs() < 1e-8,
-                    "beta {beta} k {k_max}: {total} vs {direct}"
-                );
+                assert!(((total - direct) / direct).abs() < 1e-8, "beta {beta} k {k_max}: {total} vs {direct}");
                 for (j, &r) in ranks.iter().enumerate() {
-                    let p: f64 = (1..=r.min(k_max))
-                        .map(|k| (k as f64).powf(-2.0 * beta))
-                        .sum();
+                    let p: f64 = (1..=r.min(k_max)).map(|k| (k as f64).powf(-2.0 * beta)).sum();
                     assert!((e[j] as f64 - p / direct).abs() < 1e-6);
                 }
             }
@@ -382,12 +331,7 @@ mod tests {
 
     #[test]
     fn rank_set_errors() {
-        assert!(
-            RankSet::new(&[], 64)
-                .unwrap_err()
-                .to_string()
-                .contains("ranks")
-        );
+        assert!(RankSet::new(&[], 64).unwrap_err().to_string().contains("ranks"));
         let e = RankSet::new(&[0, 8, 128], 64).unwrap_err().to_string();
         assert!(e.contains("ranks") && e.contains("<= 64"), "{e}");
         assert!(RankSet::new(&[4, 4], 64).is_err());
@@ -400,20 +344,7 @@ mod tests {
 
     #[test]
     fn llama_shapes() {
-        let s = llama_sites(
-            32,
-            4096,
-            11008,
-            &[
-                Role::Q,
-                Role::K,
-                Role::V,
-                Role::O,
-                Role::Gate,
-                Role::Up,
-                Role::Down,
-            ],
-        );
+        let s = llama_sites(32, 4096, 11008, &[Role::Q, Role::K, Role::V, Role::O, Role::Gate, Role::Up, Role::Down]);
         assert_eq!(s.len(), 224);
         assert_eq!((s[4].d_in, s[4].d_out), (4096, 11008));
         assert_eq!((s[6].d_in, s[6].d_out), (11008, 4096));

@@ -81,12 +81,7 @@ fn auto_reset_and_schema() {
     for t in 0..p.rounds {
         assert!((v.obs_global()[12] - t as f32 / p.rounds as f32).abs() < 1e-6);
         v.step(&vec![4; 2 * n]).unwrap();
-        assert!(
-            v.obs_global()
-                .iter()
-                .chain(v.obs_sites())
-                .all(|x| x.is_finite())
-        );
+        assert!(v.obs_global().iter().chain(v.obs_sites()).all(|x| x.is_finite()));
         let done = t + 1 == p.rounds;
         assert_eq!(v.dones(), &[done, done]);
         assert_eq!(v.finished().len(), if done { 2 } else { 0 });
@@ -101,15 +96,10 @@ fn auto_reset_and_schema() {
 #[test]
 fn rayleigh_mean_power_is_one() {
     let p = presets::load("wireless-rayleigh").unwrap();
-    let ch = ChannelModel {
-        cfg: p.resource.channel.clone().unwrap(),
-    };
+    let ch = ChannelModel { cfg: p.resource.channel.clone().unwrap() };
     let mut rng = ChaCha8Rng::seed_from_u64(1);
     let n = 200_000;
-    let m: f64 = (0..n)
-        .map(|_| ch.sample_fading_power(&mut rng))
-        .sum::<f64>()
-        / n as f64;
+    let m: f64 = (0..n).map(|_| ch.sample_fading_power(&mut rng)).sum::<f64>() / n as f64;
     // Exp(1) has standard deviation 1: 5 standard errors.
     assert!((m - 1.0).abs() < 5.0 / (n as f64).sqrt(), "E|h|^2 = {m}");
 }
@@ -130,10 +120,7 @@ fn rician_k_factor_by_moments() {
         // Var(P)/E(P)^2 = (1 + 2K)/(K + 1)^2, solved for K.
         let g = var / (m * m);
         let k_hat = ((1.0 - g) + (1.0 - g).max(0.0).sqrt()) / g;
-        assert!(
-            (k_hat - k).abs() < 0.05 * k + 0.03,
-            "K {k}: estimated {k_hat}"
-        );
+        assert!((k_hat - k).abs() < 0.05 * k + 0.03, "K {k}: estimated {k_hat}");
     }
 }
 
@@ -158,15 +145,8 @@ fn shadowing_autocorrelation_matches_rho() {
         let cov = xs.windows(2).map(|w| (w[0] - m) * (w[1] - m)).sum::<f64>() / (n - 1) as f64;
         let r1 = cov / var;
         // Standard error of the lag-1 autocorrelation of an AR(1) is about sqrt((1 - rho^2)/n).
-        assert!(
-            (r1 - rho).abs() < 5.0 * ((1.0 - rho * rho) / n as f64).sqrt() + 1e-3,
-            "rho {rho}: {r1}"
-        );
-        assert!(
-            (var.sqrt() - sigma).abs() < 0.05 * sigma,
-            "std {}",
-            var.sqrt()
-        );
+        assert!((r1 - rho).abs() < 5.0 * ((1.0 - rho * rho) / n as f64).sqrt() + 1e-3, "rho {rho}: {r1}");
+        assert!((var.sqrt() - sigma).abs() < 0.05 * sigma, "std {}", var.sqrt());
     }
 }
 
@@ -180,10 +160,7 @@ fn larger_rank_never_raises_a_floor_in_any_preset() {
             let en = v.state(e).hidden_energy();
             for l in 0..v.n_sites() {
                 for j in 1..k {
-                    assert!(
-                        1.0 - en[l * k + j] <= 1.0 - en[l * k + j - 1],
-                        "{name} site {l}"
-                    );
+                    assert!(1.0 - en[l * k + j] <= 1.0 - en[l * k + j - 1], "{name} site {l}");
                 }
                 assert!(en[l * k] >= 0.0 && en[l * k + k - 1] <= 1.0 + 1e-6);
             }
@@ -205,28 +182,16 @@ fn over_budget_plan_is_a_violation_with_the_documented_penalty() {
         let budget = v.state(0).true_budget();
         let plan = vec![64u32; n];
         let cost = v.spec().plan_cost(&plan).unwrap();
-        assert!(
-            cost > budget,
-            "{name}: max plan fits; test needs a tighter budget"
-        );
+        assert!(cost > budget, "{name}: max plan fits; test needs a tighter budget");
         v.step(&plan).unwrap();
         let out = v.outcomes()[0];
         assert!(out.violation);
         let c = cost / budget;
         assert!((out.cost_ratio - c).abs() < 1e-9 * c);
-        let want =
-            -(p.reward.violation_coef + p.reward.cost_coef) * c.min(p.reward.violation_cost_cap);
-        assert!(
-            (out.reward - want).abs() < 1e-9 * want.abs(),
-            "{name}: {} vs {want}",
-            out.reward
-        );
+        let want = -(p.reward.violation_coef + p.reward.cost_coef) * c.min(p.reward.violation_cost_cap);
+        assert!((out.reward - want).abs() < 1e-9 * want.abs(), "{name}: {} vs {want}", out.reward);
         assert_eq!(v.state(0).loss(), loss_before, "no progress on a violation");
-        assert_eq!(
-            v.state(0).ranks(v.spec()),
-            ranks_before,
-            "no resize on a violation"
-        );
+        assert_eq!(v.state(0).ranks(v.spec()), ranks_before, "no resize on a violation");
         assert_eq!(v.obs_global()[14], 1.0, "last_violation flag");
         let _ = before_obs;
     }
@@ -257,9 +222,7 @@ fn bad_actions_are_errors_not_panics() {
     plan[n + 3] = 5;
     let e = v.step(&plan).unwrap_err().to_string();
     assert!(
-        e.contains("environment 1, site 3")
-            && e.contains("rank 5")
-            && e.contains("[0, 1, 2, 4, 8, 16, 32, 64]"),
+        e.contains("environment 1, site 3") && e.contains("rank 5") && e.contains("[0, 1, 2, 4, 8, 16, 32, 64]"),
         "{e}"
     );
     let mut idx = vec![0u8; 2 * n];
@@ -272,77 +235,32 @@ fn bad_actions_are_errors_not_panics() {
 
 #[test]
 fn bad_presets_name_key_and_allowed_values() {
-    let e = err(
-        "wireless-rayleigh",
-        &[("ranks = [0, 1, 2, 4, 8, 16, 32, 64]", "ranks = []")],
-    );
+    let e = err("wireless-rayleigh", &[("ranks = [0, 1, 2, 4, 8, 16, 32, 64]", "ranks = []")]);
     assert!(e.contains("key `ranks`") && e.contains("non-empty"), "{e}");
-    let e = err(
-        "wireless-rayleigh",
-        &[(
-            "ranks = [0, 1, 2, 4, 8, 16, 32, 64]",
-            "ranks = [0, 8, 1024]",
-        )],
-    );
+    let e = err("wireless-rayleigh", &[("ranks = [0, 1, 2, 4, 8, 16, 32, 64]", "ranks = [0, 8, 1024]")]);
     assert!(e.contains("`ranks`") && e.contains("<= 512"), "{e}");
-    let e = err(
-        "wireless-rayleigh",
-        &[("shadowing_std_db = 4.0", "shadowing_std_db = -1.0")],
-    );
-    assert!(
-        e.contains("resource.channel.shadowing_std_db") && e.contains(">= 0"),
-        "{e}"
-    );
-    let e = err(
-        "wireless-rayleigh",
-        &[("beta_jitter = 0.15", "beta_jitter = -0.1")],
-    );
+    let e = err("wireless-rayleigh", &[("shadowing_std_db = 4.0", "shadowing_std_db = -1.0")]);
+    assert!(e.contains("resource.channel.shadowing_std_db") && e.contains(">= 0"), "{e}");
+    let e = err("wireless-rayleigh", &[("beta_jitter = 0.15", "beta_jitter = -0.1")]);
     assert!(e.contains("spectrum.beta_jitter"), "{e}");
-    let e = err(
-        "wireless-rayleigh",
-        &[("estimate_noise_db = 1.0", "estimate_noise_db = -2.0")],
-    );
+    let e = err("wireless-rayleigh", &[("estimate_noise_db = 1.0", "estimate_noise_db = -2.0")]);
     assert!(e.contains("resource.channel.estimate_noise_db"), "{e}");
     let e = err("wireless-rician", &[("k_factor = 6.0", "k_factor = -1.0")]);
-    assert!(
-        e.contains("resource.channel.k_factor") && e.contains(">= 0"),
-        "{e}"
-    );
+    assert!(e.contains("resource.channel.k_factor") && e.contains(">= 0"), "{e}");
     for bad in ["1.0", "-0.1", "1.5"] {
-        let e = err(
-            "wireless-rayleigh",
-            &[("shadowing_rho = 0.9", &format!("shadowing_rho = {bad}"))],
-        );
-        assert!(
-            e.contains("resource.channel.shadowing_rho") && e.contains("[0, 1)"),
-            "{e}"
-        );
+        let e = err("wireless-rayleigh", &[("shadowing_rho = 0.9", &format!("shadowing_rho = {bad}"))]);
+        assert!(e.contains("resource.channel.shadowing_rho") && e.contains("[0, 1)"), "{e}");
     }
-    let e = err(
-        "latency",
-        &[("throughput_rho = 0.8", "throughput_rho = 1.0")],
-    );
+    let e = err("latency", &[("throughput_rho = 0.8", "throughput_rho = 1.0")]);
     assert!(e.contains("resource.compute.throughput_rho"), "{e}");
-    let e = err(
-        "wireless-rayleigh",
-        &[("fading = \"rayleigh\"", "fading = \"nakagami\"")],
-    );
+    let e = err("wireless-rayleigh", &[("fading = \"rayleigh\"", "fading = \"nakagami\"")]);
     assert!(e.contains("rayleigh") && e.contains("rician"), "{e}");
-    let e = err(
-        "wireless-rayleigh",
-        &[("deadline_s = 2.0", "deadline_s = 2.0\ndeadlin = 3.0")],
-    );
+    let e = err("wireless-rayleigh", &[("deadline_s = 2.0", "deadline_s = 2.0\ndeadlin = 3.0")]);
     assert!(e.contains("deadlin") && e.contains("deadline_s"), "{e}");
-    let e = err(
-        "wireless-rayleigh",
-        &[("kind = \"channel\"", "kind = \"compute\"")],
-    );
+    let e = err("wireless-rayleigh", &[("kind = \"channel\"", "kind = \"compute\"")]);
     assert!(e.contains("resource.compute"), "{e}");
     let e = presets::load("no-such-preset").unwrap_err().to_string();
-    assert!(
-        e.contains("wireless-rayleigh") && e.contains("llama7b"),
-        "{e}"
-    );
+    assert!(e.contains("wireless-rayleigh") && e.contains("llama7b"), "{e}");
 }
 
 #[test]
@@ -350,12 +268,7 @@ fn llama7b_has_real_shapes() {
     let p = presets::load("llama7b").unwrap();
     let spec = envs::EnvSpec::new(&p).unwrap();
     assert_eq!(spec.n_sites(), 224);
-    let count = |d_in, d_out| {
-        spec.sites
-            .iter()
-            .filter(|s| s.d_in == d_in && s.d_out == d_out)
-            .count()
-    };
+    let count = |d_in, d_out| spec.sites.iter().filter(|s| s.d_in == d_in && s.d_out == d_out).count();
     assert_eq!(count(4096, 4096), 128);
     assert_eq!(count(4096, 11008), 64);
     assert_eq!(count(11008, 4096), 32);
@@ -369,10 +282,7 @@ fn calibration_file_round_trip_and_errors() {
     )
     .unwrap();
     let cal = p.calibration_data.clone().unwrap();
-    assert_eq!(
-        envs::calibration::Calibration::from_json(&cal.to_json(), "x").unwrap(),
-        cal
-    );
+    assert_eq!(envs::calibration::Calibration::from_json(&cal.to_json(), "x").unwrap(), cal);
     let mut v = VecEnv::new(&p, 2, 1).unwrap();
     assert_eq!(v.n_sites(), cal.sites.len());
     let n = v.n_sites();
@@ -395,28 +305,18 @@ fn calibration_file_round_trip_and_errors() {
     // Bad files.
     let mut bad = cal.clone();
     bad.sites[1].tail_energy = -1.0;
-    let e = envs::calibration::Calibration::from_json(&bad.to_json(), "bad.json")
-        .unwrap_err()
-        .to_string();
-    assert!(
-        e.contains("bad.json") && e.contains("sites[1].tail_energy"),
-        "{e}"
-    );
+    let e = envs::calibration::Calibration::from_json(&bad.to_json(), "bad.json").unwrap_err().to_string();
+    assert!(e.contains("bad.json") && e.contains("sites[1].tail_energy"), "{e}");
     let mut bad = cal.clone();
     bad.sites[0].spectrum = vec![1.0, 2.0];
-    let e = envs::calibration::Calibration::from_json(&bad.to_json(), "bad.json")
-        .unwrap_err()
-        .to_string();
+    let e = envs::calibration::Calibration::from_json(&bad.to_json(), "bad.json").unwrap_err().to_string();
     assert!(e.contains("descending"), "{e}");
     let mut bad = cal.clone();
     bad.sites[0].spectrum = vec![1.0, -0.5];
     assert!(envs::calibration::Calibration::from_json(&bad.to_json(), "bad.json").is_err());
-    let e = envs::calibration::Calibration::from_json(
-        "{\"format_version\": 1, \"sites\": [], \"extra\": 1}",
-        "x.json",
-    )
-    .unwrap_err()
-    .to_string();
+    let e = envs::calibration::Calibration::from_json("{\"format_version\": 1, \"sites\": [], \"extra\": 1}", "x.json")
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("extra"), "{e}");
     std::fs::remove_dir_all(&dir).ok();
 }
@@ -424,9 +324,7 @@ fn calibration_file_round_trip_and_errors() {
 #[test]
 fn budget_schedule_is_cubic() {
     let p = presets::load("budget").unwrap();
-    let ResourceModel::Budget(b) = ResourceModel::new(&p.resource) else {
-        panic!()
-    };
+    let ResourceModel::Budget(b) = ResourceModel::new(&p.resource) else { panic!() };
     assert_eq!(b.avg_rank(0, 20), 12.0);
     assert_eq!(b.avg_rank(1, 20), 12.0);
     assert_eq!(b.avg_rank(2, 20), 12.0);

@@ -32,23 +32,12 @@ impl Adam {
         let mut params: Vec<(String, Tensor)> = vs
             .variables()
             .into_iter()
-            .filter(|(name, t)| {
-                name.starts_with(prefix) && trainable.iter().any(|v| v.data_ptr() == t.data_ptr())
-            })
+            .filter(|(name, t)| name.starts_with(prefix) && trainable.iter().any(|v| v.data_ptr() == t.data_ptr()))
             .collect();
         params.sort_by(|a, b| a.0.cmp(&b.0));
         let m = params.iter().map(|(_, p)| p.zeros_like()).collect();
         let v = params.iter().map(|(_, p)| p.zeros_like()).collect();
-        Adam {
-            params,
-            m,
-            v,
-            step: 0,
-            lr,
-            beta1: 0.9,
-            beta2: 0.999,
-            eps,
-        }
+        Adam { params, m, v, step: 0, lr, beta1: 0.9, beta2: 0.999, eps }
     }
 
     /// Sets every gradient to zero.
@@ -79,14 +68,7 @@ impl Adam {
                 .filter(|g| g.defined())
                 .map(|g| g.square().sum(Kind::Float))
                 .collect();
-            if sq.is_empty() {
-                0.0
-            } else {
-                Tensor::stack(&sq, 0)
-                    .sum(Kind::Float)
-                    .sqrt()
-                    .double_value(&[])
-            }
+            if sq.is_empty() { 0.0 } else { Tensor::stack(&sq, 0).sum(Kind::Float).sqrt().double_value(&[]) }
         });
         if norm > max_norm {
             let scale = max_norm / (norm + 1e-6);
@@ -113,12 +95,8 @@ impl Adam {
                 if !g.defined() {
                     continue;
                 }
-                let _ = self.m[i]
-                    .g_mul_scalar_(self.beta1)
-                    .g_add_(&(&g * (1.0 - self.beta1)));
-                let _ = self.v[i]
-                    .g_mul_scalar_(self.beta2)
-                    .g_add_(&(g.square() * (1.0 - self.beta2)));
+                let _ = self.m[i].g_mul_scalar_(self.beta1).g_add_(&(&g * (1.0 - self.beta1)));
+                let _ = self.v[i].g_mul_scalar_(self.beta2).g_add_(&(g.square() * (1.0 - self.beta2)));
                 let denom = (&self.v[i] / bc2).sqrt() + self.eps;
                 let update = (&self.m[i] / bc1) / denom * self.lr;
                 let _ = p.g_sub_(&update);
@@ -137,19 +115,12 @@ impl Adam {
     }
 
     /// Restores the moments saved by [`Adam::state_tensors`].
-    pub fn load_state_tensors(
-        &mut self,
-        tensors: &[(String, Tensor)],
-        step: i64,
-    ) -> Result<(), String> {
+    pub fn load_state_tensors(&mut self, tensors: &[(String, Tensor)], step: i64) -> Result<(), String> {
         let find = |key: String| tensors.iter().find(|(n, _)| *n == key).map(|(_, t)| t);
         for (i, (name, p)) in self.params.iter().enumerate() {
-            for (slot, key) in [
-                (&mut self.m[i], format!("adam.m.{name}")),
-                (&mut self.v[i], format!("adam.v.{name}")),
-            ] {
-                let t =
-                    find(key.clone()).ok_or_else(|| format!("optimizer state `{key}` missing"))?;
+            for (slot, key) in [(&mut self.m[i], format!("adam.m.{name}")), (&mut self.v[i], format!("adam.v.{name}"))]
+            {
+                let t = find(key.clone()).ok_or_else(|| format!("optimizer state `{key}` missing"))?;
                 if t.size() != p.size() {
                     return Err(format!(
                         "optimizer state `{key}` has shape {:?}, parameter has {:?}",
@@ -203,29 +174,16 @@ mod tests {
         let x = vs.root().var("x", &[2], nn::Init::Const(0.0));
         let mut opt = Adam::new(&vs, "", 0.1, 1e-8);
         opt.zero_grad();
-        (&x * Tensor::from_slice(&[30.0f32, 40.0]))
-            .sum(Kind::Float)
-            .backward();
+        (&x * Tensor::from_slice(&[30.0f32, 40.0])).sum(Kind::Float).backward();
         let before = opt.clip_grad_norm(5.0);
         assert!((before - 50.0).abs() < 1e-4);
         let g: Vec<f32> = Vec::try_from(x.grad()).unwrap();
-        assert!(
-            (g[0] - 3.0).abs() < 1e-3 && (g[1] - 4.0).abs() < 1e-3,
-            "{g:?}"
-        );
+        assert!((g[0] - 3.0).abs() < 1e-3 && (g[1] - 4.0).abs() < 1e-3, "{g:?}");
         opt.step();
         let saved = opt.state_tensors();
         let mut other = Adam::new(&vs, "", 0.1, 1e-8);
         other.load_state_tensors(&saved, opt.step).unwrap();
-        assert_eq!(
-            Vec::<f32>::try_from(&other.m[0]).unwrap(),
-            Vec::<f32>::try_from(&opt.m[0]).unwrap()
-        );
-        assert!(
-            other
-                .load_state_tensors(&saved[..1], 1)
-                .unwrap_err()
-                .contains("missing")
-        );
+        assert_eq!(Vec::<f32>::try_from(&other.m[0]).unwrap(), Vec::<f32>::try_from(&opt.m[0]).unwrap());
+        assert!(other.load_state_tensors(&saved[..1], 1).unwrap_err().contains("missing"));
     }
 }

@@ -84,12 +84,7 @@ impl Default for DdimConfig {
 
 impl rankpilot_config::Validate for DdimConfig {
     fn validate(&self, v: &mut rankpilot_config::Violations) {
-        v.check(
-            self.train_steps >= 2,
-            "train_steps",
-            self.train_steps,
-            "an integer >= 2",
-        );
+        v.check(self.train_steps >= 2, "train_steps", self.train_steps, "an integer >= 2");
         v.check(
             self.sample_steps >= 1 && self.sample_steps <= self.train_steps,
             "sample_steps",
@@ -102,37 +97,17 @@ impl rankpilot_config::Validate for DdimConfig {
             (self.beta_start, self.beta_end),
             "0 < beta_start < beta_end < 1",
         );
-        v.check(
-            self.guidance >= 0.0,
-            "guidance",
-            self.guidance,
-            "a number >= 0",
-        );
-        v.check(
-            (0.0..1.0).contains(&self.cond_drop),
-            "cond_drop",
-            self.cond_drop,
-            "a number in [0, 1)",
-        );
+        v.check(self.guidance >= 0.0, "guidance", self.guidance, "a number >= 0");
+        v.check((0.0..1.0).contains(&self.cond_drop), "cond_drop", self.cond_drop, "a number in [0, 1)");
         v.check(self.hidden >= 1, "hidden", self.hidden, "an integer >= 1");
-        v.check(
-            self.learning_rate > 0.0,
-            "learning_rate",
-            self.learning_rate,
-            "a number > 0",
-        );
+        v.check(self.learning_rate > 0.0, "learning_rate", self.learning_rate, "a number > 0");
         v.check(
             self.replay_capacity >= self.batch_size,
             "replay_capacity",
             self.replay_capacity,
             "an integer >= batch_size",
         );
-        v.check(
-            self.batch_size >= 2,
-            "batch_size",
-            self.batch_size,
-            "an integer >= 2",
-        );
+        v.check(self.batch_size >= 2, "batch_size", self.batch_size, "an integer >= 2");
     }
 }
 
@@ -155,8 +130,7 @@ pub fn alpha_bar(cfg: &DdimConfig) -> Vec<f64> {
 /// Sinusoidal embedding of integer timesteps [B] → [B, TIME_EMB].
 fn time_embedding(t: &Tensor) -> Tensor {
     let half = TIME_EMB / 2;
-    let freqs =
-        (Tensor::arange(half, (Kind::Float, t.device())) * (-(10_000f64.ln()) / half as f64)).exp();
+    let freqs = (Tensor::arange(half, (Kind::Float, t.device())) * (-(10_000f64.ln()) / half as f64)).exp();
     let args = t.to_kind(Kind::Float).unsqueeze(-1) * freqs.unsqueeze(0);
     Tensor::cat(&[args.sin(), args.cos()], -1)
 }
@@ -235,22 +209,12 @@ impl Denoiser {
     ) -> Tensor {
         let (b, l) = (x0.size()[0], x0.size()[1]);
         let dev = x0.device();
-        let t: Vec<i64> = (0..b)
-            .map(|_| rng.random_range(0..cfg.train_steps as i64))
-            .collect();
+        let t: Vec<i64> = (0..b).map(|_| rng.random_range(0..cfg.train_steps as i64)).collect();
         let t = Tensor::from_slice(&t).to_device(dev);
         let eps = gaussian(rng, &[b, l], dev);
         let ab = alpha_bar.index_select(0, &t).unsqueeze(-1);
         let x_t = &ab.sqrt() * x0 + (-&ab + 1.0).sqrt() * &eps;
-        let cond: Vec<f32> = (0..b)
-            .map(|_| {
-                if rng.random::<f64>() < cfg.cond_drop {
-                    0.0
-                } else {
-                    1.0
-                }
-            })
-            .collect();
+        let cond: Vec<f32> = (0..b).map(|_| if rng.random::<f64>() < cfg.cond_drop { 0.0 } else { 1.0 }).collect();
         let cond = Tensor::from_slice(&cond).to_device(dev);
         let pred = self.forward(&x_t, coarse, &cond, &t, global, sites, mask);
         let z = (rewards - rewards.mean(Kind::Float)) / (rewards.std(true) + 1e-8);
@@ -313,11 +277,7 @@ fn gaussian(rng: &mut ChaCha8Rng, shape: &[i64], dev: Device) -> Tensor {
 
 /// Rank index ↦ [−1, 1].
 pub fn encode(index: usize, n_ranks: usize) -> f32 {
-    if n_ranks <= 1 {
-        0.0
-    } else {
-        2.0 * index as f32 / (n_ranks - 1) as f32 - 1.0
-    }
+    if n_ranks <= 1 { 0.0 } else { 2.0 * index as f32 / (n_ranks - 1) as f32 - 1.0 }
 }
 
 /// [−1, 1] ↦ nearest rank index.
@@ -352,13 +312,7 @@ mod tests {
         // check that training and sampling agree on conventions.
         tch::manual_seed(0);
         let mut rng = ChaCha8Rng::seed_from_u64(0);
-        let cfg = DdimConfig {
-            hidden: 64,
-            train_steps: 100,
-            sample_steps: 10,
-            guidance: 1.0,
-            ..Default::default()
-        };
+        let cfg = DdimConfig { hidden: 64, train_steps: 100, sample_steps: 10, guidance: 1.0, ..Default::default() };
         let vs = nn::VarStore::new(Device::Cpu);
         let den = Denoiser::new(&vs.root(), 1, 1, cfg.hidden);
         let mut opt = nn::OptimizerConfig::build(nn::Adam::default(), &vs, 3e-3).unwrap();
@@ -366,9 +320,7 @@ mod tests {
         let ab = Tensor::from_slice(&ab_vec).to_kind(Kind::Float);
         let (b, l) = (64, 4);
         for _ in 0..400 {
-            let idx: Vec<f32> = (0..b * l)
-                .map(|_| encode(rng.random_range(0..8), 8))
-                .collect();
+            let idx: Vec<f32> = (0..b * l).map(|_| encode(rng.random_range(0..8), 8)).collect();
             let x0 = Tensor::from_slice(&idx).view([b, l]);
             let loss = den.loss(
                 &cfg,
@@ -395,11 +347,7 @@ mod tests {
             &mut rng,
         );
         let got: Vec<f32> = Vec::try_from(x.flatten(0, -1)).unwrap();
-        let hits = got
-            .iter()
-            .zip(&target)
-            .filter(|(g, t)| decode(**g, 8) == decode(**t, 8))
-            .count();
+        let hits = got.iter().zip(&target).filter(|(g, t)| decode(**g, 8) == decode(**t, 8)).count();
         assert!(hits >= 6, "denoiser reproduced {hits}/8 ranks: {got:?}");
     }
 }

@@ -7,9 +7,9 @@
 
 pub mod adam;
 pub mod ddim;
+pub mod model;
 pub mod network;
 pub mod normalize;
 pub mod ppo;
-pub mod model;
 pub mod projection;
 pub mod trainer;

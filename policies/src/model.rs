@@ -40,7 +40,10 @@ impl Schema {
     /// Explains the first difference from `other` (the environment or run the policy is used on).
     pub fn check_compatible(&self, other: &Schema) -> Result<(), String> {
         if self.ranks != other.ranks {
-            return Err(format!("the policy chooses from ranks {:?}, the environment uses {:?}", self.ranks, other.ranks));
+            return Err(format!(
+                "the policy chooses from ranks {:?}, the environment uses {:?}",
+                self.ranks, other.ranks
+            ));
         }
         if self.global_features != other.global_features || self.site_features != other.site_features {
             return Err(format!(
@@ -103,8 +106,11 @@ impl PolicyModel {
     pub fn new(device: Device, ranks: &[u32], net: NetConfig, ddim: DdimConfig) -> Self {
         let vs = nn::VarStore::new(device);
         let root = vs.root();
-        let network = PolicyNet::new(&(&root / "net"), GLOBAL_FEATURES as i64, SITE_FEATURES as i64, ranks.len() as i64, net);
-        let denoiser = ddim.enabled.then(|| Denoiser::new(&(&root / "ddim"), GLOBAL_FEATURES as i64, SITE_FEATURES as i64, ddim.hidden));
+        let network =
+            PolicyNet::new(&(&root / "net"), GLOBAL_FEATURES as i64, SITE_FEATURES as i64, ranks.len() as i64, net);
+        let denoiser = ddim
+            .enabled
+            .then(|| Denoiser::new(&(&root / "ddim"), GLOBAL_FEATURES as i64, SITE_FEATURES as i64, ddim.hidden));
         PolicyModel {
             vs,
             net: network,
@@ -123,7 +129,13 @@ impl PolicyModel {
     }
 
     /// Normalized copies of raw observations as tensors: global [N, G], sites [N, L, F], mask.
-    pub fn tensors(&self, global: &[f32], sites: &[f32], n_envs: usize, n_sites: usize) -> (Tensor, Tensor, Tensor, Vec<f32>, Vec<f32>) {
+    pub fn tensors(
+        &self,
+        global: &[f32],
+        sites: &[f32],
+        n_envs: usize,
+        n_sites: usize,
+    ) -> (Tensor, Tensor, Tensor, Vec<f32>, Vec<f32>) {
         let mut g = global.to_vec();
         let mut s = sites.to_vec();
         self.norm.global.normalize(&mut g);
@@ -151,7 +163,9 @@ impl PolicyModel {
         let k = self.ranks.len();
         let (gt, st, mask, _, _) = self.tensors(global, sites, n_envs, n_sites);
         let (logits, values) = tch::no_grad(|| self.net.forward(&gt, &st, &mask));
-        let logp_all: Vec<f32> = Vec::try_from(logits.log_softmax(-1, Kind::Float).to_device(Device::Cpu).flatten(0, -1)).expect("f32 logits");
+        let logp_all: Vec<f32> =
+            Vec::try_from(logits.log_softmax(-1, Kind::Float).to_device(Device::Cpu).flatten(0, -1))
+                .expect("f32 logits");
         let values: Vec<f32> = Vec::try_from(values.to_device(Device::Cpu).flatten(0, -1)).expect("f32 values");
         let mut coarse = vec![0u8; n_envs * n_sites];
         let mut logp = vec![0f32; n_envs * n_sites];
@@ -214,7 +228,11 @@ impl PolicyModel {
     pub fn load_weights(&mut self, tensors: &[(String, Tensor)]) -> Result<(), String> {
         let mut vars = self.vs.variables();
         for (name, var) in vars.iter_mut() {
-            let t = tensors.iter().find(|(n, _)| n == name).map(|(_, t)| t).ok_or_else(|| format!("weight `{name}` missing"))?;
+            let t = tensors
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, t)| t)
+                .ok_or_else(|| format!("weight `{name}` missing"))?;
             if t.size() != var.size() {
                 return Err(format!("weight `{name}` has shape {:?}, the network expects {:?}", t.size(), var.size()));
             }
@@ -254,7 +272,15 @@ impl RankPolicy for TrainedPolicy<'_> {
     }
 
     fn act(&mut self, obs: &Observation, ctx: &RoundContext<'_>) -> Vec<u32> {
-        let d = self.model.act(&obs.global, &obs.sites, 1, obs.n_sites, ctx.unit_cost, &[ctx.conservative_budget], ActMode::Greedy);
+        let d = self.model.act(
+            &obs.global,
+            &obs.sites,
+            1,
+            obs.n_sites,
+            ctx.unit_cost,
+            &[ctx.conservative_budget],
+            ActMode::Greedy,
+        );
         d.executed.iter().map(|&j| self.model.ranks[j as usize]).collect()
     }
 }

@@ -7,13 +7,16 @@
 //! e_i    = tanh(W₂ tanh(W₁ s_i))                     site token            [B, L, H]
 //! c      = tanh(W₄ tanh(W₃ g))                       global token          [B, H]
 //! p      = mean_i e_i ‖ max_i e_i                    pooled over real sites [B, 2H]
-//! h_i    = tanh(W₆ tanh(W₅ [e_i ‖ p ‖ c]))           site in context       [B, L, H]
+//! h_i    = tanh(W₆ tanh(W₅ e_i + U₅ [p ‖ c]))        site in context       [B, L, H]
 //! logits = W₇ h_i                                    categorical over ranks [B, L, K]
 //! V_i    = W₉ tanh(W₈ h_i)                           value share of site i  [B, L]
 //! ```
 //!
 //! The state value is V(s) = Σ_i V_i: with per-site credit (see [`crate::ppo`]) each V_i is
 //! trained on site i's own reward stream, with shared credit only their sum is trained.
+//! `W₅ e_i + U₅ [p ‖ c]` is a linear layer on the concatenation `[e_i ‖ p ‖ c]` split in two, so
+//! the context part is computed once per state instead of once per site (a quarter of the
+//! per-site cost).
 //! Padding sites (mask 0) are excluded from the pools and get V_i = 0; their logits are ignored
 //! by the caller.
 //! Initialization follows CleanRL: orthogonal weights with gain √2, 0.01 for the policy head
@@ -27,13 +30,13 @@ use tch::{Kind, Tensor};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NetConfig {
-    /// Width H of every hidden layer (default 128).
+    /// Width H of every hidden layer (default 64).
     pub hidden: i64,
 }
 
 impl Default for NetConfig {
     fn default() -> Self {
-        NetConfig { hidden: 128 }
+        NetConfig { hidden: 64 }
     }
 }
 
@@ -42,11 +45,7 @@ fn layer(p: nn::Path, i: i64, o: i64, gain: f64) -> nn::Linear {
         p,
         i,
         o,
-        nn::LinearConfig {
-            ws_init: nn::Init::Orthogonal { gain },
-            bs_init: Some(nn::Init::Const(0.0)),
-            bias: true,
-        },
+        nn::LinearConfig { ws_init: nn::Init::Orthogonal { gain }, bs_init: Some(nn::Init::Const(0.0)), bias: true },
     )
 }
 
@@ -57,7 +56,8 @@ pub struct PolicyNet {
     site2: nn::Linear,
     glob1: nn::Linear,
     glob2: nn::Linear,
-    mix1: nn::Linear,
+    mix1_site: nn::Linear,
+    mix1_ctx: nn::Linear,
     mix2: nn::Linear,
     logits: nn::Linear,
     value1: nn::Linear,
@@ -75,7 +75,13 @@ impl PolicyNet {
             site2: layer(p / "site2", h, h, g),
             glob1: layer(p / "glob1", global_dim, h, g),
             glob2: layer(p / "glob2", h, h, g),
-            mix1: layer(p / "mix1", 4 * h, h, g),
+            mix1_site: layer(p / "mix1_site", h, h, g),
+            mix1_ctx: nn::linear(
+                p / "mix1_ctx",
+                3 * h,
+                h,
+                nn::LinearConfig { ws_init: nn::Init::Orthogonal { gain: g }, bs_init: None, bias: false },
+            ),
             mix2: layer(p / "mix2", h, h, g),
             logits: layer(p / "logits", h, n_ranks, 0.01),
             value1: layer(p / "value1", h, h, g),
@@ -87,28 +93,15 @@ impl PolicyNet {
     /// Returns logits [B, L, K] and per-site values [B, L] (0 at padding).
     pub fn forward(&self, global: &Tensor, sites: &Tensor, mask: &Tensor) -> (Tensor, Tensor) {
         let e = self.site2.forward(&self.site1.forward(sites).tanh()).tanh();
-        let c = self
-            .glob2
-            .forward(&self.glob1.forward(global).tanh())
-            .tanh();
+        let c = self.glob2.forward(&self.glob1.forward(global).tanh()).tanh();
         let m = mask.unsqueeze(-1);
         let count = m.sum_dim_intlist(1, false, Kind::Float).clamp_min(1.0);
         let mean = (&e * &m).sum_dim_intlist(1, false, Kind::Float) / count;
         // Padding must never win the max: push it far below tanh's range.
         let max = (&e + (&m - 1.0) * 4.0).amax(1, false);
         let pooled = Tensor::cat(&[mean, max], -1);
-        let l = sites.size()[1];
-        let ctx = Tensor::cat(&[&pooled, &c], -1);
-        let ctx_per_site = ctx.unsqueeze(1).expand([-1, l, -1], false);
-        let h = self
-            .mix2
-            .forward(
-                &self
-                    .mix1
-                    .forward(&Tensor::cat(&[&e, &ctx_per_site], -1))
-                    .tanh(),
-            )
-            .tanh();
+        let ctx = self.mix1_ctx.forward(&Tensor::cat(&[&pooled, &c], -1)).unsqueeze(1);
+        let h = self.mix2.forward(&(self.mix1_site.forward(&e) + ctx).tanh()).tanh();
         let logits = self.logits.forward(&h);
         let site_values = self.value2.forward(&self.value1.forward(&h).tanh()).squeeze_dim(-1) * mask;
         (logits, site_values)
@@ -132,19 +125,10 @@ mod tests {
         assert_eq!(logits.size(), vec![2, 3, 8]);
         assert_eq!(v.size(), vec![2, 3]);
         // Adding a padding site changes nothing for the real ones.
-        let s_pad = Tensor::cat(
-            &[&s, &Tensor::randn([2, 1, 7], (Kind::Float, Device::Cpu))],
-            1,
-        );
-        let mask_pad = Tensor::cat(
-            &[&mask, &Tensor::zeros([2, 1], (Kind::Float, Device::Cpu))],
-            1,
-        );
+        let s_pad = Tensor::cat(&[&s, &Tensor::randn([2, 1, 7], (Kind::Float, Device::Cpu))], 1);
+        let mask_pad = Tensor::cat(&[&mask, &Tensor::zeros([2, 1], (Kind::Float, Device::Cpu))], 1);
         let (logits_pad, v_pad) = net.forward(&g, &s_pad, &mask_pad);
-        let diff = (logits_pad.narrow(1, 0, 3) - &logits)
-            .abs()
-            .max()
-            .double_value(&[]);
+        let diff = (logits_pad.narrow(1, 0, 3) - &logits).abs().max().double_value(&[]);
         assert!(diff < 1e-6, "{diff}");
         assert!((v_pad.narrow(1, 0, 3) - &v).abs().max().double_value(&[]) < 1e-6);
         assert_eq!(v_pad.narrow(1, 3, 1).abs().sum(Kind::Float).double_value(&[]), 0.0);

@@ -25,11 +25,7 @@ pub struct RunningMeanStd {
 impl RunningMeanStd {
     /// Statistics for `dim` features: mean 0, variance 1.
     pub fn new(dim: usize) -> Self {
-        RunningMeanStd {
-            mean: vec![0.0; dim],
-            var: vec![1.0; dim],
-            count: 1e-4,
-        }
+        RunningMeanStd { mean: vec![0.0; dim], var: vec![1.0; dim], count: 1e-4 }
     }
 
     /// Number of features.
@@ -61,8 +57,7 @@ impl RunningMeanStd {
         let total = self.count + n;
         for j in 0..d {
             let delta = bmean[j] - self.mean[j];
-            let m2 =
-                self.var[j] * self.count + bvar[j] * n + delta * delta * self.count * n / total;
+            let m2 = self.var[j] * self.count + bvar[j] * n + delta * delta * self.count * n / total;
             self.mean[j] += delta * n / total;
             self.var[j] = m2 / total;
         }
@@ -96,10 +91,7 @@ pub struct ObsNormalizer {
 impl ObsNormalizer {
     /// Fresh statistics for the given feature counts.
     pub fn new(global_dim: usize, site_dim: usize) -> Self {
-        ObsNormalizer {
-            global: RunningMeanStd::new(global_dim),
-            site: RunningMeanStd::new(site_dim),
-        }
+        ObsNormalizer { global: RunningMeanStd::new(global_dim), site: RunningMeanStd::new(site_dim) }
     }
 
     /// Serializes the statistics for a checkpoint.
@@ -108,13 +100,8 @@ impl ObsNormalizer {
     }
 
     /// Restores statistics from a checkpoint, checking the feature counts.
-    pub fn from_json(
-        v: &serde_json::Value,
-        global_dim: usize,
-        site_dim: usize,
-    ) -> Result<Self, String> {
-        let n: ObsNormalizer = serde_json::from_value(v.clone())
-            .map_err(|e| format!("observation normalizer: {e}"))?;
+    pub fn from_json(v: &serde_json::Value, global_dim: usize, site_dim: usize) -> Result<Self, String> {
+        let n: ObsNormalizer = serde_json::from_value(v.clone()).map_err(|e| format!("observation normalizer: {e}"))?;
         if n.global.dim() != global_dim || n.site.dim() != site_dim {
             return Err(format!(
                 "observation normalizer has {}+{} features, the observation schema has {global_dim}+{site_dim}",
@@ -133,9 +120,7 @@ mod tests {
     #[test]
     fn matches_batch_statistics() {
         let mut r = RunningMeanStd::new(2);
-        let rows: Vec<f32> = (0..1000)
-            .flat_map(|i| [i as f32, (i % 7) as f32 * 2.0])
-            .collect();
+        let rows: Vec<f32> = (0..1000).flat_map(|i| [i as f32, (i % 7) as f32 * 2.0]).collect();
         for chunk in rows.chunks(2 * 37) {
             r.update(chunk);
         }

@@ -116,90 +116,30 @@ impl Default for PpoConfig {
 
 impl rankpilot_config::Validate for PpoConfig {
     fn validate(&self, v: &mut rankpilot_config::Violations) {
-        v.check(
-            self.num_envs >= 1,
-            "num_envs",
-            self.num_envs,
-            "an integer >= 1",
-        );
-        v.check(
-            self.num_steps >= 1,
-            "num_steps",
-            self.num_steps,
-            "an integer >= 1",
-        );
+        v.check(self.num_envs >= 1, "num_envs", self.num_envs, "an integer >= 1");
+        v.check(self.num_steps >= 1, "num_steps", self.num_steps, "an integer >= 1");
         v.check(
             self.learning_rate > 0.0 && self.learning_rate < 1.0,
             "learning_rate",
             self.learning_rate,
             "a number in (0, 1)",
         );
-        v.check(
-            self.adam_eps > 0.0,
-            "adam_eps",
-            self.adam_eps,
-            "a number > 0",
-        );
-        v.check(
-            (0.0..=1.0).contains(&self.gamma),
-            "gamma",
-            self.gamma,
-            "a number in [0, 1]",
-        );
-        v.check(
-            (0.0..=1.0).contains(&self.gae_lambda),
-            "gae_lambda",
-            self.gae_lambda,
-            "a number in [0, 1]",
-        );
+        v.check(self.adam_eps > 0.0, "adam_eps", self.adam_eps, "a number > 0");
+        v.check((0.0..=1.0).contains(&self.gamma), "gamma", self.gamma, "a number in [0, 1]");
+        v.check((0.0..=1.0).contains(&self.gae_lambda), "gae_lambda", self.gae_lambda, "a number in [0, 1]");
         v.check(
             self.num_minibatches >= 1 && self.num_minibatches <= self.num_envs * self.num_steps,
             "num_minibatches",
             self.num_minibatches,
             "an integer in [1, num_envs × num_steps]",
         );
-        v.check(
-            self.update_epochs >= 1,
-            "update_epochs",
-            self.update_epochs,
-            "an integer >= 1",
-        );
-        v.check(
-            self.clip_coef > 0.0,
-            "clip_coef",
-            self.clip_coef,
-            "a number > 0",
-        );
-        v.check(
-            self.ent_coef >= 0.0,
-            "ent_coef",
-            self.ent_coef,
-            "a number >= 0",
-        );
-        v.check(
-            self.vf_coef >= 0.0,
-            "vf_coef",
-            self.vf_coef,
-            "a number >= 0",
-        );
-        v.check(
-            self.max_grad_norm > 0.0,
-            "max_grad_norm",
-            self.max_grad_norm,
-            "a number > 0",
-        );
-        v.check(
-            self.reward_scale > 0.0,
-            "reward_scale",
-            self.reward_scale,
-            "a number > 0",
-        );
-        v.check(
-            self.net.hidden >= 1,
-            "net.hidden",
-            self.net.hidden,
-            "an integer >= 1",
-        );
+        v.check(self.update_epochs >= 1, "update_epochs", self.update_epochs, "an integer >= 1");
+        v.check(self.clip_coef > 0.0, "clip_coef", self.clip_coef, "a number > 0");
+        v.check(self.ent_coef >= 0.0, "ent_coef", self.ent_coef, "a number >= 0");
+        v.check(self.vf_coef >= 0.0, "vf_coef", self.vf_coef, "a number >= 0");
+        v.check(self.max_grad_norm > 0.0, "max_grad_norm", self.max_grad_norm, "a number > 0");
+        v.check(self.reward_scale > 0.0, "reward_scale", self.reward_scale, "a number > 0");
+        v.check(self.net.hidden >= 1, "net.hidden", self.net.hidden, "an integer >= 1");
     }
 }
 
@@ -224,11 +164,7 @@ pub fn gae(
         for t in (0..t_len).rev() {
             let i = t * num_envs + n;
             let not_done = 1.0 - terminated[i] as f64;
-            let v_next = if t + 1 == t_len {
-                next_value[n]
-            } else {
-                values[i + num_envs]
-            } as f64;
+            let v_next = if t + 1 == t_len { next_value[n] } else { values[i + num_envs] } as f64;
             let delta = rewards[i] as f64 + gamma * v_next * not_done - values[i] as f64;
             last = delta + gamma * lambda * not_done * last;
             adv[i] = last as f32;
@@ -293,9 +229,7 @@ pub fn evaluate_actions(
 ) -> (Tensor, Tensor, Tensor) {
     let (logits, value) = net.forward(global, sites, mask);
     let logp_all = logits.log_softmax(-1, Kind::Float);
-    let logp = logp_all
-        .gather(-1, &actions.unsqueeze(-1), false)
-        .squeeze_dim(-1);
+    let logp = logp_all.gather(-1, &actions.unsqueeze(-1), false).squeeze_dim(-1);
     let entropy = -(logp_all.exp() * &logp_all).sum_dim_intlist(-1, false, Kind::Float);
     (logp, entropy, value)
 }
@@ -315,15 +249,8 @@ pub fn update(
     let b = batch.values.size()[0] as usize;
     let mb = (b / cfg.num_minibatches).max(1);
     opt.lr = learning_rate;
-    let backup: Vec<(String, Tensor)> = vs
-        .variables()
-        .into_iter()
-        .map(|(k, v)| (k, v.detach().copy()))
-        .collect();
-    let mut stats = UpdateStats {
-        learning_rate,
-        ..Default::default()
-    };
+    let backup: Vec<(String, Tensor)> = vs.variables().into_iter().map(|(k, v)| (k, v.detach().copy())).collect();
+    let mut stats = UpdateStats { learning_rate, ..Default::default() };
     let (mut n_mb, mut pl, mut vl, mut ent, mut cf) = (0usize, 0.0, 0.0, 0.0, 0.0);
     'epochs: for _ in 0..cfg.update_epochs {
         let order = perm(b);
@@ -332,28 +259,25 @@ pub fn update(
             let sel = |t: &Tensor| t.index_select(0, &idx);
             let mask = sel(&batch.mask);
             let sites_in_mb = mask.sum(Kind::Float).clamp_min(1.0);
-            let (logp, entropy, value) = evaluate_actions(
-                net,
-                &sel(&batch.global),
-                &sel(&batch.sites),
-                &mask,
-                &sel(&batch.actions),
-            );
+            let (logp, entropy, value) =
+                evaluate_actions(net, &sel(&batch.global), &sel(&batch.sites), &mask, &sel(&batch.actions));
             let logratio = (&logp - sel(&batch.logp)) * &mask;
             let ratio = logratio.exp();
 
             let (approx_kl, clipped) = tch::no_grad(|| {
                 let kl = (((&ratio - 1.0) - &logratio) * &mask).sum(Kind::Float) / &sites_in_mb;
-                let clipped = (((&ratio - 1.0).abs().gt(cfg.clip_coef)).to_kind(Kind::Float)
-                    * &mask)
-                    .sum(Kind::Float)
+                let clipped = (((&ratio - 1.0).abs().gt(cfg.clip_coef)).to_kind(Kind::Float) * &mask).sum(Kind::Float)
                     / &sites_in_mb;
                 (kl.double_value(&[]), clipped.double_value(&[]))
             });
 
             let per_site = batch.advantages.dim() == 2;
             // Per-site tensors are masked; shared ones have one entry per state.
-            let weight = if per_site { mask.shallow_clone() } else { Tensor::ones([chunk.len() as i64], (Kind::Float, mask.device())) };
+            let weight = if per_site {
+                mask.shallow_clone()
+            } else {
+                Tensor::ones([chunk.len() as i64], (Kind::Float, mask.device()))
+            };
             let n_entries = weight.sum(Kind::Float).clamp_min(1.0);
             let mut adv = sel(&batch.advantages);
             if cfg.norm_adv && chunk.len() > 1 {
@@ -371,10 +295,7 @@ pub fn update(
             let value_loss = if cfg.clip_vloss {
                 let v_old = sel(&batch.values);
                 let v_clipped = &v_old + (&value - &v_old).clamp(-cfg.clip_coef, cfg.clip_coef);
-                v_unclipped
-                    .maximum(&(v_clipped - &returns).square())
-                    .mean(Kind::Float)
-                    * 0.5
+                v_unclipped.maximum(&(v_clipped - &returns).square()).mean(Kind::Float) * 0.5
             } else {
                 v_unclipped.mean(Kind::Float) * 0.5
             };
@@ -500,8 +421,7 @@ mod tests {
         let vs = nn::VarStore::new(Device::Cpu);
         let net = PolicyNet::new(&vs.root(), 2, 3, 4, NetConfig { hidden: 8 });
         let mut opt = Adam::new(&vs, "", 1e-3, 1e-5);
-        let before: Vec<f32> =
-            Vec::try_from(vs.variables()["logits.weight"].flatten(0, -1)).unwrap();
+        let before: Vec<f32> = Vec::try_from(vs.variables()["logits.weight"].flatten(0, -1)).unwrap();
         let b = 8;
         let batch = Batch {
             global: Tensor::randn([b, 2], (Kind::Float, Device::Cpu)),
@@ -512,28 +432,12 @@ mod tests {
             values: Tensor::zeros([b], (Kind::Float, Device::Cpu)),
             advantages: Tensor::ones([b], (Kind::Float, Device::Cpu)),
             // The first minibatch is fine and takes a step; the second has NaN returns.
-            returns: Tensor::from_slice(&[
-                0.0,
-                0.0,
-                0.0,
-                0.0,
-                f32::NAN,
-                f32::NAN,
-                f32::NAN,
-                f32::NAN,
-            ]),
+            returns: Tensor::from_slice(&[0.0, 0.0, 0.0, 0.0, f32::NAN, f32::NAN, f32::NAN, f32::NAN]),
         };
-        let cfg = PpoConfig {
-            num_minibatches: 2,
-            target_kl: 0.0,
-            ..Default::default()
-        };
-        let stats = update(&cfg, &net, &vs, &mut opt, &batch, 1e-3, |n| {
-            (0..n as i64).collect()
-        });
+        let cfg = PpoConfig { num_minibatches: 2, target_kl: 0.0, ..Default::default() };
+        let stats = update(&cfg, &net, &vs, &mut opt, &batch, 1e-3, |n| (0..n as i64).collect());
         assert!(stats.non_finite);
-        let after: Vec<f32> =
-            Vec::try_from(vs.variables()["logits.weight"].flatten(0, -1)).unwrap();
+        let after: Vec<f32> = Vec::try_from(vs.variables()["logits.weight"].flatten(0, -1)).unwrap();
         assert_eq!(before, after);
     }
 }

@@ -28,10 +28,7 @@ impl PartialOrd for Decrement {
 impl Ord for Decrement {
     fn cmp(&self, other: &Self) -> Ordering {
         // Min-heap on value per cost; ties broken by site index for determinism.
-        other
-            .value_per_cost
-            .total_cmp(&self.value_per_cost)
-            .then_with(|| other.site.cmp(&self.site))
+        other.value_per_cost.total_cmp(&self.value_per_cost).then_with(|| other.site.cmp(&self.site))
     }
 }
 
@@ -39,18 +36,8 @@ impl Ord for Decrement {
 /// `Σ cost[i][plan[i]] ≤ budget`. `logits` and `cost` are `n_sites × n_ranks`, row-major.
 /// Returns the plan's cost after projection; it exceeds `budget` only when even the all-lowest
 /// plan does.
-pub fn project_to_budget(
-    plan: &mut [usize],
-    logits: &[f32],
-    cost: &[f64],
-    n_ranks: usize,
-    budget: f64,
-) -> f64 {
-    let mut total: f64 = plan
-        .iter()
-        .enumerate()
-        .map(|(i, &k)| cost[i * n_ranks + k])
-        .sum();
+pub fn project_to_budget(plan: &mut [usize], logits: &[f32], cost: &[f64], n_ranks: usize, budget: f64) -> f64 {
+    let mut total: f64 = plan.iter().enumerate().map(|(i, &k)| cost[i * n_ranks + k]).sum();
     if total <= budget {
         return total;
     }
@@ -60,17 +47,9 @@ pub fn project_to_budget(
         }
         let saved = cost[site * n_ranks + from] - cost[site * n_ranks + from - 1];
         let value = (logits[site * n_ranks + from] - logits[site * n_ranks + from - 1]) as f64;
-        Some(Decrement {
-            value_per_cost: value / saved.max(1e-12),
-            site,
-            from,
-        })
+        Some(Decrement { value_per_cost: value / saved.max(1e-12), site, from })
     };
-    let mut heap: BinaryHeap<Decrement> = plan
-        .iter()
-        .enumerate()
-        .filter_map(|(i, &k)| candidate(i, k))
-        .collect();
+    let mut heap: BinaryHeap<Decrement> = plan.iter().enumerate().filter_map(|(i, &k)| candidate(i, k)).collect();
     while total > budget {
         let Some(d) = heap.pop() else { break };
         let i = d.site;

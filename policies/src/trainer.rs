@@ -48,8 +48,11 @@ impl rankpilot_config::Validate for PolicyPreset {
 }
 
 /// Presets shipped in `policies/presets/`, embedded in the binary.
-pub const EMBEDDED_PRESETS: &[(&str, &str)] =
-    &[("default", include_str!("../presets/default.toml")), ("ddim", include_str!("../presets/ddim.toml")), ("tiny", include_str!("../presets/tiny.toml"))];
+pub const EMBEDDED_PRESETS: &[(&str, &str)] = &[
+    ("default", include_str!("../presets/default.toml")),
+    ("ddim", include_str!("../presets/ddim.toml")),
+    ("tiny", include_str!("../presets/tiny.toml")),
+];
 
 /// Loads a policy preset by embedded name or by path.
 pub fn load_preset(name_or_path: &str) -> Result<PolicyPreset, rankpilot_config::ConfigError> {
@@ -122,8 +125,10 @@ impl Replay {
 
     fn load(&mut self, tensors: &[(String, Tensor)], len: usize, pos: usize) -> Result<(), String> {
         let get = |name: &str, want: usize| -> Result<Vec<f32>, String> {
-            let t = tensors.iter().find(|(n, _)| n == name).map(|(_, t)| t).ok_or_else(|| format!("`{name}` missing"))?;
-            let v: Vec<f32> = Vec::try_from(t.flatten(0, -1).to_kind(Kind::Float)).map_err(|e: tch::TchError| e.to_string())?;
+            let t =
+                tensors.iter().find(|(n, _)| n == name).map(|(_, t)| t).ok_or_else(|| format!("`{name}` missing"))?;
+            let v: Vec<f32> =
+                Vec::try_from(t.flatten(0, -1).to_kind(Kind::Float)).map_err(|e: tch::TchError| e.to_string())?;
             if v.len() != want {
                 return Err(format!("`{name}` has {} values, expected {want}", v.len()));
             }
@@ -160,6 +165,10 @@ pub struct IterationStats {
     pub episode_ranks: Option<(usize, Vec<u32>)>,
     /// Mean reward over the rollout.
     pub mean_reward: f64,
+    /// Wall time of the rollout (s).
+    pub rollout_s: f64,
+    /// Wall time of the PPO and DDIM updates (s).
+    pub update_s: f64,
 }
 
 /// The state of a training run.
@@ -220,7 +229,13 @@ pub struct CheckpointConfig {
 
 impl Trainer {
     /// A new run: fresh weights (seeded by `seed`), `ppo.num_envs` environments.
-    pub fn new(env_preset: &EnvPreset, preset: &PolicyPreset, total_steps: u64, seed: u64, device: Device) -> Result<Self, String> {
+    pub fn new(
+        env_preset: &EnvPreset,
+        preset: &PolicyPreset,
+        total_steps: u64,
+        seed: u64,
+        device: Device,
+    ) -> Result<Self, String> {
         tch::manual_seed(seed as i64);
         let spec: Arc<EnvSpec> = EnvSpec::new(env_preset).map_err(|e| e.to_string())?;
         let ranks = spec.rank_set.ranks().to_vec();
@@ -279,6 +294,7 @@ impl Trainer {
         let mut buf_done = Vec::with_capacity(t_len * n);
         let mut stats = IterationStats::default();
         let unit_cost = self.venv.spec().unit_cost.clone();
+        let t_start = std::time::Instant::now();
 
         for _ in 0..t_len {
             // Running statistics see every observation as it arrives (CleanRL's wrapper order).
@@ -286,7 +302,15 @@ impl Trainer {
             self.model.norm.site.update(self.venv.obs_sites());
             let budgets: Vec<f64> = (0..n).map(|i| self.venv.context(i).conservative_budget).collect();
             let (_, _, _, g_norm, s_norm) = self.model.tensors(self.venv.obs_global(), self.venv.obs_sites(), n, l);
-            let d = self.model.act(self.venv.obs_global(), self.venv.obs_sites(), n, l, &unit_cost, &budgets, ActMode::Sample(&mut self.rng));
+            let d = self.model.act(
+                self.venv.obs_global(),
+                self.venv.obs_sites(),
+                n,
+                l,
+                &unit_cost,
+                &budgets,
+                ActMode::Sample(&mut self.rng),
+            );
             self.venv.step_indices(&d.executed).expect("the policy emits in-range indices of the right length");
 
             let rewards = self.venv.rewards();
@@ -342,6 +366,8 @@ impl Trainer {
         let (adv, ret) = ppo::gae(&buf_r, &buf_v, &buf_done, &next_value, streams, cfg.gamma, cfg.gae_lambda);
         stats.mean_reward = buf_r.iter().map(|&r| r as f64).sum::<f64>() / (t_len * n) as f64;
 
+        stats.rollout_s = t_start.elapsed().as_secs_f64();
+        let t_update = std::time::Instant::now();
         let dev = self.model.device();
         let b = (t_len * n) as i64;
         let batch = Batch {
@@ -350,9 +376,9 @@ impl Trainer {
             mask: Tensor::ones([b, l as i64], (Kind::Float, dev)),
             actions: Tensor::from_slice(&buf_a).view([b, l as i64]).to_device(dev),
             logp: Tensor::from_slice(&buf_logp).view([b, l as i64]).to_device(dev),
-            values: Tensor::from_slice(&buf_v).view(value_shape(cfg.credit, b, l)).to_device(dev),
-            advantages: Tensor::from_slice(&adv).view(value_shape(cfg.credit, b, l)).to_device(dev),
-            returns: Tensor::from_slice(&ret).view(value_shape(cfg.credit, b, l)).to_device(dev),
+            values: Tensor::from_slice(&buf_v).view(value_shape(cfg.credit, b, l).as_slice()).to_device(dev),
+            advantages: Tensor::from_slice(&adv).view(value_shape(cfg.credit, b, l).as_slice()).to_device(dev),
+            returns: Tensor::from_slice(&ret).view(value_shape(cfg.credit, b, l).as_slice()).to_device(dev),
         };
         let rng = &mut self.rng;
         stats.update = ppo::update(&cfg, &self.model.net, &self.model.vs, &mut self.opt, &batch, lr, |len| {
@@ -361,6 +387,7 @@ impl Trainer {
             p
         });
         stats.ddim_loss = self.ddim_update();
+        stats.update_s = t_update.elapsed().as_secs_f64();
 
         self.iteration += 1;
         self.global_step += (t_len * n) as u64;
@@ -372,7 +399,9 @@ impl Trainer {
     /// Alternating DDIM step: `updates_per_iteration` reward-weighted denoising steps on replayed
     /// decisions, after the replay buffer holds `warmup` of them; then DDIM starts refining.
     fn ddim_update(&mut self) -> f64 {
-        let (Some(replay), Some(opt), Some(den)) = (self.replay.as_ref(), self.ddim_opt.as_mut(), self.model.denoiser.as_ref()) else {
+        let (Some(replay), Some(opt), Some(den)) =
+            (self.replay.as_ref(), self.ddim_opt.as_mut(), self.model.denoiser.as_ref())
+        else {
             return f64::NAN;
         };
         let cfg = &self.preset.ddim;
@@ -384,11 +413,18 @@ impl Trainer {
         let l = replay.n_sites;
         let mut total = 0.0;
         for _ in 0..cfg.updates_per_iteration {
-            let idx: Vec<usize> = (0..cfg.batch_size).map(|_| rand::Rng::random_range(&mut self.rng, 0..replay.len)).collect();
-            let gather = |src: &[f32], width: usize| -> Vec<f32> { idx.iter().flat_map(|&i| src[i * width..(i + 1) * width].iter().copied()).collect() };
+            let idx: Vec<usize> =
+                (0..cfg.batch_size).map(|_| rand::Rng::random_range(&mut self.rng, 0..replay.len)).collect();
+            let gather = |src: &[f32], width: usize| -> Vec<f32> {
+                idx.iter().flat_map(|&i| src[i * width..(i + 1) * width].iter().copied()).collect()
+            };
             let bsz = cfg.batch_size as i64;
-            let g = Tensor::from_slice(&gather(&replay.global, GLOBAL_FEATURES)).view([bsz, GLOBAL_FEATURES as i64]).to_device(dev);
-            let s = Tensor::from_slice(&gather(&replay.sites, l * SITE_FEATURES)).view([bsz, l as i64, SITE_FEATURES as i64]).to_device(dev);
+            let g = Tensor::from_slice(&gather(&replay.global, GLOBAL_FEATURES))
+                .view([bsz, GLOBAL_FEATURES as i64])
+                .to_device(dev);
+            let s = Tensor::from_slice(&gather(&replay.sites, l * SITE_FEATURES))
+                .view([bsz, l as i64, SITE_FEATURES as i64])
+                .to_device(dev);
             let c = Tensor::from_slice(&gather(&replay.coarse, l)).view([bsz, l as i64]).to_device(dev);
             let x0 = Tensor::from_slice(&gather(&replay.executed, l)).view([bsz, l as i64]).to_device(dev);
             let r = Tensor::from_slice(&gather(&replay.reward, 1)).to_device(dev);
@@ -449,16 +485,27 @@ impl Trainer {
         total_steps: Option<u64>,
         device: Device,
     ) -> Result<Self, String> {
-        let cfg: CheckpointConfig = serde_json::from_value(config.clone()).map_err(|e| format!("checkpoint config: {e}"))?;
-        let rs: ResumeState = serde_json::from_value(state.get("trainer").cloned().unwrap_or_default()).map_err(|e| format!("checkpoint state: {e}"))?;
-        let mut t = Trainer::new(&cfg.env_preset, &cfg.policy_preset, total_steps.unwrap_or(cfg.total_steps), cfg.seed, device)?;
+        let cfg: CheckpointConfig =
+            serde_json::from_value(config.clone()).map_err(|e| format!("checkpoint config: {e}"))?;
+        let rs: ResumeState = serde_json::from_value(state.get("trainer").cloned().unwrap_or_default())
+            .map_err(|e| format!("checkpoint state: {e}"))?;
+        let mut t = Trainer::new(
+            &cfg.env_preset,
+            &cfg.policy_preset,
+            total_steps.unwrap_or(cfg.total_steps),
+            cfg.seed,
+            device,
+        )?;
         cfg.schema.check_compatible(&Schema::current(&t.model.ranks))?;
         t.model.load_weights(tensors)?;
-        t.model.norm = crate::normalize::ObsNormalizer::from_json(&state["normalizer"], GLOBAL_FEATURES, SITE_FEATURES)?;
+        t.model.norm =
+            crate::normalize::ObsNormalizer::from_json(&state["normalizer"], GLOBAL_FEATURES, SITE_FEATURES)?;
         t.opt.load_state_tensors(tensors, rs.adam_step)?;
         if let Some(o) = t.ddim_opt.as_mut() {
-            let renamed: Vec<(String, Tensor)> =
-                tensors.iter().filter_map(|(n, x)| n.strip_prefix("ddim_").map(|s| (s.to_string(), x.shallow_clone()))).collect();
+            let renamed: Vec<(String, Tensor)> = tensors
+                .iter()
+                .filter_map(|(n, x)| n.strip_prefix("ddim_").map(|s| (s.to_string(), x.shallow_clone())))
+                .collect();
             o.load_state_tensors(&renamed, rs.ddim_adam_step)?;
         }
         if let Some(r) = t.replay.as_mut() {
@@ -489,8 +536,10 @@ pub fn policy_from_checkpoint(
     tensors: &[(String, Tensor)],
     device: Device,
 ) -> Result<(PolicyModel, CheckpointConfig), String> {
-    let cfg: CheckpointConfig = serde_json::from_value(config.clone()).map_err(|e| format!("checkpoint config: {e}"))?;
-    let mut model = PolicyModel::new(device, &cfg.schema.ranks, cfg.policy_preset.ppo.net, cfg.policy_preset.ddim.clone());
+    let cfg: CheckpointConfig =
+        serde_json::from_value(config.clone()).map_err(|e| format!("checkpoint config: {e}"))?;
+    let mut model =
+        PolicyModel::new(device, &cfg.schema.ranks, cfg.policy_preset.ppo.net, cfg.policy_preset.ddim.clone());
     model.load_weights(tensors)?;
     model.norm = crate::normalize::ObsNormalizer::from_json(&state["normalizer"], GLOBAL_FEATURES, SITE_FEATURES)?;
     model.ddim_active = state["trainer"]["ddim_active"].as_bool().unwrap_or(false);

@@ -56,9 +56,11 @@ pub fn run(a: &EvalArgs) -> anyhow::Result<()> {
     let mut table = envs::evaluate_baselines(&preset, &which, a.episodes, a.common.seed)?;
     let spec = envs::EnvSpec::new(&preset)?;
     for dir in &a.checkpoint {
-        let (meta, tensors) = checkpoint::load(dir, POLICY_KIND).with_context(|| format!("--checkpoint {}", dir.display()))?;
-        let (model, cfg) = policies::trainer::policy_from_checkpoint(&meta.config, &meta.state, &tensors, a.common.device)
-            .map_err(|e| BadInput(format!("{}: {e}", dir.display())))?;
+        let (meta, tensors) =
+            checkpoint::load(dir, POLICY_KIND).with_context(|| format!("--checkpoint {}", dir.display()))?;
+        let (model, cfg) =
+            policies::trainer::policy_from_checkpoint(&meta.config, &meta.state, &tensors, a.common.device)
+                .map_err(|e| BadInput(format!("{}: {e}", dir.display())))?;
         cfg.schema
             .check_compatible(&Schema::current(spec.rank_set.ranks()))
             .map_err(|e| BadInput(format!("{}: does not fit preset `{}`: {e}", dir.display(), preset.name)))?;

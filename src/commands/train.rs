@@ -67,8 +67,10 @@ pub fn run(a: &TrainArgs) -> anyhow::Result<()> {
     let env_preset = envs::presets::load(&a.env).map_err(|e| BadInput(e.to_string()))?;
     let out = a.out.clone().unwrap_or_else(|| PathBuf::from("checkpoints").join(&env_preset.name));
     let mut trainer = if a.resume {
-        let (meta, tensors) = checkpoint::load(&out, POLICY_KIND).with_context(|| format!("--resume: reading {}", out.display()))?;
-        Trainer::restore(&meta.config, &meta.state, &tensors, Some(a.steps), a.common.device).map_err(|e| BadInput(format!("{}: {e}", out.display())))?
+        let (meta, tensors) =
+            checkpoint::load(&out, POLICY_KIND).with_context(|| format!("--resume: reading {}", out.display()))?;
+        Trainer::restore(&meta.config, &meta.state, &tensors, Some(a.steps), a.common.device)
+            .map_err(|e| BadInput(format!("{}: {e}", out.display())))?
     } else {
         let preset: PolicyPreset = policies::trainer::load_preset(&a.policy)?;
         Trainer::new(&env_preset, &preset, a.steps, a.common.seed, a.common.device).map_err(BadInput)?
@@ -82,16 +84,29 @@ pub fn run(a: &TrainArgs) -> anyhow::Result<()> {
         ))
         .into());
     }
-    let logdir = a.logdir.clone().unwrap_or_else(|| PathBuf::from(format!("runs/train-{}-s{}", env_preset.name, trainer.seed)));
+    let logdir =
+        a.logdir.clone().unwrap_or_else(|| PathBuf::from(format!("runs/train-{}-s{}", env_preset.name, trainer.seed)));
     let mut tb = SummaryWriter::new(&logdir)?;
     let (_, config, _) = trainer.checkpoint_parts();
-    tb.add_text("config", &format!("```json\n{}\n```", serde_json::to_string_pretty(&config)?), trainer.global_step as i64)?;
+    tb.add_text(
+        "config",
+        &format!("```json\n{}\n```", serde_json::to_string_pretty(&config)?),
+        trainer.global_step as i64,
+    )?;
 
     let seed = trainer.seed;
-    let baselines = envs::evaluate_baselines(&trainer.env_preset, &[Baseline::Uniform, Baseline::Adalora, Baseline::Oracle], a.eval_episodes, eval_seed(seed))?;
+    let baselines = envs::evaluate_baselines(
+        &trainer.env_preset,
+        &[Baseline::Uniform, Baseline::Adalora, Baseline::Oracle],
+        a.eval_episodes,
+        eval_seed(seed),
+    )?;
     let total = trainer.total_iterations();
     let pb = ProgressBar::new(total as u64);
-    pb.set_style(ProgressStyle::with_template("{spinner} train [{elapsed_precise}] {bar:30} {pos}/{len} it  {msg}").expect("template"));
+    pb.set_style(
+        ProgressStyle::with_template("{spinner} train [{elapsed_precise}] {bar:30} {pos}/{len} it  {msg}")
+            .expect("template"),
+    );
     pb.set_position(trainer.iteration as u64);
     eprintln!(
         "training on `{}` ({} sites) with `{}`: {} iterations of {}×{} rounds; TensorBoard: {}; checkpoints: {}",
@@ -115,7 +130,10 @@ pub fn run(a: &TrainArgs) -> anyhow::Result<()> {
         let sps = (trainer.preset.ppo.num_envs * trainer.preset.ppo.num_steps) as f64 / t0.elapsed().as_secs_f64();
         let u = &st.update;
         if u.non_finite {
-            pb.println(format!("iteration {}: non-finite loss or gradient; update skipped, last good weights kept", st.iteration));
+            pb.println(format!(
+                "iteration {}: non-finite loss or gradient; update skipped, last good weights kept",
+                st.iteration
+            ));
         }
         for (tag, v) in [
             ("losses/policy_loss", u.policy_loss),
@@ -129,6 +147,8 @@ pub fn run(a: &TrainArgs) -> anyhow::Result<()> {
             ("charts/learning_rate", u.learning_rate),
             ("charts/steps_per_s", sps),
             ("charts/mean_reward", st.mean_reward),
+            ("charts/rollout_s", st.rollout_s),
+            ("charts/update_s", st.update_s),
         ] {
             tb.add_scalar(tag, v, step)?;
         }

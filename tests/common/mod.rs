@@ -34,9 +34,5 @@ pub fn rankpilot_in(args: &[&str], dir: &Path) -> Output {
 
 /// stdout + stderr as text, for assertion messages.
 pub fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
 }
