@@ -2,8 +2,8 @@
 //!
 //! `cargo bench -p envs --bench envs`
 
-use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
-use envs::{presets, VecEnv};
+use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
+use envs::{VecEnv, presets};
 use std::hint::black_box;
 
 fn stepping(c: &mut Criterion) {
@@ -14,11 +14,18 @@ fn stepping(c: &mut Criterion) {
     // A mixed plan (ranks 1, 2, 4 by site), feasible in most rounds, so the full update path runs.
     let rs = v.spec().rank_set.clone();
     let plan: Vec<u32> = (0..n_envs * n).map(|i| rs.rank(1 + i % 3)).collect();
-    let idx: Vec<u8> = plan.iter().map(|&r| rs.index_of(r).unwrap() as u8).collect();
+    let idx: Vec<u8> = plan
+        .iter()
+        .map(|&r| rs.index_of(r).unwrap() as u8)
+        .collect();
     let mut g = c.benchmark_group("vec_step");
     g.throughput(Throughput::Elements((n_envs * n) as u64));
-    g.bench_function("llama7b_64envs_x_224sites_ranks", |b| b.iter(|| v.step(black_box(&plan)).unwrap()));
-    g.bench_function("llama7b_64envs_x_224sites_indices", |b| b.iter(|| v.step_indices(black_box(&idx)).unwrap()));
+    g.bench_function("llama7b_64envs_x_224sites_ranks", |b| {
+        b.iter(|| v.step(black_box(&plan)).unwrap())
+    });
+    g.bench_function("llama7b_64envs_x_224sites_indices", |b| {
+        b.iter(|| v.step_indices(black_box(&idx)).unwrap())
+    });
     g.finish();
     let viol = {
         let mut count = 0;

@@ -4,6 +4,7 @@
 //! shows how much of the uniform→oracle gap the learnable structure alone can close.
 //!
 //! `cargo run --release -p envs --example eval_presets -- [episodes] [seed] [preset...]`
+#![allow(clippy::needless_range_loop)]
 use envs::policy::{AdaloraPolicy, RankPolicy, RoundContext};
 use envs::sites::power_law_tables;
 use envs::{EnvSpec, Observation};
@@ -38,7 +39,10 @@ impl RankPolicy for RoleBetaProbe {
             }
         }
         let mut out = vec![0usize; obs.n_sites];
-        match self.solver.solve(&values, &costs, k, ctx.conservative_budget, &mut out) {
+        match self
+            .solver
+            .solve(&values, &costs, k, ctx.conservative_budget, &mut out)
+        {
             Some(_) => out.into_iter().map(|j| ranks[j]).collect(),
             None => vec![ranks[0]; obs.n_sites],
         }
@@ -88,25 +92,43 @@ impl RankPolicy for ModelProbe {
         for (l, s) in ctx.sites.iter().enumerate() {
             self.ema[l] = 0.85 * self.ema[l] + 0.15 * obs.site(l)[10] as f64;
             power_law_tables(1.0, self.betas[l], s.max_rank(), ranks, &mut e, &mut t);
-            let cur = ctx.rank_set.index_of((obs.site(l)[0] * ctx.rank_set.max() as f32).round() as u32).unwrap_or(0);
+            let cur = ctx
+                .rank_set
+                .index_of((obs.site(l)[0] * ctx.rank_set.max() as f32).round() as u32)
+                .unwrap_or(0);
             // Captured share: grown toward E(current) for `age` rounds.
             let q = e[cur] as f64 * (1.0 - rho.powf(self.age[l]));
             let w = self.ema[l] / n as f64;
             for j in 0..k {
                 let en = e[j] as f64;
-                let q0 = if j < cur && e[cur] > 0.0 { q * en / e[cur] as f64 } else { q };
+                let q0 = if j < cur && e[cur] > 0.0 {
+                    q * en / e[cur] as f64
+                } else {
+                    q
+                };
                 let cost = ranks[j] as f64 * ctx.unit_cost[l];
-                values.push(w * (h * en - (en - q0).max(0.0) * s_h) - h * self.cost_coef * cost / b);
+                values
+                    .push(w * (h * en - (en - q0).max(0.0) * s_h) - h * self.cost_coef * cost / b);
                 costs.push(cost);
             }
         }
         let mut out = vec![0usize; n];
-        let plan: Vec<u32> = match self.solver.solve(&values, &costs, k, ctx.conservative_budget, &mut out) {
-            Some(_) => out.into_iter().map(|j| ranks[j]).collect(),
-            None => vec![ranks[0]; n],
-        };
+        let plan: Vec<u32> =
+            match self
+                .solver
+                .solve(&values, &costs, k, ctx.conservative_budget, &mut out)
+            {
+                Some(_) => out.into_iter().map(|j| ranks[j]).collect(),
+                None => vec![ranks[0]; n],
+            };
         for l in 0..n {
-            self.age[l] = if plan[l] == self.last[l] { self.age[l] + 1.0 } else if plan[l] > self.last[l] { 1.0 } else { self.age[l] + 1.0 };
+            self.age[l] = if plan[l] == self.last[l] {
+                self.age[l] + 1.0
+            } else if plan[l] > self.last[l] {
+                1.0
+            } else {
+                self.age[l] + 1.0
+            };
             self.last[l] = plan[l];
         }
         plan
@@ -117,7 +139,11 @@ fn main() -> Result<(), envs::EnvError> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let episodes = args.first().and_then(|a| a.parse().ok()).unwrap_or(200);
     let seed = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(0);
-    let names: Vec<String> = if args.len() > 2 { args[2..].to_vec() } else { envs::presets::NAMES.iter().map(|s| s.to_string()).collect() };
+    let names: Vec<String> = if args.len() > 2 {
+        args[2..].to_vec()
+    } else {
+        envs::presets::NAMES.iter().map(|s| s.to_string()).collect()
+    };
     for name in names {
         let preset = envs::presets::load(&name)?;
         let t0 = std::time::Instant::now();
@@ -125,9 +151,17 @@ fn main() -> Result<(), envs::EnvError> {
         let spec = EnvSpec::new(&preset)?;
         let max_layer = spec.sites.iter().map(|s| s.layer).max().unwrap_or(0).max(1) as f64;
         let sp = &preset.spectrum;
-        let betas = spec.sites.iter().map(|s| sp.beta.get(s.role) + sp.beta_depth_slope * (s.layer as f64 / max_layer - 0.5)).collect();
+        let betas = spec
+            .sites
+            .iter()
+            .map(|s| sp.beta.get(s.role) + sp.beta_depth_slope * (s.layer as f64 / max_layer - 0.5))
+            .collect();
         let betas: Vec<f64> = betas;
-        let mut probe = RoleBetaProbe { betas: betas.clone(), inner: AdaloraPolicy::new(0.75), solver: Default::default() };
+        let mut probe = RoleBetaProbe {
+            betas: betas.clone(),
+            inner: AdaloraPolicy::new(0.75),
+            solver: Default::default(),
+        };
         let mut model = ModelProbe {
             betas,
             eta: preset.dynamics.learning_rate,
@@ -139,10 +173,18 @@ fn main() -> Result<(), envs::EnvError> {
             solver: Default::default(),
         };
         if preset.calibration_data.is_none() {
-            table.push(envs::eval::evaluate_spec(&spec, &mut probe, episodes, seed)?);
-            table.push(envs::eval::evaluate_spec(&spec, &mut model, episodes, seed)?);
+            table.push(envs::eval::evaluate_spec(
+                &spec, &mut probe, episodes, seed,
+            )?);
+            table.push(envs::eval::evaluate_spec(
+                &spec, &mut model, episodes, seed,
+            )?);
         }
-        println!("{}\n({:.1} s)\n", table.to_markdown(), t0.elapsed().as_secs_f64());
+        println!(
+            "{}\n({:.1} s)\n",
+            table.to_markdown(),
+            t0.elapsed().as_secs_f64()
+        );
     }
     Ok(())
 }

@@ -46,19 +46,47 @@ const NOISE_LEVELS: usize = 1024;
 
 /// Φ⁻¹(p), the standard normal quantile (Acklam's rational approximation, relative error
 /// below 1.2e-9), used to tabulate the observation noise.
+#[allow(clippy::excessive_precision)]
 pub fn normal_quantile(p: f64) -> f64 {
-    const A: [f64; 6] = [-3.969683028665376e1, 2.209460984245205e2, -2.759285104469687e2, 1.383577518672690e2, -3.066479806614716e1, 2.506628277459239];
-    const B: [f64; 5] = [-5.447609879822406e1, 1.615858368580409e2, -1.556989798598866e2, 6.680131188771972e1, -1.328068155288572e1];
-    const C: [f64; 6] = [-7.784894002430293e-3, -3.223964580411365e-1, -2.400758277161838, -2.549732539343734, 4.374664141464968, 2.938163982698783];
-    const D: [f64; 4] = [7.784695709041462e-3, 3.224671290700398e-1, 2.445134137142996, 3.754408661907416];
+    const A: [f64; 6] = [
+        -3.969683028665376e1,
+        2.209460984245205e2,
+        -2.759285104469687e2,
+        1.383577518672690e2,
+        -3.066479806614716e1,
+        2.506628277459239,
+    ];
+    const B: [f64; 5] = [
+        -5.447609879822406e1,
+        1.615858368580409e2,
+        -1.556989798598866e2,
+        6.680131188771972e1,
+        -1.328068155288572e1,
+    ];
+    const C: [f64; 6] = [
+        -7.784894002430293e-3,
+        -3.223964580411365e-1,
+        -2.400758277161838,
+        -2.549732539343734,
+        4.374664141464968,
+        2.938163982698783,
+    ];
+    const D: [f64; 4] = [
+        7.784695709041462e-3,
+        3.224671290700398e-1,
+        2.445134137142996,
+        3.754408661907416,
+    ];
     let p_low = 0.02425;
     if p < p_low {
         let q = (-2.0 * p.ln()).sqrt();
-        (((((C[0] * q + C[1]) * q + C[2]) * q + C[3]) * q + C[4]) * q + C[5]) / ((((D[0] * q + D[1]) * q + D[2]) * q + D[3]) * q + 1.0)
+        (((((C[0] * q + C[1]) * q + C[2]) * q + C[3]) * q + C[4]) * q + C[5])
+            / ((((D[0] * q + D[1]) * q + D[2]) * q + D[3]) * q + 1.0)
     } else if p <= 1.0 - p_low {
         let q = p - 0.5;
         let r = q * q;
-        (((((A[0] * r + A[1]) * r + A[2]) * r + A[3]) * r + A[4]) * r + A[5]) * q / (((((B[0] * r + B[1]) * r + B[2]) * r + B[3]) * r + B[4]) * r + 1.0)
+        (((((A[0] * r + A[1]) * r + A[2]) * r + A[3]) * r + A[4]) * r + A[5]) * q
+            / (((((B[0] * r + B[1]) * r + B[2]) * r + B[3]) * r + B[4]) * r + 1.0)
     } else {
         -normal_quantile(1.0 - p)
     }
@@ -244,10 +272,16 @@ impl EnvSpec {
         let o = &preset.observation;
         let mut noise_tables = Vec::with_capacity(3 * NOISE_LEVELS);
         for sigma in [o.sensitivity_noise, o.grad_noise, o.tail_noise] {
-            noise_tables.extend((0..NOISE_LEVELS).map(|i| (sigma * normal_quantile((i as f64 + 0.5) / NOISE_LEVELS as f64)).exp() as f32));
+            noise_tables.extend((0..NOISE_LEVELS).map(|i| {
+                (sigma * normal_quantile((i as f64 + 0.5) / NOISE_LEVELS as f64)).exp() as f32
+            }));
         }
         let lr = (1.0 + rank_set.max() as f64).log2();
-        let rank_log = rank_set.ranks().iter().map(|&r| ((1.0 + r as f64).log2() / lr) as f32).collect();
+        let rank_log = rank_set
+            .ranks()
+            .iter()
+            .map(|&r| ((1.0 + r as f64).log2() / lr) as f32)
+            .collect();
         let max_bandwidth = preset
             .resource
             .channel
@@ -570,7 +604,8 @@ impl EnvState {
             let bits = self.rng.next_u64();
             let w = self.w[l] * wscale;
             row[10] = w * ts[(bits & MASK) as usize];
-            row[11] = w * (1.0 - self.captured[l]).max(0.0).sqrt() * tg[((bits >> 10) & MASK) as usize];
+            row[11] =
+                w * (1.0 - self.captured[l]).max(0.0).sqrt() * tg[((bits >> 10) & MASK) as usize];
             row[12] = self.tail[l * k + j] * tt[((bits >> 20) & MASK) as usize];
         }
         global[16] = rank_sum / (n as f32 * rmax);
