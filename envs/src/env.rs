@@ -145,6 +145,15 @@ pub struct Observation {
 }
 
 impl Observation {
+    /// An all-zero observation for `n_sites` sites (for a real run to fill in).
+    pub fn zeros(n_sites: usize) -> Self {
+        Self {
+            global: vec![0.0; GLOBAL_FEATURES],
+            sites: vec![0.0; n_sites * SITE_FEATURES],
+            n_sites,
+        }
+    }
+
     /// The feature row of site `l`.
     pub fn site(&self, l: usize) -> &[f32] {
         &self.sites[l * SITE_FEATURES..(l + 1) * SITE_FEATURES]

@@ -485,3 +485,29 @@ fn baseline_names_parse() {
     let e = "ppo".parse::<Baseline>().unwrap_err().to_string();
     assert!(e.contains("uniform, adalora, random, oracle"), "{e}");
 }
+
+#[test]
+fn context_exposes_costs_and_budgets() {
+    for name in ["wireless-rayleigh", "latency", "budget"] {
+        let p = presets::load(name).unwrap();
+        let v = VecEnv::new(&p, 1, 2).unwrap();
+        let ctx = v.context(0);
+        assert!(ctx.privileged.is_none());
+        let plan = vec![8u32; v.n_sites()];
+        assert_eq!(ctx.plan_cost(&plan), v.spec().plan_cost(&plan).unwrap());
+        assert!(ctx.conservative_budget <= ctx.estimated_budget);
+        // The observation's budget ratio is the estimated budget over the all-max-rank plan.
+        let ratio = v.obs_global()[3] as f64;
+        assert!(
+            (ratio - (ctx.estimated_budget / v.spec().max_plan_cost).min(4.0)).abs() < 1e-5,
+            "{name}"
+        );
+        let pc = v.privileged_context(0);
+        assert_eq!(
+            pc.privileged.unwrap().true_budget(),
+            v.state(0).true_budget()
+        );
+        let o = envs::Observation::zeros(v.n_sites());
+        assert_eq!(o.sites.len(), v.n_sites() * SITE_FEATURES);
+    }
+}
