@@ -300,7 +300,7 @@ fn bad_presets_name_key_and_allowed_values() {
     assert!(e.contains("spectrum.beta_jitter"), "{e}");
     let e = err(
         "wireless-rayleigh",
-        &[("estimate_noise_db = 1.0", "estimate_noise_db = -2.0")],
+        &[("estimate_noise_db = 0.5", "estimate_noise_db = -2.0")],
     );
     assert!(e.contains("resource.channel.estimate_noise_db"), "{e}");
     let e = err("wireless-rician", &[("k_factor = 6.0", "k_factor = -1.0")]);
