@@ -15,6 +15,7 @@
 //! assert_eq!(venv.rewards().len(), 4);
 //! ```
 
+#![warn(missing_docs)]
 // The hot loops index several parallel per-site arrays at once; iterator zips would hide that.
 #![allow(clippy::needless_range_loop)]
 
