@@ -4,6 +4,11 @@
 //! shows how much of the uniform→oracle gap the learnable structure alone can close.
 //!
 //! `cargo run --release -p envs --example eval_presets -- [episodes] [seed] [preset...]`
+//!
+//! Diagnostics for the model-based probe: `PROBE_TRUE_BETA=1` gives it the episode's true
+//! decay exponents (privileged); `PROBE_BUDGET_FACTOR=f` plans against f × the estimated budget
+//! instead of the conservative one.
+#![allow(clippy::needless_range_loop)]
 use envs::policy::{AdaloraPolicy, RankPolicy, RoundContext};
 use envs::sites::power_law_tables;
 use envs::{EnvSpec, Observation};
@@ -67,10 +72,17 @@ impl RankPolicy for ModelProbe {
     fn begin_episode(&mut self) {
         self.ema.clear();
     }
+    fn privileged(&self) -> bool {
+        std::env::var("PROBE_TRUE_BETA").is_ok()
+    }
     fn act(&mut self, obs: &Observation, ctx: &RoundContext<'_>) -> Vec<u32> {
         let ranks = ctx.rank_set.ranks();
         let k = ranks.len();
         let n = obs.n_sites;
+        if let Some(p) = ctx.privileged {
+            // Diagnostic only: the episode's true decay exponents.
+            self.betas = p.state.hidden_betas().iter().map(|&b| b as f64).collect();
+        }
         if self.ema.len() != n {
             self.ema = (0..n).map(|l| obs.site(l)[10] as f64).collect();
             self.age = vec![0.0; n];
@@ -80,7 +92,11 @@ impl RankPolicy for ModelProbe {
         let h = (self.rounds - round).max(1.0);
         let rho = 1.0 - self.eta;
         let s_h = rho * (1.0 - rho.powf(h)) / self.eta;
-        let b = ctx.conservative_budget.max(1e-300);
+        let cap = match std::env::var("PROBE_BUDGET_FACTOR").ok().and_then(|f| f.parse::<f64>().ok()) {
+            Some(f) => f * ctx.estimated_budget,
+            None => ctx.conservative_budget,
+        };
+        let b = cap.max(1e-300);
         let mut values = Vec::with_capacity(n * k);
         let mut costs = Vec::with_capacity(n * k);
         let mut e = vec![0f32; k];

@@ -151,3 +151,45 @@ impl Calibration {
         serde_json::to_string_pretty(self).expect("calibration serializes")
     }
 }
+
+/// Singular values, descending, of a row-major `rows × cols` matrix (e.g. a site's ΔW = B·A at a
+/// high rank, or the QR core of B and Aᵀ), via LAPACK. This is how a real run produces a
+/// calibration `spectrum` without libtorch.
+pub fn singular_values(data: &[f64], rows: usize, cols: usize) -> Result<Vec<f64>, EnvError> {
+    use ndarray_linalg::SVD;
+    let bad = |message: String| EnvError::Calibration { file: "<matrix>".into(), message };
+    if rows == 0 || cols == 0 || data.len() != rows * cols {
+        return Err(bad(format!("matrix data has {} values: allowed: rows × cols = {rows} × {cols} > 0", data.len())));
+    }
+    if data.iter().any(|x| !x.is_finite()) {
+        return Err(bad("matrix: allowed: finite values only".into()));
+    }
+    let a = ndarray::Array2::from_shape_vec((rows, cols), data.to_vec()).map_err(|e| bad(e.to_string()))?;
+    let (_, s, _) = a.svd(false, false).map_err(|e| bad(format!("SVD failed: {e}")))?;
+    let mut s = s.to_vec();
+    s.sort_by(|x, y| y.total_cmp(x));
+    Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn singular_values_of_a_low_rank_product() {
+        // B (4×2) · A (2×3) with orthogonal columns/rows scaled 3 and 1: singular values 3, 1, 0.
+        let b = [[1.0, 0.0], [0.0, 1.0], [0.0, 0.0], [0.0, 0.0]];
+        let a = [[3.0, 0.0, 0.0], [0.0, 1.0, 0.0]];
+        let mut m = vec![0.0; 12];
+        for i in 0..4 {
+            for j in 0..3 {
+                m[i * 3 + j] = (0..2).map(|k| b[i][k] * a[k][j]).sum();
+            }
+        }
+        let s = singular_values(&m, 4, 3).unwrap();
+        assert_eq!(s.len(), 3);
+        assert!((s[0] - 3.0).abs() < 1e-12 && (s[1] - 1.0).abs() < 1e-12 && s[2].abs() < 1e-12, "{s:?}");
+        assert!(singular_values(&m, 3, 3).is_err());
+        assert!(singular_values(&[f64::NAN], 1, 1).is_err());
+    }
+}

@@ -46,6 +46,7 @@ const NOISE_LEVELS: usize = 1024;
 
 /// Φ⁻¹(p), the standard normal quantile (Acklam's rational approximation, relative error
 /// below 1.2e-9), used to tabulate the observation noise.
+#[allow(clippy::excessive_precision)]
 pub fn normal_quantile(p: f64) -> f64 {
     const A: [f64; 6] = [
         -3.969683028665376e1,
@@ -134,6 +135,11 @@ pub struct Observation {
 }
 
 impl Observation {
+    /// An all-zero observation for `n_sites` sites (for a real run to fill in).
+    pub fn zeros(n_sites: usize) -> Self {
+        Self { global: vec![0.0; GLOBAL_FEATURES], sites: vec![0.0; n_sites * SITE_FEATURES], n_sites }
+    }
+
     /// The feature row of site `l`.
     pub fn site(&self, l: usize) -> &[f32] {
         &self.sites[l * SITE_FEATURES..(l + 1) * SITE_FEATURES]

@@ -34,6 +34,10 @@ pub struct EvalRow {
     pub violation_rate: f64,
     /// (R − R_uniform)/(R_oracle − R_uniform), filled by [`EvalTable::fill_gap`].
     pub oracle_gap_closed: Option<f64>,
+    /// Per-episode returns in episode order (rows of one table share episodes, so they can be
+    /// compared pairwise, see [`EvalTable::paired_difference`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub returns: Vec<f64>,
 }
 
 /// Rows for one preset.
@@ -106,6 +110,7 @@ pub fn evaluate_spec(
         resource_used: used / episodes.max(1) as f64,
         violation_rate: viol as f64 / rounds.max(1) as f64,
         oracle_gap_closed: None,
+        returns,
     })
 }
 
@@ -162,6 +167,18 @@ impl EvalTable {
         }
     }
 
+    /// Mean and standard error of the per-episode return difference `a − b` between two rows
+    /// (paired: both rows ran the same episodes). `None` if a row is missing or lacks returns.
+    pub fn paired_difference(&self, a: &str, b: &str) -> Option<(f64, f64)> {
+        let ra = self.rows.iter().find(|r| r.name == a)?;
+        let rb = self.rows.iter().find(|r| r.name == b)?;
+        if ra.returns.is_empty() || ra.returns.len() != rb.returns.len() {
+            return None;
+        }
+        let d: Vec<f64> = ra.returns.iter().zip(&rb.returns).map(|(x, y)| x - y).collect();
+        Some(mean_se(&d))
+    }
+
     /// Appends a row (e.g. a trained policy's) and refreshes the gap column.
     pub fn push(&mut self, row: EvalRow) {
         self.rows.push(row);
@@ -171,12 +188,16 @@ impl EvalTable {
     /// Markdown table.
     pub fn to_markdown(&self) -> String {
         let mut s = format!(
-            "preset `{}`, {} episodes, seed {}\n\n| policy | return (mean ± se) | final loss (mean ± se) | {} used / episode | violation rate | oracle gap closed |\n|---|---:|---:|---:|---:|---:|\n",
+            "preset `{}`, {} episodes, seed {}\n\n| policy | return (mean ± se) | final loss (mean ± se) | {} used / episode | violation rate | oracle gap closed | Δ return vs adalora (paired) |\n|---|---:|---:|---:|---:|---:|---:|\n",
             self.preset, self.episodes, self.seed, self.resource_unit
         );
         for r in &self.rows {
+            let vs = match self.paired_difference(&r.name, "adalora") {
+                Some((m, se)) if r.name != "adalora" => format!("{m:+.3} ± {se:.3}"),
+                _ => "–".into(),
+            };
             s += &format!(
-                "| {} | {:.3} ± {:.3} | {:.4} ± {:.4} | {} | {:.4} | {} |\n",
+                "| {} | {:.3} ± {:.3} | {:.4} ± {:.4} | {} | {:.4} | {} | {} |\n",
                 r.name,
                 r.mean_return,
                 r.se_return,
@@ -184,7 +205,8 @@ impl EvalTable {
                 r.se_final_loss,
                 num(r.resource_used),
                 r.violation_rate,
-                r.oracle_gap_closed.map(|g| format!("{g:.3}")).unwrap_or_else(|| "–".into())
+                r.oracle_gap_closed.map(|g| format!("{g:.3}")).unwrap_or_else(|| "–".into()),
+                vs
             );
         }
         s

@@ -3,7 +3,7 @@
 //! A fine-tuning run is modelled as rounds. Each round a policy picks one LoRA rank per site
 //! (adapted projection) from a rank set, the plan is checked against a resource (a wireless
 //! channel, a compute/latency budget, or a fixed budget) and, if it fits, every site's residual
-//! loss moves toward the floor its rank allows. See [`env`] for the dynamics and reward,
+//! loss moves toward the floor its rank allows. See [`mod@env`] for the dynamics and reward,
 //! [`env::Observation`] for the observation schema, [`oracle`] for the exact per-round solver,
 //! [`policy`] for the policy trait and baselines, and [`eval`] for evaluation tables.
 //!
@@ -14,6 +14,10 @@
 //! venv.step(&plan).unwrap();
 //! assert_eq!(venv.rewards().len(), 4);
 //! ```
+
+#![warn(missing_docs)]
+// The hot loops index several parallel per-site arrays at once; iterator zips would hide that.
+#![allow(clippy::needless_range_loop)]
 
 pub mod calibration;
 pub mod env;

@@ -146,35 +146,46 @@ impl RankPolicy for UniformPolicy {
     }
 }
 
-/// AdaLoRA-style importance allocation: maximises Σ_l ŝ_l·E₀_l(r_l) under the conservative
-/// estimated budget, where ŝ_l is the observed sensitivity and E₀ the energy curve of one
-/// common power law (β = `baselines.adalora_beta`) for every site. The sensitivities are
-/// smoothed across rounds with AdaLoRA's EMA (β₁ = 0.85). It uses the importance signal as
-/// AdaLoRA does (a global ranking of importance per unit cost), but knows nothing
-/// site-specific about the spectra and ignores the training state.
+/// AdaLoRA-style importance allocation: a global ranking of rank increments by importance per
+/// unit cost, kept greedily until the conservative estimated budget is full — as AdaLoRA keeps
+/// its top-budget singular triplets. The importance of growing site l from r to the next rank
+/// r' is ŝ_l·(E₀_l(r') − E₀_l(r)), with ŝ_l the observed sensitivity smoothed across rounds by
+/// AdaLoRA's EMA (β₁ = 0.85) and E₀ the energy curve of one common power law
+/// (β = `baselines.adalora_beta`) for every site. It knows nothing site-specific about the
+/// spectra and ignores the training state (e.g. the cost of shrinking).
 #[derive(Debug, Clone)]
 pub struct AdaloraPolicy {
     beta: f64,
     ema: Vec<f64>,
     e0: Vec<f64>,
-    values: Vec<f64>,
-    costs: Vec<f64>,
-    choice: Vec<usize>,
-    solver: MckpSolver,
+    level: Vec<usize>,
+    heap: std::collections::BinaryHeap<Candidate>,
+}
+
+/// A rank increment in the AdaLoRA greedy: ordered by importance per unit cost.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Candidate {
+    ratio: f64,
+    site: usize,
+}
+
+impl Eq for Candidate {}
+impl PartialOrd for Candidate {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Candidate {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        // Ties go to the lower site index, so plans are deterministic.
+        self.ratio.total_cmp(&other.ratio).then(other.site.cmp(&self.site))
+    }
 }
 
 impl AdaloraPolicy {
     /// With assumed common decay `beta`.
     pub fn new(beta: f64) -> Self {
-        Self {
-            beta,
-            ema: Vec::new(),
-            e0: Vec::new(),
-            values: Vec::new(),
-            costs: Vec::new(),
-            choice: Vec::new(),
-            solver: MckpSolver::new(),
-        }
+        Self { beta, ema: Vec::new(), e0: Vec::new(), level: Vec::new(), heap: Default::default() }
     }
 }
 
@@ -203,21 +214,38 @@ impl RankPolicy for AdaloraPolicy {
         if self.ema.len() != n {
             self.ema = (0..n).map(|l| obs.site(l)[SENSITIVITY] as f64).collect();
         }
-        self.values.clear();
-        self.costs.clear();
         for l in 0..n {
             self.ema[l] = 0.85 * self.ema[l] + 0.15 * obs.site(l)[SENSITIVITY] as f64;
-            let s = self.ema[l];
-            for j in 0..k {
-                self.values.push(s * self.e0[l * k + j]);
-                self.costs.push(ranks[j] as f64 * ctx.unit_cost[l]);
+        }
+        let ratio = |ema: &[f64], e0: &[f64], l: usize, j: usize| -> f64 {
+            let dc = (ranks[j + 1] - ranks[j]) as f64 * ctx.unit_cost[l];
+            ema[l] * (e0[l * k + j + 1] - e0[l * k + j]) / dc.max(f64::MIN_POSITIVE)
+        };
+        self.level.clear();
+        self.level.resize(n, 0);
+        let mut cost = ranks[0] as f64 * ctx.unit_cost.iter().sum::<f64>();
+        self.heap.clear();
+        if k > 1 {
+            for l in 0..n {
+                self.heap.push(Candidate { ratio: ratio(&self.ema, &self.e0, l, 0), site: l });
             }
         }
-        self.choice.resize(n, 0);
-        match self.solver.solve(&self.values, &self.costs, k, ctx.conservative_budget, &mut self.choice) {
-            Some(_) => self.choice.iter().map(|&j| ranks[j]).collect(),
-            None => vec![ranks[0]; n],
+        while let Some(c) = self.heap.pop() {
+            let l = c.site;
+            let j = self.level[l];
+            let dc = (ranks[j + 1] - ranks[j]) as f64 * ctx.unit_cost[l];
+            if cost + dc > ctx.conservative_budget {
+                // This increment does not fit; the site stays where it is (smaller increments
+                // of other sites may still fit).
+                continue;
+            }
+            cost += dc;
+            self.level[l] = j + 1;
+            if j + 2 < k {
+                self.heap.push(Candidate { ratio: ratio(&self.ema, &self.e0, l, j + 1), site: l });
+            }
         }
+        self.level.iter().map(|&j| ranks[j]).collect()
     }
 }
 

@@ -115,7 +115,7 @@ impl RoleTable {
     }
 }
 
-/// Hidden spectra: σ_k = a·k^(−β) with β = beta[role] + beta_depth_slope·(depth − 0.5) +
+/// Hidden spectra: σ_k = a·k^(−β) with β = `beta[role]` + beta_depth_slope·(depth − 0.5) +
 /// N(0, beta_jitter²), clipped to [beta_min, beta_max], and ln a ~ N(0, scale_log_std²); drawn
 /// per site per episode. With a calibration file the file's spectra are used instead.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -135,7 +135,7 @@ pub struct SpectrumConfig {
     pub scale_log_std: f64,
 }
 
-/// Hidden sensitivity weights w_l: w ∝ by_role[role]·exp(depth_slope·(depth − 0.5) +
+/// Hidden sensitivity weights w_l: w ∝ `by_role[role]`·exp(depth_slope·(depth − 0.5) +
 /// N(0, log_std²)), normalised so Σ_l w_l = total.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

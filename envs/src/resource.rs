@@ -17,7 +17,7 @@ const NOISE_DBM_PER_HZ: f64 = -174.0;
 /// Wireless uplink (AirLLM): SNR_t = SNR_mean·10^(S_t/10)·|h_t|²,
 /// S_t = ρ·S_{t−1} + √(1−ρ²)·σ_sh·N(0,1) (Gauss–Markov shadowing, dB, stationary from the start),
 /// h_t block fading redrawn each round (Rayleigh, or Rician with K-factor: E|h|² = 1 either way).
-/// SNR_mean [dB] = P_tx − (PL_1m + 10·n·log10 d) − (−174 + 10·log10 B + NF), with the distance d
+/// SNR_mean (dB) = P_tx − (PL_1m + 10·n·log10 d) − (−174 + 10·log10 B + NF), with the distance d
 /// drawn per episode. Budget: B·log2(1 + SNR)·deadline bits.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ChannelModel {

@@ -243,7 +243,7 @@ fn bad_presets_name_key_and_allowed_values() {
     assert!(e.contains("resource.channel.shadowing_std_db") && e.contains(">= 0"), "{e}");
     let e = err("wireless-rayleigh", &[("beta_jitter = 0.15", "beta_jitter = -0.1")]);
     assert!(e.contains("spectrum.beta_jitter"), "{e}");
-    let e = err("wireless-rayleigh", &[("estimate_noise_db = 1.0", "estimate_noise_db = -2.0")]);
+    let e = err("wireless-rayleigh", &[("estimate_noise_db = 0.5", "estimate_noise_db = -2.0")]);
     assert!(e.contains("resource.channel.estimate_noise_db"), "{e}");
     let e = err("wireless-rician", &[("k_factor = 6.0", "k_factor = -1.0")]);
     assert!(e.contains("resource.channel.k_factor") && e.contains(">= 0"), "{e}");
@@ -382,4 +382,48 @@ fn baseline_names_parse() {
     }
     let e = "ppo".parse::<Baseline>().unwrap_err().to_string();
     assert!(e.contains("uniform, adalora, random, oracle"), "{e}");
+}
+
+#[test]
+fn context_exposes_costs_and_budgets() {
+    for name in ["wireless-rayleigh", "latency", "budget"] {
+        let p = presets::load(name).unwrap();
+        let v = VecEnv::new(&p, 1, 2).unwrap();
+        let ctx = v.context(0);
+        assert!(ctx.privileged.is_none());
+        let plan = vec![8u32; v.n_sites()];
+        assert_eq!(ctx.plan_cost(&plan), v.spec().plan_cost(&plan).unwrap());
+        assert!(ctx.conservative_budget <= ctx.estimated_budget);
+        // The observation's budget ratio is the estimated budget over the all-max-rank plan.
+        let ratio = v.obs_global()[3] as f64;
+        assert!((ratio - (ctx.estimated_budget / v.spec().max_plan_cost).min(4.0)).abs() < 1e-5, "{name}");
+        let pc = v.privileged_context(0);
+        assert_eq!(pc.privileged.unwrap().true_budget(), v.state(0).true_budget());
+        let o = envs::Observation::zeros(v.n_sites());
+        assert_eq!(o.sites.len(), v.n_sites() * SITE_FEATURES);
+    }
+}
+
+#[test]
+fn site_rewards_sum_to_the_round_reward() {
+    // Random plans over every preset: some rounds fit the budget, some violate it; the per-site
+    // split used for credit assignment must add up to the reward either way.
+    for name in presets::NAMES {
+        let preset = presets::load(name).unwrap();
+        let mut venv = VecEnv::new(&preset, 4, 11).unwrap();
+        let (n, k) = (venv.n_sites(), preset.ranks.len());
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let mut violations = 0;
+        for _ in 0..30 {
+            let idx: Vec<u8> = (0..4 * n).map(|_| rand::Rng::random_range(&mut rng, 0..k) as u8).collect();
+            venv.step_indices(&idx).unwrap();
+            for e in 0..4 {
+                let total: f64 = venv.site_rewards()[e * n..(e + 1) * n].iter().map(|&r| r as f64).sum();
+                let r = venv.rewards()[e] as f64;
+                assert!((total - r).abs() < 1e-3 * r.abs().max(1.0), "{name}: {total} vs {r}");
+                violations += venv.outcomes()[e].violation as usize;
+            }
+        }
+        assert!(violations > 0, "{name}: random plans should sometimes violate");
+    }
 }
