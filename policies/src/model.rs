@@ -167,54 +167,88 @@ impl PolicyModel {
             Vec::try_from(logits.log_softmax(-1, Kind::Float).to_device(Device::Cpu).flatten(0, -1))
                 .expect("f32 logits");
         let values: Vec<f32> = Vec::try_from(values.to_device(Device::Cpu).flatten(0, -1)).expect("f32 values");
-        let mut coarse = vec![0u8; n_envs * n_sites];
-        let mut logp = vec![0f32; n_envs * n_sites];
         let mut rng = match mode {
             ActMode::Sample(rng) => Some(rng),
             ActMode::Greedy => None,
         };
-        for (i, row) in logp_all.chunks_exact(k).enumerate() {
-            let j = match rng.as_deref_mut() {
-                Some(r) => sample_categorical(row, r.random::<f32>()),
-                None => argmax(row),
-            };
-            coarse[i] = j as u8;
-            logp[i] = row[j];
-        }
-        let mut executed = coarse.clone();
-        if let (true, Some(den)) = (self.ddim_active, &self.denoiser) {
-            let enc: Vec<f32> = coarse.iter().map(|&j| ddim::encode(j as usize, k)).collect();
-            let c = Tensor::from_slice(&enc).view([n_envs as i64, n_sites as i64]).to_device(self.device());
-            // DDIM's starting noise comes from its own stream so that greedy evaluation is
-            // reproducible too.
-            let mut noise_rng = <ChaCha8Rng as rand::SeedableRng>::seed_from_u64(
-                coarse.iter().fold(0xddu64, |h, &x| h.wrapping_mul(31).wrapping_add(x as u64)),
-            );
-            let x0 = den.sample(&self.ddim, &self.alpha_bar, &c, &gt, &st, &mask, &mut noise_rng);
-            let x0: Vec<f32> = Vec::try_from(x0.to_device(Device::Cpu).flatten(0, -1)).expect("f32 x0");
-            for (e, x) in executed.iter_mut().zip(x0) {
-                *e = ddim::decode(x, k) as u8;
-            }
-        }
-        // Feasibility projection, per environment, valued by the policy's own preferences.
-        let mut plan = vec![0usize; n_sites];
+        // Utilities: each site's log-probabilities, plus Gumbel noise when sampling (Gumbel-max:
+        // the argmax of log p + Gumbel is a sample from p, so without a binding budget this is
+        // exactly sampling each site's categorical).
+        let util: Vec<f64> = logp_all
+            .iter()
+            .map(|&lp| {
+                let g = rng.as_deref_mut().map_or(0.0, |r| {
+                    let u: f64 = r.random::<f64>().max(1e-300);
+                    -(-u.ln()).ln()
+                });
+                lp as f64 + g
+            })
+            .collect();
+        let mut coarse: Vec<u8> = util
+            .chunks_exact(k)
+            .map(|row| row.iter().enumerate().fold(0, |b, (j, &x)| if x > row[b] { j } else { b }) as u8)
+            .collect();
         let mut cost = vec![0f64; n_sites * k];
         for (l, &u) in unit_cost.iter().enumerate() {
             for (j, &r) in self.ranks.iter().enumerate() {
                 cost[l * k + j] = u * r as f64;
             }
         }
+        let mut executed = vec![0u8; n_envs * n_sites];
+        let mut plan = vec![0usize; n_sites];
+        let mut solver = envs::oracle::MckpSolver::new();
+        let refined = self.refine(&coarse, &gt, &st, &mask, n_envs, n_sites);
         for e in 0..n_envs {
-            for l in 0..n_sites {
-                plan[l] = executed[e * n_sites + l] as usize;
-            }
             let rows = &logp_all[e * n_sites * k..(e + 1) * n_sites * k];
-            project_to_budget(&mut plan, rows, &cost, k, budgets[e]);
+            match &refined {
+                // DDIM's plan, made feasible by dropping the increments the policy values least.
+                Some(r) => {
+                    plan.iter_mut().zip(&r[e * n_sites..(e + 1) * n_sites]).for_each(|(p, &x)| *p = x as usize);
+                    project_to_budget(&mut plan, rows, &cost, k, budgets[e]);
+                }
+                // The plan with the highest total utility that fits the budget (exact MCKP).
+                None => {
+                    let u = &util[e * n_sites * k..(e + 1) * n_sites * k];
+                    if solver.solve(u, &cost, k, budgets[e], &mut plan).is_none() {
+                        plan.iter_mut().for_each(|p| *p = 0);
+                    }
+                }
+            }
             for l in 0..n_sites {
                 executed[e * n_sites + l] = plan[l] as u8;
             }
         }
+        // PPO learns from the plan it is credited for: the executed one (the allocation is a
+        // deterministic function of the utilities), or with DDIM the coarse plan (AirLLM).
+        if refined.is_none() {
+            coarse.copy_from_slice(&executed);
+        }
+        let logp = coarse.iter().enumerate().map(|(i, &j)| logp_all[i * k + j as usize]).collect();
         Decision { coarse, logp, executed, values }
+    }
+
+    /// DDIM refinement of the coarse plans, when active: refined rank indices per site.
+    fn refine(
+        &self,
+        coarse: &[u8],
+        gt: &Tensor,
+        st: &Tensor,
+        mask: &Tensor,
+        n_envs: usize,
+        n_sites: usize,
+    ) -> Option<Vec<u8>> {
+        let den = self.denoiser.as_ref().filter(|_| self.ddim_active)?;
+        let k = self.ranks.len();
+        let enc: Vec<f32> = coarse.iter().map(|&j| ddim::encode(j as usize, k)).collect();
+        let c = Tensor::from_slice(&enc).view([n_envs as i64, n_sites as i64]).to_device(self.device());
+        // DDIM's starting noise comes from its own stream, seeded by the plan, so that greedy
+        // evaluation is reproducible too.
+        let mut noise_rng = <ChaCha8Rng as rand::SeedableRng>::seed_from_u64(
+            coarse.iter().fold(0xddu64, |h, &x| h.wrapping_mul(31).wrapping_add(x as u64)),
+        );
+        let x0 = den.sample(&self.ddim, &self.alpha_bar, &c, gt, st, mask, &mut noise_rng);
+        let x0: Vec<f32> = Vec::try_from(x0.to_device(Device::Cpu).flatten(0, -1)).expect("f32 x0");
+        Some(x0.into_iter().map(|x| ddim::decode(x, k) as u8).collect())
     }
 
     /// Named tensors of the weights, sorted by name.
@@ -240,22 +274,6 @@ impl PolicyModel {
         }
         Ok(())
     }
-}
-
-fn argmax(row: &[f32]) -> usize {
-    row.iter().enumerate().fold(0, |best, (j, &x)| if x > row[best] { j } else { best })
-}
-
-/// Inverse-CDF sample from log-probabilities with a uniform `u` in [0, 1).
-fn sample_categorical(logp: &[f32], u: f32) -> usize {
-    let mut acc = 0f32;
-    for (j, &lp) in logp.iter().enumerate() {
-        acc += lp.exp();
-        if u < acc {
-            return j;
-        }
-    }
-    logp.len() - 1
 }
 
 /// A trained policy as an [`envs::RankPolicy`] (greedy decisions), for evaluation tables.
@@ -288,15 +306,6 @@ impl RankPolicy for TrainedPolicy<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn categorical_sampling_follows_probabilities() {
-        let logp = [0.1f32.ln(), 0.6f32.ln(), 0.3f32.ln()];
-        assert_eq!(sample_categorical(&logp, 0.05), 0);
-        assert_eq!(sample_categorical(&logp, 0.5), 1);
-        assert_eq!(sample_categorical(&logp, 0.95), 2);
-        assert_eq!(argmax(&logp), 1);
-    }
 
     #[test]
     fn schema_mismatch_is_explained() {

@@ -290,15 +290,17 @@ pub fn update(
             let pg2 = -&adv * ratio.clamp(1.0 - cfg.clip_coef, 1.0 + cfg.clip_coef);
             let policy_loss = (pg1.maximum(&pg2) * &mask).sum(Kind::Float) / &sites_in_mb;
 
+            let value = if per_site { value } else { value.sum_dim_intlist(1, false, Kind::Float) };
             let returns = sel(&batch.returns);
             let v_unclipped = (&value - &returns).square();
-            let value_loss = if cfg.clip_vloss {
+            let value_err = if cfg.clip_vloss {
                 let v_old = sel(&batch.values);
                 let v_clipped = &v_old + (&value - &v_old).clamp(-cfg.clip_coef, cfg.clip_coef);
-                v_unclipped.maximum(&(v_clipped - &returns).square()).mean(Kind::Float) * 0.5
+                v_unclipped.maximum(&(v_clipped - &returns).square())
             } else {
-                v_unclipped.mean(Kind::Float) * 0.5
+                v_unclipped
             };
+            let value_loss = (value_err * &weight).sum(Kind::Float) / &n_entries * 0.5;
             let entropy_loss = (&entropy * &mask).sum(Kind::Float) / &sites_in_mb;
             let loss = &policy_loss - &entropy_loss * cfg.ent_coef + &value_loss * cfg.vf_coef;
 

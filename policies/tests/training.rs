@@ -1,0 +1,86 @@
+//! Training-loop properties: exact resumption, and that a small problem is actually learned.
+
+use policies::model::TrainedPolicy;
+use policies::trainer::{Trainer, load_preset};
+use tch::Device;
+
+/// The default wireless preset shrunk to two layers (14 sites) so tests run in seconds.
+fn small_env() -> envs::EnvPreset {
+    let text = envs::presets::embedded_text("wireless-rayleigh").unwrap().replace("layers = 8", "layers = 2");
+    envs::presets::from_toml(&text, "small-test-env", None).unwrap()
+}
+
+fn weights(t: &Trainer) -> Vec<(String, Vec<f32>)> {
+    t.model.weights().into_iter().map(|(n, w)| (n, Vec::<f32>::try_from(w.flatten(0, -1)).unwrap())).collect()
+}
+
+#[test]
+fn resume_equals_uninterrupted_run() {
+    let env = small_env();
+    let mut preset = load_preset("tiny").unwrap();
+    preset.ddim.enabled = true; // exercise the replay buffer and the second optimizer too
+    preset.ddim.warmup = 64;
+    preset.ddim.updates_per_iteration = 2;
+    preset.ddim.batch_size = 8;
+    preset.ddim.replay_capacity = 256;
+    preset.ddim.hidden = 16;
+    preset.ddim.sample_steps = 3;
+    let steps = 4 * preset.ppo.num_envs as u64 * preset.ppo.num_steps as u64;
+
+    let mut straight = Trainer::new(&env, &preset, steps, 7, Device::Cpu).unwrap();
+    for _ in 0..4 {
+        straight.iterate();
+    }
+
+    let mut first = Trainer::new(&env, &preset, steps, 7, Device::Cpu).unwrap();
+    first.iterate();
+    first.iterate();
+    // Through JSON text, as a checkpoint stores it.
+    let (tensors, config, state) = first.checkpoint_parts();
+    let config: serde_json::Value = serde_json::from_str(&config.to_string()).unwrap();
+    let state: serde_json::Value = serde_json::from_str(&state.to_string()).unwrap();
+    let copies: Vec<(String, tch::Tensor)> = tensors.iter().map(|(n, t)| (n.clone(), t.copy())).collect();
+    drop(first);
+    let mut resumed = Trainer::restore(&config, &state, &copies, None, Device::Cpu).unwrap();
+    assert!(resumed.model.ddim_active, "DDIM warmed up before the checkpoint");
+    resumed.iterate();
+    resumed.iterate();
+
+    assert_eq!(resumed.global_step, straight.global_step);
+    let (a, b) = (weights(&resumed), weights(&straight));
+    let differing: Vec<&String> = a.iter().zip(&b).filter(|(x, y)| x != y).map(|(x, _)| &x.0).collect();
+    assert!(differing.is_empty(), "weights differ after resuming: {differing:?}");
+    assert_eq!(resumed.model.norm, straight.model.norm);
+}
+
+#[test]
+fn small_preset_is_learned_clearly_above_uniform() {
+    let env = small_env();
+    let mut preset = load_preset("default").unwrap();
+    preset.ppo.num_envs = 8;
+    preset.ppo.num_steps = 40;
+    let mut t = Trainer::new(&env, &preset, 40_000, 3, Device::Cpu).unwrap();
+    while !t.finished() {
+        t.iterate();
+    }
+    let mut table = envs::evaluate_baselines(&env, &[envs::Baseline::Uniform, envs::Baseline::Oracle], 64, 99).unwrap();
+    let mut policy = TrainedPolicy { model: &t.model, label: "policy".into() };
+    table.push(envs::evaluate(&env, &mut policy, 64, 99).unwrap());
+    let (d, se) = table.paired_difference("policy", "uniform").unwrap();
+    let gap = table.rows[2].oracle_gap_closed.unwrap();
+    eprintln!("{}", table.to_text());
+    assert!(d > 3.0 * se && gap > 0.25, "policy − uniform = {d:.3} ± {se:.3}, gap closed {gap:.3}");
+}
+
+#[test]
+fn a_checkpoint_refuses_another_rank_set() {
+    let env = small_env();
+    let preset = load_preset("tiny").unwrap();
+    let t = Trainer::new(&env, &preset, 64, 1, Device::Cpu).unwrap();
+    let (tensors, config, state) = t.checkpoint_parts();
+    let (model, cfg) = policies::trainer::policy_from_checkpoint(&config, &state, &tensors, Device::Cpu).unwrap();
+    assert_eq!(model.ranks, env.ranks);
+    let other = policies::model::Schema::current(&[0, 4, 8]);
+    let e = cfg.schema.check_compatible(&other).unwrap_err();
+    assert!(e.contains("[0, 4, 8]"), "{e}");
+}
