@@ -24,6 +24,12 @@ pub struct Cli {
 enum Command {
     /// Report the installation: versions, libtorch location, CUDA devices, the chosen device.
     Doctor(commands::doctor::DoctorArgs),
+    /// Pre-train a tiny Llama base model on local text (written in the Hugging Face layout).
+    Pretrain(commands::pretrain::PretrainArgs),
+    /// Dynamic-rank LoRA fine-tuning of a Hugging Face-layout Llama model; PEFT adapter export.
+    Finetune(commands::finetune::FinetuneArgs),
+    /// Compress an existing PEFT LoRA adapter per site (QR-core SVD) to a rank or energy share.
+    Squeeze(commands::squeeze::SqueezeArgs),
 }
 
 /// Options shared by every command that computes.
@@ -79,5 +85,8 @@ pub fn exit_code(e: &anyhow::Error) -> i32 {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Doctor(a) => commands::doctor::run(&a),
+        Command::Pretrain(a) => commands::pretrain::run(&a),
+        Command::Finetune(a) => commands::finetune::run(&a),
+        Command::Squeeze(a) => commands::squeeze::run(&a),
     }
 }

@@ -1,3 +1,6 @@
 //! One module per subcommand: its clap arguments and its `run` function.
 
 pub mod doctor;
+pub mod finetune;
+pub mod pretrain;
+pub mod squeeze;

@@ -423,7 +423,7 @@ impl Llama {
         let tensors = read_weights(dir)?;
         let mut vs = nn::VarStore::new(device);
         let model = Llama::new(&vs.root(), &cfg);
-        let vars = vs.variables();
+        let vars: BTreeMap<String, Tensor> = vs.variables().into_iter().collect();
         let mut by_name: HashMap<String, (String, Tensor)> = HashMap::new();
         for (file, name, t) in tensors {
             by_name.insert(name, (file, t));
@@ -569,6 +569,43 @@ impl Llama {
             .view([-1, v])
             .to_kind(Kind::Float)
             .cross_entropy_for_logits(&targets.reshape([-1]))
+    }
+
+    /// Puts the sites of a PEFT adapter on the matching projections (on the model's device);
+    /// modules that are not projections of this model, or whose shapes differ, are an error.
+    pub fn attach_adapter(&mut self, adapter: &crate::peft::PeftAdapter) -> Result<()> {
+        let device = self.embed_tokens.device();
+        for site in &adapter.sites {
+            let found = (0..self.cfg.num_hidden_layers)
+                .flat_map(|l| PROJECTIONS.iter().map(move |p| (l, *p)))
+                .find(|(l, p)| module_name(*l, p) == site.module);
+            let Some((l, p)) = found else {
+                bail!(BadInput(format!(
+                    "{}: module `{}` is not a projection of this Llama model",
+                    adapter.dir.display(),
+                    site.module
+                )));
+            };
+            let (d_in, d_out) = self.cfg.projection_shape(p);
+            if site.a.size()[1] as usize != d_in || site.b.size()[0] as usize != d_out {
+                bail!(BadInput(format!(
+                    "{}: `{}` has lora_A {:?} / lora_B {:?}, the model's projection is {d_in}→{d_out}",
+                    adapter.dir.display(),
+                    site.module,
+                    site.a.size(),
+                    site.b.size()
+                )));
+            }
+            crate::lora::check_rank(&site.module, site.rank(), d_in, d_out)?;
+            self.layers[l].proj_mut(p).lora = Some(Lora::from_factors(
+                &site.module,
+                site.a.to_device(device),
+                site.b.to_device(device),
+                site.alpha,
+                adapter.rslora,
+            ));
+        }
+        Ok(())
     }
 
     /// Every adapted projection: `(module name, site)`, layer by layer in [`PROJECTIONS`] order.
