@@ -30,6 +30,8 @@ enum Command {
     Finetune(commands::finetune::FinetuneArgs),
     /// Compress an existing PEFT LoRA adapter per site (QR-core SVD) to a rank or energy share.
     Squeeze(commands::squeeze::SqueezeArgs),
+    /// Benchmarks side by side with Python torch: `svd` (QR-core, randomized SVD), `finetune`.
+    Bench(commands::bench::BenchArgs),
 }
 
 /// Options shared by every command that computes.
@@ -88,5 +90,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Pretrain(a) => commands::pretrain::run(&a),
         Command::Finetune(a) => commands::finetune::run(&a),
         Command::Squeeze(a) => commands::squeeze::run(&a),
+        Command::Bench(a) => commands::bench::run(&a),
     }
 }

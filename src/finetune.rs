@@ -258,7 +258,7 @@ impl Finetuner {
                 let r = cfg.ranks.rank_for(&name);
                 check_rank(&name, r, d_in, d_out)?;
                 model.layers[l].proj_mut(p).lora = Some(Lora::new(
-                    &name, d_in, d_out, r, cfg.alpha, cfg.rslora, device,
+                    &name, d_in, d_out, r, cfg.alpha, cfg.rslora, cfg.seed, device,
                 )?);
             }
         }
@@ -537,6 +537,18 @@ mod tests {
         };
         let mut vs = nn::VarStore::new(Device::Cpu);
         let model = Llama::new(&vs.root(), &cfg);
+        // Deterministic base weights, independent of libtorch's global generator (tests run in
+        // parallel threads and share it).
+        let vars: std::collections::BTreeMap<String, Tensor> = vs.variables().into_iter().collect();
+        tch::no_grad(|| {
+            for (i, (_, v)) in vars.iter().enumerate() {
+                let sz = v.size();
+                let (r, c) = (sz[0] as usize, sz.get(1).copied().unwrap_or(1) as usize);
+                let g = crate::svd::gaussian(r, c, 100 + i as u64, tch::Kind::Float, Device::Cpu);
+                v.shallow_clone()
+                    .copy_(&(g.view(sz.as_slice()) * 0.02 + if sz.len() == 1 { 1.0 } else { 0.0 }));
+            }
+        });
         vs.freeze();
         let corpus = Corpus {
             source: "test".into(),

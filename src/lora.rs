@@ -122,6 +122,10 @@ pub struct Lora {
     importance: Option<(Importance, Importance)>,
     /// Gradient norm `‖(∇A, ∇B)‖_F` at the last [`Lora::observe_gradients`].
     pub last_grad_norm: f64,
+    /// Seed of this site's own generator for new directions (initialisation, grow, re-drawn
+    /// dead components): results do not depend on libtorch's global generator.
+    pub seed: u64,
+    draws: u64,
 }
 
 /// What a resize did.
@@ -151,8 +155,10 @@ fn param(t: Tensor) -> Tensor {
 }
 
 impl Lora {
-    /// A new site of rank `rank` with PEFT's initialisation (`B = 0`) on `device`.
+    /// A new site of rank `rank` with PEFT's initialisation (`B = 0`) on `device`; `A` is drawn
+    /// from the site's own generator, seeded by `seed` and the site's name.
     /// Fails when `rank > min(d_in, d_out)`.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         name: &str,
         d_in: usize,
@@ -160,12 +166,23 @@ impl Lora {
         rank: usize,
         alpha: f64,
         rslora: bool,
+        seed: u64,
         device: Device,
     ) -> Result<Lora> {
         check_rank(name, rank, d_in, d_out)?;
-        let a = kaiming_rows(rank, d_in, device);
+        let mut l = Lora::from_factors(
+            name,
+            Tensor::zeros([0, d_in as i64], (Kind::Float, device)),
+            Tensor::zeros([d_out as i64, 0], (Kind::Float, device)),
+            alpha,
+            rslora,
+        );
+        l.seed = seed ^ name_hash(name);
+        let a = l.kaiming_rows(rank);
         let b = Tensor::zeros([d_out as i64, rank as i64], (Kind::Float, device));
-        Ok(Lora::from_factors(name, a, b, alpha, rslora))
+        l.a = param(a);
+        l.b = param(b);
+        Ok(l)
     }
 
     /// A site from given factors (`a: [r, in]`, `b: [out, r]`), e.g. a loaded adapter.
@@ -184,6 +201,8 @@ impl Lora {
             adam_steps: 0,
             importance: None,
             last_grad_norm: 0.0,
+            seed: name_hash(name),
+            draws: 0,
         }
     }
 
@@ -257,7 +276,7 @@ impl Lora {
         };
         let dev = self.a.device();
         let a_old = self.a.detach() * c;
-        let new_rows = new_directions(&a_old, extra, self.d_in, dev);
+        let new_rows = self.new_directions(&a_old, extra);
         let a = Tensor::cat(&[a_old, new_rows], 0);
         let b = Tensor::cat(
             &[
@@ -346,17 +365,16 @@ impl Lora {
             self.b = param(Tensor::zeros([self.d_out as i64, 0], (Kind::Float, dev)));
         } else {
             let s_new = scaling(self.alpha, k, self.rslora);
-            let dec = svd::qr_core_svd(&self.b.detach(), &self.a.detach()).truncate(k);
-            let sv = dec.values();
+            let (b, a, full) =
+                svd::squeeze_factors(&self.b.detach(), &self.a.detach(), k, s_old / s_new);
+            let sv = full.values();
             let tol = sv.first().copied().unwrap_or(0.0) * 1e-6;
-            let live = sv.iter().filter(|&&x| x > tol && x > 0.0).count();
-            let root = (&dec.s * (s_old / s_new)).sqrt().to_kind(Kind::Float);
-            let b = (&dec.u * root.unsqueeze(0)).to_kind(Kind::Float);
-            let a = (root.unsqueeze(1) * dec.v.tr()).to_kind(Kind::Float);
+            let live = sv.iter().take(k).filter(|&&x| x > tol && x > 0.0).count();
+            let (a, b) = (a.to_kind(Kind::Float), b.to_kind(Kind::Float));
             let (a, b) = if live < k {
                 // Dead components: fresh directions in A, zero columns in B.
                 let a_live = a.narrow(0, 0, live as i64);
-                let fresh = new_directions(&a_live, k - live, self.d_in, dev);
+                let fresh = self.new_directions(&a_live, k - live);
                 let b_live = b.narrow(1, 0, live as i64);
                 (
                     Tensor::cat(&[a_live, fresh], 0),
@@ -525,25 +543,47 @@ pub fn check_rank(name: &str, rank: usize, d_in: usize, d_out: usize) -> Result<
     Ok(())
 }
 
-/// `rows × cols` drawn from `U(±1/√cols)` (PEFT's Kaiming-uniform with `a = √5`), from libtorch's
-/// generator (seeded by `tch::manual_seed`).
-fn kaiming_rows(rows: usize, cols: usize, device: Device) -> Tensor {
-    let bound = 1.0 / (cols as f64).sqrt();
-    (Tensor::rand([rows as i64, cols as i64], (Kind::Float, device)) * 2.0 - 1.0) * bound
+/// FNV-1a hash of a site name (mixes the site into its generator's seed).
+fn name_hash(name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
-/// `extra` rows like [`kaiming_rows`], projected off the row space of `existing` and rescaled to
-/// their original norms: new directions that do not duplicate what `A` already spans.
-fn new_directions(existing: &Tensor, extra: usize, cols: usize, device: Device) -> Tensor {
-    let fresh = kaiming_rows(extra, cols, device);
-    if existing.size()[0] == 0 || existing.size()[0] as usize + extra > cols {
-        return fresh;
+impl Lora {
+    /// `rows × in` drawn from `U(±1/√in)` (PEFT's Kaiming-uniform with `a = √5`) by the site's
+    /// own ChaCha8 generator (seed, draw counter).
+    fn kaiming_rows(&mut self, rows: usize) -> Tensor {
+        use rand::{Rng, SeedableRng};
+        let cols = self.d_in;
+        let bound = 1.0 / (cols as f64).sqrt();
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(
+            self.seed
+                .wrapping_add(self.draws.wrapping_mul(0x9e37_79b9_7f4a_7c15)),
+        );
+        self.draws += 1;
+        let v: Vec<f32> = (0..rows * cols)
+            .map(|_| ((rng.random::<f64>() * 2.0 - 1.0) * bound) as f32)
+            .collect();
+        Tensor::from_slice(&v)
+            .view([rows as i64, cols as i64])
+            .to_device(self.a.device())
     }
-    let norms = fresh.norm_scalaropt_dim(2, [1], true);
-    let (q, _) = Tensor::linalg_qr(&existing.tr(), "reduced"); // [cols, r]
-    let projected = &fresh - fresh.matmul(&q).matmul(&q.tr());
-    let pn = projected.norm_scalaropt_dim(2, [1], true).clamp_min(1e-12);
-    projected / pn * norms
+
+    /// `extra` rows like [`Lora::kaiming_rows`], projected off the row space of `existing` and
+    /// rescaled to their original norms: new directions that do not duplicate what `A` spans.
+    fn new_directions(&mut self, existing: &Tensor, extra: usize) -> Tensor {
+        let cols = self.d_in;
+        let fresh = self.kaiming_rows(extra);
+        if existing.size()[0] == 0 || existing.size()[0] as usize + extra > cols {
+            return fresh;
+        }
+        let norms = fresh.norm_scalaropt_dim(2, [1], true);
+        let (q, _) = Tensor::linalg_qr(&existing.tr(), "reduced"); // [cols, r]
+        let projected = &fresh - fresh.matmul(&q).matmul(&q.tr());
+        let pn = projected.norm_scalaropt_dim(2, [1], true).clamp_min(1e-12);
+        projected / pn * norms
+    }
 }
 
 #[cfg(test)]
@@ -564,6 +604,7 @@ mod tests {
             rank,
             16.0,
             rslora,
+            0,
             Device::Cpu,
         )
         .unwrap();
@@ -624,7 +665,7 @@ mod tests {
     #[test]
     fn shrinking_a_fresh_adapter_keeps_it_trainable() {
         tch::manual_seed(1);
-        let mut l = Lora::new("m", 16, 16, 8, 8.0, false, Device::Cpu).unwrap();
+        let mut l = Lora::new("m", 16, 16, 8, 8.0, false, 0, Device::Cpu).unwrap();
         l.resize(4).unwrap();
         assert_eq!(l.rank(), 4);
         assert!(
@@ -650,6 +691,7 @@ mod tests {
             9,
             8.0,
             false,
+            0,
             Device::Cpu,
         )
         .unwrap_err();

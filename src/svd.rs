@@ -74,6 +74,19 @@ pub fn qr_core_svd(b: &Tensor, a: &Tensor) -> Svd {
     }
 }
 
+/// LoRA-Squeeze's rank reduction of `B·A` (`b: [m, r]`, `a: [r, n]`) to rank `k` by the QR-core
+/// SVD, the kept singular values split evenly between the factors and multiplied by `gain`
+/// (the ratio of old to new LoRA scaling): returns `(B' [m, k], A' [k, n], σ)` with
+/// `B'·A' = gain · (best rank-k approximation of B·A)` and `σ` all `r` singular values of `B·A`.
+pub fn squeeze_factors(b: &Tensor, a: &Tensor, k: usize, gain: f64) -> (Tensor, Tensor, Svd) {
+    let full = qr_core_svd(b, a);
+    let dec = full.truncate(k);
+    let root = (&dec.s * gain).sqrt();
+    let b2 = &dec.u * root.unsqueeze(0);
+    let a2 = root.unsqueeze(1) * dec.v.tr();
+    (b2, a2, full)
+}
+
 /// Settings of the randomized SVD.
 #[derive(Debug, Clone, Copy)]
 pub struct RsvdOptions {
