@@ -630,6 +630,48 @@ mod tests {
     }
 
     #[test]
+    fn byte_level_bpe_applies_merges_and_rejects_other_models() {
+        let d = tempfile::tempdir().unwrap();
+        let table = bytes_to_unicode();
+        let mut vocab = serde_json::Map::new();
+        for (i, c) in table.iter().enumerate() {
+            vocab.insert(c.to_string(), i.into());
+        }
+        let sp = table[b' ' as usize];
+        vocab.insert("he".into(), 256.into());
+        vocab.insert("hel".into(), 257.into());
+        vocab.insert(format!("{sp}w"), 258.into());
+        let tj = serde_json::json!({
+            "model": {"type": "BPE", "vocab": vocab, "merges": ["h e", "he l", format!("{sp} w")]},
+            "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false},
+            "added_tokens": [{"id": 300, "content": "<eos>"}]
+        });
+        std::fs::write(d.path().join("tokenizer.json"), tj.to_string()).unwrap();
+        let tok = Tokenizer::for_model_dir(d.path()).unwrap();
+        assert_eq!(tok.vocab_size(), 301);
+        assert_eq!(
+            tok.encode("hello world"),
+            vec![
+                257,
+                b'l' as i64,
+                b'o' as i64,
+                258,
+                b'o' as i64,
+                b'r' as i64,
+                b'l' as i64,
+                b'd' as i64
+            ]
+        );
+        std::fs::write(
+            d.path().join("tokenizer.json"),
+            r#"{"model": {"type": "Unigram"}}"#,
+        )
+        .unwrap();
+        let e = Tokenizer::for_model_dir(d.path()).unwrap_err().to_string();
+        assert!(e.contains("Unigram") && e.contains("byte-level BPE"), "{e}");
+    }
+
+    #[test]
     fn pretokenizer_keeps_every_byte() {
         let s = "def f(x):\n    return  x+1 # it's";
         assert_eq!(pretokenize(s).concat(), s);

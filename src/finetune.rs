@@ -603,6 +603,33 @@ mod tests {
     }
 
     #[test]
+    fn bf16_base_weights_train() {
+        let ft = tiny_run(0, "2");
+        let dir = tempfile::tempdir().unwrap();
+        ft.model.save(&ft.vs, dir.path()).unwrap();
+        let (model, vs) = Llama::load(dir.path(), Device::Cpu, tch::Kind::BFloat16).unwrap();
+        assert_eq!(model.layers[0].q_proj.weight.kind(), tch::Kind::BFloat16);
+        let data = TokenData {
+            train: (0..400).map(|i| (i % 50) as i64).collect(),
+            val: (0..200).map(|i| (i % 50) as i64).collect(),
+        };
+        let cfg = FinetuneConfig {
+            batch_size: 2,
+            seq_len: 16,
+            eval_batches: 1,
+            ranks: RankSpec::parse("2").unwrap(),
+            ..FinetuneConfig::default()
+        };
+        let mut ft = Finetuner::new(model, vs, data, cfg).unwrap();
+        let st = ft.train_step().unwrap();
+        assert!(st.loss.is_finite() && st.grad_norm > 0.0);
+        let n = ft.site_names().len();
+        ft.resize(&RankPlan { ranks: vec![3; n] }).unwrap();
+        assert!(ft.evaluate().is_finite());
+        assert_eq!(ft.model.sites()[0].a.kind(), tch::Kind::Float);
+    }
+
+    #[test]
     fn same_seed_same_result_and_peft_round_trip() {
         let run = || {
             let mut ft = tiny_run(5, "q_proj=4,v_proj=2");
