@@ -427,8 +427,8 @@ fn bytes_to_unicode() -> [char; 256] {
     table
 }
 
-/// GPT-2 style pre-tokenization without look-ahead: an optional leading space joins the next
-/// run of letters, digits or punctuation; other whitespace forms its own run.
+/// GPT-2 pre-tokenization (`'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+`)
+/// written out by hand, since the `regex` crate has no look-ahead.
 fn pretokenize(text: &str) -> Vec<&str> {
     #[derive(PartialEq, Clone, Copy)]
     enum Class {
@@ -449,30 +449,48 @@ fn pretokenize(text: &str) -> Vec<&str> {
         }
     };
     let idx: Vec<(usize, char)> = text.char_indices().collect();
+    let at = |j: usize| if j < idx.len() { idx[j].0 } else { text.len() };
     let mut out = Vec::new();
     let mut i = 0;
     while i < idx.len() {
         let start = idx[i].0;
+        // Contractions.
+        if idx[i].1 == '\'' {
+            let rest = &text[start + 1..];
+            if let Some(n) = ["s", "t", "re", "ve", "m", "ll", "d"]
+                .iter()
+                .find(|c| rest.starts_with(*c))
+                .map(|c| c.len())
+            {
+                let end = start + 1 + n;
+                out.push(&text[start..end]);
+                while i < idx.len() && idx[i].0 < end {
+                    i += 1;
+                }
+                continue;
+            }
+        }
         let mut j = i;
-        // A single ' ' attaches to a following non-space run.
+        // A single ' ' joins a following letter/digit/other run.
         if idx[j].1 == ' ' && j + 1 < idx.len() && class(idx[j + 1].1) != Class::Space {
             j += 1;
         }
         let c = class(idx[j].1);
         j += 1;
-        while j < idx.len() && class(idx[j].1) == c {
-            // Keep the last space of a whitespace run for the next word.
-            if c == Class::Space
-                && idx[j].1 == ' '
-                && j + 1 < idx.len()
-                && class(idx[j + 1].1) != Class::Space
-            {
-                break;
+        if c == Class::Space {
+            while j < idx.len() && class(idx[j].1) == Class::Space {
+                j += 1;
             }
-            j += 1;
+            // `\s+(?!\S)`: leave the last whitespace character for what follows.
+            if j < idx.len() && j - i > 1 {
+                j -= 1;
+            }
+        } else {
+            while j < idx.len() && class(idx[j].1) == c {
+                j += 1;
+            }
         }
-        let end = if j < idx.len() { idx[j].0 } else { text.len() };
-        out.push(&text[start..end]);
+        out.push(&text[start..at(j)]);
         i = j;
     }
     out
@@ -676,5 +694,9 @@ mod tests {
         let s = "def f(x):\n    return  x+1 # it's";
         assert_eq!(pretokenize(s).concat(), s);
         assert_eq!(pretokenize("hello world")[1], " world");
+        assert_eq!(
+            pretokenize("it's  x\n\nab"),
+            vec!["it", "'s", " ", " x", "\n", "\n", "ab"]
+        );
     }
 }

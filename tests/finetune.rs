@@ -132,6 +132,7 @@ fn finetune_cli_exports_a_peft_adapter_that_transformers_and_peft_reproduce() {
         peft_dir.to_str().unwrap(),
         reference.to_str().unwrap(),
     ]);
+    eprintln!("interop: {r}");
     assert!(r["warnings"].as_array().unwrap().is_empty(), "{r}");
     assert!(r["max_abs_diff"].as_f64().unwrap() < 1e-4, "{r}");
     assert!(
@@ -171,6 +172,7 @@ fn squeeze_compresses_an_adapter_made_by_peft() {
             out.to_str().unwrap(),
         ]);
         assert!(r["warnings"].as_array().unwrap().is_empty(), "{r}");
+        eprintln!("squeeze {flag} {value}: {r}");
         let mods = r["modules"].as_object().unwrap();
         assert_eq!(mods.len(), 6, "{r}");
         for (name, m) in mods {
@@ -280,4 +282,36 @@ fn bad_input_exits_2_with_a_clear_message() {
     assert!(t.contains("adapter_config.json"), "{t}");
     // Wrong tensor names: an adapter whose module is not in the model.
     assert!(!t.contains("panicked"), "{t}");
+}
+
+#[test]
+fn byte_level_bpe_tokenizer_json_encodes_like_hugging_face_tokenizers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = tmp.path().join("corpus.txt");
+    let mut text = String::new();
+    for i in 0..200 {
+        text.push_str(&format!(
+            "The licensee's rights ({i}) don't end here;\n\tdef run_{i}(self, x):  return x * {i}\n\n"
+        ));
+    }
+    std::fs::write(&corpus, &text).unwrap();
+    let sample = tmp.path().join("sample.txt");
+    let sample_text =
+        "It's the licensee's code:\n\n    def run_7(self, y):   return y*7  # café, naïve 123\n";
+    std::fs::write(&sample, sample_text).unwrap();
+    let out = tmp.path().join("tok");
+    let r = python(&[
+        "bpe",
+        corpus.to_str().unwrap(),
+        out.to_str().unwrap(),
+        sample.to_str().unwrap(),
+    ]);
+    let expected: Vec<i64> = r["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_i64().unwrap())
+        .collect();
+    let tok = rankpilot::data::Tokenizer::for_model_dir(&out).unwrap();
+    assert_eq!(tok.encode(sample_text), expected);
 }

@@ -10,6 +10,10 @@
       Writes a small random Llama model and a LoRA adapter made by peft itself (random A and B,
       mixed ranks through rank_pattern/alpha_pattern) for `rankpilot squeeze` to compress.
 
+  peft_interop.py bpe <corpus.txt> <out_dir> <sample.txt>
+      Trains a small byte-level BPE tokenizer with `tokenizers`, writes out_dir/tokenizer.json and
+      prints the ids of the sample text, for comparison with rankpilot's reader.
+
   peft_interop.py squeezed <model_dir> <original_adapter> <squeezed_adapter>
       Loads the squeezed adapter with peft and prints JSON per module: its rank, and the relative
       Frobenius error of its delta weight against the best approximation of the original delta
@@ -95,6 +99,21 @@ def cmd_squeezed(model_dir, original, squeezed):
     print(json.dumps(out))
 
 
+def cmd_bpe(corpus_file, out_dir, sample_file):
+    """Trains a byte-level BPE with Hugging Face `tokenizers`, saves tokenizer.json, prints the
+    ids of the sample text."""
+    import os
+
+    from tokenizers import ByteLevelBPETokenizer
+
+    tok = ByteLevelBPETokenizer()
+    tok.train([corpus_file], vocab_size=600, min_frequency=2, show_progress=False)
+    os.makedirs(out_dir, exist_ok=True)
+    tok.save(os.path.join(out_dir, "tokenizer.json"))
+    with open(sample_file, encoding="utf-8") as f:
+        print(json.dumps({"ids": tok.encode(f.read()).ids}))
+
+
 if __name__ == "__main__":
     cmd, *args = sys.argv[1:]
-    {"logits": cmd_logits, "make": cmd_make, "squeezed": cmd_squeezed}[cmd](*args)
+    {"logits": cmd_logits, "make": cmd_make, "squeezed": cmd_squeezed, "bpe": cmd_bpe}[cmd](*args)
