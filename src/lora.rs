@@ -367,7 +367,8 @@ impl Lora {
             let s_new = scaling(self.alpha, k, self.rslora);
             let (b, a, full) =
                 svd::squeeze_factors(&self.b.detach(), &self.a.detach(), k, s_old / s_new);
-            let sv = full.values();
+            let sv = Vec::<f64>::try_from(full.to_kind(Kind::Double).to_device(Device::Cpu))
+                .unwrap_or_default();
             let tol = sv.first().copied().unwrap_or(0.0) * 1e-6;
             let live = sv.iter().take(k).filter(|&&x| x > tol && x > 0.0).count();
             let (a, b) = (a.to_kind(Kind::Float), b.to_kind(Kind::Float));

@@ -78,13 +78,17 @@ pub fn qr_core_svd(b: &Tensor, a: &Tensor) -> Svd {
 /// SVD, the kept singular values split evenly between the factors and multiplied by `gain`
 /// (the ratio of old to new LoRA scaling): returns `(B' [m, k], A' [k, n], σ)` with
 /// `B'·A' = gain · (best rank-k approximation of B·A)` and `σ` all `r` singular values of `B·A`.
-pub fn squeeze_factors(b: &Tensor, a: &Tensor, k: usize, gain: f64) -> (Tensor, Tensor, Svd) {
-    let full = qr_core_svd(b, a);
-    let dec = full.truncate(k);
-    let root = (&dec.s * gain).sqrt();
-    let b2 = &dec.u * root.unsqueeze(0);
-    let a2 = root.unsqueeze(1) * dec.v.tr();
-    (b2, a2, full)
+/// Only the kept `k` directions are carried back through the orthonormal bases.
+pub fn squeeze_factors(b: &Tensor, a: &Tensor, k: usize, gain: f64) -> (Tensor, Tensor, Tensor) {
+    let kind = working_kind(b);
+    let (qb, rb) = Tensor::linalg_qr(&b.to_kind(kind), "reduced");
+    let (qa, ra) = Tensor::linalg_qr(&a.to_kind(kind).tr(), "reduced");
+    let (uc, s, vc) = rb.matmul(&ra.tr()).svd(true, true);
+    let k = k as i64;
+    let root = (s.narrow(0, 0, k) * gain).sqrt();
+    let b2 = qb.matmul(&uc.narrow(1, 0, k)) * root.unsqueeze(0);
+    let a2 = root.unsqueeze(1) * vc.narrow(1, 0, k).tr().matmul(&qa.tr());
+    (b2, a2, s)
 }
 
 /// Settings of the randomized SVD.

@@ -50,6 +50,11 @@ pub struct BenchArgs {
     /// Timed training steps per configuration (finetune).
     #[arg(long, default_value_t = 20)]
     steps: usize,
+    /// Intra-op threads for both sides (default: libtorch's default, the number of cores).
+    /// On small shared VMs PyTorch's multi-threaded LAPACK can be pathologically slow; compare
+    /// at 1 thread too.
+    #[arg(long)]
+    threads: Option<usize>,
     /// Skip the full 4096×4096 SVDs (each takes tens of seconds on a small CPU).
     #[arg(long)]
     skip_full_svd: bool,
@@ -108,6 +113,12 @@ fn time<F: FnMut()>(repeats: usize, mut f: F) -> f64 {
 /// Runs the chosen benchmark and prints its table.
 pub fn run(a: &BenchArgs) -> Result<()> {
     tch::manual_seed(a.common.seed as i64);
+    if let Some(n) = a.threads {
+        if n == 0 {
+            return Err(crate::cli::BadInput("--threads must be at least 1".into()).into());
+        }
+        tch::set_num_threads(n as i32);
+    }
     match a.which {
         Which::Svd => bench_svd(a),
         Which::Finetune => bench_finetune(a),
@@ -167,7 +178,7 @@ fn bench_svd(a: &BenchArgs) -> Result<()> {
         let best = ex.truncate(k_sq).reconstruct();
         (t, fro(&(b2.matmul(&a2) - &best)) / fro(&best))
     };
-    let sv = full.values();
+    let sv = Vec::<f64>::try_from(full.to_kind(Kind::Double)).unwrap_or_default();
 
     // 2. Randomized vs exact truncated SVD.
     let optimal = |s: &[f64]| s[k..].iter().map(|x| x * x).sum::<f64>().sqrt();
@@ -344,7 +355,7 @@ fn bench_finetune(a: &BenchArgs) -> Result<()> {
     let mut resize_s = Vec::new();
     let mut train_s = 0.0;
     let round = 10usize;
-    for i in 0..6 {
+    for i in 0..4 {
         let plan = RankPlan {
             ranks: vec![if i % 2 == 0 { 16 } else { 8 }; n],
         };
@@ -356,7 +367,7 @@ fn bench_finetune(a: &BenchArgs) -> Result<()> {
         train_s += t0.elapsed().as_secs_f64();
     }
     let resize_total: f64 = resize_s.iter().sum();
-    let step_s = train_s / (6 * round) as f64;
+    let step_s = train_s / (4 * round) as f64;
     let per_resize = resize_total / resize_s.len() as f64;
 
     eprintln!("bench finetune: transformers + peft…");
