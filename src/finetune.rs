@@ -411,6 +411,10 @@ impl Finetuner {
     /// Signals of every site (singular values only when `with_spectrum`, which costs one small
     /// QR-core SVD per site).
     pub fn signals(&self, with_spectrum: bool) -> Vec<SiteSignals> {
+        crate::svd::single_threaded(self.device, || self.signals_inner(with_spectrum))
+    }
+
+    fn signals_inner(&self, with_spectrum: bool) -> Vec<SiteSignals> {
         self.model
             .sites()
             .iter()
@@ -452,10 +456,15 @@ impl Finetuner {
         for (s, &r) in self.model.sites().iter().zip(&plan.ranks) {
             check_rank(&s.name, r, s.d_in, s.d_out)?;
         }
-        let mut kinds = Vec::with_capacity(n);
-        for (s, &r) in self.model.sites_mut().into_iter().zip(&plan.ranks) {
-            kinds.push(s.resize(r)?);
-        }
+        let device = self.device;
+        let sites = self.model.sites_mut();
+        let kinds = crate::svd::single_threaded(device, || -> Result<Vec<ResizeKind>> {
+            let mut kinds = Vec::with_capacity(n);
+            for (s, &r) in sites.into_iter().zip(&plan.ranks) {
+                kinds.push(s.resize(r)?);
+            }
+            Ok(kinds)
+        })?;
         let dt = t0.elapsed();
         self.resize_time += dt;
         Ok(ResizeReport {
