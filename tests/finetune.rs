@@ -107,6 +107,15 @@ fn finetune_cli_exports_a_peft_adapter_that_transformers_and_peft_reproduce() {
     assert_eq!(summary["ranks"]["model.layers.0.self_attn.q_proj"], 6);
     assert_eq!(summary["ranks"]["model.layers.1.self_attn.k_proj"], 1);
     assert!(logdir.join("adapter/adapter_config.json").is_file());
+    assert!(
+        std::fs::read_dir(&logdir).unwrap().any(|e| e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .starts_with("events.out.tfevents")),
+        "no TensorBoard event file in {}",
+        logdir.display()
+    );
 
     // rankpilot's own logits with the exported adapter, read back from disk.
     let (mut m, _vs) = Llama::load(&model, Device::Cpu, Kind::Float).unwrap();
@@ -314,4 +323,54 @@ fn byte_level_bpe_tokenizer_json_encodes_like_hugging_face_tokenizers() {
         .collect();
     let tok = rankpilot::data::Tokenizer::for_model_dir(&out).unwrap();
     assert_eq!(tok.encode(sample_text), expected);
+}
+
+#[test]
+fn pretrain_cli_writes_a_loadable_hf_model_with_provenance() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = text_file(tmp.path());
+    let out = tmp.path().join("tiny");
+    let o = common::rankpilot(&[
+        "pretrain",
+        "--data",
+        &data,
+        "--out",
+        out.to_str().unwrap(),
+        "--steps",
+        "3",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "32",
+        "--hidden",
+        "32",
+        "--layers",
+        "1",
+        "--heads",
+        "2",
+        "--kv-heads",
+        "1",
+        "--intermediate",
+        "48",
+        "--eval-every",
+        "3",
+        "--device",
+        "cpu",
+        "--logdir",
+        tmp.path().join("runs").to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", common::text(&o));
+    let (m, _vs) = Llama::load(&out, Device::Cpu, Kind::Float).unwrap();
+    assert_eq!((m.cfg.hidden_size, m.cfg.num_key_value_heads), (32, 1));
+    let info: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("rankpilot.json")).unwrap()).unwrap();
+    assert_eq!(info["corpus"]["sha256"].as_str().unwrap().len(), 64);
+    assert!(info["final_val_loss"].as_f64().unwrap().is_finite());
+    let (c, t) = {
+        let o = common::rankpilot(&[
+            "pretrain", "--data", &data, "--hidden", "30", "--heads", "4",
+        ]);
+        (o.status.code(), common::text(&o))
+    };
+    assert_eq!(c, Some(2), "{t}");
 }
