@@ -361,10 +361,19 @@ impl Llama {
     /// A model with fresh weights in `vs` (normal(0, 0.02) matrices, unit norms) named as in the
     /// HF layout.
     pub fn new(vs: &nn::Path, cfg: &LlamaConfig) -> Llama {
-        let init = nn::Init::Randn {
-            mean: 0.0,
-            stdev: 0.02,
-        };
+        Self::build(
+            vs,
+            cfg,
+            nn::Init::Randn {
+                mean: 0.0,
+                stdev: 0.02,
+            },
+            nn::Init::Const(1.0),
+        )
+    }
+
+    /// The variables of a model, filled with `init` (matrices) and `norm_init` (norm weights).
+    fn build(vs: &nn::Path, cfg: &LlamaConfig, init: nn::Init, norm_init: nn::Init) -> Llama {
         let var = |name: &str, dims: &[usize], init: nn::Init| {
             let (p, leaf) = sub(vs, name);
             let dims: Vec<i64> = dims.iter().map(|&d| d as i64).collect();
@@ -384,7 +393,7 @@ impl Llama {
                 input_layernorm: var(
                     &format!("model.layers.{l}.input_layernorm.weight"),
                     &[h],
-                    nn::Init::Const(1.0),
+                    norm_init,
                 ),
                 q_proj: proj(l, "q_proj"),
                 k_proj: proj(l, "k_proj"),
@@ -393,14 +402,14 @@ impl Llama {
                 post_attention_layernorm: var(
                     &format!("model.layers.{l}.post_attention_layernorm.weight"),
                     &[h],
-                    nn::Init::Const(1.0),
+                    norm_init,
                 ),
                 gate_proj: proj(l, "gate_proj"),
                 up_proj: proj(l, "up_proj"),
                 down_proj: proj(l, "down_proj"),
             })
             .collect();
-        let norm = var("model.norm.weight", &[h], nn::Init::Const(1.0));
+        let norm = var("model.norm.weight", &[h], norm_init);
         let lm_head = if cfg.tie_word_embeddings {
             embed_tokens.shallow_clone()
         } else {
@@ -422,7 +431,8 @@ impl Llama {
         let cfg = LlamaConfig::load(dir)?;
         let tensors = read_weights(dir)?;
         let mut vs = nn::VarStore::new(device);
-        let model = Llama::new(&vs.root(), &cfg);
+        // Zero-filled variables (cheaper than random ones), overwritten from the files below.
+        let model = Llama::build(&vs.root(), &cfg, nn::Init::Const(0.0), nn::Init::Const(0.0));
         let vars: BTreeMap<String, Tensor> = vs.variables().into_iter().collect();
         let mut by_name: HashMap<String, (String, Tensor)> = HashMap::new();
         for (file, name, t) in tensors {
