@@ -28,6 +28,14 @@ enum Command {
     Train(commands::train::TrainArgs),
     /// Evaluate baselines, the oracle and trained policies on an environment preset.
     Eval(commands::eval::EvalArgs),
+    /// Pre-train a tiny Llama base model on local text (written in the Hugging Face layout).
+    Pretrain(commands::pretrain::PretrainArgs),
+    /// Dynamic-rank LoRA fine-tuning of a Hugging Face-layout Llama model; PEFT adapter export.
+    Finetune(commands::finetune::FinetuneArgs),
+    /// Compress an existing PEFT LoRA adapter per site (QR-core SVD) to a rank or energy share.
+    Squeeze(commands::squeeze::SqueezeArgs),
+    /// Benchmarks side by side with Python torch: `svd` (QR-core, randomized SVD), `finetune`.
+    Bench(commands::bench::BenchArgs),
 }
 
 /// Options shared by every command that computes.
@@ -85,5 +93,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Doctor(a) => commands::doctor::run(&a),
         Command::Train(a) => commands::train::run(&a),
         Command::Eval(a) => commands::eval::run(&a),
+        Command::Pretrain(a) => commands::pretrain::run(&a),
+        Command::Finetune(a) => commands::finetune::run(&a),
+        Command::Squeeze(a) => commands::squeeze::run(&a),
+        Command::Bench(a) => commands::bench::run(&a),
     }
 }

@@ -1,11 +1,20 @@
 //! rankpilot: a rank-allocation controller for LoRA fine-tuning.
 //!
 //! This crate is the controller: the CLI ([`cli`]), TensorBoard logging ([`tensorboard`]),
-//! checkpoints ([`checkpoint`]) and device selection ([`device`]). The simulated environments
-//! live in the `envs` crate, the policies in the `policies` crate.
+//! checkpoints ([`checkpoint`]) and device selection ([`device`]); the fine-tuning side: a Llama
+//! decoder ([`model::llama`]), corpora and tokenizers ([`data`]), dynamic-rank LoRA sites
+//! ([`lora`]), QR-core and randomized SVD ([`svd`]), the training loop ([`finetune`]) and PEFT
+//! adapter import/export ([`peft`]). The simulated environments live in the `envs` crate, the
+//! policies in the `policies` crate.
 
 pub mod checkpoint;
 pub mod cli;
 pub mod commands;
+pub mod data;
 pub mod device;
+pub mod finetune;
+pub mod lora;
+pub mod model;
+pub mod peft;
+pub mod svd;
 pub mod tensorboard;

@@ -1,5 +1,9 @@
 //! One module per subcommand: its clap arguments and its `run` function.
 
+pub mod bench;
 pub mod doctor;
 pub mod eval;
+pub mod finetune;
+pub mod pretrain;
+pub mod squeeze;
 pub mod train;

@@ -1,0 +1,601 @@
+//! The dynamic-rank LoRA fine-tuning loop.
+//!
+//! A [`Finetuner`] owns a frozen [`Llama`] whose chosen projections carry LoRA sites, the
+//! tokenized data and the optimizer settings. It trains step by step ([`Finetuner::train_step`]),
+//! evaluates on fixed validation batches ([`Finetuner::evaluate`]), reports per-site signals for
+//! rank schedulers ([`Finetuner::signals`]) and applies a scheduler's [`RankPlan`] at a round
+//! boundary ([`Finetuner::resize`]: grow or QR-core shrink per site, output unchanged).
+//!
+//! Learning rate: linear warm-up over `warmup_steps`, then constant. Gradient clipping: global
+//! norm over all LoRA factors. Base weights never receive gradients.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail};
+use rand_chacha::ChaCha8Rng;
+use serde::Serialize;
+use tch::{Device, Tensor, nn};
+
+use crate::cli::BadInput;
+use crate::data::{TokenData, data_rng};
+use crate::lora::{AdamW, Lora, ResizeKind, check_rank};
+use crate::model::llama::{Llama, PROJECTIONS, module_name};
+use crate::peft::{PREFIX, PeftAdapter, PeftSite};
+
+/// Ranks per site: a default plus PEFT-style `key=rank` overrides, parsed from `--ranks`.
+///
+/// Syntax: comma-separated items, each either a bare rank (the default for every site) or
+/// `key=rank`, where `key` matches a module name the way PEFT's `rank_pattern` does (the regex
+/// `(.*\.)?(key)$`: `q_proj`, `mlp.down_proj`, `layers.3.self_attn.v_proj`, …). The first
+/// matching key wins; sites no key matches get the default, or 0 (no adapter yet) if none is given.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RankSpec {
+    /// Rank of sites no key matches.
+    pub default: usize,
+    /// `(key, rank)` overrides, first match wins.
+    pub patterns: Vec<(String, usize)>,
+}
+
+impl RankSpec {
+    /// Parses `--ranks` (see the type's documentation).
+    pub fn parse(s: &str) -> Result<RankSpec, String> {
+        let mut default = None;
+        let mut patterns = Vec::new();
+        for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+            match item.split_once('=') {
+                None => {
+                    let r =
+                        item.parse::<usize>().map_err(|_| format!("`{item}` is not a rank (expected N or key=N)"))?;
+                    if default.replace(r).is_some() {
+                        return Err("more than one default rank".into());
+                    }
+                }
+                Some((k, v)) => {
+                    let k = k.trim();
+                    let r = v.trim().parse::<usize>().map_err(|_| format!("`{item}`: `{v}` is not a rank"))?;
+                    regex::Regex::new(&format!("^(.*\\.)?({k})$"))
+                        .map_err(|e| format!("`{k}` is not a valid pattern: {e}"))?;
+                    patterns.push((k.to_string(), r));
+                }
+            }
+        }
+        if default.is_none() && patterns.is_empty() {
+            return Err("empty rank specification".into());
+        }
+        Ok(RankSpec { default: default.unwrap_or(0), patterns })
+    }
+
+    /// The rank for `module`.
+    pub fn rank_for(&self, module: &str) -> usize {
+        for (k, r) in &self.patterns {
+            if regex::Regex::new(&format!("^(.*\\.)?({k})$")).is_ok_and(|re| re.is_match(module)) {
+                return *r;
+            }
+        }
+        self.default
+    }
+}
+
+/// A rank for every site, in [`Finetuner::site_names`] order: what a scheduler decides at a round
+/// boundary.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RankPlan {
+    /// One rank per site.
+    pub ranks: Vec<usize>,
+}
+
+/// Per-site signals for rank schedulers (one per adapted projection).
+#[derive(Debug, Clone, Serialize)]
+pub struct SiteSignals {
+    /// Module name, e.g. `model.layers.3.self_attn.v_proj`.
+    pub name: String,
+    /// Layer index.
+    pub layer: usize,
+    /// Projection name (`q_proj` … `down_proj`).
+    pub projection: String,
+    /// Input features.
+    pub d_in: usize,
+    /// Output features.
+    pub d_out: usize,
+    /// Current rank.
+    pub rank: usize,
+    /// AdaLoRA importance: mean over the site's LoRA entries of `Ī·Ū` (EMAs of `|θ·∇θ|` and of
+    /// its deviation, β₁ = β₂ = 0.85).
+    pub importance: f64,
+    /// AdaLoRA per-component scores `mean_j s(A_ij) + mean_j s(B_ji)`, one per rank index.
+    pub component_importance: Vec<f64>,
+    /// `‖(∇A, ∇B)‖_F` of the last step (before clipping).
+    pub grad_norm: f64,
+    /// Singular values of `s·B·A` (QR-core route), descending; empty unless requested.
+    pub singular_values: Vec<f64>,
+}
+
+/// Settings of a fine-tuning run.
+#[derive(Debug, Clone, Serialize)]
+pub struct FinetuneConfig {
+    /// Optimizer steps.
+    pub steps: usize,
+    /// Sequences per batch.
+    pub batch_size: usize,
+    /// Tokens per sequence (inputs; each window has one more id for the targets).
+    pub seq_len: usize,
+    /// AdamW settings for the LoRA factors.
+    pub adam: AdamW,
+    /// Linear learning-rate warm-up steps.
+    pub warmup_steps: usize,
+    /// Global gradient-norm clip (0 = off).
+    pub grad_clip: f64,
+    /// Validation batches of `batch_size` fixed windows.
+    pub eval_batches: usize,
+    /// Projections that carry sites (of [`PROJECTIONS`]).
+    pub targets: Vec<String>,
+    /// Initial ranks.
+    pub ranks: RankSpec,
+    /// `lora_alpha`.
+    pub alpha: f64,
+    /// rsLoRA scaling `α/√r`.
+    pub rslora: bool,
+    /// Update the AdaLoRA importance every step (costs a few element-wise ops per factor).
+    pub track_importance: bool,
+    /// Seed for libtorch (LoRA init) and the data order.
+    pub seed: u64,
+}
+
+impl Default for FinetuneConfig {
+    fn default() -> Self {
+        FinetuneConfig {
+            steps: 200,
+            batch_size: 8,
+            seq_len: 128,
+            adam: AdamW { lr: 2e-3, ..AdamW::default() },
+            warmup_steps: 10,
+            grad_clip: 1.0,
+            eval_batches: 8,
+            targets: PROJECTIONS.iter().map(|s| s.to_string()).collect(),
+            ranks: RankSpec { default: 8, patterns: vec![] },
+            alpha: 16.0,
+            rslora: false,
+            track_importance: true,
+            seed: 0,
+        }
+    }
+}
+
+/// What one training step did.
+#[derive(Debug, Clone, Copy)]
+pub struct StepStats {
+    /// Training loss of the batch.
+    pub loss: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Tokens processed (inputs).
+    pub tokens: usize,
+    /// Wall time of the step.
+    pub seconds: f64,
+    /// Learning rate used.
+    pub lr: f64,
+}
+
+/// What a resize did.
+#[derive(Debug, Clone, Serialize)]
+pub struct ResizeReport {
+    /// Per site: grow, shrink or unchanged.
+    pub kinds: Vec<ResizeKind>,
+    /// Wall time of the resize.
+    pub seconds: f64,
+    /// Trainable LoRA parameters before.
+    pub params_before: usize,
+    /// Trainable LoRA parameters after.
+    pub params_after: usize,
+}
+
+/// A fine-tuning run in progress.
+pub struct Finetuner {
+    /// The model with its LoRA sites.
+    pub model: Llama,
+    /// Keeps the frozen base weights alive.
+    pub vs: nn::VarStore,
+    /// Settings.
+    pub cfg: FinetuneConfig,
+    data: TokenData,
+    val: Vec<Tensor>,
+    rng: ChaCha8Rng,
+    device: Device,
+    /// Optimizer steps taken.
+    pub step: usize,
+    /// Time spent in `train_step`.
+    pub train_time: Duration,
+    /// Time spent in `resize`.
+    pub resize_time: Duration,
+}
+
+impl Finetuner {
+    /// Attaches LoRA sites to `model` (projections in `cfg.targets`, ranks from `cfg.ranks`) and
+    /// prepares the fixed validation batches. Seeds libtorch with `cfg.seed` first.
+    pub fn new(mut model: Llama, vs: nn::VarStore, data: TokenData, cfg: FinetuneConfig) -> Result<Finetuner> {
+        for t in &cfg.targets {
+            if !PROJECTIONS.contains(&t.as_str()) {
+                bail!(BadInput(format!("unknown target `{t}` (known: {})", PROJECTIONS.join(", "))));
+            }
+        }
+        if cfg.seq_len + 1 > data.train.len() || cfg.seq_len + 1 > data.val.len() {
+            bail!(BadInput(format!("sequence length {} is longer than the data", cfg.seq_len)));
+        }
+        tch::manual_seed(cfg.seed as i64);
+        let device = vs.device();
+        for l in 0..model.cfg.num_hidden_layers {
+            for p in PROJECTIONS {
+                if !cfg.targets.iter().any(|t| t == p) {
+                    continue;
+                }
+                let name = module_name(l, p);
+                let (d_in, d_out) = model.cfg.projection_shape(p);
+                let r = cfg.ranks.rank_for(&name);
+                check_rank(&name, r, d_in, d_out)?;
+                model.layers[l].proj_mut(p).lora =
+                    Some(Lora::new(&name, d_in, d_out, r, cfg.alpha, cfg.rslora, cfg.seed, device)?);
+            }
+        }
+        let val = data.val_batches(cfg.eval_batches, cfg.batch_size, cfg.seq_len, device);
+        Ok(Finetuner {
+            model,
+            vs,
+            data,
+            val,
+            rng: data_rng(cfg.seed),
+            device,
+            cfg,
+            step: 0,
+            train_time: Duration::ZERO,
+            resize_time: Duration::ZERO,
+        })
+    }
+
+    /// Replaces the sites' factors with those of a PEFT adapter (for continuing a run); sites the
+    /// adapter lacks become rank 0; adapter modules that are not sites are an error.
+    pub fn load_peft(&mut self, adapter: &PeftAdapter) -> Result<()> {
+        let mut by_name: std::collections::HashMap<&str, &PeftSite> =
+            adapter.sites.iter().map(|s| (s.module.as_str(), s)).collect();
+        for site in self.model.sites_mut() {
+            match by_name.remove(site.name.as_str()) {
+                Some(p) => {
+                    if p.a.size()[1] as usize != site.d_in || p.b.size()[0] as usize != site.d_out {
+                        bail!(BadInput(format!(
+                            "{}: `{}` has lora_A {:?} / lora_B {:?}, the model's projection is {}→{}",
+                            adapter.dir.display(),
+                            site.name,
+                            p.a.size(),
+                            p.b.size(),
+                            site.d_in,
+                            site.d_out
+                        )));
+                    }
+                    *site = Lora::from_factors(
+                        &site.name,
+                        p.a.to_device(self.device),
+                        p.b.to_device(self.device),
+                        p.alpha,
+                        adapter.rslora,
+                    );
+                }
+                None => {
+                    site.resize(0)?;
+                }
+            }
+        }
+        if let Some(extra) = by_name.keys().next() {
+            bail!(BadInput(format!(
+                "{}: module `{extra}` is not an adapted projection of this model (check --targets)",
+                adapter.dir.display()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Module names of the sites, in plan order.
+    pub fn site_names(&self) -> Vec<String> {
+        self.model.sites().iter().map(|s| s.name.clone()).collect()
+    }
+
+    /// Current ranks, in plan order.
+    pub fn ranks(&self) -> Vec<usize> {
+        self.model.sites().iter().map(|s| s.rank()).collect()
+    }
+
+    /// Trainable LoRA parameters.
+    pub fn adapter_params(&self) -> usize {
+        self.model.sites().iter().map(|s| s.rank() * (s.d_in + s.d_out)).sum()
+    }
+
+    fn lr_at(&self, step: usize) -> f64 {
+        if step < self.cfg.warmup_steps {
+            self.cfg.adam.lr * (step + 1) as f64 / (self.cfg.warmup_steps + 1) as f64
+        } else {
+            self.cfg.adam.lr
+        }
+    }
+
+    /// One optimizer step on a fresh random batch.
+    pub fn train_step(&mut self) -> Result<StepStats> {
+        let t0 = Instant::now();
+        let batch = self.data.train_batch(&mut self.rng, self.cfg.batch_size, self.cfg.seq_len, self.device);
+        let loss = self.model.loss(&batch);
+        let loss_v = loss.double_value(&[]);
+        if !loss_v.is_finite() {
+            bail!("training loss became {loss_v} at step {}", self.step);
+        }
+        loss.backward();
+        let track = self.cfg.track_importance;
+        let mut sq = 0.0;
+        for s in self.model.sites_mut() {
+            sq += s.observe_gradients(track);
+        }
+        let grad_norm = sq.sqrt();
+        let scale = if self.cfg.grad_clip > 0.0 && grad_norm > self.cfg.grad_clip {
+            self.cfg.grad_clip / (grad_norm + 1e-6)
+        } else {
+            1.0
+        };
+        let lr = self.lr_at(self.step);
+        let opt = AdamW { lr, ..self.cfg.adam };
+        for s in self.model.sites_mut() {
+            s.adamw_step(&opt, scale);
+        }
+        self.step += 1;
+        let dt = t0.elapsed();
+        self.train_time += dt;
+        Ok(StepStats {
+            loss: loss_v,
+            grad_norm,
+            tokens: self.cfg.batch_size * self.cfg.seq_len,
+            seconds: dt.as_secs_f64(),
+            lr,
+        })
+    }
+
+    /// Mean loss over the fixed validation batches.
+    pub fn evaluate(&self) -> f64 {
+        tch::no_grad(|| {
+            let mut total = 0.0;
+            let mut n = 0.0;
+            for b in &self.val {
+                let w = b.size()[0] as f64;
+                total += self.model.loss(b).double_value(&[]) * w;
+                n += w;
+            }
+            total / n
+        })
+    }
+
+    /// Signals of every site (singular values only when `with_spectrum`, which costs one small
+    /// QR-core SVD per site).
+    pub fn signals(&self, with_spectrum: bool) -> Vec<SiteSignals> {
+        crate::svd::single_threaded(self.device, || self.signals_inner(with_spectrum))
+    }
+
+    fn signals_inner(&self, with_spectrum: bool) -> Vec<SiteSignals> {
+        self.model
+            .sites()
+            .iter()
+            .map(|s| {
+                let parts: Vec<&str> = s.name.split('.').collect();
+                SiteSignals {
+                    name: s.name.clone(),
+                    layer: parts.get(2).and_then(|x| x.parse().ok()).unwrap_or(0),
+                    projection: parts.last().unwrap_or(&"").to_string(),
+                    d_in: s.d_in,
+                    d_out: s.d_out,
+                    rank: s.rank(),
+                    importance: s.importance(),
+                    component_importance: s.component_importance(),
+                    grad_norm: s.last_grad_norm,
+                    singular_values: if with_spectrum { s.singular_values() } else { Vec::new() },
+                }
+            })
+            .collect()
+    }
+
+    /// Applies `plan` (one rank per site): grows or QR-core-shrinks each site, leaving the model's
+    /// output unchanged up to float error (exactly so for shrinks to at least the true rank).
+    /// The plan is checked completely before any site changes.
+    pub fn resize(&mut self, plan: &RankPlan) -> Result<ResizeReport> {
+        let t0 = Instant::now();
+        let params_before = self.adapter_params();
+        let n = self.model.sites().len();
+        if plan.ranks.len() != n {
+            bail!(BadInput(format!("rank plan has {} ranks, the model has {n} sites", plan.ranks.len())));
+        }
+        for (s, &r) in self.model.sites().iter().zip(&plan.ranks) {
+            check_rank(&s.name, r, s.d_in, s.d_out)?;
+        }
+        let device = self.device;
+        let sites = self.model.sites_mut();
+        let kinds = crate::svd::single_threaded(device, || -> Result<Vec<ResizeKind>> {
+            let mut kinds = Vec::with_capacity(n);
+            for (s, &r) in sites.into_iter().zip(&plan.ranks) {
+                kinds.push(s.resize(r)?);
+            }
+            Ok(kinds)
+        })?;
+        let dt = t0.elapsed();
+        self.resize_time += dt;
+        Ok(ResizeReport { kinds, seconds: dt.as_secs_f64(), params_before, params_after: self.adapter_params() })
+    }
+
+    /// The adapter as a PEFT adapter (sites of rank 0 are left out).
+    pub fn to_peft(&self, base_model: &str) -> PeftAdapter {
+        let mut config = PeftAdapter::new_config(base_model, self.cfg.rslora);
+        config.insert("lora_alpha".into(), serde_json::json!(self.cfg.alpha));
+        PeftAdapter {
+            dir: Path::new(".").to_path_buf(),
+            config,
+            rslora: self.cfg.rslora,
+            sites: self
+                .model
+                .sites()
+                .iter()
+                .filter(|s| s.rank() > 0)
+                .map(|s| PeftSite {
+                    module: s.name.clone(),
+                    tensor_prefix: format!("{PREFIX}{}", s.name),
+                    a: s.a.detach().to_device(Device::Cpu),
+                    b: s.b.detach().to_device(Device::Cpu),
+                    alpha: s.alpha,
+                })
+                .collect(),
+            other: Vec::new(),
+        }
+    }
+
+    /// Writes the adapter as a PEFT directory (atomically, file by file).
+    pub fn export_peft(&self, dir: &Path, base_model: &str) -> Result<()> {
+        self.to_peft(base_model).save(dir)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::{Corpus, Tokenizer};
+    use crate::model::llama::LlamaConfig;
+
+    #[test]
+    fn rank_spec_parses_and_matches_like_peft() {
+        let s = RankSpec::parse("q_proj=16, layers.1.mlp.down_proj=2, 4").unwrap();
+        assert_eq!(s.rank_for("model.layers.0.self_attn.q_proj"), 16);
+        assert_eq!(s.rank_for("model.layers.1.mlp.down_proj"), 2);
+        assert_eq!(s.rank_for("model.layers.11.mlp.down_proj"), 4);
+        assert_eq!(RankSpec::parse("v_proj=8").unwrap().rank_for("model.layers.0.self_attn.q_proj"), 0);
+        assert!(RankSpec::parse("x").is_err());
+        assert!(RankSpec::parse("4,8").is_err());
+        assert!(RankSpec::parse("").is_err());
+    }
+
+    pub(crate) fn tiny_run(steps: usize, ranks: &str) -> Finetuner {
+        tch::manual_seed(0);
+        let cfg = LlamaConfig {
+            vocab_size: 256,
+            hidden_size: 32,
+            intermediate_size: 64,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            num_key_value_heads: 2,
+            head_dim: 8,
+            rms_norm_eps: 1e-5,
+            rope_theta: 10000.0,
+            max_position_embeddings: 128,
+            tie_word_embeddings: false,
+        };
+        let mut vs = nn::VarStore::new(Device::Cpu);
+        let model = Llama::new(&vs.root(), &cfg);
+        // Deterministic base weights, independent of libtorch's global generator (tests run in
+        // parallel threads and share it).
+        let vars: std::collections::BTreeMap<String, Tensor> = vs.variables().into_iter().collect();
+        tch::no_grad(|| {
+            for (i, (_, v)) in vars.iter().enumerate() {
+                let sz = v.size();
+                let (r, c) = (sz[0] as usize, sz.get(1).copied().unwrap_or(1) as usize);
+                let g = crate::svd::gaussian(r, c, 100 + i as u64, tch::Kind::Float, Device::Cpu);
+                v.shallow_clone().copy_(&(g.view(sz.as_slice()) * 0.02 + if sz.len() == 1 { 1.0 } else { 0.0 }));
+            }
+        });
+        vs.freeze();
+        let corpus = Corpus {
+            source: "test".into(),
+            docs: vec!["def add(a, b):\n    return a + b\n\n".repeat(40)],
+            files: vec![],
+        };
+        let data = TokenData::new(&corpus, &Tokenizer::Bytes, 0.2, 32).unwrap();
+        let fc = FinetuneConfig {
+            steps,
+            batch_size: 4,
+            seq_len: 32,
+            eval_batches: 2,
+            ranks: RankSpec::parse(ranks).unwrap(),
+            adam: AdamW { lr: 1e-2, ..AdamW::default() },
+            ..FinetuneConfig::default()
+        };
+        Finetuner::new(model, vs, data, fc).unwrap()
+    }
+
+    #[test]
+    fn short_finetune_lowers_validation_loss_and_resizes_keep_outputs() {
+        let mut ft = tiny_run(30, "4");
+        let v0 = ft.evaluate();
+        for _ in 0..30 {
+            ft.train_step().unwrap();
+        }
+        let v1 = ft.evaluate();
+        assert!(v1 < v0 - 0.05, "validation loss {v0} -> {v1}");
+        // Grow every site, then shrink back to the old rank: the loss does not move.
+        let n = ft.site_names().len();
+        assert_eq!(n, 14);
+        let r = ft.resize(&RankPlan { ranks: vec![8; n] }).unwrap();
+        assert!(r.kinds.iter().all(|k| *k == ResizeKind::Grow));
+        assert!((ft.evaluate() - v1).abs() < 1e-5 * v1);
+        ft.resize(&RankPlan { ranks: vec![4; n] }).unwrap();
+        assert!((ft.evaluate() - v1).abs() < 1e-5 * v1);
+        // Training continues after resizes.
+        ft.train_step().unwrap();
+        let sig = ft.signals(true);
+        assert_eq!(sig.len(), n);
+        assert_eq!(sig[0].singular_values.len(), 4);
+        assert!(sig.iter().all(|s| s.grad_norm > 0.0));
+        assert!(ft.resize(&RankPlan { ranks: vec![4; 3] }).is_err());
+        let mut bad = vec![4; n];
+        bad[0] = 33;
+        let e = ft.resize(&RankPlan { ranks: bad }).unwrap_err();
+        assert!(e.to_string().contains("exceeds"), "{e}");
+        assert_eq!(ft.ranks(), vec![4; n], "a rejected plan changes nothing");
+    }
+
+    #[test]
+    fn bf16_base_weights_train() {
+        let ft = tiny_run(0, "2");
+        let dir = tempfile::tempdir().unwrap();
+        ft.model.save(&ft.vs, dir.path()).unwrap();
+        let (model, vs) = Llama::load(dir.path(), Device::Cpu, tch::Kind::BFloat16).unwrap();
+        assert_eq!(model.layers[0].q_proj.weight.kind(), tch::Kind::BFloat16);
+        let data = TokenData {
+            train: (0..400).map(|i| (i % 50) as i64).collect(),
+            val: (0..200).map(|i| (i % 50) as i64).collect(),
+        };
+        let cfg = FinetuneConfig {
+            batch_size: 2,
+            seq_len: 16,
+            eval_batches: 1,
+            ranks: RankSpec::parse("2").unwrap(),
+            ..FinetuneConfig::default()
+        };
+        let mut ft = Finetuner::new(model, vs, data, cfg).unwrap();
+        let st = ft.train_step().unwrap();
+        assert!(st.loss.is_finite() && st.grad_norm > 0.0);
+        let n = ft.site_names().len();
+        ft.resize(&RankPlan { ranks: vec![3; n] }).unwrap();
+        assert!(ft.evaluate().is_finite());
+        assert_eq!(ft.model.sites()[0].a.kind(), tch::Kind::Float);
+    }
+
+    #[test]
+    fn same_seed_same_result_and_peft_round_trip() {
+        let run = || {
+            let mut ft = tiny_run(5, "q_proj=4,v_proj=2");
+            for _ in 0..5 {
+                ft.train_step().unwrap();
+            }
+            ft
+        };
+        let a = run();
+        let b = run();
+        assert_eq!(a.evaluate(), b.evaluate());
+        let dir = tempfile::tempdir().unwrap();
+        a.export_peft(dir.path(), "base").unwrap();
+        let ad = PeftAdapter::load(dir.path()).unwrap();
+        assert_eq!(ad.sites.len(), 4);
+        let mut c = tiny_run(0, "1");
+        c.load_peft(&ad).unwrap();
+        assert_eq!(c.ranks(), a.ranks());
+        assert!((c.evaluate() - a.evaluate()).abs() < 1e-6);
+    }
+}

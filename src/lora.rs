@@ -1,0 +1,601 @@
+//! LoRA sites whose rank changes during training.
+//!
+//! A site adapts one frozen projection `y = W x` to `y = W x + s · B (A x)` with PEFT's
+//! conventions: `A ∈ R^{r×in}` (Kaiming-uniform, `a = √5`, i.e. `U(±1/√in)`), `B ∈ R^{out×r}`
+//! (zeros), `s = α / r`, or `α / √r` with rsLoRA. A site of rank 0 contributes nothing.
+//!
+//! **Resizing** keeps the layer's output unchanged at the moment of the resize:
+//!
+//! * *grow* `r → r'`: both factors are multiplied by `c = √(s_r / s_r')`, so that
+//!   `s_r' · (cB)(cA) = s_r · B A`; `A` gains `r' − r` rows drawn like PEFT's initialisation and
+//!   made orthogonal to the existing rows (new directions), `B` gains zero columns. Exact.
+//! * *shrink* `r → k` by the QR-core SVD ([`crate::svd::qr_core_svd`], never forming `ΔW`):
+//!   `s_r · B A = U Σ Vᵀ`, and the new factors split the kept singular values evenly,
+//!   `B' = U_k (Σ_k s_r / s_k)^{1/2}`, `A' = (Σ_k s_r / s_k)^{1/2} V_kᵀ`, so that
+//!   `s_k · B' A' = U_k Σ_k V_kᵀ`: the best rank-`k` approximation, exact when `k` is at least
+//!   the adapter's true rank. Components whose singular value is zero (e.g. a fresh adapter
+//!   with `B = 0`) would be dead (no gradient reaches them); they are re-drawn like new
+//!   directions of a grow (fresh `A` row, zero `B` column), which keeps the output unchanged.
+//!
+//! **Optimizer state** (this module's own AdamW, [`AdamW`]):
+//!
+//! * grow: kept entries keep their moments, rescaled like the parameters (`m·c`, `v·c²`); new
+//!   entries start with `m = 0` and `v` = the mean of the kept `v` of that tensor (so their first
+//!   updates have the tensor's typical size instead of the `(1−β₁)/√(1−β₂) ≈ 3×` jump of a zero
+//!   second moment); the step count is kept.
+//! * shrink: the factors change basis (rotations by `U_c`, `V_c`), so element-wise moments no
+//!   longer describe any parameter; both moments are **reset** to zero and the site's step count
+//!   to 0, so bias correction restarts for that site alone.
+//!
+//! The AdaLoRA importance averages follow the same rule (padded with zeros on grow, reset on
+//! shrink).
+
+use anyhow::{Result, bail};
+use tch::{Device, Kind, Tensor};
+
+use crate::svd;
+
+/// AdamW hyper-parameters (decoupled weight decay, bias-corrected moments).
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
+pub struct AdamW {
+    /// Learning rate.
+    pub lr: f64,
+    /// First-moment decay.
+    pub beta1: f64,
+    /// Second-moment decay.
+    pub beta2: f64,
+    /// Denominator epsilon.
+    pub eps: f64,
+    /// Decoupled weight decay.
+    pub weight_decay: f64,
+}
+
+impl Default for AdamW {
+    fn default() -> Self {
+        AdamW { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 }
+    }
+}
+
+/// Moments of one tensor.
+#[derive(Debug)]
+struct Moments {
+    m: Tensor,
+    v: Tensor,
+}
+
+impl Moments {
+    fn zeros_like(t: &Tensor) -> Moments {
+        Moments { m: t.zeros_like(), v: t.zeros_like() }
+    }
+}
+
+/// AdaLoRA sensitivity averages of one tensor: `Ī` (EMA of `|θ·∇θ|`) and `Ū` (EMA of `|I − Ī|`).
+#[derive(Debug)]
+struct Importance {
+    i_bar: Tensor,
+    u_bar: Tensor,
+}
+
+impl Importance {
+    fn zeros_like(t: &Tensor) -> Importance {
+        Importance { i_bar: t.zeros_like(), u_bar: t.zeros_like() }
+    }
+    fn score(&self) -> Tensor {
+        &self.i_bar * &self.u_bar
+    }
+}
+
+/// AdaLoRA's EMA factors (β₁ = β₂ = 0.85, PEFT's defaults).
+pub const IMPORTANCE_BETA: (f64, f64) = (0.85, 0.85);
+
+/// One adapted projection.
+#[derive(Debug)]
+pub struct Lora {
+    /// Module path in the Hugging Face model, e.g. `model.layers.3.self_attn.v_proj`.
+    pub name: String,
+    /// Input features of the projection.
+    pub d_in: usize,
+    /// Output features of the projection.
+    pub d_out: usize,
+    /// `lora_alpha`.
+    pub alpha: f64,
+    /// rsLoRA scaling (`α/√r`) instead of `α/r`.
+    pub rslora: bool,
+    /// `A`, `[r, in]`, `f32`, requires grad.
+    pub a: Tensor,
+    /// `B`, `[out, r]`, `f32`, requires grad.
+    pub b: Tensor,
+    adam: Option<(Moments, Moments)>,
+    adam_steps: u64,
+    importance: Option<(Importance, Importance)>,
+    /// Gradient norm `‖(∇A, ∇B)‖_F` at the last [`Lora::observe_gradients`].
+    pub last_grad_norm: f64,
+    /// Seed of this site's own generator for new directions (initialisation, grow, re-drawn
+    /// dead components): results do not depend on libtorch's global generator.
+    pub seed: u64,
+    draws: u64,
+}
+
+/// What a resize did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum ResizeKind {
+    /// Same rank: nothing changed.
+    Unchanged,
+    /// Rank increased.
+    Grow,
+    /// Rank decreased (QR-core SVD).
+    Shrink,
+}
+
+/// The scaling `s` for rank `r` (0 for rank 0).
+pub fn scaling(alpha: f64, rank: usize, rslora: bool) -> f64 {
+    if rank == 0 {
+        0.0
+    } else if rslora {
+        alpha / (rank as f64).sqrt()
+    } else {
+        alpha / rank as f64
+    }
+}
+
+fn param(t: Tensor) -> Tensor {
+    t.detach().set_requires_grad(true)
+}
+
+impl Lora {
+    /// A new site of rank `rank` with PEFT's initialisation (`B = 0`) on `device`; `A` is drawn
+    /// from the site's own generator, seeded by `seed` and the site's name.
+    /// Fails when `rank > min(d_in, d_out)`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        name: &str,
+        d_in: usize,
+        d_out: usize,
+        rank: usize,
+        alpha: f64,
+        rslora: bool,
+        seed: u64,
+        device: Device,
+    ) -> Result<Lora> {
+        check_rank(name, rank, d_in, d_out)?;
+        let mut l = Lora::from_factors(
+            name,
+            Tensor::zeros([0, d_in as i64], (Kind::Float, device)),
+            Tensor::zeros([d_out as i64, 0], (Kind::Float, device)),
+            alpha,
+            rslora,
+        );
+        l.seed = seed ^ name_hash(name);
+        let a = l.kaiming_rows(rank);
+        let b = Tensor::zeros([d_out as i64, rank as i64], (Kind::Float, device));
+        l.a = param(a);
+        l.b = param(b);
+        Ok(l)
+    }
+
+    /// A site from given factors (`a: [r, in]`, `b: [out, r]`), e.g. a loaded adapter.
+    pub fn from_factors(name: &str, a: Tensor, b: Tensor, alpha: f64, rslora: bool) -> Lora {
+        let d_in = a.size()[1] as usize;
+        let d_out = b.size()[0] as usize;
+        Lora {
+            name: name.to_string(),
+            d_in,
+            d_out,
+            alpha,
+            rslora,
+            a: param(a.to_kind(Kind::Float)),
+            b: param(b.to_kind(Kind::Float)),
+            adam: None,
+            adam_steps: 0,
+            importance: None,
+            last_grad_norm: 0.0,
+            seed: name_hash(name),
+            draws: 0,
+        }
+    }
+
+    /// Current rank.
+    pub fn rank(&self) -> usize {
+        self.a.size()[0] as usize
+    }
+
+    /// Current scaling `s`.
+    pub fn scaling(&self) -> f64 {
+        scaling(self.alpha, self.rank(), self.rslora)
+    }
+
+    /// `s · B (A x)` in `x`'s dtype, or `None` at rank 0.
+    pub fn forward(&self, x: &Tensor) -> Option<Tensor> {
+        if self.rank() == 0 {
+            return None;
+        }
+        let k = x.kind();
+        let h = x.linear(&self.a.to_kind(k), None::<Tensor>);
+        Some(h.linear(&self.b.to_kind(k), None::<Tensor>) * self.scaling())
+    }
+
+    /// The full update `ΔW = s · B A`, `[out, in]` (for tests and merging; training never forms it).
+    pub fn delta_weight(&self) -> Tensor {
+        if self.rank() == 0 {
+            return Tensor::zeros([self.d_out as i64, self.d_in as i64], (Kind::Float, self.a.device()));
+        }
+        self.b.detach().matmul(&self.a.detach()) * self.scaling()
+    }
+
+    /// Singular values of `ΔW = s · B A` by the QR-core route, descending (`rank` values).
+    pub fn singular_values(&self) -> Vec<f64> {
+        if self.rank() == 0 {
+            return Vec::new();
+        }
+        let s = self.scaling();
+        tch::no_grad(|| svd::qr_core_svd(&self.b.detach(), &self.a.detach()).values())
+            .into_iter()
+            .map(|x| x * s)
+            .collect()
+    }
+
+    /// Resizes to `new_rank` (grow or QR-core shrink), keeping the output unchanged (up to float
+    /// error, exactly so for a shrink to at least the true rank). See the module documentation for
+    /// what happens to the optimizer state.
+    pub fn resize(&mut self, new_rank: usize) -> Result<ResizeKind> {
+        check_rank(&self.name, new_rank, self.d_in, self.d_out)?;
+        let r = self.rank();
+        Ok(if new_rank == r {
+            ResizeKind::Unchanged
+        } else if new_rank > r {
+            tch::no_grad(|| self.grow(new_rank));
+            ResizeKind::Grow
+        } else {
+            tch::no_grad(|| self.shrink(new_rank));
+            ResizeKind::Shrink
+        })
+    }
+
+    fn grow(&mut self, new_rank: usize) {
+        let r = self.rank();
+        let extra = new_rank - r;
+        let c = if r == 0 { 1.0 } else { (self.scaling() / scaling(self.alpha, new_rank, self.rslora)).sqrt() };
+        let dev = self.a.device();
+        let a_old = self.a.detach() * c;
+        let new_rows = self.new_directions(&a_old, extra);
+        let a = Tensor::cat(&[a_old, new_rows], 0);
+        let b = Tensor::cat(
+            &[self.b.detach() * c, Tensor::zeros([self.d_out as i64, extra as i64], (Kind::Float, dev))],
+            1,
+        );
+        if let Some((ma, mb)) = self.adam.take() {
+            let pad_rows = |t: &Tensor, fill: f64| {
+                Tensor::cat(
+                    &[t.shallow_clone(), Tensor::full([extra as i64, self.d_in as i64], fill, (Kind::Float, dev))],
+                    0,
+                )
+            };
+            let pad_cols = |t: &Tensor, fill: f64| {
+                Tensor::cat(
+                    &[t.shallow_clone(), Tensor::full([self.d_out as i64, extra as i64], fill, (Kind::Float, dev))],
+                    1,
+                )
+            };
+            let mean = |t: &Tensor| {
+                if t.numel() == 0 { 0.0 } else { t.mean(Kind::Float).double_value(&[]) }
+            };
+            let (va, vb) = (&ma.v * (c * c), &mb.v * (c * c));
+            self.adam = Some((
+                Moments { m: pad_rows(&(&ma.m * c), 0.0), v: pad_rows(&va, mean(&va)) },
+                Moments { m: pad_cols(&(&mb.m * c), 0.0), v: pad_cols(&vb, mean(&vb)) },
+            ));
+        }
+        if let Some((ia, ib)) = self.importance.take() {
+            let zr = |t: &Tensor| {
+                Tensor::cat(
+                    &[t.shallow_clone(), Tensor::zeros([extra as i64, self.d_in as i64], (Kind::Float, dev))],
+                    0,
+                )
+            };
+            let zc = |t: &Tensor| {
+                Tensor::cat(
+                    &[t.shallow_clone(), Tensor::zeros([self.d_out as i64, extra as i64], (Kind::Float, dev))],
+                    1,
+                )
+            };
+            self.importance = Some((
+                Importance { i_bar: zr(&ia.i_bar), u_bar: zr(&ia.u_bar) },
+                Importance { i_bar: zc(&ib.i_bar), u_bar: zc(&ib.u_bar) },
+            ));
+        }
+        self.a = param(a);
+        self.b = param(b);
+    }
+
+    fn shrink(&mut self, k: usize) {
+        let dev = self.a.device();
+        let s_old = self.scaling();
+        if k == 0 {
+            self.a = param(Tensor::zeros([0, self.d_in as i64], (Kind::Float, dev)));
+            self.b = param(Tensor::zeros([self.d_out as i64, 0], (Kind::Float, dev)));
+        } else {
+            let s_new = scaling(self.alpha, k, self.rslora);
+            let (b, a, full) = svd::squeeze_factors(&self.b.detach(), &self.a.detach(), k, s_old / s_new);
+            let sv = Vec::<f64>::try_from(full.to_kind(Kind::Double).to_device(Device::Cpu)).unwrap_or_default();
+            let tol = sv.first().copied().unwrap_or(0.0) * 1e-6;
+            let live = sv.iter().take(k).filter(|&&x| x > tol && x > 0.0).count();
+            let (a, b) = (a.to_kind(Kind::Float), b.to_kind(Kind::Float));
+            let (a, b) = if live < k {
+                // Dead components: fresh directions in A, zero columns in B.
+                let a_live = a.narrow(0, 0, live as i64);
+                let fresh = self.new_directions(&a_live, k - live);
+                let b_live = b.narrow(1, 0, live as i64);
+                (
+                    Tensor::cat(&[a_live, fresh], 0),
+                    Tensor::cat(
+                        &[b_live, Tensor::zeros([self.d_out as i64, (k - live) as i64], (Kind::Float, dev))],
+                        1,
+                    ),
+                )
+            } else {
+                (a, b)
+            };
+            self.a = param(a.contiguous());
+            self.b = param(b.contiguous());
+        }
+        self.adam = None;
+        self.adam_steps = 0;
+        self.importance = None;
+    }
+
+    /// Records the current gradients: the gradient norm and the AdaLoRA importance averages
+    /// (`I = |θ·∇θ|`, `Ī ← β₁Ī + (1−β₁)I`, `Ū ← β₂Ū + (1−β₂)|I − Ī|`). Call after `backward`.
+    /// Returns `‖∇A‖² + ‖∇B‖²`.
+    pub fn observe_gradients(&mut self, update_importance: bool) -> f64 {
+        if self.rank() == 0 {
+            self.last_grad_norm = 0.0;
+            return 0.0;
+        }
+        tch::no_grad(|| {
+            let ga = self.a.grad();
+            let gb = self.b.grad();
+            if !ga.defined() || !gb.defined() {
+                return 0.0;
+            }
+            let sq = (ga.square().sum(Kind::Float) + gb.square().sum(Kind::Float)).double_value(&[]);
+            self.last_grad_norm = sq.sqrt();
+            if update_importance {
+                let (b1, b2) = IMPORTANCE_BETA;
+                let imp = self
+                    .importance
+                    .get_or_insert_with(|| (Importance::zeros_like(&self.a), Importance::zeros_like(&self.b)));
+                for (p, g, st) in [(&self.a, &ga, &mut imp.0), (&self.b, &gb, &mut imp.1)] {
+                    let i = (p.detach() * g).abs();
+                    st.i_bar = &st.i_bar * b1 + &i * (1.0 - b1);
+                    st.u_bar = &st.u_bar * b2 + (&i - &st.i_bar).abs() * (1.0 - b2);
+                }
+            }
+            sq
+        })
+    }
+
+    /// AdaLoRA importance of the site: the mean of `Ī·Ū` over all entries of `A` and `B`
+    /// (0 before any gradient was observed).
+    pub fn importance(&self) -> f64 {
+        match &self.importance {
+            Some((ia, ib)) if self.rank() > 0 => {
+                let n = (ia.i_bar.numel() + ib.i_bar.numel()) as f64;
+                (ia.score().sum(Kind::Float) + ib.score().sum(Kind::Float)).double_value(&[]) / n
+            }
+            _ => 0.0,
+        }
+    }
+
+    /// AdaLoRA's per-component score without the `λ` term: for each rank index `i`,
+    /// `mean_j s(A_ij) + mean_j s(B_ji)`.
+    pub fn component_importance(&self) -> Vec<f64> {
+        match &self.importance {
+            Some((ia, ib)) if self.rank() > 0 => {
+                let t = ia.score().mean_dim(1, false, Kind::Float) + ib.score().mean_dim(0, false, Kind::Float);
+                Vec::<f64>::try_from(t.to_kind(Kind::Double).to_device(Device::Cpu)).unwrap_or_default()
+            }
+            _ => vec![0.0; self.rank()],
+        }
+    }
+
+    /// One AdamW step on `A` and `B` (gradients scaled by `grad_scale`, e.g. for clipping), then
+    /// clears the gradients. A site without gradients is left alone.
+    pub fn adamw_step(&mut self, opt: &AdamW, grad_scale: f64) {
+        if self.rank() == 0 {
+            return;
+        }
+        tch::no_grad(|| {
+            let ga = self.a.grad();
+            let gb = self.b.grad();
+            if !ga.defined() || !gb.defined() {
+                return;
+            }
+            let st = self.adam.get_or_insert_with(|| (Moments::zeros_like(&self.a), Moments::zeros_like(&self.b)));
+            self.adam_steps += 1;
+            let t = self.adam_steps as i32;
+            let bc1 = 1.0 - opt.beta1.powi(t);
+            let bc2 = 1.0 - opt.beta2.powi(t);
+            for (p, g, m) in [(&mut self.a, ga, &mut st.0), (&mut self.b, gb, &mut st.1)] {
+                let g = if grad_scale != 1.0 { g * grad_scale } else { g };
+                let _ = m.m.lerp_(&g, 1.0 - opt.beta1);
+                let _ = m.v.g_mul_scalar_(opt.beta2);
+                let _ = m.v.addcmul_(&(&g * (1.0 - opt.beta2)), &g);
+                if opt.weight_decay != 0.0 {
+                    let _ = p.g_mul_scalar_(1.0 - opt.lr * opt.weight_decay);
+                }
+                let denom = (&m.v / bc2).sqrt() + opt.eps;
+                let _ = p.g_sub_(&((&m.m * (opt.lr / bc1)) / denom));
+            }
+        });
+        self.a.zero_grad();
+        self.b.zero_grad();
+    }
+
+    /// Optimizer steps taken since creation or the last reset (shrink).
+    pub fn adam_steps(&self) -> u64 {
+        self.adam_steps
+    }
+
+    /// Moves the factors (and any state) to `device`.
+    pub fn to_device(&mut self, device: Device) {
+        self.a = param(self.a.to_device(device));
+        self.b = param(self.b.to_device(device));
+        if let Some((ma, mb)) = self.adam.take() {
+            self.adam = Some((
+                Moments { m: ma.m.to_device(device), v: ma.v.to_device(device) },
+                Moments { m: mb.m.to_device(device), v: mb.v.to_device(device) },
+            ));
+        }
+        if let Some((ia, ib)) = self.importance.take() {
+            self.importance = Some((
+                Importance { i_bar: ia.i_bar.to_device(device), u_bar: ia.u_bar.to_device(device) },
+                Importance { i_bar: ib.i_bar.to_device(device), u_bar: ib.u_bar.to_device(device) },
+            ));
+        }
+    }
+}
+
+/// Errors unless `rank ≤ min(d_in, d_out)`.
+pub fn check_rank(name: &str, rank: usize, d_in: usize, d_out: usize) -> Result<()> {
+    if rank > d_in.min(d_out) {
+        bail!(crate::cli::BadInput(format!(
+            "{name}: rank {rank} exceeds min(d_in, d_out) = min({d_in}, {d_out}) = {}",
+            d_in.min(d_out)
+        )));
+    }
+    Ok(())
+}
+
+/// FNV-1a hash of a site name (mixes the site into its generator's seed).
+fn name_hash(name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
+}
+
+impl Lora {
+    /// `rows × in` drawn from `U(±1/√in)` (PEFT's Kaiming-uniform with `a = √5`) by the site's
+    /// own ChaCha8 generator (seed, draw counter).
+    fn kaiming_rows(&mut self, rows: usize) -> Tensor {
+        use rand::{Rng, SeedableRng};
+        let cols = self.d_in;
+        let bound = 1.0 / (cols as f64).sqrt();
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(
+            self.seed.wrapping_add(self.draws.wrapping_mul(0x9e37_79b9_7f4a_7c15)),
+        );
+        self.draws += 1;
+        let v: Vec<f32> = (0..rows * cols).map(|_| ((rng.random::<f64>() * 2.0 - 1.0) * bound) as f32).collect();
+        Tensor::from_slice(&v).view([rows as i64, cols as i64]).to_device(self.a.device())
+    }
+
+    /// `extra` rows like [`Lora::kaiming_rows`], projected off the row space of `existing` and
+    /// rescaled to their original norms: new directions that do not duplicate what `A` spans.
+    fn new_directions(&mut self, existing: &Tensor, extra: usize) -> Tensor {
+        let cols = self.d_in;
+        let fresh = self.kaiming_rows(extra);
+        if existing.size()[0] == 0 || existing.size()[0] as usize + extra > cols {
+            return fresh;
+        }
+        let norms = fresh.norm_scalaropt_dim(2, [1], true);
+        let (q, _) = Tensor::linalg_qr(&existing.tr(), "reduced"); // [cols, r]
+        let projected = &fresh - fresh.matmul(&q).matmul(&q.tr());
+        let pn = projected.norm_scalaropt_dim(2, [1], true).clamp_min(1e-12);
+        projected / pn * norms
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rel(a: &Tensor, b: &Tensor) -> f64 {
+        let d = (a - b).to_kind(Kind::Double).norm().double_value(&[]);
+        d / b.to_kind(Kind::Double).norm().double_value(&[]).max(1e-30)
+    }
+
+    fn trained_site(rank: usize, true_rank: usize, rslora: bool) -> Lora {
+        tch::manual_seed(5);
+        let mut l = Lora::new("model.layers.0.self_attn.q_proj", 48, 40, rank, 16.0, rslora, 0, Device::Cpu).unwrap();
+        // A "trained" B whose product with A has rank `true_rank`.
+        let b = Tensor::randn([40, true_rank as i64], (Kind::Float, Device::Cpu))
+            .matmul(&Tensor::randn([true_rank as i64, rank as i64], (Kind::Float, Device::Cpu)))
+            * 0.1;
+        l.b = param(b);
+        l
+    }
+
+    fn out(l: &Lora, x: &Tensor) -> Tensor {
+        tch::no_grad(|| l.forward(x).unwrap())
+    }
+
+    #[test]
+    fn grow_and_shrink_leave_output_unchanged() {
+        for rslora in [false, true] {
+            let x = Tensor::randn([7, 48], (Kind::Float, Device::Cpu));
+            let mut l = trained_site(8, 3, rslora);
+            let y0 = out(&l, &x);
+            assert_eq!(l.resize(16).unwrap(), ResizeKind::Grow);
+            assert_eq!(l.rank(), 16);
+            assert!(rel(&out(&l, &x), &y0) < 1e-5, "grow");
+            // New rows are orthogonal to the old ones.
+            let ov = l.a.narrow(0, 0, 8).matmul(&l.a.narrow(0, 8, 8).tr()).abs().max().double_value(&[]);
+            assert!(ov < 1e-4, "{ov}");
+            for k in [6, 3] {
+                assert_eq!(l.resize(k).unwrap(), ResizeKind::Shrink);
+                assert_eq!((l.a.size(), l.b.size()), (vec![k as i64, 48], vec![40, k as i64]));
+                assert!(rel(&out(&l, &x), &y0) < 1e-5, "shrink to {k} (rslora {rslora})");
+            }
+            // Below the true rank: the best rank-2 approximation.
+            let sv = l.singular_values();
+            l.resize(2).unwrap();
+            let err = rel(&l.delta_weight(), &Tensor::zeros([1], (Kind::Float, Device::Cpu)));
+            assert!(err > 0.0);
+            let kept: f64 = l.singular_values().iter().map(|x| x * x).sum();
+            let expect: f64 = sv[..2].iter().map(|x| x * x).sum();
+            assert!((kept - expect).abs() < 1e-4 * expect);
+        }
+    }
+
+    #[test]
+    fn shrinking_a_fresh_adapter_keeps_it_trainable() {
+        tch::manual_seed(1);
+        let mut l = Lora::new("m", 16, 16, 8, 8.0, false, 0, Device::Cpu).unwrap();
+        l.resize(4).unwrap();
+        assert_eq!(l.rank(), 4);
+        assert!(l.a.abs().sum(Kind::Float).double_value(&[]) > 0.0, "A must not be all zero");
+        assert_eq!(l.b.abs().sum(Kind::Float).double_value(&[]), 0.0);
+        l.resize(0).unwrap();
+        assert!(l.forward(&Tensor::ones([1, 16], (Kind::Float, Device::Cpu))).is_none());
+        l.resize(2).unwrap();
+        assert_eq!(l.rank(), 2);
+    }
+
+    #[test]
+    fn rank_above_min_dim_is_rejected() {
+        let e = Lora::new("model.layers.0.mlp.down_proj", 16, 8, 9, 8.0, false, 0, Device::Cpu).unwrap_err();
+        assert!(e.to_string().contains("exceeds min(d_in, d_out)"), "{e}");
+        assert!(e.is::<crate::cli::BadInput>());
+    }
+
+    #[test]
+    fn adamw_and_importance_track_gradients_and_survive_resizes() {
+        let mut l = trained_site(4, 4, false);
+        let x = Tensor::randn([5, 48], (Kind::Float, Device::Cpu));
+        for _ in 0..3 {
+            let loss = l.forward(&x).unwrap().square().mean(Kind::Float);
+            loss.backward();
+            assert!(l.observe_gradients(true) > 0.0);
+            l.adamw_step(&AdamW::default(), 1.0);
+        }
+        assert!(l.importance() > 0.0);
+        assert_eq!(l.component_importance().len(), 4);
+        l.resize(6).unwrap();
+        assert_eq!(l.adam_steps(), 3);
+        assert_eq!(l.component_importance().len(), 6);
+        let loss = l.forward(&x).unwrap().square().mean(Kind::Float);
+        loss.backward();
+        l.observe_gradients(true);
+        l.adamw_step(&AdamW::default(), 1.0);
+        l.resize(2).unwrap();
+        assert_eq!(l.adam_steps(), 0);
+        assert_eq!(l.importance(), 0.0);
+    }
+}

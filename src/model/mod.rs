@@ -1,0 +1,3 @@
+//! Model architectures, one per file.
+
+pub mod llama;

@@ -1,0 +1,346 @@
+//! Hugging Face PEFT LoRA adapters: reading any LoRA adapter directory and writing ours.
+//!
+//! An adapter directory holds `adapter_config.json` (`peft_type: "LORA"`, `r`, `lora_alpha`,
+//! `target_modules`, `rank_pattern`, `alpha_pattern`, `use_rslora`, …) and
+//! `adapter_model.safetensors` with tensors named `base_model.model.<module>.lora_A.weight`
+//! (`[r, in]`) and `…lora_B.weight` (`[out, r]`), header metadata `{"format": "pt"}`.
+//!
+//! Per-module rank and alpha follow PEFT's rule (`peft.utils.other.get_pattern_key`): the first
+//! key `k` of `rank_pattern` / `alpha_pattern` for which the regex `(.*\.)?(k)$` matches the
+//! module name wins, else `r` / `lora_alpha`. The rank itself is read from the tensor shapes; the
+//! config's rank must agree with it.
+//!
+//! We write every site explicitly: `target_modules` lists the full module names of the sites
+//! with rank > 0, and `rank_pattern` / `alpha_pattern` map each of them to its rank / alpha, so
+//! the file is unambiguous whatever the default `r` is.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Result, bail};
+use serde_json::{Map, Value, json};
+use tch::Tensor;
+
+use crate::checkpoint;
+use crate::cli::BadInput;
+
+/// The config file name.
+pub const CONFIG_FILE: &str = "adapter_config.json";
+/// The weights file name.
+pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
+/// Prefix PEFT puts before module names in tensor names.
+pub const PREFIX: &str = "base_model.model.";
+
+/// One adapted module of a PEFT adapter.
+#[derive(Debug)]
+pub struct PeftSite {
+    /// Module name in the base model, e.g. `model.layers.0.self_attn.q_proj`.
+    pub module: String,
+    /// Tensor-name prefix before `.lora_A.weight` (usually `base_model.model.<module>`).
+    pub tensor_prefix: String,
+    /// `lora_A.weight`, `[r, in]`.
+    pub a: Tensor,
+    /// `lora_B.weight`, `[out, r]`.
+    pub b: Tensor,
+    /// The module's `lora_alpha`.
+    pub alpha: f64,
+}
+
+impl PeftSite {
+    /// The rank (rows of `A`).
+    pub fn rank(&self) -> usize {
+        self.a.size()[0] as usize
+    }
+}
+
+/// A LoRA adapter read from a PEFT directory.
+#[derive(Debug)]
+pub struct PeftAdapter {
+    /// Where it was read from.
+    pub dir: PathBuf,
+    /// `adapter_config.json` as read (unknown keys kept, so a rewrite preserves them).
+    pub config: Map<String, Value>,
+    /// Whether `use_rslora` is set (scaling `α/√r`).
+    pub rslora: bool,
+    /// The adapted modules, in tensor-name order.
+    pub sites: Vec<PeftSite>,
+    /// Tensors that are not LoRA factors (e.g. `modules_to_save` copies, biases): kept verbatim.
+    pub other: Vec<(String, Tensor)>,
+}
+
+/// First key of `pattern` whose PEFT regex `(.*\.)?(key)$` matches `module`.
+pub fn pattern_lookup<'a>(pattern: &'a Map<String, Value>, module: &str) -> Result<Option<&'a Value>> {
+    for (key, v) in pattern {
+        let re = regex::Regex::new(&format!("^(.*\\.)?({key})$"))
+            .map_err(|e| BadInput(format!("pattern key `{key}` is not a valid regex: {e}")))?;
+        if re.is_match(module) {
+            return Ok(Some(v));
+        }
+    }
+    Ok(None)
+}
+
+impl PeftAdapter {
+    /// Reads and validates a PEFT LoRA adapter directory. Errors name the file and key/tensor.
+    pub fn load(dir: &Path) -> Result<PeftAdapter> {
+        let cfg_path = dir.join(CONFIG_FILE);
+        let bad = |why: String| -> anyhow::Error { BadInput(format!("{}: {why}", cfg_path.display())).into() };
+        let text = std::fs::read_to_string(&cfg_path)
+            .map_err(|e| BadInput(format!("{}: {e} (not a PEFT adapter directory?)", cfg_path.display())))?;
+        let config: Map<String, Value> = match serde_json::from_str::<Value>(&text) {
+            Ok(Value::Object(m)) => m,
+            Ok(_) => return Err(bad("not a JSON object".into())),
+            Err(e) => return Err(bad(format!("invalid JSON: {e}"))),
+        };
+        let peft_type = config.get("peft_type").and_then(|v| v.as_str()).unwrap_or("");
+        if peft_type != "LORA" {
+            return Err(bad(format!(
+                "`peft_type` is `{}`: not a LoRA adapter (only `LORA` is supported)",
+                if peft_type.is_empty() { "missing" } else { peft_type }
+            )));
+        }
+        if config.get("use_dora").and_then(|v| v.as_bool()) == Some(true) {
+            return Err(bad("`use_dora` is true: DoRA adapters are not supported".into()));
+        }
+        let rslora = config.get("use_rslora").and_then(|v| v.as_bool()).unwrap_or(false);
+        let default_alpha = match config.get("lora_alpha") {
+            None | Some(Value::Null) => 8.0,
+            Some(v) => v.as_f64().ok_or_else(|| bad(format!("`lora_alpha` must be a number, got {v}")))?,
+        };
+        let default_r = config.get("r").and_then(|v| v.as_u64());
+        let empty = Map::new();
+        let obj = |k: &str| -> Result<&Map<String, Value>> {
+            match config.get(k) {
+                None | Some(Value::Null) => Ok(&empty),
+                Some(Value::Object(m)) => Ok(m),
+                Some(v) => Err(bad(format!("`{k}` must be an object, got {v}"))),
+            }
+        };
+        let rank_pattern = obj("rank_pattern")?;
+        let alpha_pattern = obj("alpha_pattern")?;
+
+        let w_path = dir.join(WEIGHTS_FILE);
+        if !w_path.is_file() {
+            let why = if dir.join("adapter_model.bin").is_file() {
+                "only adapter_model.bin (pickle) present: rankpilot reads safetensors adapters"
+            } else {
+                "missing"
+            };
+            bail!(BadInput(format!("{}: {why}", w_path.display())));
+        }
+        let (tensors, _) = checkpoint::read_safetensors(&w_path).map_err(|e| BadInput(e.to_string()))?;
+        let wbad = |why: String| -> anyhow::Error { BadInput(format!("{}: {why}", w_path.display())).into() };
+        let mut a_map: HashMap<String, Tensor> = HashMap::new();
+        let mut b_map: HashMap<String, Tensor> = HashMap::new();
+        let mut other = Vec::new();
+        for (name, t) in tensors {
+            if name.contains("lora_embedding_") {
+                return Err(wbad(format!("`{name}`: LoRA on embedding layers is not supported")));
+            }
+            if name.contains("lora_magnitude_vector") {
+                return Err(wbad(format!("`{name}`: DoRA magnitude vectors are not supported")));
+            }
+            let split = |suffix: &str| name.strip_suffix(suffix).map(String::from);
+            if let Some(p) = split(".lora_A.weight") {
+                a_map.insert(p, t);
+            } else if let Some(p) = split(".lora_B.weight") {
+                b_map.insert(p, t);
+            } else if name.contains(".lora_A.") || name.contains(".lora_B.") {
+                return Err(wbad(format!(
+                    "`{name}`: unexpected LoRA tensor name (expected `<module>.lora_A.weight` / `.lora_B.weight`)"
+                )));
+            } else {
+                other.push((name, t));
+            }
+        }
+        if a_map.is_empty() {
+            return Err(wbad("no `lora_A.weight` / `lora_B.weight` tensors: not a LoRA adapter".into()));
+        }
+        let mut prefixes: Vec<String> = a_map.keys().cloned().collect();
+        prefixes.sort();
+        let mut sites = Vec::new();
+        for p in prefixes {
+            let a = a_map.remove(&p).expect("key listed");
+            let b = b_map
+                .remove(&p)
+                .ok_or_else(|| wbad(format!("`{p}.lora_A.weight` has no matching `{p}.lora_B.weight`")))?;
+            if a.dim() != 2 || b.dim() != 2 {
+                return Err(wbad(format!(
+                    "`{p}`: lora_A {:?} / lora_B {:?} must be matrices (convolution LoRA is not supported)",
+                    a.size(),
+                    b.size()
+                )));
+            }
+            let r = a.size()[0];
+            if b.size()[1] != r {
+                return Err(wbad(format!(
+                    "`{p}`: lora_A.weight is {:?} ([r, in]) but lora_B.weight is {:?} ([out, r]): ranks differ",
+                    a.size(),
+                    b.size()
+                )));
+            }
+            let module = p.strip_prefix(PREFIX).unwrap_or(&p).to_string();
+            let cfg_r = match pattern_lookup(rank_pattern, &module)? {
+                Some(v) => v.as_u64(),
+                None => default_r,
+            };
+            if let Some(cr) = cfg_r
+                && cr as i64 != r
+            {
+                return Err(bad(format!(
+                    "module `{module}` has rank {cr} in the config but its tensors have rank {r} in {WEIGHTS_FILE}"
+                )));
+            }
+            let alpha = match pattern_lookup(alpha_pattern, &module)? {
+                Some(v) => {
+                    v.as_f64().ok_or_else(|| bad(format!("alpha_pattern value for `{module}` is not a number")))?
+                }
+                None => default_alpha,
+            };
+            sites.push(PeftSite { module, tensor_prefix: p, a, b, alpha });
+        }
+        if let Some(p) = b_map.keys().next() {
+            return Err(wbad(format!("`{p}.lora_B.weight` has no matching `{p}.lora_A.weight`")));
+        }
+        Ok(PeftAdapter { dir: dir.to_path_buf(), config, rslora, sites, other })
+    }
+
+    /// Writes the adapter into `dir` (created if needed): the config with `r`, `lora_alpha`,
+    /// `target_modules`, `rank_pattern` and `alpha_pattern` rewritten from the sites, all other
+    /// keys kept; then the tensors. Each file is written atomically.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
+        let mut config = self.config.clone();
+        let live: Vec<&PeftSite> = self.sites.iter().filter(|s| s.rank() > 0).collect();
+        if live.is_empty() {
+            bail!("{}: every site has rank 0; PEFT cannot represent an empty LoRA adapter", dir.display());
+        }
+        let mut ranks = Map::new();
+        let mut alphas = Map::new();
+        for s in &live {
+            ranks.insert(s.module.clone(), json!(s.rank()));
+            alphas.insert(s.module.clone(), json!(s.alpha));
+        }
+        // Default r / alpha: the most common values (PEFT needs them even if every module is listed).
+        let mode = |vals: Vec<String>| {
+            let mut c: HashMap<String, usize> = HashMap::new();
+            for v in vals {
+                *c.entry(v).or_default() += 1;
+            }
+            let mut v: Vec<(String, usize)> = c.into_iter().collect();
+            v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+            v[0].0.clone()
+        };
+        let r_mode: u64 = mode(live.iter().map(|s| s.rank().to_string()).collect()).parse().unwrap_or(8);
+        let a_mode: f64 = mode(live.iter().map(|s| s.alpha.to_string()).collect()).parse().unwrap_or(8.0);
+        config.insert("r".into(), json!(r_mode));
+        config.insert("lora_alpha".into(), json!(a_mode));
+        config.insert("target_modules".into(), Value::Array(live.iter().map(|s| json!(s.module)).collect()));
+        config.insert("rank_pattern".into(), Value::Object(ranks));
+        config.insert("alpha_pattern".into(), Value::Object(alphas));
+        let mut tensors: Vec<(String, Tensor)> = Vec::new();
+        for s in &live {
+            tensors.push((format!("{}.lora_A.weight", s.tensor_prefix), s.a.detach().contiguous()));
+            tensors.push((format!("{}.lora_B.weight", s.tensor_prefix), s.b.detach().contiguous()));
+        }
+        for (n, t) in &self.other {
+            tensors.push((n.clone(), t.shallow_clone()));
+        }
+        let md = HashMap::from([("format".to_string(), "pt".to_string())]);
+        checkpoint::write_safetensors(&dir.join(WEIGHTS_FILE), &tensors, Some(md))?;
+        checkpoint::atomic_write(&dir.join(CONFIG_FILE), &serde_json::to_vec_pretty(&Value::Object(config))?)?;
+        Ok(())
+    }
+
+    /// A fresh adapter config for a causal LM (what `LoraConfig(task_type="CAUSAL_LM")` writes).
+    pub fn new_config(base_model: &str, rslora: bool) -> Map<String, Value> {
+        let v = json!({
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": base_model,
+            "revision": null,
+            "inference_mode": true,
+            "r": 8,
+            "lora_alpha": 8,
+            "lora_dropout": 0.0,
+            "target_modules": [],
+            "exclude_modules": null,
+            "fan_in_fan_out": false,
+            "bias": "none",
+            "use_rslora": rslora,
+            "modules_to_save": null,
+            "init_lora_weights": true,
+            "layers_to_transform": null,
+            "layers_pattern": null,
+            "rank_pattern": {},
+            "alpha_pattern": {},
+            "use_dora": false,
+            "lora_bias": false,
+            "peft_version": "0.21.2",
+        });
+        match v {
+            Value::Object(m) => m,
+            _ => unreachable!("literal object"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::{Device, Kind};
+
+    fn write(dir: &Path, cfg: Value, tensors: &[(&str, &[i64])]) {
+        std::fs::write(dir.join(CONFIG_FILE), cfg.to_string()).unwrap();
+        let ts: Vec<(String, Tensor)> =
+            tensors.iter().map(|(n, s)| (n.to_string(), Tensor::ones(*s, (Kind::Float, Device::Cpu)))).collect();
+        checkpoint::write_safetensors(&dir.join(WEIGHTS_FILE), &ts, None).unwrap();
+    }
+
+    #[test]
+    fn patterns_follow_peft() {
+        let m: Map<String, Value> = serde_json::from_str(r#"{"q_proj": 4, "layers.1.self_attn.v_proj": 2}"#).unwrap();
+        assert_eq!(pattern_lookup(&m, "model.layers.0.self_attn.q_proj").unwrap(), Some(&json!(4)));
+        assert_eq!(pattern_lookup(&m, "model.layers.1.self_attn.v_proj").unwrap(), Some(&json!(2)));
+        assert_eq!(pattern_lookup(&m, "model.layers.11.self_attn.v_proj").unwrap(), None);
+        assert_eq!(pattern_lookup(&m, "model.layers.0.self_attn.xq_proj").unwrap(), None);
+    }
+
+    #[test]
+    fn rejects_non_lora_and_inconsistent_adapters() {
+        let d = tempfile::tempdir().unwrap();
+        let e = PeftAdapter::load(d.path()).unwrap_err().to_string();
+        assert!(e.contains(CONFIG_FILE), "{e}");
+        let q = "base_model.model.model.layers.0.self_attn.q_proj";
+        let a = format!("{q}.lora_A.weight");
+        let b = format!("{q}.lora_B.weight");
+        write(d.path(), json!({"peft_type": "IA3"}), &[]);
+        let e = PeftAdapter::load(d.path()).unwrap_err();
+        assert!(e.to_string().contains("not a LoRA adapter") && e.is::<BadInput>(), "{e}");
+        write(d.path(), json!({"peft_type": "LORA", "r": 4}), &[(&a, &[4, 8]), (&b, &[6, 3])]);
+        let e = PeftAdapter::load(d.path()).unwrap_err().to_string();
+        assert!(e.contains("ranks differ") && e.contains("q_proj"), "{e}");
+        write(d.path(), json!({"peft_type": "LORA", "r": 2}), &[(&a, &[4, 8]), (&b, &[6, 4])]);
+        let e = PeftAdapter::load(d.path()).unwrap_err().to_string();
+        assert!(e.contains("rank 2 in the config"), "{e}");
+        write(d.path(), json!({"peft_type": "LORA", "r": 4}), &[(&a, &[4, 8])]);
+        assert!(PeftAdapter::load(d.path()).unwrap_err().to_string().contains("no matching"));
+        write(d.path(), json!({"peft_type": "LORA", "r": 4}), &[("x.weight", &[2, 2])]);
+        assert!(PeftAdapter::load(d.path()).unwrap_err().to_string().contains("not a LoRA adapter"));
+        write(
+            d.path(),
+            json!({"peft_type": "LORA", "r": 8, "lora_alpha": 16, "rank_pattern": {"q_proj": 4}, "alpha_pattern": {"q_proj": 8}}),
+            &[(&a, &[4, 8]), (&b, &[6, 4]), ("base_model.model.score.weight", &[2, 6])],
+        );
+        let ad = PeftAdapter::load(d.path()).unwrap();
+        assert_eq!(ad.sites[0].module, "model.layers.0.self_attn.q_proj");
+        assert_eq!((ad.sites[0].rank(), ad.sites[0].alpha), (4, 8.0));
+        assert_eq!(ad.other.len(), 1);
+        let out = tempfile::tempdir().unwrap();
+        ad.save(out.path()).unwrap();
+        let back = PeftAdapter::load(out.path()).unwrap();
+        assert_eq!(back.sites.len(), 1);
+        assert_eq!(back.config["rank_pattern"]["model.layers.0.self_attn.q_proj"], json!(4));
+        assert_eq!(back.other.len(), 1);
+    }
+}

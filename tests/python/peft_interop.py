@@ -1,0 +1,119 @@
+"""Interop checks between rankpilot and Hugging Face transformers + peft.
+
+  peft_interop.py logits <model_dir> <adapter_dir> <reference.safetensors>
+      Loads the base model with transformers and the adapter with peft, runs the ids stored in
+      the reference file (`ids`), and prints JSON: the largest absolute difference to rankpilot's
+      logits (`logits`), the adapter's effect on the logits, the ranks peft built, and any
+      warnings (missing/unexpected keys) raised while loading.
+
+  peft_interop.py make <model_dir> <adapter_dir>
+      Writes a small random Llama model and a LoRA adapter made by peft itself (random A and B,
+      mixed ranks through rank_pattern/alpha_pattern) for `rankpilot squeeze` to compress.
+
+  peft_interop.py bpe <corpus.txt> <out_dir> <sample.txt>
+      Trains a small byte-level BPE tokenizer with `tokenizers`, writes out_dir/tokenizer.json and
+      prints the ids of the sample text, for comparison with rankpilot's reader.
+
+  peft_interop.py squeezed <model_dir> <original_adapter> <squeezed_adapter>
+      Loads the squeezed adapter with peft and prints JSON per module: its rank, and the relative
+      Frobenius error of its delta weight against the best approximation of the original delta
+      weight at that rank (exact SVD).
+"""
+import json
+import sys
+import warnings
+
+import torch
+
+
+def load(model_dir, adapter_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = PeftModel.from_pretrained(base, adapter_dir)
+    model.eval()
+    return model, [str(w.message) for w in caught if "key" in str(w.message).lower()]
+
+
+def lora_modules(model):
+    from peft.tuners.lora import LoraLayer
+
+    base = model.base_model.model
+    return {n: m for n, m in base.named_modules() if isinstance(m, LoraLayer)}
+
+
+def cmd_logits(model_dir, adapter_dir, ref):
+    from safetensors.torch import load_file
+
+    model, warns = load(model_dir, adapter_dir)
+    d = load_file(ref)
+    with torch.no_grad():
+        out = model(input_ids=d["ids"]).logits
+        with model.disable_adapter():
+            base = model(input_ids=d["ids"]).logits
+    ranks = {n: m.r["default"] for n, m in lora_modules(model).items()}
+    print(json.dumps({
+        "max_abs_diff": (out - d["logits"]).abs().max().item(),
+        "max_abs_logit": d["logits"].abs().max().item(),
+        "adapter_effect": (out - base).abs().max().item(),
+        "ranks": ranks,
+        "warnings": warns,
+    }))
+
+
+def cmd_make(model_dir, adapter_dir):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg)
+    model.save_pretrained(model_dir)
+    lcfg = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"],
+                      rank_pattern={"v_proj": 6}, alpha_pattern={"down_proj": 4},
+                      init_lora_weights=False, task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, lcfg)
+    peft_model.save_pretrained(adapter_dir)
+    print(json.dumps({n: m.r["default"] for n, m in lora_modules(peft_model).items()}))
+
+
+def cmd_squeezed(model_dir, original, squeezed):
+    orig, _ = load(model_dir, original)
+    orig_delta = {n: m.get_delta_weight("default") for n, m in lora_modules(orig).items()}
+    sq, warns = load(model_dir, squeezed)
+    out = {"warnings": warns, "modules": {}}
+    for n, m in lora_modules(sq).items():
+        r = m.r["default"]
+        d = m.get_delta_weight("default")
+        u, s, vh = torch.linalg.svd(orig_delta[n].double(), full_matrices=False)
+        best = (u[:, :r] * s[:r]) @ vh[:r]
+        rel = ((d.double() - best).norm() / best.norm()).item()
+        out["modules"][n] = {"r": r, "orig_r": orig.base_model.model.get_submodule(n).r["default"],
+                             "rel_err_vs_best": rel,
+                             "energy": (s[:r].square().sum() / s.square().sum()).item()}
+    print(json.dumps(out))
+
+
+def cmd_bpe(corpus_file, out_dir, sample_file):
+    """Trains a byte-level BPE with Hugging Face `tokenizers`, saves tokenizer.json, prints the
+    ids of the sample text."""
+    import os
+
+    from tokenizers import ByteLevelBPETokenizer
+
+    tok = ByteLevelBPETokenizer()
+    tok.train([corpus_file], vocab_size=600, min_frequency=2, show_progress=False)
+    os.makedirs(out_dir, exist_ok=True)
+    tok.save(os.path.join(out_dir, "tokenizer.json"))
+    with open(sample_file, encoding="utf-8") as f:
+        print(json.dumps({"ids": tok.encode(f.read()).ids}))
+
+
+if __name__ == "__main__":
+    cmd, *args = sys.argv[1:]
+    {"logits": cmd_logits, "make": cmd_make, "squeezed": cmd_squeezed, "bpe": cmd_bpe}[cmd](*args)
