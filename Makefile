@@ -14,9 +14,19 @@ setup:
 build: setup
 	$(CARGO) build $(PROFILE) --workspace --bins
 
-## The main job on the embedded defaults.
+## The main job on the embedded defaults: train a rank policy on the default environment
+## (a few minutes on 2 cores), then evaluate it on 200 held-out episodes next to the baselines,
+## the oracle and the shipped policy.
+RUN_DIR ?= runs/make-run
+RUN_STEPS ?= 150000
 run: build
-	$(BIN) doctor --seed 0
+	$(BIN) train --env wireless-rayleigh --policy default --steps $(RUN_STEPS) --seed 0 \
+		--logdir $(RUN_DIR)/tensorboard --out $(RUN_DIR)/checkpoint
+	$(BIN) eval --env wireless-rayleigh --episodes 200 --seed 1000 \
+		--checkpoint $(RUN_DIR)/checkpoint/best --checkpoint checkpoints/wireless-rayleigh \
+		--markdown $(RUN_DIR)/eval.md --json $(RUN_DIR)/eval.json
+	@echo "TensorBoard logs: $(RUN_DIR)/tensorboard  (view: ~/.cache/rankpilot/venv/bin/tensorboard --logdir $(RUN_DIR)/tensorboard)"
+	@echo "Evaluation table: $(RUN_DIR)/eval.md"
 
 ## All tests of the workspace, including the checks with the Python `tensorboard` reader.
 test: setup

@@ -59,7 +59,7 @@ fn small_preset_is_learned_clearly_above_uniform() {
     let mut preset = load_preset("default").unwrap();
     preset.ppo.num_envs = 8;
     preset.ppo.num_steps = 40;
-    let mut t = Trainer::new(&env, &preset, 40_000, 3, Device::Cpu).unwrap();
+    let mut t = Trainer::new(&env, &preset, 25_000, 3, Device::Cpu).unwrap();
     while !t.finished() {
         t.iterate();
     }
@@ -69,7 +69,7 @@ fn small_preset_is_learned_clearly_above_uniform() {
     let (d, se) = table.paired_difference("policy", "uniform").unwrap();
     let gap = table.rows[2].oracle_gap_closed.unwrap();
     eprintln!("{}", table.to_text());
-    assert!(d > 3.0 * se && gap > 0.25, "policy − uniform = {d:.3} ± {se:.3}, gap closed {gap:.3}");
+    assert!(d > 3.0 * se && gap > 0.1, "policy − uniform = {d:.3} ± {se:.3}, gap closed {gap:.3}");
 }
 
 #[test]

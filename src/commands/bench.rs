@@ -29,6 +29,8 @@ pub enum Which {
     Svd,
     /// Fine-tuning throughput and resize overhead.
     Finetune,
+    /// Rank-policy decision latency for the 224-site 7B preset, PPO alone and with DDIM.
+    Policy,
 }
 
 /// Arguments of `rankpilot bench`.
@@ -113,7 +115,66 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     match a.which {
         Which::Svd => bench_svd(a),
         Which::Finetune => bench_finetune(a),
+        Which::Policy => bench_policy(a),
     }
+}
+
+/// Decision latency: one observation of the 224-site `llama7b` preset in, one feasible plan out
+/// (normalization, network, allocation; with DDIM also `sample_steps` denoiser passes).
+fn bench_policy(a: &BenchArgs) -> Result<()> {
+    use policies::ddim::DdimConfig;
+    use policies::model::{ActMode, PolicyModel};
+    use policies::network::NetConfig;
+
+    let preset = envs::presets::load("llama7b")?;
+    let venv = envs::VecEnv::new(&preset, 1, a.common.seed)?;
+    let ctx = venv.context(0);
+    let n_sites = venv.n_sites();
+    let ranks = preset.ranks.clone();
+    println!(
+        "decision latency, {} sites, {} ranks, {} thread(s), median of {} decisions",
+        n_sites,
+        ranks.len(),
+        tch::get_num_threads(),
+        a.repeats.max(1) * 20
+    );
+    println!("{:<28} {:>12} {:>12}", "policy", "median ms", "p90 ms");
+    let mut rows = Vec::new();
+    for (label, ddim_steps) in
+        [("PPO (default)", None), ("PPO + DDIM, 10 steps", Some(10)), ("PPO + DDIM, 50 steps", Some(50))]
+    {
+        let ddim = DdimConfig {
+            enabled: ddim_steps.is_some(),
+            sample_steps: ddim_steps.unwrap_or(10),
+            ..DdimConfig::default()
+        };
+        let mut model = PolicyModel::new(a.common.device, &ranks, NetConfig::default(), ddim);
+        model.ddim_active = ddim_steps.is_some();
+        let mut times = Vec::new();
+        for i in 0..a.repeats.max(1) * 20 + 5 {
+            let t = Instant::now();
+            let d = model.act(
+                venv.obs_global(),
+                venv.obs_sites(),
+                1,
+                n_sites,
+                ctx.unit_cost,
+                &[ctx.conservative_budget],
+                ActMode::Greedy,
+            );
+            let ms = t.elapsed().as_secs_f64() * 1e3;
+            std::hint::black_box(d);
+            if i >= 5 {
+                times.push(ms);
+            }
+        }
+        times.sort_by(f64::total_cmp);
+        let (med, p90) = (times[times.len() / 2], times[times.len() * 9 / 10]);
+        println!("{label:<28} {med:>12.3} {p90:>12.3}");
+        rows.push((label, med));
+    }
+    println!("DDIM (10 steps) / PPO latency: {:.1}×", rows[1].1 / rows[0].1);
+    Ok(())
 }
 
 fn fro(t: &Tensor) -> f64 {

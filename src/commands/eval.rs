@@ -64,7 +64,13 @@ pub fn run(a: &EvalArgs) -> anyhow::Result<()> {
         cfg.schema
             .check_compatible(&Schema::current(spec.rank_set.ranks()))
             .map_err(|e| BadInput(format!("{}: does not fit preset `{}`: {e}", dir.display(), preset.name)))?;
-        let label = dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "policy".into());
+        // Row label: the directory name, with its parent for `<run>/best`.
+        let name = |p: &std::path::Path| p.file_name().map(|n| n.to_string_lossy().to_string());
+        let label = match name(dir).as_deref() {
+            Some("best") => format!("{}/best", dir.parent().and_then(name).unwrap_or_default()),
+            Some(n) => n.to_string(),
+            None => "policy".into(),
+        };
         let mut policy = TrainedPolicy { model: &model, label };
         table.push(envs::evaluate(&preset, &mut policy, a.episodes, a.common.seed)?);
     }

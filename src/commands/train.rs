@@ -35,6 +35,7 @@ pub struct TrainArgs {
     #[arg(long)]
     pub logdir: Option<PathBuf>,
     /// Checkpoint directory (written periodically and at the end) [default: checkpoints/<env>].
+    /// The policy with the best evaluation so far is also kept in <out>/best.
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// Continue from the checkpoint in --out (same seed and presets as stored there).
@@ -122,6 +123,7 @@ pub fn run(a: &TrainArgs) -> anyhow::Result<()> {
     let start = Instant::now();
     let start_step = trainer.global_step;
     let mut last_gap = f64::NAN;
+    let mut best_gap = f64::NEG_INFINITY;
     let mut stopped_early = 0;
     while !trainer.finished() {
         let t0 = Instant::now();
@@ -191,6 +193,13 @@ pub fn run(a: &TrainArgs) -> anyhow::Result<()> {
             tb.add_scalar("eval/violation_rate", row.violation_rate, step)?;
             tb.add_scalar("eval/resource_used", row.resource_used, step)?;
             tb.add_scalar("eval/wall_s", start.elapsed().as_secs_f64(), step)?;
+            // Model selection on the evaluation seeds (held out from training; report final
+            // figures on yet other seeds with `rankpilot eval --seed`).
+            if last_gap > best_gap {
+                best_gap = last_gap;
+                save(&trainer, &out.join("best"))?;
+                tb.add_scalar("eval/best_oracle_gap_closed", best_gap, step)?;
+            }
         }
         if st.iteration % a.checkpoint_every.max(1) == 0 || trainer.finished() {
             save(&trainer, &out)?;
@@ -213,14 +222,20 @@ pub fn run(a: &TrainArgs) -> anyhow::Result<()> {
     pb.finish_and_clear();
     let wall = start.elapsed().as_secs_f64();
     println!(
-        "trained {} environment steps in {:.1} s ({:.0} steps/s); oracle gap closed {:.3} on {} held-out episodes",
+        "trained {} environment steps in {:.1} s ({:.0} steps/s); oracle gap closed {:.3} (best {:.3}) on {} evaluation episodes",
         trainer.global_step - start_step,
         wall,
         (trainer.global_step - start_step) as f64 / wall.max(1e-9),
         last_gap,
+        best_gap,
         a.eval_episodes
     );
-    println!("checkpoint: {}   TensorBoard: tensorboard --logdir {}", out.display(), logdir.display());
+    println!(
+        "checkpoints: {} (last), {} (best evaluation)   TensorBoard: tensorboard --logdir {}",
+        out.display(),
+        out.join("best").display(),
+        logdir.display()
+    );
     Ok(())
 }
 
