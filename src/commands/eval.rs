@@ -75,6 +75,18 @@ pub fn run(a: &EvalArgs) -> anyhow::Result<()> {
         table.push(envs::evaluate(&preset, &mut policy, a.episodes, a.common.seed)?);
     }
     print!("{}", table.to_text());
+    // Paired differences (same episodes for every row) of each trained policy against the baselines.
+    let trained: Vec<String> = table.rows.iter().skip(which.len()).map(|r| r.name.clone()).collect();
+    for name in &trained {
+        for base in ["adalora", "uniform"] {
+            if let Some((d, se)) = table.paired_difference(name, base) {
+                println!(
+                    "{name} − {base}: {d:+.3} ± {se:.3} return (paired, {:.1} standard errors)",
+                    d / se.max(1e-12)
+                );
+            }
+        }
+    }
     if let Some(p) = &a.json {
         checkpoint::atomic_write(p, table.to_json().as_bytes())?;
     }
