@@ -1,7 +1,7 @@
 //! A TensorBoard event-file writer: scalars, histograms, images (PNG) and text.
 //!
 //! Why our own (~300 lines) instead of a crate: `tensorboard-rs` is unmaintained since 2022, its
-//! `add_histogram`/`add_text` are `unimplemented!()` and it pulls protobuf 2.28 (RUSTSEC-2024-0437);
+//! `add_histogram`/`add_text` panic as unimplemented and it pulls protobuf 2.28 (RUSTSEC-2024-0437);
 //! `tboard` needs `protoc` at build time and has no text or histogram-from-values helpers;
 //! `tfrecord` works but drags optional tch 0.13/ndarray 0.15 features and fixed TF buckets. The
 //! format itself is small: TFRecord framing (length, masked CRC32C, payload, masked CRC32C) around
