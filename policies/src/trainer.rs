@@ -236,10 +236,16 @@ impl Trainer {
         seed: u64,
         device: Device,
     ) -> Result<Self, String> {
-        tch::manual_seed(seed as i64);
         let spec: Arc<EnvSpec> = EnvSpec::new(env_preset).map_err(|e| e.to_string())?;
         let ranks = spec.rank_set.ranks().to_vec();
-        let model = PolicyModel::new(device, &ranks, preset.ppo.net, preset.ddim.clone());
+        let model = {
+            // Initial weights come from libtorch's global generator: seed it and draw the
+            // weights under one lock, so trainers created on several threads stay reproducible.
+            static TORCH_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+            let _guard = TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
+            tch::manual_seed(seed as i64);
+            PolicyModel::new(device, &ranks, preset.ppo.net, preset.ddim.clone())
+        };
         let venv = VecEnv::from_spec(spec.clone(), preset.ppo.num_envs, envs::env::derive_seed(seed, 1));
         let opt = Adam::new(&model.vs, "net.", preset.ppo.learning_rate, preset.ppo.adam_eps);
         let ddim_opt = preset.ddim.enabled.then(|| Adam::new(&model.vs, "ddim.", preset.ddim.learning_rate, 1e-8));
