@@ -10,12 +10,22 @@ fn small_env() -> envs::EnvPreset {
     envs::presets::from_toml(&text, "small-test-env", None).unwrap()
 }
 
+/// libtorch's CPU kernels split reductions by the threads they get, and threads are shared by the
+/// whole process: two trainings at once in one test binary would not see the same arithmetic.
+/// Every test here holds this lock (separate processes, as the CLI runs, are unaffected).
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn weights(t: &Trainer) -> Vec<(String, Vec<f32>)> {
     t.model.weights().into_iter().map(|(n, w)| (n, Vec::<f32>::try_from(w.flatten(0, -1)).unwrap())).collect()
 }
 
 #[test]
 fn resume_equals_uninterrupted_run() {
+    let _serial = serial();
     let env = small_env();
     let mut preset = load_preset("tiny").unwrap();
     preset.ddim.enabled = true; // exercise the replay buffer and the second optimizer too
@@ -55,6 +65,7 @@ fn resume_equals_uninterrupted_run() {
 
 #[test]
 fn small_preset_is_learned_clearly_above_uniform() {
+    let _serial = serial();
     let env = small_env();
     let mut preset = load_preset("default").unwrap();
     preset.ppo.num_envs = 8;
@@ -74,6 +85,7 @@ fn small_preset_is_learned_clearly_above_uniform() {
 
 #[test]
 fn a_checkpoint_refuses_another_rank_set() {
+    let _serial = serial();
     let env = small_env();
     let preset = load_preset("tiny").unwrap();
     let t = Trainer::new(&env, &preset, 64, 1, Device::Cpu).unwrap();
