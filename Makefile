@@ -32,9 +32,13 @@ run: build
 test: setup
 	$(CARGO) test $(PROFILE) --workspace --no-fail-fast
 
-## Benchmarks (figures quoted in the README).
-bench: setup
-	$(CARGO) bench --workspace
+## Benchmarks (figures quoted in the READMEs): environment stepping and the oracle, policy decision
+## latency, SVD and fine-tuning side by side with Python torch (1 thread: see docs/finetune.md).
+bench: build
+	$(CARGO) bench -p envs
+	$(BIN) bench policy
+	$(BIN) bench svd --threads 1 --skip-full-svd
+	$(BIN) bench finetune --threads 1
 
 doctor: build
 	$(BIN) doctor
