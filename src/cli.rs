@@ -34,7 +34,7 @@ enum Command {
     Finetune(commands::finetune::FinetuneArgs),
     /// Compress an existing PEFT LoRA adapter per site (QR-core SVD) to a rank or energy share.
     Squeeze(commands::squeeze::SqueezeArgs),
-    /// Benchmarks side by side with Python torch: `svd` (QR-core, randomized SVD), `finetune`.
+    /// Benchmarks: `svd`, `finetune` (side by side with Python torch), `policy` (decision latency).
     Bench(commands::bench::BenchArgs),
 }
 

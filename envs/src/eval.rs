@@ -215,13 +215,14 @@ impl EvalTable {
     /// Plain-text table (aligned columns).
     pub fn to_text(&self) -> String {
         let mut s = format!("preset {} | {} episodes | seed {}\n", self.preset, self.episodes, self.seed);
+        let w = self.rows.iter().map(|r| r.name.chars().count()).max().unwrap_or(0).max(12);
         s += &format!(
-            "{:<12} {:>22} {:>22} {:>14} {:>10} {:>8}\n",
+            "{:<w$} {:>22} {:>22} {:>14} {:>10} {:>8}\n",
             "policy", "return", "final loss", self.resource_unit, "viol.", "gap"
         );
         for r in &self.rows {
             s += &format!(
-                "{:<12} {:>22} {:>22} {:>14} {:>10.4} {:>8}\n",
+                "{:<w$} {:>22} {:>22} {:>14} {:>10.4} {:>8}\n",
                 r.name,
                 format!("{:.3} ± {:.3}", r.mean_return, r.se_return),
                 format!("{:.4} ± {:.4}", r.final_loss, r.se_final_loss),
