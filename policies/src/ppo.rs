@@ -48,11 +48,11 @@ pub enum Credit {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PpoConfig {
-    /// Environments stepped together (default 16).
+    /// Environments stepped together (default 32).
     pub num_envs: usize,
     /// Rounds collected per environment per iteration (default 64).
     pub num_steps: usize,
-    /// Adam learning rate at the start (default 3e-4).
+    /// Adam learning rate at the start (default 1e-4).
     pub learning_rate: f64,
     /// Anneal the learning rate linearly to 0 over the run (default true).
     pub anneal_lr: bool,
@@ -91,9 +91,9 @@ pub struct PpoConfig {
 impl Default for PpoConfig {
     fn default() -> Self {
         PpoConfig {
-            num_envs: 16,
+            num_envs: 32,
             num_steps: 64,
-            learning_rate: 3e-4,
+            learning_rate: 1e-4,
             anneal_lr: true,
             adam_eps: 1e-5,
             gamma: 0.99,

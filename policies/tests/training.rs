@@ -70,6 +70,7 @@ fn small_preset_is_learned_clearly_above_uniform() {
     let mut preset = load_preset("default").unwrap();
     preset.ppo.num_envs = 8;
     preset.ppo.num_steps = 40;
+    preset.ppo.learning_rate = 3e-4;
     let mut t = Trainer::new(&env, &preset, 25_000, 3, Device::Cpu).unwrap();
     while !t.finished() {
         t.iterate();
