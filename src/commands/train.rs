@@ -124,7 +124,7 @@ pub fn run(a: &TrainArgs) -> anyhow::Result<()> {
     let start_step = trainer.global_step;
     let mut last_gap = f64::NAN;
     let mut best_gap = f64::NEG_INFINITY;
-    let mut stopped_early = 0;
+    let mut iterations_this_run = 0;
     while !trainer.finished() {
         let t0 = Instant::now();
         let st = trainer.iterate();
@@ -213,8 +213,8 @@ pub fn run(a: &TrainArgs) -> anyhow::Result<()> {
             sps
         ));
         tb.flush()?;
-        stopped_early += 1;
-        if a.stop_after.is_some_and(|n| stopped_early >= n) {
+        iterations_this_run += 1;
+        if a.stop_after.is_some_and(|n| iterations_this_run >= n) {
             save(&trainer, &out)?;
             break;
         }
