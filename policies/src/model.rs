@@ -79,6 +79,10 @@ pub struct Decision {
     pub executed: Vec<u8>,
     /// Per-site values V_i(s), `n_envs × n_sites`.
     pub values: Vec<f32>,
+    /// The normalized global features the decision saw, `n_envs × G` (stored by the trainer).
+    pub global: Vec<f32>,
+    /// The normalized site features the decision saw, `n_envs × n_sites × F`.
+    pub sites: Vec<f32>,
 }
 
 /// Network + statistics + refiner: everything needed to turn observations into plans.
@@ -161,7 +165,7 @@ impl PolicyModel {
         mode: ActMode<'_>,
     ) -> Decision {
         let k = self.ranks.len();
-        let (gt, st, mask, _, _) = self.tensors(global, sites, n_envs, n_sites);
+        let (gt, st, mask, global, sites) = self.tensors(global, sites, n_envs, n_sites);
         let (logits, values) = tch::no_grad(|| self.net.forward(&gt, &st, &mask));
         let logp_all: Vec<f32> =
             Vec::try_from(logits.log_softmax(-1, Kind::Float).to_device(Device::Cpu).flatten(0, -1))
@@ -224,7 +228,7 @@ impl PolicyModel {
             coarse.copy_from_slice(&executed);
         }
         let logp = coarse.iter().enumerate().map(|(i, &j)| logp_all[i * k + j as usize]).collect();
-        Decision { coarse, logp, executed, values }
+        Decision { coarse, logp, executed, values, global, sites }
     }
 
     /// DDIM refinement of the coarse plans, when active: refined rank indices per site.

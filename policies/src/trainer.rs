@@ -307,7 +307,6 @@ impl Trainer {
             self.model.norm.global.update(self.venv.obs_global());
             self.model.norm.site.update(self.venv.obs_sites());
             let budgets: Vec<f64> = (0..n).map(|i| self.venv.context(i).conservative_budget).collect();
-            let (_, _, _, g_norm, s_norm) = self.model.tensors(self.venv.obs_global(), self.venv.obs_sites(), n, l);
             let d = self.model.act(
                 self.venv.obs_global(),
                 self.venv.obs_sites(),
@@ -324,16 +323,16 @@ impl Trainer {
                 for e in 0..n {
                     let enc = |v: &[u8]| -> Vec<f32> { v.iter().map(|&j| ddim::encode(j as usize, k)).collect() };
                     replay.push(
-                        &g_norm[e * g_dim..(e + 1) * g_dim],
-                        &s_norm[e * l * s_dim..(e + 1) * l * s_dim],
+                        &d.global[e * g_dim..(e + 1) * g_dim],
+                        &d.sites[e * l * s_dim..(e + 1) * l * s_dim],
                         &enc(&d.coarse[e * l..(e + 1) * l]),
                         &enc(&d.executed[e * l..(e + 1) * l]),
                         rewards[e] * cfg.reward_scale as f32,
                     );
                 }
             }
-            buf_g.extend_from_slice(&g_norm);
-            buf_s.extend_from_slice(&s_norm);
+            buf_g.extend_from_slice(&d.global);
+            buf_s.extend_from_slice(&d.sites);
             buf_a.extend(d.coarse.iter().map(|&j| j as i64));
             buf_logp.extend_from_slice(&d.logp);
             let scale = cfg.reward_scale as f32;
