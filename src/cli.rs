@@ -32,6 +32,10 @@ enum Command {
     Pretrain(commands::pretrain::PretrainArgs),
     /// Dynamic-rank LoRA fine-tuning of a Hugging Face-layout Llama model; PEFT adapter export.
     Finetune(commands::finetune::FinetuneArgs),
+    /// Measure a model's sites with a short high-rank probe run and write an environment preset.
+    Calibrate(commands::calibrate::CalibrateArgs),
+    /// Run the same fine-tuning under several rank schedulers at an equal budget; tables in MD + JSON.
+    Compare(commands::compare::CompareArgs),
     /// Compress an existing PEFT LoRA adapter per site (QR-core SVD) to a rank or energy share.
     Squeeze(commands::squeeze::SqueezeArgs),
     /// Benchmarks: `svd`, `finetune` (side by side with Python torch), `policy` (decision latency).
@@ -96,6 +100,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Pretrain(a) => commands::pretrain::run(&a),
         Command::Finetune(a) => commands::finetune::run(&a),
         Command::Squeeze(a) => commands::squeeze::run(&a),
+        Command::Calibrate(a) => commands::calibrate::run(&a),
+        Command::Compare(a) => commands::compare::run(&a),
         Command::Bench(a) => commands::bench::run(&a),
     }
 }

@@ -423,6 +423,32 @@ impl Finetuner {
         Ok(ResizeReport { kinds, seconds: dt.as_secs_f64(), params_before, params_after: self.adapter_params() })
     }
 
+    /// Independent copies of every site (factors, optimizer and importance state).
+    pub fn snapshot_sites(&self) -> Vec<Lora> {
+        self.model.sites().iter().map(|s| s.deep_copy()).collect()
+    }
+
+    /// Puts back sites taken by [`Finetuner::snapshot_sites`]: the run continues as if nothing
+    /// happened since the snapshot (except the data already drawn).
+    pub fn restore_sites(&mut self, saved: Vec<Lora>) {
+        for (site, s) in self.model.sites_mut().into_iter().zip(saved) {
+            *site = s;
+        }
+    }
+
+    /// Normalised unigram entropy of the training tokens, `H / ln(vocab_size)`, in [0, 1] (the
+    /// environments' `token_entropy` feature, measured once on the real data).
+    pub fn token_entropy(&self) -> f64 {
+        let v = self.model.cfg.vocab_size.max(2);
+        let mut counts = vec![0u64; v];
+        for &t in &self.data.train {
+            counts[(t as usize).min(v - 1)] += 1;
+        }
+        let n = self.data.train.len().max(1) as f64;
+        let h: f64 = counts.iter().filter(|&&c| c > 0).map(|&c| -(c as f64 / n) * (c as f64 / n).ln()).sum();
+        h / (v as f64).ln()
+    }
+
     /// The adapter as a PEFT adapter (sites of rank 0 are left out).
     pub fn to_peft(&self, base_model: &str) -> PeftAdapter {
         let mut config = PeftAdapter::new_config(base_model, self.cfg.rslora);

@@ -431,6 +431,34 @@ impl Lora {
         self.b.zero_grad();
     }
 
+    /// An independent copy of the site: factors, optimizer moments and importance averages (to
+    /// roll back a round whose update was lost).
+    pub fn deep_copy(&self) -> Lora {
+        let copy = |t: &Tensor| t.detach().copy();
+        Lora {
+            name: self.name.clone(),
+            d_in: self.d_in,
+            d_out: self.d_out,
+            alpha: self.alpha,
+            rslora: self.rslora,
+            a: param(copy(&self.a)),
+            b: param(copy(&self.b)),
+            adam: self.adam.as_ref().map(|(ma, mb)| {
+                (Moments { m: copy(&ma.m), v: copy(&ma.v) }, Moments { m: copy(&mb.m), v: copy(&mb.v) })
+            }),
+            adam_steps: self.adam_steps,
+            importance: self.importance.as_ref().map(|(ia, ib)| {
+                (
+                    Importance { i_bar: copy(&ia.i_bar), u_bar: copy(&ia.u_bar) },
+                    Importance { i_bar: copy(&ib.i_bar), u_bar: copy(&ib.u_bar) },
+                )
+            }),
+            last_grad_norm: self.last_grad_norm,
+            seed: self.seed,
+            draws: self.draws,
+        }
+    }
+
     /// Optimizer steps taken since creation or the last reset (shrink).
     pub fn adam_steps(&self) -> u64 {
         self.adam_steps

@@ -315,6 +315,17 @@ impl EnvSpec {
         }
     }
 
+    /// The static per-site observation features (indices 2..=9 of a site row: shapes, cost share,
+    /// depth, role), `n_sites × 8`, for a real run filling the same schema.
+    pub fn static_site_features(&self) -> &[f32] {
+        &self.static_obs
+    }
+
+    /// The largest bandwidth of the preset (normalises the `bandwidth` feature).
+    pub fn max_bandwidth(&self) -> f64 {
+        self.max_bandwidth
+    }
+
     /// Unit of the resource's budget, for tables.
     pub fn resource_unit(&self) -> &'static str {
         match self.preset.resource.kind {

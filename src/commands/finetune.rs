@@ -12,12 +12,14 @@ use clap::Args;
 use tch::Kind;
 
 use crate::checkpoint;
+use crate::controller::RunOptions;
 use crate::cli::{BadInput, Common};
 use crate::data::{BUILTIN_CODE, Corpus, TokenData, Tokenizer};
 use crate::finetune::{FinetuneConfig, Finetuner, RankPlan, RankSpec};
 use crate::lora::AdamW;
 use crate::model::llama::Llama;
 use crate::peft::PeftAdapter;
+use crate::scheduler::{BudgetSpec, SchedulerSpec};
 use crate::tensorboard::{SummaryWriter, heatmap};
 
 /// Arguments of `rankpilot finetune`.
@@ -93,12 +95,76 @@ pub struct FinetuneArgs {
     /// Skip the AdaLoRA importance updates (slightly faster; signals report 0).
     #[arg(long)]
     no_importance: bool,
+    /// Rank scheduler deciding every site's rank at each round boundary: `fixed` (the largest
+    /// uniform rank within --budget), `fixed:R`, `adalora`, `squeeze` or `policy:<checkpoint dir>`.
+    /// Sites start empty and round 0's plan sets them (--ranks, --resize-at and --adapter are for
+    /// runs without a scheduler).
+    #[arg(long, value_parser = SchedulerSpec::parse)]
+    scheduler: Option<SchedulerSpec>,
+    /// Resource simulated beside a scheduled run: `none`, an environment preset name
+    /// (wireless-rayleigh, wireless-rician, latency, budget, llama7b) or a preset file (e.g. one
+    /// written by `rankpilot calibrate`). A round whose adapter does not fit the round's budget is
+    /// lost (rolled back).
+    #[arg(long, default_value = "none")]
+    env: String,
+    /// Rounds of a scheduled run (scheduler decisions; the steps are split evenly).
+    #[arg(long, default_value_t = 20)]
+    rounds: usize,
+    /// Average adapter-parameter budget of a scheduled run: a number of parameters or `rank:R`
+    /// (the parameters of a uniform rank R). Default: R for `fixed:R`, else rank:8.
+    #[arg(long, value_parser = BudgetSpec::parse)]
+    budget: Option<BudgetSpec>,
 }
 
 fn parse_resize(s: &str) -> Result<(usize, RankSpec), String> {
     let (step, spec) = s.split_once(':').ok_or_else(|| format!("`{s}`: expected STEP:RANKS"))?;
     let step = step.trim().parse::<usize>().map_err(|_| format!("`{step}` is not a step"))?;
     Ok((step, RankSpec::parse(spec)?))
+}
+
+/// A progress bar over `steps` optimizer steps.
+pub fn progress_bar(steps: usize) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(steps as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} [{elapsed_precise}<{eta_precise}]")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar
+}
+
+/// `none` or an environment preset (name or file) for the resource beside a run.
+pub fn load_env(name: &str) -> Result<Option<envs::EnvPreset>> {
+    if name == "none" {
+        return Ok(None);
+    }
+    let p = envs::presets::load(name).map_err(|e| BadInput(format!("--env: {e}; or `none` for no resource")))?;
+    Ok(Some(p))
+}
+
+/// Loads a base model, its tokenizer and the tokenized corpus (the tokenizer must fit the
+/// model's vocabulary).
+pub fn load_model_and_data(
+    model_dir: &std::path::Path,
+    data: &str,
+    val_fraction: f64,
+    seq_len: usize,
+    device: tch::Device,
+    kind: Kind,
+) -> Result<(Llama, tch::nn::VarStore, Tokenizer, Corpus, TokenData)> {
+    let (model, vs) = Llama::load(model_dir, device, kind)?;
+    let tok = Tokenizer::for_model_dir(model_dir)?;
+    if tok.vocab_size() > model.cfg.vocab_size {
+        return Err(BadInput(format!(
+            "{}: the tokenizer produces ids up to {} but the model's vocab_size is {}",
+            model_dir.display(),
+            tok.vocab_size(),
+            model.cfg.vocab_size
+        ))
+        .into());
+    }
+    let corpus = Corpus::load(data)?;
+    let tokens = TokenData::new(&corpus, &tok, val_fraction, seq_len)?;
+    Ok((model, vs, tok, corpus, tokens))
 }
 
 /// Runs the fine-tuning.
@@ -108,19 +174,7 @@ pub fn run(a: &FinetuneArgs) -> Result<()> {
     }
     let device = a.common.device;
     let kind = if a.bf16 { Kind::BFloat16 } else { Kind::Float };
-    let (model, vs) = Llama::load(&a.model, device, kind)?;
-    let tok = Tokenizer::for_model_dir(&a.model)?;
-    if tok.vocab_size() > model.cfg.vocab_size {
-        return Err(BadInput(format!(
-            "{}: the tokenizer produces ids up to {} but the model's vocab_size is {}",
-            a.model.display(),
-            tok.vocab_size(),
-            model.cfg.vocab_size
-        ))
-        .into());
-    }
-    let corpus = Corpus::load(&a.data)?;
-    let data = TokenData::new(&corpus, &tok, a.val_fraction, a.seq_len)?;
+    let (model, vs, tok, corpus, data) = load_model_and_data(&a.model, &a.data, a.val_fraction, a.seq_len, device, kind)?;
     let cfg = FinetuneConfig {
         steps: a.steps,
         batch_size: a.batch_size,
@@ -136,7 +190,30 @@ pub fn run(a: &FinetuneArgs) -> Result<()> {
         track_importance: !a.no_importance,
         seed: a.common.seed,
     };
+    if a.scheduler.is_some() && (a.adapter.is_some() || !a.resize_at.is_empty()) {
+        return Err(BadInput("--scheduler decides every resize: leave out --resize-at and --adapter".into()).into());
+    }
+    if a.scheduler.is_none() && (a.env != "none" || a.budget.is_some()) {
+        return Err(BadInput("--env and --budget need --scheduler".into()).into());
+    }
+    let cfg = match a.scheduler {
+        Some(_) => FinetuneConfig { ranks: RankSpec { default: 0, patterns: vec![] }, ..cfg },
+        None => cfg,
+    };
+    let env = load_env(&a.env)?;
     let mut ft = Finetuner::new(model, vs, data, cfg.clone())?;
+    let scheduled = match &a.scheduler {
+        Some(spec) => Some(crate::controller::prepare(
+            &ft,
+            spec,
+            env.as_ref(),
+            a.budget,
+            a.rounds,
+            a.common.seed,
+            device,
+        )?),
+        None => None,
+    };
     if let Some(dir) = &a.adapter {
         ft.load_peft(&PeftAdapter::load(dir)?)?;
     }
@@ -174,6 +251,43 @@ pub fn run(a: &FinetuneArgs) -> Result<()> {
         &corpus.sha256()[..16],
         tok.describe()
     );
+    if let Some((mut sched, mut res)) = scheduled {
+        let bar = progress_bar(a.steps);
+        let steps_per_round = (a.steps / a.rounds.max(1)).max(1);
+        let opts = RunOptions { rounds: a.rounds, eval_every_rounds: a.eval_every.div_ceil(steps_per_round) };
+        let report = crate::controller::run(&mut ft, sched.as_mut(), &mut res, &opts, &mut tb, &bar)?;
+        bar.finish_and_clear();
+        let base = a.model.display().to_string();
+        let adapter_dir = a.logdir.join("adapter");
+        ft.export_peft(&adapter_dir, &base)?;
+        if let Some(dir) = &a.export_peft {
+            ft.export_peft(dir, &base)?;
+        }
+        let summary = serde_json::json!({
+            "report": report,
+            "data": {"source": corpus.source, "files": corpus.files.len(), "sha256": corpus.sha256()},
+            "env": a.env,
+            "config": cfg,
+        });
+        checkpoint::atomic_write(&a.logdir.join("summary.json"), &serde_json::to_vec_pretty(&summary)?)?;
+        println!(
+            "{}: {} steps in {} rounds, {:.1}s: val loss {:.4} -> {:.4}, mean adapter {:.0} parameters (final {}), sent {:.3e} {}, {} of {} rounds lost; adapter -> {}",
+            report.scheduler,
+            a.steps,
+            a.rounds,
+            report.wall_seconds,
+            report.val_loss_initial,
+            report.val_loss_final,
+            report.mean_params,
+            report.final_params,
+            report.cost_sent,
+            report.cost_unit,
+            report.rounds_lost,
+            a.rounds,
+            adapter_dir.display()
+        );
+        return Ok(());
+    }
     let mut heat: Vec<Vec<f64>> = Vec::new();
     let log_ranks = |tb: &mut SummaryWriter, ft: &Finetuner, step: i64, heat: &mut Vec<Vec<f64>>| -> Result<()> {
         let ranks: Vec<f64> = ft.ranks().iter().map(|&r| r as f64).collect();
@@ -186,11 +300,7 @@ pub fn run(a: &FinetuneArgs) -> Result<()> {
     log_ranks(&mut tb, &ft, 0, &mut heat)?;
     let val0 = ft.evaluate();
     tb.add_scalar("val/loss", val0, 0)?;
-    let bar = indicatif::ProgressBar::new(a.steps as u64);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} [{elapsed_precise}<{eta_precise}]")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
+    let bar = progress_bar(a.steps);
     let t0 = Instant::now();
     let mut next = 0;
     let mut val = val0;

@@ -1,6 +1,8 @@
 //! One module per subcommand: its clap arguments and its `run` function.
 
 pub mod bench;
+pub mod calibrate;
+pub mod compare;
 pub mod doctor;
 pub mod eval;
 pub mod finetune;

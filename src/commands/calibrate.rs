@@ -1,0 +1,186 @@
+//! `rankpilot calibrate`: a short high-rank probe run on a real model measures every site's update
+//! spectrum (singular values of `s·B·A`) and sensitivity (AdaLoRA importance) and writes an
+//! environment preset for that model: `<out>.toml` (a template preset's resource, reward and
+//! dynamics with the model's real sites) plus `<out stem>.calibration.json` beside it. Then
+//! `rankpilot train --env <out>.toml` trains a policy for that model.
+//!
+//! The template's resource is rescaled so that the budget relative to the all-max-rank plan has
+//! the same distribution on the new sites (the channel deadline, or the latency budget, times
+//! the ratio of the two models' all-max-rank costs): a policy then faces the same scarcity.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use tch::Kind;
+
+use crate::checkpoint;
+use crate::cli::{BadInput, Common};
+use crate::commands::finetune::{load_model_and_data, progress_bar};
+use crate::controller::sites_calibration;
+use crate::data::BUILTIN_CODE;
+use crate::finetune::{FinetuneConfig, Finetuner, RankSpec};
+use crate::lora::AdamW;
+use crate::tensorboard::SummaryWriter;
+
+/// Arguments of `rankpilot calibrate`.
+#[derive(Debug, Args)]
+pub struct CalibrateArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Base model directory (config.json + model.safetensors).
+    #[arg(long)]
+    model: PathBuf,
+    /// Probe-run text: a file, a directory, a .jsonl file, or `builtin:code` / `builtin:prose`.
+    #[arg(long, default_value = BUILTIN_CODE)]
+    data: String,
+    /// The preset to write (`.toml`); the calibration JSON goes beside it.
+    #[arg(long)]
+    out: PathBuf,
+    /// Template preset for the resource, reward, dynamics and rank set.
+    #[arg(long, default_value = "wireless-rayleigh")]
+    env: String,
+    /// Rank of every site during the probe (capped at each site's min(d_in, d_out)); ranks of
+    /// the set above it get no more energy than the probe measured.
+    #[arg(long, default_value_t = 64)]
+    rank: usize,
+    /// Probe optimizer steps.
+    #[arg(long, default_value_t = 100)]
+    steps: usize,
+    /// Sequences per batch.
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    /// Tokens per sequence.
+    #[arg(long, default_value_t = 128)]
+    seq_len: usize,
+    /// Learning rate.
+    #[arg(long, default_value_t = 2e-3)]
+    lr: f64,
+    /// TensorBoard log directory of the probe.
+    #[arg(long, default_value = "runs/calibrate")]
+    logdir: PathBuf,
+}
+
+/// Runs the command.
+pub fn run(a: &CalibrateArgs) -> Result<()> {
+    if a.out.extension().and_then(|e| e.to_str()) != Some("toml") {
+        return Err(BadInput(format!("--out {}: allowed: a path ending in .toml", a.out.display())).into());
+    }
+    if a.steps == 0 || a.rank == 0 {
+        return Err(BadInput("--steps and --rank: allowed: integers >= 1".into()).into());
+    }
+    let template = envs::presets::load(&a.env).map_err(|e| BadInput(format!("--env: {e}")))?;
+    let stem = a.out.file_stem().and_then(|s| s.to_str()).unwrap_or("calibrated").to_string();
+    let dir = a.out.parent().filter(|p| !p.as_os_str().is_empty()).map(PathBuf::from).unwrap_or_else(|| ".".into());
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let device = a.common.device;
+    let (model, vs, _tok, corpus, data) =
+        load_model_and_data(&a.model, &a.data, 0.1, a.seq_len, device, Kind::Float)?;
+    let min_dim = crate::model::llama::PROJECTIONS
+        .iter()
+        .map(|p| {
+            let (i, o) = model.cfg.projection_shape(p);
+            i.min(o)
+        })
+        .min()
+        .unwrap_or(1);
+    let cfg = FinetuneConfig {
+        steps: a.steps,
+        batch_size: a.batch_size,
+        seq_len: a.seq_len,
+        adam: AdamW { lr: a.lr, ..AdamW::default() },
+        ranks: RankSpec { default: a.rank.min(min_dim), patterns: vec![] },
+        seed: a.common.seed,
+        ..FinetuneConfig::default()
+    };
+    let mut ft = Finetuner::new(model, vs, data, cfg)?;
+    let mut tb = SummaryWriter::new(&a.logdir)?;
+    let t0 = Instant::now();
+    let bar = progress_bar(a.steps);
+    for step in 0..a.steps {
+        let st = ft.train_step()?;
+        tb.add_scalar("train/loss", st.loss, step as i64 + 1)?;
+        bar.set_message(format!("probe rank {} loss {:.3}", a.rank.min(min_dim), st.loss));
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let val = ft.evaluate();
+    tb.add_scalar("val/loss", val, a.steps as i64)?;
+    let signals = ft.signals(true);
+    let max_imp = signals.iter().map(|s| s.importance).fold(0.0, f64::max);
+    let mut cal = sites_calibration(&a.model.display().to_string(), &signals);
+    for (c, s) in cal.sites.iter_mut().zip(&signals) {
+        c.spectrum = s.singular_values.clone();
+        // A site without measurable importance still needs a positive weight.
+        c.sensitivity = s.importance.max(1e-6 * max_imp).max(f64::MIN_POSITIVE);
+    }
+    tb.add_histogram("calibration/sensitivity", &cal.sites.iter().map(|s| s.sensitivity).collect::<Vec<_>>(), 0)?;
+    tb.flush()?;
+    cal.check().map_err(|e| anyhow::anyhow!("the measured calibration is invalid: {e}"))?;
+
+    // The preset: the template with the model's sites, ranks it can hold, and the resource
+    // rescaled to the same scarcity.
+    let mut preset = template.clone();
+    preset.name = stem.clone();
+    preset.description = format!(
+        "{} ({} sites) calibrated on {} by a rank-{} probe of {} steps; resource from `{}`",
+        a.model.display(),
+        cal.sites.len(),
+        corpus.source,
+        a.rank.min(min_dim),
+        a.steps,
+        template.name
+    );
+    preset.ranks.retain(|&r| r as usize <= min_dim);
+    let cal_name = format!("{stem}.calibration.json");
+    preset.sites = envs::presets::SitesConfig {
+        layers: None,
+        hidden: None,
+        intermediate: None,
+        projections: preset.sites.projections.clone(),
+        calibration: Some(cal_name.clone()),
+    };
+    preset.calibration_data = Some(cal.clone());
+    let t_spec = envs::EnvSpec::new(&template)?;
+    let n_spec = envs::EnvSpec::new(&preset)?;
+    let scale = n_spec.max_plan_cost / t_spec.max_plan_cost;
+    if let Some(c) = preset.resource.channel.as_mut() {
+        c.deadline_s *= scale;
+    }
+    if let Some(c) = preset.resource.compute.as_mut() {
+        c.latency_budget_s *= scale;
+    }
+    let body = toml::to_string(&preset).context("serializing the preset")?;
+    let text = format!(
+        "# Written by `rankpilot calibrate --model {} --data {} --env {} --rank {} --steps {} --seed {}`.\n# Sites and spectra: {cal_name}. Resource of `{}` rescaled by {scale:.4} (ratio of all-max-rank costs).\n{body}",
+        a.model.display(),
+        a.data,
+        a.env,
+        a.rank,
+        a.steps,
+        a.common.seed,
+        template.name
+    );
+    // Check the preset loads as written before anything is replaced.
+    let cal_path = dir.join(&cal_name);
+    checkpoint::atomic_write(&cal_path, cal.to_json().as_bytes())?;
+    let check = envs::presets::from_toml(&text, &a.out.display().to_string(), Some(dir.clone()))
+        .and_then(|p| envs::EnvSpec::new(&p).map(|_| ()));
+    if let Err(e) = check {
+        return Err(anyhow::anyhow!("the written preset does not load: {e}"));
+    }
+    checkpoint::atomic_write(&a.out, text.as_bytes())?;
+    println!(
+        "calibrated {} sites in {:.1}s (probe rank {}, {} steps, val loss {val:.4}); wrote {} and {}; ranks {:?}; resource rescaled by {scale:.4}",
+        cal.sites.len(),
+        t0.elapsed().as_secs_f64(),
+        a.rank.min(min_dim),
+        a.steps,
+        a.out.display(),
+        cal_path.display(),
+        preset.ranks
+    );
+    println!("next: rankpilot train --env {} --out checkpoints/{stem}", a.out.display());
+    Ok(())
+}

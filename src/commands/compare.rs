@@ -1,0 +1,230 @@
+//! `rankpilot compare`: the same fine-tuning run under each scheduler, at an equal average
+//! adapter-parameter budget, with the same resource realisation (seeded by the run's seed), for
+//! several seeds. Prints a table of final validation loss (mean ± std over seeds), cost sent,
+//! rounds lost, adapter size and wall time, and writes it as Markdown and JSON.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::Args;
+use serde::Serialize;
+use tch::Kind;
+
+use crate::checkpoint;
+use crate::cli::{BadInput, Common};
+use crate::commands::finetune::{load_env, load_model_and_data, progress_bar};
+use crate::controller::{RunOptions, RunReport};
+use crate::data::BUILTIN_CODE;
+use crate::finetune::{FinetuneConfig, Finetuner, RankSpec};
+use crate::lora::AdamW;
+use crate::scheduler::{BudgetSpec, SchedulerSpec};
+use crate::tensorboard::SummaryWriter;
+
+/// Arguments of `rankpilot compare`.
+#[derive(Debug, Args)]
+pub struct CompareArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Base model directory (config.json + model.safetensors).
+    #[arg(long)]
+    model: PathBuf,
+    /// Fine-tuning text: a file, a directory, a .jsonl file, or `builtin:code` / `builtin:prose`.
+    #[arg(long, default_value = BUILTIN_CODE)]
+    data: String,
+    /// Resource beside the runs: `none`, a preset name or a preset file (e.g. from `calibrate`).
+    #[arg(long, default_value = "wireless-rayleigh")]
+    env: String,
+    /// Average adapter-parameter budget every scheduler is held to: parameters or `rank:R`.
+    #[arg(long, default_value = "rank:4", value_parser = BudgetSpec::parse)]
+    budget: BudgetSpec,
+    /// Schedulers to compare (comma-separated): fixed, fixed:R, adalora, squeeze, policy:<dir>.
+    #[arg(
+        long,
+        default_value = "fixed,adalora,squeeze,policy:checkpoints/wireless-rayleigh",
+        value_delimiter = ',',
+        value_parser = SchedulerSpec::parse
+    )]
+    schedulers: Vec<SchedulerSpec>,
+    /// Number of seeds: --seed, --seed + 1, …
+    #[arg(long, default_value_t = 3)]
+    seeds: u64,
+    /// Optimizer steps per run.
+    #[arg(long, default_value_t = 200)]
+    steps: usize,
+    /// Rounds per run (scheduler decisions).
+    #[arg(long, default_value_t = 20)]
+    rounds: usize,
+    /// Sequences per batch.
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    /// Tokens per sequence.
+    #[arg(long, default_value_t = 128)]
+    seq_len: usize,
+    /// Learning rate (AdamW, linear warm-up then constant).
+    #[arg(long, default_value_t = 2e-3)]
+    lr: f64,
+    /// Validation batches.
+    #[arg(long, default_value_t = 8)]
+    eval_batches: usize,
+    /// TensorBoard logs: one directory per scheduler and seed; the tables are written here too
+    /// (compare.md, compare.json).
+    #[arg(long, default_value = "runs/compare")]
+    logdir: PathBuf,
+}
+
+/// One scheduler's row.
+#[derive(Debug, Clone, Serialize)]
+pub struct CompareRow {
+    /// Scheduler label.
+    pub scheduler: String,
+    /// Final validation loss per seed.
+    pub val_loss: Vec<f64>,
+    /// Mean final validation loss.
+    pub val_loss_mean: f64,
+    /// Sample standard deviation over seeds.
+    pub val_loss_std: f64,
+    /// Mean cost sent per run (resource unit).
+    pub cost_sent_mean: f64,
+    /// Mean rounds lost per run.
+    pub rounds_lost_mean: f64,
+    /// Mean adapter parameters over rounds and seeds.
+    pub mean_params: f64,
+    /// Mean final adapter parameters.
+    pub final_params: f64,
+    /// Mean wall time per run (s).
+    pub wall_seconds_mean: f64,
+}
+
+fn mean_std(x: &[f64]) -> (f64, f64) {
+    let n = x.len() as f64;
+    let m = x.iter().sum::<f64>() / n;
+    let v = if x.len() > 1 { x.iter().map(|v| (v - m).powi(2)).sum::<f64>() / (n - 1.0) } else { 0.0 };
+    (m, v.sqrt())
+}
+
+/// Runs the command.
+pub fn run(a: &CompareArgs) -> Result<()> {
+    if a.seeds == 0 || a.steps == 0 || a.schedulers.is_empty() {
+        return Err(BadInput("--seeds, --steps: allowed: integers >= 1; --schedulers: at least one".into()).into());
+    }
+    let env = load_env(&a.env)?;
+    let device = a.common.device;
+    let mut runs: Vec<Vec<RunReport>> = vec![Vec::new(); a.schedulers.len()];
+    let mut unit = String::from("none");
+    for k in 0..a.seeds {
+        let seed = a.common.seed + k;
+        for (i, spec) in a.schedulers.iter().enumerate() {
+            let (model, vs, _tok, _corpus, data) =
+                load_model_and_data(&a.model, &a.data, 0.1, a.seq_len, device, Kind::Float)?;
+            let cfg = FinetuneConfig {
+                steps: a.steps,
+                batch_size: a.batch_size,
+                seq_len: a.seq_len,
+                adam: AdamW { lr: a.lr, ..AdamW::default() },
+                eval_batches: a.eval_batches,
+                ranks: RankSpec { default: 0, patterns: vec![] },
+                seed,
+                ..FinetuneConfig::default()
+            };
+            let mut ft = Finetuner::new(model, vs, data, cfg)?;
+            let (mut sched, mut res) =
+                crate::controller::prepare(&ft, spec, env.as_ref(), Some(a.budget), a.rounds, seed, device)?;
+            let dir = a.logdir.join(spec.label().replace([':', '/'], "-")).join(format!("seed{seed}"));
+            let mut tb = SummaryWriter::new(&dir)?;
+            tb.add_text(
+                "config",
+                &format!(
+                    "scheduler `{}`, env `{}`, budget {:?}, seed {seed}, {} steps in {} rounds",
+                    spec.label(),
+                    a.env,
+                    a.budget,
+                    a.steps,
+                    a.rounds
+                ),
+                0,
+            )?;
+            let bar = progress_bar(a.steps);
+            let opts = RunOptions { rounds: a.rounds, eval_every_rounds: a.rounds.div_ceil(4) };
+            let mut report = crate::controller::run(&mut ft, sched.as_mut(), &mut res, &opts, &mut tb, &bar)?;
+            bar.finish_and_clear();
+            report.scheduler = spec.label();
+            eprintln!(
+                "seed {seed} {:<28} val loss {:.4}  sent {:.3e} {}  lost {}/{}  mean params {:.0}  {:.1}s",
+                report.scheduler,
+                report.val_loss_final,
+                report.cost_sent,
+                report.cost_unit,
+                report.rounds_lost,
+                a.rounds,
+                report.mean_params,
+                report.wall_seconds
+            );
+            unit = report.cost_unit.clone();
+            runs[i].push(report);
+        }
+    }
+    let rows: Vec<CompareRow> = runs
+        .iter()
+        .map(|rs| {
+            let v: Vec<f64> = rs.iter().map(|r| r.val_loss_final).collect();
+            let (m, s) = mean_std(&v);
+            let avg = |f: &dyn Fn(&RunReport) -> f64| rs.iter().map(f).sum::<f64>() / rs.len() as f64;
+            CompareRow {
+                scheduler: rs[0].scheduler.clone(),
+                val_loss: v,
+                val_loss_mean: m,
+                val_loss_std: s,
+                cost_sent_mean: avg(&|r| r.cost_sent),
+                rounds_lost_mean: avg(&|r| r.rounds_lost as f64),
+                mean_params: avg(&|r| r.mean_params),
+                final_params: avg(&|r| r.final_params as f64),
+                wall_seconds_mean: avg(&|r| r.wall_seconds),
+            }
+        })
+        .collect();
+    let budget = match a.budget {
+        BudgetSpec::Params(p) => format!("{p}"),
+        BudgetSpec::Rank(r) => format!("rank:{r}"),
+    };
+    let mut md = format!(
+        "`rankpilot compare --model {} --data {} --env {} --budget {} --seeds {} --steps {} --rounds {} --seed {}`\n\n| scheduler | final val loss (mean ± std) | {unit} sent / run | rounds lost / run | mean adapter params | final adapter params | wall s / run |\n|---|---:|---:|---:|---:|---:|---:|\n",
+        a.model.display(),
+        a.data,
+        a.env,
+        budget,
+        a.seeds,
+        a.steps,
+        a.rounds,
+        a.common.seed
+    );
+    for r in &rows {
+        md += &format!(
+            "| {} | {:.4} ± {:.4} | {:.3e} | {:.1} / {} | {:.0} | {:.0} | {:.1} |\n",
+            r.scheduler,
+            r.val_loss_mean,
+            r.val_loss_std,
+            r.cost_sent_mean,
+            r.rounds_lost_mean,
+            a.rounds,
+            r.mean_params,
+            r.final_params,
+            r.wall_seconds_mean
+        );
+    }
+    let json = serde_json::json!({
+        "model": a.model, "data": a.data, "env": a.env, "budget": budget,
+        "seeds": a.seeds, "seed": a.common.seed, "steps": a.steps, "rounds": a.rounds,
+        "rows": rows, "runs": runs,
+    });
+    std::fs::create_dir_all(&a.logdir)?;
+    checkpoint::atomic_write(&a.logdir.join("compare.md"), md.as_bytes())?;
+    checkpoint::atomic_write(&a.logdir.join("compare.json"), &serde_json::to_vec_pretty(&json)?)?;
+    println!("{md}");
+    println!(
+        "tables: {} and {}; TensorBoard: tensorboard --logdir {}",
+        a.logdir.join("compare.md").display(),
+        a.logdir.join("compare.json").display(),
+        a.logdir.display()
+    );
+    Ok(())
+}

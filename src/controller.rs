@@ -1,0 +1,482 @@
+//! The controller: a real fine-tuning run steered round by round by a [`RankScheduler`], with the
+//! resource simulated beside it.
+//!
+//! # One round
+//! 1. The resource draws the round's true budget and its noisy estimate ([`RunResource`], the
+//!    environments' own channel / compute models, seeded by `--seed`).
+//! 2. The run's signals become an observation in the environments' schema ([`observe`]) and the
+//!    scheduler returns a [`RankPlan`]; the loop applies it (grow / QR-core squeeze).
+//! 3. The round's optimizer steps run.
+//! 4. The adapter is sent: its cost is Σ_l r_l·u_l (bits for a channel: parameters × bits per
+//!    parameter). If it exceeds the true budget the round is **lost** (AirLLM): every site goes
+//!    back to its state before the round (ranks, factors, optimizer and importance state), as
+//!    the server never received the update. The bits were still spent.
+//!
+//! Without a resource (`--env none`) nothing is lost and no cost is charged; the observation then
+//! describes a fixed parameter budget.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Result, bail};
+use envs::presets::{BudgetUnit, ResourceKind};
+use envs::resource::{ResourceModel, ResourceState};
+use envs::{EnvPreset, EnvSpec, GLOBAL_FEATURES, Observation, RoundContext, SITE_FEATURES};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::Serialize;
+
+use crate::cli::BadInput;
+use crate::finetune::{Finetuner, SiteSignals};
+use crate::scheduler::{BudgetSpec, RankScheduler, RoundView, SchedulerSpec};
+use crate::tensorboard::{SummaryWriter, heatmap};
+
+/// The environments' role of a projection name.
+pub fn role_of(projection: &str) -> envs::Role {
+    match projection {
+        "q_proj" => envs::Role::Q,
+        "k_proj" => envs::Role::K,
+        "v_proj" => envs::Role::V,
+        "o_proj" => envs::Role::O,
+        "gate_proj" => envs::Role::Gate,
+        "up_proj" => envs::Role::Up,
+        "down_proj" => envs::Role::Down,
+        _ => envs::Role::Other,
+    }
+}
+
+/// The run's sites as a calibration (shapes, roles and layers; `spectrum` and `sensitivity`
+/// are placeholders unless measured).
+pub fn sites_calibration(model: &str, signals: &[SiteSignals]) -> envs::calibration::Calibration {
+    envs::calibration::Calibration {
+        format_version: envs::calibration::FORMAT_VERSION,
+        model: model.to_string(),
+        sites: signals
+            .iter()
+            .map(|s| envs::calibration::CalibratedSite {
+                name: s.name.clone(),
+                d_in: s.d_in as u32,
+                d_out: s.d_out as u32,
+                role: role_of(&s.projection),
+                layer: s.layer as u32,
+                spectrum: vec![1.0],
+                tail_energy: 0.0,
+                sensitivity: 1.0,
+            })
+            .collect(),
+    }
+}
+
+/// The resource beside a real run: the preset's resource model applied to the run's own sites.
+pub struct RunResource {
+    /// The environment spec with the run's sites (unit costs, static features, rank set).
+    pub spec: Arc<EnvSpec>,
+    /// False for `--env none`: no budget draws, nothing lost.
+    pub simulate: bool,
+    /// Average parameter budget of the run (caps the observation's budget for the policy).
+    pub budget_params: f64,
+    state: ResourceState,
+    rng: ChaCha8Rng,
+    hist: [f32; envs::env::HISTORY],
+    round: u32,
+    rounds: u32,
+    last_violation: bool,
+    last_cost_ratio: f64,
+}
+
+impl RunResource {
+    /// `preset` is the resource preset (`None` = no resource); its sites are replaced by the run's.
+    /// `ranks` overrides the preset's rank set (a policy's). Seeds the channel with `seed`.
+    pub fn new(
+        preset: Option<&EnvPreset>,
+        signals: &[SiteSignals],
+        ranks: Option<&[u32]>,
+        rounds: usize,
+        budget_params: f64,
+        seed: u64,
+    ) -> Result<RunResource> {
+        let simulate = preset.is_some();
+        let mut p = match preset {
+            Some(p) => p.clone(),
+            None => {
+                // A fixed parameter budget: the embedded `budget` preset counted in parameters.
+                let mut p = envs::presets::load("budget")?;
+                if let Some(b) = p.resource.budget.as_mut() {
+                    b.unit = BudgetUnit::Params;
+                }
+                p
+            }
+        };
+        if let Some(r) = ranks {
+            p.ranks = r.to_vec();
+        }
+        p.calibration_data = Some(sites_calibration("run", signals));
+        p.sites.calibration = Some("<the run's sites>".into());
+        let spec = EnvSpec::new(&p).map_err(|e| {
+            BadInput(format!("resource preset `{}` on this model's {} sites: {e}", p.name, signals.len()))
+        })?;
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut state = ResourceState::default();
+        spec.resource.reset(&mut state, &mut rng);
+        Ok(RunResource {
+            spec,
+            simulate,
+            budget_params,
+            state,
+            rng,
+            hist: [0.0; envs::env::HISTORY],
+            round: 0,
+            rounds: rounds as u32,
+            last_violation: false,
+            last_cost_ratio: 0.0,
+        })
+    }
+
+    /// Draws round `round`'s budget (rounds are drawn in order).
+    pub fn begin_round(&mut self) {
+        let spec = &self.spec;
+        if self.simulate {
+            spec.resource.draw_round(
+                &mut self.state,
+                self.round,
+                self.rounds,
+                spec.preset.baselines.margin,
+                spec.sum_unit_cost,
+                &mut self.rng,
+            );
+        } else {
+            let b = self.param_cap();
+            self.state.true_budget = b;
+            self.state.est_budget = b;
+            self.state.safe_budget = b;
+        }
+        let ratio = self.budget_ratio();
+        if self.round == 0 {
+            self.hist = [ratio; envs::env::HISTORY];
+        }
+    }
+
+    /// The parameter budget in the resource's unit (exact when unit costs are proportional to
+    /// parameters, as for a channel or a parameter budget).
+    pub fn param_cap(&self) -> f64 {
+        let params: f64 = self.spec.sites.iter().map(|s| s.params_per_rank() as f64).sum();
+        self.budget_params * self.spec.sum_unit_cost / params.max(f64::MIN_POSITIVE)
+    }
+
+    fn budget_ratio(&self) -> f32 {
+        (self.state.est_budget.min(self.param_cap()) / self.spec.max_plan_cost).clamp(0.0, 4.0) as f32
+    }
+
+    /// The round's context for schedulers: unit costs and the estimated budgets.
+    pub fn context(&self) -> RoundContext<'_> {
+        RoundContext {
+            rank_set: &self.spec.rank_set,
+            sites: &self.spec.sites,
+            unit_cost: &self.spec.unit_cost,
+            resource: self.spec.resource.kind(),
+            estimated_budget: self.state.est_budget,
+            conservative_budget: self.state.safe_budget,
+            privileged: None,
+        }
+    }
+
+    /// Cost of ranks `ranks` in the resource's unit.
+    pub fn cost(&self, ranks: &[usize]) -> f64 {
+        ranks.iter().zip(&self.spec.unit_cost).map(|(&r, u)| r as f64 * u).sum()
+    }
+
+    /// This round's true budget.
+    pub fn true_budget(&self) -> f64 {
+        self.state.true_budget
+    }
+
+    /// Ends the round with an adapter of cost `cost`: true if it was delivered.
+    pub fn settle(&mut self, cost: f64) -> bool {
+        let c = cost / self.state.true_budget.max(f64::MIN_POSITIVE);
+        let delivered = !self.simulate || c <= 1.0;
+        self.last_violation = !delivered;
+        self.last_cost_ratio = c;
+        let ratio = self.budget_ratio();
+        self.hist.rotate_right(1);
+        self.hist[0] = ratio;
+        self.round += 1;
+        delivered
+    }
+}
+
+/// What the run has measured so far, beyond the per-site signals.
+#[derive(Debug, Clone, Copy)]
+pub struct RunState {
+    /// Round index.
+    pub round: usize,
+    /// Rounds in the run.
+    pub rounds: usize,
+    /// Mean training loss of the last round (the first step's loss before any round).
+    pub loss: f64,
+    /// Training loss at the first step.
+    pub initial_loss: f64,
+    /// Normalised token entropy of the training data.
+    pub token_entropy: f64,
+}
+
+/// The run's observation in the environments' schema (see [`envs::Observation`] for the
+/// tables). Real-run sources: `sensitivity` = n·(site importance / Σ importance) (AdaLoRA's
+/// `Ī·Ū`); `grad_norm` = n·(site gradient norm / Σ gradient norms)·√min(1, loss ratio) (the
+/// environments scale it by √residual, which the loss ratio stands in for); `tail_share` =
+/// σ_r² / Σ_{k≤r} σ_k² of the adapter's singular values; `token_entropy` = the data's normalised
+/// unigram entropy; `oov_rate` = 0 (byte-level tokenizers have no unknown tokens).
+pub fn observe(res: &RunResource, signals: &[SiteSignals], st: &RunState) -> Observation {
+    let spec = &res.spec;
+    let n = signals.len();
+    let mut global = vec![0f32; GLOBAL_FEATURES];
+    let kind = spec.resource.kind();
+    global[0] = (kind == ResourceKind::Channel) as u8 as f32;
+    global[1] = (kind == ResourceKind::Compute) as u8 as f32;
+    global[2] = (kind == ResourceKind::Budget) as u8 as f32;
+    global[3] = res.budget_ratio();
+    global[4..4 + envs::env::HISTORY].copy_from_slice(&res.hist);
+    global[8] = match &spec.resource {
+        ResourceModel::Channel(_) => ((res.state.snr_est_db - 10.0) / 10.0) as f32,
+        ResourceModel::Compute(c) => (res.state.est_budget / (c.cfg.throughput_flops * c.cfg.latency_budget_s)).ln() as f32,
+        ResourceModel::Budget(_) => 0.0,
+    };
+    global[9] = if kind == ResourceKind::Channel { (res.state.bandwidth_hz / spec.max_bandwidth()) as f32 } else { 0.0 };
+    global[10] = st.token_entropy.clamp(0.0, 1.0) as f32;
+    global[11] = 0.0;
+    global[12] = st.round as f32 / st.rounds.max(1) as f32;
+    let loss_ratio = if st.initial_loss > 0.0 { st.loss / st.initial_loss } else { 1.0 };
+    global[13] = loss_ratio as f32;
+    global[14] = res.last_violation as u8 as f32;
+    global[15] = res.last_cost_ratio.clamp(0.0, spec.preset.reward.violation_cost_cap) as f32;
+    let rmax = spec.rank_set.max() as f64;
+    global[16] = (signals.iter().map(|s| s.rank as f64).sum::<f64>() / (n as f64 * rmax)) as f32;
+    global[17] = (n as f32).log2() / 8.0;
+
+    let imp_sum: f64 = signals.iter().map(|s| s.importance).sum();
+    let g_sum: f64 = signals.iter().map(|s| s.grad_norm).sum();
+    let res_scale = loss_ratio.clamp(0.0, 1.0).sqrt();
+    let mut sites = vec![0f32; n * SITE_FEATURES];
+    let stat = spec.static_site_features();
+    for (l, s) in signals.iter().enumerate() {
+        let row = &mut sites[l * SITE_FEATURES..(l + 1) * SITE_FEATURES];
+        let r = s.rank as f64;
+        row[0] = (r / rmax) as f32;
+        row[1] = ((1.0 + r).log2() / (1.0 + rmax).log2()) as f32;
+        row[2..10].copy_from_slice(&stat[l * 8..(l + 1) * 8]);
+        row[10] = if imp_sum > 0.0 { (n as f64 * s.importance / imp_sum) as f32 } else { 1.0 };
+        let g = if g_sum > 0.0 { n as f64 * s.grad_norm / g_sum } else { 1.0 };
+        row[11] = (g * res_scale) as f32;
+        let sv = &s.singular_values;
+        let total: f64 = sv.iter().map(|x| x * x).sum();
+        row[12] = match sv.last() {
+            Some(last) if s.rank > 0 && total > 0.0 => (last * last / total) as f32,
+            _ => 0.0,
+        };
+    }
+    Observation { global, sites, n_sites: n }
+}
+
+/// One round of a scheduled run.
+#[derive(Debug, Clone, Serialize)]
+pub struct RoundRecord {
+    /// Round index.
+    pub round: usize,
+    /// First step of the round.
+    pub step: usize,
+    /// Ranks planned for the round.
+    pub ranks: Vec<usize>,
+    /// Adapter parameters of the plan.
+    pub params: usize,
+    /// Cost of sending the adapter (resource unit; 0 without a resource).
+    pub cost: f64,
+    /// The round's true budget (resource unit).
+    pub budget: f64,
+    /// Whether the update was lost (did not fit).
+    pub lost: bool,
+    /// Mean training loss of the round.
+    pub train_loss: f64,
+    /// Time the scheduler took to plan (ms).
+    pub plan_ms: f64,
+}
+
+/// The outcome of a scheduled run.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunReport {
+    /// Scheduler name.
+    pub scheduler: String,
+    /// Validation loss before training.
+    pub val_loss_initial: f64,
+    /// Validation loss at the end.
+    pub val_loss_final: f64,
+    /// Total cost sent (resource unit: bits for a channel), lost rounds included.
+    pub cost_sent: f64,
+    /// Unit of `cost_sent`.
+    pub cost_unit: String,
+    /// Rounds whose update was lost.
+    pub rounds_lost: usize,
+    /// Mean adapter parameters over the rounds (planned).
+    pub mean_params: f64,
+    /// Adapter parameters at the end.
+    pub final_params: usize,
+    /// Wall time of the whole run (s).
+    pub wall_seconds: f64,
+    /// Per round.
+    pub rounds: Vec<RoundRecord>,
+}
+
+/// Settings of a scheduled run.
+#[derive(Debug, Clone, Copy)]
+pub struct RunOptions {
+    /// Rounds (scheduler decisions); the run's steps are split evenly.
+    pub rounds: usize,
+    /// Evaluate every this many rounds (and at the end).
+    pub eval_every_rounds: usize,
+}
+
+/// Runs `ft` for its configured steps in `opts.rounds` rounds, asking `sched` for a plan at every
+/// round boundary and settling each round with `res`. Logs to `tb` and advances `bar` by one per
+/// step.
+pub fn run(
+    ft: &mut Finetuner,
+    sched: &mut dyn RankScheduler,
+    res: &mut RunResource,
+    opts: &RunOptions,
+    tb: &mut SummaryWriter,
+    bar: &indicatif::ProgressBar,
+) -> Result<RunReport> {
+    let t0 = Instant::now();
+    let total = ft.cfg.steps;
+    let rounds = opts.rounds;
+    if rounds == 0 || rounds > total {
+        bail!(BadInput(format!("--rounds {rounds}: allowed: 1 to --steps ({total})")));
+    }
+    let names = ft.site_names();
+    let val0 = ft.evaluate();
+    tb.add_scalar("val/loss", val0, 0)?;
+    let entropy = ft.token_entropy();
+    let mut st = RunState { round: 0, rounds, loss: f64::NAN, initial_loss: f64::NAN, token_entropy: entropy };
+    let mut records = Vec::with_capacity(rounds);
+    let mut heat: Vec<Vec<f64>> = Vec::with_capacity(rounds);
+    let mut val = val0;
+    let mut cost_sent = 0.0;
+    for round in 0..rounds {
+        let (s0, s1) = (round * total / rounds, (round + 1) * total / rounds);
+        res.begin_round();
+        st.round = round;
+        let signals = ft.signals(true);
+        let obs = observe(res, &signals, &st);
+        let tp = Instant::now();
+        let plan = sched.plan(&RoundView {
+            round,
+            rounds,
+            step: s0,
+            total_steps: total,
+            signals: &signals,
+            observation: &obs,
+            context: res.context(),
+        })?;
+        let plan_ms = tp.elapsed().as_secs_f64() * 1e3;
+        let saved = ft.snapshot_sites();
+        ft.resize(&plan).map_err(|e| anyhow::anyhow!("{}: round {round}: {e:#}", sched.name()))?;
+        let mut loss_sum = 0.0;
+        for step in s0..s1 {
+            let stats = ft.train_step()?;
+            if st.initial_loss.is_nan() {
+                st.initial_loss = stats.loss;
+            }
+            loss_sum += stats.loss;
+            let s = step as i64 + 1;
+            tb.add_scalar("train/loss", stats.loss, s)?;
+            tb.add_scalar("train/grad_norm", stats.grad_norm, s)?;
+            tb.add_scalar("perf/tokens_per_s", stats.tokens as f64 / stats.seconds, s)?;
+            bar.set_message(format!("{} round {}/{rounds} loss {:.3} val {val:.3}", sched.name(), round + 1, stats.loss));
+            bar.inc(1);
+        }
+        st.loss = loss_sum / (s1 - s0) as f64;
+        let cost = if res.simulate { res.cost(&plan.ranks) } else { 0.0 };
+        let budget = res.true_budget();
+        let delivered = res.settle(res.cost(&plan.ranks));
+        cost_sent += cost;
+        if !delivered {
+            ft.restore_sites(saved);
+        }
+        let params: usize = plan.ranks.iter().zip(ft.model.sites()).map(|(&r, s)| r * (s.d_in + s.d_out)).sum();
+        let step = s1 as i64;
+        tb.add_scalar("resource/cost", cost, step)?;
+        tb.add_scalar("resource/cost_total", cost_sent, step)?;
+        tb.add_scalar("resource/budget", budget, step)?;
+        tb.add_scalar("resource/lost", (!delivered) as u8 as f64, step)?;
+        tb.add_scalar("ranks/total", plan.ranks.iter().sum::<usize>() as f64, step)?;
+        tb.add_scalar("ranks/adapter_params", params as f64, step)?;
+        tb.add_histogram("ranks/sites", &plan.ranks.iter().map(|&r| r as f64).collect::<Vec<_>>(), step)?;
+        tb.add_scalar("scheduler/plan_ms", plan_ms, step)?;
+        heat.push(plan.ranks.iter().map(|&r| r as f64).collect());
+        if (round + 1) % opts.eval_every_rounds.max(1) == 0 || round + 1 == rounds {
+            val = ft.evaluate();
+            tb.add_scalar("val/loss", val, step)?;
+        }
+        records.push(RoundRecord {
+            round,
+            step: s0,
+            ranks: plan.ranks.clone(),
+            params,
+            cost,
+            budget,
+            lost: !delivered,
+            train_loss: st.loss,
+            plan_ms,
+        });
+    }
+    // Sites × rounds heatmap of the planned ranks.
+    let (rows, cols) = (names.len(), heat.len());
+    let mut values = vec![0.0; rows * cols];
+    for (c, col) in heat.iter().enumerate() {
+        for (r, v) in col.iter().enumerate() {
+            values[r * cols + c] = *v;
+        }
+    }
+    let hi = values.iter().cloned().fold(1.0, f64::max);
+    let img = heatmap(&values, rows, cols, 0.0, hi, 8);
+    tb.add_image_rgb("ranks/heatmap", img.width, img.height, &img.rgb, total as i64)?;
+    tb.flush()?;
+    let rounds_lost = records.iter().filter(|r| r.lost).count();
+    let mean_params = records.iter().map(|r| r.params as f64).sum::<f64>() / rounds as f64;
+    Ok(RunReport {
+        scheduler: sched.name(),
+        val_loss_initial: val0,
+        val_loss_final: val,
+        cost_sent,
+        cost_unit: if res.simulate { res.spec.resource_unit().to_string() } else { "none".into() },
+        rounds_lost,
+        mean_params,
+        final_params: ft.adapter_params(),
+        wall_seconds: t0.elapsed().as_secs_f64(),
+        rounds: records,
+    })
+}
+
+/// A scheduler and its resource, ready to steer `ft` (whose sites start at rank 0; round 0's
+/// plan sets them). The budget defaults to the uniform rank of `fixed:R`, else `rank:8`.
+#[allow(clippy::too_many_arguments)]
+pub fn prepare(
+    ft: &Finetuner,
+    scheduler: &SchedulerSpec,
+    env: Option<&EnvPreset>,
+    budget: Option<BudgetSpec>,
+    rounds: usize,
+    seed: u64,
+    device: tch::Device,
+) -> Result<(Box<dyn RankScheduler>, RunResource)> {
+    let signals = ft.signals(false);
+    let ppr: Vec<f64> = signals.iter().map(|s| (s.d_in + s.d_out) as f64).collect();
+    let max_rank: Vec<usize> = signals.iter().map(|s| s.d_in.min(s.d_out)).collect();
+    let budget = budget.unwrap_or(match scheduler {
+        SchedulerSpec::Fixed(Some(r)) => BudgetSpec::Rank(*r as f64),
+        _ => BudgetSpec::Rank(8.0),
+    });
+    let p = budget.params(&ppr);
+    let sched = scheduler.build(&ppr, &max_rank, p, ft.cfg.steps, rounds, device)?;
+    let res = RunResource::new(env, &signals, sched.rank_set(), rounds, p, seed)
+        .map_err(|e| anyhow::anyhow!("{}: {e:#}", scheduler.label()))?;
+    Ok((sched, res))
+}

@@ -1,0 +1,626 @@
+//! Rank schedulers: at every round boundary of a fine-tuning run a [`RankScheduler`] reads the
+//! run's signals (AdaLoRA importance, gradient norms, adapter spectra, and the same observation
+//! the simulated environments emit) and returns the [`RankPlan`] for the next round, which the
+//! loop applies with grow / QR-core squeeze ([`crate::controller`]).
+//!
+//! | name | what it does |
+//! |---|---|
+//! | `fixed` / `fixed:R` | one rank for every site (`fixed`: the largest that fits the budget) |
+//! | `adalora` | AdaLoRA: cubic budget schedule from 1.5× to 1× the target (PEFT's `init_r` 12 → `target_r` 8), warm-up and final phases, components kept by a global importance ranking |
+//! | `squeeze` | LoRA-Squeeze in-training annealing: start at 4× the target rank, halve it in equal stages (4r → 2r → r) |
+//! | `policy:<dir>` | a trained policy checkpoint acting on the run's observation, within the resource's budget |
+//!
+//! Every scheduler is held to the same **average adapter-parameter budget** `P` (`--budget`):
+//! the classic schedules are scaled so that their mean over the rounds is at most `P`; the policy
+//! may use at most `P` in every round.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Result, bail};
+use envs::{Observation, RoundContext};
+use policies::model::{ActMode, PolicyModel, Schema};
+use tch::Device;
+
+use crate::checkpoint;
+use crate::cli::BadInput;
+use crate::finetune::{RankPlan, SiteSignals};
+
+/// Scheduler names accepted by `--scheduler`, for error messages.
+pub const SCHEDULER_NAMES: &str = "fixed, fixed:R, adalora, squeeze, policy:<checkpoint dir>";
+
+/// What a scheduler sees at a round boundary.
+pub struct RoundView<'a> {
+    /// Round index (0-based).
+    pub round: usize,
+    /// Rounds in the run.
+    pub rounds: usize,
+    /// Optimizer steps taken so far.
+    pub step: usize,
+    /// Optimizer steps in the run.
+    pub total_steps: usize,
+    /// Per-site signals of the run (with singular values).
+    pub signals: &'a [SiteSignals],
+    /// The run's observation in the environments' schema.
+    pub observation: &'a Observation,
+    /// The resource's view of this round: unit costs and the estimated budgets.
+    pub context: RoundContext<'a>,
+}
+
+/// Decides the ranks of every site at each round boundary.
+pub trait RankScheduler {
+    /// Name for tables and logs.
+    fn name(&self) -> String;
+    /// The plan for the round about to start (one rank per site, in the run's site order).
+    fn plan(&mut self, view: &RoundView<'_>) -> Result<RankPlan>;
+    /// The rank set the scheduler needs the observation built with (a policy's), if any.
+    fn rank_set(&self) -> Option<&[u32]> {
+        None
+    }
+}
+
+/// An average adapter-parameter budget, from `--budget`: a number of parameters, or `rank:R`
+/// (R × Σ_sites (d_in + d_out), the parameters of a uniform rank R).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum BudgetSpec {
+    /// Parameters.
+    Params(f64),
+    /// Uniform-rank equivalent.
+    Rank(f64),
+}
+
+impl BudgetSpec {
+    /// Parses `150000` or `rank:8`.
+    pub fn parse(s: &str) -> Result<BudgetSpec, String> {
+        let bad = || format!("`{s}`: allowed: a number of adapter parameters (e.g. 150000) or rank:R (e.g. rank:4)");
+        let (v, rank) = match s.strip_prefix("rank:") {
+            Some(r) => (r, true),
+            None => (s, false),
+        };
+        let x: f64 = v.trim().parse().map_err(|_| bad())?;
+        if !(x.is_finite() && x > 0.0) {
+            return Err(bad());
+        }
+        Ok(if rank { BudgetSpec::Rank(x) } else { BudgetSpec::Params(x) })
+    }
+
+    /// The budget in parameters for sites with `params_per_rank` (d_in + d_out each).
+    pub fn params(self, params_per_rank: &[f64]) -> f64 {
+        match self {
+            BudgetSpec::Params(p) => p,
+            BudgetSpec::Rank(r) => r * params_per_rank.iter().sum::<f64>(),
+        }
+    }
+}
+
+/// A parsed `--scheduler` value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SchedulerSpec {
+    /// `fixed` (rank from the budget) or `fixed:R`.
+    Fixed(Option<usize>),
+    /// `adalora`.
+    Adalora,
+    /// `squeeze`.
+    Squeeze,
+    /// `policy:<dir>`.
+    Policy(PathBuf),
+}
+
+impl SchedulerSpec {
+    /// Parses a scheduler name (see [`SCHEDULER_NAMES`]).
+    pub fn parse(s: &str) -> Result<SchedulerSpec, String> {
+        let s = s.trim();
+        let bad = || format!("unknown scheduler `{s}`: allowed: {SCHEDULER_NAMES}");
+        match s.split_once(':') {
+            None => match s {
+                "fixed" => Ok(SchedulerSpec::Fixed(None)),
+                "adalora" => Ok(SchedulerSpec::Adalora),
+                "squeeze" => Ok(SchedulerSpec::Squeeze),
+                _ => Err(bad()),
+            },
+            Some(("fixed", r)) => {
+                r.trim().parse().map(|r| SchedulerSpec::Fixed(Some(r))).map_err(|_| format!("`{s}`: R must be a rank"))
+            }
+            Some(("policy", dir)) if !dir.is_empty() => Ok(SchedulerSpec::Policy(PathBuf::from(dir))),
+            _ => Err(bad()),
+        }
+    }
+
+    /// Short label for tables (`policy:<dir name>`).
+    pub fn label(&self) -> String {
+        match self {
+            SchedulerSpec::Fixed(None) => "fixed".into(),
+            SchedulerSpec::Fixed(Some(r)) => format!("fixed:{r}"),
+            SchedulerSpec::Adalora => "adalora".into(),
+            SchedulerSpec::Squeeze => "squeeze".into(),
+            SchedulerSpec::Policy(d) => {
+                let name = |p: &Path| p.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+                match name(d).as_str() {
+                    "best" => format!("policy:{}/best", d.parent().map(name).unwrap_or_default()),
+                    n => format!("policy:{n}"),
+                }
+            }
+        }
+    }
+
+    /// Builds the scheduler for sites with `params_per_rank` (d_in + d_out) and `max_rank`
+    /// (min(d_in, d_out)), an average budget of `budget` parameters, and a run of `total_steps`
+    /// steps in `rounds` rounds.
+    pub fn build(
+        &self,
+        params_per_rank: &[f64],
+        max_rank: &[usize],
+        budget: f64,
+        total_steps: usize,
+        rounds: usize,
+        device: Device,
+    ) -> Result<Box<dyn RankScheduler>> {
+        let c: f64 = params_per_rank.iter().sum();
+        let uniform = |r: usize, what: &str| -> Result<()> {
+            if let Some((l, m)) = max_rank.iter().enumerate().find(|(_, m)| r > **m) {
+                bail!(BadInput(format!(
+                    "{what}: rank {r} exceeds site {l}'s largest rank min(d_in, d_out) = {m}; allowed: a budget of at most {:.0} parameters (rank:{m})",
+                    *m as f64 * c
+                )));
+            }
+            Ok(())
+        };
+        Ok(match self {
+            SchedulerSpec::Fixed(r) => {
+                let r = match r {
+                    Some(r) => {
+                        if *r as f64 * c > budget * (1.0 + 1e-9) {
+                            bail!(BadInput(format!(
+                                "scheduler fixed:{r} uses {:.0} adapter parameters, above the budget of {budget:.0}; allowed: fixed:R with R <= {}",
+                                *r as f64 * c,
+                                (budget / c).floor()
+                            )));
+                        }
+                        *r
+                    }
+                    None => (budget / c).floor() as usize,
+                };
+                if r == 0 {
+                    bail!(BadInput(format!(
+                        "a budget of {budget:.0} parameters is below the smallest uniform plan (rank 1 = {c:.0} parameters)"
+                    )));
+                }
+                uniform(r, "fixed")?;
+                Box::new(Fixed { rank: r, n: params_per_rank.len() })
+            }
+            SchedulerSpec::Adalora => {
+                let s = AdaloraSchedule::for_budget(budget, c, total_steps, rounds);
+                if s.init_rank == 0 {
+                    bail!(BadInput(format!(
+                        "a budget of {budget:.0} parameters is too small for adalora: its initial budget {:.0} is below one uniform rank ({c:.0} parameters)",
+                        s.init_params
+                    )));
+                }
+                uniform(s.init_rank, "adalora's initial rank")?;
+                Box::new(Adalora { schedule: s, params_per_rank: params_per_rank.to_vec() })
+            }
+            SchedulerSpec::Squeeze => {
+                let s = SqueezeSchedule::for_budget(budget, c, rounds);
+                if s.target == 0 {
+                    bail!(BadInput(format!(
+                        "a budget of {budget:.0} parameters is too small for squeeze: its target rank would be 0 (needs {:.0} parameters on average for target rank 1)",
+                        s.mean_factor() * c
+                    )));
+                }
+                uniform(s.rank_at(0), "squeeze's starting rank")?;
+                Box::new(Squeeze { schedule: s, n: params_per_rank.len() })
+            }
+            SchedulerSpec::Policy(dir) => {
+                Box::new(PolicyScheduler::load(dir, self.label(), params_per_rank.to_vec(), budget, device)?)
+            }
+        })
+    }
+}
+
+/// One rank everywhere, every round.
+pub struct Fixed {
+    /// The rank.
+    pub rank: usize,
+    n: usize,
+}
+
+impl RankScheduler for Fixed {
+    fn name(&self) -> String {
+        format!("fixed:{}", self.rank)
+    }
+    fn plan(&mut self, _: &RoundView<'_>) -> Result<RankPlan> {
+        Ok(RankPlan { ranks: vec![self.rank; self.n] })
+    }
+}
+
+/// AdaLoRA's budget schedule (PEFT's `budget_schedule`), in adapter parameters.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdaloraSchedule {
+    /// Initial budget (`init_bgt`).
+    pub init_params: f64,
+    /// Final budget (`target_bgt`).
+    pub target_params: f64,
+    /// Warm-up steps at the initial budget (`tinit`).
+    pub tinit: usize,
+    /// Final steps at the target budget (`tfinal`).
+    pub tfinal: usize,
+    /// Steps of the run (`total_step`).
+    pub total_step: usize,
+    /// Rounds of the run (the schedule is applied at round boundaries).
+    pub rounds: usize,
+    /// Uniform starting rank (`init_r`).
+    pub init_rank: usize,
+}
+
+/// PEFT's `init_r / target_r` = 12 / 8.
+pub const ADALORA_INIT_RATIO: f64 = 1.5;
+/// Warm-up share of the run (`tinit / total_step`). PEFT's default is 0, which has no warm-up;
+/// its quick-start example uses 500 of 3000 steps.
+pub const ADALORA_TINIT: f64 = 0.1;
+/// Final share of the run at the target budget (`tfinal / total_step`).
+pub const ADALORA_TFINAL: f64 = 0.2;
+
+impl AdaloraSchedule {
+    /// PEFT's formula: `init` up to `tinit`, `target` after `total − tfinal`, and in between
+    /// `target + (init − target)·(1 − (t − tinit)/(total − tfinal − tinit))³`.
+    pub fn budget_at(&self, step: usize) -> f64 {
+        let (i, f, t) = (self.tinit, self.tfinal, self.total_step);
+        if step <= i {
+            self.init_params
+        } else if step + f > t {
+            self.target_params
+        } else {
+            let mul = 1.0 - (step - i) as f64 / (t - f - i).max(1) as f64;
+            self.target_params + (self.init_params - self.target_params) * mul.powi(3)
+        }
+    }
+
+    /// The first step of round `r`.
+    pub fn round_step(&self, r: usize) -> usize {
+        r * self.total_step / self.rounds.max(1)
+    }
+
+    /// The schedule whose mean budget over the rounds equals `budget`, for sites with
+    /// Σ (d_in + d_out) = `c`.
+    pub fn for_budget(budget: f64, c: f64, total_step: usize, rounds: usize) -> AdaloraSchedule {
+        let mut s = AdaloraSchedule {
+            init_params: ADALORA_INIT_RATIO,
+            target_params: 1.0,
+            tinit: (ADALORA_TINIT * total_step as f64).round() as usize,
+            tfinal: (ADALORA_TFINAL * total_step as f64).round() as usize,
+            total_step,
+            rounds: rounds.max(1),
+            init_rank: 0,
+        };
+        // Budgets scale linearly: evaluate the shape at target 1, then scale.
+        let mean = (0..s.rounds).map(|r| s.budget_at(s.round_step(r))).sum::<f64>() / s.rounds as f64;
+        let target = budget / mean;
+        s.target_params = target;
+        s.init_params = ADALORA_INIT_RATIO * target;
+        s.init_rank = (s.init_params / c).floor() as usize;
+        s
+    }
+}
+
+/// AdaLoRA: start every site at `init_r`; at each round boundary keep the components with the
+/// highest importance scores (PEFT's triplet score without the λ term: `mean_j s(A_ij) +
+/// mean_j s(B_ji)`, ranked globally across sites) until the scheduled budget is full.
+///
+/// Differences from PEFT, by design of this loop: the budget counts parameters (so every
+/// scheduler is held to the same parameter budget), a site keeps its *count* of selected
+/// components and is squeezed by the QR-core SVD (which keeps its top singular directions, not
+/// the selected component indices), and pruned components do not come back.
+pub struct Adalora {
+    /// The budget schedule.
+    pub schedule: AdaloraSchedule,
+    params_per_rank: Vec<f64>,
+}
+
+impl RankScheduler for Adalora {
+    fn name(&self) -> String {
+        "adalora".into()
+    }
+    fn plan(&mut self, view: &RoundView<'_>) -> Result<RankPlan> {
+        if view.round == 0 {
+            return Ok(RankPlan { ranks: vec![self.schedule.init_rank; self.params_per_rank.len()] });
+        }
+        let budget = self.schedule.budget_at(self.schedule.round_step(view.round));
+        Ok(RankPlan { ranks: adalora_keep(view.signals, &self.params_per_rank, budget) })
+    }
+}
+
+/// Per site, how many of its components survive a global ranking by importance under a budget
+/// of `budget` parameters (greedy: highest score first, skipping components that no longer fit).
+pub fn adalora_keep(signals: &[SiteSignals], params_per_rank: &[f64], budget: f64) -> Vec<usize> {
+    let mut comps: Vec<(f64, usize)> = signals
+        .iter()
+        .enumerate()
+        .flat_map(|(l, s)| (0..s.rank).map(move |i| (s.component_importance.get(i).copied().unwrap_or(0.0), l)))
+        .collect();
+    // Highest score first; ties to the lower site index (deterministic).
+    comps.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+    let mut keep = vec![0usize; signals.len()];
+    let mut used = 0.0;
+    for (_, l) in comps {
+        if used + params_per_rank[l] <= budget {
+            used += params_per_rank[l];
+            keep[l] += 1;
+        }
+    }
+    keep
+}
+
+/// LoRA-Squeeze's in-training rank annealing: equal stages at `target·2^(stages−1)`, …,
+/// `2·target`, `target` (sd-scripts' geometric sequence; the paper gives no exact sequence).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SqueezeSchedule {
+    /// Final rank.
+    pub target: usize,
+    /// Number of stages (the first at `target·2^(stages−1)`).
+    pub stages: usize,
+    /// Rounds of the run.
+    pub rounds: usize,
+}
+
+/// Stages of the squeeze schedule (4r → 2r → r).
+pub const SQUEEZE_STAGES: usize = 3;
+
+impl SqueezeSchedule {
+    /// The stage of round `r`: stages split the rounds as evenly as possible.
+    pub fn stage_of(&self, r: usize) -> usize {
+        (r * self.stages / self.rounds.max(1)).min(self.stages - 1)
+    }
+
+    /// Rank in round `r`.
+    pub fn rank_at(&self, r: usize) -> usize {
+        self.target << (self.stages - 1 - self.stage_of(r))
+    }
+
+    /// First round at the target rank.
+    pub fn target_round(&self) -> usize {
+        (0..self.rounds).find(|&r| self.stage_of(r) == self.stages - 1).unwrap_or(0)
+    }
+
+    /// Mean of rank/target over the rounds.
+    pub fn mean_factor(&self) -> f64 {
+        (0..self.rounds).map(|r| (1usize << (self.stages - 1 - self.stage_of(r))) as f64).sum::<f64>()
+            / self.rounds.max(1) as f64
+    }
+
+    /// The largest target whose mean over the rounds fits `budget` (Σ (d_in + d_out) = `c`).
+    pub fn for_budget(budget: f64, c: f64, rounds: usize) -> SqueezeSchedule {
+        let mut s = SqueezeSchedule { target: 1, stages: SQUEEZE_STAGES, rounds: rounds.max(1) };
+        s.target = (budget / (c * s.mean_factor())).floor() as usize;
+        s
+    }
+}
+
+/// LoRA-Squeeze in-training annealing (see [`SqueezeSchedule`]); each step down is a QR-core
+/// squeeze of every site.
+pub struct Squeeze {
+    /// The schedule.
+    pub schedule: SqueezeSchedule,
+    n: usize,
+}
+
+impl RankScheduler for Squeeze {
+    fn name(&self) -> String {
+        "squeeze".into()
+    }
+    fn plan(&mut self, view: &RoundView<'_>) -> Result<RankPlan> {
+        Ok(RankPlan { ranks: vec![self.schedule.rank_at(view.round); self.n] })
+    }
+}
+
+/// A trained policy (`rankpilot train` checkpoint) acting greedily on the run's observation.
+/// Its plan fits the resource's conservative budget estimate (the policy's own MCKP allocation)
+/// and at most `budget` adapter parameters per round.
+pub struct PolicyScheduler {
+    model: PolicyModel,
+    label: String,
+    params_per_rank: Vec<f64>,
+    budget: f64,
+}
+
+impl PolicyScheduler {
+    /// Loads a policy checkpoint; errors name the directory and what would work.
+    pub fn load(dir: &Path, label: String, params_per_rank: Vec<f64>, budget: f64, device: Device) -> Result<Self> {
+        let (meta, tensors) = checkpoint::load(dir, crate::commands::train::POLICY_KIND).map_err(|e| {
+            BadInput(format!("scheduler policy:{}: {e:#}; allowed: a directory written by `rankpilot train`", dir.display()))
+        })?;
+        let (model, cfg) = policies::trainer::policy_from_checkpoint(&meta.config, &meta.state, &tensors, device)
+            .map_err(|e| BadInput(format!("policy:{}: {e}", dir.display())))?;
+        cfg.schema
+            .check_compatible(&Schema::current(&cfg.schema.ranks))
+            .map_err(|e| BadInput(format!("policy:{}: {e}", dir.display())))?;
+        Ok(PolicyScheduler { model, label, params_per_rank, budget })
+    }
+
+}
+
+impl RankScheduler for PolicyScheduler {
+    fn name(&self) -> String {
+        self.label.clone()
+    }
+    fn rank_set(&self) -> Option<&[u32]> {
+        Some(&self.model.ranks)
+    }
+    fn plan(&mut self, view: &RoundView<'_>) -> Result<RankPlan> {
+        let ctx = &view.context;
+        let obs = view.observation;
+        let set = ctx.rank_set.ranks();
+        if set != self.model.ranks.as_slice() {
+            bail!(BadInput(format!(
+                "{}: the policy chooses from ranks {:?}, the run's rank set is {:?}",
+                self.label, self.model.ranks, set
+            )));
+        }
+        // The parameter cap in the resource's unit (exact when the unit cost is proportional to
+        // the parameters, as for a channel); the repair below makes it exact in any case.
+        let units_per_param: f64 =
+            ctx.unit_cost.iter().sum::<f64>() / self.params_per_rank.iter().sum::<f64>().max(f64::MIN_POSITIVE);
+        let budget = ctx.conservative_budget.min(self.budget * units_per_param);
+        let d = self.model.act(&obs.global, &obs.sites, 1, obs.n_sites, ctx.unit_cost, &[budget], ActMode::Greedy);
+        let mut idx: Vec<usize> = d.executed.iter().map(|&j| j as usize).collect();
+        // Repair: step the most expensive site down the rank set until the parameter cap holds.
+        let params = |idx: &[usize]| -> f64 {
+            idx.iter().zip(&self.params_per_rank).map(|(&j, c)| set[j] as f64 * c).sum()
+        };
+        while params(&idx) > self.budget * (1.0 + 1e-9) {
+            let l = (0..idx.len())
+                .filter(|&l| idx[l] > 0)
+                .max_by(|&a, &b| {
+                    (set[idx[a]] as f64 * self.params_per_rank[a]).total_cmp(&(set[idx[b]] as f64 * self.params_per_rank[b]))
+                })
+                .expect("a positive plan has a positive site");
+            idx[l] -= 1;
+        }
+        Ok(RankPlan { ranks: idx.iter().map(|&j| set[j] as usize).collect() })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_names_and_budgets() {
+        assert_eq!(SchedulerSpec::parse("fixed:8").unwrap(), SchedulerSpec::Fixed(Some(8)));
+        assert_eq!(SchedulerSpec::parse("adalora").unwrap(), SchedulerSpec::Adalora);
+        assert_eq!(SchedulerSpec::parse("policy:checkpoints/x").unwrap(), SchedulerSpec::Policy("checkpoints/x".into()));
+        let e = SchedulerSpec::parse("adalorra").unwrap_err();
+        assert!(e.contains("allowed: fixed, fixed:R, adalora, squeeze, policy:"), "{e}");
+        assert!(SchedulerSpec::parse("policy:").is_err());
+        assert_eq!(BudgetSpec::parse("rank:4").unwrap().params(&[10.0, 20.0]), 120.0);
+        assert_eq!(BudgetSpec::parse("1000").unwrap().params(&[10.0]), 1000.0);
+        assert!(BudgetSpec::parse("-1").is_err() && BudgetSpec::parse("rank:x").is_err());
+    }
+
+    #[test]
+    fn adalora_schedule_matches_peft_formula() {
+        // total 200 steps, tinit 20, tfinal 40: b(t) = T + (I − T)(1 − (t − 20)/140)³.
+        let s = AdaloraSchedule {
+            init_params: 1200.0,
+            target_params: 800.0,
+            tinit: 20,
+            tfinal: 40,
+            total_step: 200,
+            rounds: 20,
+            init_rank: 12,
+        };
+        assert_eq!(s.budget_at(0), 1200.0);
+        assert_eq!(s.budget_at(20), 1200.0);
+        let b90 = 800.0 + 400.0 * (1.0 - 70.0 / 140.0f64).powi(3);
+        assert!((s.budget_at(90) - b90).abs() < 1e-9, "{}", s.budget_at(90));
+        assert!((s.budget_at(90) - 850.0).abs() < 1e-9);
+        assert!((s.budget_at(160) - 800.0).abs() < 1e-9);
+        assert_eq!(s.budget_at(161), 800.0);
+        assert_eq!(s.budget_at(199), 800.0);
+        // Scaled to a budget: the mean over the rounds equals it.
+        let s = AdaloraSchedule::for_budget(1000.0, 10.0, 200, 20);
+        let mean = (0..20).map(|r| s.budget_at(s.round_step(r))).sum::<f64>() / 20.0;
+        assert!((mean - 1000.0).abs() < 1e-6, "{mean}");
+        assert_eq!(s.tinit, 20);
+        assert_eq!(s.tfinal, 40);
+        assert!((s.init_params / s.target_params - 1.5).abs() < 1e-12);
+    }
+
+    #[test]
+    fn squeeze_reaches_target_at_planned_round() {
+        let s = SqueezeSchedule { target: 4, stages: 3, rounds: 20 };
+        let ranks: Vec<usize> = (0..20).map(|r| s.rank_at(r)).collect();
+        assert_eq!(&ranks[..7], &[16; 7]);
+        assert_eq!(&ranks[7..14], &[8; 7]);
+        assert_eq!(&ranks[14..], &[4; 6]);
+        assert_eq!(s.target_round(), 14);
+        let s = SqueezeSchedule::for_budget(100.0 * 8.0, 100.0, 20);
+        // mean factor (7·4 + 7·2 + 6·1)/20 = 2.4 → target floor(8 / 2.4) = 3.
+        assert!((s.mean_factor() - 2.4).abs() < 1e-12);
+        assert_eq!(s.target, 3);
+    }
+
+    fn signals(ranks: &[usize], scores: &[Vec<f64>]) -> Vec<SiteSignals> {
+        ranks
+            .iter()
+            .zip(scores)
+            .enumerate()
+            .map(|(l, (&r, sc))| SiteSignals {
+                name: format!("s{l}"),
+                layer: 0,
+                projection: "q_proj".into(),
+                d_in: 8,
+                d_out: 8,
+                rank: r,
+                importance: 0.0,
+                component_importance: sc.clone(),
+                grad_norm: 0.0,
+                singular_values: vec![],
+            })
+            .collect()
+    }
+
+    #[test]
+    fn adalora_keeps_the_globally_most_important_components_within_budget() {
+        let sig = signals(&[3, 3], &[vec![5.0, 1.0, 0.5], vec![4.0, 3.0, 2.0]]);
+        // Site 0 costs 10 per component, site 1 costs 20: budget 60 keeps 5 (10), 4 (20), 3 (20),
+        // then 2 (20) does not fit, 1 (10) does.
+        assert_eq!(adalora_keep(&sig, &[10.0, 20.0], 60.0), vec![2, 2]);
+        assert_eq!(adalora_keep(&sig, &[10.0, 20.0], 0.0), vec![0, 0]);
+    }
+
+    #[test]
+    fn classic_plans_respect_the_budget() {
+        let ppr = vec![16.0, 24.0, 24.0, 40.0];
+        let maxr = vec![8, 8, 8, 16];
+        let c: f64 = ppr.iter().sum();
+        let budget = 5.3 * c;
+        let rounds = 10;
+        let obs = Observation::zeros(4);
+        let sites: Vec<envs::Site> = Vec::new();
+        let set = envs::RankSet::new(&[0, 1, 2, 4, 8], 8).unwrap();
+        let unit = vec![1.0; 4];
+        for spec in [SchedulerSpec::Fixed(None), SchedulerSpec::Adalora, SchedulerSpec::Squeeze] {
+            let mut s = spec.build(&ppr, &maxr, budget, 100, rounds, Device::Cpu).unwrap();
+            let mut ranks = vec![0usize; 4];
+            let mut total = 0.0;
+            for round in 0..rounds {
+                // Decreasing scores so the AdaLoRA ranking is well defined.
+                let sc: Vec<Vec<f64>> = ranks.iter().enumerate().map(|(l, &r)| (0..r).map(|i| 1.0 / (1 + i + l) as f64).collect()).collect();
+                let sig = signals(&ranks, &sc);
+                let view = RoundView {
+                    round,
+                    rounds,
+                    step: round * 10,
+                    total_steps: 100,
+                    signals: &sig,
+                    observation: &obs,
+                    context: RoundContext {
+                        rank_set: &set,
+                        sites: &sites,
+                        unit_cost: &unit,
+                        resource: envs::presets::ResourceKind::Budget,
+                        estimated_budget: 1e9,
+                        conservative_budget: 1e9,
+                        privileged: None,
+                    },
+                };
+                let plan = s.plan(&view).unwrap();
+                let p: f64 = plan.ranks.iter().zip(&ppr).map(|(&r, c)| r as f64 * c).sum();
+                total += p;
+                if let SchedulerSpec::Adalora = spec {
+                    assert!(round == 0 || plan.ranks.iter().zip(&ranks).all(|(n, o)| n <= o), "adalora only prunes");
+                }
+                ranks = plan.ranks;
+            }
+            let mean = total / rounds as f64;
+            assert!(mean <= budget * (1.0 + 1e-9), "{}: mean {mean} > budget {budget}", s.name());
+            assert!(mean >= 0.6 * budget, "{}: mean {mean} wastes the budget {budget}", s.name());
+        }
+        // Bad budgets and ranks are refused with what would work.
+        let e = SchedulerSpec::Fixed(Some(9)).build(&ppr, &maxr, 1e9, 100, 10, Device::Cpu).err().unwrap();
+        assert!(e.to_string().contains("largest rank"), "{e}");
+        let e = SchedulerSpec::Fixed(None).build(&ppr, &maxr, 10.0, 100, 10, Device::Cpu).err().unwrap();
+        assert!(e.to_string().contains("below the smallest uniform plan"), "{e}");
+        let e = SchedulerSpec::Fixed(Some(6)).build(&ppr, &maxr, budget, 100, 10, Device::Cpu).err().unwrap();
+        assert!(e.to_string().contains("allowed: fixed:R with R <= 5"), "{e}");
+    }
+}
