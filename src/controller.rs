@@ -476,7 +476,9 @@ pub fn prepare(
     });
     let p = budget.params(&ppr);
     let sched = scheduler.build(&ppr, &max_rank, p, ft.cfg.steps, rounds, device)?;
-    let res = RunResource::new(env, &signals, sched.rank_set(), rounds, p, seed)
-        .map_err(|e| anyhow::anyhow!("{}: {e:#}", scheduler.label()))?;
+    let res = RunResource::new(env, &signals, sched.rank_set(), rounds, p, seed).map_err(|e| {
+        let whose = if sched.rank_set().is_some() { " (the rank set is the policy's)" } else { "" };
+        BadInput(format!("{}: {e:#}{whose}", scheduler.label()))
+    })?;
     Ok((sched, res))
 }

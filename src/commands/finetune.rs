@@ -259,9 +259,13 @@ pub fn run(a: &FinetuneArgs) -> Result<()> {
         bar.finish_and_clear();
         let base = a.model.display().to_string();
         let adapter_dir = a.logdir.join("adapter");
-        ft.export_peft(&adapter_dir, &base)?;
-        if let Some(dir) = &a.export_peft {
-            ft.export_peft(dir, &base)?;
+        if ft.adapter_params() > 0 {
+            ft.export_peft(&adapter_dir, &base)?;
+            if let Some(dir) = &a.export_peft {
+                ft.export_peft(dir, &base)?;
+            }
+        } else {
+            eprintln!("every site ended at rank 0 (no round delivered an adapter): no PEFT adapter written");
         }
         let summary = serde_json::json!({
             "report": report,

@@ -1,0 +1,268 @@
+//! End to end: rank schedulers steering real fine-tuning runs (`finetune --scheduler`,
+//! `compare`, `calibrate`) through the binary.
+
+mod common;
+
+use std::path::Path;
+
+use rankpilot::model::llama::{Llama, LlamaConfig};
+use tch::{Device, nn};
+
+/// A 2-layer model with 14 sites, every projection at least 64 wide (so the shipped policy's
+/// rank set up to 64 fits), `hidden` wide.
+fn small_model(dir: &Path, hidden: usize) {
+    tch::manual_seed(5);
+    let cfg = LlamaConfig {
+        vocab_size: 256,
+        hidden_size: hidden,
+        intermediate_size: hidden * 3 / 2,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        num_key_value_heads: 4,
+        head_dim: hidden / 4,
+        rms_norm_eps: 1e-5,
+        rope_theta: 10000.0,
+        max_position_embeddings: 128,
+        tie_word_embeddings: false,
+    };
+    let vs = nn::VarStore::new(Device::Cpu);
+    let m = Llama::new(&vs.root(), &cfg);
+    m.save(&vs, dir).unwrap();
+}
+
+fn text_file(dir: &Path) -> String {
+    let p = dir.join("code.py");
+    let mut s = String::new();
+    for i in 0..80 {
+        s.push_str(&format!("def f{i}(x, y):\n    return x * {i} + y  # add\n\n"));
+    }
+    std::fs::write(&p, s).unwrap();
+    p.to_str().unwrap().to_string()
+}
+
+const SMALL_RUN: [&str; 10] =
+    ["--batch-size", "2", "--seq-len", "32", "--eval-batches", "1", "--device", "cpu", "--seed", "0"];
+
+fn summary(logdir: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(logdir.join("summary.json")).unwrap()).unwrap()
+}
+
+/// Σ_sites (d_in + d_out) of the 64-wide small model: per layer q,k,v,o 4·128 + 3·(64 + 96).
+const PARAMS_PER_RANK: usize = 2 * (4 * 128 + 3 * 160);
+
+#[test]
+fn policy_scheduler_plans_for_a_model_with_a_different_number_of_sites() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("m");
+    small_model(&model, 64);
+    let data = text_file(dir.path());
+    let run = |name: &str| {
+        let logdir = dir.path().join(name);
+        let mut args = vec![
+            "finetune",
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            &data,
+            "--steps",
+            "6",
+            "--rounds",
+            "3",
+            "--scheduler",
+            "policy:checkpoints/wireless-rayleigh",
+            "--env",
+            "wireless-rayleigh",
+            "--budget",
+            "rank:4",
+            "--logdir",
+            logdir.to_str().unwrap(),
+        ];
+        args.extend(SMALL_RUN);
+        let o = common::rankpilot(&args);
+        assert!(o.status.success(), "{}", common::text(&o));
+        summary(&logdir)["report"].clone()
+    };
+    let a = run("a");
+    let rounds = a["rounds"].as_array().unwrap();
+    assert_eq!(rounds.len(), 3);
+    let set = [0u64, 1, 2, 4, 8, 16, 32, 64];
+    for r in rounds {
+        let ranks: Vec<u64> = r["ranks"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect();
+        // The policy was trained on 56 sites; this model has 14.
+        assert_eq!(ranks.len(), 14);
+        assert!(ranks.iter().all(|x| set.contains(x)), "{ranks:?}");
+        let params = r["params"].as_u64().unwrap() as usize;
+        assert!(params <= 4 * PARAMS_PER_RANK, "round plan {params} > budget {}", 4 * PARAMS_PER_RANK);
+        assert!(params > 0, "the policy allocates something");
+        assert!(r["cost"].as_f64().unwrap() <= r["budget"].as_f64().unwrap() || r["lost"].as_bool().unwrap());
+    }
+    // Same seed, same plans and losses.
+    let b = run("b");
+    for (x, y) in rounds.iter().zip(b["rounds"].as_array().unwrap()) {
+        assert_eq!(x["ranks"], y["ranks"]);
+        assert_eq!(x["train_loss"], y["train_loss"]);
+    }
+    assert_eq!(a["val_loss_final"], b["val_loss_final"]);
+}
+
+#[test]
+fn a_round_that_does_not_fit_the_channel_is_lost_and_rolled_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("m");
+    small_model(&model, 64);
+    let data = text_file(dir.path());
+    // The default channel with a deadline so short that no adapter fits.
+    let text = envs::presets::embedded_text("wireless-rayleigh").unwrap().replace("deadline_s = 2.0", "deadline_s = 1e-9");
+    assert!(text.contains("deadline_s = 1e-9"));
+    let preset = dir.path().join("tight.toml");
+    std::fs::write(&preset, text).unwrap();
+    let logdir = dir.path().join("run");
+    let mut args = vec![
+        "finetune",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        &data,
+        "--steps",
+        "4",
+        "--rounds",
+        "2",
+        "--scheduler",
+        "fixed:4",
+        "--env",
+        preset.to_str().unwrap(),
+        "--logdir",
+        logdir.to_str().unwrap(),
+    ];
+    args.extend(SMALL_RUN);
+    let o = common::rankpilot(&args);
+    assert!(o.status.success(), "{}", common::text(&o));
+    let r = summary(&logdir)["report"].clone();
+    assert_eq!(r["rounds_lost"], 2, "{r}");
+    // Every round rolled back: the sites are as before round 0 (rank 0) and the model unchanged.
+    assert_eq!(r["final_params"], 0);
+    assert_eq!(r["val_loss_final"], r["val_loss_initial"]);
+    assert!(r["cost_sent"].as_f64().unwrap() > 0.0, "lost rounds still spend their bits");
+}
+
+#[test]
+fn compare_runs_all_four_schedulers_at_an_equal_budget_and_writes_tables() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("m");
+    small_model(&model, 64);
+    let data = text_file(dir.path());
+    let logdir = dir.path().join("cmp");
+    let mut args = vec![
+        "compare",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        &data,
+        "--env",
+        "wireless-rayleigh",
+        "--budget",
+        "rank:4",
+        "--seeds",
+        "2",
+        "--steps",
+        "8",
+        "--rounds",
+        "4",
+        "--schedulers",
+        "fixed,adalora,squeeze,policy:checkpoints/wireless-rayleigh",
+        "--logdir",
+        logdir.to_str().unwrap(),
+    ];
+    args.extend(SMALL_RUN);
+    let o = common::rankpilot(&args);
+    assert!(o.status.success(), "{}", common::text(&o));
+    let md = std::fs::read_to_string(logdir.join("compare.md")).unwrap();
+    assert!(md.contains("| scheduler | final val loss (mean ± std) | bits sent / run |"), "{md}");
+    let j: serde_json::Value = serde_json::from_slice(&std::fs::read(logdir.join("compare.json")).unwrap()).unwrap();
+    let rows = j["rows"].as_array().unwrap();
+    let names: Vec<&str> = rows.iter().map(|r| r["scheduler"].as_str().unwrap()).collect();
+    assert_eq!(names, ["fixed", "adalora", "squeeze", "policy:wireless-rayleigh"]);
+    for r in rows {
+        assert_eq!(r["val_loss"].as_array().unwrap().len(), 2);
+        let mean = r["mean_params"].as_f64().unwrap();
+        assert!(mean <= 4.0 * PARAMS_PER_RANK as f64 + 1e-6, "{}: mean params {mean}", r["scheduler"]);
+        assert!(r["val_loss_mean"].as_f64().unwrap().is_finite());
+    }
+    // Squeeze anneals 4 → 2 → 1 (target rank 1 for this budget: mean factor (4+4+2+1)/4 = 2.75).
+    let runs = j["runs"].as_array().unwrap();
+    let squeeze = &runs[2][0]["rounds"];
+    let first: Vec<u64> = (0..4).map(|i| squeeze[i]["ranks"][0].as_u64().unwrap()).collect();
+    assert_eq!(first, [4, 4, 2, 1], "{squeeze}");
+    assert!(logdir.join("adalora/seed0").is_dir() && logdir.join("policy-wireless-rayleigh/seed1").is_dir());
+}
+
+#[test]
+fn calibrate_writes_a_preset_the_environments_and_trainer_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("m");
+    small_model(&model, 64);
+    let data = text_file(dir.path());
+    let out = dir.path().join("presets/small.toml");
+    let cal_logs = dir.path().join("cal");
+    let mut args = vec![
+        "calibrate",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        &data,
+        "--out",
+        out.to_str().unwrap(),
+        "--steps",
+        "3",
+        "--rank",
+        "16",
+        "--logdir",
+        cal_logs.to_str().unwrap(),
+    ];
+    args.extend(["--batch-size", "2", "--seq-len", "32", "--device", "cpu", "--seed", "0"]);
+    let o = common::rankpilot(&args);
+    assert!(o.status.success(), "{}", common::text(&o));
+    let p = envs::presets::load(out.to_str().unwrap()).unwrap();
+    let cal = p.calibration_data.as_ref().unwrap();
+    assert_eq!(cal.sites.len(), 14);
+    assert_eq!(cal.sites[0].name, "model.layers.0.self_attn.q_proj");
+    assert_eq!((cal.sites[4].d_in, cal.sites[4].d_out), (64, 96), "gate_proj shape");
+    assert!(cal.sites.iter().all(|s| s.spectrum.len() == 16 && s.sensitivity > 0.0));
+    // Ranks above the narrowest projection (64) are dropped; the channel is rescaled.
+    assert_eq!(p.ranks, [0, 1, 2, 4, 8, 16, 32, 64]);
+    let template = envs::presets::load("wireless-rayleigh").unwrap();
+    let (d0, d1) = (template.resource.channel.unwrap().deadline_s, p.resource.channel.unwrap().deadline_s);
+    assert!(d1 < d0 / 10.0, "deadline {d0} -> {d1}");
+    let o = common::rankpilot(&["eval", "--env", out.to_str().unwrap(), "--episodes", "2", "--policy", "uniform,oracle"]);
+    assert!(o.status.success(), "{}", common::text(&o));
+}
+
+#[test]
+fn bad_scheduler_inputs_exit_2_and_say_what_would_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("m");
+    small_model(&model, 64);
+    let narrow = dir.path().join("narrow");
+    small_model(&narrow, 32);
+    let data = text_file(dir.path());
+    let case = |model: &Path, extra: &[&str], expect: &str| {
+        let logdir = dir.path().join("bad");
+        let mut args =
+            vec!["finetune", "--model", model.to_str().unwrap(), "--data", &data, "--steps", "2", "--rounds", "2"];
+        args.extend(extra);
+        args.extend(["--logdir", logdir.to_str().unwrap()]);
+        args.extend(SMALL_RUN);
+        let o = common::rankpilot(&args);
+        assert_eq!(o.status.code(), Some(2), "{extra:?}: {}", common::text(&o));
+        assert!(common::text(&o).contains(expect), "{extra:?}: expected `{expect}` in: {}", common::text(&o));
+    };
+    case(&model, &["--scheduler", "adalorra"], "allowed: fixed, fixed:R, adalora, squeeze, policy:<checkpoint dir>");
+    case(&model, &["--scheduler", "fixed", "--budget", "100"], "below the smallest uniform plan");
+    case(&model, &["--scheduler", "fixed:8", "--budget", "rank:4"], "allowed: fixed:R with R <= 4");
+    case(&model, &["--scheduler", "squeeze", "--budget", "rank:1"], "too small for squeeze");
+    case(&model, &["--scheduler", "adalora", "--env", "nowhere"], "unknown preset `nowhere`");
+    case(&model, &["--scheduler", "policy:/nonexistent/dir"], "allowed: a directory written by `rankpilot train`");
+    // The shipped policy chooses ranks up to 64; this model's k_proj is 32 wide.
+    case(&narrow, &["--scheduler", "policy:checkpoints/wireless-rayleigh"], "64");
+    case(&model, &["--budget", "rank:4"], "--env and --budget need --scheduler");
+}
