@@ -6,7 +6,7 @@ CARGO ?= cargo
 PROFILE ?= --release
 BIN := target/release/rankpilot
 
-.PHONY: setup build run test bench doctor fmt clean
+.PHONY: setup build run compare test bench doctor fmt clean
 
 setup:
 	@bash scripts/setup.sh
@@ -27,6 +27,20 @@ run: build
 		--markdown $(RUN_DIR)/eval.md --json $(RUN_DIR)/eval.json
 	@echo "TensorBoard logs: $(RUN_DIR)/tensorboard  (view: ~/.cache/rankpilot/venv/bin/tensorboard --logdir $(RUN_DIR)/tensorboard)"
 	@echo "Evaluation table: $(RUN_DIR)/eval.md"
+
+## End to end on a real model, offline: pre-train the tiny base model, calibrate an environment
+## preset from a probe run on it, train a policy on that preset, then fine-tune the model under
+## every scheduler at an equal budget (3 seeds) and print the comparison table (≈15 min on 2 cores).
+E2E_DIR ?= runs/end-to-end
+E2E_BUDGET ?= rank:8
+compare: build
+	$(BIN) pretrain --out $(E2E_DIR)/model --logdir $(E2E_DIR)/pretrain --seed 0
+	$(BIN) calibrate --model $(E2E_DIR)/model --out $(E2E_DIR)/tiny-code.toml --logdir $(E2E_DIR)/calibrate --seed 0
+	$(BIN) train --env $(E2E_DIR)/tiny-code.toml --steps 100000 --seed 1 \
+		--logdir $(E2E_DIR)/train --out $(E2E_DIR)/policy
+	$(BIN) compare --model $(E2E_DIR)/model --env $(E2E_DIR)/tiny-code.toml --budget $(E2E_BUDGET) --seeds 3 --seed 0 \
+		--schedulers fixed,adalora,squeeze,policy:$(E2E_DIR)/policy/best --logdir $(E2E_DIR)/compare
+	@echo "TensorBoard logs: $(E2E_DIR)  (view: ~/.cache/rankpilot/venv/bin/tensorboard --logdir $(E2E_DIR))"
 
 ## All tests of the workspace, including the checks with the Python `tensorboard` reader.
 test: setup

@@ -316,7 +316,8 @@ impl Finetuner {
         }
     }
 
-    /// One optimizer step on a fresh random batch.
+    /// One optimizer step on a fresh random batch (with every site at rank 0 only the loss is
+    /// measured).
     pub fn train_step(&mut self) -> Result<StepStats> {
         let t0 = Instant::now();
         let batch = self.data.train_batch(&mut self.rng, self.cfg.batch_size, self.cfg.seq_len, self.device);
@@ -325,7 +326,10 @@ impl Finetuner {
         if !loss_v.is_finite() {
             bail!("training loss became {loss_v} at step {}", self.step);
         }
-        loss.backward();
+        // With every site at rank 0 nothing is trainable: the step only measures the loss.
+        if loss.requires_grad() {
+            loss.backward();
+        }
         let track = self.cfg.track_importance;
         let mut sq = 0.0;
         for s in self.model.sites_mut() {
@@ -574,6 +578,24 @@ mod tests {
         let e = ft.resize(&RankPlan { ranks: bad }).unwrap_err();
         assert!(e.to_string().contains("exceeds"), "{e}");
         assert_eq!(ft.ranks(), vec![4; n], "a rejected plan changes nothing");
+    }
+
+    #[test]
+    fn a_step_with_every_site_at_rank_0_measures_the_loss_and_a_rollback_restores_the_sites() {
+        let mut ft = tiny_run(0, "0");
+        let st = ft.train_step().unwrap();
+        assert!(st.loss.is_finite() && st.grad_norm == 0.0);
+        let n = ft.site_names().len();
+        let saved = ft.snapshot_sites();
+        let v0 = ft.evaluate();
+        ft.resize(&RankPlan { ranks: vec![2; n] }).unwrap();
+        for _ in 0..3 {
+            ft.train_step().unwrap();
+        }
+        assert!(ft.evaluate() != v0);
+        ft.restore_sites(saved);
+        assert_eq!(ft.ranks(), vec![0; n]);
+        assert_eq!(ft.evaluate(), v0);
     }
 
     #[test]

@@ -7,7 +7,7 @@
 //! |---|---|
 //! | `fixed` / `fixed:R` | one rank for every site (`fixed`: the largest that fits the budget) |
 //! | `adalora` | AdaLoRA: cubic budget schedule from 1.5× to 1× the target (PEFT's `init_r` 12 → `target_r` 8), warm-up and final phases, components kept by a global importance ranking |
-//! | `squeeze` | LoRA-Squeeze in-training annealing: start at 4× the target rank, halve it in equal stages (4r → 2r → r) |
+//! | `squeeze` | LoRA-Squeeze in-training annealing: start at 4× the target rank, halve it in equal stages (4t → 2t → t) |
 //! | `policy:<dir>` | a trained policy checkpoint acting on the run's observation, within the resource's budget |
 //!
 //! Every scheduler is held to the same **average adapter-parameter budget** `P` (`--budget`):
@@ -200,7 +200,7 @@ impl SchedulerSpec {
             }
             SchedulerSpec::Squeeze => {
                 let s = SqueezeSchedule::for_budget(budget, c, rounds);
-                if s.target == 0 {
+                if s.target_rank() == 0 {
                     bail!(BadInput(format!(
                         "a budget of {budget:.0} parameters is too small for squeeze: its target rank would be 0 (needs {:.0} parameters on average for target rank 1)",
                         s.mean_factor() * c
@@ -308,7 +308,8 @@ impl AdaloraSchedule {
 /// Differences from PEFT, by design of this loop: the budget counts parameters (so every
 /// scheduler is held to the same parameter budget), a site keeps its *count* of selected
 /// components and is squeezed by the QR-core SVD (which keeps its top singular directions, not
-/// the selected component indices), and pruned components do not come back.
+/// the selected component indices), and a pruned component comes back only as a fresh one (score
+/// 0, filling the budget as PEFT's top-k does).
 pub struct Adalora {
     /// The budget schedule.
     pub schedule: AdaloraSchedule,
@@ -324,17 +325,22 @@ impl RankScheduler for Adalora {
             return Ok(RankPlan { ranks: vec![self.schedule.init_rank; self.params_per_rank.len()] });
         }
         let budget = self.schedule.budget_at(self.schedule.round_step(view.round));
-        Ok(RankPlan { ranks: adalora_keep(view.signals, &self.params_per_rank, budget) })
+        Ok(RankPlan { ranks: adalora_keep(view.signals, self.schedule.init_rank, &self.params_per_rank, budget) })
     }
 }
 
 /// Per site, how many of its components survive a global ranking by importance under a budget
 /// of `budget` parameters (greedy: highest score first, skipping components that no longer fit).
-pub fn adalora_keep(signals: &[SiteSignals], params_per_rank: &[f64], budget: f64) -> Vec<usize> {
+/// Like PEFT's masked triplets, a site's components up to `init_rank` that it does not hold now
+/// (pruned, or rolled back with a lost round) are candidates with score 0, so the budget is filled
+/// exactly as PEFT's top-k does.
+pub fn adalora_keep(signals: &[SiteSignals], init_rank: usize, params_per_rank: &[f64], budget: f64) -> Vec<usize> {
     let mut comps: Vec<(f64, usize)> = signals
         .iter()
         .enumerate()
-        .flat_map(|(l, s)| (0..s.rank).map(move |i| (s.component_importance.get(i).copied().unwrap_or(0.0), l)))
+        .flat_map(|(l, s)| {
+            (0..s.rank.max(init_rank)).map(move |i| (s.component_importance.get(i).copied().unwrap_or(0.0), l))
+        })
         .collect();
     // Highest score first; ties to the lower site index (deterministic).
     comps.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
@@ -349,19 +355,20 @@ pub fn adalora_keep(signals: &[SiteSignals], params_per_rank: &[f64], budget: f6
     keep
 }
 
-/// LoRA-Squeeze's in-training rank annealing: equal stages at `target·2^(stages−1)`, …,
-/// `2·target`, `target` (sd-scripts' geometric sequence; the paper gives no exact sequence).
+/// LoRA-Squeeze's in-training rank annealing: equal stages at `t·2^(stages−1)`, …, `2t`, `t`
+/// (sd-scripts' geometric sequence; the paper gives no exact sequence), each stage's rank rounded
+/// down, with `t` the largest (fractional) target whose mean over the rounds fits the budget.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SqueezeSchedule {
-    /// Final rank.
-    pub target: usize,
-    /// Number of stages (the first at `target·2^(stages−1)`).
+    /// Final rank before rounding down (the budget-filling `t`).
+    pub target: f64,
+    /// Number of stages (the first at `t·2^(stages−1)`).
     pub stages: usize,
     /// Rounds of the run.
     pub rounds: usize,
 }
 
-/// Stages of the squeeze schedule (4r → 2r → r).
+/// Stages of the squeeze schedule (4t → 2t → t).
 pub const SQUEEZE_STAGES: usize = 3;
 
 impl SqueezeSchedule {
@@ -372,24 +379,29 @@ impl SqueezeSchedule {
 
     /// Rank in round `r`.
     pub fn rank_at(&self, r: usize) -> usize {
-        self.target << (self.stages - 1 - self.stage_of(r))
+        (self.target * (1usize << (self.stages - 1 - self.stage_of(r))) as f64 + 1e-9).floor() as usize
     }
 
-    /// First round at the target rank.
+    /// The final rank.
+    pub fn target_rank(&self) -> usize {
+        self.rank_at(self.rounds.max(1) - 1)
+    }
+
+    /// First round at the final rank.
     pub fn target_round(&self) -> usize {
         (0..self.rounds).find(|&r| self.stage_of(r) == self.stages - 1).unwrap_or(0)
     }
 
-    /// Mean of rank/target over the rounds.
+    /// Mean of (unrounded stage rank)/t over the rounds.
     pub fn mean_factor(&self) -> f64 {
         (0..self.rounds).map(|r| (1usize << (self.stages - 1 - self.stage_of(r))) as f64).sum::<f64>()
             / self.rounds.max(1) as f64
     }
 
-    /// The largest target whose mean over the rounds fits `budget` (Σ (d_in + d_out) = `c`).
+    /// The schedule filling `budget` on average (Σ (d_in + d_out) = `c`).
     pub fn for_budget(budget: f64, c: f64, rounds: usize) -> SqueezeSchedule {
-        let mut s = SqueezeSchedule { target: 1, stages: SQUEEZE_STAGES, rounds: rounds.max(1) };
-        s.target = (budget / (c * s.mean_factor())).floor() as usize;
+        let mut s = SqueezeSchedule { target: 1.0, stages: SQUEEZE_STAGES, rounds: rounds.max(1) };
+        s.target = budget / (c * s.mean_factor());
         s
     }
 }
@@ -526,16 +538,18 @@ mod tests {
 
     #[test]
     fn squeeze_reaches_target_at_planned_round() {
-        let s = SqueezeSchedule { target: 4, stages: 3, rounds: 20 };
+        let s = SqueezeSchedule { target: 4.0, stages: 3, rounds: 20 };
         let ranks: Vec<usize> = (0..20).map(|r| s.rank_at(r)).collect();
         assert_eq!(&ranks[..7], &[16; 7]);
         assert_eq!(&ranks[7..14], &[8; 7]);
         assert_eq!(&ranks[14..], &[4; 6]);
         assert_eq!(s.target_round(), 14);
+        assert_eq!(s.target_rank(), 4);
         let s = SqueezeSchedule::for_budget(100.0 * 8.0, 100.0, 20);
-        // mean factor (7·4 + 7·2 + 6·1)/20 = 2.4 → target floor(8 / 2.4) = 3.
+        // mean factor (7·4 + 7·2 + 6·1)/20 = 2.4 → t = 8 / 2.4 = 3.33: stages 13, 6, 3.
         assert!((s.mean_factor() - 2.4).abs() < 1e-12);
-        assert_eq!(s.target, 3);
+        assert_eq!((s.rank_at(0), s.rank_at(7), s.rank_at(19)), (13, 6, 3));
+        assert_eq!(s.target_rank(), 3);
     }
 
     fn signals(ranks: &[usize], scores: &[Vec<f64>]) -> Vec<SiteSignals> {
@@ -563,8 +577,11 @@ mod tests {
         let sig = signals(&[3, 3], &[vec![5.0, 1.0, 0.5], vec![4.0, 3.0, 2.0]]);
         // Site 0 costs 10 per component, site 1 costs 20: budget 60 keeps 5 (10), 4 (20), 3 (20),
         // then 2 (20) does not fit, 1 (10) does.
-        assert_eq!(adalora_keep(&sig, &[10.0, 20.0], 60.0), vec![2, 2]);
-        assert_eq!(adalora_keep(&sig, &[10.0, 20.0], 0.0), vec![0, 0]);
+        assert_eq!(adalora_keep(&sig, 3, &[10.0, 20.0], 60.0), vec![2, 2]);
+        assert_eq!(adalora_keep(&sig, 3, &[10.0, 20.0], 0.0), vec![0, 0]);
+        // After a lost first round every site is back at rank 0: the components come back (score 0).
+        let empty = signals(&[0, 0], &[vec![], vec![]]);
+        assert_eq!(adalora_keep(&empty, 3, &[10.0, 20.0], 60.0), vec![3, 1]);
     }
 
     #[test]
@@ -607,7 +624,8 @@ mod tests {
                 let p: f64 = plan.ranks.iter().zip(&ppr).map(|(&r, c)| r as f64 * c).sum();
                 total += p;
                 if let SchedulerSpec::Adalora = spec {
-                    assert!(round == 0 || plan.ranks.iter().zip(&ranks).all(|(n, o)| n <= o), "adalora only prunes");
+                    // Within the scheduled budget every round (1.5× the target at most).
+                    assert!(p <= 1.5 * budget, "adalora round {round}: {p}");
                 }
                 ranks = plan.ranks;
             }

@@ -188,11 +188,11 @@ fn compare_runs_all_four_schedulers_at_an_equal_budget_and_writes_tables() {
         assert!(mean <= 4.0 * PARAMS_PER_RANK as f64 + 1e-6, "{}: mean params {mean}", r["scheduler"]);
         assert!(r["val_loss_mean"].as_f64().unwrap().is_finite());
     }
-    // Squeeze anneals 4 → 2 → 1 (target rank 1 for this budget: mean factor (4+4+2+1)/4 = 2.75).
+    // Squeeze anneals 4t → 2t → t with t = 4 / 2.75 = 1.45 (mean factor (4+4+2+1)/4): 5, 5, 2, 1.
     let runs = j["runs"].as_array().unwrap();
     let squeeze = &runs[2][0]["rounds"];
     let first: Vec<u64> = (0..4).map(|i| squeeze[i]["ranks"][0].as_u64().unwrap()).collect();
-    assert_eq!(first, [4, 4, 2, 1], "{squeeze}");
+    assert_eq!(first, [5, 5, 2, 1], "{squeeze}");
     assert!(logdir.join("adalora/seed0").is_dir() && logdir.join("policy-wireless-rayleigh/seed1").is_dir());
 }
 
