@@ -237,10 +237,13 @@ pub fn observe(res: &RunResource, signals: &[SiteSignals], st: &RunState) -> Obs
     global[4..4 + envs::env::HISTORY].copy_from_slice(&res.hist);
     global[8] = match &spec.resource {
         ResourceModel::Channel(_) => ((res.state.snr_est_db - 10.0) / 10.0) as f32,
-        ResourceModel::Compute(c) => (res.state.est_budget / (c.cfg.throughput_flops * c.cfg.latency_budget_s)).ln() as f32,
+        ResourceModel::Compute(c) => {
+            (res.state.est_budget / (c.cfg.throughput_flops * c.cfg.latency_budget_s)).ln() as f32
+        }
         ResourceModel::Budget(_) => 0.0,
     };
-    global[9] = if kind == ResourceKind::Channel { (res.state.bandwidth_hz / spec.max_bandwidth()) as f32 } else { 0.0 };
+    global[9] =
+        if kind == ResourceKind::Channel { (res.state.bandwidth_hz / spec.max_bandwidth()) as f32 } else { 0.0 };
     global[10] = st.token_entropy.clamp(0.0, 1.0) as f32;
     global[11] = 0.0;
     global[12] = st.round as f32 / st.rounds.max(1) as f32;
@@ -389,7 +392,12 @@ pub fn run(
             tb.add_scalar("train/loss", stats.loss, s)?;
             tb.add_scalar("train/grad_norm", stats.grad_norm, s)?;
             tb.add_scalar("perf/tokens_per_s", stats.tokens as f64 / stats.seconds, s)?;
-            bar.set_message(format!("{} round {}/{rounds} loss {:.3} val {val:.3}", sched.name(), round + 1, stats.loss));
+            bar.set_message(format!(
+                "{} round {}/{rounds} loss {:.3} val {val:.3}",
+                sched.name(),
+                round + 1,
+                stats.loss
+            ));
             bar.inc(1);
         }
         st.loss = loss_sum / (s1 - s0) as f64;

@@ -437,7 +437,10 @@ impl PolicyScheduler {
     /// Loads a policy checkpoint; errors name the directory and what would work.
     pub fn load(dir: &Path, label: String, params_per_rank: Vec<f64>, budget: f64, device: Device) -> Result<Self> {
         let (meta, tensors) = checkpoint::load(dir, crate::commands::train::POLICY_KIND).map_err(|e| {
-            BadInput(format!("scheduler policy:{}: {e:#}; allowed: a directory written by `rankpilot train`", dir.display()))
+            BadInput(format!(
+                "scheduler policy:{}: {e:#}; allowed: a directory written by `rankpilot train`",
+                dir.display()
+            ))
         })?;
         let (model, cfg) = policies::trainer::policy_from_checkpoint(&meta.config, &meta.state, &tensors, device)
             .map_err(|e| BadInput(format!("policy:{}: {e}", dir.display())))?;
@@ -446,7 +449,6 @@ impl PolicyScheduler {
             .map_err(|e| BadInput(format!("policy:{}: {e}", dir.display())))?;
         Ok(PolicyScheduler { model, label, params_per_rank, budget })
     }
-
 }
 
 impl RankScheduler for PolicyScheduler {
@@ -474,14 +476,14 @@ impl RankScheduler for PolicyScheduler {
         let d = self.model.act(&obs.global, &obs.sites, 1, obs.n_sites, ctx.unit_cost, &[budget], ActMode::Greedy);
         let mut idx: Vec<usize> = d.executed.iter().map(|&j| j as usize).collect();
         // Repair: step the most expensive site down the rank set until the parameter cap holds.
-        let params = |idx: &[usize]| -> f64 {
-            idx.iter().zip(&self.params_per_rank).map(|(&j, c)| set[j] as f64 * c).sum()
-        };
+        let params =
+            |idx: &[usize]| -> f64 { idx.iter().zip(&self.params_per_rank).map(|(&j, c)| set[j] as f64 * c).sum() };
         while params(&idx) > self.budget * (1.0 + 1e-9) {
             let l = (0..idx.len())
                 .filter(|&l| idx[l] > 0)
                 .max_by(|&a, &b| {
-                    (set[idx[a]] as f64 * self.params_per_rank[a]).total_cmp(&(set[idx[b]] as f64 * self.params_per_rank[b]))
+                    (set[idx[a]] as f64 * self.params_per_rank[a])
+                        .total_cmp(&(set[idx[b]] as f64 * self.params_per_rank[b]))
                 })
                 .expect("a positive plan has a positive site");
             idx[l] -= 1;
@@ -498,7 +500,10 @@ mod tests {
     fn parses_names_and_budgets() {
         assert_eq!(SchedulerSpec::parse("fixed:8").unwrap(), SchedulerSpec::Fixed(Some(8)));
         assert_eq!(SchedulerSpec::parse("adalora").unwrap(), SchedulerSpec::Adalora);
-        assert_eq!(SchedulerSpec::parse("policy:checkpoints/x").unwrap(), SchedulerSpec::Policy("checkpoints/x".into()));
+        assert_eq!(
+            SchedulerSpec::parse("policy:checkpoints/x").unwrap(),
+            SchedulerSpec::Policy("checkpoints/x".into())
+        );
         let e = SchedulerSpec::parse("adalorra").unwrap_err();
         assert!(e.contains("allowed: fixed, fixed:R, adalora, squeeze, policy:"), "{e}");
         assert!(SchedulerSpec::parse("policy:").is_err());
@@ -601,7 +606,11 @@ mod tests {
             let mut total = 0.0;
             for round in 0..rounds {
                 // Decreasing scores so the AdaLoRA ranking is well defined.
-                let sc: Vec<Vec<f64>> = ranks.iter().enumerate().map(|(l, &r)| (0..r).map(|i| 1.0 / (1 + i + l) as f64).collect()).collect();
+                let sc: Vec<Vec<f64>> = ranks
+                    .iter()
+                    .enumerate()
+                    .map(|(l, &r)| (0..r).map(|i| 1.0 / (1 + i + l) as f64).collect())
+                    .collect();
                 let sig = signals(&ranks, &sc);
                 let view = RoundView {
                     round,

@@ -112,7 +112,8 @@ fn a_round_that_does_not_fit_the_channel_is_lost_and_rolled_back() {
     small_model(&model, 64);
     let data = text_file(dir.path());
     // The default channel with a deadline so short that no adapter fits.
-    let text = envs::presets::embedded_text("wireless-rayleigh").unwrap().replace("deadline_s = 2.0", "deadline_s = 1e-9");
+    let text =
+        envs::presets::embedded_text("wireless-rayleigh").unwrap().replace("deadline_s = 2.0", "deadline_s = 1e-9");
     assert!(text.contains("deadline_s = 1e-9"));
     let preset = dir.path().join("tight.toml");
     std::fs::write(&preset, text).unwrap();
@@ -233,7 +234,8 @@ fn calibrate_writes_a_preset_the_environments_and_trainer_load() {
     let template = envs::presets::load("wireless-rayleigh").unwrap();
     let (d0, d1) = (template.resource.channel.unwrap().deadline_s, p.resource.channel.unwrap().deadline_s);
     assert!(d1 < d0 / 10.0, "deadline {d0} -> {d1}");
-    let o = common::rankpilot(&["eval", "--env", out.to_str().unwrap(), "--episodes", "2", "--policy", "uniform,oracle"]);
+    let o =
+        common::rankpilot(&["eval", "--env", out.to_str().unwrap(), "--episodes", "2", "--policy", "uniform,oracle"]);
     assert!(o.status.success(), "{}", common::text(&o));
 }
 

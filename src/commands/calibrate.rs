@@ -57,6 +57,15 @@ pub struct CalibrateArgs {
     /// Learning rate.
     #[arg(long, default_value_t = 2e-3)]
     lr: f64,
+    /// Violation penalty multiplier of the written preset (the template's AirLLM value is 10). In a
+    /// real run a lost round costs that round's progress and its bits, nothing more; a large
+    /// penalty trains policies that shrink adapters to nothing in a deep fade rather than lose a
+    /// round. Must exceed the preset's `loss_floor + sensitivity.total` (the oracle relies on it).
+    #[arg(long)]
+    violation_coef: Option<f64>,
+    /// Cap on the cost ratio inside the violation penalty of the written preset (>= 1).
+    #[arg(long)]
+    violation_cap: Option<f64>,
     /// TensorBoard log directory of the probe.
     #[arg(long, default_value = "runs/calibrate")]
     logdir: PathBuf,
@@ -75,8 +84,7 @@ pub fn run(a: &CalibrateArgs) -> Result<()> {
     let dir = a.out.parent().filter(|p| !p.as_os_str().is_empty()).map(PathBuf::from).unwrap_or_else(|| ".".into());
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let device = a.common.device;
-    let (model, vs, _tok, corpus, data) =
-        load_model_and_data(&a.model, &a.data, 0.1, a.seq_len, device, Kind::Float)?;
+    let (model, vs, _tok, corpus, data) = load_model_and_data(&a.model, &a.data, 0.1, a.seq_len, device, Kind::Float)?;
     let min_dim = crate::model::llama::PROJECTIONS
         .iter()
         .map(|p| {
@@ -151,15 +159,23 @@ pub fn run(a: &CalibrateArgs) -> Result<()> {
     if let Some(c) = preset.resource.compute.as_mut() {
         c.latency_budget_s *= scale;
     }
+    if let Some(v) = a.violation_coef {
+        preset.reward.violation_coef = v;
+    }
+    if let Some(v) = a.violation_cap {
+        preset.reward.violation_cost_cap = v;
+    }
     let body = toml::to_string(&preset).context("serializing the preset")?;
     let text = format!(
-        "# Written by `rankpilot calibrate --model {} --data {} --env {} --rank {} --steps {} --seed {}`.\n# Sites and spectra: {cal_name}. Resource of `{}` rescaled by {scale:.4} (ratio of all-max-rank costs).\n{body}",
+        "# Written by `rankpilot calibrate --model {} --data {} --env {} --rank {} --steps {} --seed {}{}`.\n# Sites and spectra: {cal_name}. Resource of `{}` rescaled by {scale:.4} (ratio of all-max-rank costs).\n{body}",
         a.model.display(),
         a.data,
         a.env,
         a.rank,
         a.steps,
         a.common.seed,
+        a.violation_coef.map(|v| format!(" --violation-coef {v}")).unwrap_or_default()
+            + &a.violation_cap.map(|v| format!(" --violation-cap {v}")).unwrap_or_default(),
         template.name
     );
     // Check the preset loads as written before anything is replaced.
@@ -168,7 +184,8 @@ pub fn run(a: &CalibrateArgs) -> Result<()> {
     let check = envs::presets::from_toml(&text, &a.out.display().to_string(), Some(dir.clone()))
         .and_then(|p| envs::EnvSpec::new(&p).map(|_| ()));
     if let Err(e) = check {
-        return Err(anyhow::anyhow!("the written preset does not load: {e}"));
+        let _ = std::fs::remove_file(&cal_path);
+        return Err(BadInput(format!("the preset for {} does not validate: {e}", a.out.display())).into());
     }
     checkpoint::atomic_write(&a.out, text.as_bytes())?;
     println!(

@@ -12,8 +12,8 @@ use clap::Args;
 use tch::Kind;
 
 use crate::checkpoint;
-use crate::controller::RunOptions;
 use crate::cli::{BadInput, Common};
+use crate::controller::RunOptions;
 use crate::data::{BUILTIN_CODE, Corpus, TokenData, Tokenizer};
 use crate::finetune::{FinetuneConfig, Finetuner, RankPlan, RankSpec};
 use crate::lora::AdamW;
@@ -174,7 +174,8 @@ pub fn run(a: &FinetuneArgs) -> Result<()> {
     }
     let device = a.common.device;
     let kind = if a.bf16 { Kind::BFloat16 } else { Kind::Float };
-    let (model, vs, tok, corpus, data) = load_model_and_data(&a.model, &a.data, a.val_fraction, a.seq_len, device, kind)?;
+    let (model, vs, tok, corpus, data) =
+        load_model_and_data(&a.model, &a.data, a.val_fraction, a.seq_len, device, kind)?;
     let cfg = FinetuneConfig {
         steps: a.steps,
         batch_size: a.batch_size,
@@ -203,15 +204,9 @@ pub fn run(a: &FinetuneArgs) -> Result<()> {
     let env = load_env(&a.env)?;
     let mut ft = Finetuner::new(model, vs, data, cfg.clone())?;
     let scheduled = match &a.scheduler {
-        Some(spec) => Some(crate::controller::prepare(
-            &ft,
-            spec,
-            env.as_ref(),
-            a.budget,
-            a.rounds,
-            a.common.seed,
-            device,
-        )?),
+        Some(spec) => {
+            Some(crate::controller::prepare(&ft, spec, env.as_ref(), a.budget, a.rounds, a.common.seed, device)?)
+        }
         None => None,
     };
     if let Some(dir) = &a.adapter {
