@@ -35,7 +35,8 @@ E2E_DIR ?= runs/end-to-end
 E2E_BUDGET ?= rank:8
 compare: build
 	$(BIN) pretrain --out $(E2E_DIR)/model --logdir $(E2E_DIR)/pretrain --seed 0
-	$(BIN) calibrate --model $(E2E_DIR)/model --out $(E2E_DIR)/tiny-code.toml --logdir $(E2E_DIR)/calibrate --seed 0
+	$(BIN) calibrate --model $(E2E_DIR)/model --out $(E2E_DIR)/tiny-code.toml --logdir $(E2E_DIR)/calibrate --seed 0 \
+		--perturbation-coef 0.3
 	$(BIN) train --env $(E2E_DIR)/tiny-code.toml --steps 100000 --seed 1 \
 		--logdir $(E2E_DIR)/train --out $(E2E_DIR)/policy
 	$(BIN) compare --model $(E2E_DIR)/model --env $(E2E_DIR)/tiny-code.toml --budget $(E2E_BUDGET) --seeds 3 --seed 0 \

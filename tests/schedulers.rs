@@ -217,6 +217,8 @@ fn calibrate_writes_a_preset_the_environments_and_trainer_load() {
         "3",
         "--rank",
         "16",
+        "--perturbation-coef",
+        "0.3",
         "--logdir",
         cal_logs.to_str().unwrap(),
     ];
@@ -237,6 +239,16 @@ fn calibrate_writes_a_preset_the_environments_and_trainer_load() {
     let o =
         common::rankpilot(&["eval", "--env", out.to_str().unwrap(), "--episodes", "2", "--policy", "uniform,oracle"]);
     assert!(o.status.success(), "{}", common::text(&o));
+    assert_eq!(p.reward.perturbation_coef, 0.3);
+    // A penalty the oracle cannot rely on is refused before anything is written.
+    let bad = dir.path().join("presets/bad.toml");
+    let mut args: Vec<&str> =
+        args.iter().map(|a| if *a == out.to_str().unwrap() { bad.to_str().unwrap() } else { *a }).collect();
+    args.extend(["--violation-coef", "1.0"]);
+    let o = common::rankpilot(&args);
+    assert_eq!(o.status.code(), Some(2), "{}", common::text(&o));
+    assert!(common::text(&o).contains("violation_coef"), "{}", common::text(&o));
+    assert!(!bad.exists() && !dir.path().join("presets/bad.calibration.json").exists());
 }
 
 #[test]

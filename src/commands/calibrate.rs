@@ -66,6 +66,12 @@ pub struct CalibrateArgs {
     /// Cap on the cost ratio inside the violation penalty of the written preset (>= 1).
     #[arg(long)]
     violation_cap: Option<f64>,
+    /// DR-RL perturbation weight of the written preset (the template's is 0): penalises rank
+    /// changes by the spectral energy they move, `‖ΔA‖_F`. In a real run every shrink resets the
+    /// site's AdamW moments and every grow starts fresh components, which the simulator's
+    /// dynamics do not see; this term makes a policy hold its ranks unless a change pays.
+    #[arg(long)]
+    perturbation_coef: Option<f64>,
     /// TensorBoard log directory of the probe.
     #[arg(long, default_value = "runs/calibrate")]
     logdir: PathBuf,
@@ -165,6 +171,9 @@ pub fn run(a: &CalibrateArgs) -> Result<()> {
     if let Some(v) = a.violation_cap {
         preset.reward.violation_cost_cap = v;
     }
+    if let Some(v) = a.perturbation_coef {
+        preset.reward.perturbation_coef = v;
+    }
     let body = toml::to_string(&preset).context("serializing the preset")?;
     let text = format!(
         "# Written by `rankpilot calibrate --model {} --data {} --env {} --rank {} --steps {} --seed {}{}`.\n# Sites and spectra: {cal_name}. Resource of `{}` rescaled by {scale:.4} (ratio of all-max-rank costs).\n{body}",
@@ -175,7 +184,8 @@ pub fn run(a: &CalibrateArgs) -> Result<()> {
         a.steps,
         a.common.seed,
         a.violation_coef.map(|v| format!(" --violation-coef {v}")).unwrap_or_default()
-            + &a.violation_cap.map(|v| format!(" --violation-cap {v}")).unwrap_or_default(),
+            + &a.violation_cap.map(|v| format!(" --violation-cap {v}")).unwrap_or_default()
+            + &a.perturbation_coef.map(|v| format!(" --perturbation-coef {v}")).unwrap_or_default(),
         template.name
     );
     // Check the preset loads as written before anything is replaced.
