@@ -265,8 +265,14 @@ pub fn update(
             let mask = sel(&batch.mask);
             let sites_in_mb = mask.sum(Kind::Float).clamp_min(1.0);
             let prior = batch.prior.as_ref().map(sel);
-            let (logp, entropy, value) =
-                evaluate_actions(net, &sel(&batch.global), &sel(&batch.sites), &mask, &sel(&batch.actions), prior.as_ref());
+            let (logp, entropy, value) = evaluate_actions(
+                net,
+                &sel(&batch.global),
+                &sel(&batch.sites),
+                &mask,
+                &sel(&batch.actions),
+                prior.as_ref(),
+            );
             let logratio = (&logp - sel(&batch.logp)) * &mask;
             let ratio = logratio.exp();
 

@@ -212,7 +212,10 @@ pub fn run(a: &TrainArgs) -> anyhow::Result<()> {
             // Model selection on the evaluation seeds (held out from training; report final
             // figures on yet other seeds with `rankpilot eval --seed`).
             if std::env::var_os("RANKPILOT_PRINT_EVAL").is_some() {
-                eprintln!("eval step {step}: gap closed {last_gap:.3}  prior scale {:.3}", trainer.model.net.prior_scale().unwrap_or(f64::NAN));
+                eprintln!(
+                    "eval step {step}: gap closed {last_gap:.3}  prior scale {:.3}",
+                    trainer.model.net.prior_scale().unwrap_or(f64::NAN)
+                );
             }
             if last_gap > best_gap {
                 best_gap = last_gap;
