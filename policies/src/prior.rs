@@ -264,10 +264,8 @@ impl Prior {
         let mut e = vec![0f64; k];
         for l in 0..n {
             let row = &sites[l * SITE_FEATURES..(l + 1) * SITE_FEATURES];
-            if let Some(d) = dims {
-                if d[l] != tab.dim {
-                    tab = self.tables(d[l]);
-                }
+            if let Some(d) = dims.filter(|d| d[l] != tab.dim) {
+                tab = self.tables(d[l]);
             }
             let r = row[0] as f64 * rmax;
             let cur = self
@@ -302,6 +300,7 @@ impl Prior {
     }
 
     /// Prior values of `n_envs` environments (`n_envs × n_sites × |ranks|`).
+    #[allow(clippy::too_many_arguments)]
     pub fn values(
         &self,
         global: &[f32],
