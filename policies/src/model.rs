@@ -12,6 +12,7 @@ use envs::{GLOBAL_FEATURES, Observation, RankPolicy, RoundContext, SITE_FEATURES
 use crate::ddim::{self, DdimConfig, Denoiser};
 use crate::network::{NetConfig, PolicyNet};
 use crate::normalize::ObsNormalizer;
+use crate::prior::{Prior, PriorConfig};
 use crate::projection::project_to_budget;
 
 /// What a checkpoint's observations and actions look like; a policy only acts on inputs that
@@ -83,6 +84,8 @@ pub struct Decision {
     pub global: Vec<f32>,
     /// The normalized site features the decision saw, `n_envs × n_sites × F`.
     pub sites: Vec<f32>,
+    /// The prior's utilities the decision saw, `n_envs × n_sites × K` (empty without a prior).
+    pub prior: Vec<f32>,
 }
 
 /// Network + statistics + refiner: everything needed to turn observations into plans.
@@ -103,15 +106,29 @@ pub struct PolicyModel {
     pub ranks: Vec<u32>,
     /// Whether DDIM refines plans (enabled and warmed up).
     pub ddim_active: bool,
+    /// The model-based prior the network's logits are a residual to, when enabled.
+    pub prior: Option<Prior>,
 }
 
 impl PolicyModel {
-    /// Fresh weights on `device`.
+    /// Fresh weights on `device`, without a prior.
     pub fn new(device: Device, ranks: &[u32], net: NetConfig, ddim: DdimConfig) -> Self {
+        Self::with_prior(device, ranks, net, ddim, &PriorConfig::default())
+    }
+
+    /// Fresh weights on `device`; with `prior.enabled` the network's logits are a residual to the
+    /// model-based prior (its head starts at zero, see [`crate::prior`]).
+    pub fn with_prior(device: Device, ranks: &[u32], net: NetConfig, ddim: DdimConfig, prior: &PriorConfig) -> Self {
         let vs = nn::VarStore::new(device);
         let root = vs.root();
-        let network =
-            PolicyNet::new(&(&root / "net"), GLOBAL_FEATURES as i64, SITE_FEATURES as i64, ranks.len() as i64, net);
+        let network = PolicyNet::with_prior(
+            &(&root / "net"),
+            GLOBAL_FEATURES as i64,
+            SITE_FEATURES as i64,
+            ranks.len() as i64,
+            net,
+            prior.enabled.then_some((prior.scale, prior.learn_scale)),
+        );
         let denoiser = ddim
             .enabled
             .then(|| Denoiser::new(&(&root / "ddim"), GLOBAL_FEATURES as i64, SITE_FEATURES as i64, ddim.hidden));
@@ -124,6 +141,7 @@ impl PolicyModel {
             norm: ObsNormalizer::new(GLOBAL_FEATURES, SITE_FEATURES),
             ranks: ranks.to_vec(),
             ddim_active: false,
+            prior: prior.enabled.then(|| Prior::new(prior.clone(), ranks)),
         }
     }
 
@@ -152,7 +170,9 @@ impl PolicyModel {
     }
 
     /// Decides plans for `n_envs` raw observations. `unit_cost` (per site) and `budgets` (per
-    /// environment, estimated) drive the feasibility projection.
+    /// environment, estimated) drive the feasibility projection. With a prior, the sites are
+    /// assumed to have min(d_in, d_out) = `prior.default_dim`; [`PolicyModel::act_with_dims`]
+    /// takes their real shapes.
     #[allow(clippy::too_many_arguments)]
     pub fn act(
         &self,
@@ -164,9 +184,37 @@ impl PolicyModel {
         budgets: &[f64],
         mode: ActMode<'_>,
     ) -> Decision {
+        self.act_with_dims(global, sites, n_envs, n_sites, unit_cost, budgets, None, mode)
+    }
+
+    /// [`PolicyModel::act`] with each site's min(d_in, d_out) (`Site::max_rank`), which the prior
+    /// needs to normalize a spectrum's energy (a flat spectrum holds less of its energy in its
+    /// first 64 components on a wider matrix). Without a prior `dims` is ignored.
+    #[allow(clippy::too_many_arguments)]
+    pub fn act_with_dims(
+        &self,
+        global: &[f32],
+        sites: &[f32],
+        n_envs: usize,
+        n_sites: usize,
+        unit_cost: &[f64],
+        budgets: &[f64],
+        dims: Option<&[u32]>,
+        mode: ActMode<'_>,
+    ) -> Decision {
         let k = self.ranks.len();
+        let prior = match &self.prior {
+            Some(p) => p.values(global, sites, n_envs, n_sites, unit_cost, budgets, dims),
+            None => Vec::new(),
+        };
         let (gt, st, mask, global, sites) = self.tensors(global, sites, n_envs, n_sites);
-        let (logits, values) = tch::no_grad(|| self.net.forward(&gt, &st, &mask));
+        let prior_t = (!prior.is_empty()).then(|| {
+            Tensor::from_slice(&prior).view([n_envs as i64, n_sites as i64, k as i64]).to_device(self.device())
+        });
+        let (logits, values) = tch::no_grad(|| {
+            let (residual, values) = self.net.forward(&gt, &st, &mask);
+            (self.net.policy_logits(&residual, prior_t.as_ref()), values)
+        });
         let logp_all: Vec<f32> =
             Vec::try_from(logits.log_softmax(-1, Kind::Float).to_device(Device::Cpu).flatten(0, -1))
                 .expect("f32 logits");
@@ -228,7 +276,7 @@ impl PolicyModel {
             coarse.copy_from_slice(&executed);
         }
         let logp = coarse.iter().enumerate().map(|(i, &j)| logp_all[i * k + j as usize]).collect();
-        Decision { coarse, logp, executed, values, global, sites }
+        Decision { coarse, logp, executed, values, global, sites, prior }
     }
 
     /// DDIM refinement of the coarse plans, when active: refined rank indices per site.
@@ -294,13 +342,15 @@ impl RankPolicy for TrainedPolicy<'_> {
     }
 
     fn act(&mut self, obs: &Observation, ctx: &RoundContext<'_>) -> Vec<u32> {
-        let d = self.model.act(
+        let dims: Vec<u32> = ctx.sites.iter().map(|s| s.max_rank()).collect();
+        let d = self.model.act_with_dims(
             &obs.global,
             &obs.sites,
             1,
             obs.n_sites,
             ctx.unit_cost,
             &[ctx.conservative_budget],
+            Some(&dims),
             ActMode::Greedy,
         );
         d.executed.iter().map(|&j| self.model.ranks[j as usize]).collect()

@@ -21,6 +21,10 @@
 //! by the caller.
 //! Initialization follows CleanRL: orthogonal weights with gain √2, 0.01 for the policy head
 //! (near-uniform initial policy) and 1 for the value head, zero biases.
+//!
+//! **With a prior** ([`crate::prior`]) the logits are a *residual*: the categorical over ranks
+//! is `softmax(s·prior + W₇ h_i)`, with s = exp(`prior_log_scale`) a trained scalar (or a fixed
+//! one), and W₇ and its bias start at zero, so an untrained network acts exactly as the prior.
 
 use serde::{Deserialize, Serialize};
 use tch::nn::{self, Module};
@@ -62,12 +66,35 @@ pub struct PolicyNet {
     logits: nn::Linear,
     value1: nn::Linear,
     value2: nn::Linear,
+    prior_scale: Option<PriorScale>,
+}
+
+/// The multiplier of the prior in the logits.
+#[derive(Debug)]
+enum PriorScale {
+    /// ln s, trained with the network (`prior_log_scale`).
+    Learned(Tensor),
+    /// A constant s.
+    Fixed(f64),
 }
 
 impl PolicyNet {
     /// Creates the variables under `p` for `global_dim` global features, `site_dim` per-site
     /// features and `n_ranks` rank choices.
     pub fn new(p: &nn::Path, global_dim: i64, site_dim: i64, n_ranks: i64, cfg: NetConfig) -> Self {
+        Self::with_prior(p, global_dim, site_dim, n_ranks, cfg, None)
+    }
+
+    /// Same as [`PolicyNet::new`], with a prior added to the logits: `prior` = (initial scale,
+    /// trained or not). The policy head then starts at zero (a pure residual).
+    pub fn with_prior(
+        p: &nn::Path,
+        global_dim: i64,
+        site_dim: i64,
+        n_ranks: i64,
+        cfg: NetConfig,
+        prior: Option<(f64, bool)>,
+    ) -> Self {
         let h = cfg.hidden;
         let g = 2f64.sqrt();
         PolicyNet {
@@ -83,10 +110,43 @@ impl PolicyNet {
                 nn::LinearConfig { ws_init: nn::Init::Orthogonal { gain: g }, bs_init: None, bias: false },
             ),
             mix2: layer(p / "mix2", h, h, g),
-            logits: layer(p / "logits", h, n_ranks, 0.01),
+            logits: match prior {
+                Some(_) => nn::linear(
+                    p / "logits",
+                    h,
+                    n_ranks,
+                    nn::LinearConfig { ws_init: nn::Init::Const(0.0), bs_init: Some(nn::Init::Const(0.0)), bias: true },
+                ),
+                None => layer(p / "logits", h, n_ranks, 0.01),
+            },
             value1: layer(p / "value1", h, h, g),
             value2: layer(p / "value2", h, 1, 1.0),
+            prior_scale: prior.map(|(scale, learn)| {
+                if learn {
+                    PriorScale::Learned(p.var("prior_log_scale", &[], nn::Init::Const(scale.ln())))
+                } else {
+                    PriorScale::Fixed(scale)
+                }
+            }),
         }
+    }
+
+    /// The policy's logits [B, L, K] from the network's (residual) logits and the prior's
+    /// utilities [B, L, K] (ignored when the network has no prior).
+    pub fn policy_logits(&self, residual: &Tensor, prior: Option<&Tensor>) -> Tensor {
+        match (&self.prior_scale, prior) {
+            (Some(PriorScale::Learned(ls)), Some(u)) => residual + u * ls.exp(),
+            (Some(PriorScale::Fixed(s)), Some(u)) => residual + u * *s,
+            _ => residual.shallow_clone(),
+        }
+    }
+
+    /// The current multiplier of the prior (None without a prior).
+    pub fn prior_scale(&self) -> Option<f64> {
+        self.prior_scale.as_ref().map(|s| match s {
+            PriorScale::Learned(t) => t.exp().double_value(&[]),
+            PriorScale::Fixed(s) => *s,
+        })
     }
 
     /// `global` [B, G], `sites` [B, L, F], `mask` [B, L] (1 real site, 0 padding), all float.

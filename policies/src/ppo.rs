@@ -193,6 +193,8 @@ pub struct Batch {
     pub advantages: Tensor,
     /// Returns, same shape as `values`.
     pub returns: Tensor,
+    /// The prior's utilities the decisions saw [B, L, K], when the policy has a prior.
+    pub prior: Option<Tensor>,
 }
 
 /// What one update did, for logging.
@@ -218,7 +220,8 @@ pub struct UpdateStats {
     pub non_finite: bool,
 }
 
-/// Log-probabilities, entropies and per-site values of `actions` under the current network.
+/// Log-probabilities, entropies and per-site values of `actions` under the current network (and
+/// the prior's utilities `prior` [B, L, K], when it has one).
 /// Returns (logp [B, L], entropy [B, L], site values [B, L]).
 pub fn evaluate_actions(
     net: &PolicyNet,
@@ -226,8 +229,10 @@ pub fn evaluate_actions(
     sites: &Tensor,
     mask: &Tensor,
     actions: &Tensor,
+    prior: Option<&Tensor>,
 ) -> (Tensor, Tensor, Tensor) {
-    let (logits, value) = net.forward(global, sites, mask);
+    let (residual, value) = net.forward(global, sites, mask);
+    let logits = net.policy_logits(&residual, prior);
     let logp_all = logits.log_softmax(-1, Kind::Float);
     let logp = logp_all.gather(-1, &actions.unsqueeze(-1), false).squeeze_dim(-1);
     let entropy = -(logp_all.exp() * &logp_all).sum_dim_intlist(-1, false, Kind::Float);
@@ -259,8 +264,15 @@ pub fn update(
             let sel = |t: &Tensor| t.index_select(0, &idx);
             let mask = sel(&batch.mask);
             let sites_in_mb = mask.sum(Kind::Float).clamp_min(1.0);
-            let (logp, entropy, value) =
-                evaluate_actions(net, &sel(&batch.global), &sel(&batch.sites), &mask, &sel(&batch.actions));
+            let prior = batch.prior.as_ref().map(sel);
+            let (logp, entropy, value) = evaluate_actions(
+                net,
+                &sel(&batch.global),
+                &sel(&batch.sites),
+                &mask,
+                &sel(&batch.actions),
+                prior.as_ref(),
+            );
             let logratio = (&logp - sel(&batch.logp)) * &mask;
             let ratio = logratio.exp();
 
@@ -435,6 +447,7 @@ mod tests {
             advantages: Tensor::ones([b], (Kind::Float, Device::Cpu)),
             // The first minibatch is fine and takes a step; the second has NaN returns.
             returns: Tensor::from_slice(&[0.0, 0.0, 0.0, 0.0, f32::NAN, f32::NAN, f32::NAN, f32::NAN]),
+            prior: None,
         };
         let cfg = PpoConfig { num_minibatches: 2, target_kl: 0.0, ..Default::default() };
         let stats = update(&cfg, &net, &vs, &mut opt, &batch, 1e-3, |n| (0..n as i64).collect());

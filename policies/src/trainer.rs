@@ -22,6 +22,7 @@ use crate::adam::Adam;
 use crate::ddim::{self, DdimConfig};
 use crate::model::{ActMode, PolicyModel, Schema};
 use crate::ppo::{self, Batch, Credit, PpoConfig, UpdateStats};
+use crate::prior::PriorConfig;
 
 /// A policy/training preset (`policies/presets/*.toml`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -38,12 +39,16 @@ pub struct PolicyPreset {
     /// DDIM refinement stage.
     #[serde(default)]
     pub ddim: DdimConfig,
+    /// Model-based prior the network's logits are a residual to (off when absent).
+    #[serde(default)]
+    pub prior: PriorConfig,
 }
 
 impl rankpilot_config::Validate for PolicyPreset {
     fn validate(&self, v: &mut rankpilot_config::Violations) {
         v.nested("ppo", &self.ppo);
         v.nested("ddim", &self.ddim);
+        v.nested("prior", &self.prior);
     }
 }
 
@@ -244,7 +249,7 @@ impl Trainer {
             static TORCH_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
             let _guard = TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
             tch::manual_seed(seed as i64);
-            PolicyModel::new(device, &ranks, preset.ppo.net, preset.ddim.clone())
+            PolicyModel::with_prior(device, &ranks, preset.ppo.net, preset.ddim.clone(), &preset.prior)
         };
         let venv = VecEnv::from_spec(spec.clone(), preset.ppo.num_envs, envs::env::derive_seed(seed, 1));
         let opt = Adam::new(&model.vs, "net.", preset.ppo.learning_rate, preset.ppo.adam_eps);
@@ -298,6 +303,8 @@ impl Trainer {
         let mut buf_v = Vec::with_capacity(t_len * n);
         let mut buf_r = Vec::with_capacity(t_len * n);
         let mut buf_done = Vec::with_capacity(t_len * n);
+        let mut buf_prior = Vec::with_capacity(if self.model.prior.is_some() { t_len * n * l * k } else { 0 });
+        let dims: Vec<u32> = self.venv.spec().sites.iter().map(|s| s.max_rank()).collect();
         let mut stats = IterationStats::default();
         let unit_cost = self.venv.spec().unit_cost.clone();
         let t_start = std::time::Instant::now();
@@ -307,13 +314,14 @@ impl Trainer {
             self.model.norm.global.update(self.venv.obs_global());
             self.model.norm.site.update(self.venv.obs_sites());
             let budgets: Vec<f64> = (0..n).map(|i| self.venv.context(i).conservative_budget).collect();
-            let d = self.model.act(
+            let d = self.model.act_with_dims(
                 self.venv.obs_global(),
                 self.venv.obs_sites(),
                 n,
                 l,
                 &unit_cost,
                 &budgets,
+                Some(&dims),
                 ActMode::Sample(&mut self.rng),
             );
             self.venv.step_indices(&d.executed).expect("the policy emits in-range indices of the right length");
@@ -335,6 +343,7 @@ impl Trainer {
             buf_s.extend_from_slice(&d.sites);
             buf_a.extend(d.coarse.iter().map(|&j| j as i64));
             buf_logp.extend_from_slice(&d.logp);
+            buf_prior.extend_from_slice(&d.prior);
             let scale = cfg.reward_scale as f32;
             match cfg.credit {
                 Credit::PerSite => {
@@ -384,6 +393,8 @@ impl Trainer {
             values: Tensor::from_slice(&buf_v).view(value_shape(cfg.credit, b, l).as_slice()).to_device(dev),
             advantages: Tensor::from_slice(&adv).view(value_shape(cfg.credit, b, l).as_slice()).to_device(dev),
             returns: Tensor::from_slice(&ret).view(value_shape(cfg.credit, b, l).as_slice()).to_device(dev),
+            prior: (!buf_prior.is_empty())
+                .then(|| Tensor::from_slice(&buf_prior).view([b, l as i64, k as i64]).to_device(dev)),
         };
         let rng = &mut self.rng;
         stats.update = ppo::update(&cfg, &self.model.net, &self.model.vs, &mut self.opt, &batch, lr, |len| {
@@ -543,8 +554,13 @@ pub fn policy_from_checkpoint(
 ) -> Result<(PolicyModel, CheckpointConfig), String> {
     let cfg: CheckpointConfig =
         serde_json::from_value(config.clone()).map_err(|e| format!("checkpoint config: {e}"))?;
-    let mut model =
-        PolicyModel::new(device, &cfg.schema.ranks, cfg.policy_preset.ppo.net, cfg.policy_preset.ddim.clone());
+    let mut model = PolicyModel::with_prior(
+        device,
+        &cfg.schema.ranks,
+        cfg.policy_preset.ppo.net,
+        cfg.policy_preset.ddim.clone(),
+        &cfg.policy_preset.prior,
+    );
     model.load_weights(tensors)?;
     model.norm = crate::normalize::ObsNormalizer::from_json(&state["normalizer"], GLOBAL_FEATURES, SITE_FEATURES)?;
     model.ddim_active = state["trainer"]["ddim_active"].as_bool().unwrap_or(false);

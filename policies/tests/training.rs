@@ -97,3 +97,40 @@ fn a_checkpoint_refuses_another_rank_set() {
     let e = cfg.schema.check_compatible(&other).unwrap_err();
     assert!(e.contains("[0, 4, 8]"), "{e}");
 }
+
+#[test]
+fn an_untrained_policy_with_a_prior_plans_as_the_prior() {
+    // The residual head starts at zero, so the greedy plan is the prior's knapsack plan: equal,
+    // or (float ties between log-softmax utilities and the prior's values) of equal prior value.
+    let _serial = serial();
+    let env = small_env();
+    let preset = load_preset("default").unwrap();
+    assert!(preset.prior.enabled);
+    let t = Trainer::new(&env, &preset, 64, 5, Device::Cpu).unwrap();
+    let mut model_policy = TrainedPolicy { model: &t.model, label: "policy".into() };
+    let prior = policies::prior::Prior::new(preset.prior.clone(), &env.ranks);
+    let mut venv = envs::VecEnv::new(&env, 1, 17).unwrap();
+    let (mut rounds, mut equal) = (0, 0);
+    for _ in 0..60 {
+        let obs = venv.observation(0);
+        let ctx = venv.context(0);
+        let dims: Vec<u32> = ctx.sites.iter().map(|s| s.max_rank()).collect();
+        let want = prior.plan(&obs.global, &obs.sites, ctx.unit_cost, ctx.conservative_budget, Some(&dims));
+        let got = envs::RankPolicy::act(&mut model_policy, &obs, &ctx);
+        let got: Vec<usize> = got.iter().map(|&r| ctx.rank_set.index_of(r).unwrap()).collect();
+        let k = env.ranks.len();
+        let mut v = vec![0f32; obs.n_sites * k];
+        prior.values_into(&obs.global, &obs.sites, ctx.unit_cost, ctx.conservative_budget, Some(&dims), &mut v);
+        let value = |p: &[usize]| p.iter().enumerate().map(|(l, &j)| v[l * k + j] as f64).sum::<f64>();
+        let (vg, vw) = (value(&got), value(&want));
+        assert!(
+            vg >= vw - 1e-4 * vw.abs().max(1.0),
+            "round {rounds}: model plan {got:?} ({vg}) vs prior {want:?} ({vw})"
+        );
+        assert!(ctx.plan_cost(&got.iter().map(|&j| env.ranks[j]).collect::<Vec<_>>()) <= ctx.conservative_budget);
+        equal += (got == want) as usize;
+        rounds += 1;
+        venv.step_indices(&want.iter().map(|&j| j as u8).collect::<Vec<_>>()).unwrap();
+    }
+    assert!(equal * 10 >= rounds * 9, "only {equal} of {rounds} plans identical");
+}
