@@ -473,7 +473,18 @@ impl RankScheduler for PolicyScheduler {
         let units_per_param: f64 =
             ctx.unit_cost.iter().sum::<f64>() / self.params_per_rank.iter().sum::<f64>().max(f64::MIN_POSITIVE);
         let budget = ctx.conservative_budget.min(self.budget * units_per_param);
-        let d = self.model.act(&obs.global, &obs.sites, 1, obs.n_sites, ctx.unit_cost, &[budget], ActMode::Greedy);
+        // The model-based prior (when the checkpoint has one) needs each site's real size.
+        let dims: Vec<u32> = ctx.sites.iter().map(|s| s.max_rank()).collect();
+        let d = self.model.act_with_dims(
+            &obs.global,
+            &obs.sites,
+            1,
+            obs.n_sites,
+            ctx.unit_cost,
+            &[budget],
+            Some(&dims),
+            ActMode::Greedy,
+        );
         let mut idx: Vec<usize> = d.executed.iter().map(|&j| j as usize).collect();
         // Repair: step the most expensive site down the rank set until the parameter cap holds.
         let params =

@@ -57,6 +57,7 @@ pub const EMBEDDED_PRESETS: &[(&str, &str)] = &[
     ("default", include_str!("../presets/default.toml")),
     ("ddim", include_str!("../presets/ddim.toml")),
     ("tiny", include_str!("../presets/tiny.toml")),
+    ("ppo", include_str!("../presets/ppo.toml")),
 ];
 
 /// Loads a policy preset by embedded name or by path.

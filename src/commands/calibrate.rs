@@ -208,6 +208,6 @@ pub fn run(a: &CalibrateArgs) -> Result<()> {
         cal_path.display(),
         preset.ranks
     );
-    println!("next: rankpilot train --env {} --out checkpoints/{stem}", a.out.display());
+    println!("next: rankpilot train --env {} --policy ppo --out checkpoints/{stem}", a.out.display());
     Ok(())
 }

@@ -25,7 +25,7 @@ pub struct TrainArgs {
     /// llama7b) or a path to a .toml file.
     #[arg(long, default_value = "wireless-rayleigh")]
     pub env: String,
-    /// Policy/training preset: an embedded name (default, ddim, tiny) or a path to a .toml file.
+    /// Policy/training preset: an embedded name (default, ddim, tiny, ppo) or a path to a .toml file.
     #[arg(long, default_value = "default")]
     pub policy: String,
     /// Environment steps to train for (rounds × environments).
