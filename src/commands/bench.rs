@@ -140,26 +140,37 @@ fn bench_policy(a: &BenchArgs) -> Result<()> {
     );
     println!("{:<28} {:>12} {:>12}", "policy", "median ms", "p90 ms");
     let mut rows = Vec::new();
-    for (label, ddim_steps) in
-        [("PPO (default)", None), ("PPO + DDIM, 10 steps", Some(10)), ("PPO + DDIM, 50 steps", Some(50))]
-    {
+    // The default preset's model-based prior (its cost is part of a decision when enabled).
+    let prior = policies::trainer::load_preset("default")?.prior;
+    let dims: Vec<u32> = ctx.sites.iter().map(|s| s.max_rank()).collect();
+    for (label, ddim_steps, with_prior) in [
+        ("PPO alone", None, false),
+        ("PPO + prior (default)", None, true),
+        ("PPO + DDIM, 10 steps", Some(10), false),
+        ("PPO + DDIM, 50 steps", Some(50), false),
+    ] {
         let ddim = DdimConfig {
             enabled: ddim_steps.is_some(),
             sample_steps: ddim_steps.unwrap_or(10),
             ..DdimConfig::default()
         };
-        let mut model = PolicyModel::new(a.common.device, &ranks, NetConfig::default(), ddim);
+        let mut model = if with_prior {
+            PolicyModel::with_prior(a.common.device, &ranks, NetConfig::default(), ddim, &prior)
+        } else {
+            PolicyModel::new(a.common.device, &ranks, NetConfig::default(), ddim)
+        };
         model.ddim_active = ddim_steps.is_some();
         let mut times = Vec::new();
         for i in 0..a.repeats.max(1) * 20 + 5 {
             let t = Instant::now();
-            let d = model.act(
+            let d = model.act_with_dims(
                 venv.obs_global(),
                 venv.obs_sites(),
                 1,
                 n_sites,
                 ctx.unit_cost,
                 &[ctx.conservative_budget],
+                Some(&dims),
                 ActMode::Greedy,
             );
             let ms = t.elapsed().as_secs_f64() * 1e3;
@@ -173,7 +184,11 @@ fn bench_policy(a: &BenchArgs) -> Result<()> {
         println!("{label:<28} {med:>12.3} {p90:>12.3}");
         rows.push((label, med));
     }
-    println!("DDIM (10 steps) / PPO latency: {:.1}×", rows[1].1 / rows[0].1);
+    println!(
+        "prior / PPO alone: {:.2}×; DDIM (10 steps) / PPO alone: {:.1}×",
+        rows[1].1 / rows[0].1,
+        rows[2].1 / rows[0].1
+    );
     Ok(())
 }
 
