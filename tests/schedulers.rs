@@ -178,7 +178,8 @@ fn compare_runs_all_four_schedulers_at_an_equal_budget_and_writes_tables() {
     let o = common::rankpilot(&args);
     assert!(o.status.success(), "{}", common::text(&o));
     let md = std::fs::read_to_string(logdir.join("compare.md")).unwrap();
-    assert!(md.contains("| scheduler | final val loss (mean ± std) | bits sent / run |"), "{md}");
+    assert!(md.contains("| scheduler | final val loss (mean ± std) | Δ vs fixed (paired, mean ± std) | bits sent / run | bits vs fixed |"), "{md}");
+    assert!(md.contains("| fixed | ") && md.contains("| +0.0000 ± 0.0000 | "), "{md}");
     let j: serde_json::Value = serde_json::from_slice(&std::fs::read(logdir.join("compare.json")).unwrap()).unwrap();
     let rows = j["rows"].as_array().unwrap();
     let names: Vec<&str> = rows.iter().map(|r| r["scheduler"].as_str().unwrap()).collect();

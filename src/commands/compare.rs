@@ -93,6 +93,11 @@ pub struct CompareRow {
     pub final_params: f64,
     /// Mean wall time per run (s).
     pub wall_seconds_mean: f64,
+    /// Final validation loss minus the first scheduler's, per seed (paired: same seed, same data
+    /// order, same channel).
+    pub val_loss_diff_vs_first: Vec<f64>,
+    /// Cost sent relative to the first scheduler's.
+    pub cost_ratio_vs_first: f64,
 }
 
 fn mean_std(x: &[f64]) -> (f64, f64) {
@@ -163,6 +168,8 @@ pub fn run(a: &CompareArgs) -> Result<()> {
             runs[i].push(report);
         }
     }
+    let first: Vec<f64> = runs[0].iter().map(|r| r.val_loss_final).collect();
+    let first_cost = runs[0].iter().map(|r| r.cost_sent).sum::<f64>();
     let rows: Vec<CompareRow> = runs
         .iter()
         .map(|rs| {
@@ -179,6 +186,8 @@ pub fn run(a: &CompareArgs) -> Result<()> {
                 mean_params: avg(&|r| r.mean_params),
                 final_params: avg(&|r| r.final_params as f64),
                 wall_seconds_mean: avg(&|r| r.wall_seconds),
+                val_loss_diff_vs_first: rs.iter().zip(&first).map(|(r, f)| r.val_loss_final - f).collect(),
+                cost_ratio_vs_first: rs.iter().map(|r| r.cost_sent).sum::<f64>() / first_cost.max(f64::MIN_POSITIVE),
             }
         })
         .collect();
@@ -187,7 +196,7 @@ pub fn run(a: &CompareArgs) -> Result<()> {
         BudgetSpec::Rank(r) => format!("rank:{r}"),
     };
     let mut md = format!(
-        "`rankpilot compare --model {} --data {} --env {} --budget {} --seeds {} --steps {} --rounds {} --seed {}`\n\n| scheduler | final val loss (mean ± std) | {unit} sent / run | rounds lost / run | mean adapter params | final adapter params | wall s / run |\n|---|---:|---:|---:|---:|---:|---:|\n",
+        "`rankpilot compare --model {} --data {} --env {} --budget {} --seeds {} --steps {} --rounds {} --seed {}`\n\n| scheduler | final val loss (mean ± std) | Δ vs {first} (paired, mean ± std) | {unit} sent / run | {unit} vs {first} | rounds lost / run | mean adapter params | final adapter params | wall s / run |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
         a.model.display(),
         a.data,
         a.env,
@@ -195,15 +204,20 @@ pub fn run(a: &CompareArgs) -> Result<()> {
         a.seeds,
         a.steps,
         a.rounds,
-        a.common.seed
+        a.common.seed,
+        first = rows[0].scheduler,
     );
     for r in &rows {
+        let (dm, ds) = mean_std(&r.val_loss_diff_vs_first);
         md += &format!(
-            "| {} | {:.4} ± {:.4} | {:.3e} | {:.1} / {} | {:.0} | {:.0} | {:.1} |\n",
+            "| {} | {:.4} ± {:.4} | {:+.4} ± {:.4} | {:.3e} | {:.2}× | {:.1} / {} | {:.0} | {:.0} | {:.1} |\n",
             r.scheduler,
             r.val_loss_mean,
             r.val_loss_std,
+            dm,
+            ds,
             r.cost_sent_mean,
+            r.cost_ratio_vs_first,
             r.rounds_lost_mean,
             a.rounds,
             r.mean_params,
