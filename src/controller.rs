@@ -196,11 +196,22 @@ impl RunResource {
         let delivered = !self.simulate || c <= 1.0;
         self.last_violation = !delivered;
         self.last_cost_ratio = c;
+        self.end_round();
+        delivered
+    }
+
+    /// Ends a skipped round: nothing was sent, so nothing was violated (as in the environments).
+    pub fn settle_skipped(&mut self) {
+        self.last_violation = false;
+        self.last_cost_ratio = 0.0;
+        self.end_round();
+    }
+
+    fn end_round(&mut self) {
         let ratio = self.budget_ratio();
         self.hist.rotate_right(1);
         self.hist[0] = ratio;
         self.round += 1;
-        delivered
     }
 }
 
@@ -296,7 +307,9 @@ pub struct RoundRecord {
     pub budget: f64,
     /// Whether the update was lost (did not fit).
     pub lost: bool,
-    /// Mean training loss of the round.
+    /// Whether the scheduler skipped the round (nothing trained, nothing sent).
+    pub skipped: bool,
+    /// Mean training loss of the round (the previous round's after a skip).
     pub train_loss: f64,
     /// Time the scheduler took to plan (ms).
     pub plan_ms: f64,
@@ -317,6 +330,8 @@ pub struct RunReport {
     pub cost_unit: String,
     /// Rounds whose update was lost.
     pub rounds_lost: usize,
+    /// Rounds the scheduler skipped.
+    pub rounds_skipped: usize,
     /// Mean adapter parameters over the rounds (planned).
     pub mean_params: f64,
     /// Adapter parameters at the end.
@@ -379,6 +394,33 @@ pub fn run(
             context: res.context(),
         })?;
         let plan_ms = tp.elapsed().as_secs_f64() * 1e3;
+        if plan.skip {
+            // Nothing is trained or sent: the adapters, optimizer state and data carry over.
+            bar.inc((s1 - s0) as u64);
+            res.settle_skipped();
+            let params: usize = plan.ranks.iter().zip(ft.model.sites()).map(|(&r, s)| r * (s.d_in + s.d_out)).sum();
+            let step = s1 as i64;
+            tb.add_scalar("resource/cost", 0.0, step)?;
+            tb.add_scalar("resource/cost_total", cost_sent, step)?;
+            tb.add_scalar("resource/budget", res.true_budget(), step)?;
+            tb.add_scalar("resource/lost", 0.0, step)?;
+            tb.add_scalar("resource/skipped", 1.0, step)?;
+            tb.add_scalar("ranks/adapter_params", params as f64, step)?;
+            heat.push(plan.ranks.iter().map(|&r| r as f64).collect());
+            records.push(RoundRecord {
+                round,
+                step: s0,
+                ranks: plan.ranks.clone(),
+                params,
+                cost: 0.0,
+                budget: res.true_budget(),
+                lost: false,
+                skipped: true,
+                train_loss: st.loss,
+                plan_ms,
+            });
+            continue;
+        }
         let saved = ft.snapshot_sites();
         ft.resize(&plan).map_err(|e| anyhow::anyhow!("{}: round {round}: {e:#}", sched.name()))?;
         let mut loss_sum = 0.0;
@@ -414,6 +456,7 @@ pub fn run(
         tb.add_scalar("resource/cost_total", cost_sent, step)?;
         tb.add_scalar("resource/budget", budget, step)?;
         tb.add_scalar("resource/lost", (!delivered) as u8 as f64, step)?;
+        tb.add_scalar("resource/skipped", 0.0, step)?;
         tb.add_scalar("ranks/total", plan.ranks.iter().sum::<usize>() as f64, step)?;
         tb.add_scalar("ranks/adapter_params", params as f64, step)?;
         tb.add_histogram("ranks/sites", &plan.ranks.iter().map(|&r| r as f64).collect::<Vec<_>>(), step)?;
@@ -431,6 +474,7 @@ pub fn run(
             cost,
             budget,
             lost: !delivered,
+            skipped: false,
             train_loss: st.loss,
             plan_ms,
         });
@@ -456,6 +500,7 @@ pub fn run(
         cost_sent,
         cost_unit: if res.simulate { res.spec.resource_unit().to_string() } else { "none".into() },
         rounds_lost,
+        rounds_skipped: records.iter().filter(|r| r.skipped).count(),
         mean_params,
         final_params: ft.adapter_params(),
         wall_seconds: t0.elapsed().as_secs_f64(),

@@ -83,6 +83,17 @@ impl RankSpec {
 pub struct RankPlan {
     /// One rank per site.
     pub ranks: Vec<usize>,
+    /// Skip the round: keep every adapter as it is, train nothing and send nothing (a policy's
+    /// answer to a deep fade, instead of squeezing its adapters to fit). `ranks` are then the
+    /// current ones.
+    pub skip: bool,
+}
+
+impl RankPlan {
+    /// A plan that plays the round with `ranks`.
+    pub fn new(ranks: Vec<usize>) -> Self {
+        RankPlan { ranks, skip: false }
+    }
 }
 
 /// Per-site signals for rank schedulers (one per adapted projection).
@@ -561,10 +572,10 @@ mod tests {
         // Grow every site, then shrink back to the old rank: the loss does not move.
         let n = ft.site_names().len();
         assert_eq!(n, 14);
-        let r = ft.resize(&RankPlan { ranks: vec![8; n] }).unwrap();
+        let r = ft.resize(&RankPlan::new(vec![8; n])).unwrap();
         assert!(r.kinds.iter().all(|k| *k == ResizeKind::Grow));
         assert!((ft.evaluate() - v1).abs() < 1e-5 * v1);
-        ft.resize(&RankPlan { ranks: vec![4; n] }).unwrap();
+        ft.resize(&RankPlan::new(vec![4; n])).unwrap();
         assert!((ft.evaluate() - v1).abs() < 1e-5 * v1);
         // Training continues after resizes.
         ft.train_step().unwrap();
@@ -572,10 +583,10 @@ mod tests {
         assert_eq!(sig.len(), n);
         assert_eq!(sig[0].singular_values.len(), 4);
         assert!(sig.iter().all(|s| s.grad_norm > 0.0));
-        assert!(ft.resize(&RankPlan { ranks: vec![4; 3] }).is_err());
+        assert!(ft.resize(&RankPlan::new(vec![4; 3])).is_err());
         let mut bad = vec![4; n];
         bad[0] = 33;
-        let e = ft.resize(&RankPlan { ranks: bad }).unwrap_err();
+        let e = ft.resize(&RankPlan::new(bad)).unwrap_err();
         assert!(e.to_string().contains("exceeds"), "{e}");
         assert_eq!(ft.ranks(), vec![4; n], "a rejected plan changes nothing");
     }
@@ -588,7 +599,7 @@ mod tests {
         let n = ft.site_names().len();
         let saved = ft.snapshot_sites();
         let v0 = ft.evaluate();
-        ft.resize(&RankPlan { ranks: vec![2; n] }).unwrap();
+        ft.resize(&RankPlan::new(vec![2; n])).unwrap();
         for _ in 0..3 {
             ft.train_step().unwrap();
         }
@@ -620,7 +631,7 @@ mod tests {
         let st = ft.train_step().unwrap();
         assert!(st.loss.is_finite() && st.grad_norm > 0.0);
         let n = ft.site_names().len();
-        ft.resize(&RankPlan { ranks: vec![3; n] }).unwrap();
+        ft.resize(&RankPlan::new(vec![3; n])).unwrap();
         assert!(ft.evaluate().is_finite());
         assert_eq!(ft.model.sites()[0].a.kind(), tch::Kind::Float);
     }

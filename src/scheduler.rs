@@ -228,7 +228,7 @@ impl RankScheduler for Fixed {
         format!("fixed:{}", self.rank)
     }
     fn plan(&mut self, _: &RoundView<'_>) -> Result<RankPlan> {
-        Ok(RankPlan { ranks: vec![self.rank; self.n] })
+        Ok(RankPlan::new(vec![self.rank; self.n]))
     }
 }
 
@@ -322,10 +322,10 @@ impl RankScheduler for Adalora {
     }
     fn plan(&mut self, view: &RoundView<'_>) -> Result<RankPlan> {
         if view.round == 0 {
-            return Ok(RankPlan { ranks: vec![self.schedule.init_rank; self.params_per_rank.len()] });
+            return Ok(RankPlan::new(vec![self.schedule.init_rank; self.params_per_rank.len()]));
         }
         let budget = self.schedule.budget_at(self.schedule.round_step(view.round));
-        Ok(RankPlan { ranks: adalora_keep(view.signals, self.schedule.init_rank, &self.params_per_rank, budget) })
+        Ok(RankPlan::new(adalora_keep(view.signals, self.schedule.init_rank, &self.params_per_rank, budget)))
     }
 }
 
@@ -419,7 +419,7 @@ impl RankScheduler for Squeeze {
         "squeeze".into()
     }
     fn plan(&mut self, view: &RoundView<'_>) -> Result<RankPlan> {
-        Ok(RankPlan { ranks: vec![self.schedule.rank_at(view.round); self.n] })
+        Ok(RankPlan::new(vec![self.schedule.rank_at(view.round); self.n]))
     }
 }
 
@@ -485,6 +485,11 @@ impl RankScheduler for PolicyScheduler {
             Some(&dims),
             ActMode::Greedy,
         );
+        if d.skip[0] {
+            // Keep the adapters as they are (their ranks, not the policy's reading of them).
+            let ranks = view.signals.iter().map(|s| s.rank).collect();
+            return Ok(RankPlan { ranks, skip: true });
+        }
         let mut idx: Vec<usize> = d.executed.iter().map(|&j| j as usize).collect();
         // Repair: step the most expensive site down the rank set until the parameter cap holds.
         let params =
@@ -499,7 +504,7 @@ impl RankScheduler for PolicyScheduler {
                 .expect("a positive plan has a positive site");
             idx[l] -= 1;
         }
-        Ok(RankPlan { ranks: idx.iter().map(|&j| set[j] as usize).collect() })
+        Ok(RankPlan::new(idx.iter().map(|&j| set[j] as usize).collect()))
     }
 }
 

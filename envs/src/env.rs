@@ -352,6 +352,9 @@ pub struct EpisodeSummary {
     pub resource_used: f64,
     /// Rounds that violated the budget.
     pub violations: u32,
+    /// Rounds the policy skipped (nothing sent, no progress).
+    #[serde(default)]
+    pub skips: u32,
     /// Rounds played.
     pub rounds: u32,
 }
@@ -369,6 +372,9 @@ pub struct RoundOutcome {
     pub cost: f64,
     /// Whether c > 1.
     pub violation: bool,
+    /// Whether the policy skipped the round.
+    #[serde(default)]
+    pub skipped: bool,
 }
 
 /// The full mutable state of one environment (serializable, so training can resume exactly).
@@ -398,6 +404,8 @@ pub struct EnvState {
     ep_return: f64,
     ep_used: f64,
     ep_violations: u32,
+    #[serde(default)]
+    ep_skips: u32,
 }
 
 impl EnvState {
@@ -427,6 +435,7 @@ impl EnvState {
             ep_return: 0.0,
             ep_used: 0.0,
             ep_violations: 0,
+            ep_skips: 0,
         };
         s.reset_episode(spec);
         s
@@ -498,6 +507,7 @@ impl EnvState {
         self.ep_return = 0.0;
         self.ep_used = 0.0;
         self.ep_violations = 0;
+        self.ep_skips = 0;
         self.begin_round(spec);
         let b = self.budget_ratio(spec);
         self.budget_hist = [b; HISTORY];
@@ -587,7 +597,10 @@ impl EnvState {
     /// round's reward: each site's own loss term w_l·(1 − q_l) plus an equal share of the floor,
     /// its own FLOPs and perturbation terms, and a share of the resource terms (cost and violation
     /// penalty) proportional to its share of the plan's cost.
-    fn play(&mut self, spec: &EnvSpec, idx: &[u8], cost: f64, site_rewards: &mut [f32]) -> RoundOutcome {
+    fn play(&mut self, spec: &EnvSpec, idx: &[u8], cost: f64, skip: bool, site_rewards: &mut [f32]) -> RoundOutcome {
+        if skip {
+            return self.play_skip(spec, site_rewards);
+        }
         let p = &spec.preset;
         let rw = &p.reward;
         let c = cost / self.res.true_budget.max(f64::MIN_POSITIVE);
@@ -606,7 +619,7 @@ impl EnvState {
             self.ep_violations += 1;
             self.last_violation = true;
             self.last_cost_ratio = c;
-            return RoundOutcome { reward, loss: self.loss, cost_ratio: c, cost, violation: true };
+            return RoundOutcome { reward, loss: self.loss, cost_ratio: c, cost, violation: true, skipped: false };
         }
         let k = spec.rank_set.len();
         let eta = self.eta as f32;
@@ -649,7 +662,29 @@ impl EnvState {
             -self.loss - rw.cost_coef * c - rw.flops_coef * flops / rw.flops_scale - rw.perturbation_coef * pert / n;
         self.last_violation = false;
         self.last_cost_ratio = c;
-        RoundOutcome { reward, loss: self.loss, cost_ratio: c, cost, violation: false }
+        RoundOutcome { reward, loss: self.loss, cost_ratio: c, cost, violation: false, skipped: false }
+    }
+
+    /// A skipped round: nothing is sent and nothing is trained, so there is no cost, no progress
+    /// and no resize; the reward is the loss carried through the round. Each site is credited
+    /// with its own residual plus an equal share of the floor.
+    fn play_skip(&mut self, spec: &EnvSpec, site_rewards: &mut [f32]) -> RoundOutcome {
+        let n = site_rewards.len().max(1) as f64;
+        let floor = spec.preset.dynamics.loss_floor;
+        for (l, r) in site_rewards.iter_mut().enumerate() {
+            *r = (-floor / n - (self.w[l] * (1.0 - self.captured[l])) as f64) as f32;
+        }
+        self.ep_skips += 1;
+        self.last_violation = false;
+        self.last_cost_ratio = 0.0;
+        RoundOutcome {
+            reward: -self.loss,
+            loss: self.loss,
+            cost_ratio: 0.0,
+            cost: 0.0,
+            violation: false,
+            skipped: true,
+        }
     }
 
     /// Advances after a round; returns the episode summary when the episode ended (the state is
@@ -664,6 +699,7 @@ impl EnvState {
                 final_loss: self.loss,
                 resource_used: self.ep_used,
                 violations: self.ep_violations,
+                skips: self.ep_skips,
                 rounds: self.round,
             };
             self.episodes += 1;
@@ -816,6 +852,7 @@ pub struct VecEnv {
     finished: Vec<EpisodeSummary>,
     idx: Vec<u8>,
     costs: Vec<f64>,
+    skip: Vec<bool>,
     solver: MckpSolver,
     scratch_v: Vec<f64>,
     scratch_c: Vec<f64>,
@@ -852,6 +889,7 @@ impl VecEnv {
             finished: Vec::with_capacity(n_envs),
             idx: vec![0; n_envs * n],
             costs: vec![0.0; n_envs],
+            skip: vec![false; n_envs],
             solver: MckpSolver::new(),
             scratch_v: Vec::new(),
             scratch_c: Vec::new(),
@@ -1017,6 +1055,7 @@ impl VecEnv {
             }
             self.costs[e] = cost;
         }
+        self.skip.fill(false);
         self.step_validated();
         Ok(())
     }
@@ -1024,6 +1063,36 @@ impl VecEnv {
     /// Steps with rank *indices* into the rank set (what a categorical policy samples); errors
     /// on an index out of range.
     pub fn step_indices(&mut self, indices: &[u8]) -> Result<(), EnvError> {
+        self.skip.fill(false);
+        self.step_indices_inner(indices)
+    }
+
+    /// [`VecEnv::step_indices`] where environment e skips its round when `skip[e]` is true: it
+    /// sends nothing, trains nothing and keeps its ranks (its indices are ignored), and its
+    /// reward is the loss carried through the round. Skipping exists for per-round resources
+    /// (a channel, a compute budget); with a fixed parameter budget the adapter's parameters
+    /// exist whether or not the round is played, so a skip is refused there.
+    pub fn step_indices_skipping(&mut self, indices: &[u8], skip: &[bool]) -> Result<(), EnvError> {
+        if skip.len() != self.states.len() {
+            return Err(EnvError::ActionLength { expected: self.states.len(), found: skip.len() });
+        }
+        if skip.iter().any(|&s| s) && self.spec.resource.kind() == ResourceKind::Budget {
+            return Err(EnvError::Config {
+                key: "skip".into(),
+                found: format!("a skipped round on preset `{}` (resource kind `budget`)", self.spec.preset.name),
+                allowed: "skipping on presets whose resource is a channel or a compute budget".into(),
+            });
+        }
+        self.skip.copy_from_slice(skip);
+        self.step_indices_inner(indices)
+    }
+
+    /// The current rank index of every site of environment `i` (what a skip keeps).
+    pub fn rank_indices(&self, i: usize) -> &[u8] {
+        &self.states[i].rank_idx
+    }
+
+    fn step_indices_inner(&mut self, indices: &[u8]) -> Result<(), EnvError> {
         let n = self.spec.n_sites();
         let ne = self.states.len();
         if indices.len() != ne * n {
@@ -1039,7 +1108,7 @@ impl VecEnv {
                 }
                 cost += self.spec.rank_set.rank(j) as f64 * self.spec.unit_cost[l];
             }
-            self.costs[e] = cost;
+            self.costs[e] = if self.skip[e] { 0.0 } else { cost };
         }
         self.idx.copy_from_slice(indices);
         self.step_validated();
@@ -1055,6 +1124,7 @@ impl VecEnv {
                 &self.spec,
                 &self.idx[e * n..(e + 1) * n],
                 self.costs[e],
+                self.skip[e],
                 &mut self.site_rewards[e * n..(e + 1) * n],
             );
             self.outcomes[e] = out;
@@ -1186,5 +1256,54 @@ mod tests {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod skip_tests {
+    use super::*;
+    use crate::presets;
+
+    #[test]
+    fn a_skipped_round_keeps_everything_but_the_round() {
+        let p = presets::load("wireless-rayleigh").unwrap();
+        let mut a = VecEnv::new(&p, 2, 3).unwrap();
+        let n = a.n_sites();
+        // Round 0 at rank 8 everywhere (index 4): both environments learn something.
+        a.step_indices(&vec![4u8; 2 * n]).unwrap();
+        let before: Vec<(f64, Vec<u8>)> = (0..2).map(|e| (a.state(e).loss(), a.rank_indices(e).to_vec())).collect();
+        // Environment 0 skips while asking for rank 0 (ignored); environment 1 plays rank 0.
+        a.step_indices_skipping(&vec![0u8; 2 * n], &[true, false]).unwrap();
+        let o = a.outcomes()[0];
+        assert!(o.skipped && !o.violation);
+        assert_eq!((o.cost, o.cost_ratio), (0.0, 0.0));
+        assert_eq!(a.state(0).loss(), before[0].0, "no progress and no loss of captured energy");
+        assert_eq!(a.rank_indices(0), before[0].1.as_slice(), "ranks are kept");
+        assert_eq!(o.reward, -before[0].0);
+        let site_sum: f64 = a.site_rewards()[..n].iter().map(|&r| r as f64).sum();
+        assert!((site_sum - o.reward).abs() < 1e-4, "site rewards sum to the reward: {site_sum} vs {}", o.reward);
+        // The other environment did play: shrinking to 0 lost its captured energy.
+        assert!(!a.outcomes()[1].skipped);
+        assert!(a.state(1).loss() > before[1].0);
+        assert!(a.rank_indices(1).iter().all(|&j| j == 0));
+        // Skips are counted in the episode summary.
+        for _ in 2..p.rounds {
+            a.step_indices_skipping(&vec![4u8; 2 * n], &[true, true]).unwrap();
+        }
+        let f = a.finished();
+        assert_eq!(f.len(), 2);
+        assert_eq!((f[0].skips, f[1].skips), (p.rounds - 1, p.rounds - 2));
+    }
+
+    #[test]
+    fn skipping_is_refused_with_a_parameter_budget() {
+        let p = presets::load("budget").unwrap();
+        let mut a = VecEnv::new(&p, 1, 0).unwrap();
+        let n = a.n_sites();
+        let e = a.step_indices_skipping(&vec![0u8; n], &[true]).unwrap_err().to_string();
+        assert!(e.contains("skip") && e.contains("channel or a compute budget"), "{e}");
+        // Not skipping is fine there, and a wrong-length skip mask is an error.
+        a.step_indices_skipping(&vec![0u8; n], &[false]).unwrap();
+        assert!(a.step_indices_skipping(&vec![0u8; n], &[false, false]).is_err());
     }
 }

@@ -32,6 +32,9 @@ pub struct EvalRow {
     pub resource_used: f64,
     /// Share of rounds that violated the budget.
     pub violation_rate: f64,
+    /// Share of rounds the policy skipped.
+    #[serde(default)]
+    pub skip_rate: f64,
     /// (R − R_uniform)/(R_oracle − R_uniform), filled by [`EvalTable::fill_gap`].
     pub oracle_gap_closed: Option<f64>,
     /// Per-episode returns in episode order (rows of one table share episodes, so they can be
@@ -79,6 +82,7 @@ pub fn evaluate_spec(
     let mut losses = Vec::with_capacity(episodes);
     let mut used = 0.0;
     let mut viol = 0u64;
+    let mut skips = 0u64;
     let mut rounds = 0u64;
     for e in 0..episodes {
         let mut env = VecEnv::from_seeds(spec.clone(), &[derive_seed(seed, e as u64)]);
@@ -86,13 +90,19 @@ pub fn evaluate_spec(
         loop {
             let obs = env.observation(0);
             let ctx = if policy.privileged() { env.privileged_context(0) } else { env.context(0) };
-            let plan = policy.act(&obs, &ctx);
-            env.step(&plan)?;
+            match policy.decide(&obs, &ctx) {
+                Some(plan) => env.step(&plan)?,
+                None => {
+                    let keep = env.rank_indices(0).to_vec();
+                    env.step_indices_skipping(&keep, &[true])?;
+                }
+            }
             if let Some(s) = env.finished().first() {
                 returns.push(s.episode_return);
                 losses.push(s.final_loss);
                 used += s.resource_used;
                 viol += s.violations as u64;
+                skips += s.skips as u64;
                 rounds += s.rounds as u64;
                 break;
             }
@@ -109,6 +119,7 @@ pub fn evaluate_spec(
         se_final_loss,
         resource_used: used / episodes.max(1) as f64,
         violation_rate: viol as f64 / rounds.max(1) as f64,
+        skip_rate: skips as f64 / rounds.max(1) as f64,
         oracle_gap_closed: None,
         returns,
     })
@@ -188,7 +199,7 @@ impl EvalTable {
     /// Markdown table.
     pub fn to_markdown(&self) -> String {
         let mut s = format!(
-            "preset `{}`, {} episodes, seed {}\n\n| policy | return (mean ± se) | final loss (mean ± se) | {} used / episode | violation rate | oracle gap closed | Δ return vs adalora (paired) |\n|---|---:|---:|---:|---:|---:|---:|\n",
+            "preset `{}`, {} episodes, seed {}\n\n| policy | return (mean ± se) | final loss (mean ± se) | {} used / episode | violation rate | skip rate | oracle gap closed | Δ return vs adalora (paired) |\n|---|---:|---:|---:|---:|---:|---:|---:|\n",
             self.preset, self.episodes, self.seed, self.resource_unit
         );
         for r in &self.rows {
@@ -197,7 +208,7 @@ impl EvalTable {
                 _ => "–".into(),
             };
             s += &format!(
-                "| {} | {:.3} ± {:.3} | {:.4} ± {:.4} | {} | {:.4} | {} | {} |\n",
+                "| {} | {:.3} ± {:.3} | {:.4} ± {:.4} | {} | {:.4} | {:.4} | {} | {} |\n",
                 r.name,
                 r.mean_return,
                 r.se_return,
@@ -205,6 +216,7 @@ impl EvalTable {
                 r.se_final_loss,
                 num(r.resource_used),
                 r.violation_rate,
+                r.skip_rate,
                 r.oracle_gap_closed.map(|g| format!("{g:.3}")).unwrap_or_else(|| "–".into()),
                 vs
             );
@@ -217,17 +229,18 @@ impl EvalTable {
         let mut s = format!("preset {} | {} episodes | seed {}\n", self.preset, self.episodes, self.seed);
         let w = self.rows.iter().map(|r| r.name.chars().count()).max().unwrap_or(0).max(12);
         s += &format!(
-            "{:<w$} {:>22} {:>22} {:>14} {:>10} {:>8}\n",
-            "policy", "return", "final loss", self.resource_unit, "viol.", "gap"
+            "{:<w$} {:>22} {:>22} {:>14} {:>10} {:>8} {:>8}\n",
+            "policy", "return", "final loss", self.resource_unit, "viol.", "skips", "gap"
         );
         for r in &self.rows {
             s += &format!(
-                "{:<w$} {:>22} {:>22} {:>14} {:>10.4} {:>8}\n",
+                "{:<w$} {:>22} {:>22} {:>14} {:>10.4} {:>8.4} {:>8}\n",
                 r.name,
                 format!("{:.3} ± {:.3}", r.mean_return, r.se_return),
                 format!("{:.4} ± {:.4}", r.final_loss, r.se_final_loss),
                 num(r.resource_used),
                 r.violation_rate,
+                r.skip_rate,
                 r.oracle_gap_closed.map(|g| format!("{g:.3}")).unwrap_or_else(|| "-".into())
             );
         }

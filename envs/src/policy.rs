@@ -67,6 +67,11 @@ pub trait RankPolicy {
     fn begin_episode(&mut self) {}
     /// The plan for this round: `obs.n_sites` rank values from `ctx.rank_set`.
     fn act(&mut self, obs: &Observation, ctx: &RoundContext<'_>) -> Vec<u32>;
+    /// The plan, or `None` to skip the round (send nothing, keep the ranks; see
+    /// [`crate::VecEnv::step_indices_skipping`]). By default a policy never skips.
+    fn decide(&mut self, obs: &Observation, ctx: &RoundContext<'_>) -> Option<Vec<u32>> {
+        Some(self.act(obs, ctx))
+    }
     /// True if the policy needs [`RoundContext::privileged`] (only the oracle should).
     fn privileged(&self) -> bool {
         false

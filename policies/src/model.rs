@@ -86,6 +86,11 @@ pub struct Decision {
     pub sites: Vec<f32>,
     /// The prior's utilities the decision saw, `n_envs × n_sites × K` (empty without a prior).
     pub prior: Vec<f32>,
+    /// Per environment: skip the round (always false without a skip head). A skipped
+    /// environment's `executed` (and `coarse`) row is its current plan, which it keeps.
+    pub skip: Vec<bool>,
+    /// Log-probability of each skip decision (empty without a skip head).
+    pub skip_logp: Vec<f32>,
 }
 
 /// Network + statistics + refiner: everything needed to turn observations into plans.
@@ -207,13 +212,14 @@ impl PolicyModel {
             Some(p) => p.values(global, sites, n_envs, n_sites, unit_cost, budgets, dims),
             None => Vec::new(),
         };
+        let current = self.current_indices(sites, n_envs, n_sites);
         let (gt, st, mask, global, sites) = self.tensors(global, sites, n_envs, n_sites);
         let prior_t = (!prior.is_empty()).then(|| {
             Tensor::from_slice(&prior).view([n_envs as i64, n_sites as i64, k as i64]).to_device(self.device())
         });
-        let (logits, values) = tch::no_grad(|| {
-            let (residual, values) = self.net.forward(&gt, &st, &mask);
-            (self.net.policy_logits(&residual, prior_t.as_ref()), values)
+        let (logits, values, skip_logit) = tch::no_grad(|| {
+            let out = self.net.forward(&gt, &st, &mask);
+            (self.net.policy_logits(&out.logits, prior_t.as_ref()), out.site_values, out.skip_logit)
         });
         let logp_all: Vec<f32> =
             Vec::try_from(logits.log_softmax(-1, Kind::Float).to_device(Device::Cpu).flatten(0, -1))
@@ -246,11 +252,36 @@ impl PolicyModel {
                 cost[l * k + j] = u * r as f64;
             }
         }
+        // The skip decision, one per state: a Bernoulli sample when sampling, P(skip) > ½ when
+        // greedy. Its uniform is drawn after every Gumbel draw, so policies without a skip head
+        // draw exactly what they drew before skipping existed.
+        let (skip, skip_logp): (Vec<bool>, Vec<f32>) = match skip_logit {
+            None => (vec![false; n_envs], Vec::new()),
+            Some(z) => {
+                let z: Vec<f32> = Vec::try_from(z.to_device(Device::Cpu)).expect("f32 skip logits");
+                z.iter()
+                    .map(|&z| {
+                        let p = 1.0 / (1.0 + (-z as f64).exp());
+                        let s = match rng.as_deref_mut() {
+                            Some(r) => r.random::<f64>() < p,
+                            None => p > 0.5,
+                        };
+                        // log σ(z) and log σ(−z), stable for large |z|.
+                        let lp = if s { -softplus(-z as f64) } else { -softplus(z as f64) };
+                        (s, lp as f32)
+                    })
+                    .unzip()
+            }
+        };
         let mut executed = vec![0u8; n_envs * n_sites];
         let mut plan = vec![0usize; n_sites];
         let mut solver = envs::oracle::MckpSolver::new();
         let refined = self.refine(&coarse, &gt, &st, &mask, n_envs, n_sites);
         for e in 0..n_envs {
+            if skip[e] {
+                executed[e * n_sites..(e + 1) * n_sites].copy_from_slice(&current[e * n_sites..(e + 1) * n_sites]);
+                continue;
+            }
             let rows = &logp_all[e * n_sites * k..(e + 1) * n_sites * k];
             match &refined {
                 // DDIM's plan, made feasible by dropping the increments the policy values least.
@@ -276,7 +307,24 @@ impl PolicyModel {
             coarse.copy_from_slice(&executed);
         }
         let logp = coarse.iter().enumerate().map(|(i, &j)| logp_all[i * k + j as usize]).collect();
-        Decision { coarse, logp, executed, values, global, sites, prior }
+        Decision { coarse, logp, executed, values, global, sites, prior, skip, skip_logp }
+    }
+
+    /// Each site's current rank index, read back from the raw `rank` feature (current rank /
+    /// largest rank of the set): what a skipped round keeps.
+    fn current_indices(&self, raw_sites: &[f32], n_envs: usize, n_sites: usize) -> Vec<u8> {
+        let r_max = *self.ranks.last().unwrap_or(&1) as f32;
+        (0..n_envs * n_sites)
+            .map(|i| {
+                let r = raw_sites[i * SITE_FEATURES] * r_max;
+                let nearest = self
+                    .ranks
+                    .iter()
+                    .enumerate()
+                    .min_by(|a, b| ((*a.1 as f32) - r).abs().total_cmp(&((*b.1 as f32) - r).abs()));
+                nearest.map_or(0, |(j, _)| j as u8)
+            })
+            .collect()
     }
 
     /// DDIM refinement of the coarse plans, when active: refined rank indices per site.
@@ -328,6 +376,11 @@ impl PolicyModel {
     }
 }
 
+/// ln(1 + eˣ) without overflow.
+fn softplus(x: f64) -> f64 {
+    if x > 30.0 { x } else { x.exp().ln_1p() }
+}
+
 /// A trained policy as an [`envs::RankPolicy`] (greedy decisions), for evaluation tables.
 pub struct TrainedPolicy<'a> {
     /// The model.
@@ -342,6 +395,14 @@ impl RankPolicy for TrainedPolicy<'_> {
     }
 
     fn act(&mut self, obs: &Observation, ctx: &RoundContext<'_>) -> Vec<u32> {
+        self.decide(obs, ctx).unwrap_or_else(|| {
+            // Without the option to skip, keep the current plan (what a skip would have kept).
+            let r_max = *self.model.ranks.last().unwrap_or(&1) as f32;
+            (0..obs.n_sites).map(|l| (obs.site(l)[0] * r_max).round() as u32).collect()
+        })
+    }
+
+    fn decide(&mut self, obs: &Observation, ctx: &RoundContext<'_>) -> Option<Vec<u32>> {
         let dims: Vec<u32> = ctx.sites.iter().map(|s| s.max_rank()).collect();
         let d = self.model.act_with_dims(
             &obs.global,
@@ -353,7 +414,7 @@ impl RankPolicy for TrainedPolicy<'_> {
             Some(&dims),
             ActMode::Greedy,
         );
-        d.executed.iter().map(|&j| self.model.ranks[j as usize]).collect()
+        (!d.skip[0]).then(|| d.executed.iter().map(|&j| self.model.ranks[j as usize]).collect())
     }
 }
 

@@ -10,6 +10,7 @@
 //! h_i    = tanh(W₆ tanh(W₅ e_i + U₅ [p ‖ c]))        site in context       [B, L, H]
 //! logits = W₇ h_i                                    categorical over ranks [B, L, K]
 //! V_i    = W₉ tanh(W₈ h_i)                           value share of site i  [B, L]
+//! z_skip = w_s·[p ‖ c] + b_s                         skip logit (optional)  [B]
 //! ```
 //!
 //! The state value is V(s) = Σ_i V_i: with per-site credit (see [`crate::ppo`]) each V_i is
@@ -25,6 +26,12 @@
 //! **With a prior** ([`crate::prior`]) the logits are a *residual*: the categorical over ranks
 //! is `softmax(s·prior + W₇ h_i)`, with s = exp(`prior_log_scale`) a trained scalar (or a fixed
 //! one), and W₇ and its bias start at zero, so an untrained network acts exactly as the prior.
+//!
+//! **With a skip head** (`net.skip = true`) the policy also decides, once per state, whether to
+//! play the round at all: P(skip) = σ(z_skip). A skipped round sends nothing and keeps every
+//! adapter (see `envs::VecEnv::step_indices_skipping`); it is what a policy should do in a deep
+//! fade instead of squeezing its adapters to fit. The head starts with a small weight and a bias
+//! of −2 (P(skip) ≈ 0.12), so skipping is explored from the start without dominating.
 
 use serde::{Deserialize, Serialize};
 use tch::nn::{self, Module};
@@ -36,12 +43,27 @@ use tch::{Kind, Tensor};
 pub struct NetConfig {
     /// Width H of every hidden layer (default 64).
     pub hidden: i64,
+    /// A skip head: the policy may skip a round (default false; only for presets whose resource
+    /// is per round, a channel or a compute budget).
+    #[serde(default)]
+    pub skip: bool,
 }
 
 impl Default for NetConfig {
     fn default() -> Self {
-        NetConfig { hidden: 64 }
+        NetConfig { hidden: 64, skip: false }
     }
+}
+
+/// What [`PolicyNet::forward`] computes for a batch of states.
+#[derive(Debug)]
+pub struct NetOutput {
+    /// Per-site logits over the rank set [B, L, K] (the residual, with a prior).
+    pub logits: Tensor,
+    /// Per-site values [B, L] (0 at padding).
+    pub site_values: Tensor,
+    /// Skip logit z_skip [B], with a skip head.
+    pub skip_logit: Option<Tensor>,
 }
 
 fn layer(p: nn::Path, i: i64, o: i64, gain: f64) -> nn::Linear {
@@ -66,6 +88,7 @@ pub struct PolicyNet {
     logits: nn::Linear,
     value1: nn::Linear,
     value2: nn::Linear,
+    skip: Option<nn::Linear>,
     prior_scale: Option<PriorScale>,
 }
 
@@ -121,6 +144,18 @@ impl PolicyNet {
             },
             value1: layer(p / "value1", h, h, g),
             value2: layer(p / "value2", h, 1, 1.0),
+            skip: cfg.skip.then(|| {
+                nn::linear(
+                    p / "skip",
+                    3 * h,
+                    1,
+                    nn::LinearConfig {
+                        ws_init: nn::Init::Orthogonal { gain: 0.01 },
+                        bs_init: Some(nn::Init::Const(-2.0)),
+                        bias: true,
+                    },
+                )
+            }),
             prior_scale: prior.map(|(scale, learn)| {
                 if learn {
                     PriorScale::Learned(p.var("prior_log_scale", &[], nn::Init::Const(scale.ln())))
@@ -149,9 +184,13 @@ impl PolicyNet {
         })
     }
 
+    /// True when the network has a skip head.
+    pub fn has_skip(&self) -> bool {
+        self.skip.is_some()
+    }
+
     /// `global` [B, G], `sites` [B, L, F], `mask` [B, L] (1 real site, 0 padding), all float.
-    /// Returns logits [B, L, K] and per-site values [B, L] (0 at padding).
-    pub fn forward(&self, global: &Tensor, sites: &Tensor, mask: &Tensor) -> (Tensor, Tensor) {
+    pub fn forward(&self, global: &Tensor, sites: &Tensor, mask: &Tensor) -> NetOutput {
         let e = self.site2.forward(&self.site1.forward(sites).tanh()).tanh();
         let c = self.glob2.forward(&self.glob1.forward(global).tanh()).tanh();
         let m = mask.unsqueeze(-1);
@@ -160,11 +199,13 @@ impl PolicyNet {
         // Padding must never win the max: push it far below tanh's range.
         let max = (&e + (&m - 1.0) * 4.0).amax(1, false);
         let pooled = Tensor::cat(&[mean, max], -1);
-        let ctx = self.mix1_ctx.forward(&Tensor::cat(&[&pooled, &c], -1)).unsqueeze(1);
+        let pc = Tensor::cat(&[&pooled, &c], -1);
+        let skip_logit = self.skip.as_ref().map(|s| s.forward(&pc).squeeze_dim(-1));
+        let ctx = self.mix1_ctx.forward(&pc).unsqueeze(1);
         let h = self.mix2.forward(&(self.mix1_site.forward(&e) + ctx).tanh()).tanh();
         let logits = self.logits.forward(&h);
         let site_values = self.value2.forward(&self.value1.forward(&h).tanh()).squeeze_dim(-1) * mask;
-        (logits, site_values)
+        NetOutput { logits, site_values, skip_logit }
     }
 }
 
@@ -177,17 +218,21 @@ mod tests {
     fn shapes_and_padding_invariance() {
         tch::manual_seed(0);
         let vs = nn::VarStore::new(Device::Cpu);
-        let net = PolicyNet::new(&vs.root(), 5, 7, 8, NetConfig { hidden: 16 });
+        let net = PolicyNet::new(&vs.root(), 5, 7, 8, NetConfig { hidden: 16, skip: true });
         let g = Tensor::randn([2, 5], (Kind::Float, Device::Cpu));
         let s = Tensor::randn([2, 3, 7], (Kind::Float, Device::Cpu));
         let mask = Tensor::ones([2, 3], (Kind::Float, Device::Cpu));
-        let (logits, v) = net.forward(&g, &s, &mask);
+        let out = net.forward(&g, &s, &mask);
+        let (logits, v, z) = (out.logits, out.site_values, out.skip_logit.unwrap());
         assert_eq!(logits.size(), vec![2, 3, 8]);
         assert_eq!(v.size(), vec![2, 3]);
+        assert_eq!(z.size(), vec![2]);
         // Adding a padding site changes nothing for the real ones.
         let s_pad = Tensor::cat(&[&s, &Tensor::randn([2, 1, 7], (Kind::Float, Device::Cpu))], 1);
         let mask_pad = Tensor::cat(&[&mask, &Tensor::zeros([2, 1], (Kind::Float, Device::Cpu))], 1);
-        let (logits_pad, v_pad) = net.forward(&g, &s_pad, &mask_pad);
+        let out = net.forward(&g, &s_pad, &mask_pad);
+        let (logits_pad, v_pad) = (out.logits, out.site_values);
+        assert!((out.skip_logit.unwrap() - &z).abs().max().double_value(&[]) < 1e-6);
         let diff = (logits_pad.narrow(1, 0, 3) - &logits).abs().max().double_value(&[]);
         assert!(diff < 1e-6, "{diff}");
         assert!((v_pad.narrow(1, 0, 3) - &v).abs().max().double_value(&[]) < 1e-6);

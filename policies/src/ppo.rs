@@ -27,6 +27,13 @@
 //! gradient divided by the number of sites. Per-site credit removes the other sites' noise from
 //! each site's advantage, which is what makes 56–224 simultaneous choices learnable from one
 //! scalar reward per round (see the README's comparison).
+//!
+//! **Skipping** (a network with a skip head). The action is then (skip, ranks): a Bernoulli
+//! skip decision per state, and the ranks only when the round is played. log π(a|s) =
+//! log π(skip|s) + (1 − skip)·Σ_i log π(a_i|s). The skip decision gets its own clipped
+//! surrogate with the state's advantage (the sum of the sites' advantages, normalized per
+//! minibatch), averaged over states and added to the sites' loss; in a skipped state the sites'
+//! terms are masked out, since no rank was chosen there. Its entropy joins the bonus.
 
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor, nn};
@@ -195,6 +202,9 @@ pub struct Batch {
     pub returns: Tensor,
     /// The prior's utilities the decisions saw [B, L, K], when the policy has a prior.
     pub prior: Option<Tensor>,
+    /// Skip decisions [B] (float, 1 = skipped) and their log-probabilities under the rollout
+    /// policy [B], when the network has a skip head.
+    pub skip: Option<(Tensor, Tensor)>,
 }
 
 /// What one update did, for logging.
@@ -210,6 +220,9 @@ pub struct UpdateStats {
     pub approx_kl: f64,
     /// Share of per-site ratios outside 1 ± ε.
     pub clip_fraction: f64,
+    /// Mean P(skip) over the rollout's states under the updated policy (0 without a skip head).
+    #[serde(default)]
+    pub skip_prob: f64,
     /// 1 − Var(R − V)/Var(R) of the rollout's values.
     pub explained_variance: f64,
     /// Epochs completed (fewer than configured after a KL early stop).
@@ -220,9 +233,22 @@ pub struct UpdateStats {
     pub non_finite: bool,
 }
 
+/// What the current network says about a minibatch of stored decisions.
+pub struct Evaluated {
+    /// Log-probabilities of the stored ranks [B, L].
+    pub logp: Tensor,
+    /// Per-site entropies [B, L].
+    pub entropy: Tensor,
+    /// Per-site values [B, L].
+    pub values: Tensor,
+    /// With a skip head: the stored skip decisions' log-probabilities [B], the Bernoulli's
+    /// entropy [B] and P(skip) [B].
+    pub skip: Option<(Tensor, Tensor, Tensor)>,
+}
+
 /// Log-probabilities, entropies and per-site values of `actions` under the current network (and
-/// the prior's utilities `prior` [B, L, K], when it has one).
-/// Returns (logp [B, L], entropy [B, L], site values [B, L]).
+/// the prior's utilities `prior` [B, L, K], when it has one); with a skip head also the
+/// log-probabilities of the skip decisions `skip` [B] (float, 1 = skipped).
 pub fn evaluate_actions(
     net: &PolicyNet,
     global: &Tensor,
@@ -230,13 +256,25 @@ pub fn evaluate_actions(
     mask: &Tensor,
     actions: &Tensor,
     prior: Option<&Tensor>,
-) -> (Tensor, Tensor, Tensor) {
-    let (residual, value) = net.forward(global, sites, mask);
-    let logits = net.policy_logits(&residual, prior);
+    skip: Option<&Tensor>,
+) -> Evaluated {
+    let out = net.forward(global, sites, mask);
+    let logits = net.policy_logits(&out.logits, prior);
     let logp_all = logits.log_softmax(-1, Kind::Float);
     let logp = logp_all.gather(-1, &actions.unsqueeze(-1), false).squeeze_dim(-1);
     let entropy = -(logp_all.exp() * &logp_all).sum_dim_intlist(-1, false, Kind::Float);
-    (logp, entropy, value)
+    let skip = match (out.skip_logit, skip) {
+        (Some(z), Some(s)) => {
+            // log σ(z) = −softplus(−z), log σ(−z) = −softplus(z).
+            let (ls, ln) = (-(-&z).softplus(), -z.softplus());
+            let p = z.sigmoid();
+            let logp: Tensor = s * &ls + (s.ones_like() - s) * &ln;
+            let entropy: Tensor = -(&p * &ls + (p.ones_like() - &p) * &ln);
+            Some((logp, entropy, p))
+        }
+        _ => None,
+    };
+    Evaluated { logp, entropy, values: out.site_values, skip }
 }
 
 /// Runs the PPO epochs on one rollout. `perm` supplies a permutation of `0..B` per epoch (from the
@@ -256,29 +294,38 @@ pub fn update(
     opt.lr = learning_rate;
     let backup: Vec<(String, Tensor)> = vs.variables().into_iter().map(|(k, v)| (k, v.detach().copy())).collect();
     let mut stats = UpdateStats { learning_rate, ..Default::default() };
-    let (mut n_mb, mut pl, mut vl, mut ent, mut cf) = (0usize, 0.0, 0.0, 0.0, 0.0);
+    let (mut n_mb, mut pl, mut vl, mut ent, mut cf, mut sp) = (0usize, 0.0, 0.0, 0.0, 0.0, 0.0);
     'epochs: for _ in 0..cfg.update_epochs {
         let order = perm(b);
         for chunk in order.chunks(mb) {
             let idx = Tensor::from_slice(chunk).to_device(batch.values.device());
             let sel = |t: &Tensor| t.index_select(0, &idx);
             let mask = sel(&batch.mask);
-            let sites_in_mb = mask.sum(Kind::Float).clamp_min(1.0);
             let prior = batch.prior.as_ref().map(sel);
-            let (logp, entropy, value) = evaluate_actions(
+            let skip = batch.skip.as_ref().map(|(s, lp)| (sel(s), sel(lp)));
+            let ev = evaluate_actions(
                 net,
                 &sel(&batch.global),
                 &sel(&batch.sites),
                 &mask,
                 &sel(&batch.actions),
                 prior.as_ref(),
+                skip.as_ref().map(|(s, _)| s),
             );
-            let logratio = (&logp - sel(&batch.logp)) * &mask;
+            let (logp, entropy, value) = (ev.logp, ev.entropy, ev.values);
+            // Sites of a skipped state chose nothing: no ratio, no policy gradient there.
+            let act_mask = match &skip {
+                Some((s, _)) => &mask * (s.ones_like() - s).unsqueeze(-1),
+                None => mask.shallow_clone(),
+            };
+            let sites_in_mb = act_mask.sum(Kind::Float).clamp_min(1.0);
+            let logratio = (&logp - sel(&batch.logp)) * &act_mask;
             let ratio = logratio.exp();
 
             let (approx_kl, clipped) = tch::no_grad(|| {
-                let kl = (((&ratio - 1.0) - &logratio) * &mask).sum(Kind::Float) / &sites_in_mb;
-                let clipped = (((&ratio - 1.0).abs().gt(cfg.clip_coef)).to_kind(Kind::Float) * &mask).sum(Kind::Float)
+                let kl = (((&ratio - 1.0) - &logratio) * &act_mask).sum(Kind::Float) / &sites_in_mb;
+                let clipped = (((&ratio - 1.0).abs().gt(cfg.clip_coef)).to_kind(Kind::Float) * &act_mask)
+                    .sum(Kind::Float)
                     / &sites_in_mb;
                 (kl.double_value(&[]), clipped.double_value(&[]))
             });
@@ -297,10 +344,28 @@ pub fn update(
                 let var = ((&adv - &mean).square() * &weight).sum(Kind::Float) / (&n_entries - 1.0).clamp_min(1.0);
                 adv = (&adv - mean) / (var.sqrt() + 1e-8);
             }
+            // The skip decision's advantage is the state's: the sum of the sites' advantages.
+            let state_adv = if per_site {
+                (sel(&batch.advantages) * &mask).sum_dim_intlist(1, false, Kind::Float)
+            } else {
+                sel(&batch.advantages)
+            };
             let adv = if per_site { adv } else { adv.unsqueeze(-1) };
             let pg1 = -&adv * &ratio;
             let pg2 = -&adv * ratio.clamp(1.0 - cfg.clip_coef, 1.0 + cfg.clip_coef);
-            let policy_loss = (pg1.maximum(&pg2) * &mask).sum(Kind::Float) / &sites_in_mb;
+            let mut policy_loss = (pg1.maximum(&pg2) * &act_mask).sum(Kind::Float) / &sites_in_mb;
+            let mut skip_entropy = Tensor::from(0.0f32);
+            if let (Some((logp_s, ent_s, _)), Some((_, old_logp_s))) = (&ev.skip, &skip) {
+                let mut a = state_adv;
+                if cfg.norm_adv && chunk.len() > 1 {
+                    a = (&a - a.mean(Kind::Float)) / (a.std(true) + 1e-8);
+                }
+                let ratio_s = (logp_s - old_logp_s).exp();
+                let l1 = -&a * &ratio_s;
+                let l2 = -&a * ratio_s.clamp(1.0 - cfg.clip_coef, 1.0 + cfg.clip_coef);
+                policy_loss = policy_loss + l1.maximum(&l2).mean(Kind::Float);
+                skip_entropy = ent_s.mean(Kind::Float);
+            }
 
             let value = if per_site { value } else { value.sum_dim_intlist(1, false, Kind::Float) };
             let returns = sel(&batch.returns);
@@ -313,7 +378,8 @@ pub fn update(
                 v_unclipped
             };
             let value_loss = (value_err * &weight).sum(Kind::Float) / &n_entries * 0.5;
-            let entropy_loss = (&entropy * &mask).sum(Kind::Float) / &sites_in_mb;
+            let entropy_loss =
+                (&entropy * &mask).sum(Kind::Float) / mask.sum(Kind::Float).clamp_min(1.0) + skip_entropy;
             let loss = &policy_loss - &entropy_loss * cfg.ent_coef + &value_loss * cfg.vf_coef;
 
             let loss_value = loss.double_value(&[]);
@@ -335,6 +401,9 @@ pub fn update(
             vl += value_loss.double_value(&[]);
             ent += entropy_loss.double_value(&[]);
             cf += clipped;
+            if let Some((_, _, p)) = &ev.skip {
+                sp += p.mean(Kind::Float).double_value(&[]);
+            }
             stats.approx_kl = approx_kl;
             if cfg.target_kl > 0.0 && approx_kl > cfg.target_kl {
                 stats.epochs += 1;
@@ -359,6 +428,7 @@ pub fn update(
     stats.value_loss = vl / n;
     stats.entropy = ent / n;
     stats.clip_fraction = cf / n;
+    stats.skip_prob = sp / n;
     stats.explained_variance = explained_variance(&batch.values.flatten(0, -1), &batch.returns.flatten(0, -1));
     stats
 }
@@ -433,7 +503,7 @@ mod tests {
     fn update_restores_weights_on_non_finite_loss() {
         tch::manual_seed(1);
         let vs = nn::VarStore::new(Device::Cpu);
-        let net = PolicyNet::new(&vs.root(), 2, 3, 4, NetConfig { hidden: 8 });
+        let net = PolicyNet::new(&vs.root(), 2, 3, 4, NetConfig { hidden: 8, skip: false });
         let mut opt = Adam::new(&vs, "", 1e-3, 1e-5);
         let before: Vec<f32> = Vec::try_from(vs.variables()["logits.weight"].flatten(0, -1)).unwrap();
         let b = 8;
@@ -448,11 +518,58 @@ mod tests {
             // The first minibatch is fine and takes a step; the second has NaN returns.
             returns: Tensor::from_slice(&[0.0, 0.0, 0.0, 0.0, f32::NAN, f32::NAN, f32::NAN, f32::NAN]),
             prior: None,
+            skip: None,
         };
         let cfg = PpoConfig { num_minibatches: 2, target_kl: 0.0, ..Default::default() };
         let stats = update(&cfg, &net, &vs, &mut opt, &batch, 1e-3, |n| (0..n as i64).collect());
         assert!(stats.non_finite);
         let after: Vec<f32> = Vec::try_from(vs.variables()["logits.weight"].flatten(0, -1)).unwrap();
         assert_eq!(before, after);
+    }
+    #[test]
+    fn skip_decision_follows_its_advantage() {
+        // Half the states skipped, half played. When skipping did better than expected (and
+        // playing worse), the update raises P(skip); with the signs flipped it lowers it.
+        let run = |sign: f32| -> (f64, f64) {
+            tch::manual_seed(3);
+            let vs = nn::VarStore::new(Device::Cpu);
+            let net = PolicyNet::new(&vs.root(), 2, 3, 4, NetConfig { hidden: 8, skip: true });
+            let mut opt = Adam::new(&vs, "", 1e-2, 1e-5);
+            let b = 16i64;
+            let opts = (Kind::Float, Device::Cpu);
+            let global = Tensor::randn([b, 2], opts);
+            let sites = Tensor::randn([b, 5, 3], opts);
+            let mask = Tensor::ones([b, 5], opts);
+            let skipped: Vec<f32> = (0..b).map(|i| (i < 8) as u8 as f32).collect();
+            let skip = Tensor::from_slice(&skipped);
+            let actions = Tensor::zeros([b, 5], (Kind::Int64, Device::Cpu));
+            let ev = tch::no_grad(|| evaluate_actions(&net, &global, &sites, &mask, &actions, None, Some(&skip)));
+            let (old_skip_logp, _, p0) = ev.skip.unwrap();
+            let adv: Vec<f32> = skipped.iter().map(|&s| if s > 0.0 { sign } else { -sign }).collect();
+            let batch = Batch {
+                global: global.shallow_clone(),
+                sites: sites.shallow_clone(),
+                mask: mask.shallow_clone(),
+                actions: actions.shallow_clone(),
+                logp: ev.logp,
+                values: Tensor::zeros([b], opts),
+                advantages: Tensor::from_slice(&adv),
+                returns: Tensor::zeros([b], opts),
+                prior: None,
+                skip: Some((skip.shallow_clone(), old_skip_logp)),
+            };
+            let cfg =
+                PpoConfig { num_minibatches: 1, update_epochs: 4, target_kl: 0.0, ent_coef: 0.0, ..Default::default() };
+            let stats = update(&cfg, &net, &vs, &mut opt, &batch, 1e-2, |n| (0..n as i64).collect());
+            assert!(!stats.non_finite);
+            let ev1 = tch::no_grad(|| evaluate_actions(&net, &global, &sites, &mask, &actions, None, Some(&skip)));
+            let p1 = ev1.skip.unwrap().2;
+            (p0.mean(Kind::Float).double_value(&[]), p1.mean(Kind::Float).double_value(&[]))
+        };
+        let (p0, up) = run(1.0);
+        let (q0, down) = run(-1.0);
+        assert_eq!(p0, q0, "same seed, same start");
+        assert!(up > p0 + 0.01, "skipping paid: P(skip) {p0} -> {up}");
+        assert!(down < p0 - 0.01, "skipping cost: P(skip) {p0} -> {down}");
     }
 }

@@ -243,6 +243,12 @@ impl Trainer {
         device: Device,
     ) -> Result<Self, String> {
         let spec: Arc<EnvSpec> = EnvSpec::new(env_preset).map_err(|e| e.to_string())?;
+        if preset.ppo.net.skip && spec.resource.kind() == envs::presets::ResourceKind::Budget {
+            return Err(format!(
+                "policy preset `{}` has a skip head (ppo.net.skip = true) but environment preset `{}` has a fixed parameter budget (resource kind `budget`), where a skipped round saves nothing; allowed: net.skip = false, or a channel or compute preset",
+                preset.name, env_preset.name
+            ));
+        }
         let ranks = spec.rank_set.ranks().to_vec();
         let model = {
             // Initial weights come from libtorch's global generator: seed it and draw the
@@ -304,6 +310,9 @@ impl Trainer {
         let mut buf_v = Vec::with_capacity(t_len * n);
         let mut buf_r = Vec::with_capacity(t_len * n);
         let mut buf_done = Vec::with_capacity(t_len * n);
+        let has_skip = self.model.net.has_skip();
+        let mut buf_skip: Vec<f32> = Vec::with_capacity(if has_skip { t_len * n } else { 0 });
+        let mut buf_skip_logp: Vec<f32> = Vec::with_capacity(if has_skip { t_len * n } else { 0 });
         let mut buf_prior = Vec::with_capacity(if self.model.prior.is_some() { t_len * n * l * k } else { 0 });
         let dims: Vec<u32> = self.venv.spec().sites.iter().map(|s| s.max_rank()).collect();
         let mut stats = IterationStats::default();
@@ -325,7 +334,13 @@ impl Trainer {
                 Some(&dims),
                 ActMode::Sample(&mut self.rng),
             );
-            self.venv.step_indices(&d.executed).expect("the policy emits in-range indices of the right length");
+            self.venv
+                .step_indices_skipping(&d.executed, &d.skip)
+                .expect("the policy emits in-range indices of the right length, and skips only where allowed");
+            if has_skip {
+                buf_skip.extend(d.skip.iter().map(|&s| s as u8 as f32));
+                buf_skip_logp.extend_from_slice(&d.skip_logp);
+            }
 
             let rewards = self.venv.rewards();
             if let Some(replay) = self.replay.as_mut() {
@@ -372,7 +387,7 @@ impl Trainer {
 
         // Bootstrap value of the observation after the rollout (statistics not updated here).
         let (gt, st, mask, _, _) = self.model.tensors(self.venv.obs_global(), self.venv.obs_sites(), n, l);
-        let site_values = tch::no_grad(|| self.model.net.forward(&gt, &st, &mask).1);
+        let site_values = tch::no_grad(|| self.model.net.forward(&gt, &st, &mask).site_values);
         // Per-site credit runs GAE over n × l independent reward streams laid out [T, n, l].
         let (streams, next_value): (usize, Vec<f32>) = match cfg.credit {
             Credit::PerSite => (n * l, Vec::try_from(site_values.flatten(0, -1)).expect("f32")),
@@ -396,6 +411,9 @@ impl Trainer {
             returns: Tensor::from_slice(&ret).view(value_shape(cfg.credit, b, l).as_slice()).to_device(dev),
             prior: (!buf_prior.is_empty())
                 .then(|| Tensor::from_slice(&buf_prior).view([b, l as i64, k as i64]).to_device(dev)),
+            skip: has_skip.then(|| {
+                (Tensor::from_slice(&buf_skip).to_device(dev), Tensor::from_slice(&buf_skip_logp).to_device(dev))
+            }),
         };
         let rng = &mut self.rng;
         stats.update = ppo::update(&cfg, &self.model.net, &self.model.vs, &mut self.opt, &batch, lr, |len| {

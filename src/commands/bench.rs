@@ -373,7 +373,7 @@ fn bench_finetune(a: &BenchArgs) -> Result<()> {
     let mut train_s = 0.0;
     let round = 10usize;
     for i in 0..4 {
-        let plan = RankPlan { ranks: vec![if i % 2 == 0 { 16 } else { 8 }; n] };
+        let plan = RankPlan::new(vec![if i % 2 == 0 { 16 } else { 8 }; n]);
         resize_s.push(ft.resize(&plan)?.seconds);
         let t0 = Instant::now();
         for _ in 0..round {

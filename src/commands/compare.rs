@@ -87,6 +87,8 @@ pub struct CompareRow {
     pub cost_sent_mean: f64,
     /// Mean rounds lost per run.
     pub rounds_lost_mean: f64,
+    /// Mean rounds the scheduler skipped per run.
+    pub rounds_skipped_mean: f64,
     /// Mean adapter parameters over rounds and seeds.
     pub mean_params: f64,
     /// Mean final adapter parameters.
@@ -154,13 +156,14 @@ pub fn run(a: &CompareArgs) -> Result<()> {
             bar.finish_and_clear();
             report.scheduler = spec.label();
             eprintln!(
-                "seed {seed} {:<28} val loss {:.4}  sent {:.3e} {}  lost {}/{}  mean params {:.0}  {:.1}s",
+                "seed {seed} {:<28} val loss {:.4}  sent {:.3e} {}  lost {}/{}  skipped {}  mean params {:.0}  {:.1}s",
                 report.scheduler,
                 report.val_loss_final,
                 report.cost_sent,
                 report.cost_unit,
                 report.rounds_lost,
                 a.rounds,
+                report.rounds_skipped,
                 report.mean_params,
                 report.wall_seconds
             );
@@ -183,6 +186,7 @@ pub fn run(a: &CompareArgs) -> Result<()> {
                 val_loss_std: s,
                 cost_sent_mean: avg(&|r| r.cost_sent),
                 rounds_lost_mean: avg(&|r| r.rounds_lost as f64),
+                rounds_skipped_mean: avg(&|r| r.rounds_skipped as f64),
                 mean_params: avg(&|r| r.mean_params),
                 final_params: avg(&|r| r.final_params as f64),
                 wall_seconds_mean: avg(&|r| r.wall_seconds),
@@ -196,7 +200,7 @@ pub fn run(a: &CompareArgs) -> Result<()> {
         BudgetSpec::Rank(r) => format!("rank:{r}"),
     };
     let mut md = format!(
-        "`rankpilot compare --model {} --data {} --env {} --budget {} --seeds {} --steps {} --rounds {} --seed {}`\n\n| scheduler | final val loss (mean ± std) | Δ vs {first} (paired, mean ± std) | {unit} sent / run | {unit} vs {first} | rounds lost / run | mean adapter params | final adapter params | wall s / run |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        "`rankpilot compare --model {} --data {} --env {} --budget {} --seeds {} --steps {} --rounds {} --seed {}`\n\n| scheduler | final val loss (mean ± std) | Δ vs {first} (paired, mean ± std) | {unit} sent / run | {unit} vs {first} | rounds lost / run | rounds skipped / run | mean adapter params | final adapter params | wall s / run |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
         a.model.display(),
         a.data,
         a.env,
@@ -210,7 +214,7 @@ pub fn run(a: &CompareArgs) -> Result<()> {
     for r in &rows {
         let (dm, ds) = mean_std(&r.val_loss_diff_vs_first);
         md += &format!(
-            "| {} | {:.4} ± {:.4} | {:+.4} ± {:.4} | {:.3e} | {:.2}× | {:.1} / {} | {:.0} | {:.0} | {:.1} |\n",
+            "| {} | {:.4} ± {:.4} | {:+.4} ± {:.4} | {:.3e} | {:.2}× | {:.1} / {} | {:.1} | {:.0} | {:.0} | {:.1} |\n",
             r.scheduler,
             r.val_loss_mean,
             r.val_loss_std,
@@ -220,6 +224,7 @@ pub fn run(a: &CompareArgs) -> Result<()> {
             r.cost_ratio_vs_first,
             r.rounds_lost_mean,
             a.rounds,
+            r.rounds_skipped_mean,
             r.mean_params,
             r.final_params,
             r.wall_seconds_mean

@@ -216,7 +216,7 @@ pub fn run(a: &FinetuneArgs) -> Result<()> {
     // Check every scheduled plan before training starts.
     let mut schedule: Vec<(usize, RankPlan)> = Vec::new();
     for (step, spec) in &a.resize_at {
-        let plan = RankPlan { ranks: names.iter().map(|n| spec.rank_for(n)).collect() };
+        let plan = RankPlan::new(names.iter().map(|n| spec.rank_for(n)).collect());
         for (s, &r) in ft.model.sites().iter().zip(&plan.ranks) {
             crate::lora::check_rank(&s.name, r, s.d_in, s.d_out)?;
         }

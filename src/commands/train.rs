@@ -158,6 +158,7 @@ pub fn run(a: &TrainArgs) -> anyhow::Result<()> {
             ("losses/entropy", u.entropy),
             ("losses/approx_kl", u.approx_kl),
             ("losses/clip_fraction", u.clip_fraction),
+            ("losses/skip_prob", u.skip_prob),
             ("losses/explained_variance", u.explained_variance),
             ("losses/epochs", u.epochs as f64),
             ("losses/non_finite", if u.non_finite { 1.0 } else { 0.0 }),
@@ -180,6 +181,7 @@ pub fn run(a: &TrainArgs) -> anyhow::Result<()> {
             tb.add_scalar("charts/final_loss", mean(&|e| e.final_loss), step)?;
             tb.add_scalar("charts/resource_used", mean(&|e| e.resource_used), step)?;
             tb.add_scalar("charts/violation_rate", mean(&|e| e.violations as f64 / e.rounds.max(1) as f64), step)?;
+            tb.add_scalar("charts/skip_rate", mean(&|e| e.skips as f64 / e.rounds.max(1) as f64), step)?;
         }
         let ranks: Vec<f64> = st.last_ranks.iter().map(|&r| r as f64).collect();
         tb.add_histogram("ranks/all_sites", &ranks, step)?;
@@ -207,6 +209,7 @@ pub fn run(a: &TrainArgs) -> anyhow::Result<()> {
             tb.add_scalar("eval/oracle_gap_closed", last_gap, step)?;
             tb.add_scalar("eval/final_loss", row.final_loss, step)?;
             tb.add_scalar("eval/violation_rate", row.violation_rate, step)?;
+            tb.add_scalar("eval/skip_rate", row.skip_rate, step)?;
             tb.add_scalar("eval/resource_used", row.resource_used, step)?;
             tb.add_scalar("eval/wall_s", start.elapsed().as_secs_f64(), step)?;
             // Model selection on the evaluation seeds (held out from training; report final
