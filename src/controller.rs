@@ -535,3 +535,52 @@ pub fn prepare(
     })?;
     Ok((sched, res))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::finetune::RankPlan;
+
+    /// Rank 4 everywhere in round 0, then skips round 1, then keeps its ranks.
+    struct SkipSecondRound;
+
+    impl RankScheduler for SkipSecondRound {
+        fn name(&self) -> String {
+            "skip-second-round".into()
+        }
+        fn plan(&mut self, view: &RoundView<'_>) -> Result<RankPlan> {
+            let ranks = match view.round {
+                0 => vec![4; view.signals.len()],
+                _ => view.signals.iter().map(|s| s.rank).collect(),
+            };
+            Ok(RankPlan { ranks, skip: view.round == 1 })
+        }
+    }
+
+    #[test]
+    fn a_skipped_round_trains_nothing_sends_nothing_and_keeps_the_adapters() {
+        let mut ft = crate::finetune::tests::tiny_run(30, "0");
+        let preset = envs::presets::load("wireless-rayleigh").unwrap();
+        let signals = ft.signals(false);
+        let ppr: f64 = signals.iter().map(|s| (s.d_in + s.d_out) as f64).sum();
+        // The default preset's channel sized for a 56-site model: rank 4 on 14 small sites fits.
+        let ranks = [0, 1, 2, 4, 8, 16];
+        let mut res = RunResource::new(Some(&preset), &signals, Some(&ranks), 3, 8.0 * ppr, 7).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let mut tb = SummaryWriter::new(dir.path()).unwrap();
+        let opts = RunOptions { rounds: 3, eval_every_rounds: 1 };
+        let bar = indicatif::ProgressBar::hidden();
+        let report = run(&mut ft, &mut SkipSecondRound, &mut res, &opts, &mut tb, &bar).unwrap();
+        let r = &report.rounds;
+        assert_eq!((report.rounds_skipped, report.rounds_lost), (1, 0));
+        assert!(!r[0].skipped && r[1].skipped && !r[2].skipped);
+        assert!(r[0].cost > 0.0 && r[2].cost > 0.0);
+        assert_eq!(r[1].cost, 0.0, "a skipped round sends nothing");
+        assert_eq!(report.cost_sent, r[0].cost + r[2].cost);
+        assert_eq!(r[1].ranks, vec![4; r[1].ranks.len()], "and keeps the adapters");
+        assert_eq!(r[1].train_loss, r[0].train_loss, "and trains nothing");
+        // The round after the skip trains again, from where round 0 left off.
+        assert!(r[2].train_loss < r[0].train_loss, "{} -> {}", r[0].train_loss, r[2].train_loss);
+        assert_eq!(bar.position(), 30, "the progress bar counts the skipped steps");
+    }
+}

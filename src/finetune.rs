@@ -496,7 +496,7 @@ impl Finetuner {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::data::{Corpus, Tokenizer};
     use crate::model::llama::LlamaConfig;

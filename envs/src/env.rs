@@ -757,6 +757,30 @@ impl EnvState {
         b
     }
 
+    /// The oracle's value of skipping this round, in the units of [`EnvState::oracle_tables`]
+    /// summed over the sites: this round keeps the captured share q (no progress, no cost), then
+    /// the current plan is held for the H − 1 rounds after it: w_l·(q + (H−1)·E_cur −
+    /// (E_cur − q)⁺·S_{H−1}) − (H−1)·(λ·cost/B + FLOPs term). No perturbation: nothing changes.
+    pub(crate) fn oracle_skip_value(&self, spec: &EnvSpec) -> f64 {
+        let k = spec.rank_set.len();
+        let rw = &spec.preset.reward;
+        let b = self.res.true_budget.max(f64::MIN_POSITIVE);
+        let h = spec.preset.rounds.saturating_sub(self.round).max(1) as f64 - 1.0;
+        let rho = 1.0 - self.eta;
+        let s_h = if self.eta > 0.0 { rho * (1.0 - rho.powf(h)) / self.eta } else { h };
+        (0..spec.n_sites())
+            .map(|l| {
+                let j = self.rank_idx[l] as usize;
+                let e = self.energy[l * k + j] as f64;
+                let q = self.captured[l] as f64;
+                let r = spec.rank_set.rank(j) as f64;
+                self.w[l] as f64 * (q + h * e - (e - q).max(0.0) * s_h)
+                    - h * (rw.cost_coef * r * spec.unit_cost[l] / b
+                        + rw.flops_coef * r * spec.flops_per_rank[l] / rw.flops_scale)
+            })
+            .sum()
+    }
+
     /// The round's true budget (privileged).
     pub fn true_budget(&self) -> f64 {
         self.res.true_budget
@@ -1152,6 +1176,30 @@ impl VecEnv {
         );
         (out, stats)
     }
+}
+
+/// The oracle's decision for environment state `st`: `None` when skipping the round is worth
+/// more than the best plan (only where skipping is allowed: a channel or a compute budget),
+/// else the plan from [`oracle_plan_into`].
+pub fn oracle_decide_into(
+    spec: &EnvSpec,
+    st: &EnvState,
+    solver: &mut MckpSolver,
+    values: &mut Vec<f64>,
+    costs: &mut Vec<f64>,
+    out: &mut [u32],
+) -> Option<SolveStats> {
+    let stats = oracle_plan_into(spec, st, solver, values, costs, out);
+    if spec.resource.kind() == ResourceKind::Budget {
+        return Some(stats);
+    }
+    let k = spec.rank_set.len();
+    let plan_value: f64 = out
+        .iter()
+        .enumerate()
+        .map(|(l, &r)| values[l * k + spec.rank_set.index_of(r).expect("the oracle plans from the set")])
+        .sum();
+    (plan_value >= st.oracle_skip_value(spec)).then_some(stats)
 }
 
 /// Solves environment state `st`'s round exactly; writes rank values into `out`.

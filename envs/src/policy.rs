@@ -4,7 +4,7 @@
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::env::{EnvSpec, EnvState, Observation, oracle_plan_into};
+use crate::env::{EnvSpec, EnvState, Observation, oracle_decide_into, oracle_plan_into};
 use crate::oracle::MckpSolver;
 use crate::presets::ResourceKind;
 use crate::sites::{RankSet, Site, power_law_tables};
@@ -319,6 +319,19 @@ impl RankPolicy for OraclePolicy {
                 out
             }
             None => UniformPolicy.act(obs, ctx),
+        }
+    }
+    /// Skips when the hold-the-plan value of skipping beats the best plan's (see
+    /// `EnvState::oracle_skip_value`), so a policy that may skip is measured against an
+    /// oracle that may too.
+    fn decide(&mut self, obs: &Observation, ctx: &RoundContext<'_>) -> Option<Vec<u32>> {
+        match ctx.privileged {
+            Some(p) => {
+                let mut out = vec![0; obs.n_sites];
+                oracle_decide_into(p.spec, p.state, &mut self.solver, &mut self.values, &mut self.costs, &mut out)
+                    .map(|_| out)
+            }
+            None => Some(UniformPolicy.act(obs, ctx)),
         }
     }
 }

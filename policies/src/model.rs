@@ -91,6 +91,8 @@ pub struct Decision {
     pub skip: Vec<bool>,
     /// Log-probability of each skip decision (empty without a skip head).
     pub skip_logp: Vec<f32>,
+    /// The prior's skip margin per environment (empty without a skip head or without a prior).
+    pub skip_margin: Vec<f32>,
 }
 
 /// Network + statistics + refiner: everything needed to turn observations into plans.
@@ -208,9 +210,9 @@ impl PolicyModel {
         mode: ActMode<'_>,
     ) -> Decision {
         let k = self.ranks.len();
-        let prior = match &self.prior {
-            Some(p) => p.values(global, sites, n_envs, n_sites, unit_cost, budgets, dims),
-            None => Vec::new(),
+        let (prior, skip_margin) = match &self.prior {
+            Some(p) => p.values(global, sites, n_envs, n_sites, unit_cost, budgets, dims, self.net.has_skip()),
+            None => (Vec::new(), Vec::new()),
         };
         let current = self.current_indices(sites, n_envs, n_sites);
         let (gt, st, mask, global, sites) = self.tensors(global, sites, n_envs, n_sites);
@@ -219,7 +221,9 @@ impl PolicyModel {
         });
         let (logits, values, skip_logit) = tch::no_grad(|| {
             let out = self.net.forward(&gt, &st, &mask);
-            (self.net.policy_logits(&out.logits, prior_t.as_ref()), out.site_values, out.skip_logit)
+            let margin = (!skip_margin.is_empty()).then(|| Tensor::from_slice(&skip_margin).to_device(self.device()));
+            let skip = out.skip_logit.map(|z| self.net.policy_skip_logit(&z, margin.as_ref()));
+            (self.net.policy_logits(&out.logits, prior_t.as_ref()), out.site_values, skip)
         });
         let logp_all: Vec<f32> =
             Vec::try_from(logits.log_softmax(-1, Kind::Float).to_device(Device::Cpu).flatten(0, -1))
@@ -307,7 +311,7 @@ impl PolicyModel {
             coarse.copy_from_slice(&executed);
         }
         let logp = coarse.iter().enumerate().map(|(i, &j)| logp_all[i * k + j as usize]).collect();
-        Decision { coarse, logp, executed, values, global, sites, prior, skip, skip_logp }
+        Decision { coarse, logp, executed, values, global, sites, prior, skip, skip_logp, skip_margin }
     }
 
     /// Each site's current rank index, read back from the raw `rank` feature (current rank /

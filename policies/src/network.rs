@@ -31,7 +31,9 @@
 //! play the round at all: P(skip) = σ(z_skip). A skipped round sends nothing and keeps every
 //! adapter (see `envs::VecEnv::step_indices_skipping`); it is what a policy should do in a deep
 //! fade instead of squeezing its adapters to fit. The head starts with a small weight and a bias
-//! of −2 (P(skip) ≈ 0.12), so skipping is explored from the start without dominating.
+//! of −2 (P(skip) ≈ 0.12), so skipping is explored from the start without dominating. With a
+//! prior the skip logit is `s·margin + z_skip` with the prior's skip margin, and the head starts
+//! at zero like the rank head.
 
 use serde::{Deserialize, Serialize};
 use tch::nn::{self, Module};
@@ -149,10 +151,18 @@ impl PolicyNet {
                     p / "skip",
                     3 * h,
                     1,
-                    nn::LinearConfig {
-                        ws_init: nn::Init::Orthogonal { gain: 0.01 },
-                        bs_init: Some(nn::Init::Const(-2.0)),
-                        bias: true,
+                    match prior {
+                        // A residual to the prior's skip margin: starts at zero.
+                        Some(_) => nn::LinearConfig {
+                            ws_init: nn::Init::Const(0.0),
+                            bs_init: Some(nn::Init::Const(0.0)),
+                            bias: true,
+                        },
+                        None => nn::LinearConfig {
+                            ws_init: nn::Init::Orthogonal { gain: 0.01 },
+                            bs_init: Some(nn::Init::Const(-2.0)),
+                            bias: true,
+                        },
                     },
                 )
             }),
@@ -172,6 +182,16 @@ impl PolicyNet {
         match (&self.prior_scale, prior) {
             (Some(PriorScale::Learned(ls)), Some(u)) => residual + u * ls.exp(),
             (Some(PriorScale::Fixed(s)), Some(u)) => residual + u * *s,
+            _ => residual.shallow_clone(),
+        }
+    }
+
+    /// The skip logit [B] from the network's (residual) skip logit and the prior's skip margin
+    /// [B] (ignored when the network has no prior): `s·margin + residual`.
+    pub fn policy_skip_logit(&self, residual: &Tensor, margin: Option<&Tensor>) -> Tensor {
+        match (&self.prior_scale, margin) {
+            (Some(PriorScale::Learned(ls)), Some(m)) => residual + m * ls.exp(),
+            (Some(PriorScale::Fixed(s)), Some(m)) => residual + m * *s,
             _ => residual.shallow_clone(),
         }
     }

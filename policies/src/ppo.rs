@@ -202,9 +202,19 @@ pub struct Batch {
     pub returns: Tensor,
     /// The prior's utilities the decisions saw [B, L, K], when the policy has a prior.
     pub prior: Option<Tensor>,
-    /// Skip decisions [B] (float, 1 = skipped) and their log-probabilities under the rollout
-    /// policy [B], when the network has a skip head.
-    pub skip: Option<(Tensor, Tensor)>,
+    /// Skip decisions, when the network has a skip head.
+    pub skip: Option<SkipBatch>,
+}
+
+/// The skip decisions of a rollout.
+#[derive(Debug)]
+pub struct SkipBatch {
+    /// Decisions [B] (float, 1 = skipped).
+    pub taken: Tensor,
+    /// Their log-probabilities under the rollout policy [B].
+    pub logp: Tensor,
+    /// The prior's skip margins the decisions saw [B], when the policy has a prior.
+    pub margin: Option<Tensor>,
 }
 
 /// What one update did, for logging.
@@ -248,7 +258,8 @@ pub struct Evaluated {
 
 /// Log-probabilities, entropies and per-site values of `actions` under the current network (and
 /// the prior's utilities `prior` [B, L, K], when it has one); with a skip head also the
-/// log-probabilities of the skip decisions `skip` [B] (float, 1 = skipped).
+/// log-probabilities of the skip decisions `skip` [B] (float, 1 = skipped), with the prior's
+/// skip margins [B] when it has a prior.
 pub fn evaluate_actions(
     net: &PolicyNet,
     global: &Tensor,
@@ -256,7 +267,7 @@ pub fn evaluate_actions(
     mask: &Tensor,
     actions: &Tensor,
     prior: Option<&Tensor>,
-    skip: Option<&Tensor>,
+    skip: Option<(&Tensor, Option<&Tensor>)>,
 ) -> Evaluated {
     let out = net.forward(global, sites, mask);
     let logits = net.policy_logits(&out.logits, prior);
@@ -264,7 +275,8 @@ pub fn evaluate_actions(
     let logp = logp_all.gather(-1, &actions.unsqueeze(-1), false).squeeze_dim(-1);
     let entropy = -(logp_all.exp() * &logp_all).sum_dim_intlist(-1, false, Kind::Float);
     let skip = match (out.skip_logit, skip) {
-        (Some(z), Some(s)) => {
+        (Some(z), Some((s, margin))) => {
+            let z = net.policy_skip_logit(&z, margin);
             // log σ(z) = −softplus(−z), log σ(−z) = −softplus(z).
             let (ls, ln) = (-(-&z).softplus(), -z.softplus());
             let p = z.sigmoid();
@@ -302,7 +314,7 @@ pub fn update(
             let sel = |t: &Tensor| t.index_select(0, &idx);
             let mask = sel(&batch.mask);
             let prior = batch.prior.as_ref().map(sel);
-            let skip = batch.skip.as_ref().map(|(s, lp)| (sel(s), sel(lp)));
+            let skip = batch.skip.as_ref().map(|b| (sel(&b.taken), sel(&b.logp), b.margin.as_ref().map(sel)));
             let ev = evaluate_actions(
                 net,
                 &sel(&batch.global),
@@ -310,12 +322,12 @@ pub fn update(
                 &mask,
                 &sel(&batch.actions),
                 prior.as_ref(),
-                skip.as_ref().map(|(s, _)| s),
+                skip.as_ref().map(|(s, _, m)| (s, m.as_ref())),
             );
             let (logp, entropy, value) = (ev.logp, ev.entropy, ev.values);
             // Sites of a skipped state chose nothing: no ratio, no policy gradient there.
             let act_mask = match &skip {
-                Some((s, _)) => &mask * (s.ones_like() - s).unsqueeze(-1),
+                Some((s, _, _)) => &mask * (s.ones_like() - s).unsqueeze(-1),
                 None => mask.shallow_clone(),
             };
             let sites_in_mb = act_mask.sum(Kind::Float).clamp_min(1.0);
@@ -355,7 +367,7 @@ pub fn update(
             let pg2 = -&adv * ratio.clamp(1.0 - cfg.clip_coef, 1.0 + cfg.clip_coef);
             let mut policy_loss = (pg1.maximum(&pg2) * &act_mask).sum(Kind::Float) / &sites_in_mb;
             let mut skip_entropy = Tensor::from(0.0f32);
-            if let (Some((logp_s, ent_s, _)), Some((_, old_logp_s))) = (&ev.skip, &skip) {
+            if let (Some((logp_s, ent_s, _)), Some((_, old_logp_s, _))) = (&ev.skip, &skip) {
                 let mut a = state_adv;
                 if cfg.norm_adv && chunk.len() > 1 {
                     a = (&a - a.mean(Kind::Float)) / (a.std(true) + 1e-8);
@@ -543,7 +555,8 @@ mod tests {
             let skipped: Vec<f32> = (0..b).map(|i| (i < 8) as u8 as f32).collect();
             let skip = Tensor::from_slice(&skipped);
             let actions = Tensor::zeros([b, 5], (Kind::Int64, Device::Cpu));
-            let ev = tch::no_grad(|| evaluate_actions(&net, &global, &sites, &mask, &actions, None, Some(&skip)));
+            let ev =
+                tch::no_grad(|| evaluate_actions(&net, &global, &sites, &mask, &actions, None, Some((&skip, None))));
             let (old_skip_logp, _, p0) = ev.skip.unwrap();
             let adv: Vec<f32> = skipped.iter().map(|&s| if s > 0.0 { sign } else { -sign }).collect();
             let batch = Batch {
@@ -556,13 +569,14 @@ mod tests {
                 advantages: Tensor::from_slice(&adv),
                 returns: Tensor::zeros([b], opts),
                 prior: None,
-                skip: Some((skip.shallow_clone(), old_skip_logp)),
+                skip: Some(SkipBatch { taken: skip.shallow_clone(), logp: old_skip_logp, margin: None }),
             };
             let cfg =
                 PpoConfig { num_minibatches: 1, update_epochs: 4, target_kl: 0.0, ent_coef: 0.0, ..Default::default() };
             let stats = update(&cfg, &net, &vs, &mut opt, &batch, 1e-2, |n| (0..n as i64).collect());
             assert!(!stats.non_finite);
-            let ev1 = tch::no_grad(|| evaluate_actions(&net, &global, &sites, &mask, &actions, None, Some(&skip)));
+            let ev1 =
+                tch::no_grad(|| evaluate_actions(&net, &global, &sites, &mask, &actions, None, Some((&skip, None))));
             let p1 = ev1.skip.unwrap().2;
             (p0.mean(Kind::Float).double_value(&[]), p1.mean(Kind::Float).double_value(&[]))
         };

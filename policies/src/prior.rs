@@ -34,6 +34,18 @@
 //!   of the episode: q̂ = Ê_cur·(1 − ρ^round).
 //! - **ŵ** (sensitivity): the geometric mean of the observed `sensitivity` and of
 //!   `grad_norm / √(1 − q̂)` (both estimate w_l·L/Σw with independent noise), times Σw / L.
+//!
+//! **Skipping** (a network with a skip head). The prior also values skipping the round as the
+//! skip-aware oracle does (`envs`' `oracle_skip_value`): no progress and no cost now, then the
+//! current plan held for H − 1 rounds,
+//!
+//! ```text
+//! v_l^skip = ŵ_l·(q̂ + (H−1)·Ê_cur − (Ê_cur − q̂)⁺·S_{H−1}) − (H−1)·λ·cost_l,cur / B
+//! ```
+//!
+//! and its *skip margin* is Σ_l v_l^skip minus the value of the best plan that fits the budget
+//! (the knapsack over v_lj), in the same normalized units. The skip logit is
+//! `s·margin + residual`, so an untrained network skips exactly when the prior's values say so.
 
 use std::sync::{Arc, Mutex};
 
@@ -93,6 +105,13 @@ pub struct PriorConfig {
     pub tail_noise: f64,
     /// min(d_in, d_out) assumed when the caller does not give the sites' shapes (default 4096).
     pub default_dim: u32,
+    /// The loss floor L∞ of the dynamics. When set, the captured share also uses the observed
+    /// `loss_ratio`: Σ_l w_l·q_l = (L∞ + Σw)·(1 − loss_ratio), which sees rounds that made no
+    /// progress (skipped or lost); q̂ is then E_cur·min(1 − ρ^round, κ) with κ the common
+    /// fraction that matches it. Default none: q̂ = E_cur·(1 − ρ^round), as checkpoints written
+    /// before this setting existed act.
+    #[serde(default)]
+    pub loss_floor: Option<f64>,
 }
 
 impl Default for PriorConfig {
@@ -112,6 +131,7 @@ impl Default for PriorConfig {
             beta_max: 2.5,
             tail_noise: 0.2,
             default_dim: 4096,
+            loss_floor: None,
         }
     }
 }
@@ -237,7 +257,8 @@ impl Prior {
 
     /// Prior values v_lj (reward units, see the module doc) of one environment, written to `out`
     /// (`n_sites × |ranks|`), normalized per round and per average site. `dims` gives each
-    /// site's min(d_in, d_out) (`default_dim` when `None`).
+    /// site's min(d_in, d_out) (`default_dim` when `None`). Returns Σ_l v_l^skip, the value of
+    /// skipping the round, in the same units.
     pub fn values_into(
         &self,
         global: &[f32],
@@ -246,7 +267,7 @@ impl Prior {
         budget: f64,
         dims: Option<&[u32]>,
         out: &mut [f32],
-    ) {
+    ) -> f64 {
         let c = &self.cfg;
         let k = self.ranks.len();
         let n = sites.len() / SITE_FEATURES;
@@ -257,49 +278,90 @@ impl Prior {
         let h = (c.rounds - round).max(1.0);
         let rho = 1.0 - c.eta;
         let s_h = rho * (1.0 - rho.powf(h)) / c.eta;
+        let s_h1 = rho * (1.0 - rho.powf(h - 1.0)) / c.eta;
         let conv = 1.0 - rho.powf(round);
         let b = budget.max(f64::MIN_POSITIVE);
         let norm = n as f64 / (h * c.sensitivity_total);
         let mut tab = self.tables(dims.map_or(c.default_dim, |d| d.first().copied().unwrap_or(c.default_dim)));
-        let mut e = vec![0f64; k];
+        // Pass 1: per site the current rank, the energy table at β̂ and the sensitivity.
+        let mut e = vec![0f64; n * k];
+        let mut cur = vec![0usize; n];
+        let mut w = vec![0f64; n];
         for l in 0..n {
             let row = &sites[l * SITE_FEATURES..(l + 1) * SITE_FEATURES];
             if let Some(d) = dims.filter(|d| d[l] != tab.dim) {
                 tab = self.tables(d[l]);
             }
             let r = row[0] as f64 * rmax;
-            let cur = self
+            cur[l] = self
                 .ranks
                 .iter()
                 .enumerate()
                 .min_by(|a, b| ((*a.1 as f64 - r).abs()).total_cmp(&(*b.1 as f64 - r).abs()))
                 .map_or(0, |x| x.0);
-            let beta = self.beta_estimate(&tab, row, cur);
+            let beta = self.beta_estimate(&tab, row, cur[l]);
             // Linear interpolation of the E table in β.
             let pos = ((beta - c.beta_min) / GRID_STEP).clamp(0.0, (self.grid.len() - 1) as f64);
             let i0 = (pos.floor() as usize).min(self.grid.len().saturating_sub(2));
             let f = pos - i0 as f64;
-            for (j, ej) in e.iter_mut().enumerate() {
+            for j in 0..k {
                 let a = tab.energy[i0 * k + j] as f64;
                 let z = tab.energy[(i0 + 1).min(self.grid.len() - 1) * k + j] as f64;
-                *ej = a + f * (z - a);
+                e[l * k + j] = a + f * (z - a);
             }
-            let q = e[cur] * conv;
+            let q = e[l * k + cur[l]] * conv;
             // Sensitivity: geometric mean of the two noisy measurements of w·L/Σw.
             let sens = (row[10] as f64).max(1e-6);
             let g = row[11] as f64;
             let w_obs = if g > 0.0 && q < 0.99 { (sens * g / (1.0 - q).sqrt()).sqrt() } else { sens };
-            let w = w_obs * c.sensitivity_total / n as f64;
+            w[l] = w_obs * c.sensitivity_total / n as f64;
+        }
+        // The captured fraction of the current energy: 1 − ρ^round, or less when the loss says
+        // some rounds made no progress.
+        let frac = match c.loss_floor {
+            Some(floor) => {
+                let captured = (floor + c.sensitivity_total) * (1.0 - global[13] as f64);
+                let full: f64 = (0..n).map(|l| w[l] * e[l * k + cur[l]]).sum();
+                if full > 0.0 { conv.min((captured / full).max(0.0)) } else { conv }
+            }
+            None => conv,
+        };
+        // Pass 2: the values.
+        let mut skip_value = 0.0;
+        for l in 0..n {
+            let el = &e[l * k..(l + 1) * k];
+            let ec = el[cur[l]];
+            let q = ec * frac;
             for j in 0..k {
-                let q0 = if j < cur && e[cur] > 0.0 { q * e[j] / e[cur] } else { q };
+                let q0 = if j < cur[l] && ec > 0.0 { q * el[j] / ec } else { q };
                 let cost = self.ranks[j] as f64 * unit_cost[l];
-                let v = w * (h * e[j] - (e[j] - q0).max(0.0) * s_h) - h * c.cost_coef * cost / b;
+                let v = w[l] * (h * el[j] - (el[j] - q0).max(0.0) * s_h) - h * c.cost_coef * cost / b;
                 out[l * k + j] = (v * norm) as f32;
             }
+            let cost = self.ranks[cur[l]] as f64 * unit_cost[l];
+            skip_value +=
+                norm * (w[l] * (q + (h - 1.0) * ec - (ec - q).max(0.0) * s_h1) - (h - 1.0) * c.cost_coef * cost / b);
         }
+        skip_value
     }
 
-    /// Prior values of `n_envs` environments (`n_envs × n_sites × |ranks|`).
+    /// The skip margin of one environment from its values `v` (`n_sites × |ranks|`) and skip
+    /// value: Σ_l v_l^skip − the best plan's value at `budget` (exact knapsack). Positive means
+    /// the prior would skip.
+    pub fn skip_margin(&self, v: &[f32], skip_value: f64, unit_cost: &[f64], budget: f64) -> f32 {
+        let k = self.ranks.len();
+        let n = v.len() / k.max(1);
+        let values: Vec<f64> = v.iter().map(|&x| x as f64).collect();
+        let costs: Vec<f64> = (0..n * k).map(|i| self.ranks[i % k] as f64 * unit_cost[i / k]).collect();
+        let mut out = vec![0usize; n];
+        let best = envs::oracle::MckpSolver::new()
+            .solve(&values, &costs, k, budget, &mut out)
+            .map_or_else(|| (0..n).map(|l| values[l * k]).sum(), |(v, _)| v);
+        (skip_value - best) as f32
+    }
+
+    /// Prior values of `n_envs` environments (`n_envs × n_sites × |ranks|`) and, with
+    /// `want_skip`, each environment's skip margin ([`Prior::skip_margin`]; empty otherwise).
     #[allow(clippy::too_many_arguments)]
     pub fn values(
         &self,
@@ -310,11 +372,13 @@ impl Prior {
         unit_cost: &[f64],
         budgets: &[f64],
         dims: Option<&[u32]>,
-    ) -> Vec<f32> {
+        want_skip: bool,
+    ) -> (Vec<f32>, Vec<f32>) {
         let k = self.ranks.len();
         let mut out = vec![0f32; n_envs * n_sites * k];
+        let mut margins = Vec::with_capacity(if want_skip { n_envs } else { 0 });
         for e in 0..n_envs {
-            self.values_into(
+            let skip_value = self.values_into(
                 &global[e * GLOBAL_FEATURES..(e + 1) * GLOBAL_FEATURES],
                 &sites[e * n_sites * SITE_FEATURES..(e + 1) * n_sites * SITE_FEATURES],
                 unit_cost,
@@ -322,8 +386,12 @@ impl Prior {
                 dims,
                 &mut out[e * n_sites * k..(e + 1) * n_sites * k],
             );
+            if want_skip {
+                let v = &out[e * n_sites * k..(e + 1) * n_sites * k];
+                margins.push(self.skip_margin(v, skip_value, unit_cost, budgets[e]));
+            }
         }
-        out
+        (out, margins)
     }
 
     /// The prior's own plan (rank indices): the exact knapsack over its values at `budget`.

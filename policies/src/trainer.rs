@@ -313,6 +313,7 @@ impl Trainer {
         let has_skip = self.model.net.has_skip();
         let mut buf_skip: Vec<f32> = Vec::with_capacity(if has_skip { t_len * n } else { 0 });
         let mut buf_skip_logp: Vec<f32> = Vec::with_capacity(if has_skip { t_len * n } else { 0 });
+        let mut buf_skip_margin: Vec<f32> = Vec::new();
         let mut buf_prior = Vec::with_capacity(if self.model.prior.is_some() { t_len * n * l * k } else { 0 });
         let dims: Vec<u32> = self.venv.spec().sites.iter().map(|s| s.max_rank()).collect();
         let mut stats = IterationStats::default();
@@ -340,6 +341,7 @@ impl Trainer {
             if has_skip {
                 buf_skip.extend(d.skip.iter().map(|&s| s as u8 as f32));
                 buf_skip_logp.extend_from_slice(&d.skip_logp);
+                buf_skip_margin.extend_from_slice(&d.skip_margin);
             }
 
             let rewards = self.venv.rewards();
@@ -411,8 +413,10 @@ impl Trainer {
             returns: Tensor::from_slice(&ret).view(value_shape(cfg.credit, b, l).as_slice()).to_device(dev),
             prior: (!buf_prior.is_empty())
                 .then(|| Tensor::from_slice(&buf_prior).view([b, l as i64, k as i64]).to_device(dev)),
-            skip: has_skip.then(|| {
-                (Tensor::from_slice(&buf_skip).to_device(dev), Tensor::from_slice(&buf_skip_logp).to_device(dev))
+            skip: has_skip.then(|| ppo::SkipBatch {
+                taken: Tensor::from_slice(&buf_skip).to_device(dev),
+                logp: Tensor::from_slice(&buf_skip_logp).to_device(dev),
+                margin: (!buf_skip_margin.is_empty()).then(|| Tensor::from_slice(&buf_skip_margin).to_device(dev)),
             }),
         };
         let rng = &mut self.rng;
