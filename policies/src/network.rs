@@ -45,8 +45,8 @@ use tch::{Kind, Tensor};
 pub struct NetConfig {
     /// Width H of every hidden layer (default 64).
     pub hidden: i64,
-    /// A skip head: the policy may skip a round (default false; only for presets whose resource
-    /// is per round, a channel or a compute budget).
+    /// A skip head: the policy may skip a round (default false). Training turns it off on
+    /// presets whose resource is a fixed parameter budget, where skipping saves nothing.
     #[serde(default)]
     pub skip: bool,
 }

@@ -108,7 +108,7 @@ pub struct PriorConfig {
     /// The loss floor L∞ of the dynamics. When set, the captured share also uses the observed
     /// `loss_ratio`: Σ_l w_l·q_l = (L∞ + Σw)·(1 − loss_ratio), which sees rounds that made no
     /// progress (skipped or lost); q̂ is then E_cur·min(1 − ρ^round, κ) with κ the common
-    /// fraction that matches it. Default none: q̂ = E_cur·(1 − ρ^round), as checkpoints written
+    /// fraction that matches it (with the ŵ rescaled to sum to Σw). Default none: q̂ = E_cur·(1 − ρ^round), as checkpoints written
     /// before this setting existed act.
     #[serde(default)]
     pub loss_floor: Option<f64>,
@@ -148,6 +148,9 @@ impl rankpilot_config::Validate for PriorConfig {
         v.check(self.beta_max > self.beta_min, "beta_max", self.beta_max, "a number > beta_min");
         v.check(self.tail_noise > 0.0, "tail_noise", self.tail_noise, "a number > 0");
         v.check(self.default_dim >= 1, "default_dim", self.default_dim, "an integer >= 1");
+        if let Some(f) = self.loss_floor {
+            v.check(f >= 0.0 && f.is_finite(), "loss_floor", f, "a number >= 0");
+        }
         for (k, b) in [
             ("beta.qk", self.beta.qk),
             ("beta.vo", self.beta.vo),
@@ -321,7 +324,9 @@ impl Prior {
         let frac = match c.loss_floor {
             Some(floor) => {
                 let captured = (floor + c.sensitivity_total) * (1.0 - global[13] as f64);
-                let full: f64 = (0..n).map(|l| w[l] * e[l * k + cur[l]]).sum();
+                // The noisy ŵ are biased upward (log-normal noise): rescale them to Σw here.
+                let w_sum: f64 = w.iter().sum::<f64>().max(f64::MIN_POSITIVE);
+                let full: f64 = (0..n).map(|l| w[l] * e[l * k + cur[l]]).sum::<f64>() * c.sensitivity_total / w_sum;
                 if full > 0.0 { conv.min((captured / full).max(0.0)) } else { conv }
             }
             None => conv,

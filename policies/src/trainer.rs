@@ -243,12 +243,13 @@ impl Trainer {
         device: Device,
     ) -> Result<Self, String> {
         let spec: Arc<EnvSpec> = EnvSpec::new(env_preset).map_err(|e| e.to_string())?;
-        if preset.ppo.net.skip && spec.resource.kind() == envs::presets::ResourceKind::Budget {
-            return Err(format!(
-                "policy preset `{}` has a skip head (ppo.net.skip = true) but environment preset `{}` has a fixed parameter budget (resource kind `budget`), where a skipped round saves nothing; allowed: net.skip = false, or a channel or compute preset",
-                preset.name, env_preset.name
-            ));
+        // A skipped round saves nothing under a fixed parameter budget (the adapter exists
+        // whether or not the round is played): no skip head there.
+        let mut preset = preset.clone();
+        if spec.resource.kind() == envs::presets::ResourceKind::Budget {
+            preset.ppo.net.skip = false;
         }
+        let preset = &preset;
         let ranks = spec.rank_set.ranks().to_vec();
         let model = {
             // Initial weights come from libtorch's global generator: seed it and draw the

@@ -100,8 +100,9 @@ fn a_checkpoint_refuses_another_rank_set() {
 
 #[test]
 fn an_untrained_policy_with_a_prior_plans_as_the_prior() {
-    // The residual head starts at zero, so the greedy plan is the prior's knapsack plan: equal,
-    // or (float ties between log-softmax utilities and the prior's values) of equal prior value.
+    // The residual heads start at zero, so the greedy policy skips exactly when the prior's skip
+    // margin is positive, and otherwise plays the prior's knapsack plan: equal, or (float ties
+    // between log-softmax utilities and the prior's values) of equal prior value.
     let _serial = serial();
     let env = small_env();
     let preset = load_preset("default").unwrap();
@@ -110,17 +111,27 @@ fn an_untrained_policy_with_a_prior_plans_as_the_prior() {
     let mut model_policy = TrainedPolicy { model: &t.model, label: "policy".into() };
     let prior = policies::prior::Prior::new(preset.prior.clone(), &env.ranks);
     let mut venv = envs::VecEnv::new(&env, 1, 17).unwrap();
-    let (mut rounds, mut equal) = (0, 0);
+    let (mut rounds, mut equal, mut skips) = (0, 0, 0);
     for _ in 0..60 {
         let obs = venv.observation(0);
         let ctx = venv.context(0);
         let dims: Vec<u32> = ctx.sites.iter().map(|s| s.max_rank()).collect();
         let want = prior.plan(&obs.global, &obs.sites, ctx.unit_cost, ctx.conservative_budget, Some(&dims));
-        let got = envs::RankPolicy::act(&mut model_policy, &obs, &ctx);
-        let got: Vec<usize> = got.iter().map(|&r| ctx.rank_set.index_of(r).unwrap()).collect();
         let k = env.ranks.len();
         let mut v = vec![0f32; obs.n_sites * k];
-        prior.values_into(&obs.global, &obs.sites, ctx.unit_cost, ctx.conservative_budget, Some(&dims), &mut v);
+        let skip_value =
+            prior.values_into(&obs.global, &obs.sites, ctx.unit_cost, ctx.conservative_budget, Some(&dims), &mut v);
+        let margin = prior.skip_margin(&v, skip_value, ctx.unit_cost, ctx.conservative_budget);
+        let Some(got) = envs::RankPolicy::decide(&mut model_policy, &obs, &ctx) else {
+            assert!(margin > -1e-4, "round {rounds}: skipped with a skip margin of {margin}");
+            skips += 1;
+            rounds += 1;
+            let keep = venv.rank_indices(0).to_vec();
+            venv.step_indices_skipping(&keep, &[true]).unwrap();
+            continue;
+        };
+        assert!(margin < 1e-4, "round {rounds}: played with a skip margin of {margin}");
+        let got: Vec<usize> = got.iter().map(|&r| ctx.rank_set.index_of(r).unwrap()).collect();
         let value = |p: &[usize]| p.iter().enumerate().map(|(l, &j)| v[l * k + j] as f64).sum::<f64>();
         let (vg, vw) = (value(&got), value(&want));
         assert!(
@@ -132,5 +143,6 @@ fn an_untrained_policy_with_a_prior_plans_as_the_prior() {
         rounds += 1;
         venv.step_indices(&want.iter().map(|&j| j as u8).collect::<Vec<_>>()).unwrap();
     }
-    assert!(equal * 10 >= rounds * 9, "only {equal} of {rounds} plans identical");
+    assert!(equal * 10 >= (rounds - skips) * 9, "only {equal} of {} plans identical", rounds - skips);
+    assert!(skips > 0 && skips < rounds, "{skips} of {rounds} rounds skipped: both branches are checked");
 }
