@@ -140,12 +140,14 @@ fn bench_policy(a: &BenchArgs) -> Result<()> {
     );
     println!("{:<28} {:>12} {:>12}", "policy", "median ms", "p90 ms");
     let mut rows = Vec::new();
-    // The default preset's model-based prior (its cost is part of a decision when enabled).
-    let prior = policies::trainer::load_preset("default")?.prior;
+    // The default preset: its model-based prior and its skip head (whose prior margin takes one
+    // more knapsack solve) are part of a decision.
+    let default = policies::trainer::load_preset("default")?;
+    let prior = default.prior;
     let dims: Vec<u32> = ctx.sites.iter().map(|s| s.max_rank()).collect();
     for (label, ddim_steps, with_prior) in [
         ("PPO alone", None, false),
-        ("PPO + prior (default)", None, true),
+        ("PPO + prior + skip (default)", None, true),
         ("PPO + DDIM, 10 steps", Some(10), false),
         ("PPO + DDIM, 50 steps", Some(50), false),
     ] {
@@ -155,7 +157,7 @@ fn bench_policy(a: &BenchArgs) -> Result<()> {
             ..DdimConfig::default()
         };
         let mut model = if with_prior {
-            PolicyModel::with_prior(a.common.device, &ranks, NetConfig::default(), ddim, &prior)
+            PolicyModel::with_prior(a.common.device, &ranks, default.ppo.net, ddim, &prior)
         } else {
             PolicyModel::new(a.common.device, &ranks, NetConfig::default(), ddim)
         };
