@@ -666,4 +666,49 @@ mod tests {
         let e = SchedulerSpec::Fixed(Some(6)).build(&ppr, &maxr, budget, 100, 10, Device::Cpu).err().unwrap();
         assert!(e.to_string().contains("allowed: fixed:R with R <= 5"), "{e}");
     }
+
+    #[test]
+    fn a_policy_that_skips_keeps_the_run_s_ranks() {
+        // A skip head whose bias makes P(skip) ≈ 1: the plan keeps every site's actual rank
+        // (3 is not even in the policy's rank set), marked as skipped.
+        let ranks = [0u32, 1, 2, 4, 8];
+        let mut model = PolicyModel::new(
+            Device::Cpu,
+            &ranks,
+            policies::network::NetConfig { hidden: 8, skip: true },
+            policies::ddim::DdimConfig::default(),
+        );
+        let bias = &model.vs.variables()["net.skip.bias"];
+        tch::no_grad(|| bias.shallow_clone().fill_(20.0));
+        let ppr = vec![16.0, 24.0];
+        let mut s = PolicyScheduler { model, label: "policy:test".into(), params_per_rank: ppr.clone(), budget: 1e9 };
+        let sig = signals(&[3, 8], &[vec![1.0, 0.5, 0.2], vec![1.0; 8]]);
+        let obs = Observation::zeros(2);
+        let sites: Vec<envs::Site> = Vec::new();
+        let set = envs::RankSet::new(&ranks, 8).unwrap();
+        let unit = vec![1.0; 2];
+        let view = RoundView {
+            round: 1,
+            rounds: 4,
+            step: 10,
+            total_steps: 40,
+            signals: &sig,
+            observation: &obs,
+            context: RoundContext {
+                rank_set: &set,
+                sites: &sites,
+                unit_cost: &unit,
+                resource: envs::presets::ResourceKind::Channel,
+                estimated_budget: 1e9,
+                conservative_budget: 1e9,
+                privileged: None,
+            },
+        };
+        assert_eq!(s.plan(&view).unwrap(), RankPlan { ranks: vec![3, 8], skip: true });
+        // The same policy with P(skip) ≈ 0 plays a plan from its rank set.
+        let bias = &s.model.vs.variables()["net.skip.bias"];
+        tch::no_grad(|| bias.shallow_clone().fill_(-20.0));
+        let plan = s.plan(&view).unwrap();
+        assert!(!plan.skip && plan.ranks.iter().all(|&r| ranks.contains(&(r as u32))), "{plan:?}");
+    }
 }
