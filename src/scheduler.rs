@@ -672,14 +672,16 @@ mod tests {
         // A skip head whose bias makes P(skip) ≈ 1: the plan keeps every site's actual rank
         // (3 is not even in the policy's rank set), marked as skipped.
         let ranks = [0u32, 1, 2, 4, 8];
-        let mut model = PolicyModel::new(
+        let model = PolicyModel::new(
             Device::Cpu,
             &ranks,
             policies::network::NetConfig { hidden: 8, skip: true },
             policies::ddim::DdimConfig::default(),
         );
         let bias = &model.vs.variables()["net.skip.bias"];
-        tch::no_grad(|| bias.shallow_clone().fill_(20.0));
+        tch::no_grad(|| {
+            let _ = bias.shallow_clone().fill_(20.0);
+        });
         let ppr = vec![16.0, 24.0];
         let mut s = PolicyScheduler { model, label: "policy:test".into(), params_per_rank: ppr.clone(), budget: 1e9 };
         let sig = signals(&[3, 8], &[vec![1.0, 0.5, 0.2], vec![1.0; 8]]);
@@ -707,7 +709,9 @@ mod tests {
         assert_eq!(s.plan(&view).unwrap(), RankPlan { ranks: vec![3, 8], skip: true });
         // The same policy with P(skip) ≈ 0 plays a plan from its rank set.
         let bias = &s.model.vs.variables()["net.skip.bias"];
-        tch::no_grad(|| bias.shallow_clone().fill_(-20.0));
+        tch::no_grad(|| {
+            let _ = bias.shallow_clone().fill_(-20.0);
+        });
         let plan = s.plan(&view).unwrap();
         assert!(!plan.skip && plan.ranks.iter().all(|&r| ranks.contains(&(r as u32))), "{plan:?}");
     }

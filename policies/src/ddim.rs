@@ -262,7 +262,7 @@ impl Denoiser {
                     }
                     None => x0,
                 };
-                x = x * mask;
+                x *= mask;
             }
             x
         })

@@ -375,7 +375,7 @@ pub fn update(
                 let ratio_s = (logp_s - old_logp_s).exp();
                 let l1 = -&a * &ratio_s;
                 let l2 = -&a * ratio_s.clamp(1.0 - cfg.clip_coef, 1.0 + cfg.clip_coef);
-                policy_loss = policy_loss + l1.maximum(&l2).mean(Kind::Float);
+                policy_loss += l1.maximum(&l2).mean(Kind::Float);
                 skip_entropy = ent_s.mean(Kind::Float);
             }
 

@@ -407,7 +407,7 @@ fn bench_finetune(a: &BenchArgs) -> Result<()> {
     println!("|---|---|---|");
     println!("| rankpilot (AdaLoRA importance tracked every step) | {tps_imp:.0} | {:.2}× |", tps_imp / py_tps);
     println!("| rankpilot (no importance tracking) | {tps_plain:.0} | {:.2}× |", tps_plain / py_tps);
-    println!("| transformers {} + peft, torch AdamW | {py_tps:.0} | 1.00× |", "5.24");
+    println!("| transformers 5.24 + peft, torch AdamW | {py_tps:.0} | 1.00× |");
     println!("\n## Resize overhead (all {n} sites, alternating 8 → 16 grow and 16 → 8 QR-core shrink)");
     println!("| quantity | value |");
     println!("|---|---|");

@@ -69,7 +69,7 @@ pub struct PretrainArgs {
 
 /// Trains and writes the model.
 pub fn run(a: &PretrainArgs) -> Result<()> {
-    if a.hidden % a.heads != 0 || a.heads % a.kv_heads.max(1) != 0 || a.kv_heads == 0 {
+    if !a.hidden.is_multiple_of(a.heads) || !a.heads.is_multiple_of(a.kv_heads.max(1)) || a.kv_heads == 0 {
         return Err(BadInput(format!(
             "--hidden {} must be divisible by --heads {}, and --heads by --kv-heads {}",
             a.hidden, a.heads, a.kv_heads
