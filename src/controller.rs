@@ -523,10 +523,7 @@ pub fn prepare(
     let signals = ft.signals(false);
     let ppr: Vec<f64> = signals.iter().map(|s| (s.d_in + s.d_out) as f64).collect();
     let max_rank: Vec<usize> = signals.iter().map(|s| s.d_in.min(s.d_out)).collect();
-    let budget = budget.unwrap_or(match scheduler {
-        SchedulerSpec::Fixed(Some(r)) => BudgetSpec::Rank(*r as f64),
-        _ => BudgetSpec::Rank(8.0),
-    });
+    let budget = budget.unwrap_or(BudgetSpec::Rank(scheduler.fixed_rank().unwrap_or(8) as f64));
     let p = budget.params(&ppr);
     let sched = scheduler.build(&ppr, &max_rank, p, ft.cfg.steps, rounds, device)?;
     let res = RunResource::new(env, &signals, sched.rank_set(), rounds, p, seed).map_err(|e| {

@@ -26,7 +26,8 @@ use crate::cli::BadInput;
 use crate::finetune::{RankPlan, SiteSignals};
 
 /// Scheduler names accepted by `--scheduler`, for error messages.
-pub const SCHEDULER_NAMES: &str = "fixed, fixed:R, adalora, squeeze, policy:<checkpoint dir>";
+pub const SCHEDULER_NAMES: &str =
+    "fixed, fixed:R, adalora, squeeze, policy:<checkpoint dir>, or a classic one with +skip (e.g. fixed+skip)";
 
 /// What a scheduler sees at a round boundary.
 pub struct RoundView<'a> {
@@ -103,6 +104,9 @@ pub enum SchedulerSpec {
     Squeeze,
     /// `policy:<dir>`.
     Policy(PathBuf),
+    /// `<classic>+skip`: the classic scheduler, skipping every round whose plan does not fit the
+    /// resource's conservative estimate ([`SkipUnfit`]).
+    SkipUnfit(Box<SchedulerSpec>),
 }
 
 impl SchedulerSpec {
@@ -110,6 +114,14 @@ impl SchedulerSpec {
     pub fn parse(s: &str) -> Result<SchedulerSpec, String> {
         let s = s.trim();
         let bad = || format!("unknown scheduler `{s}`: allowed: {SCHEDULER_NAMES}");
+        if let Some(inner) = s.strip_suffix("+skip") {
+            return match SchedulerSpec::parse(inner)? {
+                SchedulerSpec::Policy(_) | SchedulerSpec::SkipUnfit(_) => Err(format!(
+                    "`{s}`: allowed: +skip after fixed, fixed:R, adalora or squeeze (a policy decides its own skips)"
+                )),
+                classic => Ok(SchedulerSpec::SkipUnfit(Box::new(classic))),
+            };
+        }
         match s.split_once(':') {
             None => match s {
                 "fixed" => Ok(SchedulerSpec::Fixed(None)),
@@ -125,6 +137,15 @@ impl SchedulerSpec {
         }
     }
 
+    /// R of `fixed:R` (also under `+skip`).
+    pub fn fixed_rank(&self) -> Option<usize> {
+        match self {
+            SchedulerSpec::Fixed(r) => *r,
+            SchedulerSpec::SkipUnfit(inner) => inner.fixed_rank(),
+            _ => None,
+        }
+    }
+
     /// Short label for tables (`policy:<dir name>`).
     pub fn label(&self) -> String {
         match self {
@@ -132,6 +153,7 @@ impl SchedulerSpec {
             SchedulerSpec::Fixed(Some(r)) => format!("fixed:{r}"),
             SchedulerSpec::Adalora => "adalora".into(),
             SchedulerSpec::Squeeze => "squeeze".into(),
+            SchedulerSpec::SkipUnfit(inner) => format!("{}+skip", inner.label()),
             SchedulerSpec::Policy(d) => {
                 let name = |p: &Path| p.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
                 match name(d).as_str() {
@@ -212,7 +234,32 @@ impl SchedulerSpec {
             SchedulerSpec::Policy(dir) => {
                 Box::new(PolicyScheduler::load(dir, self.label(), params_per_rank.to_vec(), budget, device)?)
             }
+            SchedulerSpec::SkipUnfit(inner) => Box::new(SkipUnfit {
+                inner: inner.build(params_per_rank, max_rank, budget, total_steps, rounds, device)?,
+            }),
         })
+    }
+}
+
+/// A channel-aware transmitter around a classic scheduler: it plays the inner scheduler's plan
+/// when the plan fits the resource's conservative estimate and skips the round otherwise (keeps
+/// the adapters, trains and sends nothing), as a policy may. The baseline that separates "knows
+/// when not to send" from "allocates ranks well".
+pub struct SkipUnfit {
+    inner: Box<dyn RankScheduler>,
+}
+
+impl RankScheduler for SkipUnfit {
+    fn name(&self) -> String {
+        format!("{}+skip", self.inner.name())
+    }
+    fn plan(&mut self, view: &RoundView<'_>) -> Result<RankPlan> {
+        let plan = self.inner.plan(view)?;
+        let cost: f64 = plan.ranks.iter().zip(view.context.unit_cost).map(|(&r, u)| r as f64 * u).sum();
+        if cost > view.context.conservative_budget {
+            return Ok(RankPlan { ranks: view.signals.iter().map(|s| s.rank).collect(), skip: true });
+        }
+        Ok(plan)
     }
 }
 
@@ -523,6 +570,12 @@ mod tests {
         let e = SchedulerSpec::parse("adalorra").unwrap_err();
         assert!(e.contains("allowed: fixed, fixed:R, adalora, squeeze, policy:"), "{e}");
         assert!(SchedulerSpec::parse("policy:").is_err());
+        let s = SchedulerSpec::parse("fixed:4+skip").unwrap();
+        assert_eq!(s, SchedulerSpec::SkipUnfit(Box::new(SchedulerSpec::Fixed(Some(4)))));
+        assert_eq!((s.label(), s.fixed_rank()), ("fixed:4+skip".to_string(), Some(4)));
+        let e = SchedulerSpec::parse("policy:x+skip").unwrap_err();
+        assert!(e.contains("a policy decides its own skips"), "{e}");
+        assert!(SchedulerSpec::parse("adalora+skip+skip").is_err());
         assert_eq!(BudgetSpec::parse("rank:4").unwrap().params(&[10.0, 20.0]), 120.0);
         assert_eq!(BudgetSpec::parse("1000").unwrap().params(&[10.0]), 1000.0);
         assert!(BudgetSpec::parse("-1").is_err() && BudgetSpec::parse("rank:x").is_err());
@@ -714,5 +767,41 @@ mod tests {
         });
         let plan = s.plan(&view).unwrap();
         assert!(!plan.skip && plan.ranks.iter().all(|&r| ranks.contains(&(r as u32))), "{plan:?}");
+    }
+
+    #[test]
+    fn skip_unfit_skips_exactly_the_plans_over_the_conservative_estimate() {
+        let ppr = vec![16.0, 24.0];
+        let spec = SchedulerSpec::parse("fixed:2+skip").unwrap();
+        let mut s = spec.build(&ppr, &[8, 8], 1e9, 40, 4, Device::Cpu).unwrap();
+        assert_eq!(s.name(), "fixed:2+skip");
+        let sig = signals(&[1, 1], &[vec![1.0], vec![1.0]]);
+        let obs = Observation::zeros(2);
+        let sites: Vec<envs::Site> = Vec::new();
+        let set = envs::RankSet::new(&[0, 1, 2, 4], 8).unwrap();
+        let unit = vec![3.0, 5.0];
+        // fixed:2 costs 2·3 + 2·5 = 16 units.
+        let mut plan_at = |budget: f64| {
+            let view = RoundView {
+                round: 1,
+                rounds: 4,
+                step: 10,
+                total_steps: 40,
+                signals: &sig,
+                observation: &obs,
+                context: RoundContext {
+                    rank_set: &set,
+                    sites: &sites,
+                    unit_cost: &unit,
+                    resource: envs::presets::ResourceKind::Channel,
+                    estimated_budget: budget * 2.0,
+                    conservative_budget: budget,
+                    privileged: None,
+                },
+            };
+            s.plan(&view).unwrap()
+        };
+        assert_eq!(plan_at(16.0), RankPlan::new(vec![2, 2]));
+        assert_eq!(plan_at(15.9), RankPlan { ranks: vec![1, 1], skip: true });
     }
 }

@@ -37,7 +37,8 @@ pub struct CompareArgs {
     /// Average adapter-parameter budget every scheduler is held to: parameters or `rank:R`.
     #[arg(long, default_value = "rank:4", value_parser = BudgetSpec::parse)]
     budget: BudgetSpec,
-    /// Schedulers to compare (comma-separated): fixed, fixed:R, adalora, squeeze, policy:<dir>.
+    /// Schedulers to compare (comma-separated): fixed, fixed:R, adalora, squeeze, policy:<dir>, and
+    /// the classic ones with +skip (skip a round whose plan does not fit the conservative estimate).
     #[arg(
         long,
         default_value = "fixed,adalora,squeeze,policy:checkpoints/wireless-rayleigh",

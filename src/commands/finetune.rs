@@ -96,7 +96,9 @@ pub struct FinetuneArgs {
     #[arg(long)]
     no_importance: bool,
     /// Rank scheduler deciding every site's rank at each round boundary: `fixed` (the largest
-    /// uniform rank within --budget), `fixed:R`, `adalora`, `squeeze` or `policy:<checkpoint dir>`.
+    /// uniform rank within --budget), `fixed:R`, `adalora`, `squeeze` or `policy:<checkpoint dir>`;
+    /// a classic one with `+skip` (e.g. `fixed+skip`) skips every round whose plan does not fit the
+    /// resource's conservative estimate, as a policy may (nothing trained or sent, adapters kept).
     /// Sites start empty and round 0's plan sets them (--ranks, --resize-at and --adapter are for
     /// runs without a scheduler).
     #[arg(long, value_parser = SchedulerSpec::parse)]
