@@ -53,11 +53,6 @@ pub struct Common {
     pub device: tch::Device,
 }
 
-/// Marks an error as bad input (exit code 2).
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct BadInput(pub String);
-
 /// Parses the process arguments, runs the command, prints any error, returns the exit code.
 pub fn main() -> i32 {
     let cli = match Cli::try_parse() {
@@ -79,13 +74,14 @@ pub fn main() -> i32 {
 /// Exit code for an error: 2 for bad input anywhere in its chain, else 1.
 pub fn exit_code(e: &anyhow::Error) -> i32 {
     let bad_input = e.chain().any(|c| {
-        c.is::<BadInput>()
+        c.is::<rankpilot_config::BadInput>()
             || c.is::<rankpilot_config::ConfigError>()
+            || c.downcast_ref::<policies::PolicyError>().is_some_and(policies::PolicyError::is_bad_input)
             || matches!(
-                c.downcast_ref::<crate::checkpoint::CheckpointError>(),
+                c.downcast_ref::<runio::checkpoint::CheckpointError>(),
                 Some(
-                    crate::checkpoint::CheckpointError::WrongKind { .. }
-                        | crate::checkpoint::CheckpointError::WrongVersion { .. }
+                    runio::checkpoint::CheckpointError::WrongKind { .. }
+                        | runio::checkpoint::CheckpointError::WrongVersion { .. }
                 )
             )
     });

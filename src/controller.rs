@@ -19,17 +19,19 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Result, bail};
-use envs::presets::{BudgetUnit, ResourceKind};
-use envs::resource::{ResourceModel, ResourceState};
-use envs::{EnvPreset, EnvSpec, GLOBAL_FEATURES, Observation, RoundContext, SITE_FEATURES};
+use envs::observation::{self, BudgetRatioLags, GlobalValues, SiteValues};
+use envs::presets::BudgetUnit;
+use envs::resource::ResourceState;
+use envs::{EnvPreset, EnvSpec, Observation, RoundContext};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
-use crate::cli::BadInput;
-use crate::finetune::{Finetuner, SiteSignals};
 use crate::scheduler::{BudgetSpec, RankScheduler, RoundView, SchedulerSpec};
-use crate::tensorboard::{SummaryWriter, heatmap};
+use rankpilot_config::BadInput;
+use runio::tensorboard::SummaryWriter;
+use tune::finetune::{Finetuner, SiteSignals};
+use tune::lora::ResizeKind;
 
 /// The environments' role of a projection name.
 pub fn role_of(projection: &str) -> envs::Role {
@@ -77,7 +79,7 @@ pub struct RunResource {
     pub budget_params: f64,
     state: ResourceState,
     rng: ChaCha8Rng,
-    hist: [f32; envs::env::HISTORY],
+    hist: BudgetRatioLags,
     round: u32,
     rounds: u32,
     last_violation: bool,
@@ -124,7 +126,7 @@ impl RunResource {
             budget_params,
             state,
             rng,
-            hist: [0.0; envs::env::HISTORY],
+            hist: BudgetRatioLags::default(),
             round: 0,
             rounds: rounds as u32,
             last_violation: false,
@@ -152,7 +154,7 @@ impl RunResource {
         }
         let ratio = self.budget_ratio();
         if self.round == 0 {
-            self.hist = [ratio; envs::env::HISTORY];
+            self.hist = BudgetRatioLags::filled(ratio);
         }
     }
 
@@ -164,7 +166,7 @@ impl RunResource {
     }
 
     fn budget_ratio(&self) -> f32 {
-        (self.state.est_budget.min(self.param_cap()) / self.spec.max_plan_cost).clamp(0.0, 4.0) as f32
+        observation::budget_ratio(self.state.est_budget.min(self.param_cap()), self.spec.max_plan_cost)
     }
 
     /// The round's context for schedulers: unit costs and the estimated budgets.
@@ -209,8 +211,7 @@ impl RunResource {
 
     fn end_round(&mut self) {
         let ratio = self.budget_ratio();
-        self.hist.rotate_right(1);
-        self.hist[0] = ratio;
+        self.hist.push(ratio);
         self.round += 1;
     }
 }
@@ -239,55 +240,48 @@ pub struct RunState {
 pub fn observe(res: &RunResource, signals: &[SiteSignals], st: &RunState) -> Observation {
     let spec = &res.spec;
     let n = signals.len();
-    let mut global = vec![0f32; GLOBAL_FEATURES];
-    let kind = spec.resource.kind();
-    global[0] = (kind == ResourceKind::Channel) as u8 as f32;
-    global[1] = (kind == ResourceKind::Compute) as u8 as f32;
-    global[2] = (kind == ResourceKind::Budget) as u8 as f32;
-    global[3] = res.budget_ratio();
-    global[4..4 + envs::env::HISTORY].copy_from_slice(&res.hist);
-    global[8] = match &spec.resource {
-        ResourceModel::Channel(_) => ((res.state.snr_est_db - 10.0) / 10.0) as f32,
-        ResourceModel::Compute(c) => {
-            (res.state.est_budget / (c.cfg.throughput_flops * c.cfg.latency_budget_s)).ln() as f32
-        }
-        ResourceModel::Budget(_) => 0.0,
-    };
-    global[9] =
-        if kind == ResourceKind::Channel { (res.state.bandwidth_hz / spec.max_bandwidth()) as f32 } else { 0.0 };
-    global[10] = st.token_entropy.clamp(0.0, 1.0) as f32;
-    global[11] = 0.0;
-    global[12] = st.round as f32 / st.rounds.max(1) as f32;
+    let mut obs = Observation::zeros(n);
+    let rmax = spec.rank_set.max();
     let loss_ratio = if st.initial_loss > 0.0 { st.loss / st.initial_loss } else { 1.0 };
-    global[13] = loss_ratio as f32;
-    global[14] = res.last_violation as u8 as f32;
-    global[15] = res.last_cost_ratio.clamp(0.0, spec.preset.reward.violation_cost_cap) as f32;
-    let rmax = spec.rank_set.max() as f64;
-    global[16] = (signals.iter().map(|s| s.rank as f64).sum::<f64>() / (n as f64 * rmax)) as f32;
-    global[17] = (n as f32).log2() / 8.0;
+    GlobalValues {
+        resource: spec.resource.kind(),
+        budget_ratio_est: res.budget_ratio(),
+        budget_ratio_lags: res.hist,
+        resource_level: observation::resource_level(&spec.resource, &res.state),
+        bandwidth: observation::bandwidth_share(&spec.resource, &res.state, spec.max_bandwidth()),
+        token_entropy: st.token_entropy.clamp(0.0, 1.0) as f32,
+        // Byte-level tokenizers have no unknown tokens.
+        oov_rate: 0.0,
+        progress: st.round as f32 / st.rounds.max(1) as f32,
+        loss_ratio: loss_ratio as f32,
+        last_violation: res.last_violation,
+        last_cost_ratio: res.last_cost_ratio.clamp(0.0, spec.preset.reward.violation_cost_cap) as f32,
+        mean_rank: (signals.iter().map(|s| s.rank as f64).sum::<f64>() / (n as f64 * rmax as f64)) as f32,
+        n_sites: n,
+    }
+    .write(&mut obs.global);
 
     let imp_sum: f64 = signals.iter().map(|s| s.importance).sum();
     let g_sum: f64 = signals.iter().map(|s| s.grad_norm).sum();
     let res_scale = loss_ratio.clamp(0.0, 1.0).sqrt();
-    let mut sites = vec![0f32; n * SITE_FEATURES];
-    let stat = spec.static_site_features();
     for (l, s) in signals.iter().enumerate() {
-        let row = &mut sites[l * SITE_FEATURES..(l + 1) * SITE_FEATURES];
-        let r = s.rank as f64;
-        row[0] = (r / rmax) as f32;
-        row[1] = ((1.0 + r).log2() / (1.0 + rmax).log2()) as f32;
-        row[2..10].copy_from_slice(&stat[l * 8..(l + 1) * 8]);
-        row[10] = if imp_sum > 0.0 { (n as f64 * s.importance / imp_sum) as f32 } else { 1.0 };
-        let g = if g_sum > 0.0 { n as f64 * s.grad_norm / g_sum } else { 1.0 };
-        row[11] = (g * res_scale) as f32;
         let sv = &s.singular_values;
         let total: f64 = sv.iter().map(|x| x * x).sum();
-        row[12] = match sv.last() {
-            Some(last) if s.rank > 0 && total > 0.0 => (last * last / total) as f32,
-            _ => 0.0,
-        };
+        let g = if g_sum > 0.0 { n as f64 * s.grad_norm / g_sum } else { 1.0 };
+        SiteValues {
+            rank: (s.rank as f64 / rmax as f64) as f32,
+            rank_log: observation::rank_log(s.rank as u32, rmax),
+            static_features: spec.static_site_features(l),
+            sensitivity: if imp_sum > 0.0 { (n as f64 * s.importance / imp_sum) as f32 } else { 1.0 },
+            grad_norm: (g * res_scale) as f32,
+            tail_share: match sv.last() {
+                Some(last) if s.rank > 0 && total > 0.0 => (last * last / total) as f32,
+                _ => 0.0,
+            },
+        }
+        .write(obs.site_mut(l));
     }
-    Observation { global, sites, n_sites: n }
+    obs
 }
 
 /// One round of a scheduled run.
@@ -338,17 +332,53 @@ pub struct RunReport {
     pub final_params: usize,
     /// Wall time of the whole run (s).
     pub wall_seconds: f64,
+    /// Tokens trained on (skipped and lost rounds included: they were computed).
+    pub tokens: usize,
     /// Per round.
     pub rounds: Vec<RoundRecord>,
 }
 
-/// Settings of a scheduled run.
-#[derive(Debug, Clone, Copy)]
+/// Settings of a scheduled run: where its rounds start and how often it is evaluated.
+#[derive(Debug, Clone, PartialEq)]
 pub struct RunOptions {
-    /// Rounds (scheduler decisions); the run's steps are split evenly.
-    pub rounds: usize,
-    /// Evaluate every this many rounds (and at the end).
-    pub eval_every_rounds: usize,
+    /// First step of every round, strictly increasing from 0 (each round runs to the next start,
+    /// the last to the run's end).
+    pub round_starts: Vec<usize>,
+    /// Evaluate at the end of every round that reaches or crosses a multiple of this many steps,
+    /// and at the end of the run.
+    pub eval_every_steps: usize,
+}
+
+impl RunOptions {
+    /// `rounds` rounds over `total_steps` steps, split evenly (round k starts at k·total/rounds).
+    pub fn even(rounds: usize, total_steps: usize, eval_every_steps: usize) -> Result<RunOptions> {
+        if rounds == 0 || rounds > total_steps {
+            bail!(BadInput(format!("--rounds {rounds}: allowed: 1 to --steps ({total_steps})")));
+        }
+        Ok(RunOptions { round_starts: (0..rounds).map(|k| k * total_steps / rounds).collect(), eval_every_steps })
+    }
+
+    /// Rounds that start at 0 and at every step of `starts` inside the run (duplicates merged).
+    pub fn at_steps(
+        starts: impl IntoIterator<Item = usize>,
+        total_steps: usize,
+        eval_every_steps: usize,
+    ) -> RunOptions {
+        let mut round_starts: Vec<usize> = std::iter::once(0).chain(starts).filter(|&s| s < total_steps).collect();
+        round_starts.sort_unstable();
+        round_starts.dedup();
+        RunOptions { round_starts, eval_every_steps }
+    }
+
+    /// Number of rounds.
+    pub fn rounds(&self) -> usize {
+        self.round_starts.len()
+    }
+
+    /// Steps `[start, end)` of round `k` in a run of `total_steps`.
+    fn round_steps(&self, k: usize, total_steps: usize) -> (usize, usize) {
+        (self.round_starts[k], self.round_starts.get(k + 1).copied().unwrap_or(total_steps))
+    }
 }
 
 /// Runs `ft` for its configured steps in `opts.rounds` rounds, asking `sched` for a plan at every
@@ -364,11 +394,17 @@ pub fn run(
 ) -> Result<RunReport> {
     let t0 = Instant::now();
     let total = ft.cfg.steps;
-    let rounds = opts.rounds;
-    if rounds == 0 || rounds > total {
-        bail!(BadInput(format!("--rounds {rounds}: allowed: 1 to --steps ({total})")));
+    let rounds = opts.rounds();
+    if rounds == 0
+        || opts.round_starts[0] != 0
+        || !opts.round_starts.windows(2).all(|w| w[0] < w[1])
+        || opts.round_starts[rounds - 1] >= total
+    {
+        bail!(BadInput(format!(
+            "round starts {:?}: allowed: strictly increasing from 0, below --steps ({total})",
+            opts.round_starts
+        )));
     }
-    let names = ft.site_names();
     let val0 = ft.evaluate();
     tb.add_scalar("val/loss", val0, 0)?;
     let entropy = ft.token_entropy();
@@ -377,8 +413,9 @@ pub fn run(
     let mut heat: Vec<Vec<f64>> = Vec::with_capacity(rounds);
     let mut val = val0;
     let mut cost_sent = 0.0;
+    let mut tokens = 0usize;
     for round in 0..rounds {
-        let (s0, s1) = (round * total / rounds, (round + 1) * total / rounds);
+        let (s0, s1) = opts.round_steps(round, total);
         res.begin_round();
         st.round = round;
         let signals = ft.signals(true);
@@ -421,8 +458,12 @@ pub fn run(
             });
             continue;
         }
-        let saved = ft.snapshot_sites();
-        ft.resize(&plan).map_err(|e| anyhow::anyhow!("{}: round {round}: {e:#}", sched.name()))?;
+        // Only a round that can be lost needs the sites as they were before it.
+        let saved = res.simulate.then(|| ft.snapshot_sites());
+        let resized = ft.resize(&plan).map_err(|e| anyhow::anyhow!("{}: round {round}: {e:#}", sched.name()))?;
+        if resized.kinds.iter().any(|k| *k != ResizeKind::Unchanged) {
+            tb.add_scalar("perf/resize_ms", resized.seconds * 1e3, s0 as i64)?;
+        }
         let mut loss_sum = 0.0;
         for step in s0..s1 {
             let stats = ft.train_step()?;
@@ -430,9 +471,11 @@ pub fn run(
                 st.initial_loss = stats.loss;
             }
             loss_sum += stats.loss;
+            tokens += stats.tokens;
             let s = step as i64 + 1;
             tb.add_scalar("train/loss", stats.loss, s)?;
             tb.add_scalar("train/grad_norm", stats.grad_norm, s)?;
+            tb.add_scalar("train/lr", stats.lr, s)?;
             tb.add_scalar("perf/tokens_per_s", stats.tokens as f64 / stats.seconds, s)?;
             bar.set_message(format!(
                 "{} round {}/{rounds} loss {:.3} val {val:.3}",
@@ -447,7 +490,7 @@ pub fn run(
         let budget = res.true_budget();
         let delivered = res.settle(res.cost(&plan.ranks));
         cost_sent += cost;
-        if !delivered {
+        if !delivered && let Some(saved) = saved {
             ft.restore_sites(saved);
         }
         let params: usize = plan.ranks.iter().zip(ft.model.sites()).map(|(&r, s)| r * (s.d_in + s.d_out)).sum();
@@ -462,9 +505,13 @@ pub fn run(
         tb.add_histogram("ranks/sites", &plan.ranks.iter().map(|&r| r as f64).collect::<Vec<_>>(), step)?;
         tb.add_scalar("scheduler/plan_ms", plan_ms, step)?;
         heat.push(plan.ranks.iter().map(|&r| r as f64).collect());
-        if (round + 1) % opts.eval_every_rounds.max(1) == 0 || round + 1 == rounds {
+        let every = opts.eval_every_steps.max(1);
+        if s1 / every > s0 / every || round + 1 == rounds {
             val = ft.evaluate();
             tb.add_scalar("val/loss", val, step)?;
+            let imp: Vec<f64> = ft.signals(false).iter().map(|x| x.importance).collect();
+            tb.add_histogram("signals/importance", &imp, step)?;
+            tb.add_scalar("signals/importance_mean", imp.iter().sum::<f64>() / imp.len().max(1) as f64, step)?;
         }
         records.push(RoundRecord {
             round,
@@ -479,17 +526,8 @@ pub fn run(
             plan_ms,
         });
     }
-    // Sites × rounds heatmap of the planned ranks.
-    let (rows, cols) = (names.len(), heat.len());
-    let mut values = vec![0.0; rows * cols];
-    for (c, col) in heat.iter().enumerate() {
-        for (r, v) in col.iter().enumerate() {
-            values[r * cols + c] = *v;
-        }
-    }
-    let hi = values.iter().cloned().fold(1.0, f64::max);
-    let img = heatmap(&values, rows, cols, 0.0, hi, 8);
-    tb.add_image_rgb("ranks/heatmap", img.width, img.height, &img.rgb, total as i64)?;
+    let hi = heat.iter().flatten().copied().fold(1.0, f64::max);
+    tb.add_rank_heatmap("ranks/heatmap", &heat, (0.0, hi), 8, total as i64)?;
     tb.flush()?;
     let rounds_lost = records.iter().filter(|r| r.lost).count();
     let mean_params = records.iter().map(|r| r.params as f64).sum::<f64>() / rounds as f64;
@@ -504,13 +542,13 @@ pub fn run(
         mean_params,
         final_params: ft.adapter_params(),
         wall_seconds: t0.elapsed().as_secs_f64(),
+        tokens,
         rounds: records,
     })
 }
 
 /// A scheduler and its resource, ready to steer `ft` (whose sites start at rank 0; round 0's
 /// plan sets them). The budget defaults to the uniform rank of `fixed:R`, else `rank:8`.
-#[allow(clippy::too_many_arguments)]
 pub fn prepare(
     ft: &Finetuner,
     scheduler: &SchedulerSpec,
@@ -536,7 +574,7 @@ pub fn prepare(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::finetune::RankPlan;
+    use tune::finetune::RankPlan;
 
     /// Rank 4 everywhere in round 0, then skips round 1, then keeps its ranks.
     struct SkipSecondRound;
@@ -556,7 +594,7 @@ mod tests {
 
     #[test]
     fn a_skipped_round_trains_nothing_sends_nothing_and_keeps_the_adapters() {
-        let mut ft = crate::finetune::tests::tiny_run(30, "0");
+        let mut ft = tune::testing::tiny_run(30, "0");
         let preset = envs::presets::load("wireless-rayleigh").unwrap();
         let signals = ft.signals(false);
         let ppr: f64 = signals.iter().map(|s| (s.d_in + s.d_out) as f64).sum();
@@ -565,7 +603,7 @@ mod tests {
         let mut res = RunResource::new(Some(&preset), &signals, Some(&ranks), 3, 8.0 * ppr, 7).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let mut tb = SummaryWriter::new(dir.path()).unwrap();
-        let opts = RunOptions { rounds: 3, eval_every_rounds: 1 };
+        let opts = RunOptions::even(3, 30, 10).unwrap();
         let bar = indicatif::ProgressBar::hidden();
         let report = run(&mut ft, &mut SkipSecondRound, &mut res, &opts, &mut tb, &bar).unwrap();
         let r = &report.rounds;

@@ -1,5 +1,10 @@
-//! The `rankpilot` binary: a thin shell over [`rankpilot::cli`].
+//! The `rankpilot` binary: the command-line interface over the workspace's libraries. Its
+//! modules are private, as in ripgrep: no library imports the CLI.
+
+mod cli;
+mod commands;
+mod device;
 
 fn main() {
-    std::process::exit(rankpilot::cli::main());
+    std::process::exit(cli::main());
 }

@@ -9,6 +9,7 @@
 //! | `adalora` | AdaLoRA: cubic budget schedule from 1.5× to 1× the target (PEFT's `init_r` 12 → `target_r` 8), warm-up and final phases, components kept by a global importance ranking |
 //! | `squeeze` | LoRA-Squeeze in-training annealing: start at 4× the target rank, halve it in equal stages (4t → 2t → t) |
 //! | `policy:<dir>` | a trained policy checkpoint acting on the run's observation, within the resource's budget |
+//! | [`ResizeAt`] | `finetune --resize-at`: the ranks a user listed, at the steps listed |
 //!
 //! Every scheduler is held to the same **average adapter-parameter budget** `P` (`--budget`):
 //! the classic schedules are scaled so that their mean over the rounds is at most `P`; the policy
@@ -18,12 +19,12 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Result, bail};
 use envs::{Observation, RoundContext};
-use policies::model::{ActMode, PolicyModel, Schema};
+use policies::model::{ActMode, BudgetContext, ObsBatch, PolicyModel, Schema};
 use tch::Device;
 
-use crate::checkpoint;
-use crate::cli::BadInput;
-use crate::finetune::{RankPlan, SiteSignals};
+use rankpilot_config::BadInput;
+use runio::checkpoint;
+use tune::finetune::{RankPlan, SiteSignals};
 
 /// Scheduler names accepted by `--scheduler`, for error messages.
 pub const SCHEDULER_NAMES: &str =
@@ -263,6 +264,26 @@ impl RankScheduler for SkipUnfit {
     }
 }
 
+/// A hand-written schedule (`finetune --resize-at STEP:RANKS`): at each listed step the sites
+/// take the listed ranks, and every other round keeps the ranks the run has. Rounds must start at
+/// the listed steps ([`crate::controller::RunOptions::at_steps`]).
+pub struct ResizeAt {
+    /// `(step, plan)`, sorted by step; a later entry for the same step wins.
+    pub plans: Vec<(usize, RankPlan)>,
+}
+
+impl RankScheduler for ResizeAt {
+    fn name(&self) -> String {
+        "resize-at".into()
+    }
+    fn plan(&mut self, view: &RoundView<'_>) -> Result<RankPlan> {
+        Ok(match self.plans.iter().rev().find(|(step, _)| *step == view.step) {
+            Some((_, plan)) => plan.clone(),
+            None => RankPlan::new(view.signals.iter().map(|s| s.rank).collect()),
+        })
+    }
+}
+
 /// One rank everywhere, every round.
 pub struct Fixed {
     /// The rank.
@@ -483,7 +504,7 @@ pub struct PolicyScheduler {
 impl PolicyScheduler {
     /// Loads a policy checkpoint; errors name the directory and what would work.
     pub fn load(dir: &Path, label: String, params_per_rank: Vec<f64>, budget: f64, device: Device) -> Result<Self> {
-        let (meta, tensors) = checkpoint::load(dir, crate::commands::train::POLICY_KIND).map_err(|e| {
+        let (meta, tensors) = checkpoint::load(dir, checkpoint::POLICY_KIND).map_err(|e| {
             BadInput(format!(
                 "scheduler policy:{}: {e:#}; allowed: a directory written by `rankpilot train`",
                 dir.display()
@@ -522,14 +543,9 @@ impl RankScheduler for PolicyScheduler {
         let budget = ctx.conservative_budget.min(self.budget * units_per_param);
         // The model-based prior (when the checkpoint has one) needs each site's real size.
         let dims: Vec<u32> = ctx.sites.iter().map(|s| s.max_rank()).collect();
-        let d = self.model.act_with_dims(
-            &obs.global,
-            &obs.sites,
-            1,
-            obs.n_sites,
-            ctx.unit_cost,
-            &[budget],
-            Some(&dims),
+        let d = self.model.act(
+            ObsBatch::one(obs),
+            BudgetContext { unit_cost: ctx.unit_cost, budgets: &[budget], dims: Some(&dims) },
             ActMode::Greedy,
         );
         if d.skip[0] {

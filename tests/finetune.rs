@@ -6,9 +6,9 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use rankpilot::model::llama::{Llama, LlamaConfig};
-use rankpilot::peft::PeftAdapter;
 use tch::{Device, Kind, Tensor, nn};
+use tune::model::llama::{Llama, LlamaConfig};
+use tune::peft::PeftAdapter;
 
 fn small_model(dir: &Path) {
     tch::manual_seed(3);
@@ -114,8 +114,7 @@ fn finetune_cli_exports_a_peft_adapter_that_transformers_and_peft_reproduce() {
     let ids = Tensor::from_slice(&(0..2 * 40).map(|i| (i * 37 % 256) as i64).collect::<Vec<_>>()).view([2, 40]);
     let logits = tch::no_grad(|| m.forward(&ids));
     let reference = tmp.path().join("ref.safetensors");
-    rankpilot::checkpoint::write_safetensors(&reference, &[("ids".into(), ids), ("logits".into(), logits)], None)
-        .unwrap();
+    runio::checkpoint::write_safetensors(&reference, &[("ids".into(), ids), ("logits".into(), logits)], None).unwrap();
     let r = python(&["logits", model.to_str().unwrap(), peft_dir.to_str().unwrap(), reference.to_str().unwrap()]);
     eprintln!("interop: {r}");
     assert!(r["warnings"].as_array().unwrap().is_empty(), "{r}");
@@ -243,7 +242,7 @@ fn byte_level_bpe_tokenizer_json_encodes_like_hugging_face_tokenizers() {
     let out = tmp.path().join("tok");
     let r = python(&["bpe", corpus.to_str().unwrap(), out.to_str().unwrap(), sample.to_str().unwrap()]);
     let expected: Vec<i64> = r["ids"].as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect();
-    let tok = rankpilot::data::Tokenizer::for_model_dir(&out).unwrap();
+    let tok = tune::data::Tokenizer::for_model_dir(&out).unwrap();
     assert_eq!(tok.encode(sample_text), expected);
 }
 

@@ -5,8 +5,8 @@ mod common;
 
 use std::path::Path;
 
-use rankpilot::model::llama::{Llama, LlamaConfig};
 use tch::{Device, nn};
+use tune::model::llama::{Llama, LlamaConfig};
 
 /// A 2-layer model with 14 sites, every projection at least 64 wide (so the shipped policy's
 /// rank set up to 64 fits), `hidden` wide.

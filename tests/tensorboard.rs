@@ -4,7 +4,7 @@ mod common;
 
 use std::process::Command;
 
-use rankpilot::tensorboard::{SummaryWriter, heatmap};
+use runio::tensorboard::{SummaryWriter, heatmap};
 
 #[test]
 fn real_tensorboard_reads_scalars_histograms_images_and_text() {
@@ -45,7 +45,7 @@ fn real_tensorboard_reads_scalars_histograms_images_and_text() {
     assert_eq!(h["max"], 64.0);
     assert_eq!(h["num"], 10.0);
     assert_eq!(h["sum"], 135.0);
-    assert_eq!(h["sum_squares"], (0 + 1 + 4 + 16 + 64 + 64 + 256 * 3 + 4096) as f64);
+    assert_eq!(h["sum_squares"], (1 + 4 + 16 + 64 + 64 + 256 * 3 + 4096) as f64);
     let counts: f64 = h["bucket"].as_array().unwrap().iter().map(|c| c.as_f64().unwrap()).sum();
     assert_eq!(counts, 10.0);
 

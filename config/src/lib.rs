@@ -3,7 +3,8 @@
 //! Every preset (environment, policy, fine-tuning) is a plain serde struct marked
 //! `#[serde(deny_unknown_fields)]` that also implements [`Validate`] for range checks. [`load`]
 //! reads a file and returns either the value or a [`ConfigError`] that names the file, the dotted
-//! key and what is allowed. The CLI maps a `ConfigError` to exit code 2.
+//! key and what is allowed. The CLI maps a `ConfigError` (and a [`BadInput`] from the other crates)
+//! to exit code 2.
 //!
 //! ```
 //! use rankpilot_config::{Validate, Violations, from_str};
@@ -54,6 +55,14 @@ pub enum ConfigError {
         violations: Vec<Violation>,
     },
 }
+
+/// Input that cannot be used — a flag, a file or a value outside what is allowed — detected
+/// outside a preset (a model directory, an adapter, a checkpoint's contents). Like
+/// [`ConfigError`], it maps to exit code 2 in the CLI; the message names the file, the key and
+/// what is allowed.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct BadInput(pub String);
 
 fn key_prefix(key: &str) -> String {
     if key.is_empty() || key == "." { String::new() } else { format!("key `{key}`: ") }

@@ -9,9 +9,9 @@
 //! decay exponents (privileged); `PROBE_BUDGET_FACTOR=f` plans against f × the estimated budget
 //! instead of the conservative one.
 #![allow(clippy::needless_range_loop)]
-use envs::policy::{AdaloraPolicy, RankPolicy, RoundContext};
+use envs::policy::{AdaloraPolicy, RankPolicy};
 use envs::sites::power_law_tables;
-use envs::{EnvSpec, Observation};
+use envs::{EnvSpec, GlobalFeature, Observation, RoundContext, SiteFeature};
 
 /// AdaLoRA-style MCKP with per-site β from the preset's role/depth means.
 struct RoleBetaProbe {
@@ -36,7 +36,7 @@ impl RankPolicy for RoleBetaProbe {
         let mut t = vec![0f32; k];
         for (l, s) in ctx.sites.iter().enumerate() {
             power_law_tables(1.0, self.betas[l], s.max_rank(), ranks, &mut e, &mut t);
-            let w = obs.site(l)[10] as f64;
+            let w = obs.site(l)[SiteFeature::Sensitivity] as f64;
             for j in 0..k {
                 values.push(w * e[j] as f64);
                 costs.push(ranks[j] as f64 * ctx.unit_cost[l]);
@@ -84,11 +84,11 @@ impl RankPolicy for ModelProbe {
             self.betas = p.state.hidden_betas().iter().map(|&b| b as f64).collect();
         }
         if self.ema.len() != n {
-            self.ema = (0..n).map(|l| obs.site(l)[10] as f64).collect();
+            self.ema = (0..n).map(|l| obs.site(l)[SiteFeature::Sensitivity] as f64).collect();
             self.age = vec![0.0; n];
             self.last = vec![0; n];
         }
-        let round = (obs.global[12] as f64 * self.rounds).round();
+        let round = (obs.global[GlobalFeature::Progress] as f64 * self.rounds).round();
         let h = (self.rounds - round).max(1.0);
         let rho = 1.0 - self.eta;
         let s_h = rho * (1.0 - rho.powf(h)) / self.eta;
@@ -102,9 +102,12 @@ impl RankPolicy for ModelProbe {
         let mut e = vec![0f32; k];
         let mut t = vec![0f32; k];
         for (l, s) in ctx.sites.iter().enumerate() {
-            self.ema[l] = 0.85 * self.ema[l] + 0.15 * obs.site(l)[10] as f64;
+            self.ema[l] = 0.85 * self.ema[l] + 0.15 * obs.site(l)[SiteFeature::Sensitivity] as f64;
             power_law_tables(1.0, self.betas[l], s.max_rank(), ranks, &mut e, &mut t);
-            let cur = ctx.rank_set.index_of((obs.site(l)[0] * ctx.rank_set.max() as f32).round() as u32).unwrap_or(0);
+            let cur = ctx
+                .rank_set
+                .index_of((obs.site(l)[SiteFeature::Rank] * ctx.rank_set.max() as f32).round() as u32)
+                .unwrap_or(0);
             // Captured share: grown toward E(current) for `age` rounds.
             let q = e[cur] as f64 * (1.0 - rho.powf(self.age[l]));
             let w = self.ema[l] / n as f64;

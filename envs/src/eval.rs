@@ -9,9 +9,10 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::EnvError;
-use crate::env::{EnvSpec, VecEnv, derive_seed};
 use crate::policy::{Baseline, RankPolicy};
 use crate::presets::EnvPreset;
+use crate::spec::EnvSpec;
+use crate::vec_env::{VecEnv, derive_seed};
 
 /// One row: a policy's results over the evaluated episodes.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -3,9 +3,17 @@
 //! A fine-tuning run is modelled as rounds. Each round a policy picks one LoRA rank per site
 //! (adapted projection) from a rank set, the plan is checked against a resource (a wireless
 //! channel, a compute/latency budget, or a fixed budget) and, if it fits, every site's residual
-//! loss moves toward the floor its rank allows. See [`mod@env`] for the dynamics and reward,
-//! [`env::Observation`] for the observation schema, [`oracle`] for the exact per-round solver,
-//! [`policy`] for the policy trait and baselines, and [`eval`] for evaluation tables.
+//! loss moves toward the floor its rank allows.
+//!
+//! - [`observation`]: the features by name ([`Observation`] has the tables) and their only
+//!   writer, shared by the simulator and real runs;
+//! - [`spec`]: what does not change during training ([`EnvSpec`]);
+//! - [`mod@state`]: one environment's dynamics and reward ([`EnvState`]);
+//! - [`vec_env`]: vectorized stepping with auto-reset ([`VecEnv`]);
+//! - [`context`]: what a policy may use besides the observation ([`RoundContext`]);
+//! - [`oracle`]: the privileged oracle and its exact per-round solver;
+//! - [`policy`]: the policy trait and the baselines; [`eval`]: evaluation tables;
+//! - [`presets`], [`resource`], [`sites`], [`calibration`]: the environments' inputs.
 //!
 //! ```
 //! let preset = envs::presets::load("wireless-rayleigh").unwrap();
@@ -20,23 +28,28 @@
 #![allow(clippy::needless_range_loop)]
 
 pub mod calibration;
-pub mod env;
+pub mod context;
 pub mod eval;
+mod noise;
+pub mod observation;
 pub mod oracle;
 pub mod policy;
 pub mod presets;
 pub mod resource;
-pub mod schema;
 pub mod sites;
+pub mod spec;
+pub mod state;
+pub mod vec_env;
 
-pub use env::{
-    EnvSpec, EnvState, EpisodeSummary, GLOBAL_FEATURES, Observation, RoundOutcome, SITE_FEATURES, VecEnv,
-    VecEnvSnapshot,
-};
+pub use context::RoundContext;
 pub use eval::{EvalRow, EvalTable, evaluate, evaluate_baselines};
-pub use policy::{Baseline, RankPolicy, RoundContext};
+pub use observation::{GLOBAL_FEATURES, GlobalFeature, HISTORY, Observation, SITE_FEATURES, SiteFeature};
+pub use policy::{Baseline, RankPolicy};
 pub use presets::EnvPreset;
 pub use sites::{RankSet, Role, Site};
+pub use spec::EnvSpec;
+pub use state::{EnvState, EpisodeSummary, RoundOutcome};
+pub use vec_env::{VecEnv, VecEnvSnapshot, derive_seed};
 
 /// Everything that can go wrong in this crate; messages name the key or input and what is
 /// allowed.

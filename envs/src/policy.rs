@@ -4,59 +4,11 @@
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::env::{EnvSpec, EnvState, Observation, oracle_decide_into, oracle_plan_into};
-use crate::oracle::MckpSolver;
-use crate::presets::ResourceKind;
-use crate::sites::{RankSet, Site, power_law_tables};
-
-/// Index of the sensitivity feature in a site row (see [`Observation`]).
-const SENSITIVITY: usize = 10;
-
-/// What a policy may use besides the observation: the rank set, the sites, the cost of each
-/// rank unit, and the round's budget as estimated from the observation. A feasibility
-/// projection needs exactly this.
-#[derive(Debug, Clone, Copy)]
-pub struct RoundContext<'a> {
-    /// Allowed ranks.
-    pub rank_set: &'a RankSet,
-    /// The sites (shapes, roles, names).
-    pub sites: &'a [Site],
-    /// Cost of one rank unit per site, in the resource's unit.
-    pub unit_cost: &'a [f64],
-    /// Which resource.
-    pub resource: ResourceKind,
-    /// The round's budget implied by the noisy estimate (no safety margin).
-    pub estimated_budget: f64,
-    /// The estimated budget after the preset's baseline safety margin.
-    pub conservative_budget: f64,
-    /// Privileged access to the hidden state; only given to policies whose
-    /// [`RankPolicy::privileged`] is true (the oracle).
-    pub privileged: Option<Privileged<'a>>,
-}
-
-impl RoundContext<'_> {
-    /// Cost of a plan (rank values) in the resource's unit. Ranks outside the set are costed at
-    /// face value; lengths must match.
-    pub fn plan_cost(&self, ranks: &[u32]) -> f64 {
-        ranks.iter().zip(self.unit_cost).map(|(&r, u)| r as f64 * u).sum()
-    }
-}
-
-/// Privileged view of one environment: the true budget and the hidden state.
-#[derive(Debug, Clone, Copy)]
-pub struct Privileged<'a> {
-    /// The environment's spec.
-    pub spec: &'a EnvSpec,
-    /// The environment's full state.
-    pub state: &'a EnvState,
-}
-
-impl Privileged<'_> {
-    /// The round's true budget.
-    pub fn true_budget(&self) -> f64 {
-        self.state.true_budget()
-    }
-}
+use crate::context::RoundContext;
+use crate::observation::{Observation, SiteFeature};
+use crate::oracle::{MckpSolver, oracle_decide_into, oracle_plan_into};
+use crate::sites::power_law_tables;
+use crate::spec::EnvSpec;
 
 /// A rank-allocation policy: one rank per site from the rank set, every round. Implement it in
 /// another crate (e.g. a trained network) and pass it to [`crate::eval::evaluate`].
@@ -217,10 +169,10 @@ impl RankPolicy for AdaloraPolicy {
             }
         }
         if self.ema.len() != n {
-            self.ema = (0..n).map(|l| obs.site(l)[SENSITIVITY] as f64).collect();
+            self.ema = (0..n).map(|l| obs.site(l)[SiteFeature::Sensitivity] as f64).collect();
         }
         for l in 0..n {
-            self.ema[l] = 0.85 * self.ema[l] + 0.15 * obs.site(l)[SENSITIVITY] as f64;
+            self.ema[l] = 0.85 * self.ema[l] + 0.15 * obs.site(l)[SiteFeature::Sensitivity] as f64;
         }
         let ratio = |ema: &[f64], e0: &[f64], l: usize, j: usize| -> f64 {
             let dc = (ranks[j + 1] - ranks[j]) as f64 * ctx.unit_cost[l];
@@ -322,7 +274,7 @@ impl RankPolicy for OraclePolicy {
         }
     }
     /// Skips when the hold-the-plan value of skipping beats the best plan's (see
-    /// `EnvState::oracle_skip_value`), so a policy that may skip is measured against an
+    /// [`oracle_decide_into`]), so a policy that may skip is measured against an
     /// oracle that may too.
     fn decide(&mut self, obs: &Observation, ctx: &RoundContext<'_>) -> Option<Vec<u32>> {
         match ctx.privileged {

@@ -37,18 +37,6 @@ impl Role {
         self as usize
     }
 
-    /// The one-hot group used in the observation: 0 = q/k, 1 = v/o, 2 = gate/up, 3 = down,
-    /// `None` = other (all four group features zero).
-    pub fn obs_group(self) -> Option<usize> {
-        match self {
-            Role::Q | Role::K => Some(0),
-            Role::V | Role::O => Some(1),
-            Role::Gate | Role::Up => Some(2),
-            Role::Down => Some(3),
-            Role::Other => None,
-        }
-    }
-
     /// Lower-case name as used in presets and calibration files.
     pub fn name(self) -> &'static str {
         match self {

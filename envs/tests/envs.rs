@@ -3,7 +3,7 @@
 
 use envs::presets::{self, EnvPreset};
 use envs::resource::{ChannelModel, ResourceModel};
-use envs::{Baseline, EnvError, GLOBAL_FEATURES, SITE_FEATURES, VecEnv};
+use envs::{Baseline, EnvError, GLOBAL_FEATURES, GlobalFeature, SITE_FEATURES, SiteFeature, VecEnv};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
@@ -77,17 +77,17 @@ fn auto_reset_and_schema() {
     let n = v.n_sites();
     assert_eq!(v.obs_global().len(), 2 * GLOBAL_FEATURES);
     assert_eq!(v.obs_sites().len(), 2 * n * SITE_FEATURES);
-    assert_eq!(envs::schema::GLOBAL_NAMES.len(), GLOBAL_FEATURES);
+    assert_eq!(envs::observation::GLOBAL_NAMES.len(), GLOBAL_FEATURES);
     for t in 0..p.rounds {
-        assert!((v.obs_global()[12] - t as f32 / p.rounds as f32).abs() < 1e-6);
+        assert!((v.observation(0).global[GlobalFeature::Progress] - t as f32 / p.rounds as f32).abs() < 1e-6);
         v.step(&vec![4; 2 * n]).unwrap();
         assert!(v.obs_global().iter().chain(v.obs_sites()).all(|x| x.is_finite()));
         let done = t + 1 == p.rounds;
         assert_eq!(v.dones(), &[done, done]);
         assert_eq!(v.finished().len(), if done { 2 } else { 0 });
     }
-    assert_eq!(v.obs_global()[12], 0.0, "new episode starts at round 0");
-    assert_eq!(v.obs_sites()[0], 0.0, "ranks reset");
+    assert_eq!(v.observation(0).global[GlobalFeature::Progress], 0.0, "new episode starts at round 0");
+    assert_eq!(v.observation(0).site(0)[SiteFeature::Rank], 0.0, "ranks reset");
     let o = v.observation(1);
     assert_eq!(o.n_sites, n);
     assert_eq!(o.site(3).len(), SITE_FEATURES);
@@ -192,7 +192,7 @@ fn over_budget_plan_is_a_violation_with_the_documented_penalty() {
         assert!((out.reward - want).abs() < 1e-9 * want.abs(), "{name}: {} vs {want}", out.reward);
         assert_eq!(v.state(0).loss(), loss_before, "no progress on a violation");
         assert_eq!(v.state(0).ranks(v.spec()), ranks_before, "no resize on a violation");
-        assert_eq!(v.obs_global()[14], 1.0, "last_violation flag");
+        assert_eq!(v.observation(0).global[GlobalFeature::LastViolation], 1.0, "last_violation flag");
         let _ = before_obs;
     }
 }
@@ -230,7 +230,7 @@ fn bad_actions_are_errors_not_panics() {
     assert!(v.step_indices(&idx).is_err());
     assert!(v.spec().plan_cost(&[1, 2]).is_err());
     // Nothing moved.
-    assert_eq!(v.obs_global()[12], 0.0);
+    assert_eq!(v.observation(0).global[GlobalFeature::Progress], 0.0);
 }
 
 #[test]
@@ -395,7 +395,7 @@ fn context_exposes_costs_and_budgets() {
         assert_eq!(ctx.plan_cost(&plan), v.spec().plan_cost(&plan).unwrap());
         assert!(ctx.conservative_budget <= ctx.estimated_budget);
         // The observation's budget ratio is the estimated budget over the all-max-rank plan.
-        let ratio = v.obs_global()[3] as f64;
+        let ratio = v.observation(0).global[GlobalFeature::BudgetRatioEst] as f64;
         assert!((ratio - (ctx.estimated_budget / v.spec().max_plan_cost).min(4.0)).abs() < 1e-5, "{name}");
         let pc = v.privileged_context(0);
         assert_eq!(pc.privileged.unwrap().true_budget(), v.state(0).true_budget());

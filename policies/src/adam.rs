@@ -5,6 +5,7 @@
 //! textbook Adam (Kingma & Ba 2015) with bias correction and PyTorch's ε placement, plus the
 //! global gradient-norm clipping PPO uses.
 
+use crate::PolicyError;
 use tch::{Kind, Tensor, nn};
 
 /// Adam over the trainable variables of a VarStore.
@@ -115,18 +116,19 @@ impl Adam {
     }
 
     /// Restores the moments saved by [`Adam::state_tensors`].
-    pub fn load_state_tensors(&mut self, tensors: &[(String, Tensor)], step: i64) -> Result<(), String> {
+    pub fn load_state_tensors(&mut self, tensors: &[(String, Tensor)], step: i64) -> Result<(), PolicyError> {
         let find = |key: String| tensors.iter().find(|(n, _)| *n == key).map(|(_, t)| t);
         for (i, (name, p)) in self.params.iter().enumerate() {
             for (slot, key) in [(&mut self.m[i], format!("adam.m.{name}")), (&mut self.v[i], format!("adam.v.{name}"))]
             {
-                let t = find(key.clone()).ok_or_else(|| format!("optimizer state `{key}` missing"))?;
+                let t = find(key.clone())
+                    .ok_or_else(|| PolicyError::Checkpoint(format!("optimizer state `{key}` missing")))?;
                 if t.size() != p.size() {
-                    return Err(format!(
+                    return Err(PolicyError::Checkpoint(format!(
                         "optimizer state `{key}` has shape {:?}, parameter has {:?}",
                         t.size(),
                         p.size()
-                    ));
+                    )));
                 }
                 tch::no_grad(|| slot.copy_(&t.to_device(p.device())));
             }
@@ -184,6 +186,6 @@ mod tests {
         let mut other = Adam::new(&vs, "", 0.1, 1e-8);
         other.load_state_tensors(&saved, opt.step).unwrap();
         assert_eq!(Vec::<f32>::try_from(&other.m[0]).unwrap(), Vec::<f32>::try_from(&opt.m[0]).unwrap());
-        assert!(other.load_state_tensors(&saved[..1], 1).unwrap_err().contains("missing"));
+        assert!(other.load_state_tensors(&saved[..1], 1).unwrap_err().to_string().contains("missing"));
     }
 }

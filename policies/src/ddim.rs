@@ -20,12 +20,16 @@
 //!   from seeded Gaussian noise; ε = ε_u + w·(ε_c − ε_u) with guidance w = 1.5; x̂₀ clamped to
 //!   [−1, 1] at every step.
 
+use envs::{GLOBAL_FEATURES, SITE_FEATURES};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
 use serde::{Deserialize, Serialize};
 use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};
+
+use crate::PolicyError;
+use crate::adam::Adam;
 
 /// DDIM stage hyperparameters (AirLLM's values as defaults).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -156,19 +160,10 @@ impl Denoiser {
         }
     }
 
-    /// ε̂ [B, L] from x_t [B, L], coarse [B, L], condition flag [B], t [B] (int64),
-    /// normalized features `global` [B, G], `sites` [B, L, F], `mask` [B, L].
-    #[allow(clippy::too_many_arguments)]
-    pub fn forward(
-        &self,
-        x_t: &Tensor,
-        coarse: &Tensor,
-        cond: &Tensor,
-        t: &Tensor,
-        global: &Tensor,
-        sites: &Tensor,
-        mask: &Tensor,
-    ) -> Tensor {
+    /// ε̂ [B, L] from x_t [B, L], coarse [B, L], condition flag [B], t [B] (int64) and the
+    /// normalized observation `obs`.
+    pub fn forward(&self, x_t: &Tensor, coarse: &Tensor, cond: &Tensor, t: &Tensor, obs: ObsTensors<'_>) -> Tensor {
+        let ObsTensors { global, sites, mask } = obs;
         let l = sites.size()[1];
         let m = mask.unsqueeze(-1);
         let pooled = (sites * &m).sum_dim_intlist(1, false, Kind::Float)
@@ -194,19 +189,9 @@ impl Denoiser {
     }
 
     /// Reward-weighted denoising loss on a replay minibatch; `x0` and `coarse` in [−1, 1].
-    #[allow(clippy::too_many_arguments)]
-    pub fn loss(
-        &self,
-        cfg: &DdimConfig,
-        alpha_bar: &Tensor,
-        x0: &Tensor,
-        coarse: &Tensor,
-        rewards: &Tensor,
-        global: &Tensor,
-        sites: &Tensor,
-        mask: &Tensor,
-        rng: &mut ChaCha8Rng,
-    ) -> Tensor {
+    pub fn loss(&self, cfg: &DdimConfig, alpha_bar: &Tensor, batch: &ReplayBatch, rng: &mut ChaCha8Rng) -> Tensor {
+        let ReplayBatch { x0, coarse, rewards, global, sites, mask } = batch;
+        let obs = ObsTensors { global, sites, mask };
         let (b, l) = (x0.size()[0], x0.size()[1]);
         let dev = x0.device();
         let t: Vec<i64> = (0..b).map(|_| rng.random_range(0..cfg.train_steps as i64)).collect();
@@ -216,7 +201,7 @@ impl Denoiser {
         let x_t = &ab.sqrt() * x0 + (-&ab + 1.0).sqrt() * &eps;
         let cond: Vec<f32> = (0..b).map(|_| if rng.random::<f64>() < cfg.cond_drop { 0.0 } else { 1.0 }).collect();
         let cond = Tensor::from_slice(&cond).to_device(dev);
-        let pred = self.forward(&x_t, coarse, &cond, &t, global, sites, mask);
+        let pred = self.forward(&x_t, coarse, &cond, &t, obs);
         let z = (rewards - rewards.mean(Kind::Float)) / (rewards.std(true) + 1e-8);
         let w = (z * cfg.reward_weight + 1.0).clamp(0.1, 10.0);
         let per_sample = ((pred - eps).square() * mask).sum_dim_intlist(1, false, Kind::Float)
@@ -225,17 +210,15 @@ impl Denoiser {
     }
 
     /// Deterministic DDIM sampling (η = 0) with classifier-free guidance. Returns x̂₀ [B, L].
-    #[allow(clippy::too_many_arguments)]
     pub fn sample(
         &self,
         cfg: &DdimConfig,
         alpha_bar: &[f64],
         coarse: &Tensor,
-        global: &Tensor,
-        sites: &Tensor,
-        mask: &Tensor,
+        obs: ObsTensors<'_>,
         rng: &mut ChaCha8Rng,
     ) -> Tensor {
+        let mask = obs.mask;
         tch::no_grad(|| {
             let (b, l) = (coarse.size()[0], coarse.size()[1]);
             let dev = coarse.device();
@@ -248,8 +231,8 @@ impl Denoiser {
             let off = Tensor::zeros([b], (Kind::Float, dev));
             for (i, &t) in times.iter().enumerate() {
                 let tt = Tensor::full([b], t as i64, (Kind::Int64, dev));
-                let e_c = self.forward(&x, coarse, &on, &tt, global, sites, mask);
-                let e_u = self.forward(&x, coarse, &off, &tt, global, sites, mask);
+                let e_c = self.forward(&x, coarse, &on, &tt, obs);
+                let e_u = self.forward(&x, coarse, &off, &tt, obs);
                 let eps = &e_u + (e_c - &e_u) * cfg.guidance;
                 let ab = alpha_bar[t];
                 let x0 = ((&x - &eps * (1.0 - ab).sqrt()) / ab.sqrt()).clamp(-1.0, 1.0);
@@ -288,6 +271,175 @@ pub fn decode(x: f32, n_ranks: usize) -> usize {
     (((x.clamp(-1.0, 1.0) + 1.0) / 2.0 * (n_ranks - 1) as f32).round() as usize).min(n_ranks - 1)
 }
 
+/// The normalized observation the denoiser is conditioned on: `global` [B, G], `sites`
+/// [B, L, F] and the site `mask` [B, L].
+#[derive(Debug, Clone, Copy)]
+pub struct ObsTensors<'a> {
+    /// Global features.
+    pub global: &'a Tensor,
+    /// Per-site features.
+    pub sites: &'a Tensor,
+    /// 1 for a real site, 0 for padding.
+    pub mask: &'a Tensor,
+}
+
+/// A replay minibatch: executed plans `x0` and PPO's `coarse` plans (encoded in [−1, 1]), the
+/// rewards, and the observations they were decided on.
+#[derive(Debug)]
+pub struct ReplayBatch {
+    /// Executed plans [B, L].
+    pub x0: Tensor,
+    /// Coarse plans [B, L].
+    pub coarse: Tensor,
+    /// Rewards [B].
+    pub rewards: Tensor,
+    /// Global features [B, G].
+    pub global: Tensor,
+    /// Per-site features [B, L, F].
+    pub sites: Tensor,
+    /// Site mask [B, L].
+    pub mask: Tensor,
+}
+
+/// Replay buffer of the DDIM stage: (normalized observation, coarse plan, executed plan, reward).
+#[derive(Debug)]
+pub struct Replay {
+    global: Vec<f32>,
+    sites: Vec<f32>,
+    coarse: Vec<f32>,
+    executed: Vec<f32>,
+    reward: Vec<f32>,
+    n_sites: usize,
+    capacity: usize,
+    /// Tuples held (at most the capacity).
+    pub len: usize,
+    /// Where the next tuple goes (a ring buffer).
+    pub pos: usize,
+}
+
+impl Replay {
+    /// An empty buffer of `capacity` tuples over `n_sites` sites.
+    pub fn new(capacity: usize, n_sites: usize) -> Self {
+        Replay {
+            global: vec![0.0; capacity * GLOBAL_FEATURES],
+            sites: vec![0.0; capacity * n_sites * SITE_FEATURES],
+            coarse: vec![0.0; capacity * n_sites],
+            executed: vec![0.0; capacity * n_sites],
+            reward: vec![0.0; capacity],
+            n_sites,
+            capacity,
+            len: 0,
+            pos: 0,
+        }
+    }
+
+    /// Adds one tuple, overwriting the oldest when full.
+    pub fn push(&mut self, global: &[f32], sites: &[f32], coarse: &[f32], executed: &[f32], reward: f32) {
+        let (p, l) = (self.pos, self.n_sites);
+        self.global[p * GLOBAL_FEATURES..(p + 1) * GLOBAL_FEATURES].copy_from_slice(global);
+        self.sites[p * l * SITE_FEATURES..(p + 1) * l * SITE_FEATURES].copy_from_slice(sites);
+        self.coarse[p * l..(p + 1) * l].copy_from_slice(coarse);
+        self.executed[p * l..(p + 1) * l].copy_from_slice(executed);
+        self.reward[p] = reward;
+        self.pos = (p + 1) % self.capacity;
+        self.len = (self.len + 1).min(self.capacity);
+    }
+
+    /// The buffer as named tensors, for a checkpoint.
+    pub fn tensors(&self) -> Vec<(String, Tensor)> {
+        let l = self.n_sites as i64;
+        let c = self.capacity as i64;
+        vec![
+            ("replay.global".into(), Tensor::from_slice(&self.global).view([c, GLOBAL_FEATURES as i64])),
+            ("replay.sites".into(), Tensor::from_slice(&self.sites).view([c, l, SITE_FEATURES as i64])),
+            ("replay.coarse".into(), Tensor::from_slice(&self.coarse).view([c, l])),
+            ("replay.executed".into(), Tensor::from_slice(&self.executed).view([c, l])),
+            ("replay.reward".into(), Tensor::from_slice(&self.reward)),
+        ]
+    }
+
+    /// Restores the buffer from a checkpoint's tensors.
+    pub fn load(&mut self, tensors: &[(String, Tensor)], len: usize, pos: usize) -> Result<(), PolicyError> {
+        let get = |name: &str, want: usize| -> Result<Vec<f32>, PolicyError> {
+            let t = tensors
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, t)| t)
+                .ok_or_else(|| PolicyError::Checkpoint(format!("`{name}` missing")))?;
+            let v: Vec<f32> = Vec::try_from(t.flatten(0, -1).to_kind(Kind::Float))
+                .map_err(|e: tch::TchError| PolicyError::Checkpoint(e.to_string()))?;
+            if v.len() != want {
+                return Err(PolicyError::Checkpoint(format!("`{name}` has {} values, expected {want}", v.len())));
+            }
+            Ok(v)
+        };
+        let (c, l) = (self.capacity, self.n_sites);
+        self.global = get("replay.global", c * GLOBAL_FEATURES)?;
+        self.sites = get("replay.sites", c * l * SITE_FEATURES)?;
+        self.coarse = get("replay.coarse", c * l)?;
+        self.executed = get("replay.executed", c * l)?;
+        self.reward = get("replay.reward", c)?;
+        self.len = len.min(c);
+        self.pos = pos % c.max(1);
+        Ok(())
+    }
+}
+
+impl Replay {
+    /// A minibatch of the tuples at `idx`, on `device`.
+    pub fn minibatch(&self, idx: &[usize], device: Device) -> ReplayBatch {
+        let gather = |src: &[f32], width: usize| -> Vec<f32> {
+            idx.iter().flat_map(|&i| src[i * width..(i + 1) * width].iter().copied()).collect()
+        };
+        let (b, l) = (idx.len() as i64, self.n_sites as i64);
+        ReplayBatch {
+            x0: Tensor::from_slice(&gather(&self.executed, self.n_sites)).view([b, l]).to_device(device),
+            coarse: Tensor::from_slice(&gather(&self.coarse, self.n_sites)).view([b, l]).to_device(device),
+            rewards: Tensor::from_slice(&gather(&self.reward, 1)).to_device(device),
+            global: Tensor::from_slice(&gather(&self.global, GLOBAL_FEATURES))
+                .view([b, GLOBAL_FEATURES as i64])
+                .to_device(device),
+            sites: Tensor::from_slice(&gather(&self.sites, self.n_sites * SITE_FEATURES))
+                .view([b, l, SITE_FEATURES as i64])
+                .to_device(device),
+            mask: Tensor::ones([b, l], (Kind::Float, device)),
+        }
+    }
+}
+
+/// One alternating DDIM stage update: `cfg.updates_per_iteration` reward-weighted denoising
+/// steps on minibatches drawn from `replay`, once it holds `cfg.warmup` tuples. Returns the mean
+/// loss (NaN before the warm-up; the first non-finite loss, without stepping, if one occurs).
+pub fn update(
+    den: &Denoiser,
+    opt: &mut Adam,
+    replay: &Replay,
+    cfg: &DdimConfig,
+    alpha_bar: &[f64],
+    rng: &mut ChaCha8Rng,
+    dev: Device,
+) -> f64 {
+    if replay.len < cfg.warmup {
+        return f64::NAN;
+    }
+    let ab = Tensor::from_slice(alpha_bar).to_kind(Kind::Float).to_device(dev);
+    let mut total = 0.0;
+    for _ in 0..cfg.updates_per_iteration {
+        let idx: Vec<usize> = (0..cfg.batch_size).map(|_| rng.random_range(0..replay.len)).collect();
+        let loss = den.loss(cfg, &ab, &replay.minibatch(&idx, dev), rng);
+        let v = loss.double_value(&[]);
+        if !v.is_finite() {
+            return v;
+        }
+        opt.zero_grad();
+        loss.backward();
+        opt.clip_grad_norm(1.0);
+        opt.step();
+        total += v;
+    }
+    total / cfg.updates_per_iteration.max(1) as f64
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -322,30 +474,24 @@ mod tests {
         for _ in 0..400 {
             let idx: Vec<f32> = (0..b * l).map(|_| encode(rng.random_range(0..8), 8)).collect();
             let x0 = Tensor::from_slice(&idx).view([b, l]);
-            let loss = den.loss(
-                &cfg,
-                &ab,
-                &x0,
-                &x0,
-                &Tensor::zeros([b], (Kind::Float, Device::Cpu)),
-                &Tensor::zeros([b, 1], (Kind::Float, Device::Cpu)),
-                &Tensor::zeros([b, l, 1], (Kind::Float, Device::Cpu)),
-                &Tensor::ones([b, l], (Kind::Float, Device::Cpu)),
-                &mut rng,
-            );
+            let batch = ReplayBatch {
+                x0: x0.shallow_clone(),
+                coarse: x0.shallow_clone(),
+                rewards: Tensor::zeros([b], (Kind::Float, Device::Cpu)),
+                global: Tensor::zeros([b, 1], (Kind::Float, Device::Cpu)),
+                sites: Tensor::zeros([b, l, 1], (Kind::Float, Device::Cpu)),
+                mask: Tensor::ones([b, l], (Kind::Float, Device::Cpu)),
+            };
+            let loss = den.loss(&cfg, &ab, &batch, &mut rng);
             opt.backward_step(&loss);
         }
         let target: Vec<f32> = (0..8).map(|k| encode(k % 8, 8)).collect();
         let coarse = Tensor::from_slice(&target).view([2, 4]);
-        let x = den.sample(
-            &cfg,
-            &ab_vec,
-            &coarse,
-            &Tensor::zeros([2, 1], (Kind::Float, Device::Cpu)),
-            &Tensor::zeros([2, 4, 1], (Kind::Float, Device::Cpu)),
-            &Tensor::ones([2, 4], (Kind::Float, Device::Cpu)),
-            &mut rng,
-        );
+        let (global, sites) =
+            (Tensor::zeros([2, 1], (Kind::Float, Device::Cpu)), Tensor::zeros([2, 4, 1], (Kind::Float, Device::Cpu)));
+        let mask = Tensor::ones([2, 4], (Kind::Float, Device::Cpu));
+        let x =
+            den.sample(&cfg, &ab_vec, &coarse, ObsTensors { global: &global, sites: &sites, mask: &mask }, &mut rng);
         let got: Vec<f32> = Vec::try_from(x.flatten(0, -1)).unwrap();
         let hits = got.iter().zip(&target).filter(|(g, t)| decode(**g, 8) == decode(**t, 8)).count();
         assert!(hits >= 6, "denoiser reproduced {hits}/8 ranks: {got:?}");

@@ -2,18 +2,52 @@
 //! refiner, and the feasibility projection. Used by the trainer (sampling) and by evaluation and
 //! real runs (greedy), through [`envs::RankPolicy`].
 
+use crate::PolicyError;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor, nn};
 
-use envs::{GLOBAL_FEATURES, Observation, RankPolicy, RoundContext, SITE_FEATURES};
+use envs::{GLOBAL_FEATURES, Observation, RankPolicy, RoundContext, SITE_FEATURES, SiteFeature};
 
 use crate::ddim::{self, DdimConfig, Denoiser};
 use crate::network::{NetConfig, PolicyNet};
 use crate::normalize::ObsNormalizer;
 use crate::prior::{Prior, PriorConfig};
 use crate::projection::project_to_budget;
+
+/// A batch of raw observations, as [`envs::VecEnv`] lays them out: `n_envs` rows of
+/// [`GLOBAL_FEATURES`] in `global`, `n_envs × n_sites` rows of [`SITE_FEATURES`] in `sites`.
+#[derive(Debug, Clone, Copy)]
+pub struct ObsBatch<'a> {
+    /// Global features, `n_envs × GLOBAL_FEATURES`.
+    pub global: &'a [f32],
+    /// Per-site features, `n_envs × n_sites × SITE_FEATURES`.
+    pub sites: &'a [f32],
+    /// Environments in the batch.
+    pub n_envs: usize,
+    /// Sites per environment.
+    pub n_sites: usize,
+}
+
+impl<'a> ObsBatch<'a> {
+    /// A batch of one observation.
+    pub fn one(obs: &'a Observation) -> Self {
+        ObsBatch { global: &obs.global, sites: &obs.sites, n_envs: 1, n_sites: obs.n_sites }
+    }
+}
+
+/// What the allocation needs besides the observation: the cost of one rank unit at each site,
+/// each environment's (estimated) budget, and optionally each site's min(d_in, d_out).
+#[derive(Debug, Clone, Copy)]
+pub struct BudgetContext<'a> {
+    /// Cost of one rank unit per site (resource unit).
+    pub unit_cost: &'a [f64],
+    /// Budget per environment (resource unit).
+    pub budgets: &'a [f64],
+    /// min(d_in, d_out) per site, for the prior; `None` assumes `prior.default_dim`.
+    pub dims: Option<&'a [u32]>,
+}
 
 /// What a checkpoint's observations and actions look like; a policy only acts on inputs that
 /// match it exactly.
@@ -32,22 +66,22 @@ impl Schema {
     /// The schema of this build's environments with the given rank set.
     pub fn current(ranks: &[u32]) -> Self {
         Schema {
-            global_features: envs::schema::GLOBAL_NAMES.iter().map(|s| s.to_string()).collect(),
-            site_features: envs::schema::SITE_NAMES.iter().map(|s| s.to_string()).collect(),
+            global_features: envs::observation::GLOBAL_NAMES.iter().map(|s| s.to_string()).collect(),
+            site_features: envs::observation::SITE_NAMES.iter().map(|s| s.to_string()).collect(),
             ranks: ranks.to_vec(),
         }
     }
 
     /// Explains the first difference from `other` (the environment or run the policy is used on).
-    pub fn check_compatible(&self, other: &Schema) -> Result<(), String> {
+    pub fn check_compatible(&self, other: &Schema) -> Result<(), PolicyError> {
         if self.ranks != other.ranks {
-            return Err(format!(
+            return Err(PolicyError::Incompatible(format!(
                 "the policy chooses from ranks {:?}, the environment uses {:?}",
                 self.ranks, other.ranks
-            ));
+            )));
         }
         if self.global_features != other.global_features || self.site_features != other.site_features {
-            return Err(format!(
+            return Err(PolicyError::Incompatible(format!(
                 "observation schema differs: policy has {} global + {} site features, this build has {} + {} (names: policy {:?} / {:?})",
                 self.global_features.len(),
                 self.site_features.len(),
@@ -55,7 +89,7 @@ impl Schema {
                 other.site_features.len(),
                 self.global_features,
                 self.site_features
-            ));
+            )));
         }
         Ok(())
     }
@@ -176,42 +210,16 @@ impl PolicyModel {
         (gt, st, mask, g, s)
     }
 
-    /// Decides plans for `n_envs` raw observations. `unit_cost` (per site) and `budgets` (per
-    /// environment, estimated) drive the feasibility projection. With a prior, the sites are
-    /// assumed to have min(d_in, d_out) = `prior.default_dim`; [`PolicyModel::act_with_dims`]
-    /// takes their real shapes.
-    #[allow(clippy::too_many_arguments)]
-    pub fn act(
-        &self,
-        global: &[f32],
-        sites: &[f32],
-        n_envs: usize,
-        n_sites: usize,
-        unit_cost: &[f64],
-        budgets: &[f64],
-        mode: ActMode<'_>,
-    ) -> Decision {
-        self.act_with_dims(global, sites, n_envs, n_sites, unit_cost, budgets, None, mode)
-    }
-
-    /// [`PolicyModel::act`] with each site's min(d_in, d_out) (`Site::max_rank`), which the prior
-    /// needs to normalize a spectrum's energy (a flat spectrum holds less of its energy in its
-    /// first 64 components on a wider matrix). Without a prior `dims` is ignored.
-    #[allow(clippy::too_many_arguments)]
-    pub fn act_with_dims(
-        &self,
-        global: &[f32],
-        sites: &[f32],
-        n_envs: usize,
-        n_sites: usize,
-        unit_cost: &[f64],
-        budgets: &[f64],
-        dims: Option<&[u32]>,
-        mode: ActMode<'_>,
-    ) -> Decision {
+    /// Decides plans for a batch of raw observations. `budget.unit_cost` (per site) and
+    /// `budget.budgets` (per environment, estimated) drive the feasibility projection; the prior
+    /// also needs each site's min(d_in, d_out) (`budget.dims`, `Site::max_rank`) to normalize a
+    /// spectrum's energy, and assumes `prior.default_dim` without it.
+    pub fn act(&self, obs: ObsBatch<'_>, budget: BudgetContext<'_>, mode: ActMode<'_>) -> Decision {
+        let ObsBatch { global, sites, n_envs, n_sites } = obs;
+        let BudgetContext { unit_cost, budgets, .. } = budget;
         let k = self.ranks.len();
         let (prior, skip_margin) = match &self.prior {
-            Some(p) => p.values(global, sites, n_envs, n_sites, unit_cost, budgets, dims, self.net.has_skip()),
+            Some(p) => p.values(obs, budget, self.net.has_skip()),
             None => (Vec::new(), Vec::new()),
         };
         let current = self.current_indices(sites, n_envs, n_sites);
@@ -320,7 +328,7 @@ impl PolicyModel {
         let r_max = *self.ranks.last().unwrap_or(&1) as f32;
         (0..n_envs * n_sites)
             .map(|i| {
-                let r = raw_sites[i * SITE_FEATURES] * r_max;
+                let r = raw_sites[i * SITE_FEATURES..(i + 1) * SITE_FEATURES][SiteFeature::Rank] * r_max;
                 let nearest = self
                     .ranks
                     .iter()
@@ -350,7 +358,8 @@ impl PolicyModel {
         let mut noise_rng = <ChaCha8Rng as rand::SeedableRng>::seed_from_u64(
             coarse.iter().fold(0xddu64, |h, &x| h.wrapping_mul(31).wrapping_add(x as u64)),
         );
-        let x0 = den.sample(&self.ddim, &self.alpha_bar, &c, gt, st, mask, &mut noise_rng);
+        let obs = ddim::ObsTensors { global: gt, sites: st, mask };
+        let x0 = den.sample(&self.ddim, &self.alpha_bar, &c, obs, &mut noise_rng);
         let x0: Vec<f32> = Vec::try_from(x0.to_device(Device::Cpu).flatten(0, -1)).expect("f32 x0");
         Some(x0.into_iter().map(|x| ddim::decode(x, k) as u8).collect())
     }
@@ -363,16 +372,20 @@ impl PolicyModel {
     }
 
     /// Copies weights from named tensors; every variable must be present with its shape.
-    pub fn load_weights(&mut self, tensors: &[(String, Tensor)]) -> Result<(), String> {
+    pub fn load_weights(&mut self, tensors: &[(String, Tensor)]) -> Result<(), PolicyError> {
         let mut vars = self.vs.variables();
         for (name, var) in vars.iter_mut() {
             let t = tensors
                 .iter()
                 .find(|(n, _)| n == name)
                 .map(|(_, t)| t)
-                .ok_or_else(|| format!("weight `{name}` missing"))?;
+                .ok_or_else(|| PolicyError::Checkpoint(format!("weight `{name}` missing")))?;
             if t.size() != var.size() {
-                return Err(format!("weight `{name}` has shape {:?}, the network expects {:?}", t.size(), var.size()));
+                return Err(PolicyError::Checkpoint(format!(
+                    "weight `{name}` has shape {:?}, the network expects {:?}",
+                    t.size(),
+                    var.size()
+                )));
             }
             tch::no_grad(|| var.copy_(&t.to_device(var.device()).to_kind(var.kind())));
         }
@@ -402,20 +415,15 @@ impl RankPolicy for TrainedPolicy<'_> {
         self.decide(obs, ctx).unwrap_or_else(|| {
             // Without the option to skip, keep the current plan (what a skip would have kept).
             let r_max = *self.model.ranks.last().unwrap_or(&1) as f32;
-            (0..obs.n_sites).map(|l| (obs.site(l)[0] * r_max).round() as u32).collect()
+            (0..obs.n_sites).map(|l| (obs.site(l)[SiteFeature::Rank] * r_max).round() as u32).collect()
         })
     }
 
     fn decide(&mut self, obs: &Observation, ctx: &RoundContext<'_>) -> Option<Vec<u32>> {
         let dims: Vec<u32> = ctx.sites.iter().map(|s| s.max_rank()).collect();
-        let d = self.model.act_with_dims(
-            &obs.global,
-            &obs.sites,
-            1,
-            obs.n_sites,
-            ctx.unit_cost,
-            &[ctx.conservative_budget],
-            Some(&dims),
+        let d = self.model.act(
+            ObsBatch::one(obs),
+            BudgetContext { unit_cost: ctx.unit_cost, budgets: &[ctx.conservative_budget], dims: Some(&dims) },
             ActMode::Greedy,
         );
         (!d.skip[0]).then(|| d.executed.iter().map(|&j| self.model.ranks[j as usize]).collect())
@@ -430,10 +438,10 @@ mod tests {
     fn schema_mismatch_is_explained() {
         let a = Schema::current(&[0, 1, 2]);
         let b = Schema::current(&[0, 1, 2, 4]);
-        assert!(a.check_compatible(&b).unwrap_err().contains("[0, 1, 2, 4]"));
+        assert!(a.check_compatible(&b).unwrap_err().to_string().contains("[0, 1, 2, 4]"));
         let mut c = Schema::current(&[0, 1, 2]);
         c.site_features.pop();
-        assert!(a.check_compatible(&c).unwrap_err().contains("observation schema differs"));
+        assert!(a.check_compatible(&c).unwrap_err().to_string().contains("observation schema differs"));
         assert!(a.check_compatible(&a.clone()).is_ok());
     }
 }

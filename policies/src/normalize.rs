@@ -5,6 +5,7 @@
 //! normalizes a 224-site model's features the same way. The statistics are part of the policy:
 //! they are saved in checkpoints ([`RunningMeanStd::to_json`]) and frozen at evaluation time.
 
+use crate::PolicyError;
 use serde::{Deserialize, Serialize};
 
 /// Normalized features are clipped to ±`CLIP`.
@@ -100,14 +101,15 @@ impl ObsNormalizer {
     }
 
     /// Restores statistics from a checkpoint, checking the feature counts.
-    pub fn from_json(v: &serde_json::Value, global_dim: usize, site_dim: usize) -> Result<Self, String> {
-        let n: ObsNormalizer = serde_json::from_value(v.clone()).map_err(|e| format!("observation normalizer: {e}"))?;
+    pub fn from_json(v: &serde_json::Value, global_dim: usize, site_dim: usize) -> Result<Self, PolicyError> {
+        let n: ObsNormalizer = serde_json::from_value(v.clone())
+            .map_err(|e| PolicyError::Checkpoint(format!("observation normalizer: {e}")))?;
         if n.global.dim() != global_dim || n.site.dim() != site_dim {
-            return Err(format!(
+            return Err(PolicyError::Checkpoint(format!(
                 "observation normalizer has {}+{} features, the observation schema has {global_dim}+{site_dim}",
                 n.global.dim(),
                 n.site.dim()
-            ));
+            )));
         }
         Ok(n)
     }
@@ -143,7 +145,7 @@ mod tests {
         let j = n.to_json();
         let back = ObsNormalizer::from_json(&j, 3, 5).unwrap();
         assert_eq!(back, n);
-        let e = ObsNormalizer::from_json(&j, 3, 6).unwrap_err();
+        let e = ObsNormalizer::from_json(&j, 3, 6).unwrap_err().to_string();
         assert!(e.contains("3+5") && e.contains("3+6"), "{e}");
     }
 }

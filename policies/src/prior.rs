@@ -52,7 +52,9 @@ use std::sync::{Arc, Mutex};
 use serde::{Deserialize, Serialize};
 
 use envs::sites::power_law_tables;
-use envs::{GLOBAL_FEATURES, Observation, RankPolicy, RoundContext, SITE_FEATURES};
+use envs::{GLOBAL_FEATURES, GlobalFeature, Observation, RankPolicy, RoundContext, SITE_FEATURES, SiteFeature};
+
+use crate::model::{BudgetContext, ObsBatch};
 
 /// Mean spectral decay β per projection kind, as the observation groups them.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -222,15 +224,15 @@ impl Prior {
     fn beta_estimate(&self, tab: &Tables, row: &[f32], j: usize) -> f64 {
         let c = &self.cfg;
         let role = [c.beta.qk, c.beta.vo, c.beta.mlp_in, c.beta.mlp_out];
-        let onehot = &row[6..10];
+        let onehot = &row[SiteFeature::ROLE_GROUPS];
         let s: f64 = onehot.iter().map(|&x| x as f64).sum();
         let mean = if s > 0.0 {
             onehot.iter().zip(role).map(|(&x, b)| x as f64 * b).sum::<f64>() / s
         } else {
             role.iter().sum::<f64>() / 4.0
         };
-        let prior = mean + c.beta_depth_slope * (row[5] as f64 - 0.5);
-        let tail = row[12] as f64;
+        let prior = mean + c.beta_depth_slope * (row[SiteFeature::Depth] as f64 - 0.5);
+        let tail = row[SiteFeature::TailShare] as f64;
         if self.ranks[j] < 2 || tail <= 0.0 || !tail.is_finite() {
             return prior.clamp(c.beta_min, c.beta_max);
         }
@@ -277,7 +279,7 @@ impl Prior {
         debug_assert_eq!(global.len(), GLOBAL_FEATURES);
         debug_assert_eq!(out.len(), n * k);
         let rmax = *self.ranks.last().unwrap_or(&1) as f64;
-        let round = (global[12] as f64 * c.rounds).round().max(0.0);
+        let round = (global[GlobalFeature::Progress] as f64 * c.rounds).round().max(0.0);
         let h = (c.rounds - round).max(1.0);
         let rho = 1.0 - c.eta;
         let s_h = rho * (1.0 - rho.powf(h)) / c.eta;
@@ -295,7 +297,7 @@ impl Prior {
             if let Some(d) = dims.filter(|d| d[l] != tab.dim) {
                 tab = self.tables(d[l]);
             }
-            let r = row[0] as f64 * rmax;
+            let r = row[SiteFeature::Rank] as f64 * rmax;
             cur[l] = self
                 .ranks
                 .iter()
@@ -314,8 +316,8 @@ impl Prior {
             }
             let q = e[l * k + cur[l]] * conv;
             // Sensitivity: geometric mean of the two noisy measurements of w·L/Σw.
-            let sens = (row[10] as f64).max(1e-6);
-            let g = row[11] as f64;
+            let sens = (row[SiteFeature::Sensitivity] as f64).max(1e-6);
+            let g = row[SiteFeature::GradNorm] as f64;
             let w_obs = if g > 0.0 && q < 0.99 { (sens * g / (1.0 - q).sqrt()).sqrt() } else { sens };
             w[l] = w_obs * c.sensitivity_total / n as f64;
         }
@@ -323,7 +325,7 @@ impl Prior {
         // some rounds made no progress.
         let frac = match c.loss_floor {
             Some(floor) => {
-                let captured = (floor + c.sensitivity_total) * (1.0 - global[13] as f64);
+                let captured = (floor + c.sensitivity_total) * (1.0 - global[GlobalFeature::LossRatio] as f64);
                 // The noisy ŵ are biased upward (log-normal noise): rescale them to Σw here.
                 let w_sum: f64 = w.iter().sum::<f64>().max(f64::MIN_POSITIVE);
                 let full: f64 = (0..n).map(|l| w[l] * e[l * k + cur[l]]).sum::<f64>() * c.sensitivity_total / w_sum;
@@ -365,20 +367,11 @@ impl Prior {
         (skip_value - best) as f32
     }
 
-    /// Prior values of `n_envs` environments (`n_envs × n_sites × |ranks|`) and, with
-    /// `want_skip`, each environment's skip margin ([`Prior::skip_margin`]; empty otherwise).
-    #[allow(clippy::too_many_arguments)]
-    pub fn values(
-        &self,
-        global: &[f32],
-        sites: &[f32],
-        n_envs: usize,
-        n_sites: usize,
-        unit_cost: &[f64],
-        budgets: &[f64],
-        dims: Option<&[u32]>,
-        want_skip: bool,
-    ) -> (Vec<f32>, Vec<f32>) {
+    /// Prior values of a batch (`n_envs × n_sites × |ranks|`) and, with `want_skip`, each
+    /// environment's skip margin ([`Prior::skip_margin`]; empty otherwise).
+    pub fn values(&self, obs: ObsBatch<'_>, budget: BudgetContext<'_>, want_skip: bool) -> (Vec<f32>, Vec<f32>) {
+        let ObsBatch { global, sites, n_envs, n_sites } = obs;
+        let BudgetContext { unit_cost, budgets, dims } = budget;
         let k = self.ranks.len();
         let mut out = vec![0f32; n_envs * n_sites * k];
         let mut margins = Vec::with_capacity(if want_skip { n_envs } else { 0 });
@@ -456,12 +449,12 @@ mod tests {
     /// A site row of kind `role` (0..4) at mid depth and rank `rank`, with `tail` as tail share.
     fn row(role: usize, rank: u32, tail: f32) -> Vec<f32> {
         let mut r = vec![0f32; SITE_FEATURES];
-        r[0] = rank as f32 / 64.0;
-        r[5] = 0.5;
-        r[6 + role] = 1.0;
-        r[10] = 1.0;
-        r[11] = 1.0;
-        r[12] = tail;
+        r[SiteFeature::Rank] = rank as f32 / 64.0;
+        r[SiteFeature::Depth] = 0.5;
+        r[SiteFeature::ROLE_GROUPS.start + role] = 1.0;
+        r[SiteFeature::Sensitivity] = 1.0;
+        r[SiteFeature::GradNorm] = 1.0;
+        r[SiteFeature::TailShare] = tail;
         r
     }
 

@@ -8,6 +8,7 @@
 //! resumed run needs to continue exactly as an uninterrupted one on the CPU: weights, Adam
 //! moments, observation statistics, RNG state, environment states, the replay buffer.
 
+use crate::PolicyError;
 use std::sync::Arc;
 
 use rand::SeedableRng;
@@ -19,8 +20,8 @@ use tch::{Device, Kind, Tensor};
 use envs::{EnvPreset, EnvSpec, EpisodeSummary, GLOBAL_FEATURES, SITE_FEATURES, VecEnv, VecEnvSnapshot};
 
 use crate::adam::Adam;
-use crate::ddim::{self, DdimConfig};
-use crate::model::{ActMode, PolicyModel, Schema};
+use crate::ddim::{self, DdimConfig, Replay};
+use crate::model::{ActMode, BudgetContext, ObsBatch, PolicyModel, Schema};
 use crate::ppo::{self, Batch, Credit, PpoConfig, UpdateStats};
 use crate::prior::PriorConfig;
 
@@ -75,81 +76,6 @@ pub fn load_preset(name_or_path: &str) -> Result<PolicyPreset, rankpilot_config:
         });
     }
     rankpilot_config::load(path)
-}
-
-/// Replay buffer of the DDIM stage: (normalized observation, coarse plan, executed plan, reward).
-#[derive(Debug)]
-struct Replay {
-    global: Vec<f32>,
-    sites: Vec<f32>,
-    coarse: Vec<f32>,
-    executed: Vec<f32>,
-    reward: Vec<f32>,
-    n_sites: usize,
-    capacity: usize,
-    len: usize,
-    pos: usize,
-}
-
-impl Replay {
-    fn new(capacity: usize, n_sites: usize) -> Self {
-        Replay {
-            global: vec![0.0; capacity * GLOBAL_FEATURES],
-            sites: vec![0.0; capacity * n_sites * SITE_FEATURES],
-            coarse: vec![0.0; capacity * n_sites],
-            executed: vec![0.0; capacity * n_sites],
-            reward: vec![0.0; capacity],
-            n_sites,
-            capacity,
-            len: 0,
-            pos: 0,
-        }
-    }
-
-    fn push(&mut self, global: &[f32], sites: &[f32], coarse: &[f32], executed: &[f32], reward: f32) {
-        let (p, l) = (self.pos, self.n_sites);
-        self.global[p * GLOBAL_FEATURES..(p + 1) * GLOBAL_FEATURES].copy_from_slice(global);
-        self.sites[p * l * SITE_FEATURES..(p + 1) * l * SITE_FEATURES].copy_from_slice(sites);
-        self.coarse[p * l..(p + 1) * l].copy_from_slice(coarse);
-        self.executed[p * l..(p + 1) * l].copy_from_slice(executed);
-        self.reward[p] = reward;
-        self.pos = (p + 1) % self.capacity;
-        self.len = (self.len + 1).min(self.capacity);
-    }
-
-    fn tensors(&self) -> Vec<(String, Tensor)> {
-        let l = self.n_sites as i64;
-        let c = self.capacity as i64;
-        vec![
-            ("replay.global".into(), Tensor::from_slice(&self.global).view([c, GLOBAL_FEATURES as i64])),
-            ("replay.sites".into(), Tensor::from_slice(&self.sites).view([c, l, SITE_FEATURES as i64])),
-            ("replay.coarse".into(), Tensor::from_slice(&self.coarse).view([c, l])),
-            ("replay.executed".into(), Tensor::from_slice(&self.executed).view([c, l])),
-            ("replay.reward".into(), Tensor::from_slice(&self.reward)),
-        ]
-    }
-
-    fn load(&mut self, tensors: &[(String, Tensor)], len: usize, pos: usize) -> Result<(), String> {
-        let get = |name: &str, want: usize| -> Result<Vec<f32>, String> {
-            let t =
-                tensors.iter().find(|(n, _)| n == name).map(|(_, t)| t).ok_or_else(|| format!("`{name}` missing"))?;
-            let v: Vec<f32> =
-                Vec::try_from(t.flatten(0, -1).to_kind(Kind::Float)).map_err(|e: tch::TchError| e.to_string())?;
-            if v.len() != want {
-                return Err(format!("`{name}` has {} values, expected {want}", v.len()));
-            }
-            Ok(v)
-        };
-        let (c, l) = (self.capacity, self.n_sites);
-        self.global = get("replay.global", c * GLOBAL_FEATURES)?;
-        self.sites = get("replay.sites", c * l * SITE_FEATURES)?;
-        self.coarse = get("replay.coarse", c * l)?;
-        self.executed = get("replay.executed", c * l)?;
-        self.reward = get("replay.reward", c)?;
-        self.len = len.min(c);
-        self.pos = pos % c.max(1);
-        Ok(())
-    }
 }
 
 /// What one iteration did.
@@ -241,8 +167,8 @@ impl Trainer {
         total_steps: u64,
         seed: u64,
         device: Device,
-    ) -> Result<Self, String> {
-        let spec: Arc<EnvSpec> = EnvSpec::new(env_preset).map_err(|e| e.to_string())?;
+    ) -> Result<Self, PolicyError> {
+        let spec: Arc<EnvSpec> = EnvSpec::new(env_preset)?;
         // A skipped round saves nothing under a fixed parameter budget (the adapter exists
         // whether or not the round is played): no skip head there.
         let mut preset = preset.clone();
@@ -259,7 +185,7 @@ impl Trainer {
             tch::manual_seed(seed as i64);
             PolicyModel::with_prior(device, &ranks, preset.ppo.net, preset.ddim.clone(), &preset.prior)
         };
-        let venv = VecEnv::from_spec(spec.clone(), preset.ppo.num_envs, envs::env::derive_seed(seed, 1));
+        let venv = VecEnv::from_spec(spec.clone(), preset.ppo.num_envs, envs::derive_seed(seed, 1));
         let opt = Adam::new(&model.vs, "net.", preset.ppo.learning_rate, preset.ppo.adam_eps);
         let ddim_opt = preset.ddim.enabled.then(|| Adam::new(&model.vs, "ddim.", preset.ddim.learning_rate, 1e-8));
         let replay = preset.ddim.enabled.then(|| Replay::new(preset.ddim.replay_capacity, spec.n_sites()));
@@ -273,7 +199,7 @@ impl Trainer {
             opt,
             ddim_opt,
             replay,
-            rng: ChaCha8Rng::seed_from_u64(envs::env::derive_seed(seed, 2)),
+            rng: ChaCha8Rng::seed_from_u64(envs::derive_seed(seed, 2)),
             iteration: 0,
             global_step: 0,
             episode_ranks_env0: Vec::new(),
@@ -326,14 +252,9 @@ impl Trainer {
             self.model.norm.global.update(self.venv.obs_global());
             self.model.norm.site.update(self.venv.obs_sites());
             let budgets: Vec<f64> = (0..n).map(|i| self.venv.context(i).conservative_budget).collect();
-            let d = self.model.act_with_dims(
-                self.venv.obs_global(),
-                self.venv.obs_sites(),
-                n,
-                l,
-                &unit_cost,
-                &budgets,
-                Some(&dims),
+            let d = self.model.act(
+                ObsBatch { global: self.venv.obs_global(), sites: self.venv.obs_sites(), n_envs: n, n_sites: l },
+                BudgetContext { unit_cost: &unit_cost, budgets: &budgets, dims: Some(&dims) },
                 ActMode::Sample(&mut self.rng),
             );
             self.venv
@@ -436,52 +357,19 @@ impl Trainer {
         stats
     }
 
-    /// Alternating DDIM step: `updates_per_iteration` reward-weighted denoising steps on replayed
-    /// decisions, after the replay buffer holds `warmup` of them; then DDIM starts refining.
+    /// Alternating DDIM step ([`ddim::update`]); DDIM starts refining after its first update.
     fn ddim_update(&mut self) -> f64 {
         let (Some(replay), Some(opt), Some(den)) =
             (self.replay.as_ref(), self.ddim_opt.as_mut(), self.model.denoiser.as_ref())
         else {
             return f64::NAN;
         };
-        let cfg = &self.preset.ddim;
-        if replay.len < cfg.warmup {
-            return f64::NAN;
-        }
         let dev = self.model.vs.device();
-        let ab = Tensor::from_slice(&self.model.alpha_bar).to_kind(Kind::Float).to_device(dev);
-        let l = replay.n_sites;
-        let mut total = 0.0;
-        for _ in 0..cfg.updates_per_iteration {
-            let idx: Vec<usize> =
-                (0..cfg.batch_size).map(|_| rand::Rng::random_range(&mut self.rng, 0..replay.len)).collect();
-            let gather = |src: &[f32], width: usize| -> Vec<f32> {
-                idx.iter().flat_map(|&i| src[i * width..(i + 1) * width].iter().copied()).collect()
-            };
-            let bsz = cfg.batch_size as i64;
-            let g = Tensor::from_slice(&gather(&replay.global, GLOBAL_FEATURES))
-                .view([bsz, GLOBAL_FEATURES as i64])
-                .to_device(dev);
-            let s = Tensor::from_slice(&gather(&replay.sites, l * SITE_FEATURES))
-                .view([bsz, l as i64, SITE_FEATURES as i64])
-                .to_device(dev);
-            let c = Tensor::from_slice(&gather(&replay.coarse, l)).view([bsz, l as i64]).to_device(dev);
-            let x0 = Tensor::from_slice(&gather(&replay.executed, l)).view([bsz, l as i64]).to_device(dev);
-            let r = Tensor::from_slice(&gather(&replay.reward, 1)).to_device(dev);
-            let mask = Tensor::ones([bsz, l as i64], (Kind::Float, dev));
-            let loss = den.loss(cfg, &ab, &x0, &c, &r, &g, &s, &mask, &mut self.rng);
-            let v = loss.double_value(&[]);
-            if !v.is_finite() {
-                return v;
-            }
-            opt.zero_grad();
-            loss.backward();
-            opt.clip_grad_norm(1.0);
-            opt.step();
-            total += v;
+        let loss = ddim::update(den, opt, replay, &self.preset.ddim, &self.model.alpha_bar, &mut self.rng, dev);
+        if loss.is_finite() {
+            self.model.ddim_active = true;
         }
-        self.model.ddim_active = true;
-        total / cfg.updates_per_iteration.max(1) as f64
+        loss
     }
 
     /// Everything a checkpoint holds: named tensors, the `config` JSON and the `state` JSON.
@@ -524,11 +412,11 @@ impl Trainer {
         tensors: &[(String, Tensor)],
         total_steps: Option<u64>,
         device: Device,
-    ) -> Result<Self, String> {
-        let cfg: CheckpointConfig =
-            serde_json::from_value(config.clone()).map_err(|e| format!("checkpoint config: {e}"))?;
+    ) -> Result<Self, PolicyError> {
+        let cfg: CheckpointConfig = serde_json::from_value(config.clone())
+            .map_err(|e| PolicyError::Checkpoint(format!("checkpoint config: {e}")))?;
         let rs: ResumeState = serde_json::from_value(state.get("trainer").cloned().unwrap_or_default())
-            .map_err(|e| format!("checkpoint state: {e}"))?;
+            .map_err(|e| PolicyError::Checkpoint(format!("checkpoint state: {e}")))?;
         let mut t = Trainer::new(
             &cfg.env_preset,
             &cfg.policy_preset,
@@ -551,7 +439,7 @@ impl Trainer {
         if let Some(r) = t.replay.as_mut() {
             r.load(tensors, rs.replay_len, rs.replay_pos)?;
         }
-        t.venv = VecEnv::restore(t.venv.spec().clone(), rs.venv).map_err(|e| e.to_string())?;
+        t.venv = VecEnv::restore(t.venv.spec().clone(), rs.venv)?;
         t.rng = rs.rng;
         t.iteration = rs.iteration;
         t.global_step = rs.global_step;
@@ -575,9 +463,9 @@ pub fn policy_from_checkpoint(
     state: &serde_json::Value,
     tensors: &[(String, Tensor)],
     device: Device,
-) -> Result<(PolicyModel, CheckpointConfig), String> {
-    let cfg: CheckpointConfig =
-        serde_json::from_value(config.clone()).map_err(|e| format!("checkpoint config: {e}"))?;
+) -> Result<(PolicyModel, CheckpointConfig), PolicyError> {
+    let cfg: CheckpointConfig = serde_json::from_value(config.clone())
+        .map_err(|e| PolicyError::Checkpoint(format!("checkpoint config: {e}")))?;
     let mut model = PolicyModel::with_prior(
         device,
         &cfg.schema.ranks,

@@ -95,7 +95,7 @@ fn a_checkpoint_refuses_another_rank_set() {
     assert_eq!(model.ranks, env.ranks);
     let other = policies::model::Schema::current(&[0, 4, 8]);
     let e = cfg.schema.check_compatible(&other).unwrap_err();
-    assert!(e.contains("[0, 4, 8]"), "{e}");
+    assert!(e.to_string().contains("[0, 4, 8]"), "{e}");
 }
 
 #[test]

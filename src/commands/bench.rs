@@ -16,11 +16,11 @@ use clap::{Args, ValueEnum};
 use tch::{Device, Kind, Tensor, nn};
 
 use crate::cli::Common;
-use crate::data::TokenData;
-use crate::finetune::{FinetuneConfig, Finetuner, RankPlan, RankSpec};
-use crate::lora::AdamW;
-use crate::model::llama::{Llama, LlamaConfig};
-use crate::svd::{self, RsvdOptions};
+use tune::data::TokenData;
+use tune::finetune::{FinetuneConfig, Finetuner, RankPlan, RankSpec};
+use tune::lora::AdamW;
+use tune::model::llama::{Llama, LlamaConfig};
+use tune::svd::{self, RsvdOptions};
 
 /// Which benchmark.
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -108,7 +108,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     tch::manual_seed(a.common.seed as i64);
     if let Some(n) = a.threads {
         if n == 0 {
-            return Err(crate::cli::BadInput("--threads must be at least 1".into()).into());
+            return Err(rankpilot_config::BadInput("--threads must be at least 1".into()).into());
         }
         tch::set_num_threads(n as i32);
     }
@@ -123,7 +123,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
 /// (normalization, network, allocation; with DDIM also `sample_steps` denoiser passes).
 fn bench_policy(a: &BenchArgs) -> Result<()> {
     use policies::ddim::DdimConfig;
-    use policies::model::{ActMode, PolicyModel};
+    use policies::model::{ActMode, BudgetContext, ObsBatch, PolicyModel};
     use policies::network::NetConfig;
 
     let preset = envs::presets::load("llama7b")?;
@@ -165,14 +165,9 @@ fn bench_policy(a: &BenchArgs) -> Result<()> {
         let mut times = Vec::new();
         for i in 0..a.repeats.max(1) * 20 + 5 {
             let t = Instant::now();
-            let d = model.act_with_dims(
-                venv.obs_global(),
-                venv.obs_sites(),
-                1,
-                n_sites,
-                ctx.unit_cost,
-                &[ctx.conservative_budget],
-                Some(&dims),
+            let d = model.act(
+                ObsBatch { global: venv.obs_global(), sites: venv.obs_sites(), n_envs: 1, n_sites },
+                BudgetContext { unit_cost: ctx.unit_cost, budgets: &[ctx.conservative_budget], dims: Some(&dims) },
                 ActMode::Greedy,
             );
             let ms = t.elapsed().as_secs_f64() * 1e3;
@@ -216,7 +211,7 @@ fn bench_svd(a: &BenchArgs) -> Result<()> {
 
     let tmp = tempfile_dir()?;
     let inputs = tmp.join("inputs.safetensors");
-    crate::checkpoint::write_safetensors(
+    runio::checkpoint::write_safetensors(
         &inputs,
         &[
             ("B".into(), b.shallow_clone()),

@@ -15,26 +15,25 @@ use anyhow::{Context, Result};
 use clap::Args;
 use tch::Kind;
 
-use crate::checkpoint;
-use crate::cli::{BadInput, Common};
-use crate::commands::finetune::{load_model_and_data, progress_bar};
-use crate::controller::sites_calibration;
-use crate::data::BUILTIN_CODE;
-use crate::finetune::{FinetuneConfig, Finetuner, RankSpec};
-use crate::lora::AdamW;
-use crate::tensorboard::SummaryWriter;
+use rankpilot_config::BadInput;
+use runio::checkpoint;
+
+use crate::cli::Common;
+use crate::commands::common::{BatchOptions, ModelData, load_model_and_data, progress_bar};
+use rankpilot::controller::sites_calibration;
+use runio::tensorboard::SummaryWriter;
+use tune::finetune::{FinetuneConfig, Finetuner, RankSpec};
+use tune::lora::AdamW;
 
 /// Arguments of `rankpilot calibrate`.
 #[derive(Debug, Args)]
 pub struct CalibrateArgs {
     #[command(flatten)]
     common: Common,
-    /// Base model directory (config.json + model.safetensors).
-    #[arg(long)]
-    model: PathBuf,
-    /// Probe-run text: a file, a directory, a .jsonl file, or `builtin:code` / `builtin:prose`.
-    #[arg(long, default_value = BUILTIN_CODE)]
-    data: String,
+    #[command(flatten)]
+    input: ModelData,
+    #[command(flatten)]
+    batch: BatchOptions,
     /// The preset to write (`.toml`); the calibration JSON goes beside it.
     #[arg(long)]
     out: PathBuf,
@@ -48,15 +47,6 @@ pub struct CalibrateArgs {
     /// Probe optimizer steps.
     #[arg(long, default_value_t = 100)]
     steps: usize,
-    /// Sequences per batch.
-    #[arg(long, default_value_t = 8)]
-    batch_size: usize,
-    /// Tokens per sequence.
-    #[arg(long, default_value_t = 128)]
-    seq_len: usize,
-    /// Learning rate.
-    #[arg(long, default_value_t = 2e-3)]
-    lr: f64,
     /// Violation penalty multiplier of the written preset (the template's AirLLM value is 10). In a
     /// real run a lost round costs that round's progress and its bits, nothing more; a large
     /// penalty trains policies that shrink adapters to nothing in a deep fade rather than lose a
@@ -90,9 +80,10 @@ pub fn run(a: &CalibrateArgs) -> Result<()> {
     let dir = a.out.parent().filter(|p| !p.as_os_str().is_empty()).map(PathBuf::from).unwrap_or_else(|| ".".into());
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let device = a.common.device;
-    let (model, vs, _tok, corpus, data) = load_model_and_data(&a.model, &a.data, 0.1, a.seq_len, device, Kind::Float)?;
-    let min_dim = crate::model::llama::PROJECTIONS
-        .iter()
+    let (model, vs, _tok, corpus, data) =
+        load_model_and_data(&a.input.model, &a.input.data, 0.1, a.batch.seq_len, device, Kind::Float)?;
+    let min_dim = tune::model::Projection::ALL
+        .into_iter()
         .map(|p| {
             let (i, o) = model.cfg.projection_shape(p);
             i.min(o)
@@ -101,9 +92,9 @@ pub fn run(a: &CalibrateArgs) -> Result<()> {
         .unwrap_or(1);
     let cfg = FinetuneConfig {
         steps: a.steps,
-        batch_size: a.batch_size,
-        seq_len: a.seq_len,
-        adam: AdamW { lr: a.lr, ..AdamW::default() },
+        batch_size: a.batch.batch_size,
+        seq_len: a.batch.seq_len,
+        adam: AdamW { lr: a.batch.lr, ..AdamW::default() },
         ranks: RankSpec { default: a.rank.min(min_dim), patterns: vec![] },
         seed: a.common.seed,
         ..FinetuneConfig::default()
@@ -123,7 +114,7 @@ pub fn run(a: &CalibrateArgs) -> Result<()> {
     tb.add_scalar("val/loss", val, a.steps as i64)?;
     let signals = ft.signals(true);
     let max_imp = signals.iter().map(|s| s.importance).fold(0.0, f64::max);
-    let mut cal = sites_calibration(&a.model.display().to_string(), &signals);
+    let mut cal = sites_calibration(&a.input.model.display().to_string(), &signals);
     for (c, s) in cal.sites.iter_mut().zip(&signals) {
         c.spectrum = s.singular_values.clone();
         // A site without measurable importance still needs a positive weight.
@@ -139,7 +130,7 @@ pub fn run(a: &CalibrateArgs) -> Result<()> {
     preset.name = stem.clone();
     preset.description = format!(
         "{} ({} sites) calibrated on {} by a rank-{} probe of {} steps; resource from `{}`",
-        a.model.display(),
+        a.input.model.display(),
         cal.sites.len(),
         corpus.source,
         a.rank.min(min_dim),
@@ -177,8 +168,8 @@ pub fn run(a: &CalibrateArgs) -> Result<()> {
     let body = toml::to_string(&preset).context("serializing the preset")?;
     let text = format!(
         "# Written by `rankpilot calibrate --model {} --data {} --env {} --rank {} --steps {} --seed {}{}`.\n# Sites and spectra: {cal_name}. Resource of `{}` rescaled by {scale:.4} (ratio of all-max-rank costs).\n{body}",
-        a.model.display(),
-        a.data,
+        a.input.model.display(),
+        a.input.data,
         a.env,
         a.rank,
         a.steps,

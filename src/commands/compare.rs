@@ -10,27 +10,26 @@ use clap::Args;
 use serde::Serialize;
 use tch::Kind;
 
-use crate::checkpoint;
-use crate::cli::{BadInput, Common};
-use crate::commands::finetune::{load_env, load_model_and_data, progress_bar};
-use crate::controller::{RunOptions, RunReport};
-use crate::data::BUILTIN_CODE;
-use crate::finetune::{FinetuneConfig, Finetuner, RankSpec};
-use crate::lora::AdamW;
-use crate::scheduler::{BudgetSpec, SchedulerSpec};
-use crate::tensorboard::SummaryWriter;
+use rankpilot_config::BadInput;
+use runio::checkpoint;
+
+use crate::cli::Common;
+use crate::commands::common::{BatchOptions, ModelData, load_env, load_model_and_data, progress_bar};
+use rankpilot::controller::{RunOptions, RunReport};
+use rankpilot::scheduler::{BudgetSpec, SchedulerSpec};
+use runio::tensorboard::SummaryWriter;
+use tune::finetune::{FinetuneConfig, Finetuner, RankSpec};
+use tune::lora::AdamW;
 
 /// Arguments of `rankpilot compare`.
 #[derive(Debug, Args)]
 pub struct CompareArgs {
     #[command(flatten)]
     common: Common,
-    /// Base model directory (config.json + model.safetensors).
-    #[arg(long)]
-    model: PathBuf,
-    /// Fine-tuning text: a file, a directory, a .jsonl file, or `builtin:code` / `builtin:prose`.
-    #[arg(long, default_value = BUILTIN_CODE)]
-    data: String,
+    #[command(flatten)]
+    input: ModelData,
+    #[command(flatten)]
+    batch: BatchOptions,
     /// Resource beside the runs: `none`, a preset name or a preset file (e.g. from `calibrate`).
     #[arg(long, default_value = "wireless-rayleigh")]
     env: String,
@@ -55,15 +54,6 @@ pub struct CompareArgs {
     /// Rounds per run (scheduler decisions).
     #[arg(long, default_value_t = 20)]
     rounds: usize,
-    /// Sequences per batch.
-    #[arg(long, default_value_t = 8)]
-    batch_size: usize,
-    /// Tokens per sequence.
-    #[arg(long, default_value_t = 128)]
-    seq_len: usize,
-    /// Learning rate (AdamW, linear warm-up then constant).
-    #[arg(long, default_value_t = 2e-3)]
-    lr: f64,
     /// Validation batches.
     #[arg(long, default_value_t = 8)]
     eval_batches: usize,
@@ -123,12 +113,12 @@ pub fn run(a: &CompareArgs) -> Result<()> {
         let seed = a.common.seed + k;
         for (i, spec) in a.schedulers.iter().enumerate() {
             let (model, vs, _tok, _corpus, data) =
-                load_model_and_data(&a.model, &a.data, 0.1, a.seq_len, device, Kind::Float)?;
+                load_model_and_data(&a.input.model, &a.input.data, 0.1, a.batch.seq_len, device, Kind::Float)?;
             let cfg = FinetuneConfig {
                 steps: a.steps,
-                batch_size: a.batch_size,
-                seq_len: a.seq_len,
-                adam: AdamW { lr: a.lr, ..AdamW::default() },
+                batch_size: a.batch.batch_size,
+                seq_len: a.batch.seq_len,
+                adam: AdamW { lr: a.batch.lr, ..AdamW::default() },
                 eval_batches: a.eval_batches,
                 ranks: RankSpec { default: 0, patterns: vec![] },
                 seed,
@@ -136,7 +126,7 @@ pub fn run(a: &CompareArgs) -> Result<()> {
             };
             let mut ft = Finetuner::new(model, vs, data, cfg)?;
             let (mut sched, mut res) =
-                crate::controller::prepare(&ft, spec, env.as_ref(), Some(a.budget), a.rounds, seed, device)?;
+                rankpilot::controller::prepare(&ft, spec, env.as_ref(), Some(a.budget), a.rounds, seed, device)?;
             let dir = a.logdir.join(spec.label().replace([':', '/'], "-")).join(format!("seed{seed}"));
             let mut tb = SummaryWriter::new(&dir)?;
             tb.add_text(
@@ -152,8 +142,9 @@ pub fn run(a: &CompareArgs) -> Result<()> {
                 0,
             )?;
             let bar = progress_bar(a.steps);
-            let opts = RunOptions { rounds: a.rounds, eval_every_rounds: a.rounds.div_ceil(4) };
-            let mut report = crate::controller::run(&mut ft, sched.as_mut(), &mut res, &opts, &mut tb, &bar)?;
+            // Four evaluations per run (and the final one).
+            let opts = RunOptions::even(a.rounds, a.steps, (a.steps / a.rounds.max(1)).max(1) * a.rounds.div_ceil(4))?;
+            let mut report = rankpilot::controller::run(&mut ft, sched.as_mut(), &mut res, &opts, &mut tb, &bar)?;
             bar.finish_and_clear();
             report.scheduler = spec.label();
             eprintln!(
@@ -202,8 +193,8 @@ pub fn run(a: &CompareArgs) -> Result<()> {
     };
     let mut md = format!(
         "`rankpilot compare --model {} --data {} --env {} --budget {} --seeds {} --steps {} --rounds {} --seed {}`\n\n| scheduler | final val loss (mean ± std) | Δ vs {first} (paired, mean ± std) | {unit} sent / run | {unit} vs {first} | rounds lost / run | rounds skipped / run | mean adapter params | final adapter params | wall s / run |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
-        a.model.display(),
-        a.data,
+        a.input.model.display(),
+        a.input.data,
         a.env,
         budget,
         a.seeds,
@@ -232,7 +223,7 @@ pub fn run(a: &CompareArgs) -> Result<()> {
         );
     }
     let json = serde_json::json!({
-        "model": a.model, "data": a.data, "env": a.env, "budget": budget,
+        "model": a.input.model, "data": a.input.data, "env": a.env, "budget": budget,
         "seeds": a.seeds, "seed": a.common.seed, "steps": a.steps, "rounds": a.rounds,
         "rows": rows, "runs": runs,
     });

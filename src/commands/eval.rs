@@ -8,9 +8,10 @@ use clap::Args;
 use envs::Baseline;
 use policies::model::{Schema, TrainedPolicy};
 
-use crate::checkpoint;
-use crate::cli::{BadInput, Common};
-use crate::commands::train::POLICY_KIND;
+use rankpilot_config::BadInput;
+use runio::checkpoint;
+
+use crate::cli::Common;
 
 /// Arguments of `rankpilot eval`.
 #[derive(Debug, Args)]
@@ -56,8 +57,8 @@ pub fn run(a: &EvalArgs) -> anyhow::Result<()> {
     let mut table = envs::evaluate_baselines(&preset, &which, a.episodes, a.common.seed)?;
     let spec = envs::EnvSpec::new(&preset)?;
     for dir in &a.checkpoint {
-        let (meta, tensors) =
-            checkpoint::load(dir, POLICY_KIND).with_context(|| format!("--checkpoint {}", dir.display()))?;
+        let (meta, tensors) = checkpoint::load(dir, checkpoint::POLICY_KIND)
+            .with_context(|| format!("--checkpoint {}", dir.display()))?;
         let (model, cfg) =
             policies::trainer::policy_from_checkpoint(&meta.config, &meta.state, &tensors, a.common.device)
                 .map_err(|e| BadInput(format!("{}: {e}", dir.display())))?;

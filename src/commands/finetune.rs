@@ -1,45 +1,47 @@
 //! `rankpilot finetune`: dynamic-rank LoRA fine-tuning of a Hugging Face-layout Llama model.
 //!
-//! Logs train/val loss, tokens/s, learning rate, ranks (total, histogram, sites × rounds heatmap)
-//! and AdaLoRA importance to TensorBoard; writes the adapter as a PEFT directory to
-//! `<logdir>/adapter` (and to `--export-peft` when given) and a `summary.json` next to it.
+//! One loop for every run ([`rankpilot::controller::run`]): a `--scheduler`, or the ranks given by
+//! `--ranks`/`--adapter` and `--resize-at`. Logs train/val loss, tokens/s, learning rate, ranks
+//! (total, histogram, sites × rounds heatmap) and AdaLoRA importance to TensorBoard; writes the
+//! adapter as a PEFT directory to `<logdir>/adapter` (and to `--export-peft` when given) and a
+//! `summary.json` next to it.
 
 use std::path::PathBuf;
-use std::time::Instant;
 
 use anyhow::Result;
 use clap::Args;
 use tch::Kind;
 
-use crate::checkpoint;
-use crate::cli::{BadInput, Common};
-use crate::controller::RunOptions;
-use crate::data::{BUILTIN_CODE, Corpus, TokenData, Tokenizer};
-use crate::finetune::{FinetuneConfig, Finetuner, RankPlan, RankSpec};
-use crate::lora::AdamW;
-use crate::model::llama::Llama;
-use crate::peft::PeftAdapter;
-use crate::scheduler::{BudgetSpec, SchedulerSpec};
-use crate::tensorboard::{SummaryWriter, heatmap};
+use rankpilot_config::BadInput;
+use runio::checkpoint;
+
+use rankpilot::controller::{self, RunOptions, RunResource};
+use rankpilot::scheduler::{BudgetSpec, RankScheduler, ResizeAt, SchedulerSpec};
+use runio::tensorboard::SummaryWriter;
+use tune::finetune::{FinetuneConfig, Finetuner, RankPlan, RankSpec};
+use tune::lora::AdamW;
+use tune::model::Projection;
+use tune::peft::PeftAdapter;
+
+use crate::cli::Common;
+use crate::commands::common::{BatchOptions, ModelData, load_env, load_model_and_data, progress_bar};
 
 /// Arguments of `rankpilot finetune`.
 #[derive(Debug, Args)]
 pub struct FinetuneArgs {
     #[command(flatten)]
     common: Common,
-    /// Base model directory (config.json + model.safetensors; tokenizer.json used if present).
-    #[arg(long)]
-    model: PathBuf,
-    /// Training text: a file, a directory, a .jsonl file, or `builtin:code` / `builtin:prose`.
-    #[arg(long, default_value = BUILTIN_CODE)]
-    data: String,
+    #[command(flatten)]
+    input: ModelData,
+    #[command(flatten)]
+    batch: BatchOptions,
     /// Initial ranks: `R` for every site, or PEFT-style `key=R` items plus an optional default,
     /// e.g. `q_proj=16,mlp.down_proj=4,8` (first matching key wins).
     #[arg(long, default_value = "8", value_parser = RankSpec::parse)]
     ranks: RankSpec,
     /// Projections that carry LoRA sites (comma-separated).
     #[arg(long, default_value = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", value_delimiter = ',')]
-    targets: Vec<String>,
+    targets: Vec<Projection>,
     /// Resize at a round boundary: `STEP:RANKS` (same syntax as --ranks), repeatable,
     /// e.g. `--resize-at 100:4 --resize-at 150:q_proj=8,2`.
     #[arg(long = "resize-at", value_parser = parse_resize)]
@@ -53,15 +55,6 @@ pub struct FinetuneArgs {
     /// Optimizer steps.
     #[arg(long, default_value_t = 200)]
     steps: usize,
-    /// Sequences per batch.
-    #[arg(long, default_value_t = 8)]
-    batch_size: usize,
-    /// Tokens per sequence.
-    #[arg(long, default_value_t = 128)]
-    seq_len: usize,
-    /// Learning rate (AdamW, linear warm-up then constant).
-    #[arg(long, default_value_t = 2e-3)]
-    lr: f64,
     /// Decoupled weight decay.
     #[arg(long, default_value_t = 0.0)]
     weight_decay: f64,
@@ -124,259 +117,156 @@ fn parse_resize(s: &str) -> Result<(usize, RankSpec), String> {
     Ok((step, RankSpec::parse(spec)?))
 }
 
-/// A progress bar over `steps` optimizer steps.
-pub fn progress_bar(steps: usize) -> indicatif::ProgressBar {
-    let bar = indicatif::ProgressBar::new(steps as u64);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} [{elapsed_precise}<{eta_precise}]")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
-    bar
-}
-
-/// `none` or an environment preset (name or file) for the resource beside a run.
-pub fn load_env(name: &str) -> Result<Option<envs::EnvPreset>> {
-    if name == "none" {
-        return Ok(None);
-    }
-    let p = envs::presets::load(name).map_err(|e| BadInput(format!("--env: {e}; or `none` for no resource")))?;
-    Ok(Some(p))
-}
-
-/// Loads a base model, its tokenizer and the tokenized corpus (the tokenizer must fit the
-/// model's vocabulary).
-pub fn load_model_and_data(
-    model_dir: &std::path::Path,
-    data: &str,
-    val_fraction: f64,
-    seq_len: usize,
-    device: tch::Device,
-    kind: Kind,
-) -> Result<(Llama, tch::nn::VarStore, Tokenizer, Corpus, TokenData)> {
-    let (model, vs) = Llama::load(model_dir, device, kind)?;
-    let tok = Tokenizer::for_model_dir(model_dir)?;
-    if tok.vocab_size() > model.cfg.vocab_size {
-        return Err(BadInput(format!(
-            "{}: the tokenizer produces ids up to {} but the model's vocab_size is {}",
-            model_dir.display(),
-            tok.vocab_size(),
-            model.cfg.vocab_size
-        ))
-        .into());
-    }
-    let corpus = Corpus::load(data)?;
-    let tokens = TokenData::new(&corpus, &tok, val_fraction, seq_len)?;
-    Ok((model, vs, tok, corpus, tokens))
-}
-
-/// Runs the fine-tuning.
+/// Runs the fine-tuning: arguments → one [`controller::run`] → PEFT export and `summary.json`.
+/// Without `--scheduler`, the ranks come from `--ranks` (or `--adapter`) and `--resize-at`
+/// ([`ResizeAt`]), with rounds at the resize and evaluation steps and no resource.
 pub fn run(a: &FinetuneArgs) -> Result<()> {
-    if a.steps == 0 || a.batch_size == 0 || a.seq_len == 0 || a.eval_every == 0 {
+    if a.steps == 0 || a.batch.batch_size == 0 || a.batch.seq_len == 0 || a.eval_every == 0 {
         return Err(BadInput("--steps, --batch-size, --seq-len and --eval-every must be positive".into()).into());
     }
-    let device = a.common.device;
-    let kind = if a.bf16 { Kind::BFloat16 } else { Kind::Float };
-    let (model, vs, tok, corpus, data) =
-        load_model_and_data(&a.model, &a.data, a.val_fraction, a.seq_len, device, kind)?;
-    let cfg = FinetuneConfig {
-        steps: a.steps,
-        batch_size: a.batch_size,
-        seq_len: a.seq_len,
-        adam: AdamW { lr: a.lr, weight_decay: a.weight_decay, ..AdamW::default() },
-        warmup_steps: a.warmup,
-        grad_clip: a.grad_clip,
-        eval_batches: a.eval_batches,
-        targets: a.targets.iter().map(|t| t.trim().to_string()).collect(),
-        ranks: a.ranks.clone(),
-        alpha: a.alpha,
-        rslora: a.rslora,
-        track_importance: !a.no_importance,
-        seed: a.common.seed,
-    };
     if a.scheduler.is_some() && (a.adapter.is_some() || !a.resize_at.is_empty()) {
         return Err(BadInput("--scheduler decides every resize: leave out --resize-at and --adapter".into()).into());
     }
     if a.scheduler.is_none() && (a.env != "none" || a.budget.is_some()) {
         return Err(BadInput("--env and --budget need --scheduler".into()).into());
     }
-    let cfg = match a.scheduler {
-        Some(_) => FinetuneConfig { ranks: RankSpec { default: 0, patterns: vec![] }, ..cfg },
-        None => cfg,
+    let device = a.common.device;
+    let kind = if a.bf16 { Kind::BFloat16 } else { Kind::Float };
+    let (model, vs, tok, corpus, data) =
+        load_model_and_data(&a.input.model, &a.input.data, a.val_fraction, a.batch.seq_len, device, kind)?;
+    let cfg = FinetuneConfig {
+        steps: a.steps,
+        batch_size: a.batch.batch_size,
+        seq_len: a.batch.seq_len,
+        adam: AdamW { lr: a.batch.lr, weight_decay: a.weight_decay, ..AdamW::default() },
+        warmup_steps: a.warmup,
+        grad_clip: a.grad_clip,
+        eval_batches: a.eval_batches,
+        targets: a.targets.clone(),
+        // A scheduler's sites start empty: round 0's plan sets them.
+        ranks: if a.scheduler.is_some() { RankSpec { default: 0, patterns: vec![] } } else { a.ranks.clone() },
+        alpha: a.alpha,
+        rslora: a.rslora,
+        track_importance: !a.no_importance,
+        seed: a.common.seed,
     };
     let env = load_env(&a.env)?;
     let mut ft = Finetuner::new(model, vs, data, cfg.clone())?;
-    let scheduled = match &a.scheduler {
-        Some(spec) => {
-            Some(crate::controller::prepare(&ft, spec, env.as_ref(), a.budget, a.rounds, a.common.seed, device)?)
-        }
-        None => None,
-    };
     if let Some(dir) = &a.adapter {
         ft.load_peft(&PeftAdapter::load(dir)?)?;
     }
-    let names = ft.site_names();
-    // Check every scheduled plan before training starts.
-    let mut schedule: Vec<(usize, RankPlan)> = Vec::new();
-    for (step, spec) in &a.resize_at {
-        let plan = RankPlan::new(names.iter().map(|n| spec.rank_for(n)).collect());
-        for (s, &r) in ft.model.sites().iter().zip(&plan.ranks) {
-            crate::lora::check_rank(&s.name, r, s.d_in, s.d_out)?;
+    let (mut sched, mut res, opts) = match &a.scheduler {
+        Some(spec) => {
+            let (sched, res) = controller::prepare(&ft, spec, env.as_ref(), a.budget, a.rounds, a.common.seed, device)?;
+            (sched, res, RunOptions::even(a.rounds, a.steps, a.eval_every)?)
         }
-        schedule.push((*step, plan));
-    }
-    schedule.sort_by_key(|(s, _)| *s);
-
+        None => {
+            let names = ft.site_names();
+            let mut plans = Vec::with_capacity(a.resize_at.len());
+            // Check every listed plan before training starts.
+            for (step, spec) in &a.resize_at {
+                let plan = RankPlan::new(names.iter().map(|n| spec.rank_for(n)).collect());
+                for (s, &r) in ft.model.sites().iter().zip(&plan.ranks) {
+                    tune::lora::check_rank(&s.name, r, s.d_in, s.d_out)?;
+                }
+                plans.push((*step, plan));
+            }
+            plans.sort_by_key(|(step, _)| *step);
+            let evals = (1..).map(|k| k * a.eval_every).take_while(|&s| s < a.steps);
+            let opts = RunOptions::at_steps(plans.iter().map(|(s, _)| *s).chain(evals), a.steps, a.eval_every);
+            // No resource: the rank set only scales the observation, which `ResizeAt` does not
+            // read; the ranks the run takes, up to what the smallest site allows.
+            let smallest = ft.model.sites().iter().map(|s| s.d_in.min(s.d_out)).min().unwrap_or(0);
+            let mut ranks: Vec<u32> = [0, 1]
+                .into_iter()
+                .chain(ft.ranks())
+                .chain(plans.iter().flat_map(|(_, p)| p.ranks.iter().copied()))
+                .filter(|&r| r <= smallest)
+                .map(|r| r as u32)
+                .collect();
+            ranks.sort_unstable();
+            ranks.dedup();
+            let res = RunResource::new(None, &ft.signals(false), Some(&ranks), opts.rounds(), 0.0, a.common.seed)?;
+            (Box::new(ResizeAt { plans }) as Box<dyn RankScheduler>, res, opts)
+        }
+    };
+    let names = ft.site_names();
     let mut tb = SummaryWriter::new(&a.logdir)?;
     let config_text = format!(
-        "| key | value |\n|---|---|\n| model | {} |\n| data | {} ({} files, sha256 {}) |\n| tokenizer | {} |\n| sites | {} |\n| config | `{}` |",
-        a.model.display(),
+        "| key | value |\n|---|---|\n| model | {} |\n| data | {} ({} files, sha256 {}) |\n| tokenizer | {} |\n| sites | {} |\n| scheduler | {} |\n| env | {} |\n| config | `{}` |",
+        a.input.model.display(),
         corpus.source,
         corpus.files.len(),
         corpus.sha256(),
         tok.describe(),
         names.len(),
+        sched.name(),
+        a.env,
         serde_json::to_string(&cfg)?
     );
     tb.add_text("config", &config_text, 0)?;
     eprintln!(
-        "finetune: {} sites ({} trainable parameters) on {}, data {} ({} files, sha256 {}…), tokenizer {}",
+        "finetune: {} sites ({} trainable parameters) on {}, data {} ({} files, sha256 {}…), tokenizer {}, scheduler {}",
         names.len(),
         ft.adapter_params(),
         crate::device::describe(device),
         corpus.source,
         corpus.files.len(),
         &corpus.sha256()[..16],
-        tok.describe()
+        tok.describe(),
+        sched.name()
     );
-    if let Some((mut sched, mut res)) = scheduled {
-        let bar = progress_bar(a.steps);
-        let steps_per_round = (a.steps / a.rounds.max(1)).max(1);
-        let opts = RunOptions { rounds: a.rounds, eval_every_rounds: a.eval_every.div_ceil(steps_per_round) };
-        let report = crate::controller::run(&mut ft, sched.as_mut(), &mut res, &opts, &mut tb, &bar)?;
-        bar.finish_and_clear();
-        let base = a.model.display().to_string();
-        let adapter_dir = a.logdir.join("adapter");
-        if ft.adapter_params() > 0 {
-            ft.export_peft(&adapter_dir, &base)?;
-            if let Some(dir) = &a.export_peft {
-                ft.export_peft(dir, &base)?;
-            }
-        } else {
-            eprintln!("every site ended at rank 0 (no round delivered an adapter): no PEFT adapter written");
-        }
-        let summary = serde_json::json!({
-            "report": report,
-            "data": {"source": corpus.source, "files": corpus.files.len(), "sha256": corpus.sha256()},
-            "env": a.env,
-            "config": cfg,
-        });
-        checkpoint::atomic_write(&a.logdir.join("summary.json"), &serde_json::to_vec_pretty(&summary)?)?;
-        println!(
-            "{}: {} steps in {} rounds, {:.1}s: val loss {:.4} -> {:.4}, mean adapter {:.0} parameters (final {}), sent {:.3e} {}, {} of {} rounds lost; adapter -> {}",
-            report.scheduler,
-            a.steps,
-            a.rounds,
-            report.wall_seconds,
-            report.val_loss_initial,
-            report.val_loss_final,
-            report.mean_params,
-            report.final_params,
-            report.cost_sent,
-            report.cost_unit,
-            report.rounds_lost,
-            a.rounds,
-            adapter_dir.display()
-        );
-        return Ok(());
-    }
-    let mut heat: Vec<Vec<f64>> = Vec::new();
-    let log_ranks = |tb: &mut SummaryWriter, ft: &Finetuner, step: i64, heat: &mut Vec<Vec<f64>>| -> Result<()> {
-        let ranks: Vec<f64> = ft.ranks().iter().map(|&r| r as f64).collect();
-        tb.add_scalar("ranks/total", ranks.iter().sum(), step)?;
-        tb.add_scalar("ranks/adapter_params", ft.adapter_params() as f64, step)?;
-        tb.add_histogram("ranks/sites", &ranks, step)?;
-        heat.push(ranks);
-        Ok(())
-    };
-    log_ranks(&mut tb, &ft, 0, &mut heat)?;
-    let val0 = ft.evaluate();
-    tb.add_scalar("val/loss", val0, 0)?;
     let bar = progress_bar(a.steps);
-    let t0 = Instant::now();
-    let mut next = 0;
-    let mut val = val0;
-    let mut tokens = 0usize;
-    let mut last_loss = f64::NAN;
-    for step in 0..a.steps {
-        while next < schedule.len() && schedule[next].0 <= step {
-            let rep = ft.resize(&schedule[next].1)?;
-            tb.add_scalar("perf/resize_ms", rep.seconds * 1e3, step as i64)?;
-            log_ranks(&mut tb, &ft, step as i64, &mut heat)?;
-            next += 1;
-        }
-        let st = ft.train_step()?;
-        tokens += st.tokens;
-        last_loss = st.loss;
-        let s = step as i64 + 1;
-        tb.add_scalar("train/loss", st.loss, s)?;
-        tb.add_scalar("train/grad_norm", st.grad_norm, s)?;
-        tb.add_scalar("train/lr", st.lr, s)?;
-        tb.add_scalar("perf/tokens_per_s", st.tokens as f64 / st.seconds, s)?;
-        if (step + 1) % a.eval_every == 0 || step + 1 == a.steps {
-            val = ft.evaluate();
-            tb.add_scalar("val/loss", val, s)?;
-            let sig = ft.signals(false);
-            let imp: Vec<f64> = sig.iter().map(|x| x.importance).collect();
-            tb.add_histogram("signals/importance", &imp, s)?;
-            tb.add_scalar("signals/importance_mean", imp.iter().sum::<f64>() / imp.len().max(1) as f64, s)?;
-        }
-        bar.set_message(format!("loss {:.3} val {val:.3} ranks Σ{}", st.loss, ft.ranks().iter().sum::<usize>()));
-        bar.inc(1);
-    }
+    let report = controller::run(&mut ft, sched.as_mut(), &mut res, &opts, &mut tb, &bar)?;
     bar.finish_and_clear();
-    // Sites × rounds rank heatmap.
-    let rows = names.len();
-    let cols = heat.len();
-    let mut values = vec![0.0; rows * cols];
-    for (c, col) in heat.iter().enumerate() {
-        for (r, v) in col.iter().enumerate() {
-            values[r * cols + c] = *v;
-        }
-    }
-    let hi = values.iter().cloned().fold(1.0, f64::max);
-    let img = heatmap(&values, rows, cols, 0.0, hi, 8);
-    tb.add_image_rgb("ranks/heatmap", img.width, img.height, &img.rgb, a.steps as i64)?;
-    tb.flush()?;
 
-    let base = a.model.display().to_string();
+    let base = a.input.model.display().to_string();
     let adapter_dir = a.logdir.join("adapter");
-    ft.export_peft(&adapter_dir, &base)?;
-    if let Some(dir) = &a.export_peft {
-        ft.export_peft(dir, &base)?;
+    if ft.adapter_params() > 0 {
+        ft.export_peft(&adapter_dir, &base)?;
+        if let Some(dir) = &a.export_peft {
+            ft.export_peft(dir, &base)?;
+        }
+    } else {
+        eprintln!("every site ended at rank 0 (no round delivered an adapter): no PEFT adapter written");
     }
     let train_s = ft.train_time.as_secs_f64();
+    let resize_s = ft.resize_time.as_secs_f64();
     let summary = serde_json::json!({
         "steps": a.steps,
-        "val_loss_initial": val0,
-        "val_loss_final": val,
-        "train_loss_last": last_loss,
-        "tokens": tokens,
-        "tokens_per_s": tokens as f64 / train_s,
+        "val_loss_initial": report.val_loss_initial,
+        "val_loss_final": report.val_loss_final,
+        "tokens": report.tokens,
+        "tokens_per_s": report.tokens as f64 / train_s,
         "train_seconds": train_s,
-        "resize_seconds": ft.resize_time.as_secs_f64(),
-        "resize_share": ft.resize_time.as_secs_f64() / (train_s + ft.resize_time.as_secs_f64()),
+        "resize_seconds": resize_s,
+        "resize_share": resize_s / (train_s + resize_s),
         "ranks": names.iter().cloned().zip(ft.ranks()).collect::<std::collections::BTreeMap<_, _>>(),
         "adapter_params": ft.adapter_params(),
+        "report": report,
         "data": {"source": corpus.source, "files": corpus.files.len(), "sha256": corpus.sha256()},
+        "env": a.env,
         "config": cfg,
     });
     checkpoint::atomic_write(&a.logdir.join("summary.json"), &serde_json::to_vec_pretty(&summary)?)?;
+    let resource = match report.cost_unit.as_str() {
+        "none" => String::new(),
+        unit => {
+            format!(", sent {:.3e} {unit}, {} of {} rounds lost", report.cost_sent, report.rounds_lost, opts.rounds())
+        }
+    };
     println!(
-        "fine-tuned {} steps in {:.1}s: val loss {val0:.4} -> {val:.4}, {:.0} tokens/s, resize {:.3}% of training; adapter -> {}{}",
+        "{}: {} steps in {} rounds, {:.1}s: val loss {:.4} -> {:.4}, {:.0} tokens/s, resize {:.3}% of training, mean adapter {:.0} parameters (final {}){resource}; adapter -> {}{}",
+        report.scheduler,
         a.steps,
-        t0.elapsed().as_secs_f64(),
-        tokens as f64 / train_s,
-        100.0 * ft.resize_time.as_secs_f64() / train_s,
+        opts.rounds(),
+        report.wall_seconds,
+        report.val_loss_initial,
+        report.val_loss_final,
+        report.tokens as f64 / train_s,
+        100.0 * resize_s / train_s,
+        report.mean_params,
+        report.final_params,
         adapter_dir.display(),
         a.export_peft.as_ref().map(|d| format!(", {}", d.display())).unwrap_or_default()
     );

@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod calibrate;
+pub mod common;
 pub mod compare;
 pub mod doctor;
 pub mod eval;

@@ -9,11 +9,13 @@ use anyhow::Result;
 use clap::Args;
 use tch::{nn, nn::OptimizerConfig};
 
-use crate::checkpoint;
-use crate::cli::{BadInput, Common};
-use crate::data::{BUILTIN_PROSE, Corpus, TokenData, Tokenizer, data_rng};
-use crate::model::llama::{Llama, LlamaConfig};
-use crate::tensorboard::SummaryWriter;
+use rankpilot_config::BadInput;
+use runio::checkpoint;
+
+use crate::cli::Common;
+use runio::tensorboard::SummaryWriter;
+use tune::data::{BUILTIN_PROSE, Corpus, TokenData, Tokenizer, data_rng};
+use tune::model::llama::{Llama, LlamaConfig};
 
 /// Arguments of `rankpilot pretrain`.
 #[derive(Debug, Args)]

@@ -8,10 +8,12 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::{ArgGroup, Args};
 
-use crate::cli::{BadInput, Common};
-use crate::lora::Lora;
-use crate::peft::PeftAdapter;
-use crate::svd::energy_rank;
+use rankpilot_config::BadInput;
+
+use crate::cli::Common;
+use tune::lora::Lora;
+use tune::peft::PeftAdapter;
+use tune::svd::energy_rank;
 
 /// Arguments of `rankpilot squeeze`.
 #[derive(Debug, Args)]

@@ -11,12 +11,11 @@ use envs::{Baseline, EvalTable};
 use policies::model::TrainedPolicy;
 use policies::trainer::{PolicyPreset, Trainer};
 
-use crate::checkpoint;
-use crate::cli::{BadInput, Common};
-use crate::tensorboard::{SummaryWriter, heatmap};
+use rankpilot_config::BadInput;
+use runio::checkpoint;
 
-/// Checkpoint kind of trained policies.
-pub const POLICY_KIND: &str = "policy";
+use crate::cli::Common;
+use runio::tensorboard::SummaryWriter;
 
 /// Arguments of `rankpilot train`.
 #[derive(Debug, Args)]
@@ -68,13 +67,14 @@ pub fn run(a: &TrainArgs) -> anyhow::Result<()> {
     let env_preset = envs::presets::load(&a.env).map_err(|e| BadInput(e.to_string()))?;
     let out = a.out.clone().unwrap_or_else(|| PathBuf::from("checkpoints").join(&env_preset.name));
     let mut trainer = if a.resume {
-        let (meta, tensors) =
-            checkpoint::load(&out, POLICY_KIND).with_context(|| format!("--resume: reading {}", out.display()))?;
+        let (meta, tensors) = checkpoint::load(&out, checkpoint::POLICY_KIND)
+            .with_context(|| format!("--resume: reading {}", out.display()))?;
         Trainer::restore(&meta.config, &meta.state, &tensors, Some(a.steps), a.common.device)
-            .map_err(|e| BadInput(format!("{}: {e}", out.display())))?
+            .with_context(|| out.display().to_string())?
     } else {
         let preset: PolicyPreset = policies::trainer::load_preset(&a.policy)?;
-        Trainer::new(&env_preset, &preset, a.steps, a.common.seed, a.common.device).map_err(BadInput)?
+        Trainer::new(&env_preset, &preset, a.steps, a.common.seed, a.common.device)
+            .with_context(|| format!("preset `{}` with policy `{}`", env_preset.name, a.policy))?
     };
     if a.resume && trainer.env_preset.name != env_preset.name {
         return Err(BadInput(format!(
@@ -185,20 +185,15 @@ pub fn run(a: &TrainArgs) -> anyhow::Result<()> {
         }
         let ranks: Vec<f64> = st.last_ranks.iter().map(|&r| r as f64).collect();
         tb.add_histogram("ranks/all_sites", &ranks, step)?;
-        if let Some((rounds, r)) = &st.episode_ranks {
+        if let Some((rounds, r)) = &st.episode_ranks
+            && (st.iteration % a.eval_every.max(1) == 0 || trainer.finished())
+        {
+            // The record is rounds × sites; one column per round, log2(1 + rank).
             let n_sites = r.len() / rounds.max(&1);
-            // Sites down, rounds across: transpose the rounds × sites record.
-            let mut grid = vec![0.0; n_sites * rounds];
-            for t in 0..*rounds {
-                for l in 0..n_sites {
-                    grid[l * rounds + t] = (1.0 + r[t * n_sites + l] as f64).log2();
-                }
-            }
-            if st.iteration % a.eval_every.max(1) == 0 || trainer.finished() {
-                let max = (1.0 + *trainer.model.ranks.last().unwrap_or(&1) as f64).log2();
-                let img = heatmap(&grid, n_sites, *rounds, 0.0, max, 6);
-                tb.add_image_rgb("ranks/heatmap_sites_x_rounds", img.width, img.height, &img.rgb, step)?;
-            }
+            let columns: Vec<Vec<f64>> =
+                r.chunks(n_sites.max(1)).map(|c| c.iter().map(|&x| (1.0 + x as f64).log2()).collect()).collect();
+            let max = (1.0 + *trainer.model.ranks.last().unwrap_or(&1) as f64).log2();
+            tb.add_rank_heatmap("ranks/heatmap_sites_x_rounds", &columns, (0.0, max), 6, step)?;
         }
         let eval_now = (a.eval_every > 0 && st.iteration % a.eval_every == 0) || trainer.finished();
         if eval_now {
@@ -266,7 +261,7 @@ pub fn run(a: &TrainArgs) -> anyhow::Result<()> {
 
 fn save(trainer: &Trainer, out: &Path) -> anyhow::Result<()> {
     let (tensors, config, state) = trainer.checkpoint_parts();
-    checkpoint::save(out, POLICY_KIND, trainer.global_step, config, state, &tensors)?;
+    checkpoint::save(out, checkpoint::POLICY_KIND, trainer.global_step, config, state, &tensors)?;
     Ok(())
 }
 

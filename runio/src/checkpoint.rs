@@ -25,8 +25,13 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tch::{Kind, Tensor};
 
+/// The contents of a safetensors file: its tensors by name, in file order, and its metadata.
+pub type SafetensorsFile = (Vec<(String, Tensor)>, HashMap<String, String>);
+
 /// The checkpoint format this build writes and reads.
 pub const FORMAT_VERSION: u32 = 1;
+/// Kind of a rank-policy checkpoint (`rankpilot train`), checked by every reader.
+pub const POLICY_KIND: &str = "policy";
 /// Name of the metadata file inside a checkpoint directory.
 pub const META_FILE: &str = "checkpoint.json";
 
@@ -212,7 +217,7 @@ pub fn write_safetensors(
 }
 
 /// Reads every tensor of a safetensors file onto the CPU, with the header metadata.
-pub fn read_safetensors(path: &Path) -> Result<(Vec<(String, Tensor)>, HashMap<String, String>), CheckpointError> {
+pub fn read_safetensors(path: &Path) -> Result<SafetensorsFile, CheckpointError> {
     let bytes = fs::read(path).map_err(io_err(path))?;
     let corrupt = |why: String| CheckpointError::Corrupt { file: path.to_path_buf(), why };
     let (_, header) = SafeTensors::read_metadata(&bytes).map_err(|e| corrupt(e.to_string()))?;

@@ -21,8 +21,8 @@ use anyhow::{Result, bail};
 use serde_json::{Map, Value, json};
 use tch::Tensor;
 
-use crate::checkpoint;
-use crate::cli::BadInput;
+use rankpilot_config::BadInput;
+use runio::checkpoint;
 
 /// The config file name.
 pub const CONFIG_FILE: &str = "adapter_config.json";

@@ -180,6 +180,29 @@ impl SummaryWriter {
         self.write_value(step, proto::Value { tag: tag.into(), image: Some(image), ..Default::default() })
     }
 
+    /// Logs a sites × rounds picture of ranks: `columns[t][l]` is site `l`'s value in round `t`
+    /// (sites down, rounds across), coloured over `[lo, hi]`, `cell` pixels per entry. One helper
+    /// for every run that records ranks per round (policy training, scheduled fine-tuning).
+    pub fn add_rank_heatmap(
+        &mut self,
+        tag: &str,
+        columns: &[Vec<f64>],
+        (lo, hi): (f64, f64),
+        cell: u32,
+        step: i64,
+    ) -> io::Result<()> {
+        let rows = columns.first().map_or(0, Vec::len);
+        let cols = columns.len();
+        let mut values = vec![0.0; rows * cols];
+        for (c, col) in columns.iter().enumerate() {
+            for (r, v) in col.iter().take(rows).enumerate() {
+                values[r * cols + c] = *v;
+            }
+        }
+        let img = heatmap(&values, rows, cols, lo, hi, cell);
+        self.add_image_rgb(tag, img.width, img.height, &img.rgb, step)
+    }
+
     /// A text summary (rendered as Markdown in the Text tab).
     pub fn add_text(&mut self, tag: &str, text: &str, step: i64) -> io::Result<()> {
         let tensor = proto::TensorProto {

@@ -17,11 +17,12 @@ use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 use tch::{Device, Tensor, nn};
 
-use crate::cli::BadInput;
 use crate::data::{TokenData, data_rng};
-use crate::lora::{AdamW, Lora, ResizeKind, check_rank};
-use crate::model::llama::{Llama, PROJECTIONS, module_name};
+use crate::lora::{AdamW, Lora, LoraInit, ResizeKind, check_rank};
+use crate::model::Projection;
+use crate::model::llama::Llama;
 use crate::peft::{PREFIX, PeftAdapter, PeftSite};
+use rankpilot_config::BadInput;
 
 /// Ranks per site: a default plus PEFT-style `key=rank` overrides, parsed from `--ranks`.
 ///
@@ -139,8 +140,8 @@ pub struct FinetuneConfig {
     pub grad_clip: f64,
     /// Validation batches of `batch_size` fixed windows.
     pub eval_batches: usize,
-    /// Projections that carry sites (of [`PROJECTIONS`]).
-    pub targets: Vec<String>,
+    /// Projections that carry sites.
+    pub targets: Vec<Projection>,
     /// Initial ranks.
     pub ranks: RankSpec,
     /// `lora_alpha`.
@@ -163,7 +164,7 @@ impl Default for FinetuneConfig {
             warmup_steps: 10,
             grad_clip: 1.0,
             eval_batches: 8,
-            targets: PROJECTIONS.iter().map(|s| s.to_string()).collect(),
+            targets: Projection::ALL.to_vec(),
             ranks: RankSpec { default: 8, patterns: vec![] },
             alpha: 16.0,
             rslora: false,
@@ -225,27 +226,22 @@ impl Finetuner {
     /// Attaches LoRA sites to `model` (projections in `cfg.targets`, ranks from `cfg.ranks`) and
     /// prepares the fixed validation batches. Seeds libtorch with `cfg.seed` first.
     pub fn new(mut model: Llama, vs: nn::VarStore, data: TokenData, cfg: FinetuneConfig) -> Result<Finetuner> {
-        for t in &cfg.targets {
-            if !PROJECTIONS.contains(&t.as_str()) {
-                bail!(BadInput(format!("unknown target `{t}` (known: {})", PROJECTIONS.join(", "))));
-            }
-        }
         if cfg.seq_len + 1 > data.train.len() || cfg.seq_len + 1 > data.val.len() {
             bail!(BadInput(format!("sequence length {} is longer than the data", cfg.seq_len)));
         }
         tch::manual_seed(cfg.seed as i64);
         let device = vs.device();
+        let init = LoraInit { alpha: cfg.alpha, rslora: cfg.rslora, seed: cfg.seed };
         for l in 0..model.cfg.num_hidden_layers {
-            for p in PROJECTIONS {
-                if !cfg.targets.iter().any(|t| t == p) {
+            for p in Projection::ALL {
+                if !cfg.targets.contains(&p) {
                     continue;
                 }
-                let name = module_name(l, p);
+                let name = p.module_name(l);
                 let (d_in, d_out) = model.cfg.projection_shape(p);
                 let r = cfg.ranks.rank_for(&name);
                 check_rank(&name, r, d_in, d_out)?;
-                model.layers[l].proj_mut(p).lora =
-                    Some(Lora::new(&name, d_in, d_out, r, cfg.alpha, cfg.rslora, cfg.seed, device)?);
+                model.layers[l].proj_mut(p).lora = Some(Lora::new(&name, (d_in, d_out), r, init, device)?);
             }
         }
         let val = data.val_batches(cfg.eval_batches, cfg.batch_size, cfg.seq_len, device);
@@ -496,10 +492,9 @@ impl Finetuner {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
-    use crate::data::{Corpus, Tokenizer};
-    use crate::model::llama::LlamaConfig;
+    use crate::testing::tiny_run;
 
     #[test]
     fn rank_spec_parses_and_matches_like_peft() {
@@ -511,53 +506,6 @@ pub(crate) mod tests {
         assert!(RankSpec::parse("x").is_err());
         assert!(RankSpec::parse("4,8").is_err());
         assert!(RankSpec::parse("").is_err());
-    }
-
-    pub(crate) fn tiny_run(steps: usize, ranks: &str) -> Finetuner {
-        tch::manual_seed(0);
-        let cfg = LlamaConfig {
-            vocab_size: 256,
-            hidden_size: 32,
-            intermediate_size: 64,
-            num_hidden_layers: 2,
-            num_attention_heads: 4,
-            num_key_value_heads: 2,
-            head_dim: 8,
-            rms_norm_eps: 1e-5,
-            rope_theta: 10000.0,
-            max_position_embeddings: 128,
-            tie_word_embeddings: false,
-        };
-        let mut vs = nn::VarStore::new(Device::Cpu);
-        let model = Llama::new(&vs.root(), &cfg);
-        // Deterministic base weights, independent of libtorch's global generator (tests run in
-        // parallel threads and share it).
-        let vars: std::collections::BTreeMap<String, Tensor> = vs.variables().into_iter().collect();
-        tch::no_grad(|| {
-            for (i, (_, v)) in vars.iter().enumerate() {
-                let sz = v.size();
-                let (r, c) = (sz[0] as usize, sz.get(1).copied().unwrap_or(1) as usize);
-                let g = crate::svd::gaussian(r, c, 100 + i as u64, tch::Kind::Float, Device::Cpu);
-                v.shallow_clone().copy_(&(g.view(sz.as_slice()) * 0.02 + if sz.len() == 1 { 1.0 } else { 0.0 }));
-            }
-        });
-        vs.freeze();
-        let corpus = Corpus {
-            source: "test".into(),
-            docs: vec!["def add(a, b):\n    return a + b\n\n".repeat(40)],
-            files: vec![],
-        };
-        let data = TokenData::new(&corpus, &Tokenizer::Bytes, 0.2, 32).unwrap();
-        let fc = FinetuneConfig {
-            steps,
-            batch_size: 4,
-            seq_len: 32,
-            eval_batches: 2,
-            ranks: RankSpec::parse(ranks).unwrap(),
-            adam: AdamW { lr: 1e-2, ..AdamW::default() },
-            ..FinetuneConfig::default()
-        };
-        Finetuner::new(model, vs, data, fc).unwrap()
     }
 
     #[test]

@@ -142,21 +142,24 @@ fn param(t: Tensor) -> Tensor {
     t.detach().set_requires_grad(true)
 }
 
+/// What every new site of a run shares: PEFT's `lora_alpha`, the rsLoRA switch and the seed
+/// (mixed with the site's name, so each site draws its own `A`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LoraInit {
+    /// `lora_alpha`.
+    pub alpha: f64,
+    /// rsLoRA scaling `α/√r` instead of `α/r`.
+    pub rslora: bool,
+    /// Seed of the sites' generators.
+    pub seed: u64,
+}
+
 impl Lora {
     /// A new site of rank `rank` with PEFT's initialisation (`B = 0`) on `device`; `A` is drawn
     /// from the site's own generator, seeded by `seed` and the site's name.
     /// Fails when `rank > min(d_in, d_out)`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        name: &str,
-        d_in: usize,
-        d_out: usize,
-        rank: usize,
-        alpha: f64,
-        rslora: bool,
-        seed: u64,
-        device: Device,
-    ) -> Result<Lora> {
+    pub fn new(name: &str, (d_in, d_out): (usize, usize), rank: usize, init: LoraInit, device: Device) -> Result<Lora> {
+        let LoraInit { alpha, rslora, seed } = init;
         check_rank(name, rank, d_in, d_out)?;
         let mut l = Lora::from_factors(
             name,
@@ -486,7 +489,7 @@ impl Lora {
 /// Errors unless `rank ≤ min(d_in, d_out)`.
 pub fn check_rank(name: &str, rank: usize, d_in: usize, d_out: usize) -> Result<()> {
     if rank > d_in.min(d_out) {
-        bail!(crate::cli::BadInput(format!(
+        bail!(rankpilot_config::BadInput(format!(
             "{name}: rank {rank} exceeds min(d_in, d_out) = min({d_in}, {d_out}) = {}",
             d_in.min(d_out)
         )));
@@ -541,7 +544,14 @@ mod tests {
 
     fn trained_site(rank: usize, true_rank: usize, rslora: bool) -> Lora {
         tch::manual_seed(5);
-        let mut l = Lora::new("model.layers.0.self_attn.q_proj", 48, 40, rank, 16.0, rslora, 0, Device::Cpu).unwrap();
+        let mut l = Lora::new(
+            "model.layers.0.self_attn.q_proj",
+            (48, 40),
+            rank,
+            LoraInit { alpha: 16.0, rslora, seed: 0 },
+            Device::Cpu,
+        )
+        .unwrap();
         // A "trained" B whose product with A has rank `true_rank`.
         let b = Tensor::randn([40, true_rank as i64], (Kind::Float, Device::Cpu))
             .matmul(&Tensor::randn([true_rank as i64, rank as i64], (Kind::Float, Device::Cpu)))
@@ -585,7 +595,7 @@ mod tests {
     #[test]
     fn shrinking_a_fresh_adapter_keeps_it_trainable() {
         tch::manual_seed(1);
-        let mut l = Lora::new("m", 16, 16, 8, 8.0, false, 0, Device::Cpu).unwrap();
+        let mut l = Lora::new("m", (16, 16), 8, LoraInit { alpha: 8.0, rslora: false, seed: 0 }, Device::Cpu).unwrap();
         l.resize(4).unwrap();
         assert_eq!(l.rank(), 4);
         assert!(l.a.abs().sum(Kind::Float).double_value(&[]) > 0.0, "A must not be all zero");
@@ -598,9 +608,16 @@ mod tests {
 
     #[test]
     fn rank_above_min_dim_is_rejected() {
-        let e = Lora::new("model.layers.0.mlp.down_proj", 16, 8, 9, 8.0, false, 0, Device::Cpu).unwrap_err();
+        let e = Lora::new(
+            "model.layers.0.mlp.down_proj",
+            (16, 8),
+            9,
+            LoraInit { alpha: 8.0, rslora: false, seed: 0 },
+            Device::Cpu,
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("exceeds min(d_in, d_out)"), "{e}");
-        assert!(e.is::<crate::cli::BadInput>());
+        assert!(e.is::<rankpilot_config::BadInput>());
     }
 
     #[test]

@@ -1,0 +1,81 @@
+//! Helpers every command shares: the progress bar, the resource beside a run, and loading a
+//! base model with its tokenizer and data.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::Args;
+use rankpilot_config::BadInput;
+use tch::Kind;
+use tune::data::{BUILTIN_CODE, Corpus, TokenData, Tokenizer};
+use tune::model::llama::Llama;
+
+/// A progress bar over `steps` optimizer steps.
+pub fn progress_bar(steps: usize) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(steps as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} [{elapsed_precise}<{eta_precise}]")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar
+}
+
+/// `none` or an environment preset (name or file) for the resource beside a run.
+pub fn load_env(name: &str) -> Result<Option<envs::EnvPreset>> {
+    if name == "none" {
+        return Ok(None);
+    }
+    let p = envs::presets::load(name).map_err(|e| BadInput(format!("--env: {e}; or `none` for no resource")))?;
+    Ok(Some(p))
+}
+
+/// Loads a base model, its tokenizer and the tokenized corpus (the tokenizer must fit the
+/// model's vocabulary).
+pub fn load_model_and_data(
+    model_dir: &std::path::Path,
+    data: &str,
+    val_fraction: f64,
+    seq_len: usize,
+    device: tch::Device,
+    kind: Kind,
+) -> Result<(Llama, tch::nn::VarStore, Tokenizer, Corpus, TokenData)> {
+    let (model, vs) = Llama::load(model_dir, device, kind)?;
+    let tok = Tokenizer::for_model_dir(model_dir)?;
+    if tok.vocab_size() > model.cfg.vocab_size {
+        return Err(BadInput(format!(
+            "{}: the tokenizer produces ids up to {} but the model's vocab_size is {}",
+            model_dir.display(),
+            tok.vocab_size(),
+            model.cfg.vocab_size
+        ))
+        .into());
+    }
+    let corpus = Corpus::load(data)?;
+    let tokens = TokenData::new(&corpus, &tok, val_fraction, seq_len)?;
+    Ok((model, vs, tok, corpus, tokens))
+}
+
+/// The base model and the text a fine-tuning command runs on.
+#[derive(Debug, Clone, Args)]
+pub struct ModelData {
+    /// Base model directory (config.json + model.safetensors; tokenizer.json used if present).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Training text: a file, a directory, a .jsonl file, or `builtin:code` / `builtin:prose`.
+    #[arg(long, default_value = BUILTIN_CODE)]
+    pub data: String,
+}
+
+/// Batch shape and learning rate of a fine-tuning command.
+#[derive(Debug, Clone, Args)]
+pub struct BatchOptions {
+    /// Sequences per batch.
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    /// Tokens per sequence.
+    #[arg(long, default_value_t = 128)]
+    pub seq_len: usize,
+    /// Learning rate (AdamW, linear warm-up then constant).
+    #[arg(long, default_value_t = 2e-3)]
+    pub lr: f64,
+}

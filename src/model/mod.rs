@@ -1,3 +1,0 @@
-//! Model architectures, one per file.
-
-pub mod llama;

@@ -1,0 +1,10 @@
+//! Text for pre-training and fine-tuning: corpora ([`corpus`]), tokenizers ([`tokenizer`]) and
+//! batches ([`batches`]), one file each.
+
+pub mod batches;
+pub mod corpus;
+pub mod tokenizer;
+
+pub use batches::{TokenData, data_rng};
+pub use corpus::{BUILTIN_CODE, BUILTIN_PROSE, Corpus, setup_venv};
+pub use tokenizer::{BpeTokenizer, Tokenizer};
