@@ -6,7 +6,7 @@ CARGO ?= cargo
 PROFILE ?= --release
 BIN := target/release/rankpilot
 
-.PHONY: setup build run compare test bench doctor fmt clean
+.PHONY: setup build run compare test lint bench doctor fmt clean
 
 setup:
 	@bash scripts/setup.sh
@@ -46,6 +46,10 @@ compare: build
 ## All tests of the workspace, including the checks with the Python `tensorboard` reader.
 test: setup
 	$(CARGO) test $(PROFILE) --workspace --no-fail-fast
+
+## Lints: clippy on every crate and target, warnings as errors (CI runs it after the tests).
+lint: setup
+	$(CARGO) clippy $(PROFILE) --workspace --all-targets -- -D warnings
 
 ## Benchmarks (figures quoted in the READMEs): environment stepping and the oracle, policy decision
 ## latency, SVD and fine-tuning side by side with Python torch (1 thread: see docs/finetune.md).

@@ -6,38 +6,16 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use tch::{Device, Kind, Tensor, nn};
-use tune::model::llama::{Llama, LlamaConfig};
+use tch::{Device, Kind, Tensor};
+use tune::model::llama::Llama;
 use tune::peft::PeftAdapter;
 
 fn small_model(dir: &Path) {
-    tch::manual_seed(3);
-    let cfg = LlamaConfig {
-        vocab_size: 256,
-        hidden_size: 64,
-        intermediate_size: 96,
-        num_hidden_layers: 2,
-        num_attention_heads: 4,
-        num_key_value_heads: 2,
-        head_dim: 16,
-        rms_norm_eps: 1e-5,
-        rope_theta: 10000.0,
-        max_position_embeddings: 128,
-        tie_word_embeddings: false,
-    };
-    let vs = nn::VarStore::new(Device::Cpu);
-    let m = Llama::new(&vs.root(), &cfg);
-    m.save(&vs, dir).unwrap();
+    common::small_model(dir, 3, 64, 96, 2);
 }
 
 fn text_file(dir: &Path) -> String {
-    let p = dir.join("code.py");
-    let mut s = String::new();
-    for i in 0..60 {
-        s.push_str(&format!("def f{i}(x, y):\n    return x * {i} + y  # add\n\n"));
-    }
-    std::fs::write(&p, s).unwrap();
-    p.to_str().unwrap().to_string()
+    common::text_file(dir, 60)
 }
 
 fn python(args: &[&str]) -> serde_json::Value {

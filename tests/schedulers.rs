@@ -5,39 +5,14 @@ mod common;
 
 use std::path::Path;
 
-use tch::{Device, nn};
-use tune::model::llama::{Llama, LlamaConfig};
-
 /// A 2-layer model with 14 sites, every projection at least 64 wide (so the shipped policy's
 /// rank set up to 64 fits), `hidden` wide.
 fn small_model(dir: &Path, hidden: usize) {
-    tch::manual_seed(5);
-    let cfg = LlamaConfig {
-        vocab_size: 256,
-        hidden_size: hidden,
-        intermediate_size: hidden * 3 / 2,
-        num_hidden_layers: 2,
-        num_attention_heads: 4,
-        num_key_value_heads: 4,
-        head_dim: hidden / 4,
-        rms_norm_eps: 1e-5,
-        rope_theta: 10000.0,
-        max_position_embeddings: 128,
-        tie_word_embeddings: false,
-    };
-    let vs = nn::VarStore::new(Device::Cpu);
-    let m = Llama::new(&vs.root(), &cfg);
-    m.save(&vs, dir).unwrap();
+    common::small_model(dir, 5, hidden, hidden * 3 / 2, 4);
 }
 
 fn text_file(dir: &Path) -> String {
-    let p = dir.join("code.py");
-    let mut s = String::new();
-    for i in 0..80 {
-        s.push_str(&format!("def f{i}(x, y):\n    return x * {i} + y  # add\n\n"));
-    }
-    std::fs::write(&p, s).unwrap();
-    p.to_str().unwrap().to_string()
+    common::text_file(dir, 80)
 }
 
 const SMALL_RUN: [&str; 10] =

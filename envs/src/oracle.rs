@@ -1,6 +1,6 @@
 //! The privileged oracle and its exact solver.
 //!
-//! The oracle ([`oracle_plan_into`], [`oracle_decide_into`]) knows the hidden spectra, weights,
+//! The oracle ([`Oracle::plan_into`], [`Oracle::decide_into`]) knows the hidden spectra, weights,
 //! training state and this round's true budget. It values every (site, rank) choice as the return
 //! of holding that rank for the rounds left, and skipping the round as holding the current plan,
 //! then picks the best plan with [`MckpSolver`].
@@ -326,55 +326,58 @@ impl MckpSolver {
     }
 }
 
-/// The oracle's decision for environment state `st`: `None` when skipping the round is worth
-/// more than the best plan (only where skipping is allowed: a channel or a compute budget),
-/// else the plan from [`oracle_plan_into`].
-pub fn oracle_decide_into(
-    spec: &EnvSpec,
-    st: &EnvState,
-    solver: &mut MckpSolver,
-    values: &mut Vec<f64>,
-    costs: &mut Vec<f64>,
-    out: &mut [u32],
-) -> Option<SolveStats> {
-    let stats = oracle_plan_into(spec, st, solver, values, costs, out);
-    if spec.resource.kind() == ResourceKind::Budget {
-        return Some(stats);
-    }
-    let k = spec.rank_set.len();
-    let plan_value: f64 = out
-        .iter()
-        .enumerate()
-        .map(|(l, &r)| values[l * k + spec.rank_set.index_of(r).expect("the oracle plans from the set")])
-        .sum();
-    (plan_value >= skip_value(spec, st)).then_some(stats)
+/// The privileged oracle with the buffers it reuses from round to round: the knapsack solver
+/// and one round's value and cost tables.
+#[derive(Debug, Clone, Default)]
+pub struct Oracle {
+    solver: MckpSolver,
+    values: Vec<f64>,
+    costs: Vec<f64>,
 }
 
-/// Solves environment state `st`'s round exactly; writes rank values into `out`.
-pub fn oracle_plan_into(
-    spec: &EnvSpec,
-    st: &EnvState,
-    solver: &mut MckpSolver,
-    values: &mut Vec<f64>,
-    costs: &mut Vec<f64>,
-    out: &mut [u32],
-) -> SolveStats {
-    let cap = plan_tables(spec, st, values, costs);
-    let k = spec.rank_set.len();
-    let mut choice = vec![0usize; spec.n_sites()];
-    match solver.solve(values, costs, k, cap, &mut choice) {
-        Some((_, stats)) => {
-            for (o, &j) in out.iter_mut().zip(&choice) {
-                *o = spec.rank_set.rank(j);
-            }
-            stats
+impl Oracle {
+    /// An oracle with empty buffers.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The oracle's decision for environment state `st`: `None` when skipping the round is worth
+    /// more than the best plan (only where skipping is allowed: a channel or a compute budget),
+    /// else the plan from [`Oracle::plan_into`].
+    pub fn decide_into(&mut self, spec: &EnvSpec, st: &EnvState, out: &mut [u32]) -> Option<SolveStats> {
+        let stats = self.plan_into(spec, st, out);
+        if spec.resource.kind() == ResourceKind::Budget {
+            return Some(stats);
         }
-        None => {
-            // Even the cheapest plan does not fit (only if the smallest rank is > 0): take it.
-            for o in out.iter_mut() {
-                *o = spec.rank_set.rank(0);
+        let k = spec.rank_set.len();
+        let plan_value: f64 = out
+            .iter()
+            .enumerate()
+            .map(|(l, &r)| self.values[l * k + spec.rank_set.index_of(r).expect("the oracle plans from the set")])
+            .sum();
+        (plan_value >= skip_value(spec, st)).then_some(stats)
+    }
+
+    /// Solves environment state `st`'s round exactly; writes rank values into `out`.
+    pub fn plan_into(&mut self, spec: &EnvSpec, st: &EnvState, out: &mut [u32]) -> SolveStats {
+        let Oracle { solver, values, costs } = self;
+        let cap = plan_tables(spec, st, values, costs);
+        let k = spec.rank_set.len();
+        let mut choice = vec![0usize; spec.n_sites()];
+        match solver.solve(values, costs, k, cap, &mut choice) {
+            Some((_, stats)) => {
+                for (o, &j) in out.iter_mut().zip(&choice) {
+                    *o = spec.rank_set.rank(j);
+                }
+                stats
             }
-            SolveStats::default()
+            None => {
+                // Even the cheapest plan does not fit (only if the smallest rank is > 0): take it.
+                for o in out.iter_mut() {
+                    *o = spec.rank_set.rank(0);
+                }
+                SolveStats::default()
+            }
         }
     }
 }

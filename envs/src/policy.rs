@@ -6,7 +6,7 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::context::RoundContext;
 use crate::observation::{Observation, SiteFeature};
-use crate::oracle::{MckpSolver, oracle_decide_into, oracle_plan_into};
+use crate::oracle::Oracle;
 use crate::sites::power_law_tables;
 use crate::spec::EnvSpec;
 
@@ -251,9 +251,7 @@ impl RankPolicy for RandomPolicy {
 /// back to [`UniformPolicy`].
 #[derive(Debug, Clone, Default)]
 pub struct OraclePolicy {
-    solver: MckpSolver,
-    values: Vec<f64>,
-    costs: Vec<f64>,
+    oracle: Oracle,
 }
 
 impl RankPolicy for OraclePolicy {
@@ -267,21 +265,20 @@ impl RankPolicy for OraclePolicy {
         match ctx.privileged {
             Some(p) => {
                 let mut out = vec![0; obs.n_sites];
-                oracle_plan_into(p.spec, p.state, &mut self.solver, &mut self.values, &mut self.costs, &mut out);
+                self.oracle.plan_into(p.spec, p.state, &mut out);
                 out
             }
             None => UniformPolicy.act(obs, ctx),
         }
     }
     /// Skips when the hold-the-plan value of skipping beats the best plan's (see
-    /// [`oracle_decide_into`]), so a policy that may skip is measured against an
+    /// [`Oracle::decide_into`]), so a policy that may skip is measured against an
     /// oracle that may too.
     fn decide(&mut self, obs: &Observation, ctx: &RoundContext<'_>) -> Option<Vec<u32>> {
         match ctx.privileged {
             Some(p) => {
                 let mut out = vec![0; obs.n_sites];
-                oracle_decide_into(p.spec, p.state, &mut self.solver, &mut self.values, &mut self.costs, &mut out)
-                    .map(|_| out)
+                self.oracle.decide_into(p.spec, p.state, &mut out).map(|_| out)
             }
             None => Some(UniformPolicy.act(obs, ctx)),
         }

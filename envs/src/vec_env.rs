@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::EnvError;
 use crate::context::{Privileged, RoundContext};
 use crate::observation::{GLOBAL_FEATURES, Observation, SITE_FEATURES};
-use crate::oracle::{MckpSolver, SolveStats, oracle_plan_into};
+use crate::oracle::{Oracle, SolveStats};
 use crate::presets::{EnvPreset, ResourceKind};
 use crate::spec::EnvSpec;
 use crate::state::{EnvState, EpisodeSummary, RoundOutcome};
@@ -53,9 +53,8 @@ pub struct VecEnv {
     idx: Vec<u8>,
     costs: Vec<f64>,
     skip: Vec<bool>,
-    solver: MckpSolver,
-    scratch_v: Vec<f64>,
-    scratch_c: Vec<f64>,
+    /// The privileged oracle and its buffers ([`VecEnv::oracle_plan`]).
+    oracle: Oracle,
 }
 
 impl VecEnv {
@@ -90,9 +89,7 @@ impl VecEnv {
             idx: vec![0; n_envs * n],
             costs: vec![0.0; n_envs],
             skip: vec![false; n_envs],
-            solver: MckpSolver::new(),
-            scratch_v: Vec::new(),
-            scratch_c: Vec::new(),
+            oracle: Oracle::new(),
             spec,
             states,
         };
@@ -342,14 +339,7 @@ impl VecEnv {
     /// state and budget); see [`crate::oracle`].
     pub fn oracle_plan(&mut self, i: usize) -> (Vec<u32>, SolveStats) {
         let mut out = vec![0u32; self.spec.n_sites()];
-        let stats = oracle_plan_into(
-            &self.spec,
-            &self.states[i],
-            &mut self.solver,
-            &mut self.scratch_v,
-            &mut self.scratch_c,
-            &mut out,
-        );
+        let stats = self.oracle.plan_into(&self.spec, &self.states[i], &mut out);
         (out, stats)
     }
 }

@@ -260,19 +260,16 @@ impl Prior {
         ((prior * wp + meas * wm) / (wp + wm)).clamp(c.beta_min, c.beta_max)
     }
 
-    /// Prior values v_lj (reward units, see the module doc) of one environment, written to `out`
-    /// (`n_sites × |ranks|`), normalized per round and per average site. `dims` gives each
-    /// site's min(d_in, d_out) (`default_dim` when `None`). Returns Σ_l v_l^skip, the value of
-    /// skipping the round, in the same units.
-    pub fn values_into(
-        &self,
-        global: &[f32],
-        sites: &[f32],
-        unit_cost: &[f64],
-        budget: f64,
-        dims: Option<&[u32]>,
-        out: &mut [f32],
-    ) -> f64 {
+    /// Prior values v_lj (reward units, see the module doc) of one environment (`obs` and
+    /// `budget` of one environment), written to `out` (`n_sites × |ranks|`), normalized per
+    /// round and per average site. `budget.dims` gives each site's min(d_in, d_out)
+    /// (`default_dim` when `None`). Returns Σ_l v_l^skip, the value of skipping the round, in
+    /// the same units.
+    pub fn values_into(&self, obs: ObsBatch<'_>, budget: BudgetContext<'_>, out: &mut [f32]) -> f64 {
+        debug_assert_eq!((obs.n_envs, budget.budgets.len()), (1, 1), "one environment");
+        let ObsBatch { global, sites, .. } = obs;
+        let BudgetContext { unit_cost, dims, .. } = budget;
+        let budget = budget.budgets[0];
         let c = &self.cfg;
         let k = self.ranks.len();
         let n = sites.len() / SITE_FEATURES;
@@ -376,12 +373,15 @@ impl Prior {
         let mut out = vec![0f32; n_envs * n_sites * k];
         let mut margins = Vec::with_capacity(if want_skip { n_envs } else { 0 });
         for e in 0..n_envs {
+            let one = ObsBatch {
+                global: &global[e * GLOBAL_FEATURES..(e + 1) * GLOBAL_FEATURES],
+                sites: &sites[e * n_sites * SITE_FEATURES..(e + 1) * n_sites * SITE_FEATURES],
+                n_envs: 1,
+                n_sites,
+            };
             let skip_value = self.values_into(
-                &global[e * GLOBAL_FEATURES..(e + 1) * GLOBAL_FEATURES],
-                &sites[e * n_sites * SITE_FEATURES..(e + 1) * n_sites * SITE_FEATURES],
-                unit_cost,
-                budgets[e],
-                dims,
+                one,
+                BudgetContext { unit_cost, budgets: &budgets[e..e + 1], dims },
                 &mut out[e * n_sites * k..(e + 1) * n_sites * k],
             );
             if want_skip {
@@ -392,19 +392,14 @@ impl Prior {
         (out, margins)
     }
 
-    /// The prior's own plan (rank indices): the exact knapsack over its values at `budget`.
-    pub fn plan(
-        &self,
-        global: &[f32],
-        sites: &[f32],
-        unit_cost: &[f64],
-        budget: f64,
-        dims: Option<&[u32]>,
-    ) -> Vec<usize> {
+    /// The prior's own plan (rank indices) for one environment: the exact knapsack over its
+    /// values at the environment's budget.
+    pub fn plan(&self, obs: ObsBatch<'_>, budget: BudgetContext<'_>) -> Vec<usize> {
         let k = self.ranks.len();
-        let n = sites.len() / SITE_FEATURES;
+        let n = obs.n_sites;
         let mut v = vec![0f32; n * k];
-        self.values_into(global, sites, unit_cost, budget, dims, &mut v);
+        self.values_into(obs, budget, &mut v);
+        let (unit_cost, budget) = (budget.unit_cost, budget.budgets[0]);
         let values: Vec<f64> = v.iter().map(|&x| x as f64).collect();
         let costs: Vec<f64> = (0..n * k).map(|i| self.ranks[i % k] as f64 * unit_cost[i / k]).collect();
         let mut out = vec![0usize; n];
@@ -432,11 +427,12 @@ impl RankPolicy for PriorPolicy {
     fn act(&mut self, obs: &Observation, ctx: &RoundContext<'_>) -> Vec<u32> {
         let dims: Vec<u32> = ctx.sites.iter().map(|s| s.max_rank()).collect();
         let plan = self.prior.plan(
-            &obs.global,
-            &obs.sites,
-            ctx.unit_cost,
-            ctx.conservative_budget,
-            self.use_dims.then_some(dims.as_slice()),
+            ObsBatch::one(obs),
+            BudgetContext {
+                unit_cost: ctx.unit_cost,
+                budgets: &[ctx.conservative_budget],
+                dims: self.use_dims.then_some(dims.as_slice()),
+            },
         );
         plan.into_iter().map(|j| ctx.rank_set.rank(j)).collect()
     }

@@ -1,6 +1,6 @@
 //! Training-loop properties: exact resumption, and that a small problem is actually learned.
 
-use policies::model::TrainedPolicy;
+use policies::model::{BudgetContext, ObsBatch, TrainedPolicy};
 use policies::trainer::{Trainer, load_preset};
 use tch::Device;
 
@@ -116,11 +116,11 @@ fn an_untrained_policy_with_a_prior_plans_as_the_prior() {
         let obs = venv.observation(0);
         let ctx = venv.context(0);
         let dims: Vec<u32> = ctx.sites.iter().map(|s| s.max_rank()).collect();
-        let want = prior.plan(&obs.global, &obs.sites, ctx.unit_cost, ctx.conservative_budget, Some(&dims));
+        let budget = BudgetContext { unit_cost: ctx.unit_cost, budgets: &[ctx.conservative_budget], dims: Some(&dims) };
+        let want = prior.plan(ObsBatch::one(&obs), budget);
         let k = env.ranks.len();
         let mut v = vec![0f32; obs.n_sites * k];
-        let skip_value =
-            prior.values_into(&obs.global, &obs.sites, ctx.unit_cost, ctx.conservative_budget, Some(&dims), &mut v);
+        let skip_value = prior.values_into(ObsBatch::one(&obs), budget, &mut v);
         let margin = prior.skip_margin(&v, skip_value, ctx.unit_cost, ctx.conservative_budget);
         let Some(got) = envs::RankPolicy::decide(&mut model_policy, &obs, &ctx) else {
             assert!(margin > -1e-4, "round {rounds}: skipped with a skip margin of {margin}");

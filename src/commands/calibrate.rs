@@ -19,7 +19,7 @@ use rankpilot_config::BadInput;
 use runio::checkpoint;
 
 use crate::cli::Common;
-use crate::commands::common::{BatchOptions, ModelData, load_model_and_data, progress_bar};
+use crate::commands::common::{TuneInput, load_model_and_data, progress_bar};
 use rankpilot::controller::sites_calibration;
 use runio::tensorboard::SummaryWriter;
 use tune::finetune::{FinetuneConfig, Finetuner, RankSpec};
@@ -31,9 +31,7 @@ pub struct CalibrateArgs {
     #[command(flatten)]
     common: Common,
     #[command(flatten)]
-    input: ModelData,
-    #[command(flatten)]
-    batch: BatchOptions,
+    input: TuneInput,
     /// The preset to write (`.toml`); the calibration JSON goes beside it.
     #[arg(long)]
     out: PathBuf,
@@ -81,7 +79,7 @@ pub fn run(a: &CalibrateArgs) -> Result<()> {
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let device = a.common.device;
     let (model, vs, _tok, corpus, data) =
-        load_model_and_data(&a.input.model, &a.input.data, 0.1, a.batch.seq_len, device, Kind::Float)?;
+        load_model_and_data(&a.input.model, &a.input.data, 0.1, a.input.seq_len, device, Kind::Float)?;
     let min_dim = tune::model::Projection::ALL
         .into_iter()
         .map(|p| {
@@ -92,9 +90,9 @@ pub fn run(a: &CalibrateArgs) -> Result<()> {
         .unwrap_or(1);
     let cfg = FinetuneConfig {
         steps: a.steps,
-        batch_size: a.batch.batch_size,
-        seq_len: a.batch.seq_len,
-        adam: AdamW { lr: a.batch.lr, ..AdamW::default() },
+        batch_size: a.input.batch_size,
+        seq_len: a.input.seq_len,
+        adam: AdamW { lr: a.input.lr, ..AdamW::default() },
         ranks: RankSpec { default: a.rank.min(min_dim), patterns: vec![] },
         seed: a.common.seed,
         ..FinetuneConfig::default()

@@ -55,20 +55,16 @@ pub fn load_model_and_data(
     Ok((model, vs, tok, corpus, tokens))
 }
 
-/// The base model and the text a fine-tuning command runs on.
+/// What every fine-tuning command runs on: the base model, the text, the batch shape and the
+/// learning rate.
 #[derive(Debug, Clone, Args)]
-pub struct ModelData {
+pub struct TuneInput {
     /// Base model directory (config.json + model.safetensors; tokenizer.json used if present).
     #[arg(long)]
     pub model: PathBuf,
     /// Training text: a file, a directory, a .jsonl file, or `builtin:code` / `builtin:prose`.
     #[arg(long, default_value = BUILTIN_CODE)]
     pub data: String,
-}
-
-/// Batch shape and learning rate of a fine-tuning command.
-#[derive(Debug, Clone, Args)]
-pub struct BatchOptions {
     /// Sequences per batch.
     #[arg(long, default_value_t = 8)]
     pub batch_size: usize,

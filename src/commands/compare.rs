@@ -14,7 +14,7 @@ use rankpilot_config::BadInput;
 use runio::checkpoint;
 
 use crate::cli::Common;
-use crate::commands::common::{BatchOptions, ModelData, load_env, load_model_and_data, progress_bar};
+use crate::commands::common::{TuneInput, load_env, load_model_and_data, progress_bar};
 use rankpilot::controller::{RunOptions, RunReport};
 use rankpilot::scheduler::{BudgetSpec, SchedulerSpec};
 use runio::tensorboard::SummaryWriter;
@@ -27,9 +27,7 @@ pub struct CompareArgs {
     #[command(flatten)]
     common: Common,
     #[command(flatten)]
-    input: ModelData,
-    #[command(flatten)]
-    batch: BatchOptions,
+    input: TuneInput,
     /// Resource beside the runs: `none`, a preset name or a preset file (e.g. from `calibrate`).
     #[arg(long, default_value = "wireless-rayleigh")]
     env: String,
@@ -113,12 +111,12 @@ pub fn run(a: &CompareArgs) -> Result<()> {
         let seed = a.common.seed + k;
         for (i, spec) in a.schedulers.iter().enumerate() {
             let (model, vs, _tok, _corpus, data) =
-                load_model_and_data(&a.input.model, &a.input.data, 0.1, a.batch.seq_len, device, Kind::Float)?;
+                load_model_and_data(&a.input.model, &a.input.data, 0.1, a.input.seq_len, device, Kind::Float)?;
             let cfg = FinetuneConfig {
                 steps: a.steps,
-                batch_size: a.batch.batch_size,
-                seq_len: a.batch.seq_len,
-                adam: AdamW { lr: a.batch.lr, ..AdamW::default() },
+                batch_size: a.input.batch_size,
+                seq_len: a.input.seq_len,
+                adam: AdamW { lr: a.input.lr, ..AdamW::default() },
                 eval_batches: a.eval_batches,
                 ranks: RankSpec { default: 0, patterns: vec![] },
                 seed,

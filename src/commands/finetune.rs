@@ -24,7 +24,7 @@ use tune::model::Projection;
 use tune::peft::PeftAdapter;
 
 use crate::cli::Common;
-use crate::commands::common::{BatchOptions, ModelData, load_env, load_model_and_data, progress_bar};
+use crate::commands::common::{TuneInput, load_env, load_model_and_data, progress_bar};
 
 /// Arguments of `rankpilot finetune`.
 #[derive(Debug, Args)]
@@ -32,9 +32,7 @@ pub struct FinetuneArgs {
     #[command(flatten)]
     common: Common,
     #[command(flatten)]
-    input: ModelData,
-    #[command(flatten)]
-    batch: BatchOptions,
+    input: TuneInput,
     /// Initial ranks: `R` for every site, or PEFT-style `key=R` items plus an optional default,
     /// e.g. `q_proj=16,mlp.down_proj=4,8` (first matching key wins).
     #[arg(long, default_value = "8", value_parser = RankSpec::parse)]
@@ -121,7 +119,7 @@ fn parse_resize(s: &str) -> Result<(usize, RankSpec), String> {
 /// Without `--scheduler`, the ranks come from `--ranks` (or `--adapter`) and `--resize-at`
 /// ([`ResizeAt`]), with rounds at the resize and evaluation steps and no resource.
 pub fn run(a: &FinetuneArgs) -> Result<()> {
-    if a.steps == 0 || a.batch.batch_size == 0 || a.batch.seq_len == 0 || a.eval_every == 0 {
+    if a.steps == 0 || a.input.batch_size == 0 || a.input.seq_len == 0 || a.eval_every == 0 {
         return Err(BadInput("--steps, --batch-size, --seq-len and --eval-every must be positive".into()).into());
     }
     if a.scheduler.is_some() && (a.adapter.is_some() || !a.resize_at.is_empty()) {
@@ -133,12 +131,12 @@ pub fn run(a: &FinetuneArgs) -> Result<()> {
     let device = a.common.device;
     let kind = if a.bf16 { Kind::BFloat16 } else { Kind::Float };
     let (model, vs, tok, corpus, data) =
-        load_model_and_data(&a.input.model, &a.input.data, a.val_fraction, a.batch.seq_len, device, kind)?;
+        load_model_and_data(&a.input.model, &a.input.data, a.val_fraction, a.input.seq_len, device, kind)?;
     let cfg = FinetuneConfig {
         steps: a.steps,
-        batch_size: a.batch.batch_size,
-        seq_len: a.batch.seq_len,
-        adam: AdamW { lr: a.batch.lr, weight_decay: a.weight_decay, ..AdamW::default() },
+        batch_size: a.input.batch_size,
+        seq_len: a.input.seq_len,
+        adam: AdamW { lr: a.input.lr, weight_decay: a.weight_decay, ..AdamW::default() },
         warmup_steps: a.warmup,
         grad_clip: a.grad_clip,
         eval_batches: a.eval_batches,
