@@ -20,7 +20,7 @@ build: setup
 RUN_DIR ?= runs/make-run
 RUN_STEPS ?= 150000
 run: build
-	$(BIN) train --env wireless-rayleigh --policy default --steps $(RUN_STEPS) --seed 0 \
+	$(BIN) train --env wireless-rayleigh --policy default --steps $(RUN_STEPS) --seed 0 --force \
 		--logdir $(RUN_DIR)/tensorboard --out $(RUN_DIR)/checkpoint
 	$(BIN) eval --env wireless-rayleigh --episodes 200 --seed 1000 \
 		--checkpoint $(RUN_DIR)/checkpoint/best --checkpoint checkpoints/wireless-rayleigh \
@@ -37,7 +37,7 @@ compare: build
 	$(BIN) pretrain --out $(E2E_DIR)/model --logdir $(E2E_DIR)/pretrain --seed 0
 	$(BIN) calibrate --model $(E2E_DIR)/model --out $(E2E_DIR)/tiny-code.toml --logdir $(E2E_DIR)/calibrate --seed 0 \
 		--perturbation-coef 0.3
-	$(BIN) train --env $(E2E_DIR)/tiny-code.toml --policy ppo --steps 100000 --seed 1 \
+	$(BIN) train --env $(E2E_DIR)/tiny-code.toml --policy ppo --steps 100000 --seed 1 --force \
 		--logdir $(E2E_DIR)/train --out $(E2E_DIR)/policy
 	$(BIN) compare --model $(E2E_DIR)/model --env $(E2E_DIR)/tiny-code.toml --budget $(E2E_BUDGET) --seeds 3 --seed 0 \
 		--schedulers fixed,adalora,squeeze,policy:$(E2E_DIR)/policy/best --logdir $(E2E_DIR)/compare

@@ -71,7 +71,8 @@ pub fn main() -> i32 {
     }
 }
 
-/// Exit code for an error: 2 for bad input anywhere in its chain, else 1.
+/// Exit code for an error: 2 for bad input anywhere in its chain (including a checkpoint that is
+/// missing, corrupt, of another kind or version: the user pointed at it), else 1.
 pub fn exit_code(e: &anyhow::Error) -> i32 {
     let bad_input = e.chain().any(|c| {
         c.is::<rankpilot_config::BadInput>()
@@ -82,6 +83,8 @@ pub fn exit_code(e: &anyhow::Error) -> i32 {
                 Some(
                     runio::checkpoint::CheckpointError::WrongKind { .. }
                         | runio::checkpoint::CheckpointError::WrongVersion { .. }
+                        | runio::checkpoint::CheckpointError::Missing { .. }
+                        | runio::checkpoint::CheckpointError::Corrupt { .. }
                 )
             )
     });

@@ -95,3 +95,113 @@ fn bad_input_is_refused_with_exit_code_2() {
     assert_ne!(o.status.code(), Some(0));
     assert_eq!(std::fs::read(p.join("ck/checkpoint.json")).unwrap(), meta_before, "a failed resume must not overwrite");
 }
+
+/// Issue 13, items 1, 2 and 13: a resumed run keeps the best evaluation it had (so `best/` is
+/// replaced only by a better policy), keeps its planned steps, and resuming a finished run says
+/// so instead of printing NaN.
+#[test]
+fn resume_keeps_the_best_policy_and_the_run_plan() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path();
+    let run = |out: &str, extra: &[&str]| {
+        let mut args = vec!["train", "--policy", "tiny", "--device", "cpu", "--eval-episodes", "4", "--seed", "7"];
+        args.extend(["--checkpoint-every", "1", "--eval-every", "2", "--out", out, "--logdir", "runs"]);
+        args.extend(extra);
+        let o = common::rankpilot_in(&args, p);
+        assert!(o.status.success(), "{}", common::text(&o));
+        o
+    };
+    run("U", &["--steps", "1280"]);
+    run("K", &["--steps", "1280", "--stop-after", "11"]);
+    run("K", &["--resume"]);
+    let (u, k) = (meta(&p.join("U")), meta(&p.join("K")));
+    assert_eq!(k["config"]["total_steps"], 1280, "a resume without --steps continues the planned run");
+    assert_eq!(u["weights_sha256"], k["weights_sha256"]);
+    let (ub, kb) = (meta(&p.join("U/best")), meta(&p.join("K/best")));
+    assert_eq!(ub["step"], kb["step"], "best/ after a resume is the uninterrupted run's best");
+    assert_eq!(ub["weights_sha256"], kb["weights_sha256"]);
+    assert_eq!(u["state"]["best"], k["state"]["best"]);
+    // The finished run: nothing to do, and no NaN.
+    let o = run("K", &["--resume"]);
+    let t = common::text(&o);
+    assert!(t.contains("already finished") && !t.contains("NaN") && !t.contains("inf"), "{t}");
+    assert_eq!(meta(&p.join("K"))["weights_sha256"], k["weights_sha256"]);
+}
+
+/// Issue 13, items 3 and 4: a fresh run never replaces another run's checkpoint without
+/// --force, and a second writer on the same --out is refused while the first runs.
+#[test]
+fn one_writer_per_output_and_no_silent_overwrite() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path();
+    let o = train(p, "ck", &["--stop-after", "1"]);
+    assert!(o.status.success(), "{}", common::text(&o));
+    let before = std::fs::read(p.join("ck/checkpoint.json")).unwrap();
+    let o = train(p, "ck", &[]);
+    let t = common::text(&o);
+    assert_eq!(o.status.code(), Some(2), "{t}");
+    assert!(t.contains("already holds a checkpoint") && t.contains("--resume") && t.contains("--force"), "{t}");
+    assert_eq!(std::fs::read(p.join("ck/checkpoint.json")).unwrap(), before, "nothing was overwritten");
+    let o = train(p, "ck", &["--force"]);
+    assert!(o.status.success(), "{}", common::text(&o));
+    assert_eq!(meta(&p.join("ck"))["step"], 256);
+
+    // A long first writer; the second one starts while it holds the lock.
+    let mut first = std::process::Command::new(env!("CARGO_BIN_EXE_rankpilot"))
+        .args(["train", "--policy", "tiny", "--steps", "100000000", "--device", "cpu", "--eval-every", "0"])
+        .args(["--out", "busy", "--logdir", "runs-busy"])
+        .current_dir(p)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let lock = p.join("busy/.lock");
+    let t0 = std::time::Instant::now();
+    while !lock.exists() && t0.elapsed().as_secs() < 60 {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let o = train(p, "busy", &["--force"]);
+    let _ = first.kill();
+    let _ = first.wait();
+    let t = common::text(&o);
+    assert_eq!(o.status.code(), Some(1), "{t}");
+    assert!(t.contains("another rankpilot process is writing to this directory"), "{t}");
+}
+
+/// Issue 13, item 12: a hand-edited `checkpoint.json` is checked like fresh input — bad input
+/// (exit 2) naming the key, never a panic.
+#[test]
+fn an_edited_checkpoint_is_validated_like_fresh_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path();
+    let o = train(p, "ck", &["--stop-after", "1"]);
+    assert!(o.status.success(), "{}", common::text(&o));
+    let good = meta(&p.join("ck"));
+    let edits: [(&str, fn(&mut serde_json::Value)); 4] = [
+        ("normalizer", |m| {
+            m["state"]["normalizer"]["site"]["var"].as_array_mut().unwrap().truncate(3);
+        }),
+        ("normalizer", |m| m["state"]["normalizer"]["global"]["var"][0] = serde_json::json!(-1.0)),
+        ("rounds", |m| m["config"]["env_preset"]["rounds"] = serde_json::json!(0)),
+        ("best", |m| m["state"]["best"] = serde_json::json!({"oracle_gap_closed": "high", "step": 1})),
+    ];
+    for (key, edit) in edits {
+        let mut m = good.clone();
+        edit(&mut m);
+        std::fs::write(p.join("ck/checkpoint.json"), serde_json::to_vec_pretty(&m).unwrap()).unwrap();
+        for args in [&["--resume"][..], &[]] {
+            let o = if args.is_empty() {
+                common::rankpilot_in(&["eval", "--episodes", "1", "--checkpoint", "ck"], p)
+            } else {
+                train(p, "ck", args)
+            };
+            let t = common::text(&o);
+            if key == "best" && args.is_empty() {
+                continue; // eval does not read the training state's best
+            }
+            assert_eq!(o.status.code(), Some(2), "{key} {args:?}: {t}");
+            assert!(t.contains(key) && !t.contains("panicked"), "{key} {args:?}: {t}");
+        }
+    }
+}

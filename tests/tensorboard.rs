@@ -58,3 +58,40 @@ fn real_tensorboard_reads_scalars_histograms_images_and_text() {
     assert_eq!(t["step"], 0);
     assert!(t["text"].as_str().unwrap().contains("| lr | 3e-4 |"));
 }
+
+/// Issue 13, item 6: after a crash and `--resume` from an earlier checkpoint, the steps the
+/// crashed run logged after that checkpoint must not appear twice.
+#[test]
+fn a_restart_mark_drops_the_steps_logged_after_the_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        // The interrupted run: logged steps 0..10, its last checkpoint was at step 6.
+        let mut w = SummaryWriter::new(dir.path()).unwrap();
+        for step in 0..10 {
+            w.add_scalar("charts/mean_reward", step as f64, step).unwrap();
+        }
+    }
+    {
+        // The resumed run, in a new event file of the same log directory.
+        let mut w = SummaryWriter::new(dir.path()).unwrap();
+        w.add_session_start(6).unwrap();
+        for step in 6..12 {
+            w.add_scalar("charts/mean_reward", 100.0 + step as f64, step).unwrap();
+        }
+    }
+    let out = Command::new(common::python())
+        .arg(common::root().join("tests/python/read_events.py"))
+        .arg(dir.path())
+        .output()
+        .expect("run python");
+    assert!(out.status.success(), "python reader failed: {}", common::text(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let seen: Vec<(i64, f64)> = v["scalars"]["charts/mean_reward"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e[0].as_i64().unwrap(), e[1].as_f64().unwrap()))
+        .collect();
+    let want: Vec<(i64, f64)> = (0..12).map(|s| (s, if s < 6 { s as f64 } else { 100.0 + s as f64 })).collect();
+    assert_eq!(seen, want, "each step once, the resumed run's values from the restart on");
+}

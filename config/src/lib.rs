@@ -29,12 +29,13 @@ use serde::de::DeserializeOwned;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file could not be read at all.
-    #[error("{file}: cannot read: {source}")]
+    // The OS error is part of the message, not a `source`: a chain printer would repeat it.
+    #[error("{file}: cannot read: {cause}")]
     Io {
         /// The preset file.
         file: PathBuf,
         /// The underlying I/O error.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// TOML syntax error, unknown key, or wrong type.
     #[error("{file}: {}{message}", key_prefix(.key))]
@@ -136,7 +137,7 @@ pub trait Validate {
 
 /// Reads and validates a TOML preset file.
 pub fn load<T: DeserializeOwned + Validate>(path: &Path) -> Result<T, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io { file: path.to_path_buf(), source })?;
+    let text = std::fs::read_to_string(path).map_err(|cause| ConfigError::Io { file: path.to_path_buf(), cause })?;
     from_str(&text, path)
 }
 
@@ -145,6 +146,11 @@ pub fn from_str<T: DeserializeOwned + Validate>(text: &str, file: impl AsRef<Pat
     let file = file.as_ref().to_path_buf();
     let value: T = parse(text, &file)?;
     let mut v = Violations::default();
+    // `inf` and `nan` are valid TOML floats and pass every `> 0` check: refuse them everywhere,
+    // whatever the key, before the preset's own range checks.
+    if let Ok(table) = text.parse::<toml::Table>() {
+        non_finite_floats(&toml::Value::Table(table), "", &mut v);
+    }
     value.validate(&mut v);
     if v.is_empty() { Ok(value) } else { Err(ConfigError::Invalid { file, violations: v.into_vec() }) }
 }
@@ -158,7 +164,7 @@ fn parse<T: DeserializeOwned>(text: &str, file: &Path) -> Result<T, ConfigError>
     serde_path_to_error::deserialize(de).map_err(|e| {
         let key = e.path().to_string();
         let inner = e.into_inner();
-        let mut message = inner.message().to_string();
+        let mut message = one_line(inner.message());
         if let Some(span) = inner.span() {
             let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
             message = format!("{message} (line {line})");
@@ -167,8 +173,35 @@ fn parse<T: DeserializeOwned>(text: &str, file: &Path) -> Result<T, ConfigError>
     })
 }
 
+/// Pushes a violation for every non-finite float below `value` (`key` is its dotted path).
+fn non_finite_floats(value: &toml::Value, key: &str, v: &mut Violations) {
+    match value {
+        toml::Value::Float(x) if !x.is_finite() => v.push(key, x.to_string(), "a finite number"),
+        toml::Value::Table(t) => {
+            for (k, x) in t {
+                let key = if key.is_empty() { k.clone() } else { format!("{key}.{k}") };
+                non_finite_floats(x, &key, v);
+            }
+        }
+        toml::Value::Array(a) => {
+            for (i, x) in a.iter().enumerate() {
+                non_finite_floats(x, &format!("{key}[{i}]"), v);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Longest error message passed on (a parser may quote a whole line of the file, which can be
+/// hundreds of kilobytes long).
+const MAX_MESSAGE: usize = 400;
+
 fn one_line(s: &str) -> String {
-    s.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join(" | ")
+    let line = s.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join(" | ");
+    match line.char_indices().nth(MAX_MESSAGE) {
+        Some((cut, _)) => format!("{}… ({} more characters)", &line[..cut], line.len() - cut),
+        None => line,
+    }
 }
 
 /// Serializes a preset back to TOML text (for logging the effective config).
@@ -258,5 +291,18 @@ mod tests {
     fn missing_file() {
         let e = load::<Outer>(Path::new("/nonexistent/x.toml")).unwrap_err().to_string();
         assert!(e.contains("/nonexistent/x.toml: cannot read"), "{e}");
+    }
+
+    /// Issue 13, items 8 and 13: `inf`/`nan` pass `> 0` checks, so they are refused for every key;
+    /// a parser message quoting a huge line is cut.
+    #[test]
+    fn non_finite_floats_are_refused_by_key_and_messages_stay_short() {
+        let e = from_str::<Outer>("name = 'x'\n[inner]\nrho = inf\nranks = [1]", "p.toml").unwrap_err().to_string();
+        assert!(e.contains("p.toml") && e.contains("key `inner.rho` = inf: allowed: a finite number"), "{e}");
+        let e = from_str::<Outer>("name = 'x'\n[inner]\nrho = nan\nranks = [1]", "p.toml").unwrap_err().to_string();
+        assert!(e.contains("inner.rho") && e.contains("finite"), "{e}");
+        let deep = format!("name = {}1{}", "[".repeat(200_000), "]".repeat(200_000));
+        let e = from_str::<Outer>(&deep, "deep.toml").unwrap_err().to_string();
+        assert!(e.len() < 1000 && e.contains("deep.toml"), "{} bytes: {}", e.len(), &e[..e.len().min(300)]);
     }
 }

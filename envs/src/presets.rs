@@ -629,7 +629,7 @@ pub fn load(name_or_path: &str) -> Result<EnvPreset, EnvError> {
 /// file's directory.
 pub fn load_path(path: &Path) -> Result<EnvPreset, EnvError> {
     let text = std::fs::read_to_string(path)
-        .map_err(|source| EnvError::Preset(rankpilot_config::ConfigError::Io { file: path.to_path_buf(), source }))?;
+        .map_err(|cause| EnvError::Preset(rankpilot_config::ConfigError::Io { file: path.to_path_buf(), cause }))?;
     from_toml(&text, &path.display().to_string(), path.parent().map(Path::to_path_buf))
 }
 

@@ -104,6 +104,18 @@ impl ObsNormalizer {
     pub fn from_json(v: &serde_json::Value, global_dim: usize, site_dim: usize) -> Result<Self, PolicyError> {
         let n: ObsNormalizer = serde_json::from_value(v.clone())
             .map_err(|e| PolicyError::Checkpoint(format!("observation normalizer: {e}")))?;
+        for (what, r) in [("global", &n.global), ("site", &n.site)] {
+            let ok = r.var.len() == r.mean.len()
+                && r.mean.iter().all(|m| m.is_finite())
+                && r.var.iter().all(|v| v.is_finite() && *v >= 0.0)
+                && r.count.is_finite()
+                && r.count > 0.0;
+            if !ok {
+                return Err(PolicyError::Checkpoint(format!(
+                    "key `state.normalizer.{what}`: allowed: as many variances as means, finite means, finite variances >= 0 and a finite count > 0"
+                )));
+            }
+        }
         if n.global.dim() != global_dim || n.site.dim() != site_dim {
             return Err(PolicyError::Checkpoint(format!(
                 "observation normalizer has {}+{} features, the observation schema has {global_dim}+{site_dim}",

@@ -159,6 +159,35 @@ pub struct CheckpointConfig {
     pub seed: u64,
 }
 
+impl CheckpointConfig {
+    /// Reads a checkpoint's `config` and checks it exactly like fresh input: the stored presets
+    /// pass the same range checks as preset files (a hand-edited `checkpoint.json` is input too).
+    pub fn from_json(config: &serde_json::Value) -> Result<CheckpointConfig, PolicyError> {
+        let cfg: CheckpointConfig = serde_json::from_value(config.clone())
+            .map_err(|e| PolicyError::Checkpoint(format!("checkpoint config: {e}")))?;
+        for (key, violations) in [
+            ("config.env_preset", violations(&cfg.env_preset)),
+            ("config.policy_preset", violations(&cfg.policy_preset)),
+        ] {
+            if !violations.is_empty() {
+                let list: Vec<String> = violations.iter().map(|v| v.to_string()).collect();
+                return Err(PolicyError::Checkpoint(format!("{key}: {}", list.join("; "))));
+            }
+        }
+        if cfg.total_steps == 0 {
+            return Err(PolicyError::Checkpoint("key `config.total_steps` = 0: allowed: an integer >= 1".into()));
+        }
+        Ok(cfg)
+    }
+}
+
+/// Every range violation of a preset.
+fn violations(p: &dyn rankpilot_config::Validate) -> Vec<rankpilot_config::Violation> {
+    let mut v = rankpilot_config::Violations::default();
+    p.validate(&mut v);
+    v.into_vec()
+}
+
 impl Trainer {
     /// A new run: fresh weights (seeded by `seed`), `ppo.num_envs` environments.
     pub fn new(
@@ -413,8 +442,7 @@ impl Trainer {
         total_steps: Option<u64>,
         device: Device,
     ) -> Result<Self, PolicyError> {
-        let cfg: CheckpointConfig = serde_json::from_value(config.clone())
-            .map_err(|e| PolicyError::Checkpoint(format!("checkpoint config: {e}")))?;
+        let cfg = CheckpointConfig::from_json(config)?;
         let rs: ResumeState = serde_json::from_value(state.get("trainer").cloned().unwrap_or_default())
             .map_err(|e| PolicyError::Checkpoint(format!("checkpoint state: {e}")))?;
         let mut t = Trainer::new(
@@ -464,8 +492,7 @@ pub fn policy_from_checkpoint(
     tensors: &[(String, Tensor)],
     device: Device,
 ) -> Result<(PolicyModel, CheckpointConfig), PolicyError> {
-    let cfg: CheckpointConfig = serde_json::from_value(config.clone())
-        .map_err(|e| PolicyError::Checkpoint(format!("checkpoint config: {e}")))?;
+    let cfg = CheckpointConfig::from_json(config)?;
     let mut model = PolicyModel::with_prior(
         device,
         &cfg.schema.ranks,

@@ -94,18 +94,25 @@ pub enum CheckpointError {
         /// Kind the caller asked for.
         expected: String,
     },
+    /// Another process holds the directory's [`DirLock`].
+    #[error("{}: another rankpilot process is writing to this directory (it holds {}/.lock); wait for it or choose another directory", .dir.display(), .dir.display())]
+    Locked {
+        /// The locked directory.
+        dir: PathBuf,
+    },
     /// An I/O failure, with the path.
-    #[error("{}: {source}", .path.display())]
+    // The OS error is part of the message, not a `source`: a chain printer would repeat it.
+    #[error("{}: {cause}", .path.display())]
     Io {
         /// The file or directory.
         path: PathBuf,
         /// The underlying error.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
-    move |source| CheckpointError::Io { path: path.to_path_buf(), source }
+    move |cause| CheckpointError::Io { path: path.to_path_buf(), cause }
 }
 
 /// Writes a checkpoint into `dir` (created if needed), replacing any previous one atomically.
@@ -185,7 +192,7 @@ pub fn read_meta(dir: &Path) -> Result<CheckpointMeta, CheckpointError> {
             return Err(CheckpointError::Missing { dir: dir.to_path_buf() });
         }
         Err(e) => {
-            return Err(CheckpointError::Io { path: meta_path, source: e });
+            return Err(CheckpointError::Io { path: meta_path, cause: e });
         }
     };
     // Check the version before the full schema, so an old or future file says so plainly.
@@ -225,26 +232,127 @@ pub fn read_safetensors(path: &Path) -> Result<SafetensorsFile, CheckpointError>
     Ok((deserialize_tensors(&bytes).map_err(corrupt)?, metadata))
 }
 
-/// Writes `bytes` to `path` via a temporary file in the same directory, fsync, rename, and an
-/// fsync of the directory, so readers see either the old file or the complete new one.
+/// Prefix of the temporary files [`atomic_write`] creates next to their target (then a random,
+/// unpredictable suffix). [`DirLock::acquire`] removes leftovers of writers that died.
+pub const TEMP_PREFIX: &str = ".rankpilot-tmp-";
+
+/// Writes `bytes` to `path` via a new temporary file in the same directory (`tempfile`: a random
+/// name, created with `O_EXCL`, so a planted file or symlink is never followed), fsync, rename,
+/// and an fsync of the directory, so readers see either the old file or the complete new one.
+/// Errors name `path`, not the temporary file.
 pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let result = (|| {
-        let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
-        f.write_all(bytes).map_err(io_err(&tmp))?;
-        f.sync_all().map_err(io_err(&tmp))?;
-        fs::rename(&tmp, path).map_err(io_err(path))?;
-        if let Ok(d) = File::open(dir) {
-            let _ = d.sync_all();
-        }
-        Ok(())
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
+    let mut tmp = tempfile::Builder::new().prefix(TEMP_PREFIX).tempfile_in(dir).map_err(io_err(path))?;
+    tmp.write_all(bytes).map_err(io_err(path))?;
+    tmp.as_file().sync_all().map_err(io_err(path))?;
+    // On failure the temporary file is removed when `persist`'s error drops it.
+    tmp.persist(path).map_err(|e| CheckpointError::Io { path: path.to_path_buf(), cause: e.error })?;
+    if let Ok(d) = File::open(dir) {
+        let _ = d.sync_all();
     }
-    result
+    Ok(())
+}
+
+/// Writes a directory's files into a new directory beside `target` (`write` fills it), then puts
+/// it in `target`'s place in one step, so that a reader or a crash sees either the complete old
+/// directory or the complete new one, never a mix (a squeezed adapter's tensors next to its old
+/// config). Files of an existing `target` that `write` did not produce are carried over.
+pub fn write_dir_atomically(
+    target: &Path,
+    write: impl FnOnce(&Path) -> Result<(), CheckpointError>,
+) -> Result<(), CheckpointError> {
+    let parent = target.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    fs::create_dir_all(parent).map_err(io_err(parent))?;
+    let staged = tempfile::Builder::new().prefix(TEMP_PREFIX).tempdir_in(parent).map_err(io_err(target))?;
+    write(staged.path())?;
+    // A temporary directory is private (0700); the result is an ordinary directory.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(staged.path(), fs::Permissions::from_mode(0o755)).map_err(io_err(target))?;
+    }
+    if !target.exists() {
+        fs::rename(staged.path(), target).map_err(io_err(target))?;
+        // Renamed away: nothing is left for the guard to remove.
+        let _ = staged.keep();
+    } else {
+        for e in fs::read_dir(target).map_err(io_err(target))?.flatten() {
+            let to = staged.path().join(e.file_name());
+            if e.file_type().is_ok_and(|t| t.is_file()) && !to.exists() {
+                fs::copy(e.path(), &to).map_err(io_err(&e.path()))?;
+            }
+        }
+        exchange(staged.path(), target)?;
+        // `staged` now holds the old directory; the guard removes it.
+    }
+    if let Ok(d) = File::open(parent) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+/// Swaps two directory entries atomically (Linux `renameat2(RENAME_EXCHANGE)`).
+#[cfg(target_os = "linux")]
+fn exchange(a: &Path, b: &Path) -> Result<(), CheckpointError> {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| CString::new(p.as_os_str().as_bytes()).map_err(|e| io_err(p)(std::io::Error::other(e)));
+    let (ca, cb) = (c(a)?, c(b)?);
+    // SAFETY: two valid NUL-terminated paths, relative to the working directory.
+    let rc =
+        unsafe { libc::renameat2(libc::AT_FDCWD, ca.as_ptr(), libc::AT_FDCWD, cb.as_ptr(), libc::RENAME_EXCHANGE) };
+    if rc == 0 { Ok(()) } else { Err(io_err(b)(std::io::Error::last_os_error())) }
+}
+
+/// Elsewhere the swap takes two renames: the old directory moves aside first, so a crash between
+/// them leaves it complete beside the target.
+#[cfg(not(target_os = "linux"))]
+fn exchange(a: &Path, b: &Path) -> Result<(), CheckpointError> {
+    let aside = a.with_extension("old");
+    fs::rename(b, &aside).map_err(io_err(b))?;
+    fs::rename(a, b).map_err(io_err(b))?;
+    fs::rename(&aside, a).map_err(io_err(a))
+}
+
+/// An exclusive lock on an output directory, held while the value lives: one writer per
+/// directory. Taken with the operating system's advisory file lock (`flock`) on `<dir>/.lock`,
+/// so it is released when the process ends, however it ends.
+#[derive(Debug)]
+pub struct DirLock {
+    _file: File,
+}
+
+impl DirLock {
+    /// Creates `dir` if needed and locks it, or fails at once with [`CheckpointError::Locked`]
+    /// when another process holds it. Then removes temporary files of writers that died there.
+    pub fn acquire(dir: &Path) -> Result<DirLock, CheckpointError> {
+        fs::create_dir_all(dir).map_err(io_err(dir))?;
+        let path = dir.join(".lock");
+        let file =
+            fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(io_err(&path))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => return Err(CheckpointError::Locked { dir: dir.to_path_buf() }),
+            Err(fs::TryLockError::Error(e)) => return Err(CheckpointError::Io { path, cause: e }),
+        }
+        remove_stale_temp_files(dir);
+        Ok(DirLock { _file: file })
+    }
+}
+
+/// Removes `dir`'s (and its subdirectories') leftover temporary files; only safe while holding
+/// the directory's [`DirLock`], when no other writer can be using them.
+fn remove_stale_temp_files(dir: &Path) {
+    let Ok(entries) = fs::read_dir(dir) else { return };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Ok(kind) = e.file_type() else { continue };
+        if kind.is_dir() && !kind.is_symlink() {
+            remove_stale_temp_files(&e.path());
+        } else if name.to_string_lossy().starts_with(TEMP_PREFIX) {
+            let _ = fs::remove_file(e.path());
+        }
+    }
 }
 
 fn hex_sha256(bytes: &[u8]) -> String {
@@ -418,5 +526,86 @@ mod tests {
         assert_eq!(t[0].1.size(), vec![2, 3]);
         fs::write(&p, b"not a safetensors file").unwrap();
         assert!(matches!(read_safetensors(&p), Err(CheckpointError::Corrupt { .. })));
+    }
+
+    /// Issue 13, item 7: a file planted under the name the old writer used for its temporary
+    /// file (a symlink to a victim) is neither followed nor overwritten.
+    #[test]
+    fn atomic_write_never_follows_a_planted_temp_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim.txt");
+        fs::write(&victim, b"keep me").unwrap();
+        let target = dir.path().join("t.json");
+        std::os::unix::fs::symlink(&victim, dir.path().join(format!(".t.json.tmp-{}", std::process::id()))).unwrap();
+        atomic_write(&target, b"{}").unwrap();
+        assert_eq!(fs::read(&victim).unwrap(), b"keep me");
+        assert_eq!(fs::read(&target).unwrap(), b"{}");
+        assert!(!fs::symlink_metadata(&target).unwrap().file_type().is_symlink());
+        // A symlink at the target itself is replaced, not written through.
+        fs::remove_file(&target).unwrap();
+        std::os::unix::fs::symlink(&victim, &target).unwrap();
+        atomic_write(&target, b"[]").unwrap();
+        assert_eq!(fs::read(&victim).unwrap(), b"keep me");
+    }
+
+    /// Issue 13, item 3: one writer per directory; the lock goes with its holder.
+    #[test]
+    fn a_locked_directory_refuses_a_second_writer_until_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("run");
+        let first = DirLock::acquire(&out).unwrap();
+        let e = DirLock::acquire(&out).unwrap_err();
+        assert!(matches!(e, CheckpointError::Locked { .. }), "{e}");
+        assert!(e.to_string().contains("another rankpilot process"), "{e}");
+        drop(first);
+        DirLock::acquire(&out).unwrap();
+    }
+
+    /// Issue 13, item 7: temporary files left by a writer that died are removed by the next
+    /// writer that takes the directory's lock (and only then).
+    #[test]
+    fn the_lock_holder_removes_stale_temp_files() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir_all(dir.path().join("best")).unwrap();
+        let stale = [dir.path().join(".rankpilot-tmp-Ab12cd"), dir.path().join("best/.rankpilot-tmp-Zz99yy")];
+        for f in &stale {
+            fs::write(f, b"half").unwrap();
+        }
+        fs::write(dir.path().join("keep.json"), b"{}").unwrap();
+        let _lock = DirLock::acquire(dir.path()).unwrap();
+        assert!(stale.iter().all(|f| !f.exists()));
+        assert!(dir.path().join("keep.json").exists());
+    }
+
+    /// Issue 13, item 5: a directory written over itself changes in one step, and files the
+    /// writer does not produce are kept.
+    #[test]
+    fn a_directory_is_replaced_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("adapter");
+        write_dir_atomically(&target, |d| {
+            atomic_write(&d.join("a.json"), b"old")?;
+            atomic_write(&d.join("b.bin"), b"old")
+        })
+        .unwrap();
+        fs::write(target.join("README.md"), b"mine").unwrap();
+        // A writer that fails half-way leaves the old directory as it was.
+        let e = write_dir_atomically(&target, |d| {
+            atomic_write(&d.join("a.json"), b"new")?;
+            Err(CheckpointError::Corrupt { file: d.join("b.bin"), why: "disk full".into() })
+        });
+        assert!(e.is_err());
+        assert_eq!(fs::read(target.join("a.json")).unwrap(), b"old");
+        write_dir_atomically(&target, |d| {
+            atomic_write(&d.join("a.json"), b"new")?;
+            atomic_write(&d.join("b.bin"), b"new")
+        })
+        .unwrap();
+        assert_eq!(fs::read(target.join("a.json")).unwrap(), b"new");
+        assert_eq!(fs::read(target.join("b.bin")).unwrap(), b"new");
+        assert_eq!(fs::read(target.join("README.md")).unwrap(), b"mine");
+        let left: Vec<String> =
+            fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into()).collect();
+        assert_eq!(left, vec!["adapter".to_string()], "no staging directory is left behind");
     }
 }

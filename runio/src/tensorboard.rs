@@ -30,6 +30,15 @@ mod proto {
         pub file_version: Option<String>,
         #[prost(message, optional, tag = "5")]
         pub summary: Option<Summary>,
+        #[prost(message, optional, tag = "6")]
+        pub session_log: Option<SessionLog>,
+    }
+
+    /// `tensorflow.SessionLog`; `status` 1 is `START`.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct SessionLog {
+        #[prost(int32, tag = "1")]
+        pub status: i32,
     }
 
     #[derive(Clone, PartialEq, prost::Message)]
@@ -148,6 +157,7 @@ impl SummaryWriter {
             step: 0,
             file_version: Some("brain.Event:2".into()),
             summary: None,
+            session_log: None,
         })?;
         w.flush()?;
         Ok(w)
@@ -219,6 +229,22 @@ impl SummaryWriter {
         )
     }
 
+    /// Marks a restart at `step` (TensorFlow's `SessionLog.START`): TensorBoard's readers then drop
+    /// every event of the log directory at `step` or later that came before this mark, so the
+    /// steps an interrupted run logged after its last checkpoint do not appear twice once the
+    /// run resumes from that checkpoint.
+    pub fn add_session_start(&mut self, step: i64) -> io::Result<()> {
+        const START: i32 = 1;
+        self.write_event(proto::Event {
+            wall_time: wall_time(),
+            step,
+            file_version: None,
+            summary: None,
+            session_log: Some(proto::SessionLog { status: START }),
+        })?;
+        self.flush()
+    }
+
     /// Flushes buffered events to the OS.
     pub fn flush(&mut self) -> io::Result<()> {
         self.last_flush = Instant::now();
@@ -227,7 +253,13 @@ impl SummaryWriter {
 
     fn write_value(&mut self, step: i64, value: proto::Value) -> io::Result<()> {
         let summary = proto::Summary { value: vec![value] };
-        self.write_event(proto::Event { wall_time: wall_time(), step, file_version: None, summary: Some(summary) })?;
+        self.write_event(proto::Event {
+            wall_time: wall_time(),
+            step,
+            file_version: None,
+            summary: Some(summary),
+            session_log: None,
+        })?;
         if self.last_flush.elapsed().as_secs_f64() > FLUSH_EVERY_SECS {
             self.flush()?;
         }

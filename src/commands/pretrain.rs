@@ -71,15 +71,32 @@ pub struct PretrainArgs {
 
 /// Trains and writes the model.
 pub fn run(a: &PretrainArgs) -> Result<()> {
-    if !a.hidden.is_multiple_of(a.heads) || !a.heads.is_multiple_of(a.kv_heads.max(1)) || a.kv_heads == 0 {
+    // Every size in a documented range: a zero divides by zero somewhere, a huge one asks
+    // libtorch for more memory than exists.
+    for (flag, value, max) in [
+        ("--steps", a.steps, 100_000_000),
+        ("--batch-size", a.batch_size, 4096),
+        ("--seq-len", a.seq_len, 32_768),
+        ("--hidden", a.hidden, 16_384),
+        ("--layers", a.layers, 256),
+        ("--heads", a.heads, 256),
+        ("--kv-heads", a.kv_heads, 256),
+        ("--intermediate", a.intermediate, 65_536),
+        ("--eval-every", a.eval_every, usize::MAX),
+    ] {
+        if value == 0 || value > max {
+            return Err(BadInput(format!("{flag} {value}: allowed: an integer from 1 to {max}")).into());
+        }
+    }
+    if !a.hidden.is_multiple_of(a.heads) || !a.heads.is_multiple_of(a.kv_heads) {
         return Err(BadInput(format!(
             "--hidden {} must be divisible by --heads {}, and --heads by --kv-heads {}",
             a.hidden, a.heads, a.kv_heads
         ))
         .into());
     }
-    if a.steps == 0 || a.batch_size == 0 || a.seq_len == 0 {
-        return Err(BadInput("--steps, --batch-size and --seq-len must be positive".into()).into());
+    if !(a.lr.is_finite() && a.lr > 0.0) {
+        return Err(BadInput(format!("--lr {}: allowed: a finite number > 0", a.lr)).into());
     }
     tch::manual_seed(a.common.seed as i64);
     let device = a.common.device;
@@ -96,6 +113,9 @@ pub fn run(a: &PretrainArgs) -> Result<()> {
         max_position_embeddings: a.seq_len.max(1024),
         ..LlamaConfig::tiny()
     };
+    // The model must be one `finetune` reads back: the same checks as a config.json.
+    LlamaConfig::from_json(&cfg.to_hf_json())
+        .map_err(|why| BadInput(format!("--hidden/--heads/--kv-heads/--intermediate give no valid model: {why}")))?;
     let vs = nn::VarStore::new(device);
     let model = Llama::new(&vs.root(), &cfg);
     let mut opt = nn::AdamW { wd: 0.1, beta2: 0.95, ..Default::default() }.build(&vs, a.lr)?;

@@ -58,7 +58,8 @@ pub fn run(a: &SqueezeArgs) -> Result<()> {
         let sv = l.singular_values();
         let k = match (a.rank, a.energy) {
             (Some(k), _) => k.min(r),
-            (None, Some(e)) => energy_rank(&sv, e).clamp(1, r.max(1)),
+            // Energy never grows a site: a rank-0 site stays empty.
+            (None, Some(e)) => energy_rank(&sv, e).clamp(r.min(1), r),
             _ => r,
         };
         let total: f64 = sv.iter().map(|x| x * x).sum();

@@ -27,9 +27,11 @@ pub struct TrainArgs {
     /// Policy/training preset: an embedded name (default, ddim, tiny, ppo) or a path to a .toml file.
     #[arg(long, default_value = "default")]
     pub policy: String,
-    /// Environment steps to train for (rounds × environments).
-    #[arg(long, default_value_t = 300_000)]
-    pub steps: u64,
+    /// Environment steps to train for (rounds × environments) [default: 300000; with --resume:
+    /// the resumed run's own total, so a resume continues the run that was started — give
+    /// --steps to change it, which also rescales the learning-rate schedule].
+    #[arg(long)]
+    pub steps: Option<u64>,
     /// TensorBoard log directory [default: runs/train-<env>-s<seed>].
     #[arg(long)]
     pub logdir: Option<PathBuf>,
@@ -37,9 +39,13 @@ pub struct TrainArgs {
     /// The policy with the best evaluation so far is also kept in <out>/best.
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// Continue from the checkpoint in --out (same seed and presets as stored there).
-    #[arg(long)]
+    /// Continue from the checkpoint in --out (same seed, presets and planned steps as stored
+    /// there; the best evaluation so far is kept).
+    #[arg(long, conflicts_with = "force")]
     pub resume: bool,
+    /// Start a fresh run even if --out already holds a checkpoint, replacing it.
+    #[arg(long)]
+    pub force: bool,
     /// Write a checkpoint every this many PPO iterations.
     #[arg(long, default_value_t = 10)]
     pub checkpoint_every: usize,
@@ -66,14 +72,31 @@ pub fn eval_seed(seed: u64) -> u64 {
 pub fn run(a: &TrainArgs) -> anyhow::Result<()> {
     let env_preset = envs::presets::load(&a.env).map_err(|e| BadInput(e.to_string()))?;
     let out = a.out.clone().unwrap_or_else(|| PathBuf::from("checkpoints").join(&env_preset.name));
+    // One writer per output directory, for the whole run.
+    let _lock = checkpoint::DirLock::acquire(&out)?;
+    let mut best: Option<BestEval> = None;
     let mut trainer = if a.resume {
         let (meta, tensors) = checkpoint::load(&out, checkpoint::POLICY_KIND)
             .with_context(|| format!("--resume: reading {}", out.display()))?;
-        Trainer::restore(&meta.config, &meta.state, &tensors, Some(a.steps), a.common.device)
+        best = BestEval::from_state(&meta.state).map_err(|why| {
+            BadInput(format!("{}: key `state.best`: {why}", out.join(checkpoint::META_FILE).display()))
+        })?;
+        Trainer::restore(&meta.config, &meta.state, &tensors, a.steps, a.common.device)
             .with_context(|| out.display().to_string())?
     } else {
+        if !a.force
+            && let Ok(meta) = checkpoint::read_meta(&out)
+        {
+            return Err(BadInput(format!(
+                "--out {} already holds a checkpoint ({} at step {}): --resume continues it, --force replaces it",
+                out.display(),
+                meta.kind,
+                meta.step
+            ))
+            .into());
+        }
         let preset: PolicyPreset = policies::trainer::load_preset(&a.policy)?;
-        Trainer::new(&env_preset, &preset, a.steps, a.common.seed, a.common.device)
+        Trainer::new(&env_preset, &preset, a.steps.unwrap_or(DEFAULT_STEPS), a.common.seed, a.common.device)
             .with_context(|| format!("preset `{}` with policy `{}`", env_preset.name, a.policy))?
     };
     if a.resume && trainer.env_preset.name != env_preset.name {
@@ -88,6 +111,10 @@ pub fn run(a: &TrainArgs) -> anyhow::Result<()> {
     let logdir =
         a.logdir.clone().unwrap_or_else(|| PathBuf::from(format!("runs/train-{}-s{}", env_preset.name, trainer.seed)));
     let mut tb = SummaryWriter::new(&logdir)?;
+    if a.resume {
+        // Readers drop what the interrupted run logged after its last checkpoint.
+        tb.add_session_start(trainer.global_step as i64)?;
+    }
     let (_, config, _) = trainer.checkpoint_parts();
     tb.add_text(
         "config",
@@ -122,8 +149,17 @@ pub fn run(a: &TrainArgs) -> anyhow::Result<()> {
     );
     let start = Instant::now();
     let start_step = trainer.global_step;
+    if trainer.finished() {
+        println!(
+            "nothing to do: the run in {} already finished ({} environment steps){}",
+            out.display(),
+            trainer.global_step,
+            best.map(|b| format!("; best evaluation: gap closed {:.3} at step {}", b.oracle_gap_closed, b.step))
+                .unwrap_or_default()
+        );
+        return Ok(());
+    }
     let mut last_gap = f64::NAN;
-    let mut best_gap = f64::NEG_INFINITY;
     let mut iterations_this_run = 0;
     // A fresh run is evaluated before its first update too, so `best` is never worse (on the
     // evaluation seeds) than the initial policy — with a prior, that is the prior's own plan.
@@ -133,9 +169,9 @@ pub fn run(a: &TrainArgs) -> anyhow::Result<()> {
         last_gap = row.oracle_gap_closed.unwrap_or(f64::NAN);
         tb.add_scalar("eval/return", row.mean_return, 0)?;
         tb.add_scalar("eval/oracle_gap_closed", last_gap, 0)?;
-        best_gap = last_gap;
-        save(&trainer, &out.join("best"))?;
-        tb.add_scalar("eval/best_oracle_gap_closed", best_gap, 0)?;
+        best = Some(BestEval { oracle_gap_closed: last_gap, step: 0 });
+        save(&trainer, &out.join("best"), best)?;
+        tb.add_scalar("eval/best_oracle_gap_closed", last_gap, 0)?;
         if std::env::var_os("RANKPILOT_PRINT_EVAL").is_some() {
             eprintln!("eval step 0: gap closed {last_gap:.3}");
         }
@@ -215,14 +251,14 @@ pub fn run(a: &TrainArgs) -> anyhow::Result<()> {
                     trainer.model.net.prior_scale().unwrap_or(f64::NAN)
                 );
             }
-            if last_gap > best_gap {
-                best_gap = last_gap;
-                save(&trainer, &out.join("best"))?;
-                tb.add_scalar("eval/best_oracle_gap_closed", best_gap, step)?;
+            if best.is_none_or(|b| last_gap > b.oracle_gap_closed) {
+                best = Some(BestEval { oracle_gap_closed: last_gap, step: trainer.global_step });
+                save(&trainer, &out.join("best"), best)?;
+                tb.add_scalar("eval/best_oracle_gap_closed", last_gap, step)?;
             }
         }
         if st.iteration % a.checkpoint_every.max(1) == 0 || trainer.finished() {
-            save(&trainer, &out)?;
+            save(&trainer, &out, best)?;
         }
         pb.set_position(st.iteration as u64);
         pb.set_message(format!(
@@ -235,7 +271,7 @@ pub fn run(a: &TrainArgs) -> anyhow::Result<()> {
         tb.flush()?;
         iterations_this_run += 1;
         if a.stop_after.is_some_and(|n| iterations_this_run >= n) {
-            save(&trainer, &out)?;
+            save(&trainer, &out, best)?;
             break;
         }
     }
@@ -247,7 +283,7 @@ pub fn run(a: &TrainArgs) -> anyhow::Result<()> {
         wall,
         (trainer.global_step - start_step) as f64 / wall.max(1e-9),
         last_gap,
-        best_gap,
+        best.map_or(f64::NAN, |b| b.oracle_gap_closed),
         a.eval_episodes
     );
     println!(
@@ -259,8 +295,39 @@ pub fn run(a: &TrainArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn save(trainer: &Trainer, out: &Path) -> anyhow::Result<()> {
-    let (tensors, config, state) = trainer.checkpoint_parts();
+/// Environment steps of a fresh run without --steps.
+const DEFAULT_STEPS: u64 = 300_000;
+
+/// The best evaluation of a run so far: what `<out>/best` holds. Saved in every checkpoint's
+/// state (`state.best`), so a resumed run replaces `best/` only with a better policy.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BestEval {
+    /// Oracle gap closed on the run's evaluation episodes.
+    oracle_gap_closed: f64,
+    /// Environment step of that evaluation.
+    step: u64,
+}
+
+impl BestEval {
+    /// `state.best` of a checkpoint (absent in checkpoints written before it existed).
+    fn from_state(state: &serde_json::Value) -> Result<Option<BestEval>, String> {
+        match state.get("best") {
+            None | Some(serde_json::Value::Null) => Ok(None),
+            Some(v) => {
+                let b: BestEval = serde_json::from_value(v.clone()).map_err(|e| e.to_string())?;
+                if !b.oracle_gap_closed.is_finite() {
+                    return Err("`oracle_gap_closed` must be a finite number".into());
+                }
+                Ok(Some(b))
+            }
+        }
+    }
+}
+
+fn save(trainer: &Trainer, out: &Path, best: Option<BestEval>) -> anyhow::Result<()> {
+    let (tensors, config, mut state) = trainer.checkpoint_parts();
+    state["best"] = serde_json::to_value(best)?;
     checkpoint::save(out, checkpoint::POLICY_KIND, trainer.global_step, config, state, &tensors)?;
     Ok(())
 }

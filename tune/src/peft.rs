@@ -28,6 +28,9 @@ use runio::checkpoint;
 pub const CONFIG_FILE: &str = "adapter_config.json";
 /// The weights file name.
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
+/// The largest matrix side an adapter may declare (2^20; real projections are at most tens of
+/// thousands wide).
+pub const MAX_DIM: u64 = 1 << 20;
 /// Prefix PEFT puts before module names in tensor names.
 pub const PREFIX: &str = "base_model.model.";
 
@@ -179,6 +182,23 @@ impl PeftAdapter {
                     b.size()
                 )));
             }
+            // A matrix side beyond any real model's width is a forged header: refuse it before
+            // anything is allocated for it.
+            for (what, t) in [("lora_A", &a), ("lora_B", &b)] {
+                if let Some(&d) = t.size().iter().find(|&&d| d as u64 > MAX_DIM) {
+                    return Err(wbad(format!(
+                        "`{p}.{what}.weight` has a dimension of {d}: allowed: at most {MAX_DIM} (the widest real projection is far below)"
+                    )));
+                }
+                if !matches!(t.kind(), tch::Kind::Float | tch::Kind::BFloat16 | tch::Kind::Half | tch::Kind::Double) {
+                    return Err(wbad(format!("`{p}.{what}.weight` has dtype {:?}: allowed: a float type", t.kind())));
+                }
+                if t.numel() > 0 && t.isfinite().all().int64_value(&[]) == 0 {
+                    return Err(wbad(format!(
+                        "`{p}.{what}.weight` holds NaN or infinite values (a diverged run?): allowed: finite weights"
+                    )));
+                }
+            }
             let module = p.strip_prefix(PREFIX).unwrap_or(&p).to_string();
             let cfg_r = match pattern_lookup(rank_pattern, &module)? {
                 Some(v) => v.as_u64(),
@@ -197,6 +217,11 @@ impl PeftAdapter {
                 }
                 None => default_alpha,
             };
+            if !(alpha.is_finite() && alpha > 0.0) {
+                return Err(bad(format!(
+                    "`lora_alpha` of `{module}` is {alpha}: allowed: a finite number > 0 (the update is scaled by alpha / r)"
+                )));
+            }
             sites.push(PeftSite { module, tensor_prefix: p, a, b, alpha });
         }
         if let Some(p) = b_map.keys().next() {
@@ -209,11 +234,13 @@ impl PeftAdapter {
     /// `target_modules`, `rank_pattern` and `alpha_pattern` rewritten from the sites, all other
     /// keys kept; then the tensors. Each file is written atomically.
     pub fn save(&self, dir: &Path) -> Result<()> {
-        std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
         let mut config = self.config.clone();
         let live: Vec<&PeftSite> = self.sites.iter().filter(|s| s.rank() > 0).collect();
         if live.is_empty() {
-            bail!("{}: every site has rank 0; PEFT cannot represent an empty LoRA adapter", dir.display());
+            bail!(BadInput(format!(
+                "{}: every site has rank 0: allowed: at least one site of rank >= 1 (PEFT cannot represent an empty LoRA adapter)",
+                dir.display()
+            )));
         }
         let mut ranks = Map::new();
         let mut alphas = Map::new();
@@ -247,8 +274,13 @@ impl PeftAdapter {
             tensors.push((n.clone(), t.shallow_clone()));
         }
         let md = HashMap::from([("format".to_string(), "pt".to_string())]);
-        checkpoint::write_safetensors(&dir.join(WEIGHTS_FILE), &tensors, Some(md))?;
-        checkpoint::atomic_write(&dir.join(CONFIG_FILE), &serde_json::to_vec_pretty(&Value::Object(config))?)?;
+        let config = serde_json::to_vec_pretty(&Value::Object(config))?;
+        // Both files land together: never new tensors beside an old config (`squeeze --out` may
+        // be the adapter it read).
+        checkpoint::write_dir_atomically(dir, |staged| {
+            checkpoint::write_safetensors(&staged.join(WEIGHTS_FILE), &tensors, Some(md))?;
+            checkpoint::atomic_write(&staged.join(CONFIG_FILE), &config)
+        })?;
         Ok(())
     }
 
@@ -342,5 +374,41 @@ mod tests {
         assert_eq!(back.sites.len(), 1);
         assert_eq!(back.config["rank_pattern"]["model.layers.0.self_attn.q_proj"], json!(4));
         assert_eq!(back.other.len(), 1);
+    }
+
+    /// Issue 13, item 9: weights a diverged run leaves (NaN, inf), `lora_alpha = 0` and forged
+    /// huge dimensions are refused at load, naming the file and the tensor or key.
+    #[test]
+    fn non_finite_weights_zero_alpha_and_forged_sizes_are_bad_input() {
+        let d = tempfile::tempdir().unwrap();
+        let q = "base_model.model.model.layers.0.self_attn.q_proj";
+        let (a, b) = (format!("{q}.lora_A.weight"), format!("{q}.lora_B.weight"));
+        let save = |cfg: Value, ta: Tensor, tb: Tensor| {
+            std::fs::write(d.path().join(CONFIG_FILE), cfg.to_string()).unwrap();
+            checkpoint::write_safetensors(&d.path().join(WEIGHTS_FILE), &[(a.clone(), ta), (b.clone(), tb)], None)
+                .unwrap();
+        };
+        let ones = |s: &[i64]| Tensor::ones(s, (Kind::Float, Device::Cpu));
+        for bad in [f64::NAN, f64::INFINITY] {
+            let ta = ones(&[2, 8]);
+            let _ = ta.get(0).get(3).fill_(bad);
+            save(json!({"peft_type": "LORA", "r": 2}), ta, ones(&[6, 2]));
+            let e = PeftAdapter::load(d.path()).unwrap_err();
+            assert!(
+                e.is::<BadInput>() && e.to_string().contains("NaN or infinite") && e.to_string().contains("lora_A"),
+                "{e}"
+            );
+        }
+        save(json!({"peft_type": "LORA", "r": 2, "lora_alpha": 0}), ones(&[2, 8]), ones(&[6, 2]));
+        let e = PeftAdapter::load(d.path()).unwrap_err();
+        assert!(e.is::<BadInput>() && e.to_string().contains("lora_alpha") && e.to_string().contains("> 0"), "{e}");
+        // Zero elements, but a side of 2^40: nothing may be sized from it.
+        save(
+            json!({"peft_type": "LORA", "r": 0}),
+            Tensor::zeros([0, 1 << 40], (Kind::Float, Device::Cpu)),
+            Tensor::zeros([6, 0], (Kind::Float, Device::Cpu)),
+        );
+        let e = PeftAdapter::load(d.path()).unwrap_err();
+        assert!(e.is::<BadInput>() && e.to_string().contains("at most 1048576"), "{e}");
     }
 }

@@ -22,10 +22,17 @@ impl TokenData {
     /// Tokenizes `corpus` and holds out the last `val_fraction` of its ids for validation.
     /// Needs at least `2·(seq_len + 1)` ids in each part.
     pub fn new(corpus: &Corpus, tok: &Tokenizer, val_fraction: f64, seq_len: usize) -> Result<TokenData> {
+        if !(val_fraction > 0.0 && val_fraction < 1.0) {
+            return Err(BadInput(format!(
+                "--val-fraction {val_fraction}: allowed: a number in (0, 1) (both the training and the validation part need text)"
+            ))
+            .into());
+        }
         let ids = tok.encode(&corpus.text());
+        let train_len = ids.len() - ((ids.len() as f64) * val_fraction).round() as usize;
         let n_val = ((ids.len() as f64) * val_fraction).round() as usize;
         let need = 2 * (seq_len + 1);
-        if ids.len() < 2 * need || n_val < need {
+        if ids.len() < 2 * need || n_val < need || train_len < need {
             return Err(BadInput(format!(
                 "data `{}`: {} tokens is too little for sequences of {seq_len} (need at least {} with {:.0}% held out for validation)",
                 corpus.source,
