@@ -178,7 +178,8 @@ fn an_edited_checkpoint_is_validated_like_fresh_input() {
     let o = train(p, "ck", &["--stop-after", "1"]);
     assert!(o.status.success(), "{}", common::text(&o));
     let good = meta(&p.join("ck"));
-    let edits: [(&str, fn(&mut serde_json::Value)); 4] = [
+    type Edit = fn(&mut serde_json::Value);
+    let edits: [(&str, Edit); 4] = [
         ("normalizer", |m| {
             m["state"]["normalizer"]["site"]["var"].as_array_mut().unwrap().truncate(3);
         }),
