@@ -20,6 +20,8 @@
 //! assert!(err.to_string().contains("k_factor"));
 //! ```
 
+pub mod mutate;
+
 use std::fmt;
 use std::path::{Path, PathBuf};
 

@@ -30,6 +30,13 @@ use crate::sites::{Role, Site};
 /// The current calibration format version.
 pub const FORMAT_VERSION: u32 = 1;
 
+/// Largest singular value or sensitivity a calibration file may hold. Only ratios matter (each
+/// spectrum's energy and the sensitivities are normalized), so any scale works up to where the
+/// squares and sums would overflow.
+pub const MAX_VALUE: f64 = 1e100;
+/// Largest matrix side a calibration file may declare.
+pub const MAX_DIM: u32 = 1 << 20;
+
 /// A calibration file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -100,12 +107,12 @@ impl Calibration {
         }
         for (i, s) in self.sites.iter().enumerate() {
             let k = |f: &str| format!("key `sites[{i}].{f}` (site {})", s.name);
-            if s.d_in == 0 || s.d_out == 0 {
-                return Err(format!("{}: allowed: positive d_in and d_out", k("d_in")));
+            if s.d_in == 0 || s.d_out == 0 || s.d_in > MAX_DIM || s.d_out > MAX_DIM {
+                return Err(format!("{}: allowed: d_in and d_out from 1 to {MAX_DIM}", k("d_in")));
             }
-            if s.spectrum.is_empty() || s.spectrum.iter().any(|x| !(x.is_finite() && *x >= 0.0)) {
+            if s.spectrum.is_empty() || s.spectrum.iter().any(|x| !(x.is_finite() && (0.0..=MAX_VALUE).contains(x))) {
                 return Err(format!(
-                    "{} = {:?}: allowed: a non-empty list of finite numbers >= 0",
+                    "{} = {:?}: allowed: a non-empty list of numbers in [0, {MAX_VALUE:e}]",
                     k("spectrum"),
                     s.spectrum
                 ));
@@ -121,9 +128,9 @@ impl Calibration {
                     s.d_in.min(s.d_out)
                 ));
             }
-            if !(s.tail_energy.is_finite() && s.tail_energy >= 0.0) {
+            if !(s.tail_energy.is_finite() && (0.0..=MAX_VALUE * MAX_VALUE).contains(&s.tail_energy)) {
                 return Err(format!(
-                    "{} = {}: allowed: a number >= 0 (an energy, i.e. a variance)",
+                    "{} = {}: allowed: a number in [0, 1e200] (an energy, i.e. a variance)",
                     k("tail_energy"),
                     s.tail_energy
                 ));
@@ -131,8 +138,12 @@ impl Calibration {
             if s.spectrum.iter().map(|x| x * x).sum::<f64>() + s.tail_energy <= 0.0 {
                 return Err(format!("{}: allowed: a spectrum with positive energy", k("spectrum")));
             }
-            if !(s.sensitivity.is_finite() && s.sensitivity > 0.0) {
-                return Err(format!("{} = {}: allowed: a positive number", k("sensitivity"), s.sensitivity));
+            if !(s.sensitivity.is_finite() && s.sensitivity > 0.0 && s.sensitivity <= MAX_VALUE) {
+                return Err(format!(
+                    "{} = {}: allowed: a number in (0, {MAX_VALUE:e}]",
+                    k("sensitivity"),
+                    s.sensitivity
+                ));
             }
         }
         Ok(())

@@ -399,8 +399,13 @@ impl Validate for SitesConfig {
                 self.layers,
                 "an integer in [1, 4096] (or set `calibration`)",
             );
-            v.check(matches!(self.hidden, Some(1..)), "hidden", self.hidden, "a positive integer");
-            v.check(matches!(self.intermediate, Some(1..)), "intermediate", self.intermediate, "a positive integer");
+            v.check(matches!(self.hidden, Some(1..=1_048_576)), "hidden", self.hidden, "an integer in [1, 1048576]");
+            v.check(
+                matches!(self.intermediate, Some(1..=1_048_576)),
+                "intermediate",
+                self.intermediate,
+                "an integer in [1, 1048576]",
+            );
             v.check(
                 !self.projections.is_empty(),
                 "projections",
@@ -414,24 +419,44 @@ impl Validate for SitesConfig {
 impl Validate for SpectrumConfig {
     fn validate(&self, v: &mut Violations) {
         role_table_ok(v, "beta", &self.beta, |b| b > 0.0 && b <= 10.0, "a number in (0, 10]");
-        v.check(self.beta_jitter >= 0.0, "beta_jitter", self.beta_jitter, "a number >= 0 (a standard deviation)");
+        v.check(
+            (0.0..=5.0).contains(&self.beta_jitter),
+            "beta_jitter",
+            self.beta_jitter,
+            "a number >= 0 and <= 5 (a standard deviation)",
+        );
         v.check(
             self.beta_min > 0.0 && self.beta_min <= self.beta_max && self.beta_max <= 10.0,
             "beta_min",
             [self.beta_min, self.beta_max],
             "0 < beta_min <= beta_max <= 10",
         );
-        v.check(self.beta_depth_slope.is_finite(), "beta_depth_slope", self.beta_depth_slope, "a finite number");
-        v.check(self.scale_log_std >= 0.0, "scale_log_std", self.scale_log_std, "a number >= 0 (a standard deviation)");
+        v.check(
+            self.beta_depth_slope.abs() <= 10.0,
+            "beta_depth_slope",
+            self.beta_depth_slope,
+            "a number in [-10, 10]",
+        );
+        v.check(
+            (0.0..=5.0).contains(&self.scale_log_std),
+            "scale_log_std",
+            self.scale_log_std,
+            "a number >= 0 and <= 5 (a log-scale standard deviation)",
+        );
     }
 }
 
 impl Validate for SensitivityConfig {
     fn validate(&self, v: &mut Violations) {
-        v.check(self.total > 0.0 && self.total.is_finite(), "total", self.total, "a positive number");
-        role_table_ok(v, "by_role", &self.by_role, |b| b > 0.0 && b.is_finite(), "a positive number");
-        v.check(self.depth_slope.is_finite(), "depth_slope", self.depth_slope, "a finite number");
-        v.check(self.log_std >= 0.0, "log_std", self.log_std, "a number >= 0 (a standard deviation)");
+        v.check(self.total > 0.0 && self.total <= 1e6, "total", self.total, "a number in (0, 1e6]");
+        role_table_ok(v, "by_role", &self.by_role, |b| b > 0.0 && b <= 1e6, "a number in (0, 1e6]");
+        v.check(self.depth_slope.abs() <= 10.0, "depth_slope", self.depth_slope, "a number in [-10, 10]");
+        v.check(
+            (0.0..=5.0).contains(&self.log_std),
+            "log_std",
+            self.log_std,
+            "a number >= 0 and <= 5 (a log-scale standard deviation)",
+        );
     }
 }
 
@@ -443,7 +468,7 @@ impl Validate for DynamicsConfig {
             self.learning_rate,
             "a number in (0, 1]",
         );
-        v.check(self.loss_floor >= 0.0, "loss_floor", self.loss_floor, "a number >= 0");
+        v.check((0.0..=1e6).contains(&self.loss_floor), "loss_floor", self.loss_floor, "a number >= 0 and <= 1e6");
         v.check(
             (0.0..=1.0).contains(&self.entropy_effect),
             "entropy_effect",
@@ -451,9 +476,19 @@ impl Validate for DynamicsConfig {
             "a number in [0, 1]",
         );
         v.check((0.0..=1.0).contains(&self.entropy_mean), "entropy_mean", self.entropy_mean, "a number in [0, 1]");
-        v.check(self.entropy_std >= 0.0, "entropy_std", self.entropy_std, "a number >= 0 (a standard deviation)");
+        v.check(
+            (0.0..=1.0).contains(&self.entropy_std),
+            "entropy_std",
+            self.entropy_std,
+            "a number >= 0 and <= 1 (a standard deviation)",
+        );
         v.check((0.0..=1.0).contains(&self.oov_mean), "oov_mean", self.oov_mean, "a number in [0, 1]");
-        v.check(self.oov_std >= 0.0, "oov_std", self.oov_std, "a number >= 0 (a standard deviation)");
+        v.check(
+            (0.0..=1.0).contains(&self.oov_std),
+            "oov_std",
+            self.oov_std,
+            "a number >= 0 and <= 1 (a standard deviation)",
+        );
         v.check((0.0..1.0).contains(&self.data_rho), "data_rho", self.data_rho, "a number in [0, 1)");
     }
 }
@@ -465,7 +500,7 @@ impl Validate for ResourceConfig {
             ResourceKind::Compute => ("compute", self.compute.is_some()),
             ResourceKind::Budget => ("budget", self.budget.is_some()),
         };
-        v.check(present, need, "missing", &format!("a [resource.{need}] section because kind = \"{need}\""));
+        v.check(present, need, "missing", &format!("a [resource.{need} section because kind = \"{need}\""));
         if let Some(c) = &self.channel {
             v.nested("channel", c);
         }
@@ -481,74 +516,109 @@ impl Validate for ResourceConfig {
 impl Validate for ChannelConfig {
     fn validate(&self, v: &mut Violations) {
         v.check(
-            self.k_factor >= 0.0 && self.k_factor.is_finite(),
+            (0.0..=1e6).contains(&self.k_factor),
             "k_factor",
             self.k_factor,
-            "a number >= 0 (linear K-factor)",
+            "a number >= 0 and <= 1e6 (linear K-factor)",
         );
         v.check(
-            self.shadowing_std_db >= 0.0,
+            (0.0..=40.0).contains(&self.shadowing_std_db),
             "shadowing_std_db",
             self.shadowing_std_db,
-            "a number >= 0 (a standard deviation, dB)",
+            "a number >= 0 and <= 40 (a standard deviation, dB)",
         );
         v.check((0.0..1.0).contains(&self.shadowing_rho), "shadowing_rho", self.shadowing_rho, "a number in [0, 1)");
-        v.check(self.path_loss_exponent > 0.0, "path_loss_exponent", self.path_loss_exponent, "a positive number");
         v.check(
-            self.distance_m[0] > 0.0 && self.distance_m[0] <= self.distance_m[1],
+            self.path_loss_exponent > 0.0 && self.path_loss_exponent <= 10.0,
+            "path_loss_exponent",
+            self.path_loss_exponent,
+            "a number in (0, 10",
+        );
+        v.check(
+            self.distance_m[0] > 0.0 && self.distance_m[0] <= self.distance_m[1] && self.distance_m[1] <= 1e7,
             "distance_m",
             self.distance_m,
-            "[min, max] with 0 < min <= max",
+            "[min, max] with 0 < min <= max <= 1e7",
         );
         v.check(
-            !self.bandwidth_hz.is_empty() && self.bandwidth_hz.iter().all(|b| *b > 0.0),
+            !self.bandwidth_hz.is_empty() && self.bandwidth_hz.iter().all(|b| *b > 0.0 && *b <= 1e12),
             "bandwidth_hz",
             &self.bandwidth_hz,
-            "a non-empty list of positive numbers",
+            "a non-empty list of numbers in (0, 1e12]",
         );
-        v.check(self.deadline_s > 0.0, "deadline_s", self.deadline_s, "a positive number");
-        v.check(self.bits_per_param > 0.0, "bits_per_param", self.bits_per_param, "a positive number");
+        v.check(self.deadline_s > 0.0 && self.deadline_s <= 1e6, "deadline_s", self.deadline_s, "a number in (0, 1e6]");
         v.check(
-            self.estimate_noise_db >= 0.0,
+            self.bits_per_param > 0.0 && self.bits_per_param <= 64.0,
+            "bits_per_param",
+            self.bits_per_param,
+            "a number in (0, 64]",
+        );
+        v.check(
+            (0.0..=40.0).contains(&self.estimate_noise_db),
             "estimate_noise_db",
             self.estimate_noise_db,
-            "a number >= 0 (a standard deviation, dB)",
+            "a number >= 0 and <= 40 (a standard deviation, dB)",
         );
         for (k, x) in [
             ("tx_power_dbm", self.tx_power_dbm),
             ("path_loss_ref_db", self.path_loss_ref_db),
             ("noise_figure_db", self.noise_figure_db),
         ] {
-            v.check(x.is_finite(), k, x, "a finite number");
+            v.check(x.abs() <= 300.0, k, x, "a number in [-300, 300] (dB)");
         }
     }
 }
 
 impl Validate for ComputeConfig {
     fn validate(&self, v: &mut Violations) {
-        v.check(self.tokens_per_round > 0.0, "tokens_per_round", self.tokens_per_round, "a positive number");
-        v.check(self.flops_multiplier > 0.0, "flops_multiplier", self.flops_multiplier, "a positive number");
-        v.check(self.throughput_flops > 0.0, "throughput_flops", self.throughput_flops, "a positive number");
         v.check(
-            self.throughput_log_std >= 0.0,
+            self.tokens_per_round > 0.0 && self.tokens_per_round <= 1e12,
+            "tokens_per_round",
+            self.tokens_per_round,
+            "a number in (0, 1e12]",
+        );
+        v.check(
+            self.flops_multiplier > 0.0 && self.flops_multiplier <= 1e6,
+            "flops_multiplier",
+            self.flops_multiplier,
+            "a number in (0, 1e6]",
+        );
+        v.check(
+            self.throughput_flops > 0.0 && self.throughput_flops <= 1e24,
+            "throughput_flops",
+            self.throughput_flops,
+            "a number in (0, 1e24]",
+        );
+        v.check(
+            (0.0..=5.0).contains(&self.throughput_log_std),
             "throughput_log_std",
             self.throughput_log_std,
-            "a number >= 0 (a standard deviation)",
+            "a number >= 0 and <= 5 (a log-scale standard deviation)",
         );
         v.check((0.0..1.0).contains(&self.throughput_rho), "throughput_rho", self.throughput_rho, "a number in [0, 1)");
-        v.check(self.latency_budget_s > 0.0, "latency_budget_s", self.latency_budget_s, "a positive number");
         v.check(
-            self.estimate_noise >= 0.0,
+            self.latency_budget_s > 0.0 && self.latency_budget_s <= 1e6,
+            "latency_budget_s",
+            self.latency_budget_s,
+            "a number in (0, 1e6",
+        );
+        v.check(
+            (0.0..=5.0).contains(&self.estimate_noise),
             "estimate_noise",
             self.estimate_noise,
-            "a number >= 0 (a standard deviation)",
+            "a number >= 0 and <= 5 (a standard deviation)",
         );
     }
 }
 
 impl Validate for BudgetConfig {
     fn validate(&self, v: &mut Violations) {
-        v.check(self.initial_avg_rank > 0.0, "initial_avg_rank", self.initial_avg_rank, "a positive number");
+        v.check(
+            self.initial_avg_rank > 0.0 && self.initial_avg_rank <= 1e6,
+            "initial_avg_rank",
+            self.initial_avg_rank,
+            "a number in (0, 1e6]",
+        );
         v.check(
             self.target_avg_rank > 0.0 && self.target_avg_rank <= self.initial_avg_rank,
             "target_avg_rank",
@@ -560,12 +630,28 @@ impl Validate for BudgetConfig {
 
 impl Validate for RewardConfig {
     fn validate(&self, v: &mut Violations) {
-        v.check(self.cost_coef >= 0.0, "cost_coef", self.cost_coef, "a number >= 0");
-        v.check(self.violation_coef >= 0.0, "violation_coef", self.violation_coef, "a number >= 0");
-        v.check(self.violation_cost_cap >= 1.0, "violation_cost_cap", self.violation_cost_cap, "a number >= 1");
-        v.check(self.flops_coef >= 0.0, "flops_coef", self.flops_coef, "a number >= 0");
-        v.check(self.flops_scale > 0.0, "flops_scale", self.flops_scale, "a positive number");
-        v.check(self.perturbation_coef >= 0.0, "perturbation_coef", self.perturbation_coef, "a number >= 0");
+        // Reward terms are sums of these times quantities of order 1: above 1e6 they swamp the
+        // loss and, summed over rounds and sites, leave f32's range.
+        for (k, x) in [
+            ("cost_coef", self.cost_coef),
+            ("violation_coef", self.violation_coef),
+            ("flops_coef", self.flops_coef),
+            ("perturbation_coef", self.perturbation_coef),
+        ] {
+            v.check((0.0..=1e6).contains(&x), k, x, "a number >= 0 and <= 1e6");
+        }
+        v.check(
+            (1.0..=1e6).contains(&self.violation_cost_cap),
+            "violation_cost_cap",
+            self.violation_cost_cap,
+            "a number in [1, 1e6]",
+        );
+        v.check(
+            self.flops_scale > 0.0 && self.flops_scale <= 1e30,
+            "flops_scale",
+            self.flops_scale,
+            "a number in (0, 1e30]",
+        );
     }
 }
 
@@ -576,14 +662,14 @@ impl Validate for ObservationConfig {
             ("grad_noise", self.grad_noise),
             ("tail_noise", self.tail_noise),
         ] {
-            v.check(x >= 0.0 && x.is_finite(), k, x, "a number >= 0 (a standard deviation of ln)");
+            v.check((0.0..=5.0).contains(&x), k, x, "a number >= 0 and <= 5 (a standard deviation of ln)");
         }
     }
 }
 
 impl Validate for BaselineConfig {
     fn validate(&self, v: &mut Violations) {
-        v.check(self.margin >= 0.0 && self.margin.is_finite(), "margin", self.margin, "a number >= 0");
+        v.check((0.0..=1e6).contains(&self.margin), "margin", self.margin, "a number >= 0 and <= 1e6");
         v.check(
             self.adalora_beta > 0.0 && self.adalora_beta <= 10.0,
             "adalora_beta",
@@ -656,6 +742,18 @@ pub fn from_toml(text: &str, file: &str, base_dir: Option<PathBuf>) -> Result<En
             Calibration::load(&path)?
         };
         p.calibration_data = Some(cal);
+    }
+    // What can only be checked on the built environment (ranks against the sites' shapes, the
+    // calibration against the sites) is checked here too, so the error names the file.
+    if let Err(e) = crate::EnvSpec::new(&p) {
+        let violation = match e {
+            EnvError::Config { key, found, allowed } => rankpilot_config::Violation { key, found, allowed },
+            other => return Err(other),
+        };
+        return Err(EnvError::Preset(rankpilot_config::ConfigError::Invalid {
+            file: PathBuf::from(file),
+            violations: vec![violation],
+        }));
     }
     Ok(p)
 }

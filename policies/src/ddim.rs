@@ -103,15 +103,16 @@ impl rankpilot_config::Validate for DdimConfig {
         );
         v.check(self.guidance >= 0.0, "guidance", self.guidance, "a number >= 0");
         v.check((0.0..1.0).contains(&self.cond_drop), "cond_drop", self.cond_drop, "a number in [0, 1)");
-        v.check(self.hidden >= 1, "hidden", self.hidden, "an integer >= 1");
+        v.check((1..=4096).contains(&self.hidden), "hidden", self.hidden, "an integer in [1, 4096]");
         v.check(self.learning_rate > 0.0, "learning_rate", self.learning_rate, "a number > 0");
+        // The replay holds every observation of `replay_capacity` decisions in memory.
         v.check(
-            self.replay_capacity >= self.batch_size,
+            self.replay_capacity >= self.batch_size && self.replay_capacity <= 1_000_000,
             "replay_capacity",
             self.replay_capacity,
-            "an integer >= batch_size",
+            "an integer from batch_size to 1000000",
         );
-        v.check(self.batch_size >= 2, "batch_size", self.batch_size, "an integer >= 2");
+        v.check((2..=65_536).contains(&self.batch_size), "batch_size", self.batch_size, "an integer in [2, 65536]");
     }
 }
 

@@ -8,7 +8,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor, nn};
 
-use envs::{GLOBAL_FEATURES, Observation, RankPolicy, RoundContext, SITE_FEATURES, SiteFeature};
+use envs::{GLOBAL_FEATURES, GlobalFeature, Observation, RankPolicy, RoundContext, SITE_FEATURES, SiteFeature};
 
 use crate::ddim::{self, DdimConfig, Denoiser};
 use crate::network::{NetConfig, PolicyNet};
@@ -223,6 +223,8 @@ impl PolicyModel {
             None => (Vec::new(), Vec::new()),
         };
         let current = self.current_indices(sites, n_envs, n_sites);
+        let skip_allowed: Vec<bool> =
+            global.chunks_exact(GLOBAL_FEATURES).map(|g| g[GlobalFeature::ResourceBudget] == 0.0).collect();
         let (gt, st, mask, global, sites) = self.tensors(global, sites, n_envs, n_sites);
         let prior_t = (!prior.is_empty()).then(|| {
             Tensor::from_slice(&prior).view([n_envs as i64, n_sites as i64, k as i64]).to_device(self.device())
@@ -267,17 +269,25 @@ impl PolicyModel {
         // The skip decision, one per state: a Bernoulli sample when sampling, P(skip) > ½ when
         // greedy. Its uniform is drawn after every Gumbel draw, so policies without a skip head
         // draw exactly what they drew before skipping existed.
+        // On a fixed parameter budget the adapter exists whether or not a round is played, so
+        // the environment forbids skipping: the skip head is masked there (never skips, log-prob
+        // 0), which lets a policy trained on a channel act on a budget preset.
         let (skip, skip_logp): (Vec<bool>, Vec<f32>) = match skip_logit {
             None => (vec![false; n_envs], Vec::new()),
             Some(z) => {
                 let z: Vec<f32> = Vec::try_from(z.to_device(Device::Cpu)).expect("f32 skip logits");
                 z.iter()
-                    .map(|&z| {
+                    .zip(&skip_allowed)
+                    .map(|(&z, &allowed)| {
                         let p = 1.0 / (1.0 + (-z as f64).exp());
+                        // The uniform is drawn even when masked: the draws stay aligned.
                         let s = match rng.as_deref_mut() {
                             Some(r) => r.random::<f64>() < p,
                             None => p > 0.5,
                         };
+                        if !allowed {
+                            return (false, 0.0);
+                        }
                         // log σ(z) and log σ(−z), stable for large |z|.
                         let lp = if s { -softplus(-z as f64) } else { -softplus(z as f64) };
                         (s, lp as f32)

@@ -123,8 +123,8 @@ impl Default for PpoConfig {
 
 impl rankpilot_config::Validate for PpoConfig {
     fn validate(&self, v: &mut rankpilot_config::Violations) {
-        v.check(self.num_envs >= 1, "num_envs", self.num_envs, "an integer >= 1");
-        v.check(self.num_steps >= 1, "num_steps", self.num_steps, "an integer >= 1");
+        v.check((1..=4096).contains(&self.num_envs), "num_envs", self.num_envs, "an integer in [1, 4096]");
+        v.check((1..=4096).contains(&self.num_steps), "num_steps", self.num_steps, "an integer in [1, 4096]");
         v.check(
             self.learning_rate > 0.0 && self.learning_rate < 1.0,
             "learning_rate",
@@ -140,13 +140,18 @@ impl rankpilot_config::Validate for PpoConfig {
             self.num_minibatches,
             "an integer in [1, num_envs × num_steps]",
         );
-        v.check(self.update_epochs >= 1, "update_epochs", self.update_epochs, "an integer >= 1");
+        v.check(
+            (1..=1000).contains(&self.update_epochs),
+            "update_epochs",
+            self.update_epochs,
+            "an integer in [1, 1000]",
+        );
         v.check(self.clip_coef > 0.0, "clip_coef", self.clip_coef, "a number > 0");
         v.check(self.ent_coef >= 0.0, "ent_coef", self.ent_coef, "a number >= 0");
         v.check(self.vf_coef >= 0.0, "vf_coef", self.vf_coef, "a number >= 0");
         v.check(self.max_grad_norm > 0.0, "max_grad_norm", self.max_grad_norm, "a number > 0");
         v.check(self.reward_scale > 0.0, "reward_scale", self.reward_scale, "a number > 0");
-        v.check(self.net.hidden >= 1, "net.hidden", self.net.hidden, "an integer >= 1");
+        v.check((1..=4096).contains(&self.net.hidden), "net.hidden", self.net.hidden, "an integer in [1, 4096]");
     }
 }
 

@@ -30,7 +30,7 @@ mod proto {
         pub file_version: Option<String>,
         #[prost(message, optional, tag = "5")]
         pub summary: Option<Summary>,
-        #[prost(message, optional, tag = "6")]
+        #[prost(message, optional, tag = "7")]
         pub session_log: Option<SessionLog>,
     }
 

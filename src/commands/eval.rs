@@ -50,8 +50,13 @@ pub fn parse_baseline(name: &str) -> Result<Baseline, BadInput> {
 /// Runs the command.
 pub fn run(a: &EvalArgs) -> anyhow::Result<()> {
     let preset = envs::presets::load(&a.env).map_err(|e| BadInput(e.to_string()))?;
-    if a.episodes == 0 {
-        return Err(BadInput("--episodes: allowed: an integer >= 1".into()).into());
+    if !(1..=crate::commands::train::MAX_EVAL_EPISODES).contains(&a.episodes) {
+        return Err(BadInput(format!(
+            "--episodes {}: allowed: an integer from 1 to {}",
+            a.episodes,
+            crate::commands::train::MAX_EVAL_EPISODES
+        ))
+        .into());
     }
     let which = a.policy.iter().filter(|s| !s.is_empty()).map(|s| parse_baseline(s)).collect::<Result<Vec<_>, _>>()?;
     let mut table = envs::evaluate_baselines(&preset, &which, a.episodes, a.common.seed)?;

@@ -70,6 +70,16 @@ pub fn eval_seed(seed: u64) -> u64 {
 
 /// Runs the command.
 pub fn run(a: &TrainArgs) -> anyhow::Result<()> {
+    if !(1..=MAX_EVAL_EPISODES).contains(&a.eval_episodes) {
+        return Err(BadInput(format!(
+            "--eval-episodes {}: allowed: an integer from 1 to {MAX_EVAL_EPISODES}",
+            a.eval_episodes
+        ))
+        .into());
+    }
+    if a.steps == Some(0) {
+        return Err(BadInput("--steps 0: allowed: an integer >= 1".into()).into());
+    }
     let env_preset = envs::presets::load(&a.env).map_err(|e| BadInput(e.to_string()))?;
     let out = a.out.clone().unwrap_or_else(|| PathBuf::from("checkpoints").join(&env_preset.name));
     // One writer per output directory, for the whole run.
@@ -294,6 +304,9 @@ pub fn run(a: &TrainArgs) -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// Most episodes one evaluation may run (each holds a full episode's state in memory).
+pub const MAX_EVAL_EPISODES: usize = 1_000_000;
 
 /// Environment steps of a fresh run without --steps.
 const DEFAULT_STEPS: u64 = 300_000;

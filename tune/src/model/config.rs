@@ -193,10 +193,20 @@ impl HfConfig {
         {
             return Err(format!("`model_type` is `{mt}`: only Llama-architecture models (`llama`) are supported"));
         }
+        // Upper bounds far above any released model, so that a forged file cannot make the
+        // loader ask libtorch for more memory than exists.
         let positive = |k: &str, v: Option<u64>| -> std::result::Result<usize, String> {
+            let max = match k {
+                "vocab_size" => 1 << 22,
+                "hidden_size" | "head_dim" => 1 << 16,
+                "intermediate_size" => 1 << 18,
+                "max_position_embeddings" => 1 << 24,
+                _ => 1 << 10,
+            };
             match v {
                 None => Err(format!("missing key `{k}`")),
                 Some(0) => Err(format!("`{k}` must be a positive integer, got 0")),
+                Some(n) if n > max => Err(format!("`{k}` = {n}: allowed: at most {max}")),
                 Some(n) => Ok(n as usize),
             }
         };
@@ -246,6 +256,13 @@ impl HfConfig {
                 if let Some(t) = rp.rope_theta {
                     rope_theta = t;
                 }
+            }
+        }
+        for (k, x) in [("rms_norm_eps", self.rms_norm_eps), ("rope_theta", Some(rope_theta))] {
+            if let Some(x) = x
+                && !(x.is_finite() && x > 0.0)
+            {
+                return Err(format!("`{k}` = {x}: allowed: a finite number > 0"));
             }
         }
         Ok(LlamaConfig {
