@@ -41,6 +41,9 @@ fn hostile_arguments_and_presets_are_bad_input_never_a_panic() {
     std::fs::write(p.join("wide.toml"), preset.replace("ranks = [0, 1, 2, 4, 8, 16, 32, 64]", "ranks = [0, 8, 4096]"))
         .unwrap();
     std::fs::write(p.join("inf.toml"), preset.replace("deadline_s = 2.0", "deadline_s = inf")).unwrap();
+    std::fs::write(p.join("wide-net.toml"), "name = 'x'\n[ppo]\nnet = { hidden = 100000000 }\n").unwrap();
+    std::fs::write(p.join("big-replay.toml"), "name = 'x'\n[ddim]\nenabled = true\nreplay_capacity = 1000000000000\n")
+        .unwrap();
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (vec!["pretrain", "--data", data, "--eval-every", "0"], "--eval-every"),
         (vec!["pretrain", "--data", data, "--hidden", "0", "--heads", "0"], "--hidden"),
@@ -53,6 +56,8 @@ fn hostile_arguments_and_presets_are_bad_input_never_a_panic() {
         (vec!["eval", "--episodes", "1000000000000"], "--episodes"),
         (vec!["eval", "--env", "wide.toml", "--episodes", "1"], "wide.toml"),
         (vec!["eval", "--env", "inf.toml", "--episodes", "1"], "resource.channel.deadline_s"),
+        (vec!["train", "--policy", "wide-net.toml", "--steps", "64"], "ppo.net.hidden"),
+        (vec!["train", "--policy", "big-replay.toml", "--steps", "64"], "ddim.replay_capacity"),
     ];
     for (args, named) in cases {
         let o = common::rankpilot_in(&args, p);
@@ -86,4 +91,57 @@ fn the_shipped_policy_acts_on_a_budget_preset() {
     let t = common::text(&o);
     assert!(o.status.success(), "{t}");
     assert!(t.contains("wireless-rayleigh") && !t.contains("NaN"), "{t}");
+}
+
+/// Issue 13, items 9 and 13: `squeeze` keeps a rank-0 site empty under `--energy`, refuses an
+/// all-rank-0 adapter as bad input; a corrupt checkpoint is bad input; an OS error is printed
+/// once and names the file asked for, not a temporary file.
+#[test]
+fn squeeze_checkpoint_and_os_errors_are_named_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path();
+    let pre = "base_model.model.model.layers.0.self_attn";
+    let write_adapter = |name: &str, q_rank: i64| {
+        let d = p.join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        let cfg = serde_json::json!({"peft_type": "LORA", "r": 2, "lora_alpha": 4, "rank_pattern": {"q_proj": q_rank, "k_proj": 0}});
+        std::fs::write(d.join("adapter_config.json"), cfg.to_string()).unwrap();
+        let t = |s: [i64; 2]| tch::Tensor::randn(s, (tch::Kind::Float, tch::Device::Cpu));
+        let ts = vec![
+            (format!("{pre}.q_proj.lora_A.weight"), t([q_rank, 16])),
+            (format!("{pre}.q_proj.lora_B.weight"), t([12, q_rank])),
+            (format!("{pre}.k_proj.lora_A.weight"), t([0, 16])),
+            (format!("{pre}.k_proj.lora_B.weight"), t([12, 0])),
+        ];
+        runio::checkpoint::write_safetensors(&d.join("adapter_model.safetensors"), &ts, None).unwrap();
+        d.to_str().unwrap().to_string()
+    };
+    let some = write_adapter("some", 2);
+    let o =
+        common::rankpilot_in(&["squeeze", "--adapter", &some, "--energy", "0.5", "--out", "sq", "--device", "cpu"], p);
+    let t = common::text(&o);
+    assert!(o.status.success(), "{t}");
+    let k_row = t.lines().find(|l| l.contains("k_proj")).unwrap();
+    let cols: Vec<&str> = k_row.split_whitespace().collect();
+    assert_eq!((cols[1], cols[2]), ("0", "0"), "a rank-0 site stays empty: {k_row}");
+
+    let empty = write_adapter("empty", 0);
+    let o = common::rankpilot_in(&["squeeze", "--adapter", &empty, "--rank", "1", "--out", "e2", "--device", "cpu"], p);
+    let t = common::text(&o);
+    assert_eq!(o.status.code(), Some(2), "{t}");
+    assert!(t.contains("rank 0") && t.contains("allowed"), "{t}");
+
+    // A checkpoint whose weights file is missing.
+    std::fs::create_dir_all(p.join("ck")).unwrap();
+    std::fs::copy(common::root().join("checkpoints/wireless-rayleigh/checkpoint.json"), p.join("ck/checkpoint.json"))
+        .unwrap();
+    let o = common::rankpilot_in(&["eval", "--episodes", "1", "--checkpoint", "ck"], p);
+    assert_eq!(o.status.code(), Some(2), "{}", common::text(&o));
+
+    let o =
+        common::rankpilot_in(&["eval", "--episodes", "1", "--policy", "uniform", "--json", "no/such/dir/t.json"], p);
+    let t = common::text(&o);
+    assert_eq!(o.status.code(), Some(1), "{t}");
+    assert_eq!(t.matches("os error").count(), 1, "{t}");
+    assert!(t.contains("no/such/dir/t.json") && !t.contains("rankpilot-tmp"), "{t}");
 }

@@ -171,7 +171,14 @@ pub fn load(dir: &Path, expected_kind: &str) -> Result<(CheckpointMeta, Vec<(Str
             why: format!("weights path `{}` leaves the directory", meta.weights),
         });
     }
-    let bytes = fs::read(&weights_path).map_err(io_err(&weights_path))?;
+    let bytes = fs::read(&weights_path).map_err(|e| match e.kind() {
+        // The metadata names a file that is not there: the checkpoint is incomplete.
+        std::io::ErrorKind::NotFound => CheckpointError::Corrupt {
+            file: meta_path.clone(),
+            why: format!("its weights file `{}` is missing", meta.weights),
+        },
+        _ => io_err(&weights_path)(e),
+    })?;
     let corrupt = |why: String| CheckpointError::Corrupt { file: weights_path.clone(), why };
     if bytes.len() as u64 != meta.weights_bytes {
         return Err(corrupt(format!("{} bytes on disk, {} recorded in {META_FILE}", bytes.len(), meta.weights_bytes)));
@@ -242,7 +249,10 @@ pub const TEMP_PREFIX: &str = ".rankpilot-tmp-";
 /// Errors name `path`, not the temporary file.
 pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let mut tmp = tempfile::Builder::new().prefix(TEMP_PREFIX).tempfile_in(dir).map_err(io_err(path))?;
+    let mut tmp = tempfile::Builder::new()
+        .prefix(TEMP_PREFIX)
+        .tempfile_in(dir)
+        .map_err(|e| CheckpointError::Io { path: path.to_path_buf(), cause: without_temp_path(e) })?;
     tmp.write_all(bytes).map_err(io_err(path))?;
     tmp.as_file().sync_all().map_err(io_err(path))?;
     // On failure the temporary file is removed when `persist`'s error drops it.
@@ -312,6 +322,14 @@ fn exchange(a: &Path, b: &Path) -> Result<(), CheckpointError> {
     fs::rename(b, &aside).map_err(io_err(b))?;
     fs::rename(a, b).map_err(io_err(b))?;
     fs::rename(&aside, a).map_err(io_err(a))
+}
+
+/// `tempfile`'s error without the temporary file's path it appends (" at path …"): messages
+/// name the file the user asked for.
+fn without_temp_path(e: std::io::Error) -> std::io::Error {
+    let text = e.to_string();
+    let os = text.split(" at path ").next().unwrap_or(&text);
+    std::io::Error::new(e.kind(), os.to_string())
 }
 
 /// An exclusive lock on an output directory, held while the value lives: one writer per
