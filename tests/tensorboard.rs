@@ -6,6 +6,17 @@ use std::process::Command;
 
 use runio::tensorboard::{SummaryWriter, heatmap};
 
+/// What TensorBoard's own reader (`EventAccumulator`) sees in `logdir`, as JSON.
+fn read_events(logdir: &std::path::Path) -> serde_json::Value {
+    let out = Command::new(common::python())
+        .arg(common::root().join("tests/python/read_events.py"))
+        .arg(logdir)
+        .output()
+        .expect("run python");
+    assert!(out.status.success(), "python reader failed: {}", common::text(&out));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 #[test]
 fn real_tensorboard_reads_scalars_histograms_images_and_text() {
     let dir = tempfile::tempdir().unwrap();
@@ -22,13 +33,7 @@ fn real_tensorboard_reads_scalars_histograms_images_and_text() {
         w.add_image_rgb("ranks/heatmap", img.width, img.height, &img.rgb, 2).unwrap();
         w.add_text("config", "| key | value |\n|---|---|\n| lr | 3e-4 |", 0).unwrap();
     }
-    let out = Command::new(common::python())
-        .arg(common::root().join("tests/python/read_events.py"))
-        .arg(dir.path())
-        .output()
-        .expect("run python");
-    assert!(out.status.success(), "python reader failed: {}", common::text(&out));
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = read_events(dir.path());
 
     let loss = v["scalars"]["train/loss"].as_array().unwrap();
     assert_eq!(loss.len(), 10);
@@ -79,13 +84,7 @@ fn a_restart_mark_drops_the_steps_logged_after_the_checkpoint() {
             w.add_scalar("charts/mean_reward", 100.0 + step as f64, step).unwrap();
         }
     }
-    let out = Command::new(common::python())
-        .arg(common::root().join("tests/python/read_events.py"))
-        .arg(dir.path())
-        .output()
-        .expect("run python");
-    assert!(out.status.success(), "python reader failed: {}", common::text(&out));
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = read_events(dir.path());
     let seen: Vec<(i64, f64)> = v["scalars"]["charts/mean_reward"]
         .as_array()
         .unwrap()
