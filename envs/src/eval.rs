@@ -253,3 +253,179 @@ impl EvalTable {
         serde_json::to_string_pretty(self).expect("table serializes")
     }
 }
+
+/// A point estimate with its bootstrap standard error and 95 % percentile interval.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Estimate {
+    /// The estimate on the episodes as run.
+    pub value: f64,
+    /// Standard deviation of the bootstrap replicates.
+    pub se: f64,
+    /// 2.5 % quantile of the replicates.
+    pub lo: f64,
+    /// 97.5 % quantile of the replicates.
+    pub hi: f64,
+}
+
+impl Estimate {
+    fn from_replicates(value: f64, reps: &mut [f64]) -> Self {
+        let n = reps.len().max(1) as f64;
+        let mean = reps.iter().sum::<f64>() / n;
+        let se = (reps.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / (n - 1.0).max(1.0)).sqrt();
+        reps.sort_by(f64::total_cmp);
+        let q = |p: f64| reps.get(((reps.len() as f64 - 1.0) * p).round() as usize).copied().unwrap_or(f64::NAN);
+        Estimate { value, se, lo: q(0.025), hi: q(0.975) }
+    }
+
+    /// `0.812 [0.790, 0.833]`.
+    pub fn show(&self) -> String {
+        format!("{:.3} [{:.3}, {:.3}]", self.value, self.lo, self.hi)
+    }
+}
+
+/// Gap closed on a suite of environments (one [`EvalTable`] each, all with the same row names,
+/// including `uniform` and `oracle`), with intervals from a paired, stratified bootstrap: each
+/// replicate resamples every environment's episodes with replacement, the same episodes for all
+/// rows, and recomputes each gap (R − R_uniform)/(R_oracle − R_uniform) and their mean over the
+/// environments. Differences between rows are taken replicate by replicate, so they are paired.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SuiteSummary {
+    /// Environment names, in table order.
+    pub environments: Vec<String>,
+    /// Row names.
+    pub rows: Vec<String>,
+    /// Bootstrap replicates.
+    pub resamples: usize,
+    /// Gap closed per row and environment, `rows × environments`.
+    pub gap: Vec<Vec<Estimate>>,
+    /// Mean gap closed over the environments, per row.
+    pub mean: Vec<Estimate>,
+    #[serde(skip)]
+    replicates: Vec<Vec<Vec<f64>>>,
+}
+
+/// Gap closed of one row on the episodes `idx` (None: all episodes).
+fn gap_on(t: &EvalTable, row: usize, uniform: usize, oracle: usize, idx: Option<&[usize]>) -> f64 {
+    let mean = |r: usize| -> f64 {
+        let x = &t.rows[r].returns;
+        match idx {
+            Some(idx) => idx.iter().map(|&i| x[i]).sum::<f64>() / idx.len() as f64,
+            None => x.iter().sum::<f64>() / x.len() as f64,
+        }
+    };
+    let (u, o) = (mean(uniform), mean(oracle));
+    (mean(row) - u) / (o - u)
+}
+
+impl SuiteSummary {
+    /// Summarizes `tables` with `resamples` bootstrap replicates drawn from `seed`. Errors when a
+    /// table lacks a row, `uniform` or `oracle`, or per-episode returns.
+    pub fn new(tables: &[EvalTable], resamples: usize, seed: u64) -> Result<Self, String> {
+        use rand::{Rng, SeedableRng};
+        let rows: Vec<String> = tables.first().map(|t| t.rows.iter().map(|r| r.name.clone()).collect()).unwrap_or_default();
+        let mut index = Vec::new();
+        for t in tables {
+            let find = |n: &str| {
+                t.rows.iter().position(|r| r.name == n && r.returns.len() == t.episodes && t.episodes > 0).ok_or_else(|| {
+                    format!("environment `{}` has no row `{n}` with per-episode returns", t.preset)
+                })
+            };
+            let ids = rows.iter().map(|n| find(n)).collect::<Result<Vec<_>, _>>()?;
+            index.push((ids, find("uniform")?, find("oracle")?));
+        }
+        let mut replicates = vec![vec![vec![0.0; resamples]; tables.len()]; rows.len()];
+        let mut idx = Vec::new();
+        for (e, (t, (ids, u, o))) in tables.iter().zip(&index).enumerate() {
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(derive_seed(seed, e as u64));
+            for b in 0..resamples {
+                idx.clear();
+                idx.extend((0..t.episodes).map(|_| rng.random_range(0..t.episodes)));
+                for (r, &row) in ids.iter().enumerate() {
+                    replicates[r][e][b] = gap_on(t, row, *u, *o, Some(&idx));
+                }
+            }
+        }
+        let n_env = tables.len().max(1) as f64;
+        let mut gap = Vec::new();
+        let mut mean = Vec::new();
+        for (r, reps) in replicates.iter().enumerate() {
+            let values: Vec<f64> =
+                tables.iter().zip(&index).map(|(t, (ids, u, o))| gap_on(t, ids[r], *u, *o, None)).collect();
+            gap.push(values.iter().zip(reps).map(|(&v, rep)| Estimate::from_replicates(v, &mut rep.clone())).collect());
+            let mut mean_reps: Vec<f64> = (0..resamples).map(|b| reps.iter().map(|x| x[b]).sum::<f64>() / n_env).collect();
+            mean.push(Estimate::from_replicates(values.iter().sum::<f64>() / n_env, &mut mean_reps));
+        }
+        Ok(SuiteSummary {
+            environments: tables.iter().map(|t| t.preset.clone()).collect(),
+            rows,
+            resamples,
+            gap,
+            mean,
+            replicates,
+        })
+    }
+
+    fn row(&self, name: &str) -> Option<usize> {
+        self.rows.iter().position(|r| r == name)
+    }
+
+    /// Paired difference of mean gap closed, row `a` − row `b`.
+    pub fn mean_difference(&self, a: &str, b: &str) -> Option<Estimate> {
+        let (a, b) = (self.row(a)?, self.row(b)?);
+        let n_env = self.environments.len().max(1) as f64;
+        let mut reps: Vec<f64> = (0..self.resamples)
+            .map(|k| (0..self.environments.len()).map(|e| self.replicates[a][e][k] - self.replicates[b][e][k]).sum::<f64>() / n_env)
+            .collect();
+        Some(Estimate::from_replicates(self.mean[a].value - self.mean[b].value, &mut reps))
+    }
+
+    /// Paired difference of gap closed on environment `env`, row `a` − row `b`.
+    pub fn difference(&self, a: &str, b: &str, env: usize) -> Option<Estimate> {
+        let (a, b) = (self.row(a)?, self.row(b)?);
+        let mut reps: Vec<f64> =
+            (0..self.resamples).map(|k| self.replicates[a][env][k] - self.replicates[b][env][k]).collect();
+        Some(Estimate::from_replicates(self.gap[a][env].value - self.gap[b][env].value, &mut reps))
+    }
+
+    /// Markdown: one row per policy, one column per environment, then the mean.
+    pub fn to_markdown(&self) -> String {
+        let mut s = String::from("| policy |");
+        for e in &self.environments {
+            s += &format!(" {e} |");
+        }
+        s += " **mean** |\n|---|";
+        s += &"---:|".repeat(self.environments.len() + 1);
+        s += "\n";
+        for (r, name) in self.rows.iter().enumerate() {
+            s += &format!("| {name} |");
+            for g in &self.gap[r] {
+                s += &format!(" {} |", g.show());
+            }
+            s += &format!(" **{}** |\n", self.mean[r].show());
+        }
+        s
+    }
+
+    /// Plain text: one line per environment, one column per policy; then the means.
+    pub fn to_text(&self) -> String {
+        let w = self.environments.iter().map(|e| e.len()).max().unwrap_or(4).max(12);
+        let c = self.rows.iter().map(|r| r.len()).max().unwrap_or(0).max(21);
+        let mut s = format!("{:<w$}", "gap closed [95% CI]");
+        for r in &self.rows {
+            s += &format!(" {r:>c$}");
+        }
+        s += "\n";
+        for (e, env) in self.environments.iter().enumerate() {
+            s += &format!("{env:<w$}");
+            for r in 0..self.rows.len() {
+                s += &format!(" {:>c$}", self.gap[r][e].show());
+            }
+            s += "\n";
+        }
+        s += &format!("{:<w$}", "MEAN");
+        for m in &self.mean {
+            s += &format!(" {:>c$}", m.show());
+        }
+        s + "\n"
+    }
+}

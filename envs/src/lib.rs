@@ -29,6 +29,7 @@
 
 pub mod calibration;
 pub mod context;
+pub mod distribution;
 pub mod eval;
 mod noise;
 pub mod observation;

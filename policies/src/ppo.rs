@@ -207,6 +207,9 @@ pub struct Batch {
     pub returns: Tensor,
     /// The prior's utilities the decisions saw [B, L, K], when the policy has a prior.
     pub prior: Option<Tensor>,
+    /// Which ranks fitted the budget when each site was allocated [B, L, K] (bool), as the
+    /// sampler stored them (`model::sample_plan`); `None` means every rank was allowed.
+    pub feasible: Option<Tensor>,
     /// Skip decisions, when the network has a skip head.
     pub skip: Option<SkipBatch>,
 }
@@ -220,6 +223,9 @@ pub struct SkipBatch {
     pub logp: Tensor,
     /// The prior's skip margins the decisions saw [B], when the policy has a prior.
     pub margin: Option<Tensor>,
+    /// 1 where the resource allowed skipping [B] (float): elsewhere the head was masked, the
+    /// decision was not the policy's, and it takes no gradient.
+    pub allowed: Tensor,
 }
 
 /// What one update did, for logging.
@@ -262,7 +268,8 @@ pub struct Evaluated {
 }
 
 /// Log-probabilities, entropies and per-site values of `actions` under the current network (and
-/// the prior's utilities `prior` [B, L, K], when it has one); with a skip head also the
+/// the prior's utilities `prior` [B, L, K], when it has one), each site's categorical restricted
+/// to its feasibility mask `feasible` [B, L, K] (bool) when given; with a skip head also the
 /// log-probabilities of the skip decisions `skip` [B] (float, 1 = skipped), with the prior's
 /// skip margins [B] when it has a prior.
 pub fn evaluate_actions(
@@ -272,10 +279,16 @@ pub fn evaluate_actions(
     mask: &Tensor,
     actions: &Tensor,
     prior: Option<&Tensor>,
+    feasible: Option<&Tensor>,
     skip: Option<(&Tensor, Option<&Tensor>)>,
 ) -> Evaluated {
     let out = net.forward(global, sites, mask);
-    let logits = net.policy_logits(&out.logits, prior);
+    let mut logits = net.policy_logits(&out.logits, prior);
+    if let Some(f) = feasible {
+        // Ranks that did not fit get probability 0 (exp(−1e9) underflows to 0 exactly, and
+        // 0·(−1e9) keeps the entropy finite where −∞ would make it NaN).
+        logits = logits.masked_fill(&f.logical_not(), -1e9);
+    }
     let logp_all = logits.log_softmax(-1, Kind::Float);
     let logp = logp_all.gather(-1, &actions.unsqueeze(-1), false).squeeze_dim(-1);
     let entropy = -(logp_all.exp() * &logp_all).sum_dim_intlist(-1, false, Kind::Float);
@@ -319,7 +332,11 @@ pub fn update(
             let sel = |t: &Tensor| t.index_select(0, &idx);
             let mask = sel(&batch.mask);
             let prior = batch.prior.as_ref().map(sel);
-            let skip = batch.skip.as_ref().map(|b| (sel(&b.taken), sel(&b.logp), b.margin.as_ref().map(sel)));
+            let feasible = batch.feasible.as_ref().map(sel);
+            let skip = batch
+                .skip
+                .as_ref()
+                .map(|b| (sel(&b.taken), sel(&b.logp), b.margin.as_ref().map(sel), sel(&b.allowed)));
             let ev = evaluate_actions(
                 net,
                 &sel(&batch.global),
@@ -327,12 +344,13 @@ pub fn update(
                 &mask,
                 &sel(&batch.actions),
                 prior.as_ref(),
-                skip.as_ref().map(|(s, _, m)| (s, m.as_ref())),
+                feasible.as_ref(),
+                skip.as_ref().map(|(s, _, m, _)| (s, m.as_ref())),
             );
             let (logp, entropy, value) = (ev.logp, ev.entropy, ev.values);
             // Sites of a skipped state chose nothing: no ratio, no policy gradient there.
             let act_mask = match &skip {
-                Some((s, _, _)) => &mask * (s.ones_like() - s).unsqueeze(-1),
+                Some((s, _, _, _)) => &mask * (s.ones_like() - s).unsqueeze(-1),
                 None => mask.shallow_clone(),
             };
             let sites_in_mb = act_mask.sum(Kind::Float).clamp_min(1.0);
@@ -372,16 +390,20 @@ pub fn update(
             let pg2 = -&adv * ratio.clamp(1.0 - cfg.clip_coef, 1.0 + cfg.clip_coef);
             let mut policy_loss = (pg1.maximum(&pg2) * &act_mask).sum(Kind::Float) / &sites_in_mb;
             let mut skip_entropy = Tensor::from(0.0f32);
-            if let (Some((logp_s, ent_s, _)), Some((_, old_logp_s, _))) = (&ev.skip, &skip) {
+            if let (Some((logp_s, ent_s, _)), Some((_, old_logp_s, _, allowed))) = (&ev.skip, &skip) {
+                // Only states where the resource allowed skipping carry a skip decision.
+                let n_allowed = allowed.sum(Kind::Float).clamp_min(1.0);
                 let mut a = state_adv;
                 if cfg.norm_adv && chunk.len() > 1 {
-                    a = (&a - a.mean(Kind::Float)) / (a.std(true) + 1e-8);
+                    let mean = (&a * allowed).sum(Kind::Float) / &n_allowed;
+                    let var = ((&a - &mean).square() * allowed).sum(Kind::Float) / (&n_allowed - 1.0).clamp_min(1.0);
+                    a = (&a - mean) / (var.sqrt() + 1e-8);
                 }
-                let ratio_s = (logp_s - old_logp_s).exp();
+                let ratio_s = ((logp_s - old_logp_s) * allowed).exp();
                 let l1 = -&a * &ratio_s;
                 let l2 = -&a * ratio_s.clamp(1.0 - cfg.clip_coef, 1.0 + cfg.clip_coef);
-                policy_loss += l1.maximum(&l2).mean(Kind::Float);
-                skip_entropy = ent_s.mean(Kind::Float);
+                policy_loss += (l1.maximum(&l2) * allowed).sum(Kind::Float) / &n_allowed;
+                skip_entropy = (ent_s * allowed).sum(Kind::Float) / &n_allowed;
             }
 
             let value = if per_site { value } else { value.sum_dim_intlist(1, false, Kind::Float) };
@@ -535,6 +557,7 @@ mod tests {
             // The first minibatch is fine and takes a step; the second has NaN returns.
             returns: Tensor::from_slice(&[0.0, 0.0, 0.0, 0.0, f32::NAN, f32::NAN, f32::NAN, f32::NAN]),
             prior: None,
+            feasible: None,
             skip: None,
         };
         let cfg = PpoConfig { num_minibatches: 2, target_kl: 0.0, ..Default::default() };
@@ -561,7 +584,7 @@ mod tests {
             let skip = Tensor::from_slice(&skipped);
             let actions = Tensor::zeros([b, 5], (Kind::Int64, Device::Cpu));
             let ev =
-                tch::no_grad(|| evaluate_actions(&net, &global, &sites, &mask, &actions, None, Some((&skip, None))));
+                tch::no_grad(|| evaluate_actions(&net, &global, &sites, &mask, &actions, None, None, Some((&skip, None))));
             let (old_skip_logp, _, p0) = ev.skip.unwrap();
             let adv: Vec<f32> = skipped.iter().map(|&s| if s > 0.0 { sign } else { -sign }).collect();
             let batch = Batch {
@@ -574,14 +597,20 @@ mod tests {
                 advantages: Tensor::from_slice(&adv),
                 returns: Tensor::zeros([b], opts),
                 prior: None,
-                skip: Some(SkipBatch { taken: skip.shallow_clone(), logp: old_skip_logp, margin: None }),
+                feasible: None,
+                skip: Some(SkipBatch {
+                    taken: skip.shallow_clone(),
+                    logp: old_skip_logp,
+                    margin: None,
+                    allowed: Tensor::ones([b], opts),
+                }),
             };
             let cfg =
                 PpoConfig { num_minibatches: 1, update_epochs: 4, target_kl: 0.0, ent_coef: 0.0, ..Default::default() };
             let stats = update(&cfg, &net, &vs, &mut opt, &batch, 1e-2, |n| (0..n as i64).collect());
             assert!(!stats.non_finite);
             let ev1 =
-                tch::no_grad(|| evaluate_actions(&net, &global, &sites, &mask, &actions, None, Some((&skip, None))));
+                tch::no_grad(|| evaluate_actions(&net, &global, &sites, &mask, &actions, None, None, Some((&skip, None))));
             let p1 = ev1.skip.unwrap().2;
             (p0.mean(Kind::Float).double_value(&[]), p1.mean(Kind::Float).double_value(&[]))
         };

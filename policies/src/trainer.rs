@@ -270,6 +270,8 @@ impl Trainer {
         let mut buf_skip: Vec<f32> = Vec::with_capacity(if has_skip { t_len * n } else { 0 });
         let mut buf_skip_logp: Vec<f32> = Vec::with_capacity(if has_skip { t_len * n } else { 0 });
         let mut buf_skip_margin: Vec<f32> = Vec::new();
+        let mut buf_skip_allowed: Vec<f32> = Vec::with_capacity(if has_skip { t_len * n } else { 0 });
+        let mut buf_feasible: Vec<bool> = Vec::with_capacity(t_len * n * l * k);
         let mut buf_prior = Vec::with_capacity(if self.model.prior.is_some() { t_len * n * l * k } else { 0 });
         let dims: Vec<u32> = self.venv.spec().sites.iter().map(|s| s.max_rank()).collect();
         let mut stats = IterationStats::default();
@@ -293,6 +295,7 @@ impl Trainer {
                 buf_skip.extend(d.skip.iter().map(|&s| s as u8 as f32));
                 buf_skip_logp.extend_from_slice(&d.skip_logp);
                 buf_skip_margin.extend_from_slice(&d.skip_margin);
+                buf_skip_allowed.extend(d.skip_allowed.iter().map(|&a| a as u8 as f32));
             }
 
             let rewards = self.venv.rewards();
@@ -312,6 +315,7 @@ impl Trainer {
             buf_s.extend_from_slice(&d.sites);
             buf_a.extend(d.coarse.iter().map(|&j| j as i64));
             buf_logp.extend_from_slice(&d.logp);
+            buf_feasible.extend_from_slice(&d.feasible);
             buf_prior.extend_from_slice(&d.prior);
             let scale = cfg.reward_scale as f32;
             match cfg.credit {
@@ -364,10 +368,12 @@ impl Trainer {
             returns: Tensor::from_slice(&ret).view(value_shape(cfg.credit, b, l).as_slice()).to_device(dev),
             prior: (!buf_prior.is_empty())
                 .then(|| Tensor::from_slice(&buf_prior).view([b, l as i64, k as i64]).to_device(dev)),
+            feasible: Some(Tensor::from_slice(&buf_feasible).view([b, l as i64, k as i64]).to_device(dev)),
             skip: has_skip.then(|| ppo::SkipBatch {
                 taken: Tensor::from_slice(&buf_skip).to_device(dev),
                 logp: Tensor::from_slice(&buf_skip_logp).to_device(dev),
                 margin: (!buf_skip_margin.is_empty()).then(|| Tensor::from_slice(&buf_skip_margin).to_device(dev)),
+                allowed: Tensor::from_slice(&buf_skip_allowed).to_device(dev),
             }),
         };
         let rng = &mut self.rng;

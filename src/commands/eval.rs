@@ -6,7 +6,8 @@ use anyhow::Context;
 use clap::Args;
 
 use envs::Baseline;
-use policies::model::{Schema, TrainedPolicy};
+use policies::model::{PolicyModel, Schema, TrainedPolicy};
+use policies::trainer::CheckpointConfig;
 
 use rankpilot_config::BadInput;
 use runio::checkpoint;
@@ -20,15 +21,29 @@ pub struct EvalArgs {
     /// llama7b) or a path to a .toml file.
     #[arg(long, default_value = "wireless-rayleigh")]
     pub env: String,
-    /// Built-in policies to evaluate, comma-separated: uniform, adalora, random, oracle.
-    #[arg(long, value_delimiter = ',', default_value = "uniform,adalora,random,oracle")]
-    pub policy: Vec<String>,
+    /// Evaluate on every environment of a held-out suite instead of one preset: an embedded name
+    /// (default: 12 draws of the default training distribution + every built-in preset) or a
+    /// path to a suite .toml. Prints gap closed per environment and the suite mean, each with a
+    /// 95 % paired bootstrap interval, and each checkpoint's paired difference to its own prior
+    /// alone and to AdaLoRA. Rows: uniform, adalora, oracle, each checkpoint and, for a
+    /// checkpoint with a prior, `<label> prior` (the same preset's untrained policy, whose plans
+    /// and skips are the prior's).
+    #[arg(long, conflicts_with = "env")]
+    pub suite: Option<String>,
+    /// Bootstrap replicates for the suite's intervals.
+    #[arg(long, default_value_t = 1000)]
+    pub resamples: usize,
+    /// Built-in policies to evaluate, comma-separated: uniform, adalora, random, oracle
+    /// [default: all four; with --suite: uniform, adalora, oracle, which the suite always has].
+    #[arg(long, value_delimiter = ',')]
+    pub policy: Option<Vec<String>>,
     /// A trained policy checkpoint directory to add as a row (repeatable).
     #[arg(long)]
     pub checkpoint: Vec<PathBuf>,
-    /// Episodes per policy (the same episodes for every row).
-    #[arg(long, default_value_t = 200)]
-    pub episodes: usize,
+    /// Episodes per policy and environment (the same episodes for every row) [default: 200; with
+    /// --suite: 500].
+    #[arg(long)]
+    pub episodes: Option<usize>,
     /// Also write the table as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -47,38 +62,72 @@ pub fn parse_baseline(name: &str) -> Result<Baseline, BadInput> {
     })
 }
 
-/// Runs the command.
-pub fn run(a: &EvalArgs) -> anyhow::Result<()> {
-    let preset = envs::presets::load(&a.env).map_err(|e| BadInput(e.to_string()))?;
-    if !(1..=crate::commands::train::MAX_EVAL_EPISODES).contains(&a.episodes) {
-        return Err(BadInput(format!(
-            "--episodes {}: allowed: an integer from 1 to {}",
-            a.episodes,
-            crate::commands::train::MAX_EVAL_EPISODES
-        ))
-        .into());
-    }
-    let which = a.policy.iter().filter(|s| !s.is_empty()).map(|s| parse_baseline(s)).collect::<Result<Vec<_>, _>>()?;
-    let mut table = envs::evaluate_baselines(&preset, &which, a.episodes, a.common.seed)?;
-    let spec = envs::EnvSpec::new(&preset)?;
+/// A checkpoint loaded for evaluation, with its row label.
+struct Loaded {
+    label: String,
+    model: PolicyModel,
+    cfg: CheckpointConfig,
+}
+
+fn load_checkpoints(a: &EvalArgs) -> anyhow::Result<Vec<Loaded>> {
+    let mut out: Vec<Loaded> = Vec::new();
     for dir in &a.checkpoint {
         let (meta, tensors) = checkpoint::load(dir, checkpoint::POLICY_KIND)
             .with_context(|| format!("--checkpoint {}", dir.display()))?;
         let (model, cfg) =
             policies::trainer::policy_from_checkpoint(&meta.config, &meta.state, &tensors, a.common.device)
                 .map_err(|e| BadInput(format!("{}: {e}", dir.display())))?;
-        cfg.schema
-            .check_compatible(&Schema::current(spec.rank_set.ranks()))
-            .map_err(|e| BadInput(format!("{}: does not fit preset `{}`: {e}", dir.display(), preset.name)))?;
         // Row label: the directory name, with its parent for `<run>/best`.
         let name = |p: &std::path::Path| p.file_name().map(|n| n.to_string_lossy().to_string());
-        let label = match name(dir).as_deref() {
+        let mut label = match name(dir).as_deref() {
             Some("best") => format!("{}/best", dir.parent().and_then(name).unwrap_or_default()),
             Some(n) => n.to_string(),
             None => "policy".into(),
         };
-        let mut policy = TrainedPolicy { model: &model, label };
-        table.push(envs::evaluate(&preset, &mut policy, a.episodes, a.common.seed)?);
+        if out.iter().any(|l| l.label == label) {
+            label = dir.display().to_string();
+        }
+        out.push(Loaded { label, model, cfg });
+    }
+    Ok(out)
+}
+
+fn check_fits(l: &Loaded, preset: &envs::EnvPreset, spec: &envs::EnvSpec) -> Result<(), BadInput> {
+    l.cfg
+        .schema
+        .check_compatible(&Schema::current(spec.rank_set.ranks()))
+        .map_err(|e| BadInput(format!("--checkpoint {}: does not fit preset `{}`: {e}", l.label, preset.name)))
+}
+
+fn episodes(a: &EvalArgs, default: usize) -> Result<usize, BadInput> {
+    let n = a.episodes.unwrap_or(default);
+    if !(1..=crate::commands::train::MAX_EVAL_EPISODES).contains(&n) {
+        return Err(BadInput(format!(
+            "--episodes {n}: allowed: an integer from 1 to {}",
+            crate::commands::train::MAX_EVAL_EPISODES
+        )));
+    }
+    Ok(n)
+}
+
+/// Runs the command.
+pub fn run(a: &EvalArgs) -> anyhow::Result<()> {
+    if let Some(suite) = &a.suite {
+        return run_suite(a, suite);
+    }
+    let preset = envs::presets::load(&a.env).map_err(|e| BadInput(e.to_string()))?;
+    let episodes = episodes(a, 200)?;
+    let names = a.policy.clone().unwrap_or_else(|| Baseline::ALL.iter().map(|b| b.name().to_string()).collect());
+    let which = names.iter().filter(|s| !s.is_empty()).map(|s| parse_baseline(s)).collect::<Result<Vec<_>, _>>()?;
+    let loaded = load_checkpoints(a)?;
+    let spec = envs::EnvSpec::new(&preset)?;
+    for l in &loaded {
+        check_fits(l, &preset, &spec)?;
+    }
+    let mut table = envs::evaluate_baselines(&preset, &which, episodes, a.common.seed)?;
+    for l in &loaded {
+        let mut policy = TrainedPolicy { model: &l.model, label: l.label.clone() };
+        table.push(envs::evaluate(&preset, &mut policy, episodes, a.common.seed)?);
     }
     print!("{}", table.to_text());
     // Paired differences (same episodes for every row) of each trained policy against the baselines.
@@ -98,6 +147,112 @@ pub fn run(a: &EvalArgs) -> anyhow::Result<()> {
     }
     if let Some(p) = &a.markdown {
         checkpoint::atomic_write(p, table.to_markdown().as_bytes())?;
+    }
+    Ok(())
+}
+
+/// `eval --suite`: every environment of the suite, the gap table with intervals, the paired
+/// differences that matter (each checkpoint against its prior alone and against AdaLoRA).
+fn run_suite(a: &EvalArgs, name: &str) -> anyhow::Result<()> {
+    let suite = envs::distribution::EnvSuite::load(name).map_err(|e| BadInput(format!("--suite: {e}")))?;
+    let environments = suite.environments().map_err(|e| BadInput(format!("--suite {name}: {e}")))?;
+    let episodes = episodes(a, 500)?;
+    if !(10..=100_000).contains(&a.resamples) {
+        return Err(BadInput(format!("--resamples {}: allowed: an integer from 10 to 100000", a.resamples)).into());
+    }
+    let mut which = vec![Baseline::Uniform, Baseline::Adalora, Baseline::Oracle];
+    let extra = a.policy.clone().unwrap_or_default();
+    for b in extra.iter().filter(|s| !s.is_empty()).map(|s| parse_baseline(s)).collect::<Result<Vec<_>, _>>()? {
+        if !which.contains(&b) {
+            which.push(b);
+        }
+    }
+    let loaded = load_checkpoints(a)?;
+    // Each checkpoint's prior alone: its own presets, untrained (a zero residual acts as the prior).
+    let priors: Vec<Option<PolicyModel>> = loaded
+        .iter()
+        .map(|l| {
+            let p = &l.cfg.policy_preset;
+            p.prior.enabled.then(|| {
+                PolicyModel::with_prior(
+                    a.common.device,
+                    &l.cfg.schema.ranks,
+                    p.ppo.net,
+                    policies::ddim::DdimConfig::default(),
+                    &p.prior,
+                )
+            })
+        })
+        .collect();
+    let bar = crate::commands::common::progress_bar(environments.len());
+    let mut tables = Vec::with_capacity(environments.len());
+    for preset in &environments {
+        bar.set_message(preset.name.clone());
+        let spec = envs::EnvSpec::new(preset)?;
+        for l in &loaded {
+            check_fits(l, preset, &spec)?;
+        }
+        let mut table = envs::evaluate_baselines(preset, &which, episodes, a.common.seed)?;
+        for (l, prior) in loaded.iter().zip(&priors) {
+            let mut policy = TrainedPolicy { model: &l.model, label: l.label.clone() };
+            table.push(envs::evaluate(preset, &mut policy, episodes, a.common.seed)?);
+            if let Some(p) = prior {
+                let mut policy = TrainedPolicy { model: p, label: format!("{} prior", l.label) };
+                table.push(envs::evaluate(preset, &mut policy, episodes, a.common.seed)?);
+            }
+        }
+        tables.push(table);
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let summary = envs::eval::SuiteSummary::new(&tables, a.resamples, a.common.seed).map_err(anyhow::Error::msg)?;
+    let mut report = format!(
+        "suite `{}`: {} environments, {episodes} episodes each, seed {}, {} bootstrap replicates\n",
+        suite.name,
+        environments.len(),
+        a.common.seed,
+        a.resamples
+    );
+    report += &summary.to_text();
+    let mut md = format!(
+        "suite `{}`, {} environments, {episodes} episodes each, seed {}; gap closed with 95 % paired bootstrap intervals ({} replicates)\n\n",
+        suite.name,
+        environments.len(),
+        a.common.seed,
+        a.resamples
+    );
+    md += &summary.to_markdown();
+    md += "\n";
+    for l in &loaded {
+        for base in [format!("{} prior", l.label), "adalora".to_string()] {
+            let Some(d) = summary.mean_difference(&l.label, &base) else { continue };
+            let below: Vec<&str> = (0..environments.len())
+                .filter(|&e| summary.difference(&l.label, &base, e).is_some_and(|d| d.hi < 0.0))
+                .map(|e| summary.environments[e].as_str())
+                .collect();
+            let line = format!(
+                "{} − {base}: mean gap {:+.3} ± {:.3} (paired SE; {:.1} SE), 95% [{:+.3}, {:+.3}]; significantly below on {} of {} environments{}\n",
+                l.label,
+                d.value,
+                d.se,
+                d.value / d.se.max(1e-12),
+                d.lo,
+                d.hi,
+                below.len(),
+                environments.len(),
+                if below.is_empty() { String::new() } else { format!(" ({})", below.join(", ")) }
+            );
+            report += &line;
+            md += &format!("- {line}");
+        }
+    }
+    print!("{report}");
+    if let Some(p) = &a.json {
+        let v = serde_json::json!({ "suite": suite, "episodes": episodes, "seed": a.common.seed, "summary": summary, "tables": tables });
+        checkpoint::atomic_write(p, serde_json::to_string_pretty(&v)?.as_bytes())?;
+    }
+    if let Some(p) = &a.markdown {
+        checkpoint::atomic_write(p, md.as_bytes())?;
     }
     Ok(())
 }
