@@ -15,8 +15,9 @@ use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
+use envs::distribution::EnvDistribution;
 use envs::{EnvPreset, EnvSpec, EpisodeSummary, GLOBAL_FEATURES, SITE_FEATURES, VecEnv, VecEnvSnapshot};
 
 use crate::adam::Adam;
@@ -115,7 +116,11 @@ pub struct Trainer {
     pub total_steps: u64,
     /// The run's seed.
     pub seed: u64,
-    venv: VecEnv,
+    /// The distribution environments are drawn from, one draw per episode of each group
+    /// (`None`: every episode is of `env_preset`).
+    pub distribution: Option<EnvDistribution>,
+    groups: Vec<EnvGroup>,
+    draws: u64,
     opt: Adam,
     ddim_opt: Option<Adam>,
     replay: Option<Replay>,
@@ -127,6 +132,44 @@ pub struct Trainer {
     episode_ranks_env0: Vec<u32>,
 }
 
+/// Environments stepped together that share one preset: with a distribution, a group draws a new
+/// preset whenever its episodes end (they end together: one preset, one horizon).
+struct EnvGroup {
+    venv: VecEnv,
+    /// The draw's seed (`None`: the run's fixed preset).
+    draw: Option<u64>,
+}
+
+/// Environments per group when training on a distribution: 8 draws in flight with the default
+/// 32 environments, so every rollout mixes several environments, and each draw is seen on a few
+/// episodes at once.
+pub const ENVS_PER_DRAW: usize = 4;
+
+/// What one environment's decision at one step left for the update.
+struct StepRecord {
+    n_sites: usize,
+    global: Vec<f32>,
+    sites: Vec<f32>,
+    actions: Vec<u8>,
+    logp: Vec<f32>,
+    feasible: Vec<bool>,
+    prior: Vec<f32>,
+    values: Vec<f32>,
+    site_rewards: Vec<f32>,
+    reward: f32,
+    done: bool,
+    /// (taken, log-prob, prior margin, allowed), with a skip head.
+    skip: Option<(f32, f32, f32, f32)>,
+}
+
+/// Serializable state of one [`EnvGroup`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GroupState {
+    draw: Option<u64>,
+    venv: VecEnvSnapshot,
+}
+
 /// Serializable resume state (goes into the checkpoint's `state`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -134,7 +177,8 @@ struct ResumeState {
     iteration: usize,
     global_step: u64,
     rng: ChaCha8Rng,
-    venv: VecEnvSnapshot,
+    groups: Vec<GroupState>,
+    draws: u64,
     adam_step: i64,
     ddim_adam_step: i64,
     replay_len: usize,
@@ -147,8 +191,12 @@ struct ResumeState {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CheckpointConfig {
-    /// The environment preset trained on (complete, so evaluation can rebuild it).
+    /// The environment preset trained on (complete, so evaluation can rebuild it); with a
+    /// distribution, its first validation draw.
     pub env_preset: EnvPreset,
+    /// The distribution trained on, when not a single preset.
+    #[serde(default)]
+    pub env_distribution: Option<EnvDistribution>,
     /// The policy preset.
     pub policy_preset: PolicyPreset,
     /// Observation/action schema.
@@ -189,7 +237,7 @@ fn violations(p: &dyn rankpilot_config::Validate) -> Vec<rankpilot_config::Viola
 }
 
 impl Trainer {
-    /// A new run: fresh weights (seeded by `seed`), `ppo.num_envs` environments.
+    /// A new run on one preset: fresh weights (seeded by `seed`), `ppo.num_envs` environments.
     pub fn new(
         env_preset: &EnvPreset,
         preset: &PolicyPreset,
@@ -197,11 +245,43 @@ impl Trainer {
         seed: u64,
         device: Device,
     ) -> Result<Self, PolicyError> {
+        Self::build(env_preset, None, preset, total_steps, seed, device)
+    }
+
+    /// A new run on a distribution: groups of [`ENVS_PER_DRAW`] environments, each drawing a
+    /// new preset from `distribution` for every episode (draw seeds from the run's seed).
+    /// `validation` is the preset reported as the run's `env_preset`.
+    pub fn with_distribution(
+        distribution: &EnvDistribution,
+        validation: &EnvPreset,
+        preset: &PolicyPreset,
+        total_steps: u64,
+        seed: u64,
+        device: Device,
+    ) -> Result<Self, PolicyError> {
+        if preset.ddim.enabled {
+            return Err(PolicyError::Incompatible(
+                "DDIM refinement trains on a replay of fixed-size plans: it needs a single --env preset, not a distribution"
+                    .into(),
+            ));
+        }
+        Self::build(validation, Some(distribution), preset, total_steps, seed, device)
+    }
+
+    fn build(
+        env_preset: &EnvPreset,
+        distribution: Option<&EnvDistribution>,
+        preset: &PolicyPreset,
+        total_steps: u64,
+        seed: u64,
+        device: Device,
+    ) -> Result<Self, PolicyError> {
         let spec: Arc<EnvSpec> = EnvSpec::new(env_preset)?;
         // A skipped round saves nothing under a fixed parameter budget (the adapter exists
-        // whether or not the round is played): no skip head there.
+        // whether or not the round is played): no skip head when training only there. On a
+        // distribution the head is masked per state instead.
         let mut preset = preset.clone();
-        if spec.resource.kind() == envs::presets::ResourceKind::Budget {
+        if distribution.is_none() && spec.resource.kind() == envs::presets::ResourceKind::Budget {
             preset.ppo.net.skip = false;
         }
         let preset = &preset;
@@ -214,17 +294,18 @@ impl Trainer {
             tch::manual_seed(seed as i64);
             PolicyModel::with_prior(device, &ranks, preset.ppo.net, preset.ddim.clone(), &preset.prior)
         };
-        let venv = VecEnv::from_spec(spec.clone(), preset.ppo.num_envs, envs::derive_seed(seed, 1));
         let opt = Adam::new(&model.vs, "net.", preset.ppo.learning_rate, preset.ppo.adam_eps);
         let ddim_opt = preset.ddim.enabled.then(|| Adam::new(&model.vs, "ddim.", preset.ddim.learning_rate, 1e-8));
         let replay = preset.ddim.enabled.then(|| Replay::new(preset.ddim.replay_capacity, spec.n_sites()));
-        Ok(Trainer {
+        let mut t = Trainer {
             model,
             preset: preset.clone(),
             env_preset: env_preset.clone(),
             total_steps,
             seed,
-            venv,
+            distribution: distribution.cloned(),
+            groups: Vec::new(),
+            draws: 0,
             opt,
             ddim_opt,
             replay,
@@ -232,12 +313,53 @@ impl Trainer {
             iteration: 0,
             global_step: 0,
             episode_ranks_env0: Vec::new(),
-        })
+        };
+        let n = preset.ppo.num_envs;
+        match distribution {
+            None => t.groups.push(EnvGroup {
+                venv: VecEnv::from_spec(spec.clone(), n, envs::derive_seed(seed, 1)),
+                draw: None,
+            }),
+            Some(_) => {
+                for g in 0..n.div_ceil(ENVS_PER_DRAW) {
+                    let size = ENVS_PER_DRAW.min(n - g * ENVS_PER_DRAW);
+                    let group = t.draw_group(size)?;
+                    t.groups.push(group);
+                }
+            }
+        }
+        // Every preset's rank set must be the policy's.
+        for g in &t.groups {
+            if g.venv.spec().rank_set.ranks() != ranks.as_slice() {
+                return Err(PolicyError::Incompatible(format!(
+                    "draw `{}` uses ranks {:?}, the policy {:?}",
+                    g.venv.spec().preset.name,
+                    g.venv.spec().rank_set.ranks(),
+                    ranks
+                )));
+            }
+        }
+        Ok(t)
     }
 
-    /// Number of sites of the training environment.
+    /// The seed of draw number `i` of this run (a stream of its own, disjoint from the suites').
+    fn draw_seed(&self, i: u64) -> u64 {
+        envs::derive_seed(envs::derive_seed(self.seed, 3), i)
+    }
+
+    /// A group of `size` environments of the next draw.
+    fn draw_group(&mut self, size: usize) -> Result<EnvGroup, PolicyError> {
+        let dist = self.distribution.as_ref().expect("draws only on a distribution");
+        let draw = self.draw_seed(self.draws);
+        self.draws += 1;
+        let spec = EnvSpec::new(&dist.draw(draw)?)?;
+        Ok(EnvGroup { venv: VecEnv::from_spec(spec, size, envs::derive_seed(draw, 1)), draw: Some(draw) })
+    }
+
+    /// Number of sites of the first group's environment (the training preset's without a
+    /// distribution).
     pub fn n_sites(&self) -> usize {
-        self.venv.n_sites()
+        self.groups[0].venv.n_sites()
     }
 
     /// Iterations the run will take in total.
@@ -252,128 +374,184 @@ impl Trainer {
     }
 
     /// One PPO iteration (rollout + update, then the DDIM update).
+    ///
+    /// Each group of environments acts and steps on its own sites; the rollout is then laid out
+    /// as `[T, N, L]` with L the most sites any step had, padding sites masked out of every loss
+    /// (reward 0, value 0, all ranks feasible). With a distribution a group whose episodes ended
+    /// draws its next preset before the next step.
     pub fn iterate(&mut self) -> IterationStats {
         let cfg = self.preset.ppo.clone();
-        let (n, l, k) = (cfg.num_envs, self.venv.n_sites(), self.model.ranks.len());
+        let (n, k) = (cfg.num_envs, self.model.ranks.len());
         let (t_len, g_dim, s_dim) = (cfg.num_steps, GLOBAL_FEATURES, SITE_FEATURES);
         let frac = 1.0 - self.iteration as f64 / self.total_iterations() as f64;
         let lr = if cfg.anneal_lr { cfg.learning_rate * frac } else { cfg.learning_rate };
-
-        let mut buf_g = Vec::with_capacity(t_len * n * g_dim);
-        let mut buf_s = Vec::with_capacity(t_len * n * l * s_dim);
-        let mut buf_a = Vec::with_capacity(t_len * n * l);
-        let mut buf_logp = Vec::with_capacity(t_len * n * l);
-        let mut buf_v = Vec::with_capacity(t_len * n);
-        let mut buf_r = Vec::with_capacity(t_len * n);
-        let mut buf_done = Vec::with_capacity(t_len * n);
         let has_skip = self.model.net.has_skip();
-        let mut buf_skip: Vec<f32> = Vec::with_capacity(if has_skip { t_len * n } else { 0 });
-        let mut buf_skip_logp: Vec<f32> = Vec::with_capacity(if has_skip { t_len * n } else { 0 });
-        let mut buf_skip_margin: Vec<f32> = Vec::new();
-        let mut buf_skip_allowed: Vec<f32> = Vec::with_capacity(if has_skip { t_len * n } else { 0 });
-        let mut buf_feasible: Vec<bool> = Vec::with_capacity(t_len * n * l * k);
-        let mut buf_prior = Vec::with_capacity(if self.model.prior.is_some() { t_len * n * l * k } else { 0 });
-        let dims: Vec<u32> = self.venv.spec().sites.iter().map(|s| s.max_rank()).collect();
+        let has_prior = self.model.prior.is_some();
+        let scale = cfg.reward_scale as f32;
         let mut stats = IterationStats::default();
-        let unit_cost = self.venv.spec().unit_cost.clone();
         let t_start = std::time::Instant::now();
+        // One record per (step, environment), sites of its own count; padded after the rollout.
+        let mut records: Vec<StepRecord> = Vec::with_capacity(t_len * n);
 
         for _ in 0..t_len {
-            // Running statistics see every observation as it arrives (CleanRL's wrapper order).
-            self.model.norm.global.update(self.venv.obs_global());
-            self.model.norm.site.update(self.venv.obs_sites());
-            let budgets: Vec<f64> = (0..n).map(|i| self.venv.context(i).conservative_budget).collect();
-            let d = self.model.act(
-                ObsBatch { global: self.venv.obs_global(), sites: self.venv.obs_sites(), n_envs: n, n_sites: l },
-                BudgetContext { unit_cost: &unit_cost, budgets: &budgets, dims: Some(&dims) },
-                ActMode::Sample(&mut self.rng),
-            );
-            self.venv
-                .step_indices_skipping(&d.executed, &d.skip)
-                .expect("the policy emits in-range indices of the right length, and skips only where allowed");
-            if has_skip {
-                buf_skip.extend(d.skip.iter().map(|&s| s as u8 as f32));
-                buf_skip_logp.extend_from_slice(&d.skip_logp);
-                buf_skip_margin.extend_from_slice(&d.skip_margin);
-                buf_skip_allowed.extend(d.skip_allowed.iter().map(|&a| a as u8 as f32));
-            }
-
-            let rewards = self.venv.rewards();
-            if let Some(replay) = self.replay.as_mut() {
-                for e in 0..n {
-                    let enc = |v: &[u8]| -> Vec<f32> { v.iter().map(|&j| ddim::encode(j as usize, k)).collect() };
-                    replay.push(
-                        &d.global[e * g_dim..(e + 1) * g_dim],
-                        &d.sites[e * l * s_dim..(e + 1) * l * s_dim],
-                        &enc(&d.coarse[e * l..(e + 1) * l]),
-                        &enc(&d.executed[e * l..(e + 1) * l]),
-                        rewards[e] * cfg.reward_scale as f32,
-                    );
-                }
-            }
-            buf_g.extend_from_slice(&d.global);
-            buf_s.extend_from_slice(&d.sites);
-            buf_a.extend(d.coarse.iter().map(|&j| j as i64));
-            buf_logp.extend_from_slice(&d.logp);
-            buf_feasible.extend_from_slice(&d.feasible);
-            buf_prior.extend_from_slice(&d.prior);
-            let scale = cfg.reward_scale as f32;
-            match cfg.credit {
-                Credit::PerSite => {
-                    buf_v.extend_from_slice(&d.values);
-                    buf_r.extend(self.venv.site_rewards().iter().map(|&r| r * scale));
-                    for &done in self.venv.dones() {
-                        buf_done.extend(std::iter::repeat_n(if done { 1.0f32 } else { 0.0 }, l));
+            let mut last_ranks = Vec::new();
+            for gi in 0..self.groups.len() {
+                let venv = &mut self.groups[gi].venv;
+                let (ne, l) = (venv.n_envs(), venv.n_sites());
+                // Running statistics see every observation as it arrives (CleanRL's wrapper order).
+                self.model.norm.global.update(venv.obs_global());
+                self.model.norm.site.update(venv.obs_sites());
+                let budgets: Vec<f64> = (0..ne).map(|i| venv.context(i).conservative_budget).collect();
+                let dims: Vec<u32> = venv.spec().sites.iter().map(|s| s.max_rank()).collect();
+                let unit_cost = venv.spec().unit_cost.clone();
+                let d = self.model.act(
+                    ObsBatch { global: venv.obs_global(), sites: venv.obs_sites(), n_envs: ne, n_sites: l },
+                    BudgetContext { unit_cost: &unit_cost, budgets: &budgets, dims: Some(&dims) },
+                    ActMode::Sample(&mut self.rng),
+                );
+                venv.step_indices_skipping(&d.executed, &d.skip)
+                    .expect("the policy emits in-range indices of the right length, and skips only where allowed");
+                let rewards = venv.rewards();
+                if let Some(replay) = self.replay.as_mut() {
+                    for e in 0..ne {
+                        let enc = |v: &[u8]| -> Vec<f32> { v.iter().map(|&j| ddim::encode(j as usize, k)).collect() };
+                        replay.push(
+                            &d.global[e * g_dim..(e + 1) * g_dim],
+                            &d.sites[e * l * s_dim..(e + 1) * l * s_dim],
+                            &enc(&d.coarse[e * l..(e + 1) * l]),
+                            &enc(&d.executed[e * l..(e + 1) * l]),
+                            rewards[e] * scale,
+                        );
                     }
                 }
-                Credit::Shared => {
-                    buf_v.extend(d.values.chunks_exact(l).map(|v| v.iter().sum::<f32>()));
-                    buf_r.extend(rewards.iter().map(|&r| r * scale));
-                    buf_done.extend(self.venv.dones().iter().map(|&x| if x { 1.0f32 } else { 0.0 }));
+                for e in 0..ne {
+                    let sites_of = e * l..(e + 1) * l;
+                    let rows = e * l * k..(e + 1) * l * k;
+                    records.push(StepRecord {
+                        n_sites: l,
+                        global: d.global[e * g_dim..(e + 1) * g_dim].to_vec(),
+                        sites: d.sites[e * l * s_dim..(e + 1) * l * s_dim].to_vec(),
+                        actions: d.coarse[sites_of.clone()].to_vec(),
+                        logp: d.logp[sites_of.clone()].to_vec(),
+                        feasible: d.feasible[rows.clone()].to_vec(),
+                        prior: if has_prior { d.prior[rows].to_vec() } else { Vec::new() },
+                        values: d.values[sites_of.clone()].to_vec(),
+                        site_rewards: venv.site_rewards()[sites_of].iter().map(|&r| r * scale).collect(),
+                        reward: rewards[e] * scale,
+                        done: venv.dones()[e],
+                        skip: has_skip.then(|| {
+                            (
+                                d.skip[e] as u8 as f32,
+                                d.skip_logp[e],
+                                d.skip_margin.get(e).copied().unwrap_or(0.0),
+                                d.skip_allowed[e] as u8 as f32,
+                            )
+                        }),
+                    });
+                }
+                if gi == 0 {
+                    self.episode_ranks_env0.extend(d.executed[..l].iter().map(|&j| self.model.ranks[j as usize]));
+                    if venv.dones()[0] {
+                        let rounds = self.episode_ranks_env0.len() / l.max(1);
+                        stats.episode_ranks = Some((rounds, std::mem::take(&mut self.episode_ranks_env0)));
+                    }
+                }
+                stats.episodes.extend_from_slice(venv.finished());
+                last_ranks.extend(d.executed.iter().map(|&j| self.model.ranks[j as usize]));
+                // One preset, one horizon: a group's episodes end together; then the next draw.
+                if self.distribution.is_some() && venv.dones()[0] {
+                    let group = self.draw_group(ne).expect("draws of a checked distribution form valid presets");
+                    self.groups[gi] = group;
                 }
             }
-
-            self.episode_ranks_env0.extend(d.executed[..l].iter().map(|&j| self.model.ranks[j as usize]));
-            if self.venv.dones()[0] {
-                let rounds = self.episode_ranks_env0.len() / l.max(1);
-                stats.episode_ranks = Some((rounds, std::mem::take(&mut self.episode_ranks_env0)));
-            }
-            stats.episodes.extend_from_slice(self.venv.finished());
-            stats.last_ranks = d.executed.iter().map(|&j| self.model.ranks[j as usize]).collect();
+            stats.last_ranks = last_ranks;
         }
 
-        // Bootstrap value of the observation after the rollout (statistics not updated here).
-        let (gt, st, mask, _, _) = self.model.tensors(self.venv.obs_global(), self.venv.obs_sites(), n, l);
-        let site_values = tch::no_grad(|| self.model.net.forward(&gt, &st, &mask).site_values);
+        // Records are step-major in group order, so index t·N + n is environment n at step t.
+        let l = records.iter().map(|r| r.n_sites).max().unwrap_or(1);
+        let b = t_len * n;
+        let mut buf_g = Vec::with_capacity(b * g_dim);
+        let mut buf_s = vec![0f32; b * l * s_dim];
+        let mut buf_mask = vec![0f32; b * l];
+        let mut buf_a = vec![0i64; b * l];
+        let mut buf_logp = vec![0f32; b * l];
+        let mut buf_feasible = vec![true; b * l * k];
+        let mut buf_prior = vec![0f32; if has_prior { b * l * k } else { 0 }];
+        let (mut buf_v, mut buf_r, mut buf_done) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut skip_taken, mut skip_logp, mut skip_margin, mut skip_allowed) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for (i, r) in records.iter().enumerate() {
+            let m = r.n_sites;
+            buf_g.extend_from_slice(&r.global);
+            buf_s[i * l * s_dim..(i * l + m) * s_dim].copy_from_slice(&r.sites);
+            buf_mask[i * l..i * l + m].iter_mut().for_each(|x| *x = 1.0);
+            buf_a[i * l..i * l + m].iter_mut().zip(&r.actions).for_each(|(a, &j)| *a = j as i64);
+            buf_logp[i * l..i * l + m].copy_from_slice(&r.logp);
+            buf_feasible[i * l * k..(i * l + m) * k].copy_from_slice(&r.feasible);
+            if has_prior {
+                buf_prior[i * l * k..(i * l + m) * k].copy_from_slice(&r.prior);
+            }
+            let done = if r.done { 1.0f32 } else { 0.0 };
+            match cfg.credit {
+                Credit::PerSite => {
+                    buf_v.extend(r.values.iter().copied().chain(std::iter::repeat_n(0.0, l - m)));
+                    buf_r.extend(r.site_rewards.iter().copied().chain(std::iter::repeat_n(0.0, l - m)));
+                    buf_done.extend(std::iter::repeat_n(done, l));
+                }
+                Credit::Shared => {
+                    buf_v.push(r.values.iter().sum::<f32>());
+                    buf_r.push(r.reward);
+                    buf_done.push(done);
+                }
+            }
+            if let Some((s, lp, mg, al)) = r.skip {
+                skip_taken.push(s);
+                skip_logp.push(lp);
+                skip_margin.push(mg);
+                skip_allowed.push(al);
+            }
+        }
+
+        // Bootstrap values of the observations after the rollout (statistics not updated here).
+        let mut next_site_values = Vec::with_capacity(n * l);
+        for g in &self.groups {
+            let (ne, m) = (g.venv.n_envs(), g.venv.n_sites());
+            let (gt, st, mask, _, _) = self.model.tensors(g.venv.obs_global(), g.venv.obs_sites(), ne, m);
+            let v: Vec<f32> =
+                Vec::try_from(tch::no_grad(|| self.model.net.forward(&gt, &st, &mask).site_values).flatten(0, -1))
+                    .expect("f32");
+            for e in 0..ne {
+                next_site_values.extend(v[e * m..(e + 1) * m].iter().copied().chain(std::iter::repeat_n(0.0, l - m)));
+            }
+        }
         // Per-site credit runs GAE over n × l independent reward streams laid out [T, n, l].
         let (streams, next_value): (usize, Vec<f32>) = match cfg.credit {
-            Credit::PerSite => (n * l, Vec::try_from(site_values.flatten(0, -1)).expect("f32")),
-            Credit::Shared => (n, Vec::try_from(site_values.sum_dim_intlist(1, false, Kind::Float)).expect("f32")),
+            Credit::PerSite => (n * l, next_site_values),
+            Credit::Shared => (n, next_site_values.chunks_exact(l).map(|v| v.iter().sum()).collect()),
         };
         let (adv, ret) = ppo::gae(&buf_r, &buf_v, &buf_done, &next_value, streams, cfg.gamma, cfg.gae_lambda);
-        stats.mean_reward = buf_r.iter().map(|&r| r as f64).sum::<f64>() / (t_len * n) as f64;
+        stats.mean_reward = records.iter().map(|r| r.reward as f64).sum::<f64>() / b as f64;
 
         stats.rollout_s = t_start.elapsed().as_secs_f64();
         let t_update = std::time::Instant::now();
         let dev = self.model.device();
-        let b = (t_len * n) as i64;
+        let (bi, li, ki) = (b as i64, l as i64, k as i64);
         let batch = Batch {
-            global: Tensor::from_slice(&buf_g).view([b, g_dim as i64]).to_device(dev),
-            sites: Tensor::from_slice(&buf_s).view([b, l as i64, s_dim as i64]).to_device(dev),
-            mask: Tensor::ones([b, l as i64], (Kind::Float, dev)),
-            actions: Tensor::from_slice(&buf_a).view([b, l as i64]).to_device(dev),
-            logp: Tensor::from_slice(&buf_logp).view([b, l as i64]).to_device(dev),
-            values: Tensor::from_slice(&buf_v).view(value_shape(cfg.credit, b, l).as_slice()).to_device(dev),
-            advantages: Tensor::from_slice(&adv).view(value_shape(cfg.credit, b, l).as_slice()).to_device(dev),
-            returns: Tensor::from_slice(&ret).view(value_shape(cfg.credit, b, l).as_slice()).to_device(dev),
-            prior: (!buf_prior.is_empty())
-                .then(|| Tensor::from_slice(&buf_prior).view([b, l as i64, k as i64]).to_device(dev)),
-            feasible: Some(Tensor::from_slice(&buf_feasible).view([b, l as i64, k as i64]).to_device(dev)),
+            global: Tensor::from_slice(&buf_g).view([bi, g_dim as i64]).to_device(dev),
+            sites: Tensor::from_slice(&buf_s).view([bi, li, s_dim as i64]).to_device(dev),
+            mask: Tensor::from_slice(&buf_mask).view([bi, li]).to_device(dev),
+            actions: Tensor::from_slice(&buf_a).view([bi, li]).to_device(dev),
+            logp: Tensor::from_slice(&buf_logp).view([bi, li]).to_device(dev),
+            values: Tensor::from_slice(&buf_v).view(value_shape(cfg.credit, bi, l).as_slice()).to_device(dev),
+            advantages: Tensor::from_slice(&adv).view(value_shape(cfg.credit, bi, l).as_slice()).to_device(dev),
+            returns: Tensor::from_slice(&ret).view(value_shape(cfg.credit, bi, l).as_slice()).to_device(dev),
+            prior: has_prior.then(|| Tensor::from_slice(&buf_prior).view([bi, li, ki]).to_device(dev)),
+            feasible: Some(Tensor::from_slice(&buf_feasible).view([bi, li, ki]).to_device(dev)),
             skip: has_skip.then(|| ppo::SkipBatch {
-                taken: Tensor::from_slice(&buf_skip).to_device(dev),
-                logp: Tensor::from_slice(&buf_skip_logp).to_device(dev),
-                margin: (!buf_skip_margin.is_empty()).then(|| Tensor::from_slice(&buf_skip_margin).to_device(dev)),
-                allowed: Tensor::from_slice(&buf_skip_allowed).to_device(dev),
+                taken: Tensor::from_slice(&skip_taken).to_device(dev),
+                logp: Tensor::from_slice(&skip_logp).to_device(dev),
+                margin: has_prior.then(|| Tensor::from_slice(&skip_margin).to_device(dev)),
+                allowed: Tensor::from_slice(&skip_allowed).to_device(dev),
             }),
         };
         let rng = &mut self.rng;
@@ -386,7 +564,7 @@ impl Trainer {
         stats.update_s = t_update.elapsed().as_secs_f64();
 
         self.iteration += 1;
-        self.global_step += (t_len * n) as u64;
+        self.global_step += b as u64;
         stats.iteration = self.iteration;
         stats.global_step = self.global_step;
         stats
@@ -419,6 +597,7 @@ impl Trainer {
         }
         let config = CheckpointConfig {
             env_preset: self.env_preset.clone(),
+            env_distribution: self.distribution.clone(),
             policy_preset: self.preset.clone(),
             schema: Schema::current(&self.model.ranks),
             total_steps: self.total_steps,
@@ -428,7 +607,8 @@ impl Trainer {
             iteration: self.iteration,
             global_step: self.global_step,
             rng: self.rng.clone(),
-            venv: self.venv.snapshot(),
+            groups: self.groups.iter().map(|g| GroupState { draw: g.draw, venv: g.venv.snapshot() }).collect(),
+            draws: self.draws,
             adam_step: self.opt.step,
             ddim_adam_step: self.ddim_opt.as_ref().map_or(0, |o| o.step),
             replay_len: self.replay.as_ref().map_or(0, |r| r.len),
@@ -451,8 +631,9 @@ impl Trainer {
         let cfg = CheckpointConfig::from_json(config)?;
         let rs: ResumeState = serde_json::from_value(state.get("trainer").cloned().unwrap_or_default())
             .map_err(|e| PolicyError::Checkpoint(format!("checkpoint state: {e}")))?;
-        let mut t = Trainer::new(
+        let mut t = Trainer::build(
             &cfg.env_preset,
+            cfg.env_distribution.as_ref(),
             &cfg.policy_preset,
             total_steps.unwrap_or(cfg.total_steps),
             cfg.seed,
@@ -473,7 +654,24 @@ impl Trainer {
         if let Some(r) = t.replay.as_mut() {
             r.load(tensors, rs.replay_len, rs.replay_pos)?;
         }
-        t.venv = VecEnv::restore(t.venv.spec().clone(), rs.venv)?;
+        t.groups = rs
+            .groups
+            .into_iter()
+            .map(|g| {
+                let spec = match (g.draw, &cfg.env_distribution) {
+                    (None, _) => EnvSpec::new(&cfg.env_preset)?,
+                    (Some(d), Some(dist)) => EnvSpec::new(&dist.draw(d)?)?,
+                    (Some(_), None) => {
+                        return Err(PolicyError::Checkpoint("a group holds a draw but the run has no distribution".into()));
+                    }
+                };
+                Ok(EnvGroup { venv: VecEnv::restore(spec, g.venv)?, draw: g.draw })
+            })
+            .collect::<Result<Vec<_>, PolicyError>>()?;
+        if t.groups.iter().map(|g| g.venv.n_envs()).sum::<usize>() != t.preset.ppo.num_envs {
+            return Err(PolicyError::Checkpoint("state.trainer.groups: environments do not add up to ppo.num_envs".into()));
+        }
+        t.draws = rs.draws;
         t.rng = rs.rng;
         t.iteration = rs.iteration;
         t.global_step = rs.global_step;

@@ -146,3 +146,83 @@ fn an_untrained_policy_with_a_prior_plans_as_the_prior() {
     assert!(equal * 10 >= (rounds - skips) * 9, "only {equal} of {} plans identical", rounds - skips);
     assert!(skips > 0 && skips < rounds, "{skips} of {rounds} rounds skipped: both branches are checked");
 }
+
+/// A small distribution (2–3 layers, 4–8 rounds, every resource kind) written to a file.
+fn small_distribution() -> envs::distribution::EnvDistribution {
+    let dir = std::env::temp_dir().join(format!("rankpilot-small-dist-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("small.toml");
+    std::fs::write(
+        &path,
+        r#"name = "small"
+base = "wireless-rayleigh"
+[[pick]]
+presets = ["wireless-rayleigh", "latency", "budget"]
+tables = ["resource", "baselines", "reward"]
+[[vary]]
+key = "rounds"
+min = 4
+max = 8
+[[vary]]
+key = "sites.layers"
+min = 2
+max = 3
+[[vary]]
+key = "dynamics.learning_rate"
+min = 0.1
+max = 0.6
+"#,
+    )
+    .unwrap();
+    let d = envs::distribution::EnvDistribution::load(path.to_str().unwrap()).unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    d
+}
+
+#[test]
+fn distribution_run_resumes_exactly_and_acts_on_every_preset() {
+    let _serial = serial();
+    let dist = small_distribution();
+    let mut preset = load_preset("tiny").unwrap();
+    preset.ppo.num_envs = 8; // two groups of 4, each drawing its own environments
+    preset.ppo.net.skip = true;
+    preset.prior.enabled = true;
+    let validation = dist.draw(1).unwrap();
+    let steps = 4 * preset.ppo.num_envs as u64 * preset.ppo.num_steps as u64;
+    let new = || Trainer::with_distribution(&dist, &validation, &preset, steps, 9, Device::Cpu).unwrap();
+
+    let mut straight = new();
+    let mut site_counts = std::collections::HashSet::new();
+    for _ in 0..4 {
+        let st = straight.iterate();
+        assert!(!st.update.non_finite);
+        site_counts.insert(st.last_ranks.len());
+    }
+    let mut first = new();
+    first.iterate();
+    first.iterate();
+    let (tensors, config, state) = first.checkpoint_parts();
+    let config: serde_json::Value = serde_json::from_str(&config.to_string()).unwrap();
+    let state: serde_json::Value = serde_json::from_str(&state.to_string()).unwrap();
+    let copies: Vec<(String, tch::Tensor)> = tensors.iter().map(|(n, t)| (n.clone(), t.copy())).collect();
+    drop(first);
+    let mut resumed = Trainer::restore(&config, &state, &copies, None, Device::Cpu).unwrap();
+    resumed.iterate();
+    resumed.iterate();
+    let (a, b) = (weights(&resumed), weights(&straight));
+    let differing: Vec<&String> = a.iter().zip(&b).filter(|(x, y)| x != y).map(|(x, _)| &x.0).collect();
+    assert!(differing.is_empty(), "weights differ after resuming a distribution run: {differing:?}");
+    assert!(site_counts.len() > 1, "groups of different site counts were in flight: {site_counts:?}");
+
+    // The trained policy acts on every built-in preset (any site count, any resource kind), and
+    // never skips where the resource forbids it.
+    for name in envs::presets::NAMES {
+        let env = envs::presets::load(name).unwrap();
+        let mut policy = TrainedPolicy { model: &straight.model, label: "p".into() };
+        let row = envs::evaluate(&env, &mut policy, 2, 5).unwrap();
+        assert!(row.mean_return.is_finite(), "{name}");
+        if env.resource.kind == envs::presets::ResourceKind::Budget {
+            assert_eq!(row.skip_rate, 0.0, "no skipping on {name}");
+        }
+    }
+}

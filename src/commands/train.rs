@@ -24,6 +24,13 @@ pub struct TrainArgs {
     /// llama7b) or a path to a .toml file.
     #[arg(long, default_value = "wireless-rayleigh")]
     pub env: String,
+    /// Train on a distribution of environments instead of one preset: an embedded name
+    /// (default: every generative parameter varied, channel, compute and budget resources) or a
+    /// path to a distribution .toml. Every episode of each group of 4 environments is a new
+    /// draw; evaluation during training (and `best/`) uses 4 validation draws from the run's
+    /// evaluation seed. Report held-out figures with `rankpilot eval --suite`.
+    #[arg(long, conflicts_with = "env")]
+    pub distribution: Option<String>,
     /// Policy/training preset: an embedded name (default, ddim, tiny, ppo) or a path to a .toml file.
     #[arg(long, default_value = "default")]
     pub policy: String,
@@ -80,8 +87,21 @@ pub fn run(a: &TrainArgs) -> anyhow::Result<()> {
     if a.steps == Some(0) {
         return Err(BadInput("--steps 0: allowed: an integer >= 1".into()).into());
     }
-    let env_preset = envs::presets::load(&a.env).map_err(|e| BadInput(e.to_string()))?;
-    let out = a.out.clone().unwrap_or_else(|| PathBuf::from("checkpoints").join(&env_preset.name));
+    let distribution = match &a.distribution {
+        Some(d) => Some(envs::distribution::EnvDistribution::load(d).map_err(|e| BadInput(format!("--distribution: {e}")))?),
+        None => None,
+    };
+    // The environments evaluated during training: the preset, or validation draws.
+    let eval_presets: Vec<envs::EnvPreset> = match &distribution {
+        Some(d) => (0..VALIDATION_DRAWS)
+            .map(|i| d.draw(envs::derive_seed(eval_seed(a.common.seed), i)))
+            .collect::<Result<_, _>>()
+            .map_err(|e| BadInput(format!("--distribution: {e}")))?,
+        None => vec![envs::presets::load(&a.env).map_err(|e| BadInput(e.to_string()))?],
+    };
+    let env_preset = eval_presets[0].clone();
+    let run_name = distribution.as_ref().map_or(env_preset.name.clone(), |d| format!("dist-{}", d.name));
+    let out = a.out.clone().unwrap_or_else(|| PathBuf::from("checkpoints").join(&run_name));
     // One writer per output directory, for the whole run.
     let _lock = checkpoint::DirLock::acquire(&out)?;
     let mut best: Option<BestEval> = None;
@@ -106,20 +126,28 @@ pub fn run(a: &TrainArgs) -> anyhow::Result<()> {
             .into());
         }
         let preset: PolicyPreset = policies::trainer::load_preset(&a.policy)?;
-        Trainer::new(&env_preset, &preset, a.steps.unwrap_or(DEFAULT_STEPS), a.common.seed, a.common.device)
-            .with_context(|| format!("preset `{}` with policy `{}`", env_preset.name, a.policy))?
+        let steps = a.steps.unwrap_or(DEFAULT_STEPS);
+        match &distribution {
+            None => Trainer::new(&env_preset, &preset, steps, a.common.seed, a.common.device),
+            Some(d) => Trainer::with_distribution(d, &env_preset, &preset, steps, a.common.seed, a.common.device),
+        }
+        .map_err(|e| match e.is_bad_input() {
+            true => anyhow::Error::new(BadInput(format!("preset `{run_name}` with policy `{}`: {e}", a.policy))),
+            false => anyhow::Error::new(e).context(format!("preset `{run_name}` with policy `{}`", a.policy)),
+        })?
     };
-    if a.resume && trainer.env_preset.name != env_preset.name {
+    let trained_on = |t: &Trainer| t.distribution.as_ref().map_or(t.env_preset.name.clone(), |d| format!("dist-{}", d.name));
+    if a.resume && trained_on(&trainer) != run_name {
         return Err(BadInput(format!(
             "--resume: the checkpoint in {} was trained on `{}`, not `{}`",
             out.display(),
-            trainer.env_preset.name,
-            env_preset.name
+            trained_on(&trainer),
+            run_name
         ))
         .into());
     }
     let logdir =
-        a.logdir.clone().unwrap_or_else(|| PathBuf::from(format!("runs/train-{}-s{}", env_preset.name, trainer.seed)));
+        a.logdir.clone().unwrap_or_else(|| PathBuf::from(format!("runs/train-{run_name}-s{}", trainer.seed)));
     let mut tb = SummaryWriter::new(&logdir)?;
     if a.resume {
         // Readers drop what the interrupted run logged after its last checkpoint.
@@ -133,12 +161,12 @@ pub fn run(a: &TrainArgs) -> anyhow::Result<()> {
     )?;
 
     let seed = trainer.seed;
-    let baselines = envs::evaluate_baselines(
-        &trainer.env_preset,
-        &[Baseline::Uniform, Baseline::Adalora, Baseline::Oracle],
-        a.eval_episodes,
-        eval_seed(seed),
-    )?;
+    let baselines = eval_presets
+        .iter()
+        .map(|p| {
+            envs::evaluate_baselines(p, &[Baseline::Uniform, Baseline::Adalora, Baseline::Oracle], a.eval_episodes, eval_seed(seed))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let total = trainer.total_iterations();
     let pb = ProgressBar::new(total as u64);
     pb.set_style(
@@ -147,9 +175,12 @@ pub fn run(a: &TrainArgs) -> anyhow::Result<()> {
     );
     pb.set_position(trainer.iteration as u64);
     eprintln!(
-        "training on `{}` ({} sites) with `{}`: {} iterations of {}×{} rounds; TensorBoard: {}; checkpoints: {}",
-        trainer.env_preset.name,
-        trainer.n_sites(),
+        "training on `{}` ({}) with `{}`: {} iterations of {}×{} rounds; TensorBoard: {}; checkpoints: {}",
+        run_name,
+        match &trainer.distribution {
+            Some(_) => format!("a new draw every episode, {} environments per draw", policies::trainer::ENVS_PER_DRAW),
+            None => format!("{} sites", trainer.n_sites()),
+        },
         trainer.preset.name,
         total,
         trainer.preset.ppo.num_envs,
@@ -174,8 +205,7 @@ pub fn run(a: &TrainArgs) -> anyhow::Result<()> {
     // A fresh run is evaluated before its first update too, so `best` is never worse (on the
     // evaluation seeds) than the initial policy — with a prior, that is the prior's own plan.
     if !a.resume && a.eval_every > 0 {
-        let table = evaluate_policy(&trainer, &baselines, a.eval_episodes, seed)?;
-        let row = table.rows.iter().find(|r| r.name == "policy").expect("policy row");
+        let row = evaluate_policy(&trainer, &eval_presets, &baselines, a.eval_episodes, seed)?;
         last_gap = row.oracle_gap_closed.unwrap_or(f64::NAN);
         tb.add_scalar("eval/return", row.mean_return, 0)?;
         tb.add_scalar("eval/oracle_gap_closed", last_gap, 0)?;
@@ -243,8 +273,7 @@ pub fn run(a: &TrainArgs) -> anyhow::Result<()> {
         }
         let eval_now = (a.eval_every > 0 && st.iteration % a.eval_every == 0) || trainer.finished();
         if eval_now {
-            let table = evaluate_policy(&trainer, &baselines, a.eval_episodes, seed)?;
-            let row = table.rows.iter().find(|r| r.name == "policy").expect("policy row");
+            let row = evaluate_policy(&trainer, &eval_presets, &baselines, a.eval_episodes, seed)?;
             last_gap = row.oracle_gap_closed.unwrap_or(f64::NAN);
             tb.add_scalar("eval/return", row.mean_return, step)?;
             tb.add_scalar("eval/oracle_gap_closed", last_gap, step)?;
@@ -345,12 +374,34 @@ fn save(trainer: &Trainer, out: &Path, best: Option<BestEval>) -> anyhow::Result
     Ok(())
 }
 
-/// Greedy evaluation of the trainer's current policy next to precomputed baseline rows.
-fn evaluate_policy(trainer: &Trainer, baselines: &EvalTable, episodes: usize, seed: u64) -> anyhow::Result<EvalTable> {
-    let mut policy = TrainedPolicy { model: &trainer.model, label: "policy".into() };
-    let row = envs::evaluate(&trainer.env_preset, &mut policy, episodes, eval_seed(seed))?;
-    let mut table = baselines.clone();
-    table.push(row);
-    table.fill_gap();
-    Ok(table)
+/// Validation draws evaluated during a distribution run.
+const VALIDATION_DRAWS: u64 = 4;
+
+/// Greedy evaluation of the trainer's current policy on each evaluation preset next to its
+/// precomputed baseline rows: the policy's row, with return, gap closed and the other columns
+/// averaged over the presets.
+fn evaluate_policy(
+    trainer: &Trainer,
+    presets: &[envs::EnvPreset],
+    baselines: &[EvalTable],
+    episodes: usize,
+    seed: u64,
+) -> anyhow::Result<envs::EvalRow> {
+    let mut rows = Vec::new();
+    for (p, base) in presets.iter().zip(baselines) {
+        let mut policy = TrainedPolicy { model: &trainer.model, label: "policy".into() };
+        let mut table = base.clone();
+        table.push(envs::evaluate(p, &mut policy, episodes, eval_seed(seed))?);
+        rows.push(table.rows.pop().expect("the policy row"));
+    }
+    let n = rows.len() as f64;
+    let mean = |f: &dyn Fn(&envs::EvalRow) -> f64| rows.iter().map(f).sum::<f64>() / n;
+    let mut row = rows[0].clone();
+    row.mean_return = mean(&|r| r.mean_return);
+    row.final_loss = mean(&|r| r.final_loss);
+    row.violation_rate = mean(&|r| r.violation_rate);
+    row.skip_rate = mean(&|r| r.skip_rate);
+    row.resource_used = mean(&|r| r.resource_used);
+    row.oracle_gap_closed = Some(mean(&|r| r.oracle_gap_closed.unwrap_or(f64::NAN)));
+    Ok(row)
 }
