@@ -58,6 +58,9 @@ fn hostile_arguments_and_presets_are_bad_input_never_a_panic() {
         (vec!["eval", "--env", "inf.toml", "--episodes", "1"], "resource.channel.deadline_s"),
         (vec!["train", "--policy", "wide-net.toml", "--steps", "64"], "ppo.net.hidden"),
         (vec!["train", "--policy", "big-replay.toml", "--steps", "64"], "ddim.replay_capacity"),
+        (vec!["eval", "--suite", "no-such-suite"], "no-such-suite"),
+        (vec!["train", "--distribution", "no-such-dist", "--steps", "64"], "no-such-dist"),
+        (vec!["train", "--distribution", "default", "--policy", "ddim", "--steps", "64"], "DDIM"),
     ];
     for (args, named) in cases {
         let o = common::rankpilot_in(&args, p);
@@ -91,6 +94,43 @@ fn the_shipped_policy_acts_on_a_budget_preset() {
     let t = common::text(&o);
     assert!(o.status.success(), "{t}");
     assert!(t.contains("wireless-rayleigh") && !t.contains("NaN"), "{t}");
+}
+
+/// Issue 12, item 1: `eval --suite` runs every environment of a suite (here a small one: two
+/// draws of the default distribution and the budget preset) and prints per-environment and mean
+/// gap closed with intervals, and the checkpoint's paired differences to its prior and AdaLoRA.
+#[test]
+fn eval_suite_prints_intervals_and_paired_differences() {
+    let dir = tempfile::tempdir().unwrap();
+    let suite = dir.path().join("small-suite.toml");
+    std::fs::write(&suite, "name = 'small'\ndistribution = 'default'\ndraws = 2\nseed = 7\npresets = ['budget']\n")
+        .unwrap();
+    let json = dir.path().join("suite.json");
+    let o = common::rankpilot_in(
+        &[
+            "eval",
+            "--suite",
+            suite.to_str().unwrap(),
+            "--episodes",
+            "6",
+            "--resamples",
+            "50",
+            "--checkpoint",
+            "checkpoints/wireless-rayleigh",
+            "--json",
+            json.to_str().unwrap(),
+        ],
+        &common::root(),
+    );
+    let t = common::text(&o);
+    assert!(o.status.success(), "{t}");
+    for want in ["small-00", "small-01", "budget", "MEAN", "wireless-rayleigh prior", "wireless-rayleigh − adalora"] {
+        assert!(t.contains(want), "`{want}` missing: {t}");
+    }
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(v["summary"]["environments"].as_array().unwrap().len(), 3);
+    let mean = &v["summary"]["mean"][0];
+    assert!(mean["lo"].as_f64().unwrap() <= mean["value"].as_f64().unwrap());
 }
 
 /// Issue 13, items 9 and 13: `squeeze` keeps a rank-0 site empty under `--energy`, refuses an

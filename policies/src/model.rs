@@ -115,6 +115,9 @@ pub struct Decision {
     /// When sampling: which ranks fitted the budget left when each site was allocated,
     /// `n_envs × n_sites × K` (empty when greedy). PPO's ratio is taken under these masks.
     pub feasible: Vec<bool>,
+    /// When sampling: the budget's price μ·cost subtracted from each site's logits before the
+    /// masked softmax ([`budget_price`]), `n_envs × n_sites × K` (empty when greedy).
+    pub offset: Vec<f32>,
     /// The plan that is executed: coarse, refined by DDIM when enabled, then projected.
     pub executed: Vec<u8>,
     /// Per-site values V_i(s), `n_envs × n_sites`.
@@ -175,7 +178,7 @@ impl PolicyModel {
             SITE_FEATURES as i64,
             ranks.len() as i64,
             net,
-            prior.enabled.then_some((prior.scale, prior.learn_scale)),
+            prior.enabled.then_some((prior.scale, prior.learn_scale, prior.scale_residual)),
         );
         let denoiser = ddim
             .enabled
@@ -286,21 +289,33 @@ impl PolicyModel {
         let mut coarse = vec![0u8; n_envs * n_sites];
         let mut logp = vec![0f32; n_envs * n_sites];
         let mut feasible = Vec::new();
+        let mut offset = Vec::new();
         let mut plan = vec![0usize; n_sites];
         match rng {
             // Sampling allocates site by site (see [`sample_plan`]): the plan's probability is
             // exactly the product of the masked per-site probabilities PPO's ratio uses.
             Some(rng) => {
                 feasible = vec![true; n_envs * n_sites * k];
+                offset = vec![0f32; n_envs * n_sites * k];
                 let mut order: Vec<usize> = (0..n_sites).collect();
+                let mut priced = vec![0f32; n_sites * k];
                 for e in 0..n_envs {
                     let (rows, sites_of) = (e * n_sites * k..(e + 1) * n_sites * k, e * n_sites..(e + 1) * n_sites);
                     if skip[e] {
                         coarse[sites_of.clone()].copy_from_slice(&current[sites_of]);
                         continue;
                     }
+                    // Each site's categorical is priced at the budget's shadow price, so that
+                    // independent choices already (nearly) fit and the masks only trim.
+                    let mu = budget_price(&logp_all[rows.clone()], &cost, k, budgets[e]);
+                    for (i, ((p, o), &lp)) in
+                        priced.iter_mut().zip(&mut offset[rows.clone()]).zip(&logp_all[rows.clone()]).enumerate()
+                    {
+                        *o = (mu * cost[i]) as f32;
+                        *p = lp - *o;
+                    }
                     sample_plan(
-                        &logp_all[rows.clone()],
+                        &priced,
                         &cost,
                         k,
                         budgets[e],
@@ -353,6 +368,7 @@ impl PolicyModel {
             coarse,
             logp,
             feasible,
+            offset,
             executed,
             values,
             global,
@@ -496,6 +512,46 @@ pub fn sample_plan(
     }
 }
 
+/// The budget's shadow price μ ≥ 0 for one state: the smallest μ at which every site's most
+/// likely rank under `log p − μ·cost` fits the budget together (bisection to a relative 1e-12;
+/// 0 when the unpriced choices fit). Without it, site-by-site sampling of a binding budget lets
+/// the first sites take their unconstrained preference and squeezes the last ones; priced, the
+/// independent choices are the Lagrangian relaxation of the greedy knapsack and the masks only
+/// trim. μ is a piecewise-constant function of the logits, stored with the rollout: PPO's ratio
+/// uses it as a constant, which is exact wherever the update leaves μ unchanged.
+pub fn budget_price(logp_rows: &[f32], cost: &[f64], k: usize, budget: f64) -> f64 {
+    let fits = |mu: f64| -> bool {
+        let total: f64 = logp_rows
+            .chunks_exact(k)
+            .zip(cost.chunks_exact(k))
+            .map(|(lp, c)| {
+                let j = (0..k).fold(0, |b, j| if lp[j] as f64 - mu * c[j] > lp[b] as f64 - mu * c[b] { j } else { b });
+                c[j]
+            })
+            .sum();
+        total <= budget + 1e-9 * budget.abs().max(1.0)
+    };
+    if fits(0.0) {
+        return 0.0;
+    }
+    let mut hi = 1.0 / budget.abs().max(1e-300);
+    for _ in 0..2000 {
+        if fits(hi) {
+            break;
+        }
+        hi *= 2.0;
+    }
+    let mut lo = 0.0;
+    for _ in 0..60 {
+        let mid = 0.5 * (lo + hi);
+        if fits(mid) { hi = mid } else { lo = mid }
+        if hi - lo <= 1e-12 * hi {
+            break;
+        }
+    }
+    hi
+}
+
 /// The ranks of one site whose cost fits `remaining` (with a relative tolerance of 1e-9); when
 /// none does (a rank set without a free rank), only the cheapest.
 pub fn feasible_ranks(cost_row: &[f64], remaining: f64, mask: &mut [bool]) {
@@ -528,17 +584,40 @@ fn softplus(x: f64) -> f64 {
     if x > 30.0 { x } else { x.exp().ln_1p() }
 }
 
-/// A trained policy as an [`envs::RankPolicy`] (greedy decisions), for evaluation tables.
+/// A trained policy as an [`envs::RankPolicy`], for evaluation tables: greedy decisions, or
+/// with `sampling` the stochastic policy PPO trained (site-by-site sampling, [`sample_plan`]),
+/// seeded per episode.
 pub struct TrainedPolicy<'a> {
     /// The model.
     pub model: &'a PolicyModel,
     /// Row name.
     pub label: String,
+    /// Sample instead of acting greedily: (seed, episodes begun so far, the episode's stream).
+    pub sampling: Option<(u64, u64, ChaCha8Rng)>,
+}
+
+impl<'a> TrainedPolicy<'a> {
+    /// The greedy policy.
+    pub fn greedy(model: &'a PolicyModel, label: impl Into<String>) -> Self {
+        TrainedPolicy { model, label: label.into(), sampling: None }
+    }
+
+    /// The sampling policy; episode e draws from `derive_seed(seed, e)`.
+    pub fn sampling(model: &'a PolicyModel, label: impl Into<String>, seed: u64) -> Self {
+        TrainedPolicy { model, label: label.into(), sampling: Some((seed, 0, <ChaCha8Rng as rand::SeedableRng>::seed_from_u64(seed))) }
+    }
 }
 
 impl RankPolicy for TrainedPolicy<'_> {
     fn name(&self) -> String {
         self.label.clone()
+    }
+
+    fn begin_episode(&mut self) {
+        if let Some((seed, e, rng)) = &mut self.sampling {
+            *rng = <ChaCha8Rng as rand::SeedableRng>::seed_from_u64(envs::derive_seed(*seed, *e));
+            *e += 1;
+        }
     }
 
     fn act(&mut self, obs: &Observation, ctx: &RoundContext<'_>) -> Vec<u32> {
@@ -554,7 +633,10 @@ impl RankPolicy for TrainedPolicy<'_> {
         let d = self.model.act(
             ObsBatch::one(obs),
             BudgetContext { unit_cost: ctx.unit_cost, budgets: &[ctx.conservative_budget], dims: Some(&dims) },
-            ActMode::Greedy,
+            match &mut self.sampling {
+                Some((_, _, rng)) => ActMode::Sample(rng),
+                None => ActMode::Greedy,
+            },
         );
         (!d.skip[0]).then(|| d.executed.iter().map(|&j| self.model.ranks[j as usize]).collect())
     }

@@ -26,6 +26,9 @@
 //! **With a prior** ([`crate::prior`]) the logits are a *residual*: the categorical over ranks
 //! is `softmax(s·prior + W₇ h_i)`, with s = exp(`prior_log_scale`) a trained scalar (or a fixed
 //! one), and W₇ and its bias start at zero, so an untrained network acts exactly as the prior.
+//! With `prior.scale_residual` the multiplier is a temperature of the whole policy,
+//! `softmax(s·(prior + W₇ h_i))`: a large s makes the sampled plans close to the greedy one
+//! without making the residual negligible next to the prior.
 //!
 //! **With a skip head** (`net.skip = true`) the policy also decides, once per state, whether to
 //! play the round at all: P(skip) = σ(z_skip). A skipped round sends nothing and keeps every
@@ -92,6 +95,8 @@ pub struct PolicyNet {
     value2: nn::Linear,
     skip: Option<nn::Linear>,
     prior_scale: Option<PriorScale>,
+    /// The prior's multiplier also scales the residual: logits = s·(prior + residual).
+    scale_residual: bool,
 }
 
 /// The multiplier of the prior in the logits.
@@ -111,14 +116,15 @@ impl PolicyNet {
     }
 
     /// Same as [`PolicyNet::new`], with a prior added to the logits: `prior` = (initial scale,
-    /// trained or not). The policy head then starts at zero (a pure residual).
+    /// trained or not, the scale multiplies the residual too). The policy head then starts at
+    /// zero (a pure residual).
     pub fn with_prior(
         p: &nn::Path,
         global_dim: i64,
         site_dim: i64,
         n_ranks: i64,
         cfg: NetConfig,
-        prior: Option<(f64, bool)>,
+        prior: Option<(f64, bool, bool)>,
     ) -> Self {
         let h = cfg.hidden;
         let g = 2f64.sqrt();
@@ -166,7 +172,8 @@ impl PolicyNet {
                     },
                 )
             }),
-            prior_scale: prior.map(|(scale, learn)| {
+            scale_residual: prior.is_some_and(|(_, _, r)| r),
+            prior_scale: prior.map(|(scale, learn, _)| {
                 if learn {
                     PriorScale::Learned(p.var("prior_log_scale", &[], nn::Init::Const(scale.ln())))
                 } else {
@@ -179,7 +186,21 @@ impl PolicyNet {
     /// The policy's logits [B, L, K] from the network's (residual) logits and the prior's
     /// utilities [B, L, K] (ignored when the network has no prior).
     pub fn policy_logits(&self, residual: &Tensor, prior: Option<&Tensor>) -> Tensor {
-        match (&self.prior_scale, prior) {
+        self.with_prior_term(residual, prior)
+    }
+
+    /// `s·u + residual`, or `s·(u + residual)` with a scaled residual.
+    fn with_prior_term(&self, residual: &Tensor, u: Option<&Tensor>) -> Tensor {
+        if self.scale_residual
+            && let Some(u) = u
+        {
+            return match &self.prior_scale {
+                Some(PriorScale::Learned(ls)) => (residual + u) * ls.exp(),
+                Some(PriorScale::Fixed(s)) => (residual + u) * *s,
+                None => residual.shallow_clone(),
+            };
+        }
+        match (&self.prior_scale, u) {
             (Some(PriorScale::Learned(ls)), Some(u)) => residual + u * ls.exp(),
             (Some(PriorScale::Fixed(s)), Some(u)) => residual + u * *s,
             _ => residual.shallow_clone(),
@@ -189,11 +210,7 @@ impl PolicyNet {
     /// The skip logit [B] from the network's (residual) skip logit and the prior's skip margin
     /// [B] (ignored when the network has no prior): `s·margin + residual`.
     pub fn policy_skip_logit(&self, residual: &Tensor, margin: Option<&Tensor>) -> Tensor {
-        match (&self.prior_scale, margin) {
-            (Some(PriorScale::Learned(ls)), Some(m)) => residual + m * ls.exp(),
-            (Some(PriorScale::Fixed(s)), Some(m)) => residual + m * *s,
-            _ => residual.shallow_clone(),
-        }
+        self.with_prior_term(residual, margin)
     }
 
     /// The current multiplier of the prior (None without a prior).

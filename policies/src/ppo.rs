@@ -210,6 +210,9 @@ pub struct Batch {
     /// Which ranks fitted the budget when each site was allocated [B, L, K] (bool), as the
     /// sampler stored them (`model::sample_plan`); `None` means every rank was allowed.
     pub feasible: Option<Tensor>,
+    /// The budget's price μ·cost subtracted from the logits when sampling [B, L, K]
+    /// (`model::budget_price`), with `feasible`.
+    pub offset: Option<Tensor>,
     /// Skip decisions, when the network has a skip head.
     pub skip: Option<SkipBatch>,
 }
@@ -269,7 +272,8 @@ pub struct Evaluated {
 
 /// Log-probabilities, entropies and per-site values of `actions` under the current network (and
 /// the prior's utilities `prior` [B, L, K], when it has one), each site's categorical restricted
-/// to its feasibility mask `feasible` [B, L, K] (bool) when given; with a skip head also the
+/// to its feasibility mask and priced by the budget, `feasible` = (mask [B, L, K] bool, price
+/// offset [B, L, K]) as the sampler stored them, when given; with a skip head also the
 /// log-probabilities of the skip decisions `skip` [B] (float, 1 = skipped), with the prior's
 /// skip margins [B] when it has a prior.
 pub fn evaluate_actions(
@@ -279,12 +283,13 @@ pub fn evaluate_actions(
     mask: &Tensor,
     actions: &Tensor,
     prior: Option<&Tensor>,
-    feasible: Option<&Tensor>,
+    feasible: Option<(&Tensor, &Tensor)>,
     skip: Option<(&Tensor, Option<&Tensor>)>,
 ) -> Evaluated {
     let out = net.forward(global, sites, mask);
     let mut logits = net.policy_logits(&out.logits, prior);
-    if let Some(f) = feasible {
+    if let Some((f, offset)) = feasible {
+        logits = logits - offset;
         // Ranks that did not fit get probability 0 (exp(−1e9) underflows to 0 exactly, and
         // 0·(−1e9) keeps the entropy finite where −∞ would make it NaN).
         logits = logits.masked_fill(&f.logical_not(), -1e9);
@@ -333,6 +338,7 @@ pub fn update(
             let mask = sel(&batch.mask);
             let prior = batch.prior.as_ref().map(sel);
             let feasible = batch.feasible.as_ref().map(sel);
+            let offset = batch.offset.as_ref().map(sel);
             let skip = batch
                 .skip
                 .as_ref()
@@ -344,7 +350,7 @@ pub fn update(
                 &mask,
                 &sel(&batch.actions),
                 prior.as_ref(),
-                feasible.as_ref(),
+                feasible.as_ref().zip(offset.as_ref()),
                 skip.as_ref().map(|(s, _, m, _)| (s, m.as_ref())),
             );
             let (logp, entropy, value) = (ev.logp, ev.entropy, ev.values);
@@ -558,6 +564,7 @@ mod tests {
             returns: Tensor::from_slice(&[0.0, 0.0, 0.0, 0.0, f32::NAN, f32::NAN, f32::NAN, f32::NAN]),
             prior: None,
             feasible: None,
+            offset: None,
             skip: None,
         };
         let cfg = PpoConfig { num_minibatches: 2, target_kl: 0.0, ..Default::default() };
@@ -598,6 +605,7 @@ mod tests {
                 returns: Tensor::zeros([b], opts),
                 prior: None,
                 feasible: None,
+                offset: None,
                 skip: Some(SkipBatch {
                     taken: skip.shallow_clone(),
                     logp: old_skip_logp,

@@ -85,6 +85,11 @@ pub struct PriorConfig {
     pub scale: f64,
     /// Train the multiplier with PPO (default true).
     pub learn_scale: bool,
+    /// The multiplier scales the network's residual too, `s·(prior + residual)`, making it the
+    /// policy's temperature (default false: `s·prior + residual`, as checkpoints written before
+    /// this setting act).
+    #[serde(default)]
+    pub scale_residual: bool,
     /// Rounds of an episode / fine-tuning run, for the rounds left H (default 20).
     pub rounds: f64,
     /// Per-round learning rate η of the captured share (default 0.3).
@@ -122,6 +127,7 @@ impl Default for PriorConfig {
             enabled: false,
             scale: 4.0,
             learn_scale: true,
+            scale_residual: false,
             rounds: 20.0,
             eta: 0.3,
             cost_coef: 0.1,

@@ -153,6 +153,7 @@ struct StepRecord {
     actions: Vec<u8>,
     logp: Vec<f32>,
     feasible: Vec<bool>,
+    offset: Vec<f32>,
     prior: Vec<f32>,
     values: Vec<f32>,
     site_rewards: Vec<f32>,
@@ -434,6 +435,7 @@ impl Trainer {
                         actions: d.coarse[sites_of.clone()].to_vec(),
                         logp: d.logp[sites_of.clone()].to_vec(),
                         feasible: d.feasible[rows.clone()].to_vec(),
+                        offset: d.offset[rows.clone()].to_vec(),
                         prior: if has_prior { d.prior[rows].to_vec() } else { Vec::new() },
                         values: d.values[sites_of.clone()].to_vec(),
                         site_rewards: venv.site_rewards()[sites_of].iter().map(|&r| r * scale).collect(),
@@ -476,6 +478,7 @@ impl Trainer {
         let mut buf_a = vec![0i64; b * l];
         let mut buf_logp = vec![0f32; b * l];
         let mut buf_feasible = vec![true; b * l * k];
+        let mut buf_offset = vec![0f32; b * l * k];
         let mut buf_prior = vec![0f32; if has_prior { b * l * k } else { 0 }];
         let (mut buf_v, mut buf_r, mut buf_done) = (Vec::new(), Vec::new(), Vec::new());
         let (mut skip_taken, mut skip_logp, mut skip_margin, mut skip_allowed) =
@@ -488,6 +491,7 @@ impl Trainer {
             buf_a[i * l..i * l + m].iter_mut().zip(&r.actions).for_each(|(a, &j)| *a = j as i64);
             buf_logp[i * l..i * l + m].copy_from_slice(&r.logp);
             buf_feasible[i * l * k..(i * l + m) * k].copy_from_slice(&r.feasible);
+            buf_offset[i * l * k..(i * l + m) * k].copy_from_slice(&r.offset);
             if has_prior {
                 buf_prior[i * l * k..(i * l + m) * k].copy_from_slice(&r.prior);
             }
@@ -547,6 +551,7 @@ impl Trainer {
             returns: Tensor::from_slice(&ret).view(value_shape(cfg.credit, bi, l).as_slice()).to_device(dev),
             prior: has_prior.then(|| Tensor::from_slice(&buf_prior).view([bi, li, ki]).to_device(dev)),
             feasible: Some(Tensor::from_slice(&buf_feasible).view([bi, li, ki]).to_device(dev)),
+            offset: Some(Tensor::from_slice(&buf_offset).view([bi, li, ki]).to_device(dev)),
             skip: has_skip.then(|| ppo::SkipBatch {
                 taken: Tensor::from_slice(&skip_taken).to_device(dev),
                 logp: Tensor::from_slice(&skip_logp).to_device(dev),

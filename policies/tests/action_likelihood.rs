@@ -43,7 +43,7 @@ fn observation() -> (Vec<f32>, Vec<f32>) {
 
 /// P(plan) as the loss computes it: for each site order, the product of the masked
 /// per-site probabilities `evaluate_actions` gives; averaged over the 3! equally likely orders.
-fn loss_probability(m: &PolicyModel, plan: &[u8], g: &[f32], s: &[f32]) -> f64 {
+fn loss_probability(m: &PolicyModel, plan: &[u8], g: &[f32], s: &[f32], offset: &[f32]) -> f64 {
     let (gt, st, mask, _, _) = m.tensors(g, s, 1, 3);
     let actions = Tensor::from_slice(&plan.iter().map(|&j| j as i64).collect::<Vec<_>>()).view([1, 3]);
     let cost: Vec<f64> =
@@ -53,7 +53,10 @@ fn loss_probability(m: &PolicyModel, plan: &[u8], g: &[f32], s: &[f32]) -> f64 {
     for order in orders {
         let masks = feasibility_masks(plan, &order, &cost, RANKS.len(), BUDGET);
         let feasible = Tensor::from_slice(&masks).view([1, 3, RANKS.len() as i64]);
-        let ev = tch::no_grad(|| ppo::evaluate_actions(&m.net, &gt, &st, &mask, &actions, None, Some(&feasible), None));
+        let offset = Tensor::from_slice(offset).view([1, 3, RANKS.len() as i64]);
+        let ev = tch::no_grad(|| {
+            ppo::evaluate_actions(&m.net, &gt, &st, &mask, &actions, None, Some((&feasible, &offset)), None)
+        });
         total += ev.logp.sum(Kind::Double).double_value(&[]).exp() / orders.len() as f64;
     }
     total
@@ -66,6 +69,7 @@ fn executed_plans_have_the_probability_the_loss_uses() {
     let mut rng = ChaCha8Rng::seed_from_u64(11);
     let n = 60_000;
     let mut counts: HashMap<Vec<u8>, usize> = HashMap::new();
+    let mut offset = Vec::new();
     for _ in 0..n {
         let d = m.act(
             ObsBatch { global: &g, sites: &s, n_envs: 1, n_sites: 3 },
@@ -75,6 +79,9 @@ fn executed_plans_have_the_probability_the_loss_uses() {
         let cost: f64 = d.executed.iter().zip(UNIT_COST).map(|(&j, u)| u * RANKS[j as usize] as f64).sum();
         assert!(cost <= BUDGET + 1e-9, "every sampled plan fits the budget: {:?}", d.executed);
         assert_eq!(d.coarse, d.executed, "PPO is credited with the executed plan");
+        // The budget's price is a function of the state: the same in every draw.
+        assert!(offset.is_empty() || offset == d.offset);
+        offset = d.offset.clone();
         *counts.entry(d.executed.clone()).or_default() += 1;
     }
     // Every feasible plan (4³ = 64 candidates, filtered by cost) gets its probability.
@@ -90,7 +97,7 @@ fn executed_plans_have_the_probability_the_loss_uses() {
                     assert!(!counts.contains_key(&plan.to_vec()));
                     continue;
                 }
-                let p = loss_probability(&m, &plan, &g, &s);
+                let p = loss_probability(&m, &plan, &g, &s, &offset);
                 total_p += p;
                 let f = *counts.get(&plan.to_vec()).unwrap_or(&0) as f64 / n as f64;
                 tv += (f - p).abs() / 2.0;
@@ -103,4 +110,5 @@ fn executed_plans_have_the_probability_the_loss_uses() {
     assert!((total_p - 1.0).abs() < 1e-5, "the loss's probabilities of feasible plans sum to {total_p}");
     assert!(tv < 0.012, "total variation between executed frequencies and loss probabilities: {tv}");
     assert!(worst_z < 5.0, "largest deviation {worst_z:.1} standard errors");
+    assert!(offset.iter().any(|&o| o > 0.0), "the case binds: the budget has a positive price");
 }

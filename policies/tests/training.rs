@@ -76,7 +76,7 @@ fn small_preset_is_learned_clearly_above_uniform() {
         t.iterate();
     }
     let mut table = envs::evaluate_baselines(&env, &[envs::Baseline::Uniform, envs::Baseline::Oracle], 64, 99).unwrap();
-    let mut policy = TrainedPolicy { model: &t.model, label: "policy".into() };
+    let mut policy = TrainedPolicy::greedy(&t.model, "policy");
     table.push(envs::evaluate(&env, &mut policy, 64, 99).unwrap());
     let (d, se) = table.paired_difference("policy", "uniform").unwrap();
     let gap = table.rows[2].oracle_gap_closed.unwrap();
@@ -108,7 +108,7 @@ fn an_untrained_policy_with_a_prior_plans_as_the_prior() {
     let preset = load_preset("default").unwrap();
     assert!(preset.prior.enabled);
     let t = Trainer::new(&env, &preset, 64, 5, Device::Cpu).unwrap();
-    let mut model_policy = TrainedPolicy { model: &t.model, label: "policy".into() };
+    let mut model_policy = TrainedPolicy::greedy(&t.model, "policy");
     let prior = policies::prior::Prior::new(preset.prior.clone(), &env.ranks);
     let mut venv = envs::VecEnv::new(&env, 1, 17).unwrap();
     let (mut rounds, mut equal, mut skips) = (0, 0, 0);
@@ -218,7 +218,7 @@ fn distribution_run_resumes_exactly_and_acts_on_every_preset() {
     // never skips where the resource forbids it.
     for name in envs::presets::NAMES {
         let env = envs::presets::load(name).unwrap();
-        let mut policy = TrainedPolicy { model: &straight.model, label: "p".into() };
+        let mut policy = TrainedPolicy::greedy(&straight.model, "p");
         let row = envs::evaluate(&env, &mut policy, 2, 5).unwrap();
         assert!(row.mean_return.is_finite(), "{name}");
         if env.resource.kind == envs::presets::ResourceKind::Budget {

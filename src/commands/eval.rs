@@ -30,6 +30,13 @@ pub struct EvalArgs {
     /// and skips are the prior's).
     #[arg(long, conflicts_with = "env")]
     pub suite: Option<String>,
+    /// With --suite: also a row `<label> sampled` per checkpoint, acting with the stochastic
+    /// policy PPO trains (site-by-site sampling under the budget, seeded) instead of greedily.
+    #[arg(long)]
+    pub sampled: bool,
+    /// Environments evaluated in parallel with --suite [default: the number of cores].
+    #[arg(long)]
+    pub jobs: Option<usize>,
     /// Bootstrap replicates for the suite's intervals.
     #[arg(long, default_value_t = 1000)]
     pub resamples: usize,
@@ -126,7 +133,7 @@ pub fn run(a: &EvalArgs) -> anyhow::Result<()> {
     }
     let mut table = envs::evaluate_baselines(&preset, &which, episodes, a.common.seed)?;
     for l in &loaded {
-        let mut policy = TrainedPolicy { model: &l.model, label: l.label.clone() };
+        let mut policy = TrainedPolicy::greedy(&l.model, l.label.clone());
         table.push(envs::evaluate(&preset, &mut policy, episodes, a.common.seed)?);
     }
     print!("{}", table.to_text());
@@ -167,44 +174,78 @@ fn run_suite(a: &EvalArgs, name: &str) -> anyhow::Result<()> {
             which.push(b);
         }
     }
+    // Environments are evaluated in parallel, one worker per core (at most --jobs); every worker
+    // loads its own copy of the policies (libtorch tensors cannot be shared between threads)
+    // and runs libtorch on one thread, so the results do not depend on the number of workers.
+    let jobs = a.jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())).clamp(1, environments.len().max(1));
     let loaded = load_checkpoints(a)?;
-    // Each checkpoint's prior alone: its own presets, untrained (a zero residual acts as the prior).
-    let priors: Vec<Option<PolicyModel>> = loaded
-        .iter()
-        .map(|l| {
-            let p = &l.cfg.policy_preset;
-            p.prior.enabled.then(|| {
-                PolicyModel::with_prior(
-                    a.common.device,
-                    &l.cfg.schema.ranks,
-                    p.ppo.net,
-                    policies::ddim::DdimConfig::default(),
-                    &p.prior,
-                )
-            })
-        })
-        .collect();
-    let bar = crate::commands::common::progress_bar(environments.len());
-    let mut tables = Vec::with_capacity(environments.len());
     for preset in &environments {
-        bar.set_message(preset.name.clone());
         let spec = envs::EnvSpec::new(preset)?;
         for l in &loaded {
             check_fits(l, preset, &spec)?;
         }
-        let mut table = envs::evaluate_baselines(preset, &which, episodes, a.common.seed)?;
-        for (l, prior) in loaded.iter().zip(&priors) {
-            let mut policy = TrainedPolicy { model: &l.model, label: l.label.clone() };
-            table.push(envs::evaluate(preset, &mut policy, episodes, a.common.seed)?);
-            if let Some(p) = prior {
-                let mut policy = TrainedPolicy { model: p, label: format!("{} prior", l.label) };
-                table.push(envs::evaluate(preset, &mut policy, episodes, a.common.seed)?);
-            }
-        }
-        tables.push(table);
-        bar.inc(1);
     }
+    let labels: Vec<String> = loaded.iter().map(|l| l.label.clone()).collect();
+    drop(loaded);
+    tch::set_num_threads(1);
+    let bar = crate::commands::common::progress_bar(environments.len());
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let results: Vec<anyhow::Result<Vec<(usize, envs::EvalTable)>>> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..jobs)
+            .map(|_| {
+                scope.spawn(|| -> anyhow::Result<Vec<(usize, envs::EvalTable)>> {
+                    let loaded = load_checkpoints(a)?;
+                    // Each checkpoint's prior alone: its own presets, untrained (a zero
+                    // residual acts as the prior).
+                    let priors: Vec<Option<PolicyModel>> = loaded
+                        .iter()
+                        .map(|l| {
+                            let p = &l.cfg.policy_preset;
+                            p.prior.enabled.then(|| {
+                                PolicyModel::with_prior(
+                                    a.common.device,
+                                    &l.cfg.schema.ranks,
+                                    p.ppo.net,
+                                    policies::ddim::DdimConfig::default(),
+                                    &p.prior,
+                                )
+                            })
+                        })
+                        .collect();
+                    let mut out = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        let Some(preset) = environments.get(i) else { break };
+                        let mut table = envs::evaluate_baselines(preset, &which, episodes, a.common.seed)?;
+                        for ((l, prior), label) in loaded.iter().zip(&priors).zip(&labels) {
+                            let mut policy = TrainedPolicy::greedy(&l.model, label.clone());
+                            table.push(envs::evaluate(preset, &mut policy, episodes, a.common.seed)?);
+                            if a.sampled {
+                                let seed = envs::derive_seed(a.common.seed, 0x5a3e);
+                                let mut policy = TrainedPolicy::sampling(&l.model, format!("{label} sampled"), seed);
+                                table.push(envs::evaluate(preset, &mut policy, episodes, a.common.seed)?);
+                            }
+                            if let Some(p) = prior {
+                                let mut policy = TrainedPolicy::greedy(p, format!("{label} prior"));
+                                table.push(envs::evaluate(preset, &mut policy, episodes, a.common.seed)?);
+                            }
+                        }
+                        out.push((i, table));
+                        bar.inc(1);
+                    }
+                    Ok(out)
+                })
+            })
+            .collect();
+        workers.into_iter().map(|w| w.join().unwrap_or_else(|_| Err(anyhow::anyhow!("an evaluation worker panicked")))).collect()
+    });
     bar.finish_and_clear();
+    let mut indexed = Vec::with_capacity(environments.len());
+    for r in results {
+        indexed.extend(r?);
+    }
+    indexed.sort_by_key(|(i, _)| *i);
+    let tables: Vec<envs::EvalTable> = indexed.into_iter().map(|(_, t)| t).collect();
     let summary = envs::eval::SuiteSummary::new(&tables, a.resamples, a.common.seed).map_err(anyhow::Error::msg)?;
     let mut report = format!(
         "suite `{}`: {} environments, {episodes} episodes each, seed {}, {} bootstrap replicates\n",
@@ -223,16 +264,15 @@ fn run_suite(a: &EvalArgs, name: &str) -> anyhow::Result<()> {
     );
     md += &summary.to_markdown();
     md += "\n";
-    for l in &loaded {
-        for base in [format!("{} prior", l.label), "adalora".to_string()] {
-            let Some(d) = summary.mean_difference(&l.label, &base) else { continue };
+    for label in &labels {
+        for base in [format!("{label} prior"), "adalora".to_string()] {
+            let Some(d) = summary.mean_difference(label, &base) else { continue };
             let below: Vec<&str> = (0..environments.len())
-                .filter(|&e| summary.difference(&l.label, &base, e).is_some_and(|d| d.hi < 0.0))
+                .filter(|&e| summary.difference(label, &base, e).is_some_and(|d| d.hi < 0.0))
                 .map(|e| summary.environments[e].as_str())
                 .collect();
             let line = format!(
-                "{} − {base}: mean gap {:+.3} ± {:.3} (paired SE; {:.1} SE), 95% [{:+.3}, {:+.3}]; significantly below on {} of {} environments{}\n",
-                l.label,
+                "{label} − {base}: mean gap {:+.3} ± {:.3} (paired SE; {:.1} SE), 95% [{:+.3}, {:+.3}]; significantly below on {} of {} environments{}\n",
                 d.value,
                 d.se,
                 d.value / d.se.max(1e-12),

@@ -389,7 +389,7 @@ fn evaluate_policy(
 ) -> anyhow::Result<envs::EvalRow> {
     let mut rows = Vec::new();
     for (p, base) in presets.iter().zip(baselines) {
-        let mut policy = TrainedPolicy { model: &trainer.model, label: "policy".into() };
+        let mut policy = TrainedPolicy::greedy(&trainer.model, "policy");
         let mut table = base.clone();
         table.push(envs::evaluate(p, &mut policy, episodes, eval_seed(seed))?);
         rows.push(table.rows.pop().expect("the policy row"));
