@@ -96,6 +96,27 @@ fn the_shipped_policy_acts_on_a_budget_preset() {
     assert!(t.contains("wireless-rayleigh") && !t.contains("NaN"), "{t}");
 }
 
+/// Issue 12, item 4: the shipped default policy (trained on the distribution) acts on every
+/// built-in preset: every resource kind, 56 to 224 sites; it never skips on the budget preset.
+#[test]
+fn the_shipped_default_policy_acts_on_every_built_in_preset() {
+    for env in ["wireless-rayleigh", "wireless-rician", "latency", "budget", "llama7b"] {
+        let o = common::rankpilot_in(
+            &["eval", "--env", env, "--episodes", "2", "--policy", "uniform", "--checkpoint", "checkpoints/default"],
+            &common::root(),
+        );
+        let t = common::text(&o);
+        assert!(o.status.success(), "{env}: {t}");
+        let row = t.lines().find(|l| l.starts_with("default ")).unwrap_or_else(|| panic!("{env}: {t}"));
+        assert!(!row.contains("NaN"), "{env}: {row}");
+        if env == "budget" {
+            // Columns: name, return ± se, loss ± se, resource, violations, skips, gap.
+            let skips: f64 = row.split_whitespace().nth(9).unwrap().parse().unwrap();
+            assert_eq!(skips, 0.0, "{row}");
+        }
+    }
+}
+
 /// Issue 12, item 1: `eval --suite` runs every environment of a suite (here a small one: two
 /// draws of the default distribution and the budget preset) and prints per-environment and mean
 /// gap closed with intervals, and the checkpoint's paired differences to its prior and AdaLoRA.

@@ -166,12 +166,9 @@ impl EnvDistribution {
         for x in &self.vary {
             let u: f64 = rng.random();
             let Some(dst) = get_mut(&mut v, &x.key) else { continue };
-            let value = if x.log { (x.min.ln() + u * (x.max.ln() - x.min.ln())).exp() } else { x.min + u * (x.max - x.min) };
-            *dst = if dst.is_u64() || dst.is_i64() {
-                Value::from(value.round() as i64)
-            } else {
-                Value::from(value)
-            };
+            let value =
+                if x.log { (x.min.ln() + u * (x.max.ln() - x.min.ln())).exp() } else { x.min + u * (x.max - x.min) };
+            *dst = if dst.is_u64() || dst.is_i64() { Value::from(value.round() as i64) } else { Value::from(value) };
         }
         let name = format!("{}-{seed}", self.name);
         v["name"] = Value::from(name.clone());
@@ -181,7 +178,11 @@ impl EnvDistribution {
             found: name.clone(),
             allowed: format!("a draw that forms a preset ({e})"),
         })?;
-        presets::from_toml(&rankpilot_config::to_string(&preset), &format!("<draw {seed} of distribution {}>", self.name), None)
+        presets::from_toml(
+            &rankpilot_config::to_string(&preset),
+            &format!("<draw {seed} of distribution {}>", self.name),
+            None,
+        )
     }
 }
 

@@ -322,13 +322,15 @@ impl SuiteSummary {
     /// table lacks a row, `uniform` or `oracle`, or per-episode returns.
     pub fn new(tables: &[EvalTable], resamples: usize, seed: u64) -> Result<Self, String> {
         use rand::{Rng, SeedableRng};
-        let rows: Vec<String> = tables.first().map(|t| t.rows.iter().map(|r| r.name.clone()).collect()).unwrap_or_default();
+        let rows: Vec<String> =
+            tables.first().map(|t| t.rows.iter().map(|r| r.name.clone()).collect()).unwrap_or_default();
         let mut index = Vec::new();
         for t in tables {
             let find = |n: &str| {
-                t.rows.iter().position(|r| r.name == n && r.returns.len() == t.episodes && t.episodes > 0).ok_or_else(|| {
-                    format!("environment `{}` has no row `{n}` with per-episode returns", t.preset)
-                })
+                t.rows
+                    .iter()
+                    .position(|r| r.name == n && r.returns.len() == t.episodes && t.episodes > 0)
+                    .ok_or_else(|| format!("environment `{}` has no row `{n}` with per-episode returns", t.preset))
             };
             let ids = rows.iter().map(|n| find(n)).collect::<Result<Vec<_>, _>>()?;
             index.push((ids, find("uniform")?, find("oracle")?));
@@ -352,7 +354,8 @@ impl SuiteSummary {
             let values: Vec<f64> =
                 tables.iter().zip(&index).map(|(t, (ids, u, o))| gap_on(t, ids[r], *u, *o, None)).collect();
             gap.push(values.iter().zip(reps).map(|(&v, rep)| Estimate::from_replicates(v, &mut rep.clone())).collect());
-            let mut mean_reps: Vec<f64> = (0..resamples).map(|b| reps.iter().map(|x| x[b]).sum::<f64>() / n_env).collect();
+            let mut mean_reps: Vec<f64> =
+                (0..resamples).map(|b| reps.iter().map(|x| x[b]).sum::<f64>() / n_env).collect();
             mean.push(Estimate::from_replicates(values.iter().sum::<f64>() / n_env, &mut mean_reps));
         }
         Ok(SuiteSummary {
@@ -374,7 +377,10 @@ impl SuiteSummary {
         let (a, b) = (self.row(a)?, self.row(b)?);
         let n_env = self.environments.len().max(1) as f64;
         let mut reps: Vec<f64> = (0..self.resamples)
-            .map(|k| (0..self.environments.len()).map(|e| self.replicates[a][e][k] - self.replicates[b][e][k]).sum::<f64>() / n_env)
+            .map(|k| {
+                (0..self.environments.len()).map(|e| self.replicates[a][e][k] - self.replicates[b][e][k]).sum::<f64>()
+                    / n_env
+            })
             .collect();
         Some(Estimate::from_replicates(self.mean[a].value - self.mean[b].value, &mut reps))
     }

@@ -544,7 +544,11 @@ pub fn budget_price(logp_rows: &[f32], cost: &[f64], k: usize, budget: f64) -> f
     let mut lo = 0.0;
     for _ in 0..60 {
         let mid = 0.5 * (lo + hi);
-        if fits(mid) { hi = mid } else { lo = mid }
+        if fits(mid) {
+            hi = mid
+        } else {
+            lo = mid
+        }
         if hi - lo <= 1e-12 * hi {
             break;
         }
@@ -604,7 +608,11 @@ impl<'a> TrainedPolicy<'a> {
 
     /// The sampling policy; episode e draws from `derive_seed(seed, e)`.
     pub fn sampling(model: &'a PolicyModel, label: impl Into<String>, seed: u64) -> Self {
-        TrainedPolicy { model, label: label.into(), sampling: Some((seed, 0, <ChaCha8Rng as rand::SeedableRng>::seed_from_u64(seed))) }
+        TrainedPolicy {
+            model,
+            label: label.into(),
+            sampling: Some((seed, 0, <ChaCha8Rng as rand::SeedableRng>::seed_from_u64(seed))),
+        }
     }
 }
 

@@ -270,6 +270,19 @@ pub struct Evaluated {
     pub skip: Option<(Tensor, Tensor, Tensor)>,
 }
 
+/// What a rollout stored about its decisions, as [`evaluate_actions`] reads it.
+#[derive(Clone, Copy)]
+pub struct Stored<'a> {
+    /// Rank indices [B, L] (int64).
+    pub actions: &'a Tensor,
+    /// The prior's utilities [B, L, K], when the policy has a prior.
+    pub prior: Option<&'a Tensor>,
+    /// (feasibility mask [B, L, K] bool, price offset [B, L, K]) from the sampler.
+    pub feasible: Option<(&'a Tensor, &'a Tensor)>,
+    /// (skip decisions [B] float, the prior's skip margins [B]), with a skip head.
+    pub skip: Option<(&'a Tensor, Option<&'a Tensor>)>,
+}
+
 /// Log-probabilities, entropies and per-site values of `actions` under the current network (and
 /// the prior's utilities `prior` [B, L, K], when it has one), each site's categorical restricted
 /// to its feasibility mask and priced by the budget, `feasible` = (mask [B, L, K] bool, price
@@ -281,15 +294,13 @@ pub fn evaluate_actions(
     global: &Tensor,
     sites: &Tensor,
     mask: &Tensor,
-    actions: &Tensor,
-    prior: Option<&Tensor>,
-    feasible: Option<(&Tensor, &Tensor)>,
-    skip: Option<(&Tensor, Option<&Tensor>)>,
+    stored: Stored<'_>,
 ) -> Evaluated {
+    let Stored { actions, prior, feasible, skip } = stored;
     let out = net.forward(global, sites, mask);
     let mut logits = net.policy_logits(&out.logits, prior);
     if let Some((f, offset)) = feasible {
-        logits = logits - offset;
+        logits -= offset;
         // Ranks that did not fit get probability 0 (exp(−1e9) underflows to 0 exactly, and
         // 0·(−1e9) keeps the entropy finite where −∞ would make it NaN).
         logits = logits.masked_fill(&f.logical_not(), -1e9);
@@ -339,19 +350,20 @@ pub fn update(
             let prior = batch.prior.as_ref().map(sel);
             let feasible = batch.feasible.as_ref().map(sel);
             let offset = batch.offset.as_ref().map(sel);
-            let skip = batch
-                .skip
-                .as_ref()
-                .map(|b| (sel(&b.taken), sel(&b.logp), b.margin.as_ref().map(sel), sel(&b.allowed)));
+            let skip =
+                batch.skip.as_ref().map(|b| (sel(&b.taken), sel(&b.logp), b.margin.as_ref().map(sel), sel(&b.allowed)));
+            let actions = sel(&batch.actions);
             let ev = evaluate_actions(
                 net,
                 &sel(&batch.global),
                 &sel(&batch.sites),
                 &mask,
-                &sel(&batch.actions),
-                prior.as_ref(),
-                feasible.as_ref().zip(offset.as_ref()),
-                skip.as_ref().map(|(s, _, m, _)| (s, m.as_ref())),
+                Stored {
+                    actions: &actions,
+                    prior: prior.as_ref(),
+                    feasible: feasible.as_ref().zip(offset.as_ref()),
+                    skip: skip.as_ref().map(|(s, _, m, _)| (s, m.as_ref())),
+                },
             );
             let (logp, entropy, value) = (ev.logp, ev.entropy, ev.values);
             // Sites of a skipped state chose nothing: no ratio, no policy gradient there.
@@ -590,8 +602,15 @@ mod tests {
             let skipped: Vec<f32> = (0..b).map(|i| (i < 8) as u8 as f32).collect();
             let skip = Tensor::from_slice(&skipped);
             let actions = Tensor::zeros([b, 5], (Kind::Int64, Device::Cpu));
-            let ev =
-                tch::no_grad(|| evaluate_actions(&net, &global, &sites, &mask, &actions, None, None, Some((&skip, None))));
+            let ev = tch::no_grad(|| {
+                evaluate_actions(
+                    &net,
+                    &global,
+                    &sites,
+                    &mask,
+                    Stored { actions: &actions, prior: None, feasible: None, skip: Some((&skip, None)) },
+                )
+            });
             let (old_skip_logp, _, p0) = ev.skip.unwrap();
             let adv: Vec<f32> = skipped.iter().map(|&s| if s > 0.0 { sign } else { -sign }).collect();
             let batch = Batch {
@@ -617,8 +636,15 @@ mod tests {
                 PpoConfig { num_minibatches: 1, update_epochs: 4, target_kl: 0.0, ent_coef: 0.0, ..Default::default() };
             let stats = update(&cfg, &net, &vs, &mut opt, &batch, 1e-2, |n| (0..n as i64).collect());
             assert!(!stats.non_finite);
-            let ev1 =
-                tch::no_grad(|| evaluate_actions(&net, &global, &sites, &mask, &actions, None, None, Some((&skip, None))));
+            let ev1 = tch::no_grad(|| {
+                evaluate_actions(
+                    &net,
+                    &global,
+                    &sites,
+                    &mask,
+                    Stored { actions: &actions, prior: None, feasible: None, skip: Some((&skip, None)) },
+                )
+            });
             let p1 = ev1.skip.unwrap().2;
             (p0.mean(Kind::Float).double_value(&[]), p1.mean(Kind::Float).double_value(&[]))
         };

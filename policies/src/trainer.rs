@@ -317,10 +317,9 @@ impl Trainer {
         };
         let n = preset.ppo.num_envs;
         match distribution {
-            None => t.groups.push(EnvGroup {
-                venv: VecEnv::from_spec(spec.clone(), n, envs::derive_seed(seed, 1)),
-                draw: None,
-            }),
+            None => t
+                .groups
+                .push(EnvGroup { venv: VecEnv::from_spec(spec.clone(), n, envs::derive_seed(seed, 1)), draw: None }),
             Some(_) => {
                 for g in 0..n.div_ceil(ENVS_PER_DRAW) {
                     let size = ENVS_PER_DRAW.min(n - g * ENVS_PER_DRAW);
@@ -667,14 +666,18 @@ impl Trainer {
                     (None, _) => EnvSpec::new(&cfg.env_preset)?,
                     (Some(d), Some(dist)) => EnvSpec::new(&dist.draw(d)?)?,
                     (Some(_), None) => {
-                        return Err(PolicyError::Checkpoint("a group holds a draw but the run has no distribution".into()));
+                        return Err(PolicyError::Checkpoint(
+                            "a group holds a draw but the run has no distribution".into(),
+                        ));
                     }
                 };
                 Ok(EnvGroup { venv: VecEnv::restore(spec, g.venv)?, draw: g.draw })
             })
             .collect::<Result<Vec<_>, PolicyError>>()?;
         if t.groups.iter().map(|g| g.venv.n_envs()).sum::<usize>() != t.preset.ppo.num_envs {
-            return Err(PolicyError::Checkpoint("state.trainer.groups: environments do not add up to ppo.num_envs".into()));
+            return Err(PolicyError::Checkpoint(
+                "state.trainer.groups: environments do not add up to ppo.num_envs".into(),
+            ));
         }
         t.draws = rs.draws;
         t.rng = rs.rng;

@@ -46,8 +46,7 @@ fn observation() -> (Vec<f32>, Vec<f32>) {
 fn loss_probability(m: &PolicyModel, plan: &[u8], g: &[f32], s: &[f32], offset: &[f32]) -> f64 {
     let (gt, st, mask, _, _) = m.tensors(g, s, 1, 3);
     let actions = Tensor::from_slice(&plan.iter().map(|&j| j as i64).collect::<Vec<_>>()).view([1, 3]);
-    let cost: Vec<f64> =
-        UNIT_COST.iter().flat_map(|&u| RANKS.iter().map(move |&r| u * r as f64)).collect();
+    let cost: Vec<f64> = UNIT_COST.iter().flat_map(|&u| RANKS.iter().map(move |&r| u * r as f64)).collect();
     let orders = [[0, 1, 2], [0, 2, 1], [1, 0, 2], [1, 2, 0], [2, 0, 1], [2, 1, 0]];
     let mut total = 0.0;
     for order in orders {
@@ -55,7 +54,9 @@ fn loss_probability(m: &PolicyModel, plan: &[u8], g: &[f32], s: &[f32], offset: 
         let feasible = Tensor::from_slice(&masks).view([1, 3, RANKS.len() as i64]);
         let offset = Tensor::from_slice(offset).view([1, 3, RANKS.len() as i64]);
         let ev = tch::no_grad(|| {
-            ppo::evaluate_actions(&m.net, &gt, &st, &mask, &actions, None, Some((&feasible, &offset)), None)
+            let stored =
+                ppo::Stored { actions: &actions, prior: None, feasible: Some((&feasible, &offset)), skip: None };
+            ppo::evaluate_actions(&m.net, &gt, &st, &mask, stored)
         });
         total += ev.logp.sum(Kind::Double).double_value(&[]).exp() / orders.len() as f64;
     }
@@ -94,19 +95,21 @@ fn executed_plans_have_the_probability_the_loss_uses() {
                 let plan = [a, b, c];
                 let cost: f64 = plan.iter().zip(UNIT_COST).map(|(&j, u)| u * RANKS[j as usize] as f64).sum();
                 if cost > BUDGET + 1e-9 {
-                    assert!(!counts.contains_key(&plan.to_vec()));
+                    assert!(!counts.contains_key(plan.as_slice()));
                     continue;
                 }
                 let p = loss_probability(&m, &plan, &g, &s, &offset);
                 total_p += p;
-                let f = *counts.get(&plan.to_vec()).unwrap_or(&0) as f64 / n as f64;
+                let f = *counts.get(plan.as_slice()).unwrap_or(&0) as f64 / n as f64;
                 tv += (f - p).abs() / 2.0;
                 let se = (p * (1.0 - p) / n as f64).sqrt().max(1e-6);
                 worst_z = worst_z.max((f - p).abs() / se);
             }
         }
     }
-    eprintln!("feasible plans: loss probabilities sum to {total_p:.6}, total variation {tv:.4}, worst deviation {worst_z:.2} SE");
+    eprintln!(
+        "feasible plans: loss probabilities sum to {total_p:.6}, total variation {tv:.4}, worst deviation {worst_z:.2} SE"
+    );
     assert!((total_p - 1.0).abs() < 1e-5, "the loss's probabilities of feasible plans sum to {total_p}");
     assert!(tv < 0.012, "total variation between executed frequencies and loss probabilities: {tv}");
     assert!(worst_z < 5.0, "largest deviation {worst_z:.1} standard errors");

@@ -177,7 +177,10 @@ fn run_suite(a: &EvalArgs, name: &str) -> anyhow::Result<()> {
     // Environments are evaluated in parallel, one worker per core (at most --jobs); every worker
     // loads its own copy of the policies (libtorch tensors cannot be shared between threads)
     // and runs libtorch on one thread, so the results do not depend on the number of workers.
-    let jobs = a.jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())).clamp(1, environments.len().max(1));
+    let jobs = a
+        .jobs
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+        .clamp(1, environments.len().max(1));
     let loaded = load_checkpoints(a)?;
     for preset in &environments {
         let spec = envs::EnvSpec::new(preset)?;
@@ -237,7 +240,10 @@ fn run_suite(a: &EvalArgs, name: &str) -> anyhow::Result<()> {
                 })
             })
             .collect();
-        workers.into_iter().map(|w| w.join().unwrap_or_else(|_| Err(anyhow::anyhow!("an evaluation worker panicked")))).collect()
+        workers
+            .into_iter()
+            .map(|w| w.join().unwrap_or_else(|_| Err(anyhow::anyhow!("an evaluation worker panicked"))))
+            .collect()
     });
     bar.finish_and_clear();
     let mut indexed = Vec::with_capacity(environments.len());

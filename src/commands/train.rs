@@ -88,7 +88,9 @@ pub fn run(a: &TrainArgs) -> anyhow::Result<()> {
         return Err(BadInput("--steps 0: allowed: an integer >= 1".into()).into());
     }
     let distribution = match &a.distribution {
-        Some(d) => Some(envs::distribution::EnvDistribution::load(d).map_err(|e| BadInput(format!("--distribution: {e}")))?),
+        Some(d) => {
+            Some(envs::distribution::EnvDistribution::load(d).map_err(|e| BadInput(format!("--distribution: {e}")))?)
+        }
         None => None,
     };
     // The environments evaluated during training: the preset, or validation draws.
@@ -136,7 +138,8 @@ pub fn run(a: &TrainArgs) -> anyhow::Result<()> {
             false => anyhow::Error::new(e).context(format!("preset `{run_name}` with policy `{}`", a.policy)),
         })?
     };
-    let trained_on = |t: &Trainer| t.distribution.as_ref().map_or(t.env_preset.name.clone(), |d| format!("dist-{}", d.name));
+    let trained_on =
+        |t: &Trainer| t.distribution.as_ref().map_or(t.env_preset.name.clone(), |d| format!("dist-{}", d.name));
     if a.resume && trained_on(&trainer) != run_name {
         return Err(BadInput(format!(
             "--resume: the checkpoint in {} was trained on `{}`, not `{}`",
@@ -146,8 +149,7 @@ pub fn run(a: &TrainArgs) -> anyhow::Result<()> {
         ))
         .into());
     }
-    let logdir =
-        a.logdir.clone().unwrap_or_else(|| PathBuf::from(format!("runs/train-{run_name}-s{}", trainer.seed)));
+    let logdir = a.logdir.clone().unwrap_or_else(|| PathBuf::from(format!("runs/train-{run_name}-s{}", trainer.seed)));
     let mut tb = SummaryWriter::new(&logdir)?;
     if a.resume {
         // Readers drop what the interrupted run logged after its last checkpoint.
@@ -164,7 +166,12 @@ pub fn run(a: &TrainArgs) -> anyhow::Result<()> {
     let baselines = eval_presets
         .iter()
         .map(|p| {
-            envs::evaluate_baselines(p, &[Baseline::Uniform, Baseline::Adalora, Baseline::Oracle], a.eval_episodes, eval_seed(seed))
+            envs::evaluate_baselines(
+                p,
+                &[Baseline::Uniform, Baseline::Adalora, Baseline::Oracle],
+                a.eval_episodes,
+                eval_seed(seed),
+            )
         })
         .collect::<Result<Vec<_>, _>>()?;
     let total = trainer.total_iterations();
