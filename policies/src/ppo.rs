@@ -602,15 +602,11 @@ mod tests {
             let skipped: Vec<f32> = (0..b).map(|i| (i < 8) as u8 as f32).collect();
             let skip = Tensor::from_slice(&skipped);
             let actions = Tensor::zeros([b, 5], (Kind::Int64, Device::Cpu));
-            let ev = tch::no_grad(|| {
-                evaluate_actions(
-                    &net,
-                    &global,
-                    &sites,
-                    &mask,
-                    Stored { actions: &actions, prior: None, feasible: None, skip: Some((&skip, None)) },
-                )
-            });
+            let evaluate = |net: &PolicyNet| {
+                let stored = Stored { actions: &actions, prior: None, feasible: None, skip: Some((&skip, None)) };
+                tch::no_grad(|| evaluate_actions(net, &global, &sites, &mask, stored))
+            };
+            let ev = evaluate(&net);
             let (old_skip_logp, _, p0) = ev.skip.unwrap();
             let adv: Vec<f32> = skipped.iter().map(|&s| if s > 0.0 { sign } else { -sign }).collect();
             let batch = Batch {
@@ -636,15 +632,7 @@ mod tests {
                 PpoConfig { num_minibatches: 1, update_epochs: 4, target_kl: 0.0, ent_coef: 0.0, ..Default::default() };
             let stats = update(&cfg, &net, &vs, &mut opt, &batch, 1e-2, |n| (0..n as i64).collect());
             assert!(!stats.non_finite);
-            let ev1 = tch::no_grad(|| {
-                evaluate_actions(
-                    &net,
-                    &global,
-                    &sites,
-                    &mask,
-                    Stored { actions: &actions, prior: None, feasible: None, skip: Some((&skip, None)) },
-                )
-            });
+            let ev1 = evaluate(&net);
             let p1 = ev1.skip.unwrap().2;
             (p0.mean(Kind::Float).double_value(&[]), p1.mean(Kind::Float).double_value(&[]))
         };

@@ -469,7 +469,10 @@ impl Trainer {
         }
 
         // Records are step-major in group order, so index t·N + n is environment n at step t.
-        let l = records.iter().map(|r| r.n_sites).max().unwrap_or(1);
+        // A group redrawn at the last step may have more sites than any record: its bootstrap
+        // values need room too.
+        let l =
+            records.iter().map(|r| r.n_sites).chain(self.groups.iter().map(|g| g.venv.n_sites())).max().unwrap_or(1);
         let b = t_len * n;
         let mut buf_g = Vec::with_capacity(b * g_dim);
         let mut buf_s = vec![0f32; b * l * s_dim];

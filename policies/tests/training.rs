@@ -23,6 +23,16 @@ fn weights(t: &Trainer) -> Vec<(String, Vec<f32>)> {
     t.model.weights().into_iter().map(|(n, w)| (n, Vec::<f32>::try_from(w.flatten(0, -1)).unwrap())).collect()
 }
 
+/// A trainer rebuilt from its checkpoint parts, through JSON text as a checkpoint stores them.
+fn through_checkpoint(t: Trainer) -> Trainer {
+    let (tensors, config, state) = t.checkpoint_parts();
+    let config: serde_json::Value = serde_json::from_str(&config.to_string()).unwrap();
+    let state: serde_json::Value = serde_json::from_str(&state.to_string()).unwrap();
+    let copies: Vec<(String, tch::Tensor)> = tensors.iter().map(|(n, t)| (n.clone(), t.copy())).collect();
+    drop(t);
+    Trainer::restore(&config, &state, &copies, None, Device::Cpu).unwrap()
+}
+
 #[test]
 fn resume_equals_uninterrupted_run() {
     let _serial = serial();
@@ -45,13 +55,7 @@ fn resume_equals_uninterrupted_run() {
     let mut first = Trainer::new(&env, &preset, steps, 7, Device::Cpu).unwrap();
     first.iterate();
     first.iterate();
-    // Through JSON text, as a checkpoint stores it.
-    let (tensors, config, state) = first.checkpoint_parts();
-    let config: serde_json::Value = serde_json::from_str(&config.to_string()).unwrap();
-    let state: serde_json::Value = serde_json::from_str(&state.to_string()).unwrap();
-    let copies: Vec<(String, tch::Tensor)> = tensors.iter().map(|(n, t)| (n.clone(), t.copy())).collect();
-    drop(first);
-    let mut resumed = Trainer::restore(&config, &state, &copies, None, Device::Cpu).unwrap();
+    let mut resumed = through_checkpoint(first);
     assert!(resumed.model.ddim_active, "DDIM warmed up before the checkpoint");
     resumed.iterate();
     resumed.iterate();
@@ -201,12 +205,7 @@ fn distribution_run_resumes_exactly_and_acts_on_every_preset() {
     let mut first = new();
     first.iterate();
     first.iterate();
-    let (tensors, config, state) = first.checkpoint_parts();
-    let config: serde_json::Value = serde_json::from_str(&config.to_string()).unwrap();
-    let state: serde_json::Value = serde_json::from_str(&state.to_string()).unwrap();
-    let copies: Vec<(String, tch::Tensor)> = tensors.iter().map(|(n, t)| (n.clone(), t.copy())).collect();
-    drop(first);
-    let mut resumed = Trainer::restore(&config, &state, &copies, None, Device::Cpu).unwrap();
+    let mut resumed = through_checkpoint(first);
     resumed.iterate();
     resumed.iterate();
     let (a, b) = (weights(&resumed), weights(&straight));
