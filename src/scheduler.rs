@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Result, bail};
 use envs::{Observation, RoundContext};
+use policies::belief::Belief;
 use policies::model::{ActMode, BudgetContext, ObsBatch, PolicyModel, Schema};
 use tch::Device;
 
@@ -499,6 +500,8 @@ pub struct PolicyScheduler {
     label: String,
     params_per_rank: Vec<f64>,
     budget: f64,
+    /// The run's history, for a prior that infers.
+    belief: Belief,
 }
 
 impl PolicyScheduler {
@@ -515,7 +518,7 @@ impl PolicyScheduler {
         cfg.schema
             .check_compatible(&Schema::current(&cfg.schema.ranks))
             .map_err(|e| BadInput(format!("policy:{}: {e}", dir.display())))?;
-        Ok(PolicyScheduler { model, label, params_per_rank, budget })
+        Ok(PolicyScheduler { model, label, params_per_rank, budget, belief: Belief::new() })
     }
 }
 
@@ -546,6 +549,7 @@ impl RankScheduler for PolicyScheduler {
         let d = self.model.act(
             ObsBatch::one(obs),
             BudgetContext { unit_cost: ctx.unit_cost, budgets: &[budget], dims: Some(&dims) },
+            std::slice::from_mut(&mut self.belief),
             ActMode::Greedy,
         );
         if d.skip[0] {

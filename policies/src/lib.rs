@@ -4,6 +4,7 @@
 //! - [`ppo`]: PPO with GAE, clipping, value clipping, KL early stop — every detail in one file;
 //! - [`normalize`]: running observation normalization, saved with the policy;
 //! - [`prior`]: the model-based prior the policy's learned residual is added to;
+//! - [`belief`]: online inference of an episode's constants for the prior;
 //! - [`projection`]: the feasibility projection that makes every plan fit the estimated budget;
 //! - [`ddim`]: the DDIM refinement stage with its replay buffer;
 //! - [`trainer`]: the training loop around PPO and DDIM, checkpoint parts and resume.
@@ -39,6 +40,7 @@ impl PolicyError {
 }
 
 pub mod adam;
+pub mod belief;
 pub mod ddim;
 pub mod model;
 pub mod network;

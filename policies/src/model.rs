@@ -2,6 +2,7 @@
 //! refiner, and the feasibility projection. Used by the trainer (sampling) and by evaluation and
 //! real runs (greedy), through [`envs::RankPolicy`].
 
+use crate::belief::Belief;
 use crate::PolicyError;
 use rand::Rng;
 use rand::seq::SliceRandom;
@@ -224,12 +225,15 @@ impl PolicyModel {
     /// `budget.budgets` (per environment, estimated) drive the feasibility projection; the prior
     /// also needs each site's min(d_in, d_out) (`budget.dims`, `Site::max_rank`) to normalize a
     /// spectrum's energy, and assumes `prior.default_dim` without it.
-    pub fn act(&self, obs: ObsBatch<'_>, budget: BudgetContext<'_>, mode: ActMode<'_>) -> Decision {
+    ///
+    /// `beliefs` holds one episode history per environment ([`Belief`]), which a prior that
+    /// infers (`prior.infer`) extends with this observation; an empty slice otherwise.
+    pub fn act(&self, obs: ObsBatch<'_>, budget: BudgetContext<'_>, beliefs: &mut [Belief], mode: ActMode<'_>) -> Decision {
         let ObsBatch { global, sites, n_envs, n_sites } = obs;
         let BudgetContext { unit_cost, budgets, .. } = budget;
         let k = self.ranks.len();
         let (prior, skip_margin) = match &self.prior {
-            Some(p) => p.values(obs, budget, self.net.has_skip()),
+            Some(p) => p.values(obs, budget, beliefs, self.net.has_skip()),
             None => (Vec::new(), Vec::new()),
         };
         let current = self.current_indices(sites, n_envs, n_sites);
@@ -598,12 +602,14 @@ pub struct TrainedPolicy<'a> {
     pub label: String,
     /// Sample instead of acting greedily: (seed, episodes begun so far, the episode's stream).
     pub sampling: Option<(u64, u64, ChaCha8Rng)>,
+    /// The episode's history, for a prior that infers.
+    pub belief: Belief,
 }
 
 impl<'a> TrainedPolicy<'a> {
     /// The greedy policy.
     pub fn greedy(model: &'a PolicyModel, label: impl Into<String>) -> Self {
-        TrainedPolicy { model, label: label.into(), sampling: None }
+        TrainedPolicy { model, label: label.into(), sampling: None, belief: Belief::new() }
     }
 
     /// The sampling policy; episode e draws from `derive_seed(seed, e)`.
@@ -612,6 +618,7 @@ impl<'a> TrainedPolicy<'a> {
             model,
             label: label.into(),
             sampling: Some((seed, 0, <ChaCha8Rng as rand::SeedableRng>::seed_from_u64(seed))),
+            belief: Belief::new(),
         }
     }
 }
@@ -622,6 +629,7 @@ impl RankPolicy for TrainedPolicy<'_> {
     }
 
     fn begin_episode(&mut self) {
+        self.belief = Belief::new();
         if let Some((seed, e, rng)) = &mut self.sampling {
             *rng = <ChaCha8Rng as rand::SeedableRng>::seed_from_u64(envs::derive_seed(*seed, *e));
             *e += 1;
@@ -641,6 +649,7 @@ impl RankPolicy for TrainedPolicy<'_> {
         let d = self.model.act(
             ObsBatch::one(obs),
             BudgetContext { unit_cost: ctx.unit_cost, budgets: &[ctx.conservative_budget], dims: Some(&dims) },
+            std::slice::from_mut(&mut self.belief),
             match &mut self.sampling {
                 Some((_, _, rng)) => ActMode::Sample(rng),
                 None => ActMode::Greedy,

@@ -54,6 +54,7 @@ use serde::{Deserialize, Serialize};
 use envs::sites::power_law_tables;
 use envs::{GLOBAL_FEATURES, GlobalFeature, Observation, RankPolicy, RoundContext, SITE_FEATURES, SiteFeature};
 
+use crate::belief::{Belief, Dynamics};
 use crate::model::{BudgetContext, ObsBatch};
 
 /// Mean spectral decay β per projection kind, as the observation groups them.
@@ -119,6 +120,44 @@ pub struct PriorConfig {
     /// before this setting existed act.
     #[serde(default)]
     pub loss_floor: Option<f64>,
+    /// Infer the horizon, η, L∞, the decays and the sensitivities from the episode's history
+    /// ([`crate::belief`]); the beliefs above are then only its starting point. Default false,
+    /// so that checkpoints written before inference existed act as they did.
+    #[serde(default)]
+    pub infer: bool,
+    /// With `infer`: standard deviation of ln η around `eta` (default 0.7).
+    #[serde(default = "default_eta_sd")]
+    pub eta_sd: f64,
+    /// With `infer`: standard deviation of 1/(L∞ + Σw) around its belief (default 0.15).
+    #[serde(default = "default_loss_scale_sd")]
+    pub loss_scale_sd: f64,
+    /// With `infer`: spread of a kind's mean decay around `beta` across environments
+    /// (default 0.25).
+    #[serde(default = "default_beta_role_sd")]
+    pub beta_role_sd: f64,
+}
+
+fn default_eta_sd() -> f64 {
+    0.7
+}
+
+fn default_loss_scale_sd() -> f64 {
+    0.15
+}
+
+fn default_beta_role_sd() -> f64 {
+    0.25
+}
+
+/// What the values of one round are computed from: the rounds left, η, and per site its E(r)
+/// table (`n × |ranks|`), current rank index, sensitivity and captured share.
+struct RoundModel {
+    h: f64,
+    eta: f64,
+    e: Vec<f64>,
+    cur: Vec<usize>,
+    w: Vec<f64>,
+    q: Vec<f64>,
 }
 
 impl Default for PriorConfig {
@@ -140,6 +179,10 @@ impl Default for PriorConfig {
             tail_noise: 0.2,
             default_dim: 4096,
             loss_floor: None,
+            infer: false,
+            eta_sd: default_eta_sd(),
+            loss_scale_sd: default_loss_scale_sd(),
+            beta_role_sd: default_beta_role_sd(),
         }
     }
 }
@@ -156,6 +199,9 @@ impl rankpilot_config::Validate for PriorConfig {
         v.check(self.beta_max > self.beta_min, "beta_max", self.beta_max, "a number > beta_min");
         v.check(self.tail_noise > 0.0, "tail_noise", self.tail_noise, "a number > 0");
         v.check(self.default_dim >= 1, "default_dim", self.default_dim, "an integer >= 1");
+        for (k, x) in [("eta_sd", self.eta_sd), ("loss_scale_sd", self.loss_scale_sd), ("beta_role_sd", self.beta_role_sd)] {
+            v.check(x > 0.0 && x <= 10.0, k, x, "a number in (0, 10]");
+        }
         if let Some(f) = self.loss_floor {
             v.check(f >= 0.0 && f.is_finite(), "loss_floor", f, "a number >= 0");
         }
@@ -226,6 +272,30 @@ impl Prior {
         t
     }
 
+    /// The β whose ln tail share at rank index `j` is `x` (clipped to the grid), and
+    /// |d ln t/dβ| there.
+    fn invert_tail(&self, tab: &Tables, j: usize, x: f64) -> (f64, f64) {
+        // ln t is decreasing in β: find the grid interval that brackets the observation.
+        let k = self.ranks.len();
+        let x = x as f32;
+        let n = self.grid.len();
+        let lt = |i: usize| tab.ln_tail[i * k + j];
+        if x >= lt(0) {
+            (self.grid[0], (lt(0) - lt(1)) as f64 / GRID_STEP)
+        } else if x <= lt(n - 1) {
+            (self.grid[n - 1], (lt(n - 2) - lt(n - 1)) as f64 / GRID_STEP)
+        } else {
+            let (mut lo, mut hi) = (0usize, n - 1);
+            while hi - lo > 1 {
+                let mid = (lo + hi) / 2;
+                if lt(mid) >= x { lo = mid } else { hi = mid }
+            }
+            let d = (lt(lo) - lt(hi)) as f64;
+            let f = if d > 0.0 { (lt(lo) - x) as f64 / d } else { 0.0 };
+            (self.grid[lo] + f * (self.grid[hi] - self.grid[lo]), d / GRID_STEP)
+        }
+    }
+
     /// β̂ of one site: the kind's mean, updated with the observed tail share at rank index `j`.
     fn beta_estimate(&self, tab: &Tables, row: &[f32], j: usize) -> f64 {
         let c = &self.cfg;
@@ -242,25 +312,7 @@ impl Prior {
         if self.ranks[j] < 2 || tail <= 0.0 || !tail.is_finite() {
             return prior.clamp(c.beta_min, c.beta_max);
         }
-        // ln t is decreasing in β: find the grid interval that brackets the observation.
-        let k = self.ranks.len();
-        let x = tail.ln() as f32;
-        let n = self.grid.len();
-        let lt = |i: usize| tab.ln_tail[i * k + j];
-        let (meas, slope) = if x >= lt(0) {
-            (self.grid[0], (lt(0) - lt(1)) as f64 / GRID_STEP)
-        } else if x <= lt(n - 1) {
-            (self.grid[n - 1], (lt(n - 2) - lt(n - 1)) as f64 / GRID_STEP)
-        } else {
-            let (mut lo, mut hi) = (0usize, n - 1);
-            while hi - lo > 1 {
-                let mid = (lo + hi) / 2;
-                if lt(mid) >= x { lo = mid } else { hi = mid }
-            }
-            let d = (lt(lo) - lt(hi)) as f64;
-            let f = if d > 0.0 { (lt(lo) - x) as f64 / d } else { 0.0 };
-            (self.grid[lo] + f * (self.grid[hi] - self.grid[lo]), d / GRID_STEP)
-        };
+        let (meas, slope) = self.invert_tail(tab, j, tail.ln());
         let sd_meas = c.tail_noise / slope.max(1e-6);
         let (wp, wm) = (1.0 / (c.beta_sd * c.beta_sd), 1.0 / (sd_meas * sd_meas));
         ((prior * wp + meas * wm) / (wp + wm)).clamp(c.beta_min, c.beta_max)
@@ -269,54 +321,106 @@ impl Prior {
     /// Prior values v_lj (reward units, see the module doc) of one environment (`obs` and
     /// `budget` of one environment), written to `out` (`n_sites × |ranks|`), normalized per
     /// round and per average site. `budget.dims` gives each site's min(d_in, d_out)
-    /// (`default_dim` when `None`). Returns Σ_l v_l^skip, the value of skipping the round, in
-    /// the same units.
-    pub fn values_into(&self, obs: ObsBatch<'_>, budget: BudgetContext<'_>, out: &mut [f32]) -> f64 {
+    /// (`default_dim` when `None`). With `infer` on, `belief` is the environment's episode
+    /// history: this observation is added to it and the constants are inferred from it
+    /// ([`crate::belief`]); otherwise (or without one) the fixed beliefs are used. Returns
+    /// Σ_l v_l^skip, the value of skipping the round, in the same units.
+    pub fn values_into(
+        &self,
+        obs: ObsBatch<'_>,
+        budget: BudgetContext<'_>,
+        belief: Option<&mut Belief>,
+        out: &mut [f32],
+    ) -> f64 {
         debug_assert_eq!((obs.n_envs, budget.budgets.len()), (1, 1), "one environment");
+        let c = &self.cfg;
+        let k = self.ranks.len();
+        let n = obs.sites.len() / SITE_FEATURES;
+        debug_assert_eq!(obs.global.len(), GLOBAL_FEATURES);
+        debug_assert_eq!(out.len(), n * k);
+        let m = match belief.filter(|_| c.infer) {
+            Some(b) => self.model_inferred(obs, budget.dims, b),
+            None => self.model_fixed(obs, budget.dims),
+        };
+        let RoundModel { h, eta, e, cur, w, q } = m;
+        let b = budget.budgets[0].max(f64::MIN_POSITIVE);
+        let unit_cost = budget.unit_cost;
+        let rho = 1.0 - eta;
+        let s_h = rho * (1.0 - rho.powf(h)) / eta;
+        let s_h1 = rho * (1.0 - rho.powf(h - 1.0)) / eta;
+        let norm = n as f64 / (h * c.sensitivity_total);
+        let mut skip_value = 0.0;
+        for l in 0..n {
+            let el = &e[l * k..(l + 1) * k];
+            let ec = el[cur[l]];
+            let q = q[l];
+            for j in 0..k {
+                let q0 = if j < cur[l] && ec > 0.0 { q * el[j] / ec } else { q };
+                let cost = self.ranks[j] as f64 * unit_cost[l];
+                let v = w[l] * (h * el[j] - (el[j] - q0).max(0.0) * s_h) - h * c.cost_coef * cost / b;
+                out[l * k + j] = (v * norm) as f32;
+            }
+            let cost = self.ranks[cur[l]] as f64 * unit_cost[l];
+            skip_value +=
+                norm * (w[l] * (q + (h - 1.0) * ec - (ec - q).max(0.0) * s_h1) - (h - 1.0) * c.cost_coef * cost / b);
+        }
+        skip_value
+    }
+
+    /// Each site's current rank index, from the `rank` feature.
+    fn current_indices(&self, sites: &[f32]) -> Vec<usize> {
+        let rmax = *self.ranks.last().unwrap_or(&1) as f64;
+        sites
+            .chunks_exact(SITE_FEATURES)
+            .map(|row| {
+                let r = row[SiteFeature::Rank] as f64 * rmax;
+                self.ranks
+                    .iter()
+                    .enumerate()
+                    .min_by(|a, b| ((*a.1 as f64 - r).abs()).total_cmp(&(*b.1 as f64 - r).abs()))
+                    .map_or(0, |x| x.0)
+            })
+            .collect()
+    }
+
+    /// The E table of site `l` (its dimension from `dims`, else `default_dim`).
+    fn site_tables(&self, dims: Option<&[u32]>, l: usize) -> Arc<Tables> {
+        self.tables(dims.map_or(self.cfg.default_dim, |d| d[l]))
+    }
+
+    /// E(r_j) for every rank of the set at decay `beta`, interpolated linearly on the grid.
+    fn energy_row(&self, tab: &Tables, beta: f64, out: &mut [f64]) {
+        let c = &self.cfg;
+        let k = self.ranks.len();
+        let pos = ((beta - c.beta_min) / GRID_STEP).clamp(0.0, (self.grid.len() - 1) as f64);
+        let i0 = (pos.floor() as usize).min(self.grid.len().saturating_sub(2));
+        let f = pos - i0 as f64;
+        for j in 0..k {
+            let a = tab.energy[i0 * k + j] as f64;
+            let z = tab.energy[(i0 + 1).min(self.grid.len() - 1) * k + j] as f64;
+            out[j] = a + f * (z - a);
+        }
+    }
+
+    /// The round's model with the fixed beliefs of the config.
+    fn model_fixed(&self, obs: ObsBatch<'_>, dims: Option<&[u32]>) -> RoundModel {
         let ObsBatch { global, sites, .. } = obs;
-        let BudgetContext { unit_cost, dims, .. } = budget;
-        let budget = budget.budgets[0];
         let c = &self.cfg;
         let k = self.ranks.len();
         let n = sites.len() / SITE_FEATURES;
-        debug_assert_eq!(global.len(), GLOBAL_FEATURES);
-        debug_assert_eq!(out.len(), n * k);
-        let rmax = *self.ranks.last().unwrap_or(&1) as f64;
         let round = (global[GlobalFeature::Progress] as f64 * c.rounds).round().max(0.0);
         let h = (c.rounds - round).max(1.0);
         let rho = 1.0 - c.eta;
-        let s_h = rho * (1.0 - rho.powf(h)) / c.eta;
-        let s_h1 = rho * (1.0 - rho.powf(h - 1.0)) / c.eta;
         let conv = 1.0 - rho.powf(round);
-        let b = budget.max(f64::MIN_POSITIVE);
-        let norm = n as f64 / (h * c.sensitivity_total);
-        let mut tab = self.tables(dims.map_or(c.default_dim, |d| d.first().copied().unwrap_or(c.default_dim)));
-        // Pass 1: per site the current rank, the energy table at β̂ and the sensitivity.
+        let cur = self.current_indices(sites);
+        // Per site the energy table at β̂ and the sensitivity.
         let mut e = vec![0f64; n * k];
-        let mut cur = vec![0usize; n];
         let mut w = vec![0f64; n];
         for l in 0..n {
             let row = &sites[l * SITE_FEATURES..(l + 1) * SITE_FEATURES];
-            if let Some(d) = dims.filter(|d| d[l] != tab.dim) {
-                tab = self.tables(d[l]);
-            }
-            let r = row[SiteFeature::Rank] as f64 * rmax;
-            cur[l] = self
-                .ranks
-                .iter()
-                .enumerate()
-                .min_by(|a, b| ((*a.1 as f64 - r).abs()).total_cmp(&(*b.1 as f64 - r).abs()))
-                .map_or(0, |x| x.0);
+            let tab = self.site_tables(dims, l);
             let beta = self.beta_estimate(&tab, row, cur[l]);
-            // Linear interpolation of the E table in β.
-            let pos = ((beta - c.beta_min) / GRID_STEP).clamp(0.0, (self.grid.len() - 1) as f64);
-            let i0 = (pos.floor() as usize).min(self.grid.len().saturating_sub(2));
-            let f = pos - i0 as f64;
-            for j in 0..k {
-                let a = tab.energy[i0 * k + j] as f64;
-                let z = tab.energy[(i0 + 1).min(self.grid.len() - 1) * k + j] as f64;
-                e[l * k + j] = a + f * (z - a);
-            }
+            self.energy_row(&tab, beta, &mut e[l * k..(l + 1) * k]);
             let q = e[l * k + cur[l]] * conv;
             // Sensitivity: geometric mean of the two noisy measurements of w·L/Σw.
             let sens = (row[SiteFeature::Sensitivity] as f64).max(1e-6);
@@ -336,23 +440,97 @@ impl Prior {
             }
             None => conv,
         };
-        // Pass 2: the values.
-        let mut skip_value = 0.0;
+        let q = (0..n).map(|l| e[l * k + cur[l]] * frac).collect();
+        RoundModel { h, eta: c.eta, e, cur, w, q }
+    }
+
+    /// The round's model inferred from the episode's history ([`crate::belief`]), after adding
+    /// this observation to `belief`.
+    fn model_inferred(&self, obs: ObsBatch<'_>, dims: Option<&[u32]>, belief: &mut Belief) -> RoundModel {
+        let ObsBatch { global, sites, .. } = obs;
+        let c = &self.cfg;
+        let k = self.ranks.len();
+        let n = sites.len() / SITE_FEATURES;
+        let cur = self.current_indices(sites);
+        belief.observe(global, sites, &cur, k);
+        let belief = &*belief;
+        let rounds = belief.rounds(c.rounds);
+        let round = (global[GlobalFeature::Progress] as f64 * rounds).round().max(0.0);
+        let h = (rounds - round).max(1.0);
+        // Decay: per site the precision-weighted inversion of its mean ln tail share at every
+        // rank it has been measured at, then the kind means pooled over the sites.
+        let noise = belief.tail_noise(c.tail_noise);
+        let role = [c.beta.qk, c.beta.vo, c.beta.mlp_in, c.beta.mlp_out];
+        let tabs: Vec<Arc<Tables>> = (0..n).map(|l| self.site_tables(dims, l)).collect();
+        let mut meas: Vec<Option<(f64, f64)>> = vec![None; n];
+        let mut kind: Vec<Option<usize>> = vec![None; n];
+        let mut depth_shift = vec![0f64; n];
         for l in 0..n {
-            let el = &e[l * k..(l + 1) * k];
-            let ec = el[cur[l]];
-            let q = ec * frac;
-            for j in 0..k {
-                let q0 = if j < cur[l] && ec > 0.0 { q * el[j] / ec } else { q };
-                let cost = self.ranks[j] as f64 * unit_cost[l];
-                let v = w[l] * (h * el[j] - (el[j] - q0).max(0.0) * s_h) - h * c.cost_coef * cost / b;
-                out[l * k + j] = (v * norm) as f32;
+            let row = &sites[l * SITE_FEATURES..(l + 1) * SITE_FEATURES];
+            kind[l] = row[SiteFeature::ROLE_GROUPS].iter().position(|&x| x > 0.5);
+            depth_shift[l] = c.beta_depth_slope * (row[SiteFeature::Depth] as f64 - 0.5);
+            let (mut wsum, mut bsum) = (0.0, 0.0);
+            for j in (0..k).filter(|&j| self.ranks[j] >= 2) {
+                let (x, m) = belief.mean_ln_tail(l, j);
+                if m == 0 {
+                    continue;
+                }
+                let (beta, slope) = self.invert_tail(&tabs[l], j, x);
+                let var = noise * noise / (m as f64 * slope.max(1e-6).powi(2));
+                wsum += 1.0 / var;
+                bsum += beta / var;
             }
-            let cost = self.ranks[cur[l]] as f64 * unit_cost[l];
-            skip_value +=
-                norm * (w[l] * (q + (h - 1.0) * ec - (ec - q).max(0.0) * s_h1) - (h - 1.0) * c.cost_coef * cost / b);
+            if wsum > 0.0 {
+                meas[l] = Some((bsum / wsum, 1.0 / wsum));
+            }
         }
-        skip_value
+        let (sd, tau) = (c.beta_sd * c.beta_sd, c.beta_role_sd * c.beta_role_sd);
+        let pooled: Vec<(f64, f64)> = (0..4)
+            .map(|r| {
+                let (mut p, mut s) = (1.0 / tau, role[r] / tau);
+                for l in (0..n).filter(|&l| kind[l] == Some(r)) {
+                    if let Some((b, v)) = meas[l] {
+                        p += 1.0 / (v + sd);
+                        s += (b - depth_shift[l]) / (v + sd);
+                    }
+                }
+                (s / p, 1.0 / p)
+            })
+            .collect();
+        let mut e = vec![0f64; n * k];
+        for l in 0..n {
+            let (mean, var) = match kind[l] {
+                Some(r) => (pooled[r].0 + depth_shift[l], pooled[r].1 + sd),
+                None => (role.iter().sum::<f64>() / 4.0 + depth_shift[l], tau + sd),
+            };
+            let beta = match meas[l] {
+                Some((b, v)) => (mean / var + b / v) / (1.0 / var + 1.0 / v),
+                None => mean,
+            };
+            self.energy_row(&tabs[l], beta.clamp(c.beta_min, c.beta_max), &mut e[l * k..(l + 1) * k]);
+        }
+        // Sensitivity from the episode's mean ln sensitivity; the dynamics fit on it (rescaled
+        // to Σw: the log-normal ŵ are biased upward), then the current gradient as one more
+        // measurement at the fitted captured share.
+        let scale = c.sensitivity_total / n as f64;
+        let mut w: Vec<f64> = (0..n).map(|l| belief.mean_ln_sensitivity(l).0.exp() * scale).collect();
+        let w_sum: f64 = w.iter().sum::<f64>().max(f64::MIN_POSITIVE);
+        let w_fit: Vec<f64> = w.iter().map(|x| x * c.sensitivity_total / w_sum).collect();
+        let floor = c.loss_floor.unwrap_or(0.5);
+        let start = Dynamics { eta: c.eta, u: 1.0 / (floor + c.sensitivity_total) };
+        let mut q = vec![0f64; n];
+        let fit = belief.fit_dynamics(&e, &w_fit, start, c.eta_sd, c.loss_scale_sd, &mut q);
+        for l in 0..n {
+            let row = &sites[l * SITE_FEATURES..(l + 1) * SITE_FEATURES];
+            let g = row[SiteFeature::GradNorm] as f64;
+            if g > 0.0 && q[l] < 0.99 {
+                let (ln_s, m) = belief.mean_ln_sensitivity(l);
+                let ln_g = (g / (1.0 - q[l]).sqrt()).ln();
+                w[l] = ((ln_s * m as f64 + ln_g) / (m as f64 + 1.0)).exp() * scale;
+            }
+            q[l] = q[l].min(e[l * k + cur[l]]);
+        }
+        RoundModel { h, eta: fit.eta, e, cur, w, q }
     }
 
     /// The skip margin of one environment from its values `v` (`n_sites × |ranks|`) and skip
@@ -372,7 +550,15 @@ impl Prior {
 
     /// Prior values of a batch (`n_envs × n_sites × |ranks|`) and, with `want_skip`, each
     /// environment's skip margin ([`Prior::skip_margin`]; empty otherwise).
-    pub fn values(&self, obs: ObsBatch<'_>, budget: BudgetContext<'_>, want_skip: bool) -> (Vec<f32>, Vec<f32>) {
+    /// `beliefs` holds one episode history per environment when the prior infers (`infer`);
+    /// pass an empty slice otherwise.
+    pub fn values(
+        &self,
+        obs: ObsBatch<'_>,
+        budget: BudgetContext<'_>,
+        beliefs: &mut [Belief],
+        want_skip: bool,
+    ) -> (Vec<f32>, Vec<f32>) {
         let ObsBatch { global, sites, n_envs, n_sites } = obs;
         let BudgetContext { unit_cost, budgets, dims } = budget;
         let k = self.ranks.len();
@@ -388,6 +574,7 @@ impl Prior {
             let skip_value = self.values_into(
                 one,
                 BudgetContext { unit_cost, budgets: &budgets[e..e + 1], dims },
+                beliefs.get_mut(e),
                 &mut out[e * n_sites * k..(e + 1) * n_sites * k],
             );
             if want_skip {
@@ -399,12 +586,12 @@ impl Prior {
     }
 
     /// The prior's own plan (rank indices) for one environment: the exact knapsack over its
-    /// values at the environment's budget.
-    pub fn plan(&self, obs: ObsBatch<'_>, budget: BudgetContext<'_>) -> Vec<usize> {
+    /// values at the environment's budget (`belief`: see [`Prior::values_into`]).
+    pub fn plan(&self, obs: ObsBatch<'_>, budget: BudgetContext<'_>, belief: Option<&mut Belief>) -> Vec<usize> {
         let k = self.ranks.len();
         let n = obs.n_sites;
         let mut v = vec![0f32; n * k];
-        self.values_into(obs, budget, &mut v);
+        self.values_into(obs, budget, belief, &mut v);
         let (unit_cost, budget) = (budget.unit_cost, budget.budgets[0]);
         let values: Vec<f64> = v.iter().map(|&x| x as f64).collect();
         let costs: Vec<f64> = (0..n * k).map(|i| self.ranks[i % k] as f64 * unit_cost[i / k]).collect();
@@ -423,11 +610,17 @@ pub struct PriorPolicy {
     pub prior: Prior,
     /// Give the prior the sites' shapes from the context (else `default_dim`).
     pub use_dims: bool,
+    /// The episode's history (used when the prior infers).
+    pub belief: Belief,
 }
 
 impl RankPolicy for PriorPolicy {
     fn name(&self) -> String {
         "prior".into()
+    }
+
+    fn begin_episode(&mut self) {
+        self.belief = Belief::new();
     }
 
     fn act(&mut self, obs: &Observation, ctx: &RoundContext<'_>) -> Vec<u32> {
@@ -439,6 +632,7 @@ impl RankPolicy for PriorPolicy {
                 budgets: &[ctx.conservative_budget],
                 dims: self.use_dims.then_some(dims.as_slice()),
             },
+            Some(&mut self.belief),
         );
         plan.into_iter().map(|j| ctx.rank_set.rank(j)).collect()
     }
@@ -490,7 +684,7 @@ mod tests {
         )
         .unwrap();
         let cfg = PriorConfig { enabled: true, ..Default::default() };
-        let mut policy = PriorPolicy { prior: Prior::new(cfg, spec.rank_set.ranks()), use_dims: true };
+        let mut policy = PriorPolicy { prior: Prior::new(cfg, spec.rank_set.ranks()), use_dims: true, belief: Belief::new() };
         table.push(envs::evaluate(&env, &mut policy, 64, 99).unwrap());
         eprintln!("{}", table.to_text());
         let (d, se) = table.paired_difference("prior", "uniform").unwrap();
@@ -500,5 +694,33 @@ mod tests {
             d > 3.0 * se && da > 2.0 * sea && gap > 0.5,
             "prior − uniform {d:.3} ± {se:.3}, − adalora {da:.3} ± {sea:.3}, gap {gap:.3}"
         );
+    }
+
+    #[test]
+    fn inference_beats_the_fixed_beliefs_where_the_environment_differs_from_them() {
+        // Slow learning, a high loss floor, noisy sensitivities, 14 rounds: all away from the
+        // beliefs (η 0.3, L∞ 0.5, 20 rounds).
+        let text = envs::presets::embedded_text("budget")
+            .unwrap()
+            .replace("layers = 12", "layers = 2")
+            .replace("learning_rate = 0.3", "learning_rate = 0.12")
+            .replace("loss_floor = 0.5", "loss_floor = 0.9")
+            .replace("rounds = 20", "rounds = 14")
+            .replace("sensitivity_noise = 0.3", "sensitivity_noise = 0.5");
+        let env = envs::presets::from_toml(&text, "mismatched-test-env", None).unwrap();
+        assert_eq!((env.dynamics.learning_rate, env.dynamics.loss_floor, env.rounds), (0.12, 0.9, 14));
+        let spec = envs::EnvSpec::new(&env).unwrap();
+        let mut table = envs::evaluate_baselines(&env, &[envs::Baseline::Uniform, envs::Baseline::Oracle], 48, 5).unwrap();
+        for infer in [false, true] {
+            let cfg = PriorConfig { enabled: true, loss_floor: Some(0.5), infer, ..Default::default() };
+            let mut p = PriorPolicy { prior: Prior::new(cfg, spec.rank_set.ranks()), use_dims: true, belief: Belief::new() };
+            let mut row = envs::evaluate(&env, &mut p, 48, 5).unwrap();
+            row.name = if infer { "inferring".into() } else { "fixed".into() };
+            table.push(row);
+        }
+        table.fill_gap();
+        eprintln!("{}", table.to_text());
+        let (d, se) = table.paired_difference("inferring", "fixed").unwrap();
+        assert!(d > 3.0 * se, "inferring − fixed beliefs: {d:.4} ± {se:.4}");
     }
 }

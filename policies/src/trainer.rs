@@ -8,6 +8,7 @@
 //! resumed run needs to continue exactly as an uninterrupted one on the CPU: weights, Adam
 //! moments, observation statistics, RNG state, environment states, the replay buffer.
 
+use crate::belief::Belief;
 use crate::PolicyError;
 use std::sync::Arc;
 
@@ -136,8 +137,16 @@ pub struct Trainer {
 /// preset whenever its episodes end (they end together: one preset, one horizon).
 struct EnvGroup {
     venv: VecEnv,
+    /// Each environment's episode history, for a prior that infers.
+    beliefs: Vec<Belief>,
     /// The draw's seed (`None`: the run's fixed preset).
     draw: Option<u64>,
+}
+
+impl EnvGroup {
+    fn new(venv: VecEnv, draw: Option<u64>) -> Self {
+        EnvGroup { beliefs: vec![Belief::new(); venv.n_envs()], venv, draw }
+    }
 }
 
 /// Environments per group when training on a distribution: 8 draws in flight with the default
@@ -169,6 +178,8 @@ struct StepRecord {
 struct GroupState {
     draw: Option<u64>,
     venv: VecEnvSnapshot,
+    #[serde(default)]
+    beliefs: Vec<Belief>,
 }
 
 /// Serializable resume state (goes into the checkpoint's `state`).
@@ -319,7 +330,7 @@ impl Trainer {
         match distribution {
             None => t
                 .groups
-                .push(EnvGroup { venv: VecEnv::from_spec(spec.clone(), n, envs::derive_seed(seed, 1)), draw: None }),
+                .push(EnvGroup::new(VecEnv::from_spec(spec.clone(), n, envs::derive_seed(seed, 1)), None)),
             Some(_) => {
                 for g in 0..n.div_ceil(ENVS_PER_DRAW) {
                     let size = ENVS_PER_DRAW.min(n - g * ENVS_PER_DRAW);
@@ -353,7 +364,7 @@ impl Trainer {
         let draw = self.draw_seed(self.draws);
         self.draws += 1;
         let spec = EnvSpec::new(&dist.draw(draw)?)?;
-        Ok(EnvGroup { venv: VecEnv::from_spec(spec, size, envs::derive_seed(draw, 1)), draw: Some(draw) })
+        Ok(EnvGroup::new(VecEnv::from_spec(spec, size, envs::derive_seed(draw, 1)), Some(draw)))
     }
 
     /// Number of sites of the first group's environment (the training preset's without a
@@ -396,7 +407,7 @@ impl Trainer {
         for _ in 0..t_len {
             let mut last_ranks = Vec::new();
             for gi in 0..self.groups.len() {
-                let venv = &mut self.groups[gi].venv;
+                let EnvGroup { venv, beliefs, .. } = &mut self.groups[gi];
                 let (ne, l) = (venv.n_envs(), venv.n_sites());
                 // Running statistics see every observation as it arrives (CleanRL's wrapper order).
                 self.model.norm.global.update(venv.obs_global());
@@ -407,6 +418,7 @@ impl Trainer {
                 let d = self.model.act(
                     ObsBatch { global: venv.obs_global(), sites: venv.obs_sites(), n_envs: ne, n_sites: l },
                     BudgetContext { unit_cost: &unit_cost, budgets: &budgets, dims: Some(&dims) },
+                    beliefs,
                     ActMode::Sample(&mut self.rng),
                 );
                 venv.step_indices_skipping(&d.executed, &d.skip)
@@ -614,7 +626,7 @@ impl Trainer {
             iteration: self.iteration,
             global_step: self.global_step,
             rng: self.rng.clone(),
-            groups: self.groups.iter().map(|g| GroupState { draw: g.draw, venv: g.venv.snapshot() }).collect(),
+            groups: self.groups.iter().map(|g| GroupState { draw: g.draw, venv: g.venv.snapshot(), beliefs: g.beliefs.clone() }).collect(),
             draws: self.draws,
             adam_step: self.opt.step,
             ddim_adam_step: self.ddim_opt.as_ref().map_or(0, |o| o.step),
@@ -674,7 +686,9 @@ impl Trainer {
                         ));
                     }
                 };
-                Ok(EnvGroup { venv: VecEnv::restore(spec, g.venv)?, draw: g.draw })
+                let venv = VecEnv::restore(spec, g.venv)?;
+                let beliefs = if g.beliefs.len() == venv.n_envs() { g.beliefs } else { vec![Belief::new(); venv.n_envs()] };
+                Ok(EnvGroup { venv, beliefs, draw: g.draw })
             })
             .collect::<Result<Vec<_>, PolicyError>>()?;
         if t.groups.iter().map(|g| g.venv.n_envs()).sum::<usize>() != t.preset.ppo.num_envs {

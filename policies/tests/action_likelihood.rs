@@ -75,6 +75,7 @@ fn executed_plans_have_the_probability_the_loss_uses() {
         let d = m.act(
             ObsBatch { global: &g, sites: &s, n_envs: 1, n_sites: 3 },
             BudgetContext { unit_cost: &UNIT_COST, budgets: &[BUDGET], dims: None },
+            &mut [],
             ActMode::Sample(&mut rng),
         );
         let cost: f64 = d.executed.iter().zip(UNIT_COST).map(|(&j, u)| u * RANKS[j as usize] as f64).sum();

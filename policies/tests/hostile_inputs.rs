@@ -53,6 +53,7 @@ proptest! {
             let d = model.act(
                 ObsBatch { global: venv.obs_global(), sites: venv.obs_sites(), n_envs: 1, n_sites: venv.n_sites() },
                 BudgetContext { unit_cost: ctx.unit_cost, budgets: &[ctx.conservative_budget], dims: None },
+                &mut [],
                 ActMode::Greedy,
             );
             prop_assert!(d.executed.iter().all(|&j| (j as usize) < model.ranks.len()));

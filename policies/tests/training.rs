@@ -116,15 +116,16 @@ fn an_untrained_policy_with_a_prior_plans_as_the_prior() {
     let prior = policies::prior::Prior::new(preset.prior.clone(), &env.ranks);
     let mut venv = envs::VecEnv::new(&env, 1, 17).unwrap();
     let (mut rounds, mut equal, mut skips) = (0, 0, 0);
+    let mut belief = policies::belief::Belief::new();
     for _ in 0..60 {
         let obs = venv.observation(0);
         let ctx = venv.context(0);
         let dims: Vec<u32> = ctx.sites.iter().map(|s| s.max_rank()).collect();
         let budget = BudgetContext { unit_cost: ctx.unit_cost, budgets: &[ctx.conservative_budget], dims: Some(&dims) };
-        let want = prior.plan(ObsBatch::one(&obs), budget);
+        let want = prior.plan(ObsBatch::one(&obs), budget, Some(&mut belief.clone()));
         let k = env.ranks.len();
         let mut v = vec![0f32; obs.n_sites * k];
-        let skip_value = prior.values_into(ObsBatch::one(&obs), budget, &mut v);
+        let skip_value = prior.values_into(ObsBatch::one(&obs), budget, Some(&mut belief), &mut v);
         let margin = prior.skip_margin(&v, skip_value, ctx.unit_cost, ctx.conservative_budget);
         let Some(got) = envs::RankPolicy::decide(&mut model_policy, &obs, &ctx) else {
             assert!(margin > -1e-4, "round {rounds}: skipped with a skip margin of {margin}");

@@ -168,6 +168,7 @@ fn bench_policy(a: &BenchArgs) -> Result<()> {
             let d = model.act(
                 ObsBatch { global: venv.obs_global(), sites: venv.obs_sites(), n_envs: 1, n_sites },
                 BudgetContext { unit_cost: ctx.unit_cost, budgets: &[ctx.conservative_budget], dims: Some(&dims) },
+                &mut [],
                 ActMode::Greedy,
             );
             let ms = t.elapsed().as_secs_f64() * 1e3;
