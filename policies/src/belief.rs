@@ -39,11 +39,14 @@ use envs::{GLOBAL_FEATURES, GlobalFeature, SITE_FEATURES, SiteFeature};
 /// Degrees of freedom the configured `tail_noise` is worth in the pooled noise estimate.
 pub const NOISE_PRIOR_DOF: f64 = 20.0;
 
-/// The η grid of the dynamics fit: log-spaced from 0.03 to 0.95.
-pub const ETA_GRID: usize = 24;
+/// Points of the η grid of the dynamics fit, log-spaced from [`ETA_MIN`] to [`ETA_MAX`].
+pub const ETA_GRID: usize = 32;
 
-/// Golden-section steps (two evaluations each) that refine the best grid point of η.
-pub const GOLDEN_STEPS: usize = 8;
+/// Smallest η the fit considers.
+pub const ETA_MIN: f64 = 0.03;
+
+/// Largest η the fit considers.
+pub const ETA_MAX: f64 = 0.95;
 
 /// One environment's episode history, from which the prior infers what it would otherwise
 /// assume. Start one per environment; [`Belief::observe`] resets it when a new episode begins
@@ -165,25 +168,40 @@ impl Belief {
             || self.held[(t - 1) * self.n_sites..t * self.n_sites] != self.held[t * self.n_sites..(t + 1) * self.n_sites]
     }
 
-    /// Simulates the captured shares q_l along the episode's held ranks at learning rate `eta`,
-    /// with `energy` each site's E(r) table (`n_sites × k`), into `q`; calls `each(t, q)` after
-    /// every observation t ≥ 1.
-    fn simulate(&self, eta: f64, energy: &[f64], q: &mut [f64], mut each: impl FnMut(usize, &[f64])) {
+    /// Simulates the captured shares along the episode's held ranks for every learning rate
+    /// of `etas` at once (the inner loop runs over η, so it vectorizes), with `energy` each
+    /// site's E(r) table (`n_sites × k`) and `w` the sensitivities. Returns per η the sums
+    /// Σ_t C_t², Σ_t C_t·y_t and Σ_t y_t² over the observations t ≥ 1, where C_t = Σ_l w_l·q_l
+    /// and y_t = 1 − loss_ratio_t, and leaves the final shares in `q` (`n_sites × |etas|`).
+    fn simulate<const G: usize>(&self, etas: &[f64; G], energy: &[f64], w: &[f64], q: &mut [[f64; G]]) -> [[f64; 3]; G] {
         let (n, k) = (self.n_sites, self.k);
-        q.iter_mut().for_each(|x| *x = 0.0);
+        q.iter_mut().for_each(|x| *x = [0.0; G]);
+        let mut c = [0.0f64; G];
+        let mut sums = [[0.0f64; 3]; G];
         for t in 1..self.observations() {
             if self.progressed(t) {
+                c = [0.0; G];
                 for l in 0..n {
                     let (old, new) = (self.held[(t - 1) * n + l] as usize, self.held[t * n + l] as usize);
                     let (e_old, e_new) = (energy[l * k + old], energy[l * k + new]);
-                    if e_new < e_old && e_old > 0.0 {
-                        q[l] *= e_new / e_old;
+                    // Shrinking keeps the captured share in proportion; then a step of η toward E.
+                    let keep = if e_new < e_old && e_old > 0.0 { e_new / e_old } else { 1.0 };
+                    let ql = &mut q[l];
+                    for g in 0..G {
+                        let x = ql[g] * keep;
+                        ql[g] = x + etas[g] * (e_new - x).max(0.0);
+                        c[g] += w[l] * ql[g];
                     }
-                    q[l] += eta * (e_new - q[l]).max(0.0);
                 }
             }
-            each(t, q);
+            let y = 1.0 - self.loss_ratio[t] as f64;
+            for g in 0..G {
+                sums[g][0] += c[g] * c[g];
+                sums[g][1] += c[g] * y;
+                sums[g][2] += y * y;
+            }
         }
+        sums
     }
 
     /// The MAP fit of η and u = 1/(L∞ + Σw) (see the module doc), given each site's energy
@@ -199,47 +217,39 @@ impl Belief {
             return prior;
         }
         let (a, b) = (1.0 / (LOSS_SD * LOSS_SD), 1.0 / (u_sd * u_sd));
-        let objective = |ln_eta: f64, q: &mut [f64]| -> (f64, Dynamics) {
-            let eta = ln_eta.exp();
-            let (mut cc, mut cy, mut yy) = (0.0, 0.0, 0.0);
-            self.simulate(eta, energy, q, |t, q| {
-                let c: f64 = q.iter().zip(w).map(|(q, w)| q * w).sum();
-                let y = 1.0 - self.loss_ratio[t] as f64;
-                cc += c * c;
-                cy += c * y;
-                yy += y * y;
-            });
+        // The posterior cost of η from its sums, with u at its optimum given η (closed form).
+        let cost = |eta: f64, [cc, cy, yy]: [f64; 3]| -> (f64, Dynamics) {
             let u = ((a * cy + b * prior.u) / (a * cc + b)).max(1e-3);
             let sse = yy - 2.0 * u * cy + u * u * cc;
             let z = (eta / prior.eta).ln() / eta_sd;
             (a * sse + b * (u - prior.u).powi(2) + z * z, Dynamics { eta, u })
         };
-        // A log grid, then golden-section search between the best point's neighbours.
-        let (lo, hi) = (0.03f64.ln(), 0.95f64.ln());
+        // A log grid, then the vertex of the parabola through the best point and its two
+        // neighbours (in ln η), kept if it is better.
+        let (lo, hi) = (ETA_MIN.ln(), ETA_MAX.ln());
         let step = (hi - lo) / (ETA_GRID - 1) as f64;
-        let mut best = (f64::INFINITY, prior, 0usize);
-        for i in 0..ETA_GRID {
-            let (cost, d) = objective(lo + step * i as f64, q);
-            if cost < best.0 {
-                best = (cost, d, i);
+        let etas: [f64; ETA_GRID] = std::array::from_fn(|g| (lo + step * g as f64).exp());
+        let mut grid_q = vec![[0.0; ETA_GRID]; self.n_sites];
+        let sums = self.simulate(&etas, energy, w, &mut grid_q);
+        let costs: Vec<(f64, Dynamics)> = (0..ETA_GRID).map(|g| cost(etas[g], sums[g])).collect();
+        let g = (0..ETA_GRID).min_by(|&i, &j| costs[i].0.total_cmp(&costs[j].0)).unwrap_or(0);
+        let mut best = (costs[g].0, costs[g].1, g);
+        if g > 0 && g + 1 < ETA_GRID {
+            let (c0, c1, c2) = (costs[g - 1].0, costs[g].0, costs[g + 1].0);
+            let curvature = c0 - 2.0 * c1 + c2;
+            if curvature > 0.0 {
+                let x = lo + step * (g as f64 + 0.5 * (c0 - c2) / curvature);
+                let mut one = vec![[0.0; 1]; self.n_sites];
+                let s = self.simulate(&[x.exp()], energy, w, &mut one);
+                let (c, d) = cost(x.exp(), s[0]);
+                if c < best.0 {
+                    q.iter_mut().zip(&one).for_each(|(q, o)| *q = o[0]);
+                    return d;
+                }
             }
         }
-        let (mut x0, mut x1) = (lo + step * best.2.saturating_sub(1) as f64, lo + step * (best.2 + 1).min(ETA_GRID - 1) as f64);
-        const INV_PHI: f64 = 0.618_033_988_749_894_8;
-        for _ in 0..GOLDEN_STEPS {
-            let (xa, xb) = (x1 - INV_PHI * (x1 - x0), x0 + INV_PHI * (x1 - x0));
-            let (ca, da) = objective(xa, q);
-            let (cb, db) = objective(xb, q);
-            if ca < best.0 {
-                best = (ca, da, best.2);
-            }
-            if cb < best.0 {
-                best = (cb, db, best.2);
-            }
-            if ca < cb { x1 = xb } else { x0 = xa }
-        }
-        let best = (best.0, best.1);
-        self.simulate(best.1.eta, energy, q, |_, _| {});
+        best.2 = g;
+        q.iter_mut().zip(&grid_q).for_each(|(q, o)| *q = o[best.2]);
         best.1
     }
 }

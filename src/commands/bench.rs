@@ -16,6 +16,10 @@ use clap::{Args, ValueEnum};
 use tch::{Device, Kind, Tensor, nn};
 
 use crate::cli::Common;
+use policies::belief::Belief;
+
+/// Rounds of history behind a timed decision of a prior that infers (`bench policy`).
+const HISTORY_ROUNDS: usize = 15;
 use tune::data::TokenData;
 use tune::finetune::{FinetuneConfig, Finetuner, RankPlan, RankSpec};
 use tune::lora::AdamW;
@@ -120,7 +124,9 @@ pub fn run(a: &BenchArgs) -> Result<()> {
 }
 
 /// Decision latency: one observation of the 224-site `llama7b` preset in, one feasible plan out
-/// (normalization, network, allocation; with DDIM also `sample_steps` denoiser passes).
+/// (normalization, network, allocation; with DDIM also `sample_steps` denoiser passes). The
+/// default preset's prior infers from the episode's history, so its decisions are timed at
+/// round [`HISTORY_ROUNDS`] of an episode, with that much history behind them.
 fn bench_policy(a: &BenchArgs) -> Result<()> {
     use policies::ddim::DdimConfig;
     use policies::model::{ActMode, BudgetContext, ObsBatch, PolicyModel};
@@ -162,13 +168,28 @@ fn bench_policy(a: &BenchArgs) -> Result<()> {
             PolicyModel::new(a.common.device, &ranks, NetConfig::default(), ddim)
         };
         model.ddim_active = ddim_steps.is_some();
+        let mut belief = vec![Belief::new(); with_prior as usize];
+        let mut bench_env = venv.clone();
+        for _ in 0..HISTORY_ROUNDS.min(preset.rounds as usize - 1) * with_prior as usize {
+            let c = bench_env.context(0);
+            let d = model.act(
+                ObsBatch { global: bench_env.obs_global(), sites: bench_env.obs_sites(), n_envs: 1, n_sites },
+                BudgetContext { unit_cost: c.unit_cost, budgets: &[c.conservative_budget], dims: Some(&dims) },
+                &mut belief,
+                ActMode::Greedy,
+            );
+            bench_env.step_indices_skipping(&d.executed, &d.skip)?;
+        }
+        let c = bench_env.context(0);
+        let budget = BudgetContext { unit_cost: c.unit_cost, budgets: &[c.conservative_budget], dims: Some(&dims) };
         let mut times = Vec::new();
         for i in 0..a.repeats.max(1) * 20 + 5 {
+            let mut history = belief.clone();
             let t = Instant::now();
             let d = model.act(
-                ObsBatch { global: venv.obs_global(), sites: venv.obs_sites(), n_envs: 1, n_sites },
-                BudgetContext { unit_cost: ctx.unit_cost, budgets: &[ctx.conservative_budget], dims: Some(&dims) },
-                &mut [],
+                ObsBatch { global: bench_env.obs_global(), sites: bench_env.obs_sites(), n_envs: 1, n_sites },
+                budget,
+                &mut history,
                 ActMode::Greedy,
             );
             let ms = t.elapsed().as_secs_f64() * 1e3;
