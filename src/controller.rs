@@ -178,6 +178,7 @@ impl RunResource {
             resource: self.spec.resource.kind(),
             estimated_budget: self.state.est_budget,
             conservative_budget: self.state.safe_budget,
+            cost_coef: self.spec.preset.reward.cost_coef,
             privileged: None,
         }
     }

@@ -548,7 +548,7 @@ impl RankScheduler for PolicyScheduler {
         let dims: Vec<u32> = ctx.sites.iter().map(|s| s.max_rank()).collect();
         let d = self.model.act(
             ObsBatch::one(obs),
-            BudgetContext { unit_cost: ctx.unit_cost, budgets: &[budget], dims: Some(&dims) },
+            BudgetContext { unit_cost: ctx.unit_cost, budgets: &[budget], dims: Some(&dims), cost_coef: Some(ctx.cost_coef) },
             std::slice::from_mut(&mut self.belief),
             ActMode::Greedy,
         );
@@ -715,6 +715,7 @@ mod tests {
                         resource: envs::presets::ResourceKind::Budget,
                         estimated_budget: 1e9,
                         conservative_budget: 1e9,
+                        cost_coef: 0.1,
                         privileged: None,
                     },
                 };
@@ -776,7 +777,8 @@ mod tests {
                 resource: envs::presets::ResourceKind::Channel,
                 estimated_budget: 1e9,
                 conservative_budget: 1e9,
-                privileged: None,
+                cost_coef: 0.1,
+                        privileged: None,
             },
         };
         assert_eq!(s.plan(&view).unwrap(), RankPlan { ranks: vec![3, 8], skip: true });
@@ -816,7 +818,8 @@ mod tests {
                     resource: envs::presets::ResourceKind::Channel,
                     estimated_budget: budget * 2.0,
                     conservative_budget: budget,
-                    privileged: None,
+                    cost_coef: 0.1,
+                        privileged: None,
                 },
             };
             s.plan(&view).unwrap()

@@ -24,6 +24,9 @@ pub struct RoundContext<'a> {
     pub estimated_budget: f64,
     /// The estimated budget after the preset's baseline safety margin.
     pub conservative_budget: f64,
+    /// The run's price of the resource: the reward's cost coefficient λ (a setting of the run,
+    /// like the budget, not something to infer).
+    pub cost_coef: f64,
     /// Privileged access to the hidden state; only given to policies whose
     /// [`crate::RankPolicy::privileged`] is true (the oracle).
     pub privileged: Option<Privileged<'a>>,

@@ -218,6 +218,7 @@ impl VecEnv {
             resource: self.spec.resource.kind(),
             estimated_budget: st.estimated_budget(),
             conservative_budget: st.conservative_budget(),
+            cost_coef: self.spec.preset.reward.cost_coef,
             privileged: None,
         }
     }

@@ -49,6 +49,9 @@ pub struct BudgetContext<'a> {
     pub budgets: &'a [f64],
     /// min(d_in, d_out) per site, for the prior; `None` assumes `prior.default_dim`.
     pub dims: Option<&'a [u32]>,
+    /// The run's cost coefficient λ ([`RoundContext::cost_coef`]); a prior that infers values
+    /// plans at it instead of its belief `cost_coef`. `None`: the belief.
+    pub cost_coef: Option<f64>,
 }
 
 /// What a checkpoint's observations and actions look like; a policy only acts on inputs that
@@ -648,7 +651,12 @@ impl RankPolicy for TrainedPolicy<'_> {
         let dims: Vec<u32> = ctx.sites.iter().map(|s| s.max_rank()).collect();
         let d = self.model.act(
             ObsBatch::one(obs),
-            BudgetContext { unit_cost: ctx.unit_cost, budgets: &[ctx.conservative_budget], dims: Some(&dims) },
+            BudgetContext {
+                unit_cost: ctx.unit_cost,
+                budgets: &[ctx.conservative_budget],
+                dims: Some(&dims),
+                cost_coef: Some(ctx.cost_coef),
+            },
             std::slice::from_mut(&mut self.belief),
             match &mut self.sampling {
                 Some((_, _, rng)) => ActMode::Sample(rng),

@@ -9,8 +9,14 @@
 //!
 //! **What it uses.** Only the observation row of each site, the round's progress, the cost per
 //! rank unit and the (conservative) budget the allocation is solved at — never hidden state —
-//! plus fixed beliefs from the policy preset ([`PriorConfig`]): the mean spectral decay per
-//! projection kind, the dynamics' learning rate, the horizon, the cost coefficient.
+//! plus beliefs from the policy preset ([`PriorConfig`]): the mean spectral decay per
+//! projection kind, the dynamics' learning rate and loss floor, the horizon, the cost
+//! coefficient. With `infer` (the default preset) all of these but the cost coefficient are
+//! inferred from the episode's history ([`crate::belief`]: the horizon from progress, the
+//! decays and sensitivities from every round's measurements, η and L∞ by fitting the observed
+//! loss), and the fixed beliefs are only the starting point; the estimates below are then the
+//! belief's. The cost coefficient is the run's price of the resource, a setting no observation
+//! carries: it comes with the round's context (`RoundContext::cost_coef`), like the budget.
 //!
 //! **Value.** Per site l, with β̂ the decay estimate, Ê the power-law energy table E(r) of β̂
 //! (σ_k ∝ k^(−β̂), k ≤ min(d_in, d_out)), ŵ the sensitivity estimate, q̂ the captured share, H
@@ -121,8 +127,9 @@ pub struct PriorConfig {
     #[serde(default)]
     pub loss_floor: Option<f64>,
     /// Infer the horizon, η, L∞, the decays and the sensitivities from the episode's history
-    /// ([`crate::belief`]); the beliefs above are then only its starting point. Default false,
-    /// so that checkpoints written before inference existed act as they did.
+    /// ([`crate::belief`]), and value plans at the run's cost coefficient when the caller gives
+    /// it ([`BudgetContext::cost_coef`]); the beliefs above are then only the starting point.
+    /// Default false, so that checkpoints written before inference existed act as they did.
     #[serde(default)]
     pub infer: bool,
     /// With `infer`: standard deviation of ln η around `eta` (default 0.7).
@@ -345,6 +352,8 @@ impl Prior {
         let RoundModel { h, eta, e, cur, w, q } = m;
         let b = budget.budgets[0].max(f64::MIN_POSITIVE);
         let unit_cost = budget.unit_cost;
+        // The run's price of the resource, when the prior adapts to the run.
+        let lambda = if c.infer { budget.cost_coef.unwrap_or(c.cost_coef) } else { c.cost_coef };
         let rho = 1.0 - eta;
         let s_h = rho * (1.0 - rho.powf(h)) / eta;
         let s_h1 = rho * (1.0 - rho.powf(h - 1.0)) / eta;
@@ -357,12 +366,12 @@ impl Prior {
             for j in 0..k {
                 let q0 = if j < cur[l] && ec > 0.0 { q * el[j] / ec } else { q };
                 let cost = self.ranks[j] as f64 * unit_cost[l];
-                let v = w[l] * (h * el[j] - (el[j] - q0).max(0.0) * s_h) - h * c.cost_coef * cost / b;
+                let v = w[l] * (h * el[j] - (el[j] - q0).max(0.0) * s_h) - h * lambda * cost / b;
                 out[l * k + j] = (v * norm) as f32;
             }
             let cost = self.ranks[cur[l]] as f64 * unit_cost[l];
             skip_value +=
-                norm * (w[l] * (q + (h - 1.0) * ec - (ec - q).max(0.0) * s_h1) - (h - 1.0) * c.cost_coef * cost / b);
+                norm * (w[l] * (q + (h - 1.0) * ec - (ec - q).max(0.0) * s_h1) - (h - 1.0) * lambda * cost / b);
         }
         skip_value
     }
@@ -560,7 +569,7 @@ impl Prior {
         want_skip: bool,
     ) -> (Vec<f32>, Vec<f32>) {
         let ObsBatch { global, sites, n_envs, n_sites } = obs;
-        let BudgetContext { unit_cost, budgets, dims } = budget;
+        let BudgetContext { unit_cost, budgets, dims, cost_coef } = budget;
         let k = self.ranks.len();
         let mut out = vec![0f32; n_envs * n_sites * k];
         let mut margins = Vec::with_capacity(if want_skip { n_envs } else { 0 });
@@ -573,7 +582,7 @@ impl Prior {
             };
             let skip_value = self.values_into(
                 one,
-                BudgetContext { unit_cost, budgets: &budgets[e..e + 1], dims },
+                BudgetContext { unit_cost, budgets: &budgets[e..e + 1], dims, cost_coef },
                 beliefs.get_mut(e),
                 &mut out[e * n_sites * k..(e + 1) * n_sites * k],
             );
@@ -631,6 +640,7 @@ impl RankPolicy for PriorPolicy {
                 unit_cost: ctx.unit_cost,
                 budgets: &[ctx.conservative_budget],
                 dims: self.use_dims.then_some(dims.as_slice()),
+                cost_coef: Some(ctx.cost_coef),
             },
             Some(&mut self.belief),
         );

@@ -417,7 +417,12 @@ impl Trainer {
                 let unit_cost = venv.spec().unit_cost.clone();
                 let d = self.model.act(
                     ObsBatch { global: venv.obs_global(), sites: venv.obs_sites(), n_envs: ne, n_sites: l },
-                    BudgetContext { unit_cost: &unit_cost, budgets: &budgets, dims: Some(&dims) },
+                    BudgetContext {
+                        unit_cost: &unit_cost,
+                        budgets: &budgets,
+                        dims: Some(&dims),
+                        cost_coef: Some(venv.spec().preset.reward.cost_coef),
+                    },
                     beliefs,
                     ActMode::Sample(&mut self.rng),
                 );

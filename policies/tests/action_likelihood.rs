@@ -74,7 +74,7 @@ fn executed_plans_have_the_probability_the_loss_uses() {
     for _ in 0..n {
         let d = m.act(
             ObsBatch { global: &g, sites: &s, n_envs: 1, n_sites: 3 },
-            BudgetContext { unit_cost: &UNIT_COST, budgets: &[BUDGET], dims: None },
+            BudgetContext { unit_cost: &UNIT_COST, budgets: &[BUDGET], dims: None, cost_coef: None },
             &mut [],
             ActMode::Sample(&mut rng),
         );

@@ -52,7 +52,7 @@ proptest! {
             let ctx = venv.context(0);
             let d = model.act(
                 ObsBatch { global: venv.obs_global(), sites: venv.obs_sites(), n_envs: 1, n_sites: venv.n_sites() },
-                BudgetContext { unit_cost: ctx.unit_cost, budgets: &[ctx.conservative_budget], dims: None },
+                BudgetContext { unit_cost: ctx.unit_cost, budgets: &[ctx.conservative_budget], dims: None, cost_coef: None },
                 &mut [],
                 ActMode::Greedy,
             );

@@ -121,7 +121,12 @@ fn an_untrained_policy_with_a_prior_plans_as_the_prior() {
         let obs = venv.observation(0);
         let ctx = venv.context(0);
         let dims: Vec<u32> = ctx.sites.iter().map(|s| s.max_rank()).collect();
-        let budget = BudgetContext { unit_cost: ctx.unit_cost, budgets: &[ctx.conservative_budget], dims: Some(&dims) };
+        let budget = BudgetContext {
+            unit_cost: ctx.unit_cost,
+            budgets: &[ctx.conservative_budget],
+            dims: Some(&dims),
+            cost_coef: Some(ctx.cost_coef),
+        };
         let want = prior.plan(ObsBatch::one(&obs), budget, Some(&mut belief.clone()));
         let k = env.ranks.len();
         let mut v = vec![0f32; obs.n_sites * k];

@@ -174,14 +174,24 @@ fn bench_policy(a: &BenchArgs) -> Result<()> {
             let c = bench_env.context(0);
             let d = model.act(
                 ObsBatch { global: bench_env.obs_global(), sites: bench_env.obs_sites(), n_envs: 1, n_sites },
-                BudgetContext { unit_cost: c.unit_cost, budgets: &[c.conservative_budget], dims: Some(&dims) },
+                BudgetContext {
+                    unit_cost: c.unit_cost,
+                    budgets: &[c.conservative_budget],
+                    dims: Some(&dims),
+                    cost_coef: Some(c.cost_coef),
+                },
                 &mut belief,
                 ActMode::Greedy,
             );
             bench_env.step_indices_skipping(&d.executed, &d.skip)?;
         }
         let c = bench_env.context(0);
-        let budget = BudgetContext { unit_cost: c.unit_cost, budgets: &[c.conservative_budget], dims: Some(&dims) };
+        let budget = BudgetContext {
+            unit_cost: c.unit_cost,
+            budgets: &[c.conservative_budget],
+            dims: Some(&dims),
+            cost_coef: Some(c.cost_coef),
+        };
         let mut times = Vec::new();
         for i in 0..a.repeats.max(1) * 20 + 5 {
             let mut history = belief.clone();
