@@ -95,7 +95,10 @@ impl rankpilot_config::Validate for EnvDistribution {
 const EMBEDDED_DISTRIBUTIONS: [(&str, &str); 1] = [("default", include_str!("../distributions/default.toml"))];
 
 /// Embedded suites (`envs/suites/`).
-const EMBEDDED_SUITES: [(&str, &str); 1] = [("default", include_str!("../suites/default.toml"))];
+const EMBEDDED_SUITES: [(&str, &str); 2] = [
+    ("default", include_str!("../suites/default.toml")),
+    ("validation", include_str!("../suites/validation.toml")),
+];
 
 /// The JSON form of an embedded preset, for editing by key.
 fn preset_value(name: &str) -> Result<Value, EnvError> {
@@ -281,6 +284,20 @@ mod tests {
         for name in presets::NAMES {
             assert!(envs.iter().any(|e| e.name == name), "{name}");
         }
+    }
+
+    #[test]
+    fn the_validation_suite_shares_no_environment_with_the_test_suite() {
+        let test = EnvSuite::load("default").unwrap().environments().unwrap();
+        let val = EnvSuite::load("validation").unwrap().environments().unwrap();
+        assert_eq!(val.len(), 12);
+        let key = |p: &EnvPreset| {
+            let mut v = serde_json::to_value(p).unwrap();
+            v["name"] = Value::Null;
+            v.to_string()
+        };
+        let test_keys: std::collections::HashSet<String> = test.iter().map(key).collect();
+        assert!(val.iter().all(|p| !test_keys.contains(&key(p))));
     }
 
     #[test]
