@@ -13,7 +13,7 @@ use tch::{Device, Kind, Tensor, nn};
 use envs::{GLOBAL_FEATURES, GlobalFeature, Observation, RankPolicy, RoundContext, SITE_FEATURES, SiteFeature};
 
 use crate::ddim::{self, DdimConfig, Denoiser};
-use crate::network::{NetConfig, PolicyNet, PriorTerm};
+use crate::network::{NetConfig, PolicyNet};
 use crate::normalize::ObsNormalizer;
 use crate::prior::{Prior, PriorConfig};
 use crate::projection::project_to_budget;
@@ -182,12 +182,7 @@ impl PolicyModel {
             SITE_FEATURES as i64,
             ranks.len() as i64,
             net,
-            prior.enabled.then_some(PriorTerm {
-                scale: prior.scale,
-                learn_scale: prior.learn_scale,
-                scale_residual: prior.scale_residual,
-                as_input: prior.as_input,
-            }),
+            prior.enabled.then_some((prior.scale, prior.learn_scale, prior.scale_residual)),
         );
         let denoiser = ddim
             .enabled
@@ -252,7 +247,7 @@ impl PolicyModel {
             Tensor::from_slice(&prior).view([n_envs as i64, n_sites as i64, k as i64]).to_device(self.device())
         });
         let (logits, values, skip_logit) = tch::no_grad(|| {
-            let out = self.net.forward(&gt, &st, &mask, prior_t.as_ref());
+            let out = self.net.forward(&gt, &st, &mask);
             let margin = (!skip_margin.is_empty()).then(|| Tensor::from_slice(&skip_margin).to_device(self.device()));
             let skip = out.skip_logit.map(|z| self.net.policy_skip_logit(&z, margin.as_ref()));
             (self.net.policy_logits(&out.logits, prior_t.as_ref()), out.site_values, skip)

@@ -60,20 +60,6 @@ impl Default for NetConfig {
     }
 }
 
-/// How the prior enters the network ([`PolicyNet::with_prior`]).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct PriorTerm {
-    /// Initial multiplier s of the prior in the logits.
-    pub scale: f64,
-    /// Train s (as `prior_log_scale`).
-    pub learn_scale: bool,
-    /// s multiplies the residual too: logits = s·(prior + residual).
-    pub scale_residual: bool,
-    /// The site tokens also read the prior's own log-probabilities over the ranks, so the
-    /// residual can correct the prior where it is wrong instead of re-deriving it.
-    pub as_input: bool,
-}
-
 /// What [`PolicyNet::forward`] computes for a batch of states.
 #[derive(Debug)]
 pub struct NetOutput {
@@ -111,8 +97,6 @@ pub struct PolicyNet {
     prior_scale: Option<PriorScale>,
     /// The prior's multiplier also scales the residual: logits = s·(prior + residual).
     scale_residual: bool,
-    /// The site tokens read the prior's log-probabilities ([`PriorTerm::as_input`]).
-    prior_input: bool,
 }
 
 /// The multiplier of the prior in the logits.
@@ -131,21 +115,21 @@ impl PolicyNet {
         Self::with_prior(p, global_dim, site_dim, n_ranks, cfg, None)
     }
 
-    /// Same as [`PolicyNet::new`], with a prior added to the logits ([`PriorTerm`]). The policy
-    /// head then starts at zero (a pure residual).
+    /// Same as [`PolicyNet::new`], with a prior added to the logits: `prior` = (initial scale,
+    /// trained or not, the scale multiplies the residual too). The policy head then starts at
+    /// zero (a pure residual).
     pub fn with_prior(
         p: &nn::Path,
         global_dim: i64,
         site_dim: i64,
         n_ranks: i64,
         cfg: NetConfig,
-        prior: Option<PriorTerm>,
+        prior: Option<(f64, bool, bool)>,
     ) -> Self {
         let h = cfg.hidden;
         let g = 2f64.sqrt();
-        let prior_input = prior.is_some_and(|t| t.as_input);
         PolicyNet {
-            site1: layer(p / "site1", site_dim + if prior_input { n_ranks } else { 0 }, h, g),
+            site1: layer(p / "site1", site_dim, h, g),
             site2: layer(p / "site2", h, h, g),
             glob1: layer(p / "glob1", global_dim, h, g),
             glob2: layer(p / "glob2", h, h, g),
@@ -188,13 +172,12 @@ impl PolicyNet {
                     },
                 )
             }),
-            scale_residual: prior.is_some_and(|t| t.scale_residual),
-            prior_input,
-            prior_scale: prior.map(|t| {
-                if t.learn_scale {
-                    PriorScale::Learned(p.var("prior_log_scale", &[], nn::Init::Const(t.scale.ln())))
+            scale_residual: prior.is_some_and(|(_, _, r)| r),
+            prior_scale: prior.map(|(scale, learn, _)| {
+                if learn {
+                    PriorScale::Learned(p.var("prior_log_scale", &[], nn::Init::Const(scale.ln())))
                 } else {
-                    PriorScale::Fixed(t.scale)
+                    PriorScale::Fixed(scale)
                 }
             }),
         }
@@ -238,34 +221,14 @@ impl PolicyNet {
         })
     }
 
-    /// True when the site tokens read the prior's log-probabilities ([`PriorTerm::as_input`]).
-    pub fn reads_prior(&self) -> bool {
-        self.prior_input
-    }
-
     /// True when the network has a skip head.
     pub fn has_skip(&self) -> bool {
         self.skip.is_some()
     }
 
-    /// `global` [B, G], `sites` [B, L, F], `mask` [B, L] (1 real site, 0 padding), all float;
-    /// `prior` [B, L, K], the prior's utilities (read only by a network with
-    /// [`PriorTerm::as_input`], which needs them).
-    pub fn forward(&self, global: &Tensor, sites: &Tensor, mask: &Tensor, prior: Option<&Tensor>) -> NetOutput {
-        let e = match prior.filter(|_| self.prior_input) {
-            // The prior's log-probabilities at its current temperature, clipped to 10 nats and
-            // scaled to [−1, 0]: what the prior prefers, on the scale the policy acts on.
-            Some(u) => {
-                let s = self.prior_scale().unwrap_or(1.0);
-                let lp = (u * s).log_softmax(-1, Kind::Float).clamp_min(-10.0) / 10.0;
-                let x = Tensor::cat(&[sites, &lp], -1);
-                self.site2.forward(&self.site1.forward(&x).tanh()).tanh()
-            }
-            None => {
-                assert!(!self.prior_input, "a network that reads the prior needs the prior's utilities");
-                self.site2.forward(&self.site1.forward(sites).tanh()).tanh()
-            }
-        };
+    /// `global` [B, G], `sites` [B, L, F], `mask` [B, L] (1 real site, 0 padding), all float.
+    pub fn forward(&self, global: &Tensor, sites: &Tensor, mask: &Tensor) -> NetOutput {
+        let e = self.site2.forward(&self.site1.forward(sites).tanh()).tanh();
         let c = self.glob2.forward(&self.glob1.forward(global).tanh()).tanh();
         let m = mask.unsqueeze(-1);
         let count = m.sum_dim_intlist(1, false, Kind::Float).clamp_min(1.0);
@@ -296,7 +259,7 @@ mod tests {
         let g = Tensor::randn([2, 5], (Kind::Float, Device::Cpu));
         let s = Tensor::randn([2, 3, 7], (Kind::Float, Device::Cpu));
         let mask = Tensor::ones([2, 3], (Kind::Float, Device::Cpu));
-        let out = net.forward(&g, &s, &mask, None);
+        let out = net.forward(&g, &s, &mask);
         let (logits, v, z) = (out.logits, out.site_values, out.skip_logit.unwrap());
         assert_eq!(logits.size(), vec![2, 3, 8]);
         assert_eq!(v.size(), vec![2, 3]);
@@ -304,7 +267,7 @@ mod tests {
         // Adding a padding site changes nothing for the real ones.
         let s_pad = Tensor::cat(&[&s, &Tensor::randn([2, 1, 7], (Kind::Float, Device::Cpu))], 1);
         let mask_pad = Tensor::cat(&[&mask, &Tensor::zeros([2, 1], (Kind::Float, Device::Cpu))], 1);
-        let out = net.forward(&g, &s_pad, &mask_pad, None);
+        let out = net.forward(&g, &s_pad, &mask_pad);
         let (logits_pad, v_pad) = (out.logits, out.site_values);
         assert!((out.skip_logit.unwrap() - &z).abs().max().double_value(&[]) < 1e-6);
         let diff = (logits_pad.narrow(1, 0, 3) - &logits).abs().max().double_value(&[]);

@@ -297,7 +297,7 @@ pub fn evaluate_actions(
     stored: Stored<'_>,
 ) -> Evaluated {
     let Stored { actions, prior, feasible, skip } = stored;
-    let out = net.forward(global, sites, mask, prior);
+    let out = net.forward(global, sites, mask);
     let mut logits = net.policy_logits(&out.logits, prior);
     if let Some((f, offset)) = feasible {
         logits -= offset;

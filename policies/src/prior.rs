@@ -97,11 +97,6 @@ pub struct PriorConfig {
     /// this setting act).
     #[serde(default)]
     pub scale_residual: bool,
-    /// The network's site tokens also read the prior's log-probabilities over the ranks
-    /// ([`crate::network::PriorTerm::as_input`]; default false, as checkpoints written before
-    /// this setting act).
-    #[serde(default)]
-    pub as_input: bool,
     /// Rounds of an episode / fine-tuning run, for the rounds left H (default 20).
     pub rounds: f64,
     /// Per-round learning rate η of the captured share (default 0.3).
@@ -179,7 +174,6 @@ impl Default for PriorConfig {
             scale: 4.0,
             learn_scale: true,
             scale_residual: false,
-            as_input: false,
             rounds: 20.0,
             eta: 0.3,
             cost_coef: 0.1,

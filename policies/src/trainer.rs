@@ -540,28 +540,9 @@ impl Trainer {
         for g in &self.groups {
             let (ne, m) = (g.venv.n_envs(), g.venv.n_sites());
             let (gt, st, mask, _, _) = self.model.tensors(g.venv.obs_global(), g.venv.obs_sites(), ne, m);
-            // A network that reads the prior needs its utilities here too: from copies of the
-            // beliefs, which see this observation again at the next rollout's first step.
-            let prior = self.model.prior.as_ref().filter(|_| self.model.net.reads_prior()).map(|p| {
-                let budgets: Vec<f64> = (0..ne).map(|i| g.venv.context(i).conservative_budget).collect();
-                let dims: Vec<u32> = g.venv.spec().sites.iter().map(|s| s.max_rank()).collect();
-                let (u, _) = p.values(
-                    ObsBatch { global: g.venv.obs_global(), sites: g.venv.obs_sites(), n_envs: ne, n_sites: m },
-                    BudgetContext {
-                        unit_cost: &g.venv.spec().unit_cost,
-                        budgets: &budgets,
-                        dims: Some(&dims),
-                        cost_coef: Some(g.venv.spec().preset.reward.cost_coef),
-                    },
-                    &mut g.beliefs.clone(),
-                    false,
-                );
-                Tensor::from_slice(&u).view([ne as i64, m as i64, k as i64]).to_device(self.model.device())
-            });
-            let v: Vec<f32> = Vec::try_from(
-                tch::no_grad(|| self.model.net.forward(&gt, &st, &mask, prior.as_ref()).site_values).flatten(0, -1),
-            )
-            .expect("f32");
+            let v: Vec<f32> =
+                Vec::try_from(tch::no_grad(|| self.model.net.forward(&gt, &st, &mask).site_values).flatten(0, -1))
+                    .expect("f32");
             for e in 0..ne {
                 next_site_values.extend(v[e * m..(e + 1) * m].iter().copied().chain(std::iter::repeat_n(0.0, l - m)));
             }
