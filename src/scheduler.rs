@@ -548,7 +548,12 @@ impl RankScheduler for PolicyScheduler {
         let dims: Vec<u32> = ctx.sites.iter().map(|s| s.max_rank()).collect();
         let d = self.model.act(
             ObsBatch::one(obs),
-            BudgetContext { unit_cost: ctx.unit_cost, budgets: &[budget], dims: Some(&dims), cost_coef: Some(ctx.cost_coef) },
+            BudgetContext {
+                unit_cost: ctx.unit_cost,
+                budgets: &[budget],
+                dims: Some(&dims),
+                cost_coef: Some(ctx.cost_coef),
+            },
             std::slice::from_mut(&mut self.belief),
             ActMode::Greedy,
         );
@@ -757,7 +762,13 @@ mod tests {
             let _ = bias.shallow_clone().fill_(20.0);
         });
         let ppr = vec![16.0, 24.0];
-        let mut s = PolicyScheduler { model, label: "policy:test".into(), params_per_rank: ppr.clone(), budget: 1e9 };
+        let mut s = PolicyScheduler {
+            model,
+            label: "policy:test".into(),
+            params_per_rank: ppr.clone(),
+            budget: 1e9,
+            belief: Belief::new(),
+        };
         let sig = signals(&[3, 8], &[vec![1.0, 0.5, 0.2], vec![1.0; 8]]);
         let obs = Observation::zeros(2);
         let sites: Vec<envs::Site> = Vec::new();
@@ -778,7 +789,7 @@ mod tests {
                 estimated_budget: 1e9,
                 conservative_budget: 1e9,
                 cost_coef: 0.1,
-                        privileged: None,
+                privileged: None,
             },
         };
         assert_eq!(s.plan(&view).unwrap(), RankPlan { ranks: vec![3, 8], skip: true });
@@ -819,7 +830,7 @@ mod tests {
                     estimated_budget: budget * 2.0,
                     conservative_budget: budget,
                     cost_coef: 0.1,
-                        privileged: None,
+                    privileged: None,
                 },
             };
             s.plan(&view).unwrap()

@@ -95,10 +95,8 @@ impl rankpilot_config::Validate for EnvDistribution {
 const EMBEDDED_DISTRIBUTIONS: [(&str, &str); 1] = [("default", include_str!("../distributions/default.toml"))];
 
 /// Embedded suites (`envs/suites/`).
-const EMBEDDED_SUITES: [(&str, &str); 2] = [
-    ("default", include_str!("../suites/default.toml")),
-    ("validation", include_str!("../suites/validation.toml")),
-];
+const EMBEDDED_SUITES: [(&str, &str); 2] =
+    [("default", include_str!("../suites/default.toml")), ("validation", include_str!("../suites/validation.toml"))];
 
 /// The JSON form of an embedded preset, for editing by key.
 fn preset_value(name: &str) -> Result<Value, EnvError> {

@@ -21,7 +21,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         cfg.default_dim = d;
     }
     let t0 = std::time::Instant::now();
-    let mut policy = PriorPolicy { prior: Prior::new(cfg, spec.rank_set.ranks()), use_dims: dims == "dims", belief: Default::default() };
+    let mut policy = PriorPolicy {
+        prior: Prior::new(cfg, spec.rank_set.ranks()),
+        use_dims: dims == "dims",
+        belief: Default::default(),
+    };
     table.push(envs::evaluate(&preset, &mut policy, episodes, seed)?);
     print!("{}", table.to_text());
     for base in ["adalora", "uniform"] {

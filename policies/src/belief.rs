@@ -96,10 +96,8 @@ impl Belief {
         debug_assert_eq!(global.len(), GLOBAL_FEATURES);
         let n = current.len();
         let progress = global[GlobalFeature::Progress];
-        let new_episode = progress <= 0.0
-            || self.progress.last().is_some_and(|&p| progress <= p)
-            || n != self.n_sites
-            || k != self.k;
+        let new_episode =
+            progress <= 0.0 || self.progress.last().is_some_and(|&p| progress <= p) || n != self.n_sites || k != self.k;
         if new_episode {
             *self = Belief {
                 n_sites: n,
@@ -165,7 +163,8 @@ impl Belief {
     /// moves in every round that trains (and stays put when one is skipped or over budget).
     fn progressed(&self, t: usize) -> bool {
         self.loss_ratio[t] != self.loss_ratio[t - 1]
-            || self.held[(t - 1) * self.n_sites..t * self.n_sites] != self.held[t * self.n_sites..(t + 1) * self.n_sites]
+            || self.held[(t - 1) * self.n_sites..t * self.n_sites]
+                != self.held[t * self.n_sites..(t + 1) * self.n_sites]
     }
 
     /// Simulates the captured shares along the episode's held ranks for every learning rate
@@ -173,7 +172,13 @@ impl Belief {
     /// site's E(r) table (`n_sites × k`) and `w` the sensitivities. Returns per η the sums
     /// Σ_t C_t², Σ_t C_t·y_t and Σ_t y_t² over the observations t ≥ 1, where C_t = Σ_l w_l·q_l
     /// and y_t = 1 − loss_ratio_t, and leaves the final shares in `q` (`n_sites × |etas|`).
-    fn simulate<const G: usize>(&self, etas: &[f64; G], energy: &[f64], w: &[f64], q: &mut [[f64; G]]) -> [[f64; 3]; G] {
+    fn simulate<const G: usize>(
+        &self,
+        etas: &[f64; G],
+        energy: &[f64],
+        w: &[f64],
+        q: &mut [[f64; G]],
+    ) -> [[f64; 3]; G] {
         let (n, k) = (self.n_sites, self.k);
         q.iter_mut().for_each(|x| *x = [0.0; G]);
         let mut c = [0.0f64; G];
@@ -208,7 +213,15 @@ impl Belief {
     /// table (`n_sites × k`) and sensitivity `w` (summing to Σw), and the beliefs: `eta`
     /// (log-normal, standard deviation `eta_sd` in ln η) and `u0` (normal, `u_sd`). Also
     /// returns the captured shares q̂ at the fitted η, written to `q`.
-    pub fn fit_dynamics(&self, energy: &[f64], w: &[f64], prior: Dynamics, eta_sd: f64, u_sd: f64, q: &mut [f64]) -> Dynamics {
+    pub fn fit_dynamics(
+        &self,
+        energy: &[f64],
+        w: &[f64],
+        prior: Dynamics,
+        eta_sd: f64,
+        u_sd: f64,
+        q: &mut [f64],
+    ) -> Dynamics {
         // Squared error of the loss fit in units of this (model error, not observation noise:
         // the loss is observed exactly, but ŵ and Ê are estimates).
         const LOSS_SD: f64 = 0.01;

@@ -2,8 +2,8 @@
 //! refiner, and the feasibility projection. Used by the trainer (sampling) and by evaluation and
 //! real runs (greedy), through [`envs::RankPolicy`].
 
-use crate::belief::Belief;
 use crate::PolicyError;
+use crate::belief::Belief;
 use rand::Rng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
@@ -231,7 +231,13 @@ impl PolicyModel {
     ///
     /// `beliefs` holds one episode history per environment ([`Belief`]), which a prior that
     /// infers (`prior.infer`) extends with this observation; an empty slice otherwise.
-    pub fn act(&self, obs: ObsBatch<'_>, budget: BudgetContext<'_>, beliefs: &mut [Belief], mode: ActMode<'_>) -> Decision {
+    pub fn act(
+        &self,
+        obs: ObsBatch<'_>,
+        budget: BudgetContext<'_>,
+        beliefs: &mut [Belief],
+        mode: ActMode<'_>,
+    ) -> Decision {
         let ObsBatch { global, sites, n_envs, n_sites } = obs;
         let BudgetContext { unit_cost, budgets, .. } = budget;
         let k = self.ranks.len();

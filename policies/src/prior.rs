@@ -206,7 +206,9 @@ impl rankpilot_config::Validate for PriorConfig {
         v.check(self.beta_max > self.beta_min, "beta_max", self.beta_max, "a number > beta_min");
         v.check(self.tail_noise > 0.0, "tail_noise", self.tail_noise, "a number > 0");
         v.check(self.default_dim >= 1, "default_dim", self.default_dim, "an integer >= 1");
-        for (k, x) in [("eta_sd", self.eta_sd), ("loss_scale_sd", self.loss_scale_sd), ("beta_role_sd", self.beta_role_sd)] {
+        for (k, x) in
+            [("eta_sd", self.eta_sd), ("loss_scale_sd", self.loss_scale_sd), ("beta_role_sd", self.beta_role_sd)]
+        {
             v.check(x > 0.0 && x <= 10.0, k, x, "a number in (0, 10]");
         }
         if let Some(f) = self.loss_floor {
@@ -601,6 +603,14 @@ impl Prior {
         let n = obs.n_sites;
         let mut v = vec![0f32; n * k];
         self.values_into(obs, budget, belief, &mut v);
+        self.plan_from_values(&v, budget)
+    }
+
+    /// The exact knapsack plan (rank indices) over values `v` (`n_sites × |ranks|`, from
+    /// [`Prior::values_into`] or [`Prior::values`]) at the environment's budget.
+    pub fn plan_from_values(&self, v: &[f32], budget: BudgetContext<'_>) -> Vec<usize> {
+        let k = self.ranks.len();
+        let n = v.len() / k.max(1);
         let (unit_cost, budget) = (budget.unit_cost, budget.budgets[0]);
         let values: Vec<f64> = v.iter().map(|&x| x as f64).collect();
         let costs: Vec<f64> = (0..n * k).map(|i| self.ranks[i % k] as f64 * unit_cost[i / k]).collect();
@@ -694,7 +704,8 @@ mod tests {
         )
         .unwrap();
         let cfg = PriorConfig { enabled: true, ..Default::default() };
-        let mut policy = PriorPolicy { prior: Prior::new(cfg, spec.rank_set.ranks()), use_dims: true, belief: Belief::new() };
+        let mut policy =
+            PriorPolicy { prior: Prior::new(cfg, spec.rank_set.ranks()), use_dims: true, belief: Belief::new() };
         table.push(envs::evaluate(&env, &mut policy, 64, 99).unwrap());
         eprintln!("{}", table.to_text());
         let (d, se) = table.paired_difference("prior", "uniform").unwrap();
@@ -720,10 +731,12 @@ mod tests {
         let env = envs::presets::from_toml(&text, "mismatched-test-env", None).unwrap();
         assert_eq!((env.dynamics.learning_rate, env.dynamics.loss_floor, env.rounds), (0.12, 0.9, 14));
         let spec = envs::EnvSpec::new(&env).unwrap();
-        let mut table = envs::evaluate_baselines(&env, &[envs::Baseline::Uniform, envs::Baseline::Oracle], 48, 5).unwrap();
+        let mut table =
+            envs::evaluate_baselines(&env, &[envs::Baseline::Uniform, envs::Baseline::Oracle], 48, 5).unwrap();
         for infer in [false, true] {
             let cfg = PriorConfig { enabled: true, loss_floor: Some(0.5), infer, ..Default::default() };
-            let mut p = PriorPolicy { prior: Prior::new(cfg, spec.rank_set.ranks()), use_dims: true, belief: Belief::new() };
+            let mut p =
+                PriorPolicy { prior: Prior::new(cfg, spec.rank_set.ranks()), use_dims: true, belief: Belief::new() };
             let mut row = envs::evaluate(&env, &mut p, 48, 5).unwrap();
             row.name = if infer { "inferring".into() } else { "fixed".into() };
             table.push(row);

@@ -8,8 +8,8 @@
 //! resumed run needs to continue exactly as an uninterrupted one on the CPU: weights, Adam
 //! moments, observation statistics, RNG state, environment states, the replay buffer.
 
-use crate::belief::Belief;
 use crate::PolicyError;
+use crate::belief::Belief;
 use std::sync::Arc;
 
 use rand::SeedableRng;
@@ -328,9 +328,7 @@ impl Trainer {
         };
         let n = preset.ppo.num_envs;
         match distribution {
-            None => t
-                .groups
-                .push(EnvGroup::new(VecEnv::from_spec(spec.clone(), n, envs::derive_seed(seed, 1)), None)),
+            None => t.groups.push(EnvGroup::new(VecEnv::from_spec(spec.clone(), n, envs::derive_seed(seed, 1)), None)),
             Some(_) => {
                 for g in 0..n.div_ceil(ENVS_PER_DRAW) {
                     let size = ENVS_PER_DRAW.min(n - g * ENVS_PER_DRAW);
@@ -631,7 +629,11 @@ impl Trainer {
             iteration: self.iteration,
             global_step: self.global_step,
             rng: self.rng.clone(),
-            groups: self.groups.iter().map(|g| GroupState { draw: g.draw, venv: g.venv.snapshot(), beliefs: g.beliefs.clone() }).collect(),
+            groups: self
+                .groups
+                .iter()
+                .map(|g| GroupState { draw: g.draw, venv: g.venv.snapshot(), beliefs: g.beliefs.clone() })
+                .collect(),
             draws: self.draws,
             adam_step: self.opt.step,
             ddim_adam_step: self.ddim_opt.as_ref().map_or(0, |o| o.step),
@@ -692,7 +694,8 @@ impl Trainer {
                     }
                 };
                 let venv = VecEnv::restore(spec, g.venv)?;
-                let beliefs = if g.beliefs.len() == venv.n_envs() { g.beliefs } else { vec![Belief::new(); venv.n_envs()] };
+                let beliefs =
+                    if g.beliefs.len() == venv.n_envs() { g.beliefs } else { vec![Belief::new(); venv.n_envs()] };
                 Ok(EnvGroup { venv, beliefs, draw: g.draw })
             })
             .collect::<Result<Vec<_>, PolicyError>>()?;
