@@ -20,7 +20,7 @@ build: setup
 ## suite: gap closed per environment and on average with 95 % intervals, each against its prior.
 RUN_DIR ?= runs/make-run
 RUN_STEPS ?= 40960
-RUN_EPISODES ?= 200
+RUN_EPISODES ?= 150
 run: build
 	$(BIN) train --distribution default --policy default --steps $(RUN_STEPS) --seed 0 --force \
 		--logdir $(RUN_DIR)/tensorboard --out $(RUN_DIR)/checkpoint
