@@ -56,6 +56,7 @@ pub fn small_model(dir: &Path, seed: i64, hidden: usize, intermediate: usize, kv
         rope_theta: 10000.0,
         max_position_embeddings: 128,
         tie_word_embeddings: false,
+        arch: Default::default(),
     };
     let vs = nn::VarStore::new(Device::Cpu);
     let m = Llama::new(&vs.root(), &cfg);

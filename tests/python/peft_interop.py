@@ -14,6 +14,13 @@
       Trains a small byte-level BPE tokenizer with `tokenizers`, writes out_dir/tokenizer.json and
       prints the ids of the sample text, for comparison with rankpilot's reader.
 
+  peft_interop.py family <family> <model_dir> <adapter_dir> <reference.safetensors>
+      Builds a small random-init model from the family's own transformers config class (`llama`,
+      `llama3` (RoPE scaling + biases), `mistral` (sliding window), `qwen2` (q/k/v biases, a
+      sliding upper layer, tied embeddings), `qwen3` (q/k norms, head_dim != hidden/heads)),
+      every weight random (biases and norms too), and a random peft LoRA adapter on all seven
+      projections. Writes the ids and transformers' logits without and with the adapter.
+
   peft_interop.py squeezed <model_dir> <original_adapter> <squeezed_adapter>
       Loads the squeezed adapter with peft and prints JSON per module: its rank, and the relative
       Frobenius error of its delta weight against the best approximation of the original delta
@@ -82,6 +89,65 @@ def cmd_make(model_dir, adapter_dir):
     print(json.dumps({n: m.r["default"] for n, m in lora_modules(peft_model).items()}))
 
 
+def family_model(family):
+    import transformers as tf
+
+    common = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                  rms_norm_eps=1e-5)
+    if family == "llama":
+        cfg = tf.LlamaConfig(**common, tie_word_embeddings=False)
+        cls = tf.LlamaForCausalLM
+    elif family == "llama3":
+        # A short pre-training context, so that low, medium and high frequencies all occur.
+        cfg = tf.LlamaConfig(**common, attention_bias=True, mlp_bias=True, tie_word_embeddings=False,
+                             rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                              "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                              "original_max_position_embeddings": 32})
+        cls = tf.LlamaForCausalLM
+    elif family == "mistral":
+        cfg = tf.MistralConfig(**common, sliding_window=8, tie_word_embeddings=False)
+        cls = tf.MistralForCausalLM
+    elif family == "qwen2":
+        cfg = tf.Qwen2Config(**common, use_sliding_window=True, sliding_window=8, max_window_layers=1,
+                             tie_word_embeddings=True)
+        cls = tf.Qwen2ForCausalLM
+    elif family == "qwen3":
+        cfg = tf.Qwen3Config(**common, head_dim=24, tie_word_embeddings=False)
+        cls = tf.Qwen3ForCausalLM
+    else:
+        raise SystemExit(f"unknown family {family}")
+    torch.manual_seed(0)
+    model = cls(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            else:
+                p.copy_(0.05 * torch.randn_like(p))
+    return model
+
+
+def cmd_family(family, model_dir, adapter_dir, ref):
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import save_file
+
+    model = family_model(family)
+    model.save_pretrained(model_dir)
+    ids = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        base = model(input_ids=ids).logits
+    lcfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                         "up_proj", "down_proj"],
+                      rank_pattern={"v_proj": 2}, init_lora_weights=False, task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, lcfg).eval()
+    peft_model.save_pretrained(adapter_dir)
+    with torch.no_grad():
+        adapted = peft_model(input_ids=ids).logits
+    save_file({"ids": ids, "logits": base.contiguous(), "adapted": adapted.contiguous()}, ref)
+    print(json.dumps({"model_type": model.config.model_type, "adapter_effect": (adapted - base).abs().max().item()}))
+
+
 def cmd_squeezed(model_dir, original, squeezed):
     orig, _ = load(model_dir, original)
     orig_delta = {n: m.get_delta_weight("default") for n, m in lora_modules(orig).items()}
@@ -116,4 +182,4 @@ def cmd_bpe(corpus_file, out_dir, sample_file):
 
 if __name__ == "__main__":
     cmd, *args = sys.argv[1:]
-    {"logits": cmd_logits, "make": cmd_make, "squeezed": cmd_squeezed, "bpe": cmd_bpe}[cmd](*args)
+    {"logits": cmd_logits, "make": cmd_make, "family": cmd_family, "squeezed": cmd_squeezed, "bpe": cmd_bpe}[cmd](*args)

@@ -24,6 +24,7 @@ pub fn tiny_run(steps: usize, ranks: &str) -> Finetuner {
         rope_theta: 10000.0,
         max_position_embeddings: 128,
         tie_word_embeddings: false,
+        arch: Default::default(),
     };
     let mut vs = nn::VarStore::new(Device::Cpu);
     let model = Llama::new(&vs.root(), &cfg);

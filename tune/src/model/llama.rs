@@ -1,5 +1,6 @@
 //! A Llama-architecture decoder (RMSNorm, rotary position embeddings, SwiGLU MLP, grouped-query
-//! attention) in the Hugging Face layout: `config.json` + `model.safetensors` (or sharded
+//! attention) and the families built on it (Llama 1–3.x, Mistral, Qwen2/2.5, Qwen3: one forward
+//! pass, the differences are the named switches of [`Architecture`]) in the Hugging Face layout: `config.json` + `model.safetensors` (or sharded
 //! `model.safetensors.index.json`), tensor names as in `transformers`' `LlamaForCausalLM`
 //! (`model.embed_tokens.weight`, `model.layers.N.self_attn.q_proj.weight`, …, `model.norm.weight`,
 //! `lm_head.weight`), so real checkpoints load and ours load in `transformers`.
@@ -15,21 +16,24 @@ use tch::{Device, Kind, Tensor, nn};
 
 use crate::lora::Lora;
 use crate::model::Projection;
-pub use crate::model::config::LlamaConfig;
+pub use crate::model::config::{Architecture, Family, LlamaConfig, RopeScaling};
 
-/// A frozen projection weight `[out, in]` with an optional LoRA site.
+/// A frozen projection weight `[out, in]` (and bias, where the family has one) with an optional
+/// LoRA site.
 #[derive(Debug)]
 pub struct Proj {
     /// The base weight.
     pub weight: Tensor,
+    /// The base bias `[out]` (Qwen2's q/k/v, Llama's `attention_bias` / `mlp_bias`).
+    pub bias: Option<Tensor>,
     /// The adapter, if this projection is adapted.
     pub lora: Option<Lora>,
 }
 
 impl Proj {
-    /// `W x (+ s · B A x)`.
+    /// `W x + b (+ s · B A x)`.
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        let y = x.linear(&self.weight, None::<Tensor>);
+        let y = x.linear(&self.weight, self.bias.as_ref());
         match self.lora.as_ref().and_then(|l| l.forward(x)) {
             Some(d) => y + d,
             None => y,
@@ -50,6 +54,10 @@ pub struct Block {
     pub v_proj: Proj,
     /// Output projection.
     pub o_proj: Proj,
+    /// RMSNorm weights `[head_dim]` applied to every query and key head before RoPE (Qwen3).
+    pub qk_norm: Option<(Tensor, Tensor)>,
+    /// The attention span of this layer (`None`: full causal; Mistral, Qwen sliding layers).
+    pub sliding_window: Option<usize>,
     /// RMSNorm weight before the MLP.
     pub post_attention_layernorm: Tensor,
     /// SwiGLU gate.
@@ -130,8 +138,15 @@ impl Llama {
         let embed_tokens = var("model.embed_tokens.weight", &[cfg.vocab_size, h], init);
         let proj = |l: usize, p: Projection| {
             let (i, o) = cfg.projection_shape(p);
-            Proj { weight: var(&format!("{}.weight", p.module_name(l)), &[o, i], init), lora: None }
+            let name = p.module_name(l);
+            Proj {
+                weight: var(&format!("{name}.weight"), &[o, i], init),
+                // transformers initialises biases to zero.
+                bias: cfg.arch.has_bias(p).then(|| var(&format!("{name}.bias"), &[o], nn::Init::Const(0.0))),
+                lora: None,
+            }
         };
+        let hd = cfg.head_dim;
         let layers = (0..cfg.num_hidden_layers)
             .map(|l| Block {
                 input_layernorm: var(&format!("model.layers.{l}.input_layernorm.weight"), &[h], norm_init),
@@ -139,6 +154,13 @@ impl Llama {
                 k_proj: proj(l, Projection::K),
                 v_proj: proj(l, Projection::V),
                 o_proj: proj(l, Projection::O),
+                qk_norm: cfg.arch.qk_norm.then(|| {
+                    (
+                        var(&format!("model.layers.{l}.self_attn.q_norm.weight"), &[hd], norm_init),
+                        var(&format!("model.layers.{l}.self_attn.k_norm.weight"), &[hd], norm_init),
+                    )
+                }),
+                sliding_window: cfg.arch.window(l),
                 post_attention_layernorm: var(
                     &format!("model.layers.{l}.post_attention_layernorm.weight"),
                     &[h],
@@ -178,8 +200,14 @@ impl Llama {
         let (b, t, _) = x.size3().expect("[batch, seq, hidden]");
         let (nh, nkv, hd) =
             (self.cfg.num_attention_heads as i64, self.cfg.num_key_value_heads as i64, self.cfg.head_dim as i64);
-        let q = l.q_proj.forward(x).view([b, t, nh, hd]).transpose(1, 2);
-        let k = l.k_proj.forward(x).view([b, t, nkv, hd]).transpose(1, 2);
+        let mut q = l.q_proj.forward(x).view([b, t, nh, hd]);
+        let mut k = l.k_proj.forward(x).view([b, t, nkv, hd]);
+        if let Some((q_norm, k_norm)) = &l.qk_norm {
+            q = rms_norm(&q, q_norm, self.cfg.rms_norm_eps);
+            k = rms_norm(&k, k_norm, self.cfg.rms_norm_eps);
+        }
+        let q = q.transpose(1, 2);
+        let k = k.transpose(1, 2);
         let v = l.v_proj.forward(x).view([b, t, nkv, hd]).transpose(1, 2);
         let q = apply_rope(&q, cos, sin);
         let k = apply_rope(&k, cos, sin);
@@ -189,7 +217,16 @@ impl Llama {
         } else {
             (k, v)
         };
-        let y = Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, true, None, false);
+        let y = match l.sliding_window.filter(|&w| (w as i64) < t) {
+            None => Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, true, None, false),
+            // Query i sees keys j with i − w < j ≤ i (transformers' sliding-window mask).
+            Some(w) => {
+                let pos = Tensor::arange(t, (Kind::Int64, x.device()));
+                let lag = pos.unsqueeze(1) - pos.unsqueeze(0);
+                let mask = lag.ge(0).logical_and(&lag.lt(w as i64));
+                Tensor::scaled_dot_product_attention(&q, &k, &v, Some(mask), 0.0, false, None, false)
+            }
+        };
         l.o_proj.forward(&y.transpose(1, 2).reshape([b, t, nh * hd]))
     }
 
@@ -270,12 +307,33 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Tensor {
     weight * (xf * (var + eps).rsqrt()).to_kind(kind)
 }
 
-/// `cos`, `sin` tables `[seq, head_dim]` (frequencies repeated twice, HF's "rotate_half" layout),
-/// computed in `f32` and cast to `kind`.
-pub fn rope_tables(cfg: &LlamaConfig, seq: i64, device: Device, kind: Kind) -> (Tensor, Tensor) {
+/// RoPE's inverse frequencies `θ^(-2i/d)`, `[head_dim / 2]` in `f32`, scaled as the config says.
+pub fn rope_inv_freq(cfg: &LlamaConfig, device: Device) -> Tensor {
     let hd = cfg.head_dim as i64;
     let exponents = Tensor::arange_start_step(0, hd, 2, (Kind::Int64, device)).to_kind(Kind::Float) / hd as f64;
     let inv_freq = Tensor::from(cfg.rope_theta as f32).to_device(device).pow(&exponents).reciprocal();
+    match cfg.arch.rope_scaling {
+        RopeScaling::Default => inv_freq,
+        // Llama 3.1: wavelengths longer than the pre-training context / low_freq_factor are
+        // slowed by `factor`, those shorter than context / high_freq_factor kept, and the band
+        // between blended linearly in context / wavelength.
+        RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
+            let context = original_max_position_embeddings as f64;
+            let wavelen = (inv_freq.ones_like() * (2.0 * std::f64::consts::PI)) / &inv_freq;
+            let scaled = inv_freq.where_self(&wavelen.le(context / low_freq_factor), &(&inv_freq / factor));
+            let smooth =
+                ((wavelen.ones_like() * context) / &wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+            let blended: Tensor = (smooth.ones_like() - &smooth) * &scaled / factor + &smooth * &scaled;
+            let medium = wavelen.ge(context / high_freq_factor).logical_and(&wavelen.le(context / low_freq_factor));
+            blended.where_self(&medium, &scaled)
+        }
+    }
+}
+
+/// `cos`, `sin` tables `[seq, head_dim]` (frequencies repeated twice, HF's "rotate_half" layout),
+/// computed in `f32` and cast to `kind`.
+pub fn rope_tables(cfg: &LlamaConfig, seq: i64, device: Device, kind: Kind) -> (Tensor, Tensor) {
+    let inv_freq = rope_inv_freq(cfg, device);
     let pos = Tensor::arange(seq, (Kind::Float, device));
     let freqs = pos.unsqueeze(1) * inv_freq.unsqueeze(0);
     let emb = Tensor::cat(&[&freqs, &freqs], 1);
@@ -307,6 +365,7 @@ mod tests {
             rope_theta: 10000.0,
             max_position_embeddings: 64,
             tie_word_embeddings: false,
+            arch: Architecture::default(),
         }
     }
 

@@ -1,0 +1,119 @@
+//! Every supported model family against transformers: a small random-init model built from the
+//! family's own config class (every weight random, biases and norms included), its logits with
+//! and without a random PEFT adapter, then a short `rankpilot finetune` on that model whose
+//! exported adapter PEFT loads back.
+
+mod common;
+
+use std::process::Command;
+
+use tch::{Device, Kind, Tensor};
+use tune::model::llama::{Family, Llama};
+use tune::peft::PeftAdapter;
+
+fn python(args: &[&str]) -> serde_json::Value {
+    let out = Command::new(common::python())
+        .arg(common::root().join("tests/python/peft_interop.py"))
+        .args(args)
+        .output()
+        .expect("run python");
+    assert!(out.status.success(), "python failed: {}", common::text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(stdout.lines().last().unwrap_or("")).unwrap_or_else(|e| panic!("{e}: {}", common::text(&out)))
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    (a - b).abs().max().double_value(&[])
+}
+
+fn check_family(name: &str, family: Family) {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, adapter, reference) = (tmp.path().join("model"), tmp.path().join("adapter"), tmp.path().join("ref"));
+    let made =
+        python(&["family", name, model.to_str().unwrap(), adapter.to_str().unwrap(), reference.to_str().unwrap()]);
+    let (tensors, _) = runio::checkpoint::read_safetensors(&reference).unwrap();
+    let get = |n: &str| tensors.iter().find(|(k, _)| k == n).unwrap().1.shallow_clone();
+    let ids = get("ids");
+
+    let (mut m, _vs) = Llama::load(&model, Device::Cpu, Kind::Float).unwrap();
+    assert_eq!(m.cfg.arch.family, family, "{made}");
+    let base = tch::no_grad(|| m.forward(&ids));
+    let d = max_abs_diff(&base, &get("logits"));
+    eprintln!("{name}: base logits max |Δ| = {d:.2e}");
+    assert!(d < 1e-4, "{name}: base logits differ from transformers by {d}");
+    m.attach_adapter(&PeftAdapter::load(&adapter).unwrap()).unwrap();
+    let adapted = tch::no_grad(|| m.forward(&ids));
+    let d = max_abs_diff(&adapted, &get("adapted"));
+    eprintln!("{name}: adapted logits max |Δ| = {d:.2e}");
+    assert!(d < 1e-4, "{name}: logits with the PEFT adapter differ from peft by {d}");
+    assert!(max_abs_diff(&adapted, &base) > 1e-2, "{name}: the adapter must matter");
+
+    // Train on the family's model from that adapter, export, and let PEFT load the result.
+    let data = common::text_file(tmp.path(), 40);
+    let exported = tmp.path().join("exported");
+    let o = common::rankpilot(&[
+        "finetune",
+        "--model",
+        model.to_str().unwrap(),
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--data",
+        &data,
+        "--steps",
+        "3",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "24",
+        "--eval-every",
+        "3",
+        "--eval-batches",
+        "1",
+        "--lr",
+        "0.01",
+        "--seed",
+        "0",
+        "--device",
+        "cpu",
+        "--logdir",
+        tmp.path().join("run").to_str().unwrap(),
+        "--export-peft",
+        exported.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{name}: {}", common::text(&o));
+    let (mut m, _vs) = Llama::load(&model, Device::Cpu, Kind::Float).unwrap();
+    m.attach_adapter(&PeftAdapter::load(&exported).unwrap()).unwrap();
+    let logits = tch::no_grad(|| m.forward(&ids));
+    assert!(max_abs_diff(&logits, &adapted) > 1e-4, "{name}: training must change the adapter");
+    let ours = tmp.path().join("ours.safetensors");
+    runio::checkpoint::write_safetensors(&ours, &[("ids".into(), ids), ("logits".into(), logits)], None).unwrap();
+    let r = python(&["logits", model.to_str().unwrap(), exported.to_str().unwrap(), ours.to_str().unwrap()]);
+    assert!(r["warnings"].as_array().unwrap().is_empty(), "{name}: {r}");
+    assert!(r["max_abs_diff"].as_f64().unwrap() < 1e-4, "{name}: exported adapter: {r}");
+    assert_eq!(r["ranks"]["model.layers.0.self_attn.v_proj"], 2, "{name}: {r}");
+}
+
+#[test]
+fn llama_with_default_rope_matches_transformers() {
+    check_family("llama", Family::Llama);
+}
+
+#[test]
+fn llama3_with_rope_scaling_and_biases_matches_transformers() {
+    check_family("llama3", Family::Llama);
+}
+
+#[test]
+fn mistral_with_a_sliding_window_shorter_than_the_sequence_matches_transformers() {
+    check_family("mistral", Family::Mistral);
+}
+
+#[test]
+fn qwen2_with_qkv_biases_a_sliding_layer_and_tied_embeddings_matches_transformers() {
+    check_family("qwen2", Family::Qwen2);
+}
+
+#[test]
+fn qwen3_with_qk_norms_matches_transformers() {
+    check_family("qwen3", Family::Qwen3);
+}
