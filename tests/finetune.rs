@@ -204,7 +204,7 @@ fn bad_input_exits_2_with_a_clear_message() {
 }
 
 #[test]
-fn byte_level_bpe_tokenizer_json_encodes_like_hugging_face_tokenizers() {
+fn gpt2_llama3_and_qwen_style_tokenizers_give_the_ids_of_transformers() {
     let tmp = tempfile::tempdir().unwrap();
     let corpus = tmp.path().join("corpus.txt");
     let mut text = String::new();
@@ -213,15 +213,28 @@ fn byte_level_bpe_tokenizer_json_encodes_like_hugging_face_tokenizers() {
             "The licensee's rights ({i}) don't end here;\n\tdef run_{i}(self, x):  return x * {i}\n\n"
         ));
     }
+    text.push_str(&"Ünïcödé café naïve 東京 12345 ".repeat(20));
     std::fs::write(&corpus, &text).unwrap();
     let sample = tmp.path().join("sample.txt");
-    let sample_text = "It's the licensee's code:\n\n    def run_7(self, y):   return y*7  # café, naïve 123\n";
+    // Special tokens inside the text, digit runs longer than 3, CRLF, trailing spaces, NFC.
+    let sample_text = "<|im_start|>user\nIt's the licensee's code:\n\n    def run_7(self, y):   return y*7  \
+                       # café, nai\u{308}ve 123456\n<|im_end|>\n<|eot_id|> THE END'S\r\n  ";
     std::fs::write(&sample, sample_text).unwrap();
     let out = tmp.path().join("tok");
-    let r = python(&["bpe", corpus.to_str().unwrap(), out.to_str().unwrap(), sample.to_str().unwrap()]);
-    let expected: Vec<i64> = r["ids"].as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect();
-    let tok = tune::data::Tokenizer::for_model_dir(&out).unwrap();
-    assert_eq!(tok.encode(sample_text), expected);
+    let r = python(&["tokenizers", corpus.to_str().unwrap(), out.to_str().unwrap(), sample.to_str().unwrap()]);
+    for style in ["gpt2", "llama3", "qwen"] {
+        let ids =
+            |k: &str| -> Vec<i64> { r[style][k].as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect() };
+        assert_eq!(ids("tokenizers"), ids("transformers"), "{style}: the two Python libraries disagree");
+        let tok = tune::data::Tokenizer::for_model_dir(&out.join(style)).unwrap();
+        assert_eq!(tok.encode(sample_text).unwrap(), ids("transformers"), "{style}");
+        assert_eq!(tok.vocab_size() as i64, r[style]["vocab"].as_i64().unwrap(), "{style}");
+    }
+    // Llama 3 style: the post-processor's BOS first; Qwen style: the chat tokens as single ids.
+    let llama3 = tune::data::Tokenizer::for_model_dir(&out.join("llama3")).unwrap();
+    assert_eq!(llama3.encode(sample_text).unwrap()[0], llama3.token_id("<|begin_of_text|>").unwrap());
+    let qwen = tune::data::Tokenizer::for_model_dir(&out.join("qwen")).unwrap();
+    assert_eq!(qwen.encode(sample_text).unwrap()[0], qwen.token_id("<|im_start|>").unwrap());
 }
 
 #[test]
@@ -261,6 +274,13 @@ fn pretrain_cli_writes_a_loadable_hf_model_with_provenance() {
     assert!(o.status.success(), "{}", common::text(&o));
     let (m, _vs) = Llama::load(&out, Device::Cpu, Kind::Float).unwrap();
     assert_eq!((m.cfg.hidden_size, m.cfg.num_key_value_heads), (32, 1));
+    // transformers' AutoTokenizer loads the model's tokenizer, and its ids are the bytes.
+    let sample = tmp.path().join("sample.txt");
+    let sample_text = "def f(x):\n\treturn x  # naïve 東京";
+    std::fs::write(&sample, sample_text).unwrap();
+    let r = python(&["autotokenizer", out.to_str().unwrap(), sample.to_str().unwrap()]);
+    let ids: Vec<i64> = r["ids"].as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect();
+    assert_eq!(ids, sample_text.bytes().map(|b| b as i64).collect::<Vec<_>>(), "{r}");
     let info: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("rankpilot.json")).unwrap()).unwrap();
     assert_eq!(info["corpus"]["sha256"].as_str().unwrap().len(), 64);
     assert!(info["final_val_loss"].as_f64().unwrap().is_finite());

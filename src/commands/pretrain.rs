@@ -1,6 +1,7 @@
 //! `rankpilot pretrain`: trains a tiny Llama base model from scratch on local text and writes it
-//! in the Hugging Face layout (`config.json` + `model.safetensors`), plus `rankpilot.json` with the
-//! corpus's provenance (source, file count, SHA-256) and the final losses.
+//! in the Hugging Face layout (`config.json` + `model.safetensors`, and the byte-level
+//! `tokenizer.json` + `tokenizer_config.json` that `AutoTokenizer` loads), plus `rankpilot.json`
+//! with the corpus's provenance (source, file count, SHA-256) and the final losses.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -182,6 +183,9 @@ pub fn run(a: &PretrainArgs) -> Result<()> {
     bar.finish_and_clear();
     tb.flush()?;
     model.save(&vs, &a.out)?;
+    checkpoint::atomic_write(&a.out.join("tokenizer.json"), Tokenizer::bytes_tokenizer_json()?.as_bytes())?;
+    let tok_config = Tokenizer::bytes_tokenizer_config(cfg.max_position_embeddings);
+    checkpoint::atomic_write(&a.out.join("tokenizer_config.json"), &serde_json::to_vec_pretty(&tok_config)?)?;
     let info = serde_json::json!({
         "written_by": format!("rankpilot {}", env!("CARGO_PKG_VERSION")),
         "tokenizer": "bytes",

@@ -10,16 +10,23 @@
       Writes a small random Llama model and a LoRA adapter made by peft itself (random A and B,
       mixed ranks through rank_pattern/alpha_pattern) for `rankpilot squeeze` to compress.
 
-  peft_interop.py bpe <corpus.txt> <out_dir> <sample.txt>
-      Trains a small byte-level BPE tokenizer with `tokenizers`, writes out_dir/tokenizer.json and
-      prints the ids of the sample text, for comparison with rankpilot's reader.
-
   peft_interop.py family <family> <model_dir> <adapter_dir> <reference.safetensors>
       Builds a small random-init model from the family's own transformers config class (`llama`,
       `llama3` (RoPE scaling + biases), `mistral` (sliding window), `qwen2` (q/k/v biases, a
       sliding upper layer, tied embeddings), `qwen3` (q/k norms, head_dim != hidden/heads)),
       every weight random (biases and norms too), and a random peft LoRA adapter on all seven
       projections. Writes the ids and transformers' logits without and with the adapter.
+
+  peft_interop.py tokenizers <corpus.txt> <out_root> <sample.txt>
+      Trains three BPE tokenizers with `tokenizers`, in the styles of GPT-2 (ByteLevel with its
+      regex), Llama 3 (Split on Llama 3's pattern, ByteLevel without regex, ignore_merges, a BOS
+      added by a TemplateProcessing post-processor, special tokens) and Qwen2 (NFC, Split on
+      Qwen's pattern, ByteLevel without regex, chat special tokens), writes
+      out_root/<style>/tokenizer.json + tokenizer_config.json, and prints per style the ids of
+      the sample from `tokenizers` and from transformers' AutoTokenizer.
+
+  peft_interop.py autotokenizer <model_dir> <sample.txt>
+      Prints the ids AutoTokenizer.from_pretrained(model_dir) gives the sample.
 
   peft_interop.py squeezed <model_dir> <original_adapter> <squeezed_adapter>
       Loads the squeezed adapter with peft and prints JSON per module: its rank, and the relative
@@ -165,21 +172,75 @@ def cmd_squeezed(model_dir, original, squeezed):
     print(json.dumps(out))
 
 
-def cmd_bpe(corpus_file, out_dir, sample_file):
-    """Trains a byte-level BPE with Hugging Face `tokenizers`, saves tokenizer.json, prints the
-    ids of the sample text."""
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def cmd_tokenizers(corpus_file, out_root, sample_file):
     import os
 
-    from tokenizers import ByteLevelBPETokenizer
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import AutoTokenizer
 
-    tok = ByteLevelBPETokenizer()
-    tok.train([corpus_file], vocab_size=600, min_frequency=2, show_progress=False)
-    os.makedirs(out_dir, exist_ok=True)
-    tok.save(os.path.join(out_dir, "tokenizer.json"))
-    with open(sample_file, encoding="utf-8") as f:
-        print(json.dumps({"ids": tok.encode(f.read()).ids}))
+    def byte_level_split(pattern):
+        return pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
+        ])
+
+    styles = {
+        "gpt2": dict(pre=pre_tokenizers.ByteLevel(add_prefix_space=False), special=["<|endoftext|>"],
+                     config={"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>"}),
+        "llama3": dict(pre=byte_level_split(LLAMA3_PATTERN), ignore_merges=True,
+                       special=["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"], bos="<|begin_of_text|>",
+                       config={"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}),
+        "qwen": dict(pre=byte_level_split(QWEN2_PATTERN), normalizer=normalizers.NFC(),
+                     special=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                     config={"bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}),
+    }
+    with open(sample_file, encoding="utf-8", newline="") as f:
+        sample = f.read()
+    out = {}
+    for name, st in styles.items():
+        tok = Tokenizer(models.BPE(ignore_merges=st.get("ignore_merges", False)))
+        if "normalizer" in st:
+            tok.normalizer = st["normalizer"]
+        tok.pre_tokenizer = st["pre"]
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=700, min_frequency=2, show_progress=False,
+                                      special_tokens=st["special"],
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        tok.train([corpus_file], trainer)
+        if "bos" in st:
+            bos = st["bos"]
+            tok.post_processor = processors.TemplateProcessing(
+                single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))])
+        else:
+            tok.post_processor = processors.ByteLevel(trim_offsets=False)
+        d = os.path.join(out_root, name)
+        os.makedirs(d, exist_ok=True)
+        tok.save(os.path.join(d, "tokenizer.json"))
+        with open(os.path.join(d, "tokenizer_config.json"), "w") as f:
+            json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
+                       **st["config"]}, f)
+        auto = AutoTokenizer.from_pretrained(d)
+        out[name] = {"tokenizers": tok.encode(sample).ids, "transformers": auto(sample)["input_ids"],
+                     "vocab": tok.get_vocab_size()}
+    print(json.dumps(out))
+
+
+def cmd_autotokenizer(model_dir, sample_file):
+    from transformers import AutoTokenizer
+
+    with open(sample_file, encoding="utf-8", newline="") as f:
+        sample = f.read()
+    auto = AutoTokenizer.from_pretrained(model_dir)
+    print(json.dumps({"ids": auto(sample)["input_ids"], "class": type(auto).__name__}))
 
 
 if __name__ == "__main__":
     cmd, *args = sys.argv[1:]
-    {"logits": cmd_logits, "make": cmd_make, "family": cmd_family, "squeezed": cmd_squeezed, "bpe": cmd_bpe}[cmd](*args)
+    {"logits": cmd_logits, "make": cmd_make, "family": cmd_family, "tokenizers": cmd_tokenizers,
+     "autotokenizer": cmd_autotokenizer, "squeezed": cmd_squeezed}[cmd](*args)

@@ -28,7 +28,7 @@ impl TokenData {
             ))
             .into());
         }
-        let ids = tok.encode(&corpus.text());
+        let ids = tok.encode(&corpus.text())?;
         let train_len = ids.len() - ((ids.len() as f64) * val_fraction).round() as usize;
         let n_val = ((ids.len() as f64) * val_fraction).round() as usize;
         let need = 2 * (seq_len + 1);

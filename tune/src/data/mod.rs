@@ -7,4 +7,4 @@ pub mod tokenizer;
 
 pub use batches::{TokenData, data_rng};
 pub use corpus::{BUILTIN_CODE, BUILTIN_PROSE, Corpus, setup_venv};
-pub use tokenizer::{BpeTokenizer, Tokenizer};
+pub use tokenizer::{HfTokenizer, Tokenizer};

@@ -1,42 +1,101 @@
-//! Tokenizers: raw UTF-8 bytes (vocabulary 256) by default; a model directory's
-//! `tokenizer.json` is used when present if it is a byte-level BPE tokenizer (GPT-2 / Llama-3
-//! style), otherwise loading fails with a message that says what is supported.
+//! Tokenizers: a model directory's `tokenizer.json`, read and applied by Hugging Face's own
+//! `tokenizers` crate (so every pre-tokenizer, normalizer, model type, added and special token
+//! and post-processor behaves exactly as in Python), or raw UTF-8 bytes (vocabulary 256) when
+//! the directory has none.
+//!
+//! The `tokenizers` crate is built with its pure-Rust `fancy-regex` back end instead of the
+//! default Oniguruma C library: no C build, and the tests check the ids against the Python
+//! library (which uses Oniguruma) on GPT-2-, Llama-3- and Qwen-style files.
 
-use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 use rankpilot_config::BadInput;
+use tokenizers::models::bpe::BPE;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 
-/// Turns text into token ids.
+/// Turns text into token ids and back.
 #[derive(Debug, Clone)]
 pub enum Tokenizer {
     /// Raw UTF-8 bytes: id = byte value, vocabulary 256.
     Bytes,
-    /// Byte-level BPE from a `tokenizer.json`.
-    Bpe(Box<BpeTokenizer>),
+    /// A `tokenizer.json`, applied by the `tokenizers` crate.
+    Hf(Box<HfTokenizer>),
+}
+
+/// A Hugging Face `tokenizer.json` and where it came from.
+#[derive(Debug, Clone)]
+pub struct HfTokenizer {
+    /// The file it was read from.
+    pub file: PathBuf,
+    /// The tokenizer itself.
+    pub inner: tokenizers::Tokenizer,
+    /// One past the largest id it can produce (added tokens included).
+    pub vocab_size: usize,
 }
 
 impl Tokenizer {
     /// The tokenizer for a model directory: its `tokenizer.json` when present, else bytes.
     pub fn for_model_dir(dir: &Path) -> Result<Tokenizer> {
         let p = dir.join("tokenizer.json");
-        if p.is_file() { Ok(Tokenizer::Bpe(Box::new(BpeTokenizer::load(&p)?))) } else { Ok(Tokenizer::Bytes) }
+        if p.is_file() { Ok(Tokenizer::Hf(Box::new(HfTokenizer::load(&p)?))) } else { Ok(Tokenizer::Bytes) }
     }
 
     /// Number of distinct ids this tokenizer can produce (ids are below this).
     pub fn vocab_size(&self) -> usize {
         match self {
             Tokenizer::Bytes => 256,
-            Tokenizer::Bpe(b) => b.max_id + 1,
+            Tokenizer::Hf(h) => h.vocab_size,
         }
     }
 
-    /// Encodes `text` into ids.
-    pub fn encode(&self, text: &str) -> Vec<i64> {
+    /// Encodes `text` into ids as `transformers`' `tokenizer(text)` does: special tokens in the
+    /// text are matched, and the post-processor adds what the file says (e.g. Llama 3's BOS).
+    pub fn encode(&self, text: &str) -> Result<Vec<i64>> {
         match self {
-            Tokenizer::Bytes => text.bytes().map(|b| b as i64).collect(),
-            Tokenizer::Bpe(b) => b.encode(text),
+            Tokenizer::Bytes => Ok(text.bytes().map(|b| b as i64).collect()),
+            Tokenizer::Hf(h) => {
+                let enc = without_panics(|| h.inner.encode(text, true))
+                    .and_then(|r| r.map_err(|e| e.to_string()))
+                    .map_err(|e| BadInput(format!("{}: encoding failed: {e}", h.file.display())))?;
+                Ok(enc.get_ids().iter().map(|&i| i as i64).collect())
+            }
+        }
+    }
+
+    /// Encodes `text` without the post-processor's additions (BOS/EOS): for pieces of a prompt
+    /// that are concatenated.
+    pub fn encode_plain(&self, text: &str) -> Result<Vec<i64>> {
+        match self {
+            Tokenizer::Bytes => self.encode(text),
+            Tokenizer::Hf(h) => {
+                let enc = without_panics(|| h.inner.encode(text, false))
+                    .and_then(|r| r.map_err(|e| e.to_string()))
+                    .map_err(|e| BadInput(format!("{}: encoding failed: {e}", h.file.display())))?;
+                Ok(enc.get_ids().iter().map(|&i| i as i64).collect())
+            }
+        }
+    }
+
+    /// Turns ids back into text (special tokens kept; invalid UTF-8 replaced by U+FFFD).
+    pub fn decode(&self, ids: &[i64]) -> Result<String> {
+        match self {
+            Tokenizer::Bytes => {
+                let bytes: Vec<u8> = ids.iter().map(|&i| i.clamp(0, 255) as u8).collect();
+                Ok(String::from_utf8_lossy(&bytes).into_owned())
+            }
+            Tokenizer::Hf(h) => {
+                let ids: Vec<u32> = ids.iter().map(|&i| i.clamp(0, u32::MAX as i64) as u32).collect();
+                h.inner.decode(&ids, false).map_err(|e| anyhow::anyhow!("{}: decoding failed: {e}", h.file.display()))
+            }
+        }
+    }
+
+    /// The id of a special token such as `<|im_end|>`, if this tokenizer has it.
+    pub fn token_id(&self, token: &str) -> Option<i64> {
+        match self {
+            Tokenizer::Bytes => None,
+            Tokenizer::Hf(h) => h.inner.token_to_id(token).map(|i| i as i64),
         }
     }
 
@@ -44,197 +103,89 @@ impl Tokenizer {
     pub fn describe(&self) -> String {
         match self {
             Tokenizer::Bytes => "bytes (256)".into(),
-            Tokenizer::Bpe(b) => format!("byte-level BPE ({} ids, {} merges)", b.max_id + 1, b.ranks.len()),
+            Tokenizer::Hf(h) => {
+                let model = match h.inner.get_model() {
+                    tokenizers::ModelWrapper::BPE(_) => "BPE",
+                    tokenizers::ModelWrapper::WordPiece(_) => "WordPiece",
+                    tokenizers::ModelWrapper::WordLevel(_) => "WordLevel",
+                    tokenizers::ModelWrapper::Unigram(_) => "Unigram",
+                };
+                format!("{model} tokenizer.json ({} ids)", h.vocab_size)
+            }
         }
+    }
+
+    /// The byte-level `tokenizer.json` of rankpilot's own models: a BPE without merges over GPT-2's
+    /// 256 byte symbols, so that every id is the byte value, exactly as [`Tokenizer::Bytes`].
+    /// `transformers`' `AutoTokenizer` loads it (with [`Tokenizer::bytes_tokenizer_config`]).
+    pub fn bytes_tokenizer_json() -> Result<String> {
+        let vocab: Vec<(String, u32)> = (0..=255u8).map(|b| (byte_symbol(b), b as u32)).collect();
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab.into_iter().collect::<tokenizers::models::bpe::Vocab>(), vec![])
+            .build()
+            .map_err(|e| anyhow::anyhow!("building the byte tokenizer: {e}"))?;
+        let mut tok = tokenizers::Tokenizer::new(bpe);
+        tok.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
+        tok.with_decoder(Some(ByteLevel::default()));
+        tok.to_string(true).map_err(|e| anyhow::anyhow!("serializing the byte tokenizer: {e}"))
+    }
+
+    /// The `tokenizer_config.json` written beside [`Tokenizer::bytes_tokenizer_json`].
+    pub fn bytes_tokenizer_config(max_length: usize) -> serde_json::Value {
+        serde_json::json!({
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "model_max_length": max_length,
+            "clean_up_tokenization_spaces": false,
+            "bos_token": null,
+            "eos_token": null,
+            "pad_token": null,
+            "unk_token": null,
+        })
     }
 }
 
-/// A byte-level BPE tokenizer (the GPT-2 scheme used by GPT-2, Llama-3, Qwen...) read from a
-/// Hugging Face `tokenizer.json` with `model.type == "BPE"` and a `ByteLevel` pre-tokenizer.
-///
-/// Pre-tokenization splits on the GPT-2 pattern approximated without look-ahead (contractions,
-/// letter runs, digit runs, punctuation runs, whitespace runs), which matches Hugging Face on
-/// ordinary text; special/added tokens are not matched inside text.
-#[derive(Debug, Clone)]
-pub struct BpeTokenizer {
-    vocab: HashMap<String, i64>,
-    ranks: HashMap<(String, String), usize>,
-    byte_to_char: [char; 256],
-    max_id: usize,
+/// Runs `f`, turning a panic inside the `tokenizers` library into an error message. The library
+/// panics on some malformed files (0.23: `expect("Helper")` when a `decoder` object does not
+/// deserialize), and a hostile file must give exit 2, never a panic. The panic hook is silenced
+/// meanwhile so that no panic text reaches the user.
+fn without_panics<T>(f: impl FnOnce() -> T) -> std::result::Result<T, String> {
+    use std::sync::Mutex;
+    static HOOK: Mutex<()> = Mutex::new(());
+    let _serial = HOOK.lock().unwrap_or_else(|p| p.into_inner());
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    std::panic::set_hook(previous);
+    r.map_err(|p| {
+        let why = p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned());
+        format!("the tokenizers library failed on it ({})", why.unwrap_or_else(|| "no message".into()))
+    })
 }
 
-impl BpeTokenizer {
-    /// Reads `tokenizer.json`; errors say what is supported when the file is something else.
-    pub fn load(path: &Path) -> Result<BpeTokenizer> {
-        let bad = |why: String| BadInput(format!("{}: {why}", path.display()));
-        let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
-        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(format!("invalid JSON: {e}")))?;
-        let model = v.get("model").ok_or_else(|| bad("no `model` key".into()))?;
-        let ty = model.get("type").and_then(|t| t.as_str()).unwrap_or("?");
-        let pre = v.get("pre_tokenizer").map(|p| p.to_string()).unwrap_or_default();
-        if ty != "BPE" || !pre.contains("ByteLevel") {
-            return Err(bad(format!(
-                "tokenizer model `{ty}` is not supported: rankpilot reads byte-level BPE tokenizers \
-                 (model.type \"BPE\" with a ByteLevel pre-tokenizer, as GPT-2/Llama-3) or uses raw \
-                 bytes when the model directory has no tokenizer.json"
-            ))
-            .into());
-        }
-        let vocab_v = model
-            .get("vocab")
-            .and_then(|x| x.as_object())
-            .ok_or_else(|| bad("`model.vocab` is not an object".into()))?;
-        let mut vocab = HashMap::new();
-        let mut max_id = 0usize;
-        for (k, id) in vocab_v {
-            let id = id.as_i64().ok_or_else(|| bad(format!("vocab entry `{k}` is not an integer")))?;
-            max_id = max_id.max(id as usize);
-            vocab.insert(k.clone(), id);
-        }
-        if let Some(added) = v.get("added_tokens").and_then(|a| a.as_array()) {
-            for t in added {
-                if let Some(id) = t.get("id").and_then(|i| i.as_u64()) {
-                    max_id = max_id.max(id as usize);
-                }
-            }
-        }
-        let mut ranks = HashMap::new();
-        for (i, m) in model
-            .get("merges")
-            .and_then(|x| x.as_array())
-            .ok_or_else(|| bad("`model.merges` is not a list".into()))?
-            .iter()
-            .enumerate()
-        {
-            let pair = match m {
-                serde_json::Value::String(s) => s.split_once(' ').map(|(a, b)| (a.to_string(), b.to_string())),
-                serde_json::Value::Array(a) if a.len() == 2 => match (a[0].as_str(), a[1].as_str()) {
-                    (Some(x), Some(y)) => Some((x.to_string(), y.to_string())),
-                    _ => None,
-                },
-                _ => None,
-            }
-            .ok_or_else(|| bad(format!("merge {i} is not a pair")))?;
-            ranks.insert(pair, i);
-        }
-        Ok(BpeTokenizer { vocab, ranks, byte_to_char: bytes_to_unicode(), max_id })
-    }
-
-    /// Encodes text (see the type's documentation for the pre-tokenization used).
-    pub fn encode(&self, text: &str) -> Vec<i64> {
-        let mut out = Vec::new();
-        for piece in pretokenize(text) {
-            let mut parts: Vec<String> = piece.bytes().map(|b| self.byte_to_char[b as usize].to_string()).collect();
-            loop {
-                let best = parts
-                    .windows(2)
-                    .enumerate()
-                    .filter_map(|(i, w)| self.ranks.get(&(w[0].clone(), w[1].clone())).map(|r| (*r, i)))
-                    .min();
-                let Some((_, i)) = best else { break };
-                let merged = format!("{}{}", parts[i], parts[i + 1]);
-                parts.splice(i..i + 2, [merged]);
-            }
-            for p in parts {
-                match self.vocab.get(&p) {
-                    Some(&id) => out.push(id),
-                    None => {
-                        // Fall back to single byte symbols (always in a byte-level vocabulary).
-                        for c in p.chars() {
-                            if let Some(&id) = self.vocab.get(&c.to_string()) {
-                                out.push(id);
-                            }
-                        }
-                    }
-                }
-            }
-        }
-        out
-    }
+/// GPT-2's printable symbol for byte `b`: printable Latin-1 bytes stand for themselves, the
+/// others are shifted past 255 in byte order. (The `tokenizers` crate keeps its table private.)
+fn byte_symbol(b: u8) -> String {
+    let printable = |x: u32| (33..=126).contains(&x) || (161..=172).contains(&x) || (174..=255).contains(&x);
+    let x = b as u32;
+    let c = if printable(x) { x } else { 256 + (0..x).filter(|&y| !printable(y)).count() as u32 };
+    char::from_u32(c).map(String::from).expect("below U+0200")
 }
 
-/// GPT-2's reversible byte → printable-character map.
-fn bytes_to_unicode() -> [char; 256] {
-    let mut table = ['\0'; 256];
-    let mut n = 0u32;
-    for b in 0..256u32 {
-        let printable = (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
-        table[b as usize] = if printable {
-            char::from_u32(b).unwrap_or('?')
-        } else {
-            let c = char::from_u32(256 + n).unwrap_or('?');
-            n += 1;
-            c
-        };
+impl HfTokenizer {
+    /// Reads `tokenizer.json`; errors name the file.
+    pub fn load(path: &Path) -> Result<HfTokenizer> {
+        let text = std::fs::read_to_string(path).map_err(|e| BadInput(format!("{}: {e}", path.display())))?;
+        let inner: tokenizers::Tokenizer = without_panics(|| text.parse::<tokenizers::Tokenizer>())
+            .and_then(|r| r.map_err(|e| e.to_string()))
+            .map_err(|e| {
+                BadInput(format!("{}: not a tokenizer.json the `tokenizers` library reads: {e}", path.display()))
+            })?;
+        let vocab_size = inner.get_vocab(true).values().copied().max().map_or(0, |m| m as usize + 1);
+        if vocab_size == 0 {
+            return Err(BadInput(format!("{}: the tokenizer has an empty vocabulary", path.display())).into());
+        }
+        Ok(HfTokenizer { file: path.to_path_buf(), inner, vocab_size })
     }
-    table
-}
-
-/// GPT-2 pre-tokenization (`'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+`)
-/// written out by hand, since the `regex` crate has no look-ahead.
-fn pretokenize(text: &str) -> Vec<&str> {
-    #[derive(PartialEq, Clone, Copy)]
-    enum Class {
-        Letter,
-        Digit,
-        Space,
-        Other,
-    }
-    let class = |c: char| {
-        if c.is_alphabetic() {
-            Class::Letter
-        } else if c.is_numeric() {
-            Class::Digit
-        } else if c.is_whitespace() {
-            Class::Space
-        } else {
-            Class::Other
-        }
-    };
-    let idx: Vec<(usize, char)> = text.char_indices().collect();
-    let at = |j: usize| if j < idx.len() { idx[j].0 } else { text.len() };
-    let mut out = Vec::new();
-    let mut i = 0;
-    while i < idx.len() {
-        let start = idx[i].0;
-        // Contractions.
-        if idx[i].1 == '\'' {
-            let rest = &text[start + 1..];
-            if let Some(n) =
-                ["s", "t", "re", "ve", "m", "ll", "d"].iter().find(|c| rest.starts_with(*c)).map(|c| c.len())
-            {
-                let end = start + 1 + n;
-                out.push(&text[start..end]);
-                while i < idx.len() && idx[i].0 < end {
-                    i += 1;
-                }
-                continue;
-            }
-        }
-        let mut j = i;
-        // A single ' ' joins a following letter/digit/other run.
-        if idx[j].1 == ' ' && j + 1 < idx.len() && class(idx[j + 1].1) != Class::Space {
-            j += 1;
-        }
-        let c = class(idx[j].1);
-        j += 1;
-        if c == Class::Space {
-            while j < idx.len() && class(idx[j].1) == Class::Space {
-                j += 1;
-            }
-            // `\s+(?!\S)`: leave the last whitespace character for what follows.
-            if j < idx.len() && j - i > 1 {
-                j -= 1;
-            }
-        } else {
-            while j < idx.len() && class(idx[j].1) == c {
-                j += 1;
-            }
-        }
-        out.push(&text[start..at(j)]);
-        i = j;
-    }
-    out
 }
 
 #[cfg(test)]
@@ -242,39 +193,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn byte_level_bpe_applies_merges_and_rejects_other_models() {
+    fn the_byte_level_tokenizer_json_gives_the_byte_ids() {
         let d = tempfile::tempdir().unwrap();
-        let table = bytes_to_unicode();
-        let mut vocab = serde_json::Map::new();
-        for (i, c) in table.iter().enumerate() {
-            vocab.insert(c.to_string(), i.into());
-        }
-        let sp = table[b' ' as usize];
-        vocab.insert("he".into(), 256.into());
-        vocab.insert("hel".into(), 257.into());
-        vocab.insert(format!("{sp}w"), 258.into());
-        let tj = serde_json::json!({
-            "model": {"type": "BPE", "vocab": vocab, "merges": ["h e", "he l", format!("{sp} w")]},
-            "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false},
-            "added_tokens": [{"id": 300, "content": "<eos>"}]
-        });
-        std::fs::write(d.path().join("tokenizer.json"), tj.to_string()).unwrap();
+        std::fs::write(d.path().join("tokenizer.json"), Tokenizer::bytes_tokenizer_json().unwrap()).unwrap();
         let tok = Tokenizer::for_model_dir(d.path()).unwrap();
-        assert_eq!(tok.vocab_size(), 301);
-        assert_eq!(
-            tok.encode("hello world"),
-            vec![257, b'l' as i64, b'o' as i64, 258, b'o' as i64, b'r' as i64, b'l' as i64, b'd' as i64]
-        );
-        std::fs::write(d.path().join("tokenizer.json"), r#"{"model": {"type": "Unigram"}}"#).unwrap();
-        let e = Tokenizer::for_model_dir(d.path()).unwrap_err().to_string();
-        assert!(e.contains("Unigram") && e.contains("byte-level BPE"), "{e}");
+        assert_eq!(tok.vocab_size(), 256);
+        let text = "def f(x):\n\t return  x+1 # it's naïve — 東京 \u{0}\u{7f}";
+        assert_eq!(tok.encode(text).unwrap(), Tokenizer::Bytes.encode(text).unwrap());
+        assert_eq!(tok.decode(&tok.encode(text).unwrap()).unwrap(), text);
     }
 
     #[test]
-    fn pretokenizer_keeps_every_byte() {
-        let s = "def f(x):\n    return  x+1 # it's";
-        assert_eq!(pretokenize(s).concat(), s);
-        assert_eq!(pretokenize("hello world")[1], " world");
-        assert_eq!(pretokenize("it's  x\n\nab"), vec!["it", "'s", " ", " x", "\n", "\n", "ab"]);
+    fn a_file_the_library_cannot_read_is_refused_with_its_name() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("tokenizer.json"), r#"{"model": {"type": "Unigram"}}"#).unwrap();
+        let e = Tokenizer::for_model_dir(d.path()).unwrap_err();
+        assert!(e.is::<BadInput>() && e.to_string().contains("tokenizer.json"), "{e}");
     }
 }
