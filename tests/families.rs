@@ -117,3 +117,69 @@ fn qwen2_with_qkv_biases_a_sliding_layer_and_tied_embeddings_matches_transformer
 fn qwen3_with_qk_norms_matches_transformers() {
     check_family("qwen3", Family::Qwen3);
 }
+
+#[test]
+fn modules_to_save_are_imported_trained_and_exported_as_peft_does() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, adapter, reference) = (tmp.path().join("model"), tmp.path().join("adapter"), tmp.path().join("ref"));
+    python(&["saved", model.to_str().unwrap(), adapter.to_str().unwrap(), reference.to_str().unwrap()]);
+    let (tensors, _) = runio::checkpoint::read_safetensors(&reference).unwrap();
+    let get = |n: &str| tensors.iter().find(|(k, _)| k == n).unwrap().1.shallow_clone();
+    let ids = get("ids");
+    let (mut m, _vs) = Llama::load(&model, Device::Cpu, Kind::Float).unwrap();
+    m.attach_adapter(&PeftAdapter::load(&adapter).unwrap()).unwrap();
+    let d = max_abs_diff(&tch::no_grad(|| m.forward(&ids)), &get("adapted"));
+    assert!(d < 1e-4, "logits with the saved lm_head differ from peft by {d}");
+
+    let data = common::text_file(tmp.path(), 40);
+    let exported = tmp.path().join("exported");
+    let o = common::rankpilot(&[
+        "finetune",
+        "--model",
+        model.to_str().unwrap(),
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--targets",
+        "q_proj,v_proj",
+        "--data",
+        &data,
+        "--steps",
+        "3",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "24",
+        "--eval-every",
+        "3",
+        "--eval-batches",
+        "1",
+        "--seed",
+        "0",
+        "--device",
+        "cpu",
+        "--logdir",
+        tmp.path().join("run").to_str().unwrap(),
+        "--export-peft",
+        exported.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", common::text(&o));
+    let out = PeftAdapter::load(&exported).unwrap();
+    let head = &out.other.iter().find(|(n, _)| n == "base_model.model.lm_head.weight").expect("lm_head exported").1;
+    assert!(max_abs_diff(head, &get("lm_head")) > 1e-4, "the saved lm_head must be trained, as PEFT trains it");
+    let (mut m, _vs) = Llama::load(&model, Device::Cpu, Kind::Float).unwrap();
+    m.attach_adapter(&out).unwrap();
+    let logits = tch::no_grad(|| m.forward(&ids));
+    let ours = tmp.path().join("ours.safetensors");
+    runio::checkpoint::write_safetensors(&ours, &[("ids".into(), ids), ("logits".into(), logits)], None).unwrap();
+    let r = python(&["logits", model.to_str().unwrap(), exported.to_str().unwrap(), ours.to_str().unwrap()]);
+    assert!(r["warnings"].as_array().unwrap().is_empty(), "{r}");
+    assert!(r["max_abs_diff"].as_f64().unwrap() < 1e-4, "{r}");
+    assert_eq!(r["modules_to_save"], serde_json::json!(["lm_head"]), "{r}");
+
+    // A tensor that is no parameter of the model is refused, never dropped.
+    let mut bad = PeftAdapter::load(&adapter).unwrap();
+    bad.other.push(("base_model.model.score.weight".into(), Tensor::zeros([2, 64], (Kind::Float, Device::Cpu))));
+    let (mut m, _vs) = Llama::load(&model, Device::Cpu, Kind::Float).unwrap();
+    let e = m.attach_adapter(&bad).unwrap_err().to_string();
+    assert!(e.contains("score.weight"), "{e}");
+}

@@ -17,6 +17,11 @@
       every weight random (biases and norms too), and a random peft LoRA adapter on all seven
       projections. Writes the ids and transformers' logits without and with the adapter.
 
+  peft_interop.py saved <model_dir> <adapter_dir> <reference.safetensors>
+      A random Llama and a peft adapter with LoRA on q/v and `modules_to_save=["lm_head"]` (its
+      copy perturbed, as if trained); writes the ids, the logits with the adapter and the saved
+      lm_head weight.
+
   peft_interop.py tokenizers <corpus.txt> <out_root> <sample.txt>
       Trains three BPE tokenizers with `tokenizers`, in the styles of GPT-2 (ByteLevel with its
       regex), Llama 3 (Split on Llama 3's pattern, ByteLevel without regex, ignore_merges, a BOS
@@ -74,6 +79,7 @@ def cmd_logits(model_dir, adapter_dir, ref):
         "max_abs_logit": d["logits"].abs().max().item(),
         "adapter_effect": (out - base).abs().max().item(),
         "ranks": ranks,
+        "modules_to_save": model.peft_config["default"].modules_to_save,
         "warnings": warns,
     }))
 
@@ -153,6 +159,28 @@ def cmd_family(family, model_dir, adapter_dir, ref):
         adapted = peft_model(input_ids=ids).logits
     save_file({"ids": ids, "logits": base.contiguous(), "adapted": adapted.contiguous()}, ref)
     print(json.dumps({"model_type": model.config.model_type, "adapter_effect": (adapted - base).abs().max().item()}))
+
+
+def cmd_saved(model_dir, adapter_dir, ref):
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import save_file
+
+    model = family_model("llama")
+    model.save_pretrained(model_dir)
+    lcfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"],
+                      init_lora_weights=False, task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, lcfg).eval()
+    head = peft_model.base_model.model.lm_head.modules_to_save["default"]
+    with torch.no_grad():
+        head.weight.add_(0.05 * torch.randn_like(head.weight))
+    peft_model.save_pretrained(adapter_dir)
+    ids = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        adapted = peft_model(input_ids=ids).logits
+        with peft_model.disable_adapter():
+            base = peft_model(input_ids=ids).logits
+    save_file({"ids": ids, "adapted": adapted.contiguous(), "lm_head": head.weight.detach().contiguous()}, ref)
+    print(json.dumps({"adapter_effect": (adapted - base).abs().max().item()}))
 
 
 def cmd_squeezed(model_dir, original, squeezed):
@@ -242,5 +270,5 @@ def cmd_autotokenizer(model_dir, sample_file):
 
 if __name__ == "__main__":
     cmd, *args = sys.argv[1:]
-    {"logits": cmd_logits, "make": cmd_make, "family": cmd_family, "tokenizers": cmd_tokenizers,
+    {"logits": cmd_logits, "make": cmd_make, "family": cmd_family, "saved": cmd_saved, "tokenizers": cmd_tokenizers,
      "autotokenizer": cmd_autotokenizer, "squeezed": cmd_squeezed}[cmd](*args)

@@ -18,7 +18,7 @@ use serde::Serialize;
 use tch::{Device, Tensor, nn};
 
 use crate::data::{TokenData, data_rng};
-use crate::lora::{AdamW, Lora, LoraInit, ResizeKind, check_rank};
+use crate::lora::{AdamW, Lora, LoraInit, ResizeKind, SavedModule, check_rank};
 use crate::model::Projection;
 use crate::model::llama::Llama;
 use crate::peft::{PREFIX, PeftAdapter, PeftSite};
@@ -214,6 +214,10 @@ pub struct Finetuner {
     val: Vec<Tensor>,
     rng: ChaCha8Rng,
     device: Device,
+    /// Base tensors trained beside the sites (the adapter's `modules_to_save`).
+    pub saved: Vec<SavedModule>,
+    /// The adapter's `modules_to_save` list, written back on export.
+    pub modules_to_save: Option<serde_json::Value>,
     /// Optimizer steps taken.
     pub step: usize,
     /// Time spent in `train_step`.
@@ -253,6 +257,8 @@ impl Finetuner {
             rng: data_rng(cfg.seed),
             device,
             cfg,
+            saved: Vec::new(),
+            modules_to_save: None,
             step: 0,
             train_time: Duration::ZERO,
             resize_time: Duration::ZERO,
@@ -297,6 +303,15 @@ impl Finetuner {
                 adapter.dir.display()
             )));
         }
+        // `modules_to_save`: trained copies, as PEFT trains its `ModulesToSaveWrapper` copies.
+        self.saved.clear();
+        for (name, t) in &adapter.other {
+            let value = self.model.saved_module_value(adapter, name, t)?;
+            let saved = SavedModule::new(crate::peft::base_name(name), &value);
+            *self.model.param_mut(&saved.name).expect("checked") = saved.value.shallow_clone();
+            self.saved.push(saved);
+        }
+        self.modules_to_save = adapter.config.get("modules_to_save").filter(|v| !v.is_null()).cloned();
         Ok(())
     }
 
@@ -342,6 +357,7 @@ impl Finetuner {
         for s in self.model.sites_mut() {
             sq += s.observe_gradients(track);
         }
+        sq += self.saved.iter().map(SavedModule::grad_sq_norm).sum::<f64>();
         let grad_norm = sq.sqrt();
         let scale = if self.cfg.grad_clip > 0.0 && grad_norm > self.cfg.grad_clip {
             self.cfg.grad_clip / (grad_norm + 1e-6)
@@ -351,6 +367,9 @@ impl Finetuner {
         let lr = self.lr_at(self.step);
         let opt = AdamW { lr, ..self.cfg.adam };
         for s in self.model.sites_mut() {
+            s.adamw_step(&opt, scale);
+        }
+        for s in &mut self.saved {
             s.adamw_step(&opt, scale);
         }
         self.step += 1;
@@ -464,6 +483,9 @@ impl Finetuner {
     pub fn to_peft(&self, base_model: &str) -> PeftAdapter {
         let mut config = PeftAdapter::new_config(base_model, self.cfg.rslora);
         config.insert("lora_alpha".into(), serde_json::json!(self.cfg.alpha));
+        if let Some(m) = &self.modules_to_save {
+            config.insert("modules_to_save".into(), m.clone());
+        }
         PeftAdapter {
             dir: Path::new(".").to_path_buf(),
             config,
@@ -481,7 +503,11 @@ impl Finetuner {
                     alpha: s.alpha,
                 })
                 .collect(),
-            other: Vec::new(),
+            other: self
+                .saved
+                .iter()
+                .map(|s| (format!("{PREFIX}{}", s.name), s.value.detach().to_device(Device::Cpu).contiguous()))
+                .collect(),
         }
     }
 

@@ -7,6 +7,7 @@
 //! - [`finetune`]: the training step, signals for schedulers, resizing to a rank plan.
 //! - [`peft`]: PEFT adapter import and export.
 //! - [`data`]: corpora, tokenizers and batches.
+//! - [`inference`]: loss and perplexity of a token stream; generation.
 //! - [`testing`]: tiny deterministic runs for tests.
 //!
 //! It builds and tests without the environments and the policies: nothing here knows what
@@ -14,6 +15,7 @@
 
 pub mod data;
 pub mod finetune;
+pub mod inference;
 pub mod lora;
 pub mod model;
 pub mod peft;

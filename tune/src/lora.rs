@@ -69,6 +69,63 @@ impl Moments {
     }
 }
 
+/// AdamW on one tensor in place: moments updated with the gradient `g · grad_scale`, decoupled
+/// weight decay, bias-corrected step (`t` is the 1-based step count of this tensor).
+fn adamw_update(p: &mut Tensor, g: &Tensor, m: &mut Moments, opt: &AdamW, t: u64, grad_scale: f64) {
+    let t = t as i32;
+    let bc1 = 1.0 - opt.beta1.powi(t);
+    let bc2 = 1.0 - opt.beta2.powi(t);
+    let g = if grad_scale != 1.0 { g * grad_scale } else { g.shallow_clone() };
+    let _ = m.m.lerp_(&g, 1.0 - opt.beta1);
+    let _ = m.v.g_mul_scalar_(opt.beta2);
+    let _ = m.v.addcmul_(&(&g * (1.0 - opt.beta2)), &g);
+    if opt.weight_decay != 0.0 {
+        let _ = p.g_mul_scalar_(1.0 - opt.lr * opt.weight_decay);
+    }
+    let denom = (&m.v / bc2).sqrt() + opt.eps;
+    let _ = p.g_sub_(&((&m.m * (opt.lr / bc1)) / denom));
+}
+
+/// A whole base tensor trained beside the LoRA sites: PEFT's `modules_to_save` (a trained
+/// `lm_head`, embedding or norm). The model reads the same storage (`value` is shared with the
+/// model's field), so the in-place steps act on the forward pass directly.
+#[derive(Debug)]
+pub struct SavedModule {
+    /// The parameter's Hugging Face name, e.g. `lm_head.weight`.
+    pub name: String,
+    /// The trained copy (requires grad).
+    pub value: Tensor,
+    adam: Option<Moments>,
+    adam_steps: u64,
+}
+
+impl SavedModule {
+    /// A trainable copy of `base` under `name`.
+    pub fn new(name: &str, base: &Tensor) -> SavedModule {
+        SavedModule { name: name.to_string(), value: param(base.detach().copy()), adam: None, adam_steps: 0 }
+    }
+
+    /// `‖∇‖²` of the last backward pass (0 without a gradient).
+    pub fn grad_sq_norm(&self) -> f64 {
+        let g = self.value.grad();
+        if g.defined() { g.to_kind(tch::Kind::Double).square().sum(tch::Kind::Double).double_value(&[]) } else { 0.0 }
+    }
+
+    /// One AdamW step (gradient scaled by `grad_scale`), then clears the gradient.
+    pub fn adamw_step(&mut self, opt: &AdamW, grad_scale: f64) {
+        tch::no_grad(|| {
+            let g = self.value.grad();
+            if !g.defined() {
+                return;
+            }
+            let m = self.adam.get_or_insert_with(|| Moments::zeros_like(&self.value));
+            self.adam_steps += 1;
+            adamw_update(&mut self.value, &g, m, opt, self.adam_steps, grad_scale);
+        });
+        self.value.zero_grad();
+    }
+}
+
 /// AdaLoRA sensitivity averages of one tensor: `Ī` (EMA of `|θ·∇θ|`) and `Ū` (EMA of `|I − Ī|`).
 #[derive(Debug)]
 struct Importance {
@@ -415,19 +472,8 @@ impl Lora {
             }
             let st = self.adam.get_or_insert_with(|| (Moments::zeros_like(&self.a), Moments::zeros_like(&self.b)));
             self.adam_steps += 1;
-            let t = self.adam_steps as i32;
-            let bc1 = 1.0 - opt.beta1.powi(t);
-            let bc2 = 1.0 - opt.beta2.powi(t);
             for (p, g, m) in [(&mut self.a, ga, &mut st.0), (&mut self.b, gb, &mut st.1)] {
-                let g = if grad_scale != 1.0 { g * grad_scale } else { g };
-                let _ = m.m.lerp_(&g, 1.0 - opt.beta1);
-                let _ = m.v.g_mul_scalar_(opt.beta2);
-                let _ = m.v.addcmul_(&(&g * (1.0 - opt.beta2)), &g);
-                if opt.weight_decay != 0.0 {
-                    let _ = p.g_mul_scalar_(1.0 - opt.lr * opt.weight_decay);
-                }
-                let denom = (&m.v / bc2).sqrt() + opt.eps;
-                let _ = p.g_sub_(&((&m.m * (opt.lr / bc1)) / denom));
+                adamw_update(p, &g, m, opt, self.adam_steps, grad_scale);
             }
         });
         self.a.zero_grad();

@@ -83,6 +83,12 @@ pub fn pattern_lookup<'a>(pattern: &'a Map<String, Value>, module: &str) -> Resu
     Ok(None)
 }
 
+/// The model's parameter name of an adapter tensor: `base_model.model.lm_head.weight` →
+/// `lm_head.weight`.
+pub fn base_name(tensor: &str) -> &str {
+    tensor.strip_prefix(PREFIX).unwrap_or(tensor)
+}
+
 impl PeftAdapter {
     /// Reads and validates a PEFT LoRA adapter directory. Errors name the file and key/tensor.
     pub fn load(dir: &Path) -> Result<PeftAdapter> {

@@ -275,7 +275,75 @@ impl Llama {
                 adapter.rslora,
             ));
         }
+        for (name, t) in &adapter.other {
+            let value = self.saved_module_value(adapter, name, t)?;
+            *self.param_mut(crate::peft::base_name(name)).expect("checked") = value;
+        }
         Ok(())
+    }
+
+    /// The value of a `modules_to_save` tensor of `adapter` on this model's device and dtype,
+    /// after checking that it replaces a parameter of the same shape. Anything else in the file
+    /// is refused, never dropped.
+    pub fn saved_module_value(&mut self, adapter: &crate::peft::PeftAdapter, name: &str, t: &Tensor) -> Result<Tensor> {
+        let file = adapter.dir.join(crate::peft::WEIGHTS_FILE);
+        let base = crate::peft::base_name(name);
+        let Some(current) = self.param_mut(base) else {
+            bail!(BadInput(format!(
+                "{}: tensor `{name}` is neither a LoRA factor nor a parameter of this model (`modules_to_save` \
+                 must name modules such as lm_head, embed_tokens or a norm)",
+                file.display()
+            )));
+        };
+        if current.size() != t.size() {
+            bail!(BadInput(format!(
+                "{}: `{name}` has shape {:?}, the model's `{base}` is {:?}",
+                file.display(),
+                t.size(),
+                current.size()
+            )));
+        }
+        if !matches!(t.kind(), Kind::Float | Kind::BFloat16 | Kind::Half | Kind::Double) {
+            bail!(BadInput(format!("{}: `{name}` has dtype {:?}: allowed: a float type", file.display(), t.kind())));
+        }
+        if t.isfinite().all().int64_value(&[]) != 1 {
+            bail!(BadInput(format!(
+                "{}: `{name}` holds NaN or infinite values: allowed: finite weights",
+                file.display()
+            )));
+        }
+        Ok(t.to_device(current.device()).to_kind(current.kind()))
+    }
+
+    /// The base parameter with Hugging Face name `name` (`lm_head.weight`,
+    /// `model.layers.3.input_layernorm.weight`, …), to replace it (PEFT's `modules_to_save`).
+    /// With tied embeddings, replacing one of `embed_tokens` / `lm_head` unties them, as PEFT's
+    /// copy does.
+    pub fn param_mut(&mut self, name: &str) -> Option<&mut Tensor> {
+        match name {
+            "model.embed_tokens.weight" => return Some(&mut self.embed_tokens),
+            "lm_head.weight" => return Some(&mut self.lm_head),
+            "model.norm.weight" => return Some(&mut self.norm),
+            _ => {}
+        }
+        let rest = name.strip_prefix("model.layers.")?;
+        let (l, rest) = rest.split_once('.')?;
+        let layer = self.layers.get_mut(l.parse::<usize>().ok()?)?;
+        match rest {
+            "input_layernorm.weight" => return Some(&mut layer.input_layernorm),
+            "post_attention_layernorm.weight" => return Some(&mut layer.post_attention_layernorm),
+            "self_attn.q_norm.weight" => return layer.qk_norm.as_mut().map(|n| &mut n.0),
+            "self_attn.k_norm.weight" => return layer.qk_norm.as_mut().map(|n| &mut n.1),
+            _ => {}
+        }
+        let (module, leaf) = rest.rsplit_once('.')?;
+        let p = Projection::ALL.into_iter().find(|p| module == format!("{}.{}", p.group(), p.name()))?;
+        let proj = layer.proj_mut(p);
+        match leaf {
+            "weight" => Some(&mut proj.weight),
+            "bias" => proj.bias.as_mut(),
+            _ => None,
+        }
     }
 
     /// Every adapted projection's site, layer by layer in [`Projection::ALL`] order.
