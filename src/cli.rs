@@ -36,6 +36,10 @@ enum Command {
     Calibrate(commands::calibrate::CalibrateArgs),
     /// Run the same fine-tuning under several rank schedulers at an equal budget; tables in MD + JSON.
     Compare(commands::compare::CompareArgs),
+    /// Loss and perplexity of a model (with an optional PEFT adapter) on text.
+    Evaluate(commands::evaluate::EvaluateArgs),
+    /// Generate text from a prompt with a model (and adapter): greedy or temperature/top-p.
+    Generate(commands::evaluate::GenerateArgs),
     /// Compress an existing PEFT LoRA adapter per site (QR-core SVD) to a rank or energy share.
     Squeeze(commands::squeeze::SqueezeArgs),
     /// Benchmarks: `svd`, `finetune` (side by side with Python torch), `policy` (decision latency).
@@ -99,6 +103,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Pretrain(a) => commands::pretrain::run(&a),
         Command::Finetune(a) => commands::finetune::run(&a),
         Command::Squeeze(a) => commands::squeeze::run(&a),
+        Command::Evaluate(a) => commands::evaluate::run(&a),
+        Command::Generate(a) => commands::evaluate::run_generate(&a),
         Command::Calibrate(a) => commands::calibrate::run(&a),
         Command::Compare(a) => commands::compare::run(&a),
         Command::Bench(a) => commands::bench::run(&a),

@@ -183,3 +183,46 @@ fn modules_to_save_are_imported_trained_and_exported_as_peft_does() {
     let e = m.attach_adapter(&bad).unwrap_err().to_string();
     assert!(e.contains("score.weight"), "{e}");
 }
+
+#[test]
+fn evaluate_gives_the_loss_of_transformers_and_peft_on_the_same_windows() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, adapter, reference) = (tmp.path().join("model"), tmp.path().join("adapter"), tmp.path().join("ref"));
+    python(&["saved", model.to_str().unwrap(), adapter.to_str().unwrap(), reference.to_str().unwrap()]);
+    // With the model's own tokenizer.json, so that transformers tokenizes through AutoTokenizer.
+    std::fs::write(model.join("tokenizer.json"), tune::data::Tokenizer::bytes_tokenizer_json().unwrap()).unwrap();
+    let config = tune::data::Tokenizer::bytes_tokenizer_config(128).to_string();
+    std::fs::write(model.join("tokenizer_config.json"), config).unwrap();
+    let data = common::text_file(tmp.path(), 30);
+    for with_adapter in [false, true] {
+        let json = tmp.path().join("eval.json");
+        let mut args = vec!["evaluate", "--model", model.to_str().unwrap(), "--data", &data, "--seq-len", "48"];
+        args.extend(["--batch-size", "3", "--device", "cpu", "--json", json.to_str().unwrap()]);
+        if with_adapter {
+            args.extend(["--adapter", adapter.to_str().unwrap()]);
+        }
+        let o = common::rankpilot(&args);
+        assert!(o.status.success(), "{}", common::text(&o));
+        let ours: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+        let a = if with_adapter { adapter.to_str().unwrap() } else { "-" };
+        let theirs = python(&["evaluate", model.to_str().unwrap(), a, &data, "48"]);
+        eprintln!("adapter {with_adapter}: rankpilot {ours} transformers {theirs}");
+        assert_eq!(ours["tokens"], theirs["tokens"]);
+        let d = (ours["loss"].as_f64().unwrap() - theirs["loss"].as_f64().unwrap()).abs();
+        assert!(d < 1e-5, "loss differs by {d}: {ours} vs {theirs}");
+    }
+    // Greedy generation is deterministic; sampling follows --seed.
+    let generate = |extra: &[&str]| {
+        let mut args = vec!["generate", "--model", model.to_str().unwrap(), "--prompt", "def f", "--device", "cpu"];
+        args.extend(["--max-new-tokens", "12"]);
+        args.extend(extra);
+        let o = common::rankpilot(&args);
+        assert!(o.status.success(), "{}", common::text(&o));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    assert_eq!(generate(&[]), generate(&[]));
+    let sampled = ["--temperature", "1.0", "--top-p", "0.9", "--seed", "3"];
+    assert_eq!(generate(&sampled), generate(&sampled));
+    let o = common::rankpilot(&["generate", "--model", model.to_str().unwrap(), "--prompt", "x", "--top-p", "0"]);
+    assert_eq!(o.status.code(), Some(2), "{}", common::text(&o));
+}

@@ -6,6 +6,7 @@ pub mod common;
 pub mod compare;
 pub mod doctor;
 pub mod eval;
+pub mod evaluate;
 pub mod finetune;
 pub mod pretrain;
 pub mod squeeze;

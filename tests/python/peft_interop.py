@@ -22,6 +22,12 @@
       copy perturbed, as if trained); writes the ids, the logits with the adapter and the saved
       lm_head weight.
 
+  peft_interop.py evaluate <model_dir> <adapter_dir or -> <text_file> <seq_len>
+      The loss and perplexity transformers + peft give the text file (read as rankpilot reads a
+      single-file corpus: the text followed by a blank line), tokenized by AutoTokenizer when the
+      model has a tokenizer.json and as raw bytes otherwise, in windows of seq_len + 1 tokens
+      starting every seq_len tokens (the last may be shorter).
+
   peft_interop.py tokenizers <corpus.txt> <out_root> <sample.txt>
       Trains three BPE tokenizers with `tokenizers`, in the styles of GPT-2 (ByteLevel with its
       regex), Llama 3 (Split on Llama 3's pattern, ByteLevel without regex, ignore_merges, a BOS
@@ -183,6 +189,34 @@ def cmd_saved(model_dir, adapter_dir, ref):
     print(json.dumps({"adapter_effect": (adapted - base).abs().max().item()}))
 
 
+def cmd_evaluate(model_dir, adapter_dir, text_file, seq_len):
+    import math
+    import os
+
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    seq_len = int(seq_len)
+    with open(text_file, encoding="utf-8", newline="") as f:
+        text = f.read() + "\n\n"
+    if os.path.isfile(os.path.join(model_dir, "tokenizer.json")):
+        ids = AutoTokenizer.from_pretrained(model_dir)(text)["input_ids"]
+    else:
+        ids = list(text.encode("utf-8"))
+    if adapter_dir == "-":
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    else:
+        model, _ = load(model_dir, adapter_dir)
+    nll, tokens = 0.0, 0
+    with torch.no_grad():
+        for s in range(0, len(ids) - 1, seq_len):
+            w = torch.tensor(ids[s:s + seq_len + 1]).unsqueeze(0)
+            logits = model(input_ids=w[:, :-1]).logits[0].float()
+            nll += F.cross_entropy(logits, w[0, 1:], reduction="sum").double().item()
+            tokens += w.shape[1] - 1
+    print(json.dumps({"loss": nll / tokens, "perplexity": math.exp(nll / tokens), "tokens": tokens}))
+
+
 def cmd_squeezed(model_dir, original, squeezed):
     orig, _ = load(model_dir, original)
     orig_delta = {n: m.get_delta_weight("default") for n, m in lora_modules(orig).items()}
@@ -270,5 +304,5 @@ def cmd_autotokenizer(model_dir, sample_file):
 
 if __name__ == "__main__":
     cmd, *args = sys.argv[1:]
-    {"logits": cmd_logits, "make": cmd_make, "family": cmd_family, "saved": cmd_saved, "tokenizers": cmd_tokenizers,
+    {"logits": cmd_logits, "make": cmd_make, "family": cmd_family, "saved": cmd_saved, "evaluate": cmd_evaluate, "tokenizers": cmd_tokenizers,
      "autotokenizer": cmd_autotokenizer, "squeezed": cmd_squeezed}[cmd](*args)
