@@ -290,3 +290,27 @@ fn pretrain_cli_writes_a_loadable_hf_model_with_provenance() {
     };
     assert_eq!(c, Some(2), "{t}");
 }
+
+#[test]
+fn learning_rate_schedules_are_those_of_transformers() {
+    use tune::finetune::LrSchedule;
+    let schedules =
+        [("constant", LrSchedule::Constant), ("linear", LrSchedule::Linear), ("cosine", LrSchedule::Cosine)];
+    let shapes = [(0, 7), (3, 20), (10, 10)];
+    let specs: Vec<String> =
+        schedules.iter().flat_map(|(n, _)| shapes.iter().map(move |(w, t)| format!("{n}:{w}:{t}"))).collect();
+    let mut args = vec!["schedule"];
+    args.extend(specs.iter().map(String::as_str));
+    let r = python(&args);
+    for (name, schedule) in schedules {
+        for (warmup, total) in shapes {
+            let theirs: Vec<f64> =
+                r[format!("{name}:{warmup}:{total}")].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+            assert_eq!(theirs.len(), total);
+            for (k, b) in theirs.iter().enumerate() {
+                let a = schedule.factor(k, warmup, total);
+                assert!((a - b).abs() < 1e-12, "{name} warmup {warmup} total {total} step {k}: {a} vs {b}");
+            }
+        }
+    }
+}

@@ -67,6 +67,7 @@ pub struct CalibrateArgs {
 
 /// Runs the command.
 pub fn run(a: &CalibrateArgs) -> Result<()> {
+    a.input.check()?;
     if a.out.extension().and_then(|e| e.to_str()) != Some("toml") {
         return Err(BadInput(format!("--out {}: allowed: a path ending in .toml", a.out.display())).into());
     }
@@ -91,6 +92,9 @@ pub fn run(a: &CalibrateArgs) -> Result<()> {
     let cfg = FinetuneConfig {
         steps: a.steps,
         batch_size: a.input.batch_size,
+        schedule: a.input.lr_schedule,
+        grad_accum: a.input.grad_accum,
+        lora_dropout: a.input.lora_dropout,
         seq_len: a.input.seq_len,
         adam: AdamW { lr: a.input.lr, ..AdamW::default() },
         ranks: RankSpec { default: a.rank.min(min_dim), patterns: vec![] },

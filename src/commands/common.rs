@@ -71,7 +71,33 @@ pub struct TuneInput {
     /// Tokens per sequence.
     #[arg(long, default_value_t = 128)]
     pub seq_len: usize,
-    /// Learning rate (AdamW, linear warm-up then constant).
+    /// Peak learning rate (AdamW, after a linear warm-up from 0).
     #[arg(long, default_value_t = 2e-3)]
     pub lr: f64,
+    /// Learning-rate schedule after the warm-up, with transformers' formulas: constant, linear
+    /// (to 0 at the last step) or cosine (half a cosine to 0).
+    #[arg(long, default_value = "constant")]
+    pub lr_schedule: tune::finetune::LrSchedule,
+    /// Gradient accumulation: micro-batches of --batch-size per optimizer step.
+    #[arg(long, default_value_t = 1)]
+    pub grad_accum: usize,
+    /// Dropout on each LoRA site's input during training (PEFT's lora_dropout).
+    #[arg(long, default_value_t = 0.0)]
+    pub lora_dropout: f64,
+}
+
+impl TuneInput {
+    /// Checks the training settings that clap cannot.
+    pub fn check(&self) -> Result<()> {
+        if self.grad_accum == 0 {
+            return Err(BadInput("--grad-accum 0: allowed: at least 1".into()).into());
+        }
+        if !(0.0..1.0).contains(&self.lora_dropout) {
+            return Err(BadInput(format!("--lora-dropout {}: allowed: a number in [0, 1)", self.lora_dropout)).into());
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return Err(BadInput(format!("--lr {}: allowed: a finite number > 0", self.lr)).into());
+        }
+        Ok(())
+    }
 }

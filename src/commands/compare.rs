@@ -100,6 +100,7 @@ fn mean_std(x: &[f64]) -> (f64, f64) {
 
 /// Runs the command.
 pub fn run(a: &CompareArgs) -> Result<()> {
+    a.input.check()?;
     if a.seeds == 0 || a.steps == 0 || a.schedulers.is_empty() {
         return Err(BadInput("--seeds, --steps: allowed: integers >= 1; --schedulers: at least one".into()).into());
     }
@@ -115,6 +116,9 @@ pub fn run(a: &CompareArgs) -> Result<()> {
             let cfg = FinetuneConfig {
                 steps: a.steps,
                 batch_size: a.input.batch_size,
+                schedule: a.input.lr_schedule,
+                grad_accum: a.input.grad_accum,
+                lora_dropout: a.input.lora_dropout,
                 seq_len: a.input.seq_len,
                 adam: AdamW { lr: a.input.lr, ..AdamW::default() },
                 eval_batches: a.eval_batches,

@@ -119,6 +119,7 @@ fn parse_resize(s: &str) -> Result<(usize, RankSpec), String> {
 /// Without `--scheduler`, the ranks come from `--ranks` (or `--adapter`) and `--resize-at`
 /// ([`ResizeAt`]), with rounds at the resize and evaluation steps and no resource.
 pub fn run(a: &FinetuneArgs) -> Result<()> {
+    a.input.check()?;
     if a.steps == 0 || a.input.batch_size == 0 || a.input.seq_len == 0 || a.eval_every == 0 {
         return Err(BadInput("--steps, --batch-size, --seq-len and --eval-every must be positive".into()).into());
     }
@@ -135,6 +136,9 @@ pub fn run(a: &FinetuneArgs) -> Result<()> {
     let cfg = FinetuneConfig {
         steps: a.steps,
         batch_size: a.input.batch_size,
+        schedule: a.input.lr_schedule,
+        grad_accum: a.input.grad_accum,
+        lora_dropout: a.input.lora_dropout,
         seq_len: a.input.seq_len,
         adam: AdamW { lr: a.input.lr, weight_decay: a.weight_decay, ..AdamW::default() },
         warmup_steps: a.warmup,

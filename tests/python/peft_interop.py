@@ -28,6 +28,10 @@
       model has a tokenizer.json and as raw bytes otherwise, in windows of seq_len + 1 tokens
       starting every seq_len tokens (the last may be shorter).
 
+  peft_interop.py schedule <name:warmup:total> ...
+      The learning-rate multipliers transformers' get_scheduler gives each of `total` steps, for
+      every schedule listed.
+
   peft_interop.py tokenizers <corpus.txt> <out_root> <sample.txt>
       Trains three BPE tokenizers with `tokenizers`, in the styles of GPT-2 (ByteLevel with its
       regex), Llama 3 (Split on Llama 3's pattern, ByteLevel without regex, ignore_merges, a BOS
@@ -217,6 +221,25 @@ def cmd_evaluate(model_dir, adapter_dir, text_file, seq_len):
     print(json.dumps({"loss": nll / tokens, "perplexity": math.exp(nll / tokens), "tokens": tokens}))
 
 
+def cmd_schedule(*specs):
+    from transformers import get_scheduler
+
+    out = {}
+    for spec in specs:
+        name, warmup, total = spec.split(":")
+        warmup, total = int(warmup), int(total)
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        hf = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[name]
+        sched = get_scheduler(hf, opt, num_warmup_steps=warmup, num_training_steps=total)
+        lrs = []
+        for _ in range(total):
+            lrs.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        out[spec] = lrs
+    print(json.dumps(out))
+
+
 def cmd_squeezed(model_dir, original, squeezed):
     orig, _ = load(model_dir, original)
     orig_delta = {n: m.get_delta_weight("default") for n, m in lora_modules(orig).items()}
@@ -304,5 +327,5 @@ def cmd_autotokenizer(model_dir, sample_file):
 
 if __name__ == "__main__":
     cmd, *args = sys.argv[1:]
-    {"logits": cmd_logits, "make": cmd_make, "family": cmd_family, "saved": cmd_saved, "evaluate": cmd_evaluate, "tokenizers": cmd_tokenizers,
+    {"logits": cmd_logits, "make": cmd_make, "family": cmd_family, "saved": cmd_saved, "evaluate": cmd_evaluate, "schedule": cmd_schedule, "tokenizers": cmd_tokenizers,
      "autotokenizer": cmd_autotokenizer, "squeezed": cmd_squeezed}[cmd](*args)

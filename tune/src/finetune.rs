@@ -134,8 +134,15 @@ pub struct FinetuneConfig {
     pub seq_len: usize,
     /// AdamW settings for the LoRA factors.
     pub adam: AdamW,
-    /// Linear learning-rate warm-up steps.
+    /// Linear learning-rate warm-up steps (from 0, as transformers' schedulers).
     pub warmup_steps: usize,
+    /// The learning-rate schedule after the warm-up.
+    pub schedule: LrSchedule,
+    /// Micro-batches of `batch_size` whose gradients are summed (averaged loss) per optimizer
+    /// step: the effective batch is `batch_size × grad_accum`.
+    pub grad_accum: usize,
+    /// PEFT's `lora_dropout`: dropout on each site's input during training (not in evaluation).
+    pub lora_dropout: f64,
     /// Global gradient-norm clip (0 = off).
     pub grad_clip: f64,
     /// Validation batches of `batch_size` fixed windows.
@@ -162,6 +169,9 @@ impl Default for FinetuneConfig {
             seq_len: 128,
             adam: AdamW { lr: 2e-3, ..AdamW::default() },
             warmup_steps: 10,
+            schedule: LrSchedule::Constant,
+            grad_accum: 1,
+            lora_dropout: 0.0,
             grad_clip: 1.0,
             eval_batches: 8,
             targets: Projection::ALL.to_vec(),
@@ -170,6 +180,47 @@ impl Default for FinetuneConfig {
             rslora: false,
             track_importance: true,
             seed: 0,
+        }
+    }
+}
+
+/// The learning-rate schedules of transformers' `get_scheduler`, with the same formulas (the
+/// multiplier at optimizer step `k`, 0-based, after a linear warm-up from 0 over `warmup` steps).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LrSchedule {
+    /// `constant_with_warmup`: 1 after the warm-up.
+    Constant,
+    /// `linear`: from 1 down to 0 at the last step.
+    Linear,
+    /// `cosine`: half a cosine from 1 down to 0 at the last step.
+    Cosine,
+}
+
+impl std::str::FromStr for LrSchedule {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<LrSchedule, String> {
+        match s {
+            "constant" => Ok(LrSchedule::Constant),
+            "linear" => Ok(LrSchedule::Linear),
+            "cosine" => Ok(LrSchedule::Cosine),
+            _ => Err(format!("unknown schedule `{s}`: allowed: constant, linear, cosine")),
+        }
+    }
+}
+
+impl LrSchedule {
+    /// The multiplier of the base learning rate at step `k` of `total`.
+    pub fn factor(self, k: usize, warmup: usize, total: usize) -> f64 {
+        if k < warmup {
+            return k as f64 / warmup.max(1) as f64;
+        }
+        let progress = (k - warmup) as f64 / total.saturating_sub(warmup).max(1) as f64;
+        match self {
+            LrSchedule::Constant => 1.0,
+            LrSchedule::Linear => (1.0 - progress).max(0.0),
+            LrSchedule::Cosine => (0.5 * (1.0 + (std::f64::consts::PI * progress).cos())).max(0.0),
         }
     }
 }
@@ -330,11 +381,16 @@ impl Finetuner {
         self.model.sites().iter().map(|s| s.rank() * (s.d_in + s.d_out)).sum()
     }
 
-    fn lr_at(&self, step: usize) -> f64 {
-        if step < self.cfg.warmup_steps {
-            self.cfg.adam.lr * (step + 1) as f64 / (self.cfg.warmup_steps + 1) as f64
-        } else {
-            self.cfg.adam.lr
+    /// The learning rate of optimizer step `step` (0-based).
+    pub fn lr_at(&self, step: usize) -> f64 {
+        self.cfg.adam.lr * self.cfg.schedule.factor(step, self.cfg.warmup_steps, self.cfg.steps)
+    }
+
+    /// Sets every site's dropout and training flag (dropout acts only in training passes).
+    fn set_training(&mut self, training: bool) {
+        let p = self.cfg.lora_dropout;
+        for s in self.model.sites_mut() {
+            s.dropout = if training { p } else { 0.0 };
         }
     }
 
@@ -342,16 +398,24 @@ impl Finetuner {
     /// measured).
     pub fn train_step(&mut self) -> Result<StepStats> {
         let t0 = Instant::now();
-        let batch = self.data.train_batch(&mut self.rng, self.cfg.batch_size, self.cfg.seq_len, self.device);
-        let loss = self.model.loss(&batch);
-        let loss_v = loss.double_value(&[]);
-        if !loss_v.is_finite() {
-            bail!("training loss became {loss_v} at step {}", self.step);
+        let accum = self.cfg.grad_accum.max(1);
+        let mut loss_v = 0.0;
+        self.set_training(true);
+        for _ in 0..accum {
+            let batch = self.data.train_batch(&mut self.rng, self.cfg.batch_size, self.cfg.seq_len, self.device);
+            let loss = self.model.loss(&batch);
+            let v = loss.double_value(&[]);
+            if !v.is_finite() {
+                self.set_training(false);
+                bail!("training loss became {v} at step {}", self.step);
+            }
+            loss_v += v / accum as f64;
+            // With every site at rank 0 nothing is trainable: the step only measures the loss.
+            if loss.requires_grad() {
+                if accum > 1 { (loss / accum as f64).backward() } else { loss.backward() }
+            }
         }
-        // With every site at rank 0 nothing is trainable: the step only measures the loss.
-        if loss.requires_grad() {
-            loss.backward();
-        }
+        self.set_training(false);
         let track = self.cfg.track_importance;
         let mut sq = 0.0;
         for s in self.model.sites_mut() {
@@ -378,7 +442,7 @@ impl Finetuner {
         Ok(StepStats {
             loss: loss_v,
             grad_norm,
-            tokens: self.cfg.batch_size * self.cfg.seq_len,
+            tokens: self.cfg.batch_size * self.cfg.seq_len * accum,
             seconds: dt.as_secs_f64(),
             lr,
         })
@@ -483,6 +547,7 @@ impl Finetuner {
     pub fn to_peft(&self, base_model: &str) -> PeftAdapter {
         let mut config = PeftAdapter::new_config(base_model, self.cfg.rslora);
         config.insert("lora_alpha".into(), serde_json::json!(self.cfg.alpha));
+        config.insert("lora_dropout".into(), serde_json::json!(self.cfg.lora_dropout));
         if let Some(m) = &self.modules_to_save {
             config.insert("modules_to_save".into(), m.clone());
         }
@@ -532,6 +597,55 @@ mod tests {
         assert!(RankSpec::parse("x").is_err());
         assert!(RankSpec::parse("4,8").is_err());
         assert!(RankSpec::parse("").is_err());
+    }
+
+    fn factors(ft: &Finetuner) -> Vec<Tensor> {
+        ft.model.sites().iter().flat_map(|s| [s.a.detach().copy(), s.b.detach().copy()]).collect()
+    }
+
+    #[test]
+    fn gradient_accumulation_equals_one_batch_of_the_same_windows() {
+        // 2 micro-batches of 2 draw the same 4 windows, in the same order, as one batch of 4.
+        let mut whole = crate::testing::tiny_run_with(4, "4", |c| c.grad_clip = 0.0);
+        let mut split = crate::testing::tiny_run_with(4, "4", |c| {
+            c.grad_clip = 0.0;
+            c.batch_size = 2;
+            c.grad_accum = 2;
+        });
+        for _ in 0..4 {
+            let (a, b) = (whole.train_step().unwrap(), split.train_step().unwrap());
+            assert!((a.loss - b.loss).abs() < 1e-5, "{} vs {}", a.loss, b.loss);
+            assert_eq!(a.tokens, b.tokens);
+        }
+        for (x, y) in factors(&whole).iter().zip(factors(&split)) {
+            let d = (x - &y).abs().max().double_value(&[]);
+            assert!(d < 1e-5, "factors differ by {d}");
+        }
+        // And accumulation is not a no-op: one micro-batch of 2 is another run.
+        let mut half = crate::testing::tiny_run_with(4, "4", |c| {
+            c.grad_clip = 0.0;
+            c.batch_size = 2;
+        });
+        for _ in 0..4 {
+            half.train_step().unwrap();
+        }
+        let d = (&factors(&half)[1] - &factors(&split)[1]).abs().max().double_value(&[]);
+        assert!(d > 1e-4, "{d}");
+    }
+
+    #[test]
+    fn lora_dropout_acts_in_training_only() {
+        let mut plain = crate::testing::tiny_run(3, "4");
+        let mut dropped = crate::testing::tiny_run_with(3, "4", |c| c.lora_dropout = 0.3);
+        // The same model in evaluation: dropout is off.
+        assert_eq!(plain.evaluate(), dropped.evaluate());
+        for _ in 0..3 {
+            plain.train_step().unwrap();
+            dropped.train_step().unwrap();
+        }
+        assert_ne!(plain.evaluate(), dropped.evaluate());
+        assert!(dropped.model.sites().iter().all(|s| s.dropout == 0.0), "reset after the step");
+        assert_eq!(dropped.to_peft("m").config["lora_dropout"], serde_json::json!(0.3));
     }
 
     #[test]

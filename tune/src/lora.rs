@@ -167,6 +167,9 @@ pub struct Lora {
     importance: Option<(Importance, Importance)>,
     /// Gradient norm `‖(∇A, ∇B)‖_F` at the last [`Lora::observe_gradients`].
     pub last_grad_norm: f64,
+    /// Dropout probability on the site's input in the current pass (PEFT's `lora_dropout`; the
+    /// fine-tuning loop sets it for training passes only).
+    pub dropout: f64,
     /// Seed of this site's own generator for new directions (initialisation, grow, re-drawn
     /// dead components): results do not depend on libtorch's global generator.
     pub seed: u64,
@@ -249,6 +252,7 @@ impl Lora {
             adam_steps: 0,
             importance: None,
             last_grad_norm: 0.0,
+            dropout: 0.0,
             seed: name_hash(name),
             draws: 0,
         }
@@ -270,7 +274,8 @@ impl Lora {
             return None;
         }
         let k = x.kind();
-        let h = x.linear(&self.a.to_kind(k), None::<Tensor>);
+        let h = if self.dropout > 0.0 { x.dropout(self.dropout, true) } else { x.shallow_clone() };
+        let h = h.linear(&self.a.to_kind(k), None::<Tensor>);
         Some(h.linear(&self.b.to_kind(k), None::<Tensor>) * self.scaling())
     }
 
@@ -503,6 +508,7 @@ impl Lora {
                 )
             }),
             last_grad_norm: self.last_grad_norm,
+            dropout: self.dropout,
             seed: self.seed,
             draws: self.draws,
         }

@@ -11,6 +11,11 @@ use crate::model::llama::{Llama, LlamaConfig};
 /// A fine-tuning run of `steps` steps on a 2-layer, 32-wide random Llama (deterministic weights)
 /// over a repeated line of Python, with sites at `ranks` (a `--ranks` spec): seconds on a CPU.
 pub fn tiny_run(steps: usize, ranks: &str) -> Finetuner {
+    tiny_run_with(steps, ranks, |_| {})
+}
+
+/// [`tiny_run`] with its settings changed by `edit` first.
+pub fn tiny_run_with(steps: usize, ranks: &str, edit: impl FnOnce(&mut FinetuneConfig)) -> Finetuner {
     tch::manual_seed(0);
     let cfg = LlamaConfig {
         vocab_size: 256,
@@ -43,7 +48,7 @@ pub fn tiny_run(steps: usize, ranks: &str) -> Finetuner {
     let corpus =
         Corpus { source: "test".into(), docs: vec!["def add(a, b):\n    return a + b\n\n".repeat(40)], files: vec![] };
     let data = TokenData::new(&corpus, &Tokenizer::Bytes, 0.2, 32).unwrap();
-    let fc = FinetuneConfig {
+    let mut fc = FinetuneConfig {
         steps,
         batch_size: 4,
         seq_len: 32,
@@ -52,5 +57,6 @@ pub fn tiny_run(steps: usize, ranks: &str) -> Finetuner {
         adam: AdamW { lr: 1e-2, ..AdamW::default() },
         ..FinetuneConfig::default()
     };
+    edit(&mut fc);
     Finetuner::new(model, vs, data, fc).unwrap()
 }
