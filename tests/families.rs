@@ -226,3 +226,64 @@ fn evaluate_gives_the_loss_of_transformers_and_peft_on_the_same_windows() {
     let o = common::rankpilot(&["generate", "--model", model.to_str().unwrap(), "--prompt", "x", "--top-p", "0"]);
     assert_eq!(o.status.code(), Some(2), "{}", common::text(&o));
 }
+
+#[test]
+fn instruction_data_masks_the_prompt_out_of_the_loss_as_transformers_labels_do() {
+    use tune::data::{Corpus, TokenData, Tokenizer, data_rng};
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, adapter, reference) = (tmp.path().join("model"), tmp.path().join("adapter"), tmp.path().join("ref"));
+    python(&["family", "llama", model.to_str().unwrap(), adapter.to_str().unwrap(), reference.to_str().unwrap()]);
+    let data = tmp.path().join("sft.jsonl");
+    let lines: Vec<String> = (0..40)
+        .map(|i| {
+            serde_json::json!({"prompt": format!("Q: what is {i} + {i}?\nA:"), "completion": format!(" {}\n", 2 * i)})
+                .to_string()
+        })
+        .collect();
+    std::fs::write(&data, lines.join("\n")).unwrap();
+    let corpus = Corpus::load(data.to_str().unwrap()).unwrap();
+    assert_eq!(corpus.examples.len(), 40);
+    let tokens = TokenData::new(&corpus, &Tokenizer::Bytes, 0.2, 32).unwrap();
+    let total = tokens.train_mask.iter().chain(&tokens.val_mask).filter(|&&m| m).count();
+    let completion_bytes: usize = corpus.examples.iter().map(|e| e.completion.len()).sum();
+    assert_eq!(total, completion_bytes, "only completion ids are targets");
+    let batch = tokens.train_batch_masked(&mut data_rng(1), 4, 32, Device::Cpu);
+    let mask = batch.mask.as_ref().expect("instruction data has a mask");
+    let (m, _vs) = Llama::load(&model, Device::Cpu, Kind::Float).unwrap();
+    let ours = tch::no_grad(|| m.masked_loss(&batch.ids, Some(mask))).double_value(&[]);
+    let file = tmp.path().join("batch.safetensors");
+    let tensors = [("ids".into(), batch.ids.shallow_clone()), ("mask".into(), mask.to_kind(Kind::Uint8))];
+    runio::checkpoint::write_safetensors(&file, &tensors, None).unwrap();
+    let r = python(&["masked", model.to_str().unwrap(), file.to_str().unwrap()]);
+    let theirs = r["loss"].as_f64().unwrap();
+    assert!((ours - theirs).abs() < 1e-5, "masked loss {ours} vs transformers {theirs}");
+    let plain = tch::no_grad(|| m.loss(&batch.ids)).double_value(&[]);
+    assert!((plain - ours).abs() > 1e-3, "the mask must matter: {plain} vs {ours}");
+
+    // The same file trains through the CLI; mixed kinds are refused.
+    let o = common::rankpilot(&[
+        "finetune",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "32",
+        "--eval-every",
+        "2",
+        "--eval-batches",
+        "1",
+        "--device",
+        "cpu",
+        "--logdir",
+        tmp.path().join("run").to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", common::text(&o));
+    std::fs::write(&data, format!("{}\n{{\"text\": \"plain\"}}\n", lines[0])).unwrap();
+    let e = Corpus::load(data.to_str().unwrap()).unwrap_err().to_string();
+    assert!(e.contains("sft.jsonl:2") && e.contains("one kind"), "{e}");
+}

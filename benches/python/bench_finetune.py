@@ -19,9 +19,14 @@ def main(cfg):
     torch.manual_seed(0)
     mc = LlamaConfig(vocab_size=cfg["vocab"], hidden_size=cfg["hidden"], intermediate_size=cfg["intermediate"],
                      num_hidden_layers=cfg["layers"], num_attention_heads=cfg["heads"],
-                     num_key_value_heads=cfg["kv_heads"], max_position_embeddings=1024,
+                     num_key_value_heads=cfg["kv_heads"], head_dim=cfg.get("head_dim"),
+                     max_position_embeddings=2048,
                      tie_word_embeddings=False, attn_implementation="sdpa")
+    device = torch.device(cfg.get("device", "cpu"))
     model = LlamaForCausalLM(mc)
+    if cfg.get("bf16"):
+        model = model.to(torch.bfloat16)
+    model = model.to(device)
     lc = LoraConfig(r=cfg["rank"], lora_alpha=cfg["alpha"], lora_dropout=0.0,
                     target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     model = get_peft_model(model, lc)
@@ -32,7 +37,7 @@ def main(cfg):
     g = torch.Generator().manual_seed(0)
 
     def step():
-        batch = torch.randint(0, cfg["vocab"], (bsz, seq + 1), generator=g)
+        batch = torch.randint(0, cfg["vocab"], (bsz, seq + 1), generator=g).to(device)
         out = model(input_ids=batch[:, :-1], labels=None)
         loss = torch.nn.functional.cross_entropy(out.logits.reshape(-1, cfg["vocab"]).float(), batch[:, 1:].reshape(-1))
         loss.backward()

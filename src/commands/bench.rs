@@ -64,6 +64,13 @@ pub struct BenchArgs {
     /// Skip the full 4096×4096 SVDs (each takes tens of seconds on a small CPU).
     #[arg(long)]
     skip_full_svd: bool,
+    /// Model of `bench finetune`: `tiny` (the embedded default: 4 layers × 256, seq 128) or
+    /// `large` (12 layers × 1024, vocabulary 32 000, seq 1024: enough to load a GPU).
+    #[arg(long, default_value = "tiny", value_parser = ["tiny", "large"])]
+    model_size: String,
+    /// `bench finetune` with bfloat16 base weights on both sides (default: float32).
+    #[arg(long)]
+    bf16: bool,
 }
 
 fn python(a: &BenchArgs) -> Result<String> {
@@ -94,13 +101,22 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn time<F: FnMut()>(repeats: usize, mut f: F) -> f64 {
+/// Median wall time of `f` on `device`, waiting for CUDA's queued kernels before each clock read
+/// (CUDA launches are asynchronous).
+fn time_on<F: FnMut()>(device: Device, repeats: usize, mut f: F) -> f64 {
+    let sync = || {
+        if let Device::Cuda(i) = device {
+            tch::Cuda::synchronize(i as i64);
+        }
+    };
     f();
+    sync();
     median(
         (0..repeats.max(1))
             .map(|_| {
                 let t0 = Instant::now();
                 f();
+                sync();
                 t0.elapsed().as_secs_f64()
             })
             .collect(),
@@ -227,7 +243,7 @@ fn fro(t: &Tensor) -> f64 {
 
 fn bench_svd(a: &BenchArgs) -> Result<()> {
     let (d, r, k_sq) = (4096usize, 64usize, 16usize);
-    let dev = Device::Cpu;
+    let dev = a.common.device;
     let threads = tch::get_num_threads();
     // A "trained" adapter: B with a decaying column scale so ΔW has a real spectrum.
     let scale = Tensor::from_slice(&(0..r).map(|j| (-(j as f64) / 16.0).exp() as f32).collect::<Vec<_>>());
@@ -238,24 +254,24 @@ fn bench_svd(a: &BenchArgs) -> Result<()> {
     let decaying: Vec<f64> = (1..=n).map(|j| (j as f64).powf(-1.0)).collect();
     let flat: Vec<f64> = (0..n).map(|j| 1.0 - 0.5 * j as f64 / n as f64).collect();
     eprintln!("bench svd: building 4096×4096 test matrices…");
-    let m_dec = svd::matrix_with_spectrum(n, n, &decaying, 3, Kind::Float);
-    let m_flat = svd::matrix_with_spectrum(n, n, &flat, 4, Kind::Float);
+    let m_dec = svd::matrix_with_spectrum(n, n, &decaying, 3, Kind::Float).to_device(dev);
+    let m_flat = svd::matrix_with_spectrum(n, n, &flat, 4, Kind::Float).to_device(dev);
 
     let tmp = tempfile_dir()?;
     let inputs = tmp.join("inputs.safetensors");
     runio::checkpoint::write_safetensors(
         &inputs,
         &[
-            ("B".into(), b.shallow_clone()),
-            ("A".into(), at.shallow_clone()),
-            ("decaying".into(), m_dec.shallow_clone()),
-            ("flat".into(), m_flat.shallow_clone()),
+            ("B".into(), b.to_device(Device::Cpu)),
+            ("A".into(), at.to_device(Device::Cpu)),
+            ("decaying".into(), m_dec.to_device(Device::Cpu)),
+            ("flat".into(), m_flat.to_device(Device::Cpu)),
         ],
         None,
     )?;
 
     // 1. QR-core squeeze.
-    let t_qr = time(a.repeats, || {
+    let t_qr = time_on(dev, a.repeats, || {
         let _ = tch::no_grad(|| svd::squeeze_factors(&b, &at, k_sq, 1.0));
     });
     let (b2, a2, full) = svd::squeeze_factors(&b, &at, k_sq, 1.0);
@@ -270,7 +286,7 @@ fn bench_svd(a: &BenchArgs) -> Result<()> {
         let best = ex.truncate(k_sq).reconstruct();
         (t, fro(&(b2.matmul(&a2) - &best)) / fro(&best))
     };
-    let sv = Vec::<f64>::try_from(full.to_kind(Kind::Double)).unwrap_or_default();
+    let sv = Vec::<f64>::try_from(full.to_kind(Kind::Double).to_device(Device::Cpu)).unwrap_or_default();
 
     // 2. Randomized vs exact truncated SVD.
     let optimal = |s: &[f64]| s[k..].iter().map(|x| x * x).sum::<f64>().sqrt();
@@ -279,7 +295,7 @@ fn bench_svd(a: &BenchArgs) -> Result<()> {
         let best = optimal(spec);
         for qq in [0usize, q] {
             let opt = RsvdOptions { oversample: p, power_iters: qq, seed: 5 };
-            let t = time((a.repeats / 4).max(1), || {
+            let t = time_on(dev, (a.repeats / 4).max(1), || {
                 let _ = svd::randomized_svd(m, k, opt);
             });
             let res = svd::randomized_svd(m, k, opt);
@@ -309,11 +325,13 @@ fn bench_svd(a: &BenchArgs) -> Result<()> {
             q.to_string(),
             a.repeats.to_string(),
             threads.to_string(),
+            device_name(dev),
         ],
     )?;
     let _ = std::fs::remove_dir_all(&tmp);
     let f = |k: &str| py[k].as_f64().unwrap_or(f64::NAN);
-    println!("## QR-core squeeze, d = {d}, r = {r} → {k_sq} (CPU, {threads} threads, median of {})", a.repeats);
+    let on = if dev == Device::Cpu { format!("CPU, {threads} threads") } else { device_name(dev) };
+    println!("## QR-core squeeze, d = {d}, r = {r} → {k_sq} ({on}, median of {})", a.repeats);
     println!("| route | time | ratio to PyTorch QR-core |");
     println!("|---|---|---|");
     println!("| rankpilot QR-core (tch) | {:.2} ms | {:.2}× |", t_qr * 1e3, t_qr / f("qr_core_s"));
@@ -358,17 +376,53 @@ fn tempfile_dir() -> Result<PathBuf> {
     Ok(d)
 }
 
+/// `cpu` or `cuda:N`, as torch spells it.
+fn device_name(d: Device) -> String {
+    match d {
+        Device::Cuda(i) => format!("cuda:{i}"),
+        _ => "cpu".into(),
+    }
+}
+
 fn bench_finetune(a: &BenchArgs) -> Result<()> {
     let threads = tch::get_num_threads();
-    let (batch, seq, rank, alpha, lr) = (8usize, 128usize, 8usize, 16.0, 2e-3);
-    let mc = LlamaConfig::tiny();
+    let device = a.common.device;
+    let large = a.model_size == "large";
+    let (batch, seq, rank, alpha, lr) = (8usize, if large { 1024usize } else { 128 }, 8usize, 16.0, 2e-3);
+    let mc = if large {
+        LlamaConfig {
+            vocab_size: 32000,
+            hidden_size: 1024,
+            intermediate_size: 2752,
+            num_hidden_layers: 12,
+            num_attention_heads: 16,
+            num_key_value_heads: 16,
+            head_dim: 64,
+            max_position_embeddings: 2048,
+            ..LlamaConfig::tiny()
+        }
+    } else {
+        LlamaConfig::tiny()
+    };
+    let kind = if a.bf16 { tch::Kind::BFloat16 } else { tch::Kind::Float };
+    let vocab = mc.vocab_size as i64;
     let make = |track: bool| -> Result<Finetuner> {
         tch::manual_seed(0);
-        let mut vs = nn::VarStore::new(Device::Cpu);
+        let mut vs = nn::VarStore::new(device);
         let model = Llama::new(&vs.root(), &mc);
         vs.freeze();
-        let ids: Vec<i64> = (0..200_000).map(|i| ((i * 7919 + i / 13) % 256) as i64).collect();
-        let data = TokenData { train: ids[..180_000].to_vec(), val: ids[180_000..].to_vec() };
+        if a.bf16 {
+            vs.set_kind(kind);
+        }
+        let ids: Vec<i64> = (0..400_000i64).map(|i| (i * 7919 + i / 13) % vocab).collect();
+        let ids = &ids[..if large { 400_000 } else { 200_000 }];
+        let split = ids.len() * 9 / 10;
+        let data = TokenData {
+            train: ids[..split].to_vec(),
+            val: ids[split..].to_vec(),
+            train_mask: vec![],
+            val_mask: vec![],
+        };
         let cfg = FinetuneConfig {
             batch_size: batch,
             seq_len: seq,
@@ -419,15 +473,18 @@ fn bench_finetune(a: &BenchArgs) -> Result<()> {
         "vocab": mc.vocab_size, "hidden": mc.hidden_size, "intermediate": mc.intermediate_size,
         "layers": mc.num_hidden_layers, "heads": mc.num_attention_heads, "kv_heads": mc.num_key_value_heads,
         "rank": rank, "alpha": alpha, "lr": lr, "batch": batch, "seq": seq, "steps": a.steps, "warmup": 3,
-        "threads": threads,
+        "threads": threads, "device": device_name(device), "bf16": a.bf16, "head_dim": mc.head_dim,
     });
     let py = run_python(a, &[script(a, "bench_finetune.py").display().to_string(), cfg.to_string()])?;
     let py_tps = py["tokens_per_s"].as_f64().unwrap_or(f64::NAN);
     println!(
-        "## LoRA fine-tuning throughput, tiny model ({} params: {} layers, width {}, seq {seq}, batch {batch}, rank {rank} on all 7 projections; CPU, {threads} threads, {} timed steps)",
+        "## LoRA fine-tuning throughput, {} model ({} params: {} layers, width {}, seq {seq}, batch {batch}, rank {rank} on all 7 projections; {}, {}, {} timed steps)",
+        a.model_size,
         mc.num_params(),
         mc.num_hidden_layers,
         mc.hidden_size,
+        if device == Device::Cpu { format!("CPU, {threads} threads") } else { device_name(device) },
+        if a.bf16 { "bf16 base weights" } else { "f32" },
         a.steps
     );
     println!("| implementation | tokens/s | ratio to transformers+peft |");

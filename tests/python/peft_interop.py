@@ -28,6 +28,10 @@
       model has a tokenizer.json and as raw bytes otherwise, in windows of seq_len + 1 tokens
       starting every seq_len tokens (the last may be shorter).
 
+  peft_interop.py masked <model_dir> <batch.safetensors>
+      transformers' loss of the windows `ids` with `labels` = ids where `mask` is true and -100
+      elsewhere (the prompt-masked loss of instruction tuning).
+
   peft_interop.py schedule <name:warmup:total> ...
       The learning-rate multipliers transformers' get_scheduler gives each of `total` steps, for
       every schedule listed.
@@ -221,6 +225,18 @@ def cmd_evaluate(model_dir, adapter_dir, text_file, seq_len):
     print(json.dumps({"loss": nll / tokens, "perplexity": math.exp(nll / tokens), "tokens": tokens}))
 
 
+def cmd_masked(model_dir, batch_file):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    d = load_file(batch_file)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    labels = torch.where(d["mask"].bool(), d["ids"], torch.full_like(d["ids"], -100))
+    with torch.no_grad():
+        loss = model(input_ids=d["ids"], labels=labels).loss.item()
+    print(json.dumps({"loss": loss, "targets": int((labels[:, 1:] != -100).sum())}))
+
+
 def cmd_schedule(*specs):
     from transformers import get_scheduler
 
@@ -327,5 +343,5 @@ def cmd_autotokenizer(model_dir, sample_file):
 
 if __name__ == "__main__":
     cmd, *args = sys.argv[1:]
-    {"logits": cmd_logits, "make": cmd_make, "family": cmd_family, "saved": cmd_saved, "evaluate": cmd_evaluate, "schedule": cmd_schedule, "tokenizers": cmd_tokenizers,
+    {"logits": cmd_logits, "make": cmd_make, "family": cmd_family, "saved": cmd_saved, "evaluate": cmd_evaluate, "schedule": cmd_schedule, "masked": cmd_masked, "tokenizers": cmd_tokenizers,
      "autotokenizer": cmd_autotokenizer, "squeezed": cmd_squeezed}[cmd](*args)

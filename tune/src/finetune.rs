@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Result, bail};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
-use tch::{Device, Tensor, nn};
+use tch::{Device, Kind, nn};
 
 use crate::data::{TokenData, data_rng};
 use crate::lora::{AdamW, Lora, LoraInit, ResizeKind, SavedModule, check_rank};
@@ -262,7 +262,7 @@ pub struct Finetuner {
     /// Settings.
     pub cfg: FinetuneConfig,
     data: TokenData,
-    val: Vec<Tensor>,
+    val: Vec<crate::data::Batch>,
     rng: ChaCha8Rng,
     device: Device,
     /// Base tensors trained beside the sites (the adapter's `modules_to_save`).
@@ -299,7 +299,7 @@ impl Finetuner {
                 model.layers[l].proj_mut(p).lora = Some(Lora::new(&name, (d_in, d_out), r, init, device)?);
             }
         }
-        let val = data.val_batches(cfg.eval_batches, cfg.batch_size, cfg.seq_len, device);
+        let val = data.val_batches_masked(cfg.eval_batches, cfg.batch_size, cfg.seq_len, device);
         Ok(Finetuner {
             model,
             vs,
@@ -402,8 +402,8 @@ impl Finetuner {
         let mut loss_v = 0.0;
         self.set_training(true);
         for _ in 0..accum {
-            let batch = self.data.train_batch(&mut self.rng, self.cfg.batch_size, self.cfg.seq_len, self.device);
-            let loss = self.model.loss(&batch);
+            let batch = self.data.train_batch_masked(&mut self.rng, self.cfg.batch_size, self.cfg.seq_len, self.device);
+            let loss = self.model.masked_loss(&batch.ids, batch.mask.as_ref());
             let v = loss.double_value(&[]);
             if !v.is_finite() {
                 self.set_training(false);
@@ -454,8 +454,12 @@ impl Finetuner {
             let mut total = 0.0;
             let mut n = 0.0;
             for b in &self.val {
-                let w = b.size()[0] as f64;
-                total += self.model.loss(b).double_value(&[]) * w;
+                // Weighted by the targets the batch holds (its windows, for plain text).
+                let w = match &b.mask {
+                    None => b.ids.size()[0] as f64,
+                    Some(m) => m.narrow(1, 1, m.size()[1] - 1).to_kind(Kind::Float).sum(Kind::Float).double_value(&[]),
+                };
+                total += self.model.masked_loss(&b.ids, b.mask.as_ref()).double_value(&[]) * w;
                 n += w;
             }
             total / n
@@ -599,6 +603,8 @@ mod tests {
         assert!(RankSpec::parse("").is_err());
     }
 
+    use tch::Tensor;
+
     fn factors(ft: &Finetuner) -> Vec<Tensor> {
         ft.model.sites().iter().flat_map(|s| [s.a.detach().copy(), s.b.detach().copy()]).collect()
     }
@@ -707,6 +713,8 @@ mod tests {
         let data = TokenData {
             train: (0..400).map(|i| (i % 50) as i64).collect(),
             val: (0..200).map(|i| (i % 50) as i64).collect(),
+            train_mask: vec![],
+            val_mask: vec![],
         };
         let cfg = FinetuneConfig {
             batch_size: 2,

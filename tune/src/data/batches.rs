@@ -16,6 +16,20 @@ pub struct TokenData {
     pub train: Vec<i64>,
     /// Validation ids (the last `val_fraction` of the corpus).
     pub val: Vec<i64>,
+    /// Per training id: whether it is a target of the loss (instruction data: completions only).
+    /// Empty when every id is.
+    pub train_mask: Vec<bool>,
+    /// Per validation id, as `train_mask`.
+    pub val_mask: Vec<bool>,
+}
+
+/// A batch of windows `[batch, seq_len + 1]` and, for instruction data, which ids are targets.
+#[derive(Debug)]
+pub struct Batch {
+    /// Token ids.
+    pub ids: Tensor,
+    /// `[batch, seq_len + 1]` booleans: ids that count in the loss (as targets); `None`: all.
+    pub mask: Option<Tensor>,
 }
 
 impl TokenData {
@@ -28,7 +42,23 @@ impl TokenData {
             ))
             .into());
         }
-        let ids = tok.encode(&corpus.text())?;
+        // Instruction data: each prompt (with what the tokenizer adds in front, e.g. BOS), then
+        // its completion and the tokenizer's EOS, packed one after another; only completion and
+        // EOS ids are targets.
+        let (ids, mask) = if corpus.examples.is_empty() {
+            (tok.encode(&corpus.text())?, Vec::new())
+        } else {
+            let (mut ids, mut mask) = (Vec::new(), Vec::new());
+            for e in &corpus.examples {
+                let p = tok.encode(&e.prompt)?;
+                let mut c = tok.encode_plain(&e.completion)?;
+                c.extend(tok.eos_id());
+                mask.extend(std::iter::repeat_n(false, p.len()).chain(std::iter::repeat_n(true, c.len())));
+                ids.extend(p);
+                ids.extend(c);
+            }
+            (ids, mask)
+        };
         let train_len = ids.len() - ((ids.len() as f64) * val_fraction).round() as usize;
         let n_val = ((ids.len() as f64) * val_fraction).round() as usize;
         let need = 2 * (seq_len + 1);
@@ -43,36 +73,51 @@ impl TokenData {
             .into());
         }
         let split = ids.len() - n_val;
-        Ok(TokenData { train: ids[..split].to_vec(), val: ids[split..].to_vec() })
+        let (train_mask, val_mask) =
+            if mask.is_empty() { (Vec::new(), Vec::new()) } else { (mask[..split].to_vec(), mask[split..].to_vec()) };
+        Ok(TokenData { train: ids[..split].to_vec(), val: ids[split..].to_vec(), train_mask, val_mask })
+    }
+
+    fn windows(ids: &[i64], mask: &[bool], starts: &[usize], seq_len: usize, device: Device) -> Batch {
+        let mut v = Vec::with_capacity(starts.len() * (seq_len + 1));
+        let mut m = Vec::with_capacity(if mask.is_empty() { 0 } else { v.capacity() });
+        for &s in starts {
+            v.extend_from_slice(&ids[s..s + seq_len + 1]);
+            if !mask.is_empty() {
+                m.extend_from_slice(&mask[s..s + seq_len + 1]);
+            }
+        }
+        let shape = [starts.len() as i64, seq_len as i64 + 1];
+        Batch {
+            ids: Tensor::from_slice(&v).view(shape).to_device(device),
+            mask: (!mask.is_empty()).then(|| Tensor::from_slice(&m).view(shape).to_device(device)),
+        }
+    }
+
+    /// A random training batch with its target mask (the same draws as [`TokenData::train_batch`]).
+    pub fn train_batch_masked(&self, rng: &mut ChaCha8Rng, batch: usize, seq_len: usize, device: Device) -> Batch {
+        let hi = self.train.len() - seq_len - 1;
+        let starts: Vec<usize> = (0..batch).map(|_| rng.random_range(0..=hi)).collect();
+        Self::windows(&self.train, &self.train_mask, &starts, seq_len, device)
     }
 
     /// A random training batch `[batch, seq_len + 1]` of windows drawn with `rng`.
     pub fn train_batch(&self, rng: &mut ChaCha8Rng, batch: usize, seq_len: usize, device: Device) -> Tensor {
-        let hi = self.train.len() - seq_len - 1;
-        let mut v = Vec::with_capacity(batch * (seq_len + 1));
-        for _ in 0..batch {
-            let s = rng.random_range(0..=hi);
-            v.extend_from_slice(&self.train[s..s + seq_len + 1]);
-        }
-        Tensor::from_slice(&v).view([batch as i64, seq_len as i64 + 1]).to_device(device)
+        self.train_batch_masked(rng, batch, seq_len, device).ids
     }
 
     /// The fixed validation batches: up to `max_batches` batches of `batch` evenly spaced windows.
     pub fn val_batches(&self, max_batches: usize, batch: usize, seq_len: usize, device: Device) -> Vec<Tensor> {
+        self.val_batches_masked(max_batches, batch, seq_len, device).into_iter().map(|b| b.ids).collect()
+    }
+
+    /// [`TokenData::val_batches`] with their target masks.
+    pub fn val_batches_masked(&self, max_batches: usize, batch: usize, seq_len: usize, device: Device) -> Vec<Batch> {
         let n_windows = (self.val.len() - 1) / (seq_len + 1);
         let total = n_windows.min(max_batches * batch).max(1);
         let stride = if total > 1 { (self.val.len() - seq_len - 1) / (total - 1) } else { 0 };
         let starts: Vec<usize> = (0..total).map(|i| i * stride).collect();
-        starts
-            .chunks(batch)
-            .map(|c| {
-                let mut v = Vec::with_capacity(c.len() * (seq_len + 1));
-                for &s in c {
-                    v.extend_from_slice(&self.val[s..s + seq_len + 1]);
-                }
-                Tensor::from_slice(&v).view([c.len() as i64, seq_len as i64 + 1]).to_device(device)
-            })
-            .collect()
+        starts.chunks(batch).map(|c| Self::windows(&self.val, &self.val_mask, c, seq_len, device)).collect()
     }
 }
 
@@ -87,7 +132,12 @@ mod tests {
 
     #[test]
     fn batches_are_deterministic() {
-        let c = Corpus { source: "t".into(), docs: vec!["abcdefghijklmnopqrstuvwxyz".repeat(20)], files: vec![] };
+        let c = Corpus {
+            source: "t".into(),
+            docs: vec!["abcdefghijklmnopqrstuvwxyz".repeat(20)],
+            files: vec![],
+            examples: vec![],
+        };
         let d = TokenData::new(&c, &Tokenizer::Bytes, 0.2, 8).unwrap();
         let a = d.train_batch(&mut data_rng(3), 4, 8, Device::Cpu);
         let b = d.train_batch(&mut data_rng(3), 4, 8, Device::Cpu);

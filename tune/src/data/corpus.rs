@@ -2,7 +2,8 @@
 //!
 //! A corpus is read from a file, a directory (every regular, non-hidden file below it, in sorted
 //! path order) or a JSONL file (one JSON object per line with a `"text"` string, or one JSON
-//! string per line). Every file must be UTF-8 and the whole corpus non-empty; otherwise a
+//! string per line; or instruction data: objects with `"prompt"` and `"completion"` strings,
+//! whose prompts are left out of the loss). Every file must be UTF-8 and the whole corpus non-empty; otherwise a
 //! [`BadInput`] error names the file (and line, for JSONL).
 //!
 //! Two built-in corpora need no download — both are files present on every machine after
@@ -37,6 +38,24 @@ pub struct Corpus {
     pub docs: Vec<String>,
     /// The files read, in order.
     pub files: Vec<PathBuf>,
+    /// Instruction examples (JSONL `prompt` / `completion`): trained on the completion only.
+    /// Empty for plain text.
+    pub examples: Vec<Example>,
+}
+
+/// One instruction example: the model learns the completion given the prompt.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Example {
+    /// Context, masked out of the loss.
+    pub prompt: String,
+    /// The target text.
+    pub completion: String,
+}
+
+/// One JSONL line: plain text or an instruction example.
+enum Line {
+    Text(String),
+    Example(Example),
 }
 
 impl Corpus {
@@ -68,6 +87,7 @@ impl Corpus {
             return Err(BadInput(format!("data `{what}`: no files found")).into());
         }
         let mut docs = Vec::new();
+        let mut examples = Vec::new();
         for f in &files {
             let bytes = std::fs::read(f).map_err(|e| BadInput(format!("{}: {e}", f.display())))?;
             let is_jsonl = f.extension().is_some_and(|e| e == "jsonl");
@@ -83,7 +103,21 @@ impl Corpus {
                     if line.trim().is_empty() {
                         continue;
                     }
-                    docs.push(jsonl_text(line).map_err(|why| BadInput(format!("{}:{}: {why}", f.display(), i + 1)))?);
+                    let at = |why: String| BadInput(format!("{}:{}: {why}", f.display(), i + 1));
+                    match jsonl_line(line).map_err(at)? {
+                        Line::Text(t) if examples.is_empty() => docs.push(t),
+                        Line::Example(e) if docs.len() == examples.len() => {
+                            docs.push(format!("{}{}", e.prompt, e.completion));
+                            examples.push(e);
+                        }
+                        _ => {
+                            return Err(at(
+                                "mixes plain `text` lines and `prompt`/`completion` examples: allowed: one kind per corpus"
+                                    .into(),
+                            )
+                            .into());
+                        }
+                    }
                 }
             } else {
                 docs.push(text);
@@ -92,7 +126,13 @@ impl Corpus {
         if docs.iter().all(|d| d.trim().is_empty()) {
             return Err(BadInput(format!("data `{what}`: the corpus is empty")).into());
         }
-        Ok(Corpus { source: what, docs, files })
+        if !examples.is_empty() && docs.len() != examples.len() {
+            return Err(BadInput(format!(
+                "data `{what}`: mixes plain text files with `prompt`/`completion` examples: allowed: one kind per corpus"
+            ))
+            .into());
+        }
+        Ok(Corpus { source: what, docs, files, examples })
     }
 
     /// The corpus as one text: documents joined, each followed by a blank line.
@@ -111,16 +151,24 @@ impl Corpus {
     }
 }
 
-fn jsonl_text(line: &str) -> std::result::Result<String, String> {
+fn jsonl_line(line: &str) -> std::result::Result<Line, String> {
     let v: serde_json::Value = serde_json::from_str(line).map_err(|e| format!("invalid JSON: {e}"))?;
+    let string = |o: &serde_json::Map<String, serde_json::Value>, k: &str| match o.get(k) {
+        Some(serde_json::Value::String(s)) => Ok(s.clone()),
+        Some(_) => Err(format!("`{k}` is not a string")),
+        None => Err(format!("object has no `{k}` field")),
+    };
     match v {
-        serde_json::Value::String(s) => Ok(s),
-        serde_json::Value::Object(o) => match o.get("text") {
-            Some(serde_json::Value::String(s)) => Ok(s.clone()),
-            Some(_) => Err("`text` is not a string".into()),
-            None => Err("object has no `text` field".into()),
-        },
-        _ => Err("expected a JSON object with a `text` field or a JSON string".into()),
+        serde_json::Value::String(s) => Ok(Line::Text(s)),
+        serde_json::Value::Object(o) if o.contains_key("prompt") || o.contains_key("completion") => {
+            Ok(Line::Example(Example { prompt: string(&o, "prompt")?, completion: string(&o, "completion")? }))
+        }
+        serde_json::Value::Object(o) if o.contains_key("messages") => {
+            Err("`messages` (chat) records are not supported yet: allowed: `text`, or `prompt` + `completion` strings"
+                .into())
+        }
+        serde_json::Value::Object(o) => Ok(Line::Text(string(&o, "text")?)),
+        _ => Err("expected a JSON object with a `text` field (or `prompt` + `completion`) or a JSON string".into()),
     }
 }
 

@@ -5,6 +5,6 @@ pub mod batches;
 pub mod corpus;
 pub mod tokenizer;
 
-pub use batches::{TokenData, data_rng};
-pub use corpus::{BUILTIN_CODE, BUILTIN_PROSE, Corpus, setup_venv};
+pub use batches::{Batch, TokenData, data_rng};
+pub use corpus::{BUILTIN_CODE, BUILTIN_PROSE, Corpus, Example, setup_venv};
 pub use tokenizer::{HfTokenizer, Tokenizer};

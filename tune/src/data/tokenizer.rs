@@ -32,6 +32,8 @@ pub struct HfTokenizer {
     pub inner: tokenizers::Tokenizer,
     /// One past the largest id it can produce (added tokens included).
     pub vocab_size: usize,
+    /// The end-of-sequence token of `tokenizer_config.json` (`eos_token`) beside the file.
+    pub eos: Option<i64>,
 }
 
 impl Tokenizer {
@@ -88,6 +90,14 @@ impl Tokenizer {
                 let ids: Vec<u32> = ids.iter().map(|&i| i.clamp(0, u32::MAX as i64) as u32).collect();
                 h.inner.decode(&ids, false).map_err(|e| anyhow::anyhow!("{}: decoding failed: {e}", h.file.display()))
             }
+        }
+    }
+
+    /// The end-of-sequence id (`eos_token` of the model's `tokenizer_config.json`), if any.
+    pub fn eos_id(&self) -> Option<i64> {
+        match self {
+            Tokenizer::Bytes => None,
+            Tokenizer::Hf(h) => h.eos,
         }
     }
 
@@ -184,7 +194,19 @@ impl HfTokenizer {
         if vocab_size == 0 {
             return Err(BadInput(format!("{}: the tokenizer has an empty vocabulary", path.display())).into());
         }
-        Ok(HfTokenizer { file: path.to_path_buf(), inner, vocab_size })
+        // `eos_token` is a string or an AddedToken object ({"content": …}) in tokenizer_config.json.
+        let eos = path
+            .parent()
+            .and_then(|d| std::fs::read_to_string(d.join("tokenizer_config.json")).ok())
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|v| match &v["eos_token"] {
+                serde_json::Value::String(s) => Some(s.clone()),
+                serde_json::Value::Object(o) => o.get("content").and_then(|c| c.as_str()).map(String::from),
+                _ => None,
+            })
+            .and_then(|t| inner.token_to_id(&t))
+            .map(|i| i as i64);
+        Ok(HfTokenizer { file: path.to_path_buf(), inner, vocab_size, eos })
     }
 }
 

@@ -241,6 +241,27 @@ impl Llama {
         logits.view([-1, v]).to_kind(Kind::Float).cross_entropy_for_logits(&targets.reshape([-1]))
     }
 
+    /// [`Llama::loss`] over the targets `mask` marks (`[b, seq + 1]` booleans, as the batch; the
+    /// first column is never a target): transformers' loss with `labels = -100` elsewhere.
+    /// `None` counts every target. A batch without targets has loss 0.
+    pub fn masked_loss(&self, batch: &Tensor, mask: Option<&Tensor>) -> Tensor {
+        let Some(mask) = mask else { return self.loss(batch) };
+        let t = batch.size()[1];
+        let inputs = batch.narrow(1, 0, t - 1);
+        let targets = batch.narrow(1, 1, t - 1).reshape([-1]);
+        let keep = mask.narrow(1, 1, t - 1).reshape([-1]).to_kind(Kind::Float);
+        let logits = self.forward(&inputs);
+        let v = logits.size()[2];
+        let nll = logits
+            .view([-1, v])
+            .to_kind(Kind::Float)
+            .log_softmax(-1, Kind::Float)
+            .gather(1, &targets.unsqueeze(1), false)
+            .squeeze_dim(1)
+            .neg();
+        (nll * &keep).sum(Kind::Float) / keep.sum(Kind::Float).clamp_min(1.0)
+    }
+
     /// Puts the sites of a PEFT adapter on the matching projections (on the model's device);
     /// modules that are not projections of this model, or whose shapes differ, are an error.
     pub fn attach_adapter(&mut self, adapter: &crate::peft::PeftAdapter) -> Result<()> {
