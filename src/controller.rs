@@ -25,13 +25,18 @@ use envs::resource::ResourceState;
 use envs::{EnvPreset, EnvSpec, Observation, RoundContext};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::scheduler::{BudgetSpec, RankScheduler, RoundView, SchedulerSpec};
 use rankpilot_config::BadInput;
 use runio::tensorboard::SummaryWriter;
 use tune::finetune::{Finetuner, SiteSignals};
 use tune::lora::ResizeKind;
+
+/// A run stopped on purpose (`--stop-at-round`) after writing its checkpoint.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Interrupted(pub String);
 
 /// The environments' role of a projection name.
 pub fn role_of(projection: &str) -> envs::Role {
@@ -134,6 +139,28 @@ impl RunResource {
         })
     }
 
+    /// The resource's state between rounds (channel state, generator, budget history), for a
+    /// resumable checkpoint.
+    pub fn save_state(&self) -> serde_json::Value {
+        serde_json::json!({
+            "state": self.state, "rng": self.rng, "hist": self.hist, "round": self.round,
+            "last_violation": self.last_violation, "last_cost_ratio": self.last_cost_ratio,
+        })
+    }
+
+    /// Restores [`RunResource::save_state`].
+    pub fn load_state(&mut self, v: &serde_json::Value) -> Result<()> {
+        let get = |k: &str| v.get(k).cloned().ok_or_else(|| BadInput(format!("resume state: resource has no `{k}`")));
+        let field = |e: serde_json::Error| BadInput(format!("resume state: resource: {e}"));
+        self.state = serde_json::from_value(get("state")?).map_err(field)?;
+        self.rng = serde_json::from_value(get("rng")?).map_err(field)?;
+        self.hist = serde_json::from_value(get("hist")?).map_err(field)?;
+        self.round = serde_json::from_value(get("round")?).map_err(field)?;
+        self.last_violation = serde_json::from_value(get("last_violation")?).map_err(field)?;
+        self.last_cost_ratio = serde_json::from_value(get("last_cost_ratio")?).map_err(field)?;
+        Ok(())
+    }
+
     /// Draws round `round`'s budget (rounds are drawn in order).
     pub fn begin_round(&mut self) {
         let spec = &self.spec;
@@ -218,7 +245,7 @@ impl RunResource {
 }
 
 /// What the run has measured so far, beyond the per-site signals.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 pub struct RunState {
     /// Round index.
     pub round: usize,
@@ -286,7 +313,7 @@ pub fn observe(res: &RunResource, signals: &[SiteSignals], st: &RunState) -> Obs
 }
 
 /// One round of a scheduled run.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RoundRecord {
     /// Round index.
     pub round: usize,
@@ -337,6 +364,91 @@ pub struct RunReport {
     pub tokens: usize,
     /// Per round.
     pub rounds: Vec<RoundRecord>,
+}
+
+/// Resumable checkpoints of a run: written at round boundaries into one directory (replaced
+/// atomically each time), and read back by a resumed run.
+#[derive(Debug, Clone, Default)]
+pub struct Checkpointing {
+    /// Where checkpoints go (`None`: none are written).
+    pub dir: Option<std::path::PathBuf>,
+    /// Write one at the start of every round that is a positive multiple of this.
+    pub every_rounds: usize,
+    /// Stop after writing the checkpoint at this round, as an interruption there would.
+    pub stop_at_round: Option<usize>,
+    /// Continue from this checkpoint directory.
+    pub resume: Option<std::path::PathBuf>,
+    /// What must be the same to resume (the run's settings), checked key by key.
+    pub settings: serde_json::Value,
+}
+
+/// The files of a resumable checkpoint.
+pub const RESUME_STATE: &str = "state.json";
+/// Its tensors.
+pub const RESUME_TENSORS: &str = "state.safetensors";
+
+/// The loop's own state at a round boundary.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct LoopState {
+    round: usize,
+    st: RunState,
+    records: Vec<RoundRecord>,
+    heat: Vec<Vec<f64>>,
+    val0: f64,
+    val: f64,
+    cost_sent: f64,
+    tokens: usize,
+    wall_seconds: f64,
+}
+
+fn save_checkpoint(
+    dir: &std::path::Path,
+    settings: &serde_json::Value,
+    ls: &LoopState,
+    ft: &Finetuner,
+    sched: &dyn RankScheduler,
+    res: &RunResource,
+) -> Result<()> {
+    let (ft_state, tensors) = ft.save_state();
+    let v = serde_json::json!({
+        "written_by": format!("rankpilot {}", env!("CARGO_PKG_VERSION")),
+        "settings": settings, "loop": ls, "finetuner": ft_state, "scheduler": sched.save_state(),
+        "resource": res.save_state(),
+    });
+    let json = serde_json::to_vec_pretty(&v)?;
+    runio::checkpoint::write_dir_atomically(dir, |staged| {
+        runio::checkpoint::write_safetensors(&staged.join(RESUME_TENSORS), &tensors, None)?;
+        runio::checkpoint::atomic_write(&staged.join(RESUME_STATE), &json)
+    })?;
+    Ok(())
+}
+
+fn load_checkpoint(
+    dir: &std::path::Path,
+    settings: &serde_json::Value,
+    ft: &mut Finetuner,
+    sched: &mut dyn RankScheduler,
+    res: &mut RunResource,
+) -> Result<LoopState> {
+    let path = dir.join(RESUME_STATE);
+    let bad = |why: String| -> anyhow::Error { BadInput(format!("{}: {why}", path.display())).into() };
+    let text = std::fs::read_to_string(&path).map_err(|e| bad(format!("{e} (not a resume checkpoint?)")))?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(format!("invalid JSON: {e}")))?;
+    // The run must be the same run: every setting that shapes it, key by key.
+    let saved = v["settings"].as_object().ok_or_else(|| bad("no `settings`".into()))?;
+    for (k, now) in settings.as_object().into_iter().flatten() {
+        let then = saved.get(k).unwrap_or(&serde_json::Value::Null);
+        if then != now {
+            return Err(bad(format!("`{k}` was {then} in the interrupted run, now {now}: allowed: the same settings")));
+        }
+    }
+    let (tensors, _) =
+        runio::checkpoint::read_safetensors(&dir.join(RESUME_TENSORS)).map_err(|e| bad(e.to_string()))?;
+    let tensors: std::collections::HashMap<String, tch::Tensor> = tensors.into_iter().collect();
+    ft.load_state(&v["finetuner"], &tensors).map_err(|e| bad(format!("{e:#}")))?;
+    sched.load_state(&v["scheduler"]).map_err(|e| bad(format!("scheduler: {e:#}")))?;
+    res.load_state(&v["resource"]).map_err(|e| bad(format!("{e:#}")))?;
+    serde_json::from_value(v["loop"].clone()).map_err(|e| bad(format!("`loop`: {e}")))
 }
 
 /// Settings of a scheduled run: where its rounds start and how often it is evaluated.
@@ -392,6 +504,7 @@ pub fn run(
     opts: &RunOptions,
     tb: &mut SummaryWriter,
     bar: &indicatif::ProgressBar,
+    ckpt: &Checkpointing,
 ) -> Result<RunReport> {
     let t0 = Instant::now();
     let total = ft.cfg.steps;
@@ -406,17 +519,50 @@ pub fn run(
             opts.round_starts
         )));
     }
-    let val0 = ft.evaluate();
-    tb.add_scalar("val/loss", val0, 0)?;
-    let entropy = ft.token_entropy();
-    let mut st = RunState { round: 0, rounds, loss: f64::NAN, initial_loss: f64::NAN, token_entropy: entropy };
-    let mut records = Vec::with_capacity(rounds);
-    let mut heat: Vec<Vec<f64>> = Vec::with_capacity(rounds);
-    let mut val = val0;
-    let mut cost_sent = 0.0;
-    let mut tokens = 0usize;
-    for round in 0..rounds {
+    let resumed = match &ckpt.resume {
+        Some(dir) => Some(load_checkpoint(dir, &ckpt.settings, ft, sched, res)?),
+        None => None,
+    };
+    let first = resumed.as_ref().map_or(0, |l| l.round);
+    let (val0, mut st, mut records, mut heat, mut val, mut cost_sent, mut tokens, wall_before) = match resumed {
+        Some(l) => (l.val0, l.st, l.records, l.heat, l.val, l.cost_sent, l.tokens, l.wall_seconds),
+        None => {
+            let val0 = ft.evaluate();
+            tb.add_scalar("val/loss", val0, 0)?;
+            let entropy = ft.token_entropy();
+            let st = RunState { round: 0, rounds, loss: f64::NAN, initial_loss: f64::NAN, token_entropy: entropy };
+            (val0, st, Vec::with_capacity(rounds), Vec::with_capacity(rounds), val0, 0.0, 0usize, 0.0)
+        }
+    };
+    bar.inc(opts.round_starts.get(first).copied().unwrap_or(0) as u64);
+    for round in first..rounds {
         let (s0, s1) = opts.round_steps(round, total);
+        if let Some(dir) = &ckpt.dir
+            && round > first
+            && ckpt.every_rounds > 0
+            && round % ckpt.every_rounds == 0
+        {
+            let ls = LoopState {
+                round,
+                st,
+                records: records.clone(),
+                heat: heat.clone(),
+                val0,
+                val,
+                cost_sent,
+                tokens,
+                wall_seconds: wall_before + t0.elapsed().as_secs_f64(),
+            };
+            save_checkpoint(dir, &ckpt.settings, &ls, ft, sched, res)?;
+            if ckpt.stop_at_round == Some(round) {
+                tb.flush()?;
+                bail!(Interrupted(format!(
+                    "stopped at round {round} as asked; resume with --resume {}",
+                    dir.display()
+                )));
+            }
+        }
+        ft.seed_round(round);
         res.begin_round();
         st.round = round;
         let signals = ft.signals(true);
@@ -542,7 +688,7 @@ pub fn run(
         rounds_skipped: records.iter().filter(|r| r.skipped).count(),
         mean_params,
         final_params: ft.adapter_params(),
-        wall_seconds: t0.elapsed().as_secs_f64(),
+        wall_seconds: wall_before + t0.elapsed().as_secs_f64(),
         tokens,
         rounds: records,
     })

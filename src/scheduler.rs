@@ -55,6 +55,15 @@ pub trait RankScheduler {
     fn name(&self) -> String;
     /// The plan for the round about to start (one rank per site, in the run's site order).
     fn plan(&mut self, view: &RoundView<'_>) -> Result<RankPlan>;
+    /// What the scheduler has learned during the run, for a resumable checkpoint (`null` when
+    /// its plans depend on the round's view alone).
+    fn save_state(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
+    /// Restores [`RankScheduler::save_state`].
+    fn load_state(&mut self, _state: &serde_json::Value) -> Result<()> {
+        Ok(())
+    }
     /// The rank set the scheduler needs the observation built with (a policy's), if any.
     fn rank_set(&self) -> Option<&[u32]> {
         None
@@ -254,6 +263,12 @@ pub struct SkipUnfit {
 impl RankScheduler for SkipUnfit {
     fn name(&self) -> String {
         format!("{}+skip", self.inner.name())
+    }
+    fn save_state(&self) -> serde_json::Value {
+        self.inner.save_state()
+    }
+    fn load_state(&mut self, state: &serde_json::Value) -> Result<()> {
+        self.inner.load_state(state)
     }
     fn plan(&mut self, view: &RoundView<'_>) -> Result<RankPlan> {
         let plan = self.inner.plan(view)?;
@@ -528,6 +543,13 @@ impl RankScheduler for PolicyScheduler {
     }
     fn rank_set(&self) -> Option<&[u32]> {
         Some(&self.model.ranks)
+    }
+    fn save_state(&self) -> serde_json::Value {
+        serde_json::json!({ "belief": self.belief })
+    }
+    fn load_state(&mut self, state: &serde_json::Value) -> Result<()> {
+        self.belief = serde_json::from_value(state["belief"].clone())?;
+        Ok(())
     }
     fn plan(&mut self, view: &RoundView<'_>) -> Result<RankPlan> {
         let ctx = &view.context;

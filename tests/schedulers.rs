@@ -256,3 +256,63 @@ fn bad_scheduler_inputs_exit_2_and_say_what_would_work() {
     case(&narrow, &["--scheduler", "policy:checkpoints/wireless-rayleigh"], "64");
     case(&model, &["--budget", "rank:4"], "--env and --budget need --scheduler");
 }
+
+#[test]
+fn an_interrupted_scheduled_run_resumes_to_the_adapter_of_the_uninterrupted_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("m");
+    small_model(&model, 64);
+    let data = text_file(dir.path());
+    let run = |logdir: &Path, extra: &[&str]| {
+        let mut args = vec!["finetune", "--model", model.to_str().unwrap(), "--data", &data];
+        // A policy with an inferring prior (a belief that learns over rounds), a channel with its
+        // own generator and lost rounds, dropout and gradient accumulation: all of it must resume.
+        args.extend(["--steps", "16", "--rounds", "8", "--scheduler", "policy:checkpoints/default"]);
+        args.extend(["--env", "wireless-rayleigh", "--budget", "rank:4", "--lora-dropout", "0.1"]);
+        args.extend(["--grad-accum", "2", "--eval-every", "4", "--save-every", "2"]);
+        args.extend(["--logdir", logdir.to_str().unwrap()]);
+        args.extend(SMALL_RUN);
+        args.extend(extra);
+        let o = common::rankpilot(&args);
+        assert!(o.status.success(), "{}", common::text(&o));
+        common::text(&o)
+    };
+    let whole = dir.path().join("whole");
+    run(&whole, &[]);
+    let cut = dir.path().join("cut");
+    let said = run(&cut, &["--stop-at-round", "4"]);
+    assert!(said.contains("stopped at round 4"), "{said}");
+    assert!(!cut.join("adapter").exists(), "an interrupted run exports nothing");
+    let resume = cut.join("resume");
+    run(&cut, &["--resume", resume.to_str().unwrap()]);
+    let (a, b) = (summary(&whole)["report"].clone(), summary(&cut)["report"].clone());
+    assert_eq!(a["rounds"].as_array().unwrap().len(), 8);
+    for k in ["rounds_lost", "rounds_skipped", "val_loss_final", "cost_sent", "tokens"] {
+        assert_eq!(a[k], b[k], "{k}: {a} vs {b}");
+    }
+    // Every round as recorded (its plan, the channel's budget, loss, lost or skipped), bar timing.
+    let rounds = |r: &serde_json::Value| -> Vec<serde_json::Value> {
+        let mut v: Vec<serde_json::Value> = r["rounds"].as_array().unwrap().clone();
+        v.iter_mut().for_each(|x| _ = x.as_object_mut().unwrap().remove("plan_ms"));
+        v
+    };
+    assert_eq!(rounds(&a), rounds(&b));
+    let (ta, _) = runio::checkpoint::read_safetensors(&whole.join("adapter/adapter_model.safetensors")).unwrap();
+    let (tb, _) = runio::checkpoint::read_safetensors(&cut.join("adapter/adapter_model.safetensors")).unwrap();
+    assert_eq!(ta.len(), tb.len());
+    for ((na, x), (nb, y)) in ta.iter().zip(&tb) {
+        assert_eq!(na, nb);
+        assert!(x.equal(y), "`{na}` differs after the resume");
+    }
+    // A resume with other settings is refused, naming the setting.
+    let mut args = vec!["finetune", "--model", model.to_str().unwrap(), "--data", &data, "--steps", "16"];
+    args.extend(["--rounds", "8", "--scheduler", "fixed:2", "--resume", resume.to_str().unwrap()]);
+    args.extend(["--env", "wireless-rayleigh", "--budget", "rank:4", "--lora-dropout", "0.1"]);
+    args.extend(["--grad-accum", "2", "--eval-every", "4"]);
+    let other = dir.path().join("other");
+    args.extend(["--logdir", other.to_str().unwrap()]);
+    args.extend(SMALL_RUN);
+    let o = common::rankpilot(&args);
+    assert_eq!(o.status.code(), Some(2), "{}", common::text(&o));
+    assert!(common::text(&o).contains("`scheduler`"), "{}", common::text(&o));
+}

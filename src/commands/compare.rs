@@ -146,7 +146,15 @@ pub fn run(a: &CompareArgs) -> Result<()> {
             let bar = progress_bar(a.steps);
             // Four evaluations per run (and the final one).
             let opts = RunOptions::even(a.rounds, a.steps, (a.steps / a.rounds.max(1)).max(1) * a.rounds.div_ceil(4))?;
-            let mut report = rankpilot::controller::run(&mut ft, sched.as_mut(), &mut res, &opts, &mut tb, &bar)?;
+            let mut report = rankpilot::controller::run(
+                &mut ft,
+                sched.as_mut(),
+                &mut res,
+                &opts,
+                &mut tb,
+                &bar,
+                &Default::default(),
+            )?;
             bar.finish_and_clear();
             report.scheduler = spec.label();
             eprintln!(

@@ -107,6 +107,18 @@ pub struct FinetuneArgs {
     /// (the parameters of a uniform rank R). Default: R for `fixed:R`, else rank:8.
     #[arg(long, value_parser = BudgetSpec::parse)]
     budget: Option<BudgetSpec>,
+    /// Write a resumable checkpoint to <logdir>/resume at the start of every N-th round (0 = never):
+    /// the sites with their optimizer and importance state, modules_to_save, the data position,
+    /// the scheduler's and the resource's state, the rounds so far. Each replaces the last.
+    #[arg(long, default_value_t = 0)]
+    save_every: usize,
+    /// Stop once the checkpoint at this round is written (as an interruption there would; exit 0).
+    #[arg(long, requires = "save_every")]
+    stop_at_round: Option<usize>,
+    /// Continue an interrupted run from its checkpoint directory (<logdir>/resume). Every setting
+    /// must be the same as the interrupted run's; the result equals the uninterrupted run's.
+    #[arg(long)]
+    resume: Option<PathBuf>,
 }
 
 fn parse_resize(s: &str) -> Result<(usize, RankSpec), String> {
@@ -218,8 +230,35 @@ pub fn run(a: &FinetuneArgs) -> Result<()> {
         tok.describe(),
         sched.name()
     );
+    // What makes a run this run: checked key by key before resuming.
+    let mut settings = serde_json::to_value(&cfg)?;
+    if let Some(o) = settings.as_object_mut() {
+        o.insert("model".into(), serde_json::json!(a.input.model));
+        o.insert("data_sha256".into(), serde_json::json!(corpus.sha256()));
+        o.insert("adapter".into(), serde_json::json!(a.adapter));
+        o.insert("scheduler".into(), serde_json::json!(sched.name()));
+        o.insert("env".into(), serde_json::json!(a.env));
+        o.insert("budget".into(), serde_json::json!(a.budget.map(|b| format!("{b:?}"))));
+        o.insert("round_starts".into(), serde_json::json!(opts.round_starts));
+        o.insert("resize_at".into(), serde_json::json!(format!("{:?}", a.resize_at)));
+        o.insert("bf16".into(), serde_json::json!(a.bf16));
+    }
+    let ckpt = controller::Checkpointing {
+        dir: (a.save_every > 0).then(|| a.logdir.join("resume")),
+        every_rounds: a.save_every,
+        stop_at_round: a.stop_at_round,
+        resume: a.resume.clone(),
+        settings,
+    };
     let bar = progress_bar(a.steps);
-    let report = controller::run(&mut ft, sched.as_mut(), &mut res, &opts, &mut tb, &bar)?;
+    let report = match controller::run(&mut ft, sched.as_mut(), &mut res, &opts, &mut tb, &bar, &ckpt) {
+        Err(e) if e.downcast_ref::<controller::Interrupted>().is_some() => {
+            bar.finish_and_clear();
+            println!("{e}");
+            return Ok(());
+        }
+        r => r?,
+    };
     bar.finish_and_clear();
 
     let base = a.input.model.display().to_string();

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Result, bail};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
-use tch::{Device, Kind, nn};
+use tch::{Device, Kind, Tensor, nn};
 
 use crate::data::{TokenData, data_rng};
 use crate::lora::{AdamW, Lora, LoraInit, ResizeKind, SavedModule, check_rank};
@@ -547,6 +547,73 @@ impl Finetuner {
         h / (v as f64).ln()
     }
 
+    /// Seeds libtorch's generator for round `round` of the run: the only random draws it makes
+    /// are `lora_dropout` masks, so they depend on (seed, round, step in round) alone and a resumed
+    /// run draws the same ones.
+    pub fn seed_round(&self, round: usize) {
+        tch::manual_seed((self.cfg.seed ^ 0x7ea1_d70f).wrapping_add(round as u64 * 0x9e37_79b9) as i64);
+    }
+
+    /// Everything a resumed run needs to continue exactly: step, data position, every site's
+    /// factors with its AdamW moments and importance averages, the `modules_to_save` copies.
+    pub fn save_state(&self) -> (serde_json::Value, Vec<(String, Tensor)>) {
+        let mut tensors = Vec::new();
+        let sites: Vec<serde_json::Value> = self
+            .model
+            .sites()
+            .iter()
+            .enumerate()
+            .map(|(i, s)| s.save_state(&format!("site.{i}"), &mut tensors))
+            .collect();
+        let saved: Vec<serde_json::Value> =
+            self.saved.iter().enumerate().map(|(i, s)| s.save_state(&format!("saved.{i}"), &mut tensors)).collect();
+        let v = serde_json::json!({
+            "step": self.step, "rng": self.rng, "sites": sites, "saved": saved,
+            "modules_to_save": self.modules_to_save,
+        });
+        (v, tensors)
+    }
+
+    /// Restores what [`Finetuner::save_state`] wrote; the sites must be those of this run.
+    pub fn load_state(
+        &mut self,
+        v: &serde_json::Value,
+        tensors: &std::collections::HashMap<String, Tensor>,
+    ) -> Result<()> {
+        let bad = |why: &str| -> anyhow::Error { BadInput(format!("resume state: {why}")).into() };
+        let sites = v["sites"].as_array().ok_or_else(|| bad("no `sites`"))?;
+        let device = self.device;
+        let names = self.site_names();
+        if sites.len() != names.len() {
+            return Err(bad(&format!("{} sites, this run has {}", sites.len(), names.len())));
+        }
+        let mut restored = Vec::with_capacity(sites.len());
+        for (i, (sv, name)) in sites.iter().zip(&names).enumerate() {
+            let l = Lora::load_state(sv, &format!("site.{i}"), tensors, device)
+                .ok_or_else(|| bad(&format!("site {i} (`{name}`) is incomplete")))?;
+            if &l.name != name {
+                return Err(bad(&format!("site {i} is `{}`, this run's is `{name}`", l.name)));
+            }
+            restored.push(l);
+        }
+        for (site, l) in self.model.sites_mut().into_iter().zip(restored) {
+            *site = l;
+        }
+        self.saved.clear();
+        let kind = self.model.embed_tokens.kind();
+        for (i, sv) in v["saved"].as_array().ok_or_else(|| bad("no `saved`"))?.iter().enumerate() {
+            let m = SavedModule::load_state(sv, &format!("saved.{i}"), tensors, device, kind)
+                .ok_or_else(|| bad(&format!("saved module {i} is incomplete")))?;
+            *self.model.param_mut(&m.name).ok_or_else(|| bad(&format!("`{}` is no parameter", m.name)))? =
+                m.value.shallow_clone();
+            self.saved.push(m);
+        }
+        self.modules_to_save = v.get("modules_to_save").filter(|x| !x.is_null()).cloned();
+        self.step = v["step"].as_u64().ok_or_else(|| bad("no `step`"))? as usize;
+        self.rng = serde_json::from_value(v["rng"].clone()).map_err(|e| bad(&format!("`rng`: {e}")))?;
+        Ok(())
+    }
+
     /// The adapter as a PEFT adapter (sites of rank 0 are left out).
     pub fn to_peft(&self, base_model: &str) -> PeftAdapter {
         let mut config = PeftAdapter::new_config(base_model, self.cfg.rslora);
@@ -602,8 +669,6 @@ mod tests {
         assert!(RankSpec::parse("4,8").is_err());
         assert!(RankSpec::parse("").is_err());
     }
-
-    use tch::Tensor;
 
     fn factors(ft: &Finetuner) -> Vec<Tensor> {
         ft.model.sites().iter().flat_map(|s| [s.a.detach().copy(), s.b.detach().copy()]).collect()

@@ -111,6 +111,33 @@ impl SavedModule {
         if g.defined() { g.to_kind(tch::Kind::Double).square().sum(tch::Kind::Double).double_value(&[]) } else { 0.0 }
     }
 
+    /// Its training state, as [`Lora::save_state`].
+    pub fn save_state(&self, prefix: &str, tensors: &mut Vec<(String, Tensor)>) -> serde_json::Value {
+        tensors.push((format!("{prefix}.value"), self.value.detach().to_device(Device::Cpu)));
+        if let Some(m) = &self.adam {
+            tensors.push((format!("{prefix}.adam_m"), m.m.to_device(Device::Cpu)));
+            tensors.push((format!("{prefix}.adam_v"), m.v.to_device(Device::Cpu)));
+        }
+        serde_json::json!({"name": self.name, "adam_steps": self.adam_steps, "adam": self.adam.is_some()})
+    }
+
+    /// The module [`SavedModule::save_state`] wrote, on `device` in `kind`.
+    pub fn load_state(
+        v: &serde_json::Value,
+        prefix: &str,
+        tensors: &std::collections::HashMap<String, Tensor>,
+        device: Device,
+        kind: Kind,
+    ) -> Option<SavedModule> {
+        let get = |k: &str| tensors.get(&format!("{prefix}.{k}")).map(|t| t.to_device(device).to_kind(kind));
+        let mut m = SavedModule::new(v["name"].as_str()?, &get("value")?);
+        if v["adam"].as_bool()? {
+            m.adam = Some(Moments { m: get("adam_m")?, v: get("adam_v")? });
+        }
+        m.adam_steps = v["adam_steps"].as_u64()?;
+        Some(m)
+    }
+
     /// One AdamW step (gradient scaled by `grad_scale`), then clears the gradient.
     pub fn adamw_step(&mut self, opt: &AdamW, grad_scale: f64) {
         tch::no_grad(|| {
@@ -483,6 +510,56 @@ impl Lora {
         });
         self.a.zero_grad();
         self.b.zero_grad();
+    }
+
+    /// The site's whole training state for a resumable checkpoint: its counters as JSON, and its
+    /// tensors (factors, AdamW moments, importance averages) added to `tensors` under `prefix`.
+    pub fn save_state(&self, prefix: &str, tensors: &mut Vec<(String, Tensor)>) -> serde_json::Value {
+        let mut put = |k: &str, t: &Tensor| tensors.push((format!("{prefix}.{k}"), t.detach().to_device(Device::Cpu)));
+        put("a", &self.a);
+        put("b", &self.b);
+        if let Some((ma, mb)) = &self.adam {
+            for (k, m) in [("a", ma), ("b", mb)] {
+                put(&format!("adam_{k}_m"), &m.m);
+                put(&format!("adam_{k}_v"), &m.v);
+            }
+        }
+        if let Some((ia, ib)) = &self.importance {
+            for (k, i) in [("a", ia), ("b", ib)] {
+                put(&format!("imp_{k}_i"), &i.i_bar);
+                put(&format!("imp_{k}_u"), &i.u_bar);
+            }
+        }
+        serde_json::json!({
+            "name": self.name, "alpha": self.alpha, "rslora": self.rslora, "adam_steps": self.adam_steps,
+            "adam": self.adam.is_some(), "importance": self.importance.is_some(),
+            "last_grad_norm": self.last_grad_norm, "seed": self.seed, "draws": self.draws,
+        })
+    }
+
+    /// The site [`Lora::save_state`] wrote, on `device`; `None` when a tensor or key is missing.
+    pub fn load_state(
+        v: &serde_json::Value,
+        prefix: &str,
+        tensors: &std::collections::HashMap<String, Tensor>,
+        device: Device,
+    ) -> Option<Lora> {
+        let get = |k: &str| tensors.get(&format!("{prefix}.{k}")).map(|t| t.to_device(device));
+        let (a, b) = (get("a")?, get("b")?);
+        let moments = |k: &str| Some(Moments { m: get(&format!("adam_{k}_m"))?, v: get(&format!("adam_{k}_v"))? });
+        let imp = |k: &str| Some(Importance { i_bar: get(&format!("imp_{k}_i"))?, u_bar: get(&format!("imp_{k}_u"))? });
+        let mut l = Lora::from_factors(v["name"].as_str()?, a, b, v["alpha"].as_f64()?, v["rslora"].as_bool()?);
+        if v["adam"].as_bool()? {
+            l.adam = Some((moments("a")?, moments("b")?));
+        }
+        if v["importance"].as_bool()? {
+            l.importance = Some((imp("a")?, imp("b")?));
+        }
+        l.adam_steps = v["adam_steps"].as_u64()?;
+        l.last_grad_norm = v["last_grad_norm"].as_f64()?;
+        l.seed = v["seed"].as_u64()?;
+        l.draws = v["draws"].as_u64()?;
+        Some(l)
     }
 
     /// An independent copy of the site: factors, optimizer moments and importance averages (to
