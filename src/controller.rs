@@ -752,7 +752,7 @@ mod tests {
         let mut tb = SummaryWriter::new(dir.path()).unwrap();
         let opts = RunOptions::even(3, 30, 10).unwrap();
         let bar = indicatif::ProgressBar::hidden();
-        let report = run(&mut ft, &mut SkipSecondRound, &mut res, &opts, &mut tb, &bar).unwrap();
+        let report = run(&mut ft, &mut SkipSecondRound, &mut res, &opts, &mut tb, &bar, &Default::default()).unwrap();
         let r = &report.rounds;
         assert_eq!((report.rounds_skipped, report.rounds_lost), (1, 0));
         assert!(!r[0].skipped && r[1].skipped && !r[2].skipped);
