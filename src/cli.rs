@@ -31,7 +31,7 @@ enum Command {
     /// Pre-train a tiny Llama base model on local text (written in the Hugging Face layout).
     Pretrain(commands::pretrain::PretrainArgs),
     /// Dynamic-rank LoRA fine-tuning of a Hugging Face-layout Llama model; PEFT adapter export.
-    Finetune(commands::finetune::FinetuneArgs),
+    Finetune(Box<commands::finetune::FinetuneArgs>),
     /// Measure a model's sites with a short high-rank probe run and write an environment preset.
     Calibrate(commands::calibrate::CalibrateArgs),
     /// Run the same fine-tuning under several rank schedulers at an equal budget; tables in MD + JSON.
