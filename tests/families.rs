@@ -5,21 +5,25 @@
 
 mod common;
 
-use std::process::Command;
+use std::path::Path;
 
 use tch::{Device, Kind, Tensor};
 use tune::model::llama::{Family, Llama};
 use tune::peft::PeftAdapter;
 
-fn python(args: &[&str]) -> serde_json::Value {
-    let out = Command::new(common::python())
-        .arg(common::root().join("tests/python/peft_interop.py"))
-        .args(args)
-        .output()
-        .expect("run python");
-    assert!(out.status.success(), "python failed: {}", common::text(&out));
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    serde_json::from_str(stdout.lines().last().unwrap_or("")).unwrap_or_else(|e| panic!("{e}: {}", common::text(&out)))
+use common::peft_interop as python;
+
+/// `finetune --adapter ADAPTER` for 3 steps on `model` (extra flags appended), exporting to `out`.
+fn finetune_from_adapter(dir: &Path, model: &Path, adapter: &Path, out: &Path, extra: &[&str]) {
+    let data = common::text_file(dir, 40);
+    let run = dir.join("run");
+    let mut args = vec!["finetune", "--model", model.to_str().unwrap(), "--adapter", adapter.to_str().unwrap()];
+    args.extend(["--data", &data, "--steps", "3", "--batch-size", "2", "--seq-len", "24", "--eval-every", "3"]);
+    args.extend(["--eval-batches", "1", "--seed", "0", "--device", "cpu", "--logdir", run.to_str().unwrap()]);
+    args.extend(["--export-peft", out.to_str().unwrap()]);
+    args.extend(extra);
+    let o = common::rankpilot(&args);
+    assert!(o.status.success(), "{}", common::text(&o));
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
@@ -49,38 +53,8 @@ fn check_family(name: &str, family: Family) {
     assert!(max_abs_diff(&adapted, &base) > 1e-2, "{name}: the adapter must matter");
 
     // Train on the family's model from that adapter, export, and let PEFT load the result.
-    let data = common::text_file(tmp.path(), 40);
     let exported = tmp.path().join("exported");
-    let o = common::rankpilot(&[
-        "finetune",
-        "--model",
-        model.to_str().unwrap(),
-        "--adapter",
-        adapter.to_str().unwrap(),
-        "--data",
-        &data,
-        "--steps",
-        "3",
-        "--batch-size",
-        "2",
-        "--seq-len",
-        "24",
-        "--eval-every",
-        "3",
-        "--eval-batches",
-        "1",
-        "--lr",
-        "0.01",
-        "--seed",
-        "0",
-        "--device",
-        "cpu",
-        "--logdir",
-        tmp.path().join("run").to_str().unwrap(),
-        "--export-peft",
-        exported.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{name}: {}", common::text(&o));
+    finetune_from_adapter(tmp.path(), &model, &adapter, &exported, &["--lr", "0.01"]);
     let (mut m, _vs) = Llama::load(&model, Device::Cpu, Kind::Float).unwrap();
     m.attach_adapter(&PeftAdapter::load(&exported).unwrap()).unwrap();
     let logits = tch::no_grad(|| m.forward(&ids));
@@ -131,38 +105,8 @@ fn modules_to_save_are_imported_trained_and_exported_as_peft_does() {
     let d = max_abs_diff(&tch::no_grad(|| m.forward(&ids)), &get("adapted"));
     assert!(d < 1e-4, "logits with the saved lm_head differ from peft by {d}");
 
-    let data = common::text_file(tmp.path(), 40);
     let exported = tmp.path().join("exported");
-    let o = common::rankpilot(&[
-        "finetune",
-        "--model",
-        model.to_str().unwrap(),
-        "--adapter",
-        adapter.to_str().unwrap(),
-        "--targets",
-        "q_proj,v_proj",
-        "--data",
-        &data,
-        "--steps",
-        "3",
-        "--batch-size",
-        "2",
-        "--seq-len",
-        "24",
-        "--eval-every",
-        "3",
-        "--eval-batches",
-        "1",
-        "--seed",
-        "0",
-        "--device",
-        "cpu",
-        "--logdir",
-        tmp.path().join("run").to_str().unwrap(),
-        "--export-peft",
-        exported.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", common::text(&o));
+    finetune_from_adapter(tmp.path(), &model, &adapter, &exported, &["--targets", "q_proj,v_proj"]);
     let out = PeftAdapter::load(&exported).unwrap();
     let head = &out.other.iter().find(|(n, _)| n == "base_model.model.lm_head.weight").expect("lm_head exported").1;
     assert!(max_abs_diff(head, &get("lm_head")) > 1e-4, "the saved lm_head must be trained, as PEFT trains it");

@@ -4,7 +4,6 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 
 use tch::{Device, Kind, Tensor};
 use tune::model::llama::Llama;
@@ -18,17 +17,7 @@ fn text_file(dir: &Path) -> String {
     common::text_file(dir, 60)
 }
 
-fn python(args: &[&str]) -> serde_json::Value {
-    let out = Command::new(common::python())
-        .arg(common::root().join("tests/python/peft_interop.py"))
-        .args(args)
-        .output()
-        .expect("run python");
-    assert!(out.status.success(), "python failed: {}", common::text(&out));
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let last = stdout.lines().last().unwrap_or("");
-    serde_json::from_str(last).unwrap_or_else(|e| panic!("{e}: {}", common::text(&out)))
-}
+use common::peft_interop as python;
 
 #[test]
 fn finetune_cli_exports_a_peft_adapter_that_transformers_and_peft_reproduce() {

@@ -15,6 +15,19 @@ pub fn python() -> String {
         .expect("RANKPILOT_PYTHON is not set: run the tests through `make test` (scripts/setup.sh configures it)")
 }
 
+/// Runs `tests/python/peft_interop.py` with `args` in the set-up's venv and parses the JSON of
+/// its last line of output.
+pub fn peft_interop(args: &[&str]) -> serde_json::Value {
+    let out = Command::new(python())
+        .arg(root().join("tests/python/peft_interop.py"))
+        .args(args)
+        .output()
+        .expect("run python");
+    assert!(out.status.success(), "python failed: {}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(stdout.lines().last().unwrap_or("")).unwrap_or_else(|e| panic!("{e}: {}", text(&out)))
+}
+
 /// The repository root.
 pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
