@@ -210,7 +210,22 @@ fn gpt2_llama3_and_qwen_style_tokenizers_give_the_ids_of_transformers() {
                        # café, nai\u{308}ve 123456\n<|im_end|>\n<|eot_id|> THE END'S\r\n  ";
     std::fs::write(&sample, sample_text).unwrap();
     let out = tmp.path().join("tok");
-    let r = python(&["tokenizers", corpus.to_str().unwrap(), out.to_str().unwrap(), sample.to_str().unwrap()]);
+    let chat = serde_json::json!([
+        {"role": "system", "content": "  You write Python.  "},
+        {"role": "user", "content": "Add two numbers."},
+        {"role": "assistant", "content": "def add(a, b):\n    return a + b"},
+        {"role": "user", "content": "And three?"},
+        {"role": "assistant", "content": "def add3(a, b, c):\n    return a + b + c"}
+    ]);
+    let messages = tmp.path().join("messages.json");
+    std::fs::write(&messages, chat.to_string()).unwrap();
+    let r = python(&[
+        "tokenizers",
+        corpus.to_str().unwrap(),
+        out.to_str().unwrap(),
+        sample.to_str().unwrap(),
+        messages.to_str().unwrap(),
+    ]);
     for style in ["gpt2", "llama3", "qwen"] {
         let ids =
             |k: &str| -> Vec<i64> { r[style][k].as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect() };
@@ -224,6 +239,38 @@ fn gpt2_llama3_and_qwen_style_tokenizers_give_the_ids_of_transformers() {
     assert_eq!(llama3.encode(sample_text).unwrap()[0], llama3.token_id("<|begin_of_text|>").unwrap());
     let qwen = tune::data::Tokenizer::for_model_dir(&out.join("qwen")).unwrap();
     assert_eq!(qwen.encode(sample_text).unwrap()[0], qwen.token_id("<|im_start|>").unwrap());
+
+    // Chat templates: minijinja renders what transformers' apply_chat_template renders, and
+    // `messages` data trains on the assistant's turns only.
+    let msgs: Vec<tune::data::Message> = serde_json::from_value(chat.clone()).unwrap();
+    for style in ["llama3", "qwen"] {
+        let tok = tune::data::Tokenizer::for_model_dir(&out.join(style)).unwrap();
+        let template = tok.chat_template().expect("a chat template");
+        let text = template.render(&msgs, false).unwrap();
+        assert_eq!(text, r[style]["chat_text"].as_str().unwrap(), "{style}");
+        let ids: Vec<i64> = r[style]["chat_ids"].as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect();
+        assert_eq!(tok.encode_plain(&text).unwrap(), ids, "{style}");
+        let data = tmp.path().join(format!("{style}.jsonl"));
+        let line = serde_json::json!({"messages": chat}).to_string();
+        std::fs::write(&data, vec![line; 8].join("\n")).unwrap();
+        let corpus = tune::data::Corpus::load(data.to_str().unwrap()).unwrap();
+        let tokens = tune::data::TokenData::new(&corpus, &tok, 0.5, 8).unwrap();
+        let (all, mask): (Vec<i64>, Vec<bool>) = (
+            tokens.train.iter().chain(&tokens.val).copied().collect(),
+            tokens.train_mask.iter().chain(&tokens.val_mask).copied().collect(),
+        );
+        let per_chat = ids.len();
+        let targets: Vec<i64> = all[..per_chat].iter().zip(&mask[..per_chat]).filter(|x| *x.1).map(|x| *x.0).collect();
+        let said = tok.decode(&targets).unwrap();
+        let end = if style == "qwen" { "<|im_end|>\n" } else { "<|eot_id|>" };
+        let expected = format!("def add(a, b):\n    return a + b{end}def add3(a, b, c):\n    return a + b + c{end}");
+        assert_eq!(said, expected, "{style}: the targets are the assistant turns");
+    }
+    // A template that raises is reported, not a panic.
+    let bad = vec![tune::data::Message { role: "tool".into(), content: "x".into() }];
+    let llama3 = tune::data::Tokenizer::for_model_dir(&out.join("llama3")).unwrap();
+    let e = llama3.chat_template().unwrap().render(&bad, false).unwrap_err();
+    assert!(e.contains("bad role"), "{e}");
 }
 
 #[test]

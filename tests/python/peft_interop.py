@@ -36,13 +36,15 @@
       The learning-rate multipliers transformers' get_scheduler gives each of `total` steps, for
       every schedule listed.
 
-  peft_interop.py tokenizers <corpus.txt> <out_root> <sample.txt>
+  peft_interop.py tokenizers <corpus.txt> <out_root> <sample.txt> [messages.json]
       Trains three BPE tokenizers with `tokenizers`, in the styles of GPT-2 (ByteLevel with its
       regex), Llama 3 (Split on Llama 3's pattern, ByteLevel without regex, ignore_merges, a BOS
       added by a TemplateProcessing post-processor, special tokens) and Qwen2 (NFC, Split on
       Qwen's pattern, ByteLevel without regex, chat special tokens), writes
       out_root/<style>/tokenizer.json + tokenizer_config.json, and prints per style the ids of
-      the sample from `tokenizers` and from transformers' AutoTokenizer.
+      the sample from `tokenizers` and from transformers' AutoTokenizer. The Llama-3 and Qwen styles
+      get a chat template (Llama 3's header layout with `.strip()` and `raise_exception`, ChatML);
+      with a messages file, transformers' `apply_chat_template` text and ids are printed too.
 
   peft_interop.py autotokenizer <model_dir> <sample.txt>
       Prints the ids AutoTokenizer.from_pretrained(model_dir) gives the sample.
@@ -279,7 +281,15 @@ QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| 
                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
-def cmd_tokenizers(corpus_file, out_root, sample_file):
+LLAMA3_CHAT = ("{{ bos_token }}{% for message in messages %}"
+               "{% if message['role'] not in ['system', 'user', 'assistant'] %}{{ raise_exception('bad role') }}{% endif %}"
+               "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'].strip() + '<|eot_id|>' }}"
+               "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def cmd_tokenizers(corpus_file, out_root, sample_file, messages_file=None):
     import os
 
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
@@ -295,11 +305,13 @@ def cmd_tokenizers(corpus_file, out_root, sample_file):
         "gpt2": dict(pre=pre_tokenizers.ByteLevel(add_prefix_space=False), special=["<|endoftext|>"],
                      config={"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>"}),
         "llama3": dict(pre=byte_level_split(LLAMA3_PATTERN), ignore_merges=True,
-                       special=["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"], bos="<|begin_of_text|>",
-                       config={"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}),
+                       special=["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>", "<|start_header_id|>",
+                                "<|end_header_id|>"], bos="<|begin_of_text|>",
+                       config={"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "chat_template": LLAMA3_CHAT}),
         "qwen": dict(pre=byte_level_split(QWEN2_PATTERN), normalizer=normalizers.NFC(),
                      special=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                     config={"bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}),
+                     config={"bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+                             "chat_template": CHATML}),
     }
     with open(sample_file, encoding="utf-8", newline="") as f:
         sample = f.read()
@@ -329,6 +341,12 @@ def cmd_tokenizers(corpus_file, out_root, sample_file):
         auto = AutoTokenizer.from_pretrained(d)
         out[name] = {"tokenizers": tok.encode(sample).ids, "transformers": auto(sample)["input_ids"],
                      "vocab": tok.get_vocab_size()}
+        if messages_file and "chat_template" in st["config"]:
+            with open(messages_file, encoding="utf-8") as f:
+                messages = json.load(f)
+            out[name]["chat_text"] = auto.apply_chat_template(messages, tokenize=False)
+            ids = auto.apply_chat_template(messages, tokenize=True)
+            out[name]["chat_ids"] = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
     print(json.dumps(out))
 
 

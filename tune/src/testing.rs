@@ -50,6 +50,7 @@ pub fn tiny_run_with(steps: usize, ranks: &str, edit: impl FnOnce(&mut FinetuneC
         docs: vec!["def add(a, b):\n    return a + b\n\n".repeat(40)],
         files: vec![],
         examples: vec![],
+        chats: vec![],
     };
     let data = TokenData::new(&corpus, &Tokenizer::Bytes, 0.2, 32).unwrap();
     let mut fc = FinetuneConfig {

@@ -45,7 +45,27 @@ impl TokenData {
         // Instruction data: each prompt (with what the tokenizer adds in front, e.g. BOS), then
         // its completion and the tokenizer's EOS, packed one after another; only completion and
         // EOS ids are targets.
-        let (ids, mask) = if corpus.examples.is_empty() {
+        let (ids, mask) = if !corpus.chats.is_empty() {
+            // Conversations: rendered by the tokenizer's chat template (which writes its own BOS
+            // and turn markers), tokenized without additions; ids that start inside an
+            // assistant's turn are targets.
+            let template = tok.chat_template().ok_or_else(|| {
+                BadInput(format!(
+                    "data `{}`: `messages` records need the model's chat template (`chat_template` in tokenizer_config.json), and this model has none",
+                    corpus.source
+                ))
+            })?;
+            let (mut ids, mut mask) = (Vec::new(), Vec::new());
+            for (i, chat) in corpus.chats.iter().enumerate() {
+                let (text, spans) = template
+                    .render_with_targets(chat)
+                    .map_err(|why| BadInput(format!("data `{}`: conversation {}: {why}", corpus.source, i + 1)))?;
+                let (t, starts) = tok.encode_with_starts(&text)?;
+                mask.extend(starts.iter().map(|&s| spans.iter().any(|&(a, b)| s >= a && s < b)));
+                ids.extend(t);
+            }
+            (ids, mask)
+        } else if corpus.examples.is_empty() {
             (tok.encode(&corpus.text())?, Vec::new())
         } else {
             let (mut ids, mut mask) = (Vec::new(), Vec::new());
@@ -137,6 +157,7 @@ mod tests {
             docs: vec!["abcdefghijklmnopqrstuvwxyz".repeat(20)],
             files: vec![],
             examples: vec![],
+            chats: vec![],
         };
         let d = TokenData::new(&c, &Tokenizer::Bytes, 0.2, 8).unwrap();
         let a = d.train_batch(&mut data_rng(3), 4, 8, Device::Cpu);

@@ -3,7 +3,8 @@
 //! A corpus is read from a file, a directory (every regular, non-hidden file below it, in sorted
 //! path order) or a JSONL file (one JSON object per line with a `"text"` string, or one JSON
 //! string per line; or instruction data: objects with `"prompt"` and `"completion"` strings,
-//! whose prompts are left out of the loss). Every file must be UTF-8 and the whole corpus non-empty; otherwise a
+//! whose prompts are left out of the loss, or `"messages"` conversations rendered with the
+//! tokenizer's chat template, trained on the assistant's turns). Every file must be UTF-8 and the whole corpus non-empty; otherwise a
 //! [`BadInput`] error names the file (and line, for JSONL).
 //!
 //! Two built-in corpora need no download — both are files present on every machine after
@@ -41,6 +42,8 @@ pub struct Corpus {
     /// Instruction examples (JSONL `prompt` / `completion`): trained on the completion only.
     /// Empty for plain text.
     pub examples: Vec<Example>,
+    /// Conversations (JSONL `messages`): trained on the assistant's turns only.
+    pub chats: Vec<Vec<crate::data::Message>>,
 }
 
 /// One instruction example: the model learns the completion given the prompt.
@@ -52,10 +55,11 @@ pub struct Example {
     pub completion: String,
 }
 
-/// One JSONL line: plain text or an instruction example.
+/// One JSONL line: plain text, an instruction example or a conversation.
 enum Line {
     Text(String),
     Example(Example),
+    Chat(Vec<crate::data::Message>),
 }
 
 impl Corpus {
@@ -88,6 +92,7 @@ impl Corpus {
         }
         let mut docs = Vec::new();
         let mut examples = Vec::new();
+        let mut chats: Vec<Vec<crate::data::Message>> = Vec::new();
         for f in &files {
             let bytes = std::fs::read(f).map_err(|e| BadInput(format!("{}: {e}", f.display())))?;
             let is_jsonl = f.extension().is_some_and(|e| e == "jsonl");
@@ -105,14 +110,18 @@ impl Corpus {
                     }
                     let at = |why: String| BadInput(format!("{}:{}: {why}", f.display(), i + 1));
                     match jsonl_line(line).map_err(at)? {
-                        Line::Text(t) if examples.is_empty() => docs.push(t),
-                        Line::Example(e) if docs.len() == examples.len() => {
+                        Line::Text(t) if examples.is_empty() && chats.is_empty() => docs.push(t),
+                        Line::Example(e) if docs.len() == examples.len() && chats.is_empty() => {
                             docs.push(format!("{}{}", e.prompt, e.completion));
                             examples.push(e);
                         }
+                        Line::Chat(c) if docs.len() == chats.len() && examples.is_empty() => {
+                            docs.push(c.iter().map(|m| format!("{}: {}\n", m.role, m.content)).collect());
+                            chats.push(c);
+                        }
                         _ => {
                             return Err(at(
-                                "mixes plain `text` lines and `prompt`/`completion` examples: allowed: one kind per corpus"
+                                "mixes plain `text` lines, `prompt`/`completion` examples and `messages`: allowed: one kind per corpus"
                                     .into(),
                             )
                             .into());
@@ -126,13 +135,13 @@ impl Corpus {
         if docs.iter().all(|d| d.trim().is_empty()) {
             return Err(BadInput(format!("data `{what}`: the corpus is empty")).into());
         }
-        if !examples.is_empty() && docs.len() != examples.len() {
+        if (!examples.is_empty() && docs.len() != examples.len()) || (!chats.is_empty() && docs.len() != chats.len()) {
             return Err(BadInput(format!(
                 "data `{what}`: mixes plain text files with `prompt`/`completion` examples: allowed: one kind per corpus"
             ))
             .into());
         }
-        Ok(Corpus { source: what, docs, files, examples })
+        Ok(Corpus { source: what, docs, files, examples, chats })
     }
 
     /// The corpus as one text: documents joined, each followed by a blank line.
@@ -164,8 +173,12 @@ fn jsonl_line(line: &str) -> std::result::Result<Line, String> {
             Ok(Line::Example(Example { prompt: string(&o, "prompt")?, completion: string(&o, "completion")? }))
         }
         serde_json::Value::Object(o) if o.contains_key("messages") => {
-            Err("`messages` (chat) records are not supported yet: allowed: `text`, or `prompt` + `completion` strings"
-                .into())
+            let m: Vec<crate::data::Message> = serde_json::from_value(o["messages"].clone())
+                .map_err(|e| format!("`messages`: {e} (allowed: a list of {{\"role\": …, \"content\": …}} objects)"))?;
+            if m.is_empty() {
+                return Err("`messages` is empty".into());
+            }
+            Ok(Line::Chat(m))
         }
         serde_json::Value::Object(o) => Ok(Line::Text(string(&o, "text")?)),
         _ => Err("expected a JSON object with a `text` field (or `prompt` + `completion`) or a JSON string".into()),

@@ -34,6 +34,8 @@ pub struct HfTokenizer {
     pub vocab_size: usize,
     /// The end-of-sequence token of `tokenizer_config.json` (`eos_token`) beside the file.
     pub eos: Option<i64>,
+    /// Its `chat_template`, for chat data.
+    pub chat: Option<crate::data::ChatTemplate>,
 }
 
 impl Tokenizer {
@@ -76,6 +78,28 @@ impl Tokenizer {
                     .map_err(|e| BadInput(format!("{}: encoding failed: {e}", h.file.display())))?;
                 Ok(enc.get_ids().iter().map(|&i| i as i64).collect())
             }
+        }
+    }
+
+    /// Encodes `text` as [`Tokenizer::encode_plain`] does, with each id's start byte in `text`.
+    pub fn encode_with_starts(&self, text: &str) -> Result<(Vec<i64>, Vec<usize>)> {
+        match self {
+            Tokenizer::Bytes => Ok((self.encode(text)?, (0..text.len()).collect())),
+            Tokenizer::Hf(h) => {
+                let enc = without_panics(|| h.inner.encode(text, false))
+                    .and_then(|r| r.map_err(|e| e.to_string()))
+                    .map_err(|e| BadInput(format!("{}: encoding failed: {e}", h.file.display())))?;
+                let ids = enc.get_ids().iter().map(|&i| i as i64).collect();
+                Ok((ids, enc.get_offsets().iter().map(|o| o.0).collect()))
+            }
+        }
+    }
+
+    /// The chat template of the model's `tokenizer_config.json`, if any.
+    pub fn chat_template(&self) -> Option<&crate::data::ChatTemplate> {
+        match self {
+            Tokenizer::Bytes => None,
+            Tokenizer::Hf(h) => h.chat.as_ref(),
         }
     }
 
@@ -194,19 +218,32 @@ impl HfTokenizer {
         if vocab_size == 0 {
             return Err(BadInput(format!("{}: the tokenizer has an empty vocabulary", path.display())).into());
         }
-        // `eos_token` is a string or an AddedToken object ({"content": …}) in tokenizer_config.json.
-        let eos = path
+        // Special tokens are strings or AddedToken objects ({"content": …}) in tokenizer_config.json.
+        let config = path
             .parent()
             .and_then(|d| std::fs::read_to_string(d.join("tokenizer_config.json")).ok())
             .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-            .and_then(|v| match &v["eos_token"] {
-                serde_json::Value::String(s) => Some(s.clone()),
-                serde_json::Value::Object(o) => o.get("content").and_then(|c| c.as_str()).map(String::from),
-                _ => None,
-            })
-            .and_then(|t| inner.token_to_id(&t))
-            .map(|i| i as i64);
-        Ok(HfTokenizer { file: path.to_path_buf(), inner, vocab_size, eos })
+            .unwrap_or_default();
+        let token = |k: &str| match &config[k] {
+            serde_json::Value::String(s) => Some(s.clone()),
+            serde_json::Value::Object(o) => o.get("content").and_then(|c| c.as_str()).map(String::from),
+            _ => None,
+        };
+        let eos = token("eos_token").and_then(|t| inner.token_to_id(&t)).map(|i| i as i64);
+        // `chat_template`: a string, or a list of named templates of which `default` is used.
+        let source = match &config["chat_template"] {
+            serde_json::Value::String(s) => Some(s.clone()),
+            serde_json::Value::Array(list) => {
+                list.iter().find(|t| t["name"] == "default").and_then(|t| t["template"].as_str()).map(String::from)
+            }
+            _ => None,
+        };
+        let chat = source.map(|source| crate::data::ChatTemplate {
+            source,
+            bos_token: token("bos_token"),
+            eos_token: token("eos_token"),
+        });
+        Ok(HfTokenizer { file: path.to_path_buf(), inner, vocab_size, eos, chat })
     }
 }
 
