@@ -8,6 +8,9 @@
 #      A version marker (hash of requirements.txt + python version) makes a stale cache reinstall.
 #   3. .cargo/config.toml (git-ignored) pointing torch-sys at that venv, so a plain `cargo build`
 #      finds libtorch without the user exporting anything.
+#   4. The Python package `rankpilot` (python/, maturin + PyO3) built from this checkout and
+#      installed into the venv, with scripts/requirements-python.txt (gymnasium, SB3, pytest).
+#      Rebuilt only when a Rust or Python source changed (a hash of them is its marker).
 #
 # When everything is present this finishes in well under a second.
 set -euo pipefail
@@ -73,8 +76,46 @@ new_cfg="# Written by scripts/setup.sh; do not edit (git-ignored).
 LIBTORCH = \"$torch_dir\"
 LIBTORCH_CXX11_ABI = \"1\"
 RANKPILOT_PYTHON = \"$venv/bin/python\"
+PYO3_PYTHON = \"$venv/bin/python\"
 "
 if [[ ! -f $cfg || $(cat "$cfg") != "$new_cfg" ]]; then
   printf '%s' "$new_cfg" >"$cfg"
 fi
 say "ok: libtorch at $torch_dir"
+
+# ---- 4. The Python package ----------------------------------------------------------------
+# RANKPILOT_SKIP_WHEEL=1 skips it (e.g. a build that only needs the CLI).
+if [[ ${RANKPILOT_SKIP_WHEEL:-0} != 1 ]]; then
+  preq=$root/scripts/requirements-python.txt
+  pwant=$(sha256sum "$preq" | cut -c1-16)
+  pmarker=$venv/.rankpilot-python-version
+  if [[ ! -f $pmarker || $(cat "$pmarker") != "$pwant" ]]; then
+    say "installing the Python package's tools: $(grep -v '^\s*\(#\|$\)' "$preq" | tr '\n' ' ')"
+    if ! "$venv/bin/pip" install --disable-pip-version-check --retries "${PIP_RETRIES:-5}" --timeout "${PIP_TIMEOUT:-60}" \
+          -r "$preq" >>"$cache/pip-install.log" 2>&1; then
+      tail -n 5 "$cache/pip-install.log" >&2
+      die "could not install scripts/requirements-python.txt from PyPI. Full log: $cache/pip-install.log"
+    fi
+    echo "$pwant" >"$pmarker"
+  fi
+  # Every source the extension is compiled from, and the package's own files.
+  wwant=$(cd "$root" && find Cargo.toml Cargo.lock build.rs config envs policies runio tune src python \
+            -type f \( -name '*.rs' -o -name '*.toml' -o -name '*.py' -o -name '*.pyi' -o -name '*.json' -o -name 'Cargo.lock' \) \
+            -not -path '*/__pycache__/*' -not -path 'python/tests/*' -print0 | sort -z | xargs -0 sha256sum | sha256sum | cut -c1-16)
+  wmarker=$venv/.rankpilot-wheel-version
+  if [[ ! -f $wmarker || $(cat "$wmarker") != "$wwant" ]] || ! compgen -G "$venv/lib/python3*/site-packages/rankpilot/_native*.so" >/dev/null; then
+    say "building the Python package (maturin; shares target/ with cargo, a minute when only rankpilot changed)"
+    wlog=$cache/wheel-build.log
+    rm -rf "$root/target/wheels"
+    if ! (cd "$root" && "$venv/bin/maturin" build --release --strip --auditwheel skip -m python/Cargo.toml \
+            -i "$venv/bin/python" -o target/wheels) >"$wlog" 2>&1; then
+      tail -n 20 "$wlog" >&2
+      die "could not build the Python package. Full log: $wlog"
+    fi
+    if ! "$venv/bin/pip" install --disable-pip-version-check --no-deps --force-reinstall "$root"/target/wheels/rankpilot-*.whl >>"$wlog" 2>&1; then
+      tail -n 5 "$wlog" >&2
+      die "could not install the Python package. Full log: $wlog"
+    fi
+    echo "$wwant" >"$wmarker"
+  fi
+fi

@@ -28,6 +28,8 @@ enum Command {
     Train(commands::train::TrainArgs),
     /// Evaluate baselines, the oracle and trained policies on an environment preset.
     Eval(commands::eval::EvalArgs),
+    /// A trained policy's rank plans for observations read from a JSON Lines file.
+    Act(commands::act::ActArgs),
     /// Pre-train a tiny Llama base model on local text (written in the Hugging Face layout).
     Pretrain(commands::pretrain::PretrainArgs),
     /// Dynamic-rank LoRA fine-tuning of a Hugging Face-layout Llama model; PEFT adapter export.
@@ -100,6 +102,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Doctor(a) => commands::doctor::run(&a),
         Command::Train(a) => commands::train::run(&a),
         Command::Eval(a) => commands::eval::run(&a),
+        Command::Act(a) => commands::act::run(&a),
         Command::Pretrain(a) => commands::pretrain::run(&a),
         Command::Finetune(a) => commands::finetune::run(&a),
         Command::Squeeze(a) => commands::squeeze::run(&a),

@@ -12,6 +12,7 @@ use crate::EnvError;
 use crate::policy::{Baseline, RankPolicy};
 use crate::presets::EnvPreset;
 use crate::spec::EnvSpec;
+use crate::state::EpisodeSummary;
 use crate::vec_env::{VecEnv, derive_seed};
 
 /// One row: a policy's results over the evaluated episodes.
@@ -72,6 +73,26 @@ fn mean_se(x: &[f64]) -> (f64, f64) {
     (m, (var / n).sqrt())
 }
 
+/// Plays environment 0 of `env` with `policy` until its episode ends (a skip keeps the current
+/// ranks) and returns the episode's summary. The policy's `begin_episode` is called first.
+pub fn play_episode(mut env: VecEnv, policy: &mut dyn RankPolicy) -> Result<EpisodeSummary, EnvError> {
+    policy.begin_episode();
+    loop {
+        let obs = env.observation(0);
+        let ctx = if policy.privileged() { env.privileged_context(0) } else { env.context(0) };
+        match policy.decide(&obs, &ctx) {
+            Some(plan) => env.step(&plan)?,
+            None => {
+                let keep = env.rank_indices(0).to_vec();
+                env.step_indices_skipping(&keep, &[true])?;
+            }
+        }
+        if let Some(s) = env.finished().first() {
+            return Ok(*s);
+        }
+    }
+}
+
 /// Runs `policy` for `episodes` episodes of `spec`.
 pub fn evaluate_spec(
     spec: &Arc<EnvSpec>,
@@ -86,28 +107,14 @@ pub fn evaluate_spec(
     let mut skips = 0u64;
     let mut rounds = 0u64;
     for e in 0..episodes {
-        let mut env = VecEnv::from_seeds(spec.clone(), &[derive_seed(seed, e as u64)]);
-        policy.begin_episode();
-        loop {
-            let obs = env.observation(0);
-            let ctx = if policy.privileged() { env.privileged_context(0) } else { env.context(0) };
-            match policy.decide(&obs, &ctx) {
-                Some(plan) => env.step(&plan)?,
-                None => {
-                    let keep = env.rank_indices(0).to_vec();
-                    env.step_indices_skipping(&keep, &[true])?;
-                }
-            }
-            if let Some(s) = env.finished().first() {
-                returns.push(s.episode_return);
-                losses.push(s.final_loss);
-                used += s.resource_used;
-                viol += s.violations as u64;
-                skips += s.skips as u64;
-                rounds += s.rounds as u64;
-                break;
-            }
-        }
+        let env = VecEnv::from_seeds(spec.clone(), &[derive_seed(seed, e as u64)]);
+        let s = play_episode(env, policy)?;
+        returns.push(s.episode_return);
+        losses.push(s.final_loss);
+        used += s.resource_used;
+        viol += s.violations as u64;
+        skips += s.skips as u64;
+        rounds += s.rounds as u64;
     }
     let (mean_return, se_return) = mean_se(&returns);
     let (final_loss, se_final_loss) = mean_se(&losses);

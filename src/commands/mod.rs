@@ -1,5 +1,6 @@
 //! One module per subcommand: its clap arguments and its `run` function.
 
+pub mod act;
 pub mod bench;
 pub mod calibrate;
 pub mod common;
