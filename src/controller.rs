@@ -114,8 +114,14 @@ impl RunResource {
                 p
             }
         };
-        if let Some(r) = ranks {
-            p.ranks = r.to_vec();
+        match ranks {
+            Some(r) => p.ranks = r.to_vec(),
+            None => {
+                // A classic scheduler plans any rank; the preset's rank set only shapes the
+                // observation, so ranks above the smallest site are dropped rather than refused.
+                let smallest = signals.iter().map(|s| s.d_in.min(s.d_out) as u32).min().unwrap_or(0);
+                p.ranks.retain(|&r| r <= smallest);
+            }
         }
         p.calibration_data = Some(sites_calibration("run", signals));
         p.sites.calibration = Some("<the run's sites>".into());

@@ -35,6 +35,8 @@ from gymnasium.vector.utils import batch_space
 
 from . import _native
 
+# Seeds are u64 in Rust; seeds drawn from np_random stay below 2**63 (int64).
+_SEED_MOD = 2**64
 _SEED_BOUND = 2**63
 
 
@@ -71,7 +73,7 @@ class RankEnv(gym.Env):
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         super().reset(seed=seed)
-        episode_seed = int(seed) % _SEED_BOUND if seed is not None else int(self.np_random.integers(_SEED_BOUND))
+        episode_seed = int(seed) % _SEED_MOD if seed is not None else int(self.np_random.integers(_SEED_BOUND))
         g, s = self._native.reset_one(0, episode_seed)
         return self._obs(g, s), {"context": self._native.context(0)}
 
@@ -136,14 +138,14 @@ class RankVectorEnv(VectorEnv):
         seeds drawn from ``self.np_random``."""
         if isinstance(seed, int):
             self._np_random, self._np_random_seed = gym.utils.seeding.np_random(seed)
-            g, s = self._native.reset(seed % _SEED_BOUND)
+            g, s = self._native.reset(seed % _SEED_MOD)
         else:
             if seed is None:
                 seeds = [int(self.np_random.integers(_SEED_BOUND)) for _ in range(self.num_envs)]
             else:
                 if len(seed) != self.num_envs:
                     raise ValueError(f"{len(seed)} seeds: allowed: one per environment ({self.num_envs})")
-                seeds = [int(x) % _SEED_BOUND for x in seed]
+                seeds = [int(x) % _SEED_MOD for x in seed]
             for i, x in enumerate(seeds):
                 self._native.reset_one(i, x)
             g, s = self._native.observe()

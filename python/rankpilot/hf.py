@@ -172,8 +172,10 @@ class RankScheduleCallback(TrainerCallback):
             every round over, or ``None`` for a plain parameter budget.
         seed: seeds the resource and the new components' directions.
         adapter: the PEFT adapter name.
-        logging: write the rounds to TensorBoard in ``args.logging_dir`` (the Trainer's run
-            directory), under ``rankpilot/``.
+        logging: write the rounds to TensorBoard under ``rankpilot/`` tags, in the Trainer's own
+            TensorBoard run directory (``$TENSORBOARD_LOGGING_DIR``, else the run the Trainer's
+            TensorBoard callback just opened under ``output_dir/runs``), or ``logging_dir``.
+        logging_dir: the TensorBoard directory to write to instead.
 
     Pass it to the ``Trainer`` constructor (``callbacks=[...]``), not with ``add_callback`` after
     the fact: the factors are allocated at their largest size when the ``Trainer`` is built.
@@ -188,6 +190,7 @@ class RankScheduleCallback(TrainerCallback):
         seed: int = 0,
         adapter: str = "default",
         logging: bool = True,
+        logging_dir: str | None = None,
     ):
         if round_steps < 1:
             raise ValueError(f"round_steps = {round_steps}: allowed: at least 1")
@@ -198,6 +201,7 @@ class RankScheduleCallback(TrainerCallback):
         self.seed = seed
         self.adapter = adapter
         self.logging = logging
+        self.logging_dir = logging_dir
         self.sites: list[_Site] = []
         self.capacity = 0
         self.controller: _native.Controller | None = None
@@ -277,9 +281,25 @@ class RankScheduleCallback(TrainerCallback):
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._writer = SummaryWriter(log_dir=args.logging_dir)
+                self._writer = SummaryWriter(log_dir=self._tensorboard_dir(args))
             except ImportError:
                 self._writer = None
+
+    def _tensorboard_dir(self, args) -> str:
+        """Where the Trainer's TensorBoard callback writes (transformers 5 keeps the directory
+        in that callback, not in ``TrainingArguments``)."""
+        if self.logging_dir:
+            return self.logging_dir
+        env = os.environ.get("TENSORBOARD_LOGGING_DIR")
+        if env:
+            return os.path.expanduser(env)
+        runs = os.path.join(args.output_dir, "runs")
+        reports = args.report_to if isinstance(args.report_to, list) else [args.report_to]
+        if os.path.isdir(runs) and ("tensorboard" in reports or "all" in reports):
+            subdirs = [os.path.join(runs, d) for d in os.listdir(runs) if os.path.isdir(os.path.join(runs, d))]
+            if subdirs:
+                return max(subdirs, key=os.path.getmtime)
+        return os.path.join(runs, "rankpilot")
 
     def _token_entropy(self, model, loader) -> float:
         """The training data's normalised unigram entropy (an observation feature), from up to

@@ -460,8 +460,9 @@ impl Policy {
     }
 }
 
-/// One adapted projection of a real run, as the controller needs it.
+/// One adapted projection of a real run, as the controller needs it (a dict).
 #[derive(FromPyObject)]
+#[pyo3(from_item_all)]
 struct SiteShape {
     name: String,
     layer: usize,
@@ -470,8 +471,9 @@ struct SiteShape {
     d_out: usize,
 }
 
-/// One site's signals at a round boundary (see [`SiteSignals`]).
+/// One site's signals at a round boundary (a dict; see [`SiteSignals`]).
 #[derive(FromPyObject)]
+#[pyo3(from_item_all)]
 struct SiteReading {
     rank: usize,
     importance: f64,
@@ -536,7 +538,7 @@ fn largest_rank(scheduler: &str, budget: &str, sites: Vec<SiteShape>) -> PyResul
 
 #[pymethods]
 impl Controller {
-    /// A controller for `sites` (dicts or objects with `name`, `layer`, `projection`, `d_in`,
+    /// A controller for `sites` (dicts with `name`, `layer`, `projection`, `d_in`,
     /// `d_out`) under `scheduler` (`fixed`, `fixed:R`, `adalora`, `squeeze`, `policy:<dir>`, or a
     /// classic one with `+skip`) at the average adapter-parameter budget `budget` (`rank:R` or a
     /// number), for a run of `total_steps` optimizer steps in `rounds` rounds, beside `resource`
@@ -573,7 +575,7 @@ impl Controller {
     }
 
     /// The plan for round `round` (starting at optimizer step `step`) from each site's
-    /// `readings` (dicts or objects with `rank`, `importance`, `component_importance`,
+    /// `readings` (dicts with `rank`, `importance`, `component_importance`,
     /// `grad_norm`, `singular_values`), the mean training loss of the last round and the first
     /// step's loss (NaN before any training). Returns `(ranks, skip, info)`; `info` has the
     /// round's `budget` (true), `estimated_budget`, `conservative_budget` and `plan_params`.
