@@ -5,6 +5,8 @@ CARGO ?= cargo
 # Tests share the release profile with the binary: one libtorch build, optimized numeric code.
 PROFILE ?= --release
 BIN := target/release/rankpilot
+# The set-up's venv (scripts/setup.sh), where the Python package is installed.
+PY := $(or $(RANKPILOT_CACHE),$(HOME)/.cache/rankpilot)/venv/bin/python
 
 .PHONY: setup build run compare test lint bench doctor fmt clean
 
@@ -45,21 +47,26 @@ compare: build
 		--schedulers fixed,adalora,squeeze,policy:$(E2E_DIR)/policy/best --logdir $(E2E_DIR)/compare
 	@echo "TensorBoard logs: $(E2E_DIR)  (view: ~/.cache/rankpilot/venv/bin/tensorboard --logdir $(E2E_DIR))"
 
-## All tests of the workspace, including the checks with the Python `tensorboard` reader.
+## All tests of the workspace, including the checks with the Python `tensorboard` reader, then
+## the Python package's suite (Gymnasium env checker, SB3, Policy.act vs `rankpilot act`,
+## Trainer + PEFT with the callback, a 2-process torchrun).
 test: setup
 	$(CARGO) test $(PROFILE) --workspace --no-fail-fast
+	$(PY) -m pytest -q -p no:cacheprovider python/tests
 
 ## Lints: clippy on every crate and target, warnings as errors (CI runs it after the tests).
 lint: setup
 	$(CARGO) clippy $(PROFILE) --workspace --all-targets -- -D warnings
 
 ## Benchmarks (figures quoted in the READMEs): environment stepping and the oracle, policy decision
-## latency, SVD and fine-tuning side by side with Python torch (1 thread: see docs/finetune.md).
+## latency, SVD and fine-tuning side by side with Python torch (1 thread: see docs/finetune.md),
+## PPO against Stable-Baselines3 through the Gymnasium environment.
 bench: build
 	$(CARGO) bench -p envs
 	$(BIN) bench policy
 	$(BIN) bench svd --threads 1 --skip-full-svd
 	$(BIN) bench finetune --threads 1
+	$(BIN) bench ppo --threads 1
 
 doctor: build
 	$(BIN) doctor

@@ -138,5 +138,7 @@ def test_torchrun_two_processes_apply_identical_plans(tmp_path):
     one = json.loads((tmp_path / "one" / "result-0.json").read_text())
     assert r0["world"] == 2 and r0["ranks"] == r1["ranks"]
     assert r0["lora_sums"] == r1["lora_sums"], "both processes hold the same adapter"
-    assert r0["ranks"][0] == one["ranks"][0]
-    assert abs(r0["val_loss"] - one["val_loss"]) < 0.1, (r0["val_loss"], one["val_loss"])
+    # The same global batch: the same plans in every round, and the same validation loss up to
+    # the float error of averaging gradients over processes (measured: 5e-7).
+    assert r0["ranks"] == one["ranks"]
+    assert abs(r0["val_loss"] - one["val_loss"]) < 1e-2, (r0["val_loss"], one["val_loss"])

@@ -4,6 +4,7 @@
 //! * `svd`: QR-core squeeze of a d=4096, r=64 adapter to r=16 (rankpilot vs the same route in
 //!   PyTorch, and vs a full SVD of ΔW); randomized vs exact truncated SVD of 4096×4096 matrices
 //!   with a decaying and with a flat spectrum (time and error; PyTorch's `svd_lowrank` alongside).
+//! * `ppo` ([`super::bench_ppo`]): rankpilot PPO against Stable-Baselines3 PPO on one preset.
 //! * `finetune`: LoRA fine-tuning tokens/s of the tiny model on the CPU against transformers +
 //!   peft with the same configuration; resize overhead as a share of training time.
 
@@ -35,13 +36,16 @@ pub enum Which {
     Finetune,
     /// Rank-policy decision latency for the 224-site 7B preset, PPO alone and with DDIM.
     Policy,
+    /// rankpilot PPO against Stable-Baselines3 PPO (through the Gymnasium environment): env
+    /// steps/s while training and while stepping alone, and gap closed after equal env steps.
+    Ppo,
 }
 
 /// Arguments of `rankpilot bench`.
 #[derive(Debug, Args)]
 pub struct BenchArgs {
     #[command(flatten)]
-    common: Common,
+    pub(crate) common: Common,
     /// The benchmark to run.
     which: Which,
     /// Python interpreter with torch (default: the set-up's venv).
@@ -60,7 +64,7 @@ pub struct BenchArgs {
     /// On small shared VMs PyTorch's multi-threaded LAPACK can be pathologically slow; compare
     /// at 1 thread too.
     #[arg(long)]
-    threads: Option<usize>,
+    pub(crate) threads: Option<usize>,
     /// Skip the full 4096×4096 SVDs (each takes tens of seconds on a small CPU).
     #[arg(long)]
     skip_full_svd: bool,
@@ -71,9 +75,24 @@ pub struct BenchArgs {
     /// `bench finetune` with bfloat16 base weights on both sides (default: float32).
     #[arg(long)]
     bf16: bool,
+    /// `bench ppo`: the environment preset both learners train and are evaluated on.
+    #[arg(long, default_value = "wireless-rayleigh")]
+    pub(crate) env: String,
+    /// `bench ppo`: environment steps (rounds) each learner trains for.
+    #[arg(long, default_value_t = 32_768)]
+    pub(crate) env_steps: u64,
+    /// `bench ppo`: evaluation episodes (those of `rankpilot eval --seed <eval-seed>`).
+    #[arg(long, default_value_t = 200)]
+    pub(crate) episodes: usize,
+    /// `bench ppo`: seed of the evaluation episodes (not the training seed, `--seed`).
+    #[arg(long, default_value_t = 1000)]
+    pub(crate) eval_seed: u64,
+    /// `bench ppo`: SB3's parallel environments (DummyVecEnv; n_steps = 2048 / this).
+    #[arg(long, default_value_t = 8)]
+    pub(crate) sb3_envs: usize,
 }
 
-fn python(a: &BenchArgs) -> Result<String> {
+pub(crate) fn python(a: &BenchArgs) -> Result<String> {
     a.python
         .clone()
         .or_else(|| std::env::var("RANKPILOT_PYTHON").ok())
@@ -81,11 +100,11 @@ fn python(a: &BenchArgs) -> Result<String> {
         .context("no Python interpreter: pass --python or run scripts/setup.sh")
 }
 
-fn script(a: &BenchArgs, name: &str) -> PathBuf {
+pub(crate) fn script(a: &BenchArgs, name: &str) -> PathBuf {
     a.scripts.clone().unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("benches/python")).join(name)
 }
 
-fn run_python(a: &BenchArgs, args: &[String]) -> Result<serde_json::Value> {
+pub(crate) fn run_python(a: &BenchArgs, args: &[String]) -> Result<serde_json::Value> {
     let py = python(a)?;
     let out = Command::new(&py).args(args).output().with_context(|| format!("running {py}"))?;
     if !out.status.success() {
@@ -136,6 +155,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         Which::Svd => bench_svd(a),
         Which::Finetune => bench_finetune(a),
         Which::Policy => bench_policy(a),
+        Which::Ppo => super::bench_ppo::run(a),
     }
 }
 

@@ -2,6 +2,7 @@
 
 pub mod act;
 pub mod bench;
+pub mod bench_ppo;
 pub mod calibrate;
 pub mod common;
 pub mod compare;
