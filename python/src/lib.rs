@@ -27,9 +27,7 @@ use envs::{EnvSpec, GLOBAL_FEATURES, Observation, SITE_FEATURES, VecEnvSnapshot}
 use policies::belief::Belief;
 use policies::model::{ActMode, BudgetContext, ObsBatch, PolicyModel};
 use rankpilot::controller::{RunResource, RunState, observe};
-use rankpilot::scheduler::{
-    AdaloraSchedule, BudgetSpec, RankScheduler, RoundView, SchedulerSpec, SqueezeSchedule,
-};
+use rankpilot::scheduler::{AdaloraSchedule, BudgetSpec, RankScheduler, RoundView, SchedulerSpec, SqueezeSchedule};
 use runio::checkpoint;
 use tune::finetune::SiteSignals;
 
@@ -237,10 +235,7 @@ impl VecEnv {
         self.env = envs::VecEnv::restore(self.spec.clone(), snap).map_err(bad)?;
         self.starts[index] = self.capture_start(index);
         let (g, s) = (fresh.obs_global, fresh.obs_sites);
-        Ok((
-            PyArray1::from_vec(py, g).into_any(),
-            PyArray1::from_vec(py, s).reshape([n, SITE_FEATURES])?.into_any(),
-        ))
+        Ok((PyArray1::from_vec(py, g).into_any(), PyArray1::from_vec(py, s).reshape([n, SITE_FEATURES])?.into_any()))
     }
 
     /// The current observations `(global [num_envs, G], sites [num_envs, n_sites, S])`.
@@ -273,7 +268,11 @@ impl VecEnv {
         let mut idx = Vec::with_capacity(ne * n);
         for &j in indices.as_array().iter() {
             if j < 0 || j as usize >= k {
-                return Err(bad(format!("rank index {j}: allowed: 0 to {} (ranks {:?})", k - 1, self.spec.rank_set.ranks())));
+                return Err(bad(format!(
+                    "rank index {j}: allowed: 0 to {} (ranks {:?})",
+                    k - 1,
+                    self.spec.rank_set.ranks()
+                )));
             }
             idx.push(j as u8);
         }
@@ -300,7 +299,9 @@ impl VecEnv {
             d.set_item("rounds", s.rounds)?;
             if self.reference_returns {
                 let start = self.starts[s.env].clone();
-                let (o, u) = py.detach(|| -> PyResult<(f64, f64)> { Ok((self.replay(&start, true)?, self.replay(&start, false)?)) })?;
+                let (o, u) = py.detach(|| -> PyResult<(f64, f64)> {
+                    Ok((self.replay(&start, true)?, self.replay(&start, false)?))
+                })?;
                 d.set_item("oracle_return", o)?;
                 d.set_item("uniform_return", u)?;
                 let gap = if (o - u).abs() > 1e-12 { (s.episode_return - u) / (o - u) } else { f64::NAN };
@@ -569,7 +570,8 @@ impl Controller {
         let max_rank: Vec<usize> = sites.iter().map(|s| s.d_in.min(s.d_out)).collect();
         let sched = spec.build(&ppr, &max_rank, p, total_steps, rounds, tch::Device::Cpu).map_err(from_anyhow)?;
         let signals: Vec<SiteSignals> = sites.iter().map(|s| signals_of(s, None)).collect();
-        let res = RunResource::new(preset.as_ref(), &signals, sched.rank_set(), rounds, p, seed).map_err(from_anyhow)?;
+        let res =
+            RunResource::new(preset.as_ref(), &signals, sched.rank_set(), rounds, p, seed).map_err(from_anyhow)?;
         let st = RunState { round: 0, rounds, loss: f64::NAN, initial_loss: f64::NAN, token_entropy };
         Ok(Controller { name: sched.name(), sched, res, sites, st, total_steps, budget_params: p })
     }
@@ -589,7 +591,11 @@ impl Controller {
         initial_loss: f64,
     ) -> PyResult<(Vec<usize>, bool, Bound<'py, PyDict>)> {
         if readings.len() != self.sites.len() {
-            return Err(bad(format!("readings: {} sites: allowed: one per site ({})", readings.len(), self.sites.len())));
+            return Err(bad(format!(
+                "readings: {} sites: allowed: one per site ({})",
+                readings.len(),
+                self.sites.len()
+            )));
         }
         if round >= self.st.rounds {
             return Err(bad(format!("round {round}: allowed: 0 to {}", self.st.rounds - 1)));

@@ -51,13 +51,14 @@ class Sequences(torch.utils.data.Dataset):
 
 
 def train(out: str, scheduler: str, budget: str, steps: int, round_steps: int, batch: int, resource=None, seed=0,
-          per_device_batch=None, processes=1):
+          per_device_batch=None, processes=1, save_steps=None):
     model = peft_model(seed)
     cb = RankScheduleCallback(scheduler=scheduler, budget=budget, round_steps=round_steps, resource=resource, seed=seed)
     args = TrainingArguments(
         output_dir=out, max_steps=steps, per_device_train_batch_size=per_device_batch or batch,
         learning_rate=5e-3, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
-        logging_steps=5, report_to=["tensorboard"], save_strategy="no",
+        logging_steps=5, report_to=["tensorboard"],
+        save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500,
         use_cpu=True, seed=seed, data_seed=seed, dataloader_drop_last=True, disable_tqdm=True,
         ddp_backend="gloo" if processes > 1 else None,
     )

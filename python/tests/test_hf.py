@@ -61,7 +61,7 @@ def test_resizes_preserve_the_function():
 @pytest.fixture(scope="module")
 def adalora_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("adalora")
-    model, cb, loss = hf_tiny.train(str(out), "adalora", "rank:4", steps=40, round_steps=10, batch=8)
+    model, cb, loss = hf_tiny.train(str(out), "adalora", "rank:4", steps=40, round_steps=10, batch=8, save_steps=20)
     return out, model, cb, loss
 
 
@@ -101,6 +101,18 @@ def test_the_saved_adapter_loads_in_peft_with_the_same_logits(adalora_run, tmp_p
         short = n.replace("base_model.model.", "")
         if short in final and final[short] > 0:
             assert m.lora_A["default"].weight.shape[0] == final[short]
+
+
+def test_trainer_checkpoints_hold_loadable_adapters(adalora_run):
+    out, model, cb, loss = adalora_run
+    ckpt = out / "checkpoint-20"
+    cfg = json.loads((ckpt / "adapter_config.json").read_text())
+    at_20 = dict(zip([s.name for s in cb.sites], next(h["ranks"] for h in cb.history if h["step"] == 20)))
+    loaded = PeftModel.from_pretrained(hf_tiny.base_model(0), ckpt)
+    for n, m in loaded.named_modules():
+        short = n.replace("base_model.model.", "")
+        if short in at_20 and at_20[short] > 0:
+            assert m.lora_A["default"].weight.shape[0] == at_20[short] == cfg["rank_pattern"][short]
 
 
 def test_a_policy_schedules_a_trainer_run_over_a_channel(tmp_path, root):

@@ -50,7 +50,10 @@ fn read_row(row: &Value, names: &[&str], out: &mut [f32], what: &str) -> Result<
     }
     for (i, n) in names.iter().enumerate() {
         let v = obj.get(*n).ok_or_else(|| format!("{what}: missing feature `{n}`"))?;
-        let x = v.as_f64().filter(|x| x.is_finite()).ok_or_else(|| format!("{what}.{n} = {v}: allowed: a finite number"))?;
+        let x = v
+            .as_f64()
+            .filter(|x| x.is_finite())
+            .ok_or_else(|| format!("{what}.{n} = {v}: allowed: a finite number"))?;
         out[i] = x as f32;
     }
     Ok(())
@@ -134,8 +137,9 @@ pub fn run(a: &ActArgs) -> anyhow::Result<()> {
         plans.push('\n');
     }
     match &a.out {
-        Some(p) => runio::checkpoint::atomic_write(p, plans.as_bytes())
-            .with_context(|| format!("--out {}", p.display()))?,
+        Some(p) => {
+            runio::checkpoint::atomic_write(p, plans.as_bytes()).with_context(|| format!("--out {}", p.display()))?
+        }
         None => std::io::stdout().write_all(plans.as_bytes())?,
     }
     Ok(())

@@ -51,7 +51,9 @@ fn raw_env_sps(spec: &std::sync::Arc<EnvSpec>, n_envs: usize, seed: u64) -> Resu
     let pool: Vec<(Vec<u8>, Vec<bool>)> = (0..64)
         .map(|_| {
             let idx = (0..n_envs * n).map(|_| rng.random_range(0..k) as u8).collect();
-            let skip = (0..n_envs).map(|_| spec.resource.kind() != envs::presets::ResourceKind::Budget && rng.random_bool(0.2)).collect();
+            let skip = (0..n_envs)
+                .map(|_| spec.resource.kind() != envs::presets::ResourceKind::Budget && rng.random_bool(0.2))
+                .collect();
             (idx, skip)
         })
         .collect();
@@ -103,7 +105,12 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     )
     .context("the Stable-Baselines3 half (benches/python/sb3_ppo.py; needs `pip install stable-baselines3`, which scripts/setup.sh does)")?;
     let floats = |k: &str| -> Result<Vec<f64>> {
-        sb3[k].as_array().with_context(|| format!("sb3 output has no `{k}`"))?.iter().map(|v| v.as_f64().context("a number")).collect()
+        sb3[k]
+            .as_array()
+            .with_context(|| format!("sb3 output has no `{k}`"))?
+            .iter()
+            .map(|v| v.as_f64().context("a number"))
+            .collect()
     };
 
     let mut table = envs::evaluate_baselines(&preset, &[Baseline::Uniform, Baseline::Oracle], a.episodes, a.eval_seed)?;
@@ -112,9 +119,15 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     let oracle_rs = &table.rows.iter().find(|r| r.name == "oracle").context("oracle row")?.returns;
     let agree = oracle_py.iter().zip(oracle_rs).all(|(p, r)| (p - r).abs() <= 1e-9 * r.abs().max(1.0));
     if !agree {
-        bail!("the Python environment's oracle returns differ from the Rust evaluation's: the two sides did not play the same episodes");
+        bail!(
+            "the Python environment's oracle returns differ from the Rust evaluation's: the two sides did not play the same episodes"
+        );
     }
-    let mut speeds = vec![("SB3 PPO (MultiInputPolicy)".to_string(), sb3["train_sps"].as_f64().unwrap_or(f64::NAN), sb3["raw_sps"].as_f64().unwrap_or(f64::NAN))];
+    let mut speeds = vec![(
+        "SB3 PPO (MultiInputPolicy)".to_string(),
+        sb3["train_sps"].as_f64().unwrap_or(f64::NAN),
+        sb3["raw_sps"].as_f64().unwrap_or(f64::NAN),
+    )];
     table.push(row("SB3 PPO (MultiInputPolicy)", floats("returns")?));
 
     for (label, policy) in [("rankpilot PPO (no prior)", "ppo"), ("rankpilot PPO + prior (default)", "default")] {
@@ -133,7 +146,8 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         speeds.push((label.to_string(), trained as f64 / secs, raw_env_sps(&spec, pp.ppo.num_envs, seed)?));
     }
     table.fill_gap();
-    let summary = SuiteSummary::new(std::slice::from_ref(&table), RESAMPLES, a.eval_seed).map_err(anyhow::Error::msg)?;
+    let summary =
+        SuiteSummary::new(std::slice::from_ref(&table), RESAMPLES, a.eval_seed).map_err(anyhow::Error::msg)?;
     let gap = |name: &str| summary.rows.iter().position(|r| r == name).map(|i| summary.mean[i]);
 
     println!();
@@ -145,7 +159,10 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         let d = if *name == sb3_name {
             "–".into()
         } else {
-            summary.mean_difference(name, &sb3_name).map(|e| format!("{:+.3} [{:+.3}, {:+.3}]", e.value, e.lo, e.hi)).unwrap_or_default()
+            summary
+                .mean_difference(name, &sb3_name)
+                .map(|e| format!("{:+.3} [{:+.3}, {:+.3}]", e.value, e.lo, e.hi))
+                .unwrap_or_default()
         };
         println!("| {name} | {train_sps:.0} | {raw_sps:.0} | {g} | {d} |");
     }
