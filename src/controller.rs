@@ -368,6 +368,8 @@ pub struct RunReport {
     pub wall_seconds: f64,
     /// Tokens trained on (skipped and lost rounds included: they were computed).
     pub tokens: usize,
+    /// (step, validation loss) of every evaluation, the one before training included.
+    pub val_curve: Vec<(usize, f64)>,
     /// Per round.
     pub rounds: Vec<RoundRecord>,
 }
@@ -402,6 +404,9 @@ struct LoopState {
     heat: Vec<Vec<f64>>,
     val0: f64,
     val: f64,
+    /// (step, validation loss) of every evaluation so far.
+    #[serde(default)]
+    val_curve: Vec<(usize, f64)>,
     cost_sent: f64,
     tokens: usize,
     wall_seconds: f64,
@@ -530,16 +535,27 @@ pub fn run(
         None => None,
     };
     let first = resumed.as_ref().map_or(0, |l| l.round);
-    let (val0, mut st, mut records, mut heat, mut val, mut cost_sent, mut tokens, wall_before) = match resumed {
-        Some(l) => (l.val0, l.st, l.records, l.heat, l.val, l.cost_sent, l.tokens, l.wall_seconds),
-        None => {
-            let val0 = ft.evaluate();
-            tb.add_scalar("val/loss", val0, 0)?;
-            let entropy = ft.token_entropy();
-            let st = RunState { round: 0, rounds, loss: f64::NAN, initial_loss: f64::NAN, token_entropy: entropy };
-            (val0, st, Vec::with_capacity(rounds), Vec::with_capacity(rounds), val0, 0.0, 0usize, 0.0)
-        }
-    };
+    let (val0, mut st, mut records, mut heat, mut val, mut val_curve, mut cost_sent, mut tokens, wall_before) =
+        match resumed {
+            Some(l) => (l.val0, l.st, l.records, l.heat, l.val, l.val_curve, l.cost_sent, l.tokens, l.wall_seconds),
+            None => {
+                let val0 = ft.evaluate();
+                tb.add_scalar("val/loss", val0, 0)?;
+                let entropy = ft.token_entropy();
+                let st = RunState { round: 0, rounds, loss: f64::NAN, initial_loss: f64::NAN, token_entropy: entropy };
+                (
+                    val0,
+                    st,
+                    Vec::with_capacity(rounds),
+                    Vec::with_capacity(rounds),
+                    val0,
+                    vec![(0, val0)],
+                    0.0,
+                    0usize,
+                    0.0,
+                )
+            }
+        };
     bar.inc(opts.round_starts.get(first).copied().unwrap_or(0) as u64);
     for round in first..rounds {
         let (s0, s1) = opts.round_steps(round, total);
@@ -555,6 +571,7 @@ pub fn run(
                 heat: heat.clone(),
                 val0,
                 val,
+                val_curve: val_curve.clone(),
                 cost_sent,
                 tokens,
                 wall_seconds: wall_before + t0.elapsed().as_secs_f64(),
@@ -661,6 +678,7 @@ pub fn run(
         let every = opts.eval_every_steps.max(1);
         if s1 / every > s0 / every || round + 1 == rounds {
             val = ft.evaluate();
+            val_curve.push((s1, val));
             tb.add_scalar("val/loss", val, step)?;
             let imp: Vec<f64> = ft.signals(false).iter().map(|x| x.importance).collect();
             tb.add_histogram("signals/importance", &imp, step)?;
@@ -679,8 +697,24 @@ pub fn run(
             plan_ms,
         });
     }
-    let hi = heat.iter().flatten().copied().fold(1.0, f64::max);
-    tb.add_rank_heatmap("ranks/heatmap", &heat, (0.0, hi), 8, total as i64)?;
+    // The rank map: sites by layer · projection against rounds, skipped and lost rounds marked;
+    // into TensorBoard and as ranks.png beside the event file.
+    let labels = ft.signals(false).iter().map(|x| runio::figures::site_label(x.layer, &x.projection)).collect();
+    let map = runio::figures::RankMap {
+        title: format!("{}: rank per site and round", sched.name()),
+        sites: labels,
+        rounds: records
+            .iter()
+            .zip(&heat)
+            .map(|(r, h)| runio::figures::RoundRanks { ranks: h.clone(), skipped: r.skipped, lost: r.lost })
+            .collect(),
+    };
+    let img = runio::figures::rank_map(&map)?;
+    tb.add_image_rgb("ranks/heatmap", img.width, img.height, &img.rgb, total as i64)?;
+    runio::checkpoint::atomic_write(
+        &tb.path().parent().unwrap_or(std::path::Path::new(".")).join("ranks.png"),
+        &runio::tensorboard::encode_png(img.width, img.height, &img.rgb)?,
+    )?;
     tb.flush()?;
     let rounds_lost = records.iter().filter(|r| r.lost).count();
     let mean_params = records.iter().map(|r| r.params as f64).sum::<f64>() / rounds as f64;
@@ -696,6 +730,7 @@ pub fn run(
         final_params: ft.adapter_params(),
         wall_seconds: wall_before + t0.elapsed().as_secs_f64(),
         tokens,
+        val_curve,
         rounds: records,
     })
 }

@@ -153,10 +153,17 @@ fn compare_runs_all_four_schedulers_at_an_equal_budget_and_writes_tables() {
     let o = common::rankpilot(&args);
     assert!(o.status.success(), "{}", common::text(&o));
     let md = std::fs::read_to_string(logdir.join("compare.md")).unwrap();
-    assert!(md.contains("| scheduler | final val loss (mean ± std) | Δ vs fixed (paired, mean ± std) | bits sent / run | bits vs fixed |"), "{md}");
-    assert!(md.contains("| fixed | ") && md.contains("| +0.0000 ± 0.0000 | "), "{md}");
+    assert!(md.contains("(paired, mean ± se [95% t interval]) | bits sent / run | bits vs fixed |"), "{md}");
+    assert!(md.contains("| best |") && md.contains("| seed 0 | seed 1 |"), "{md}");
     let j: serde_json::Value = serde_json::from_slice(&std::fs::read(logdir.join("compare.json")).unwrap()).unwrap();
     let rows = j["rows"].as_array().unwrap();
+    // One best row; every other row carries its paired difference to it, interval around the mean.
+    assert_eq!(rows.iter().filter(|r| r["vs_best"].is_null()).count(), 1);
+    for r in rows.iter().filter(|r| !r["vs_best"].is_null()) {
+        let d = &r["vs_best"];
+        let (m, lo, hi) = (d["mean"].as_f64().unwrap(), d["lo"].as_f64().unwrap(), d["hi"].as_f64().unwrap());
+        assert!(lo <= m && m <= hi && m >= 0.0, "{d}");
+    }
     let names: Vec<&str> = rows.iter().map(|r| r["scheduler"].as_str().unwrap()).collect();
     assert_eq!(names, ["fixed", "adalora", "squeeze", "policy:wireless-rayleigh"]);
     for r in rows {
@@ -171,6 +178,36 @@ fn compare_runs_all_four_schedulers_at_an_equal_budget_and_writes_tables() {
     let first: Vec<u64> = (0..4).map(|i| squeeze[i]["ranks"][0].as_u64().unwrap()).collect();
     assert_eq!(first, [5, 5, 2, 1], "{squeeze}");
     assert!(logdir.join("adalora/seed0").is_dir() && logdir.join("policy-wireless-rayleigh/seed1").is_dir());
+
+    // Without a resource the table has no resource columns (nothing is sent, lost or skipped).
+    let none_dir = dir.path().join("cmp-none");
+    let mut args = vec![
+        "compare",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        &data,
+        "--env",
+        "none",
+        "--budget",
+        "rank:4",
+        "--seeds",
+        "2",
+        "--steps",
+        "4",
+        "--rounds",
+        "2",
+        "--schedulers",
+        "fixed,adalora",
+        "--logdir",
+        none_dir.to_str().unwrap(),
+    ];
+    args.extend(SMALL_RUN);
+    let o = common::rankpilot(&args);
+    assert!(o.status.success(), "{}", common::text(&o));
+    let md = std::fs::read_to_string(none_dir.join("compare.md")).unwrap();
+    assert!(!md.contains("sent") && !md.contains("rounds lost") && !md.contains("0.00×"), "{md}");
+    assert!(md.contains("| mean adapter params | final adapter params | wall s / run |"), "{md}");
 }
 
 #[test]

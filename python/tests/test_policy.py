@@ -77,3 +77,16 @@ def test_policy_refuses_another_rank_set(root):
         policy.act({"global": obs["global"][:3], "sites": obs["sites"]}, info)
     with pytest.raises(ValueError, match="nonexistent"):
         rankpilot.Policy.load(root / "nonexistent")
+    with pytest.raises(ValueError, match="without info"):
+        policy.act(obs)
+
+
+def test_a_policy_bound_to_its_env_acts_on_the_observation_alone(root):
+    env = rankpilot.make_env("latency", reference_returns=False)
+    bound = rankpilot.Policy.load(root / "checkpoints" / "default", env=env)
+    free = rankpilot.Policy.load(root / "checkpoints" / "default")
+    obs, info = env.reset(seed=3)
+    for _ in range(5):
+        a, b = bound.act(obs), free.act(obs, info)
+        assert (a is None and b is None) or (a == b).all()
+        obs, _, _, _, info = env.step(env.action_for(b))

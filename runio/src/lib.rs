@@ -4,6 +4,7 @@
 //!   the atomic safetensors writer that PEFT adapters and models share.
 //! - [`tensorboard`]: a TensorBoard event-file writer (scalars, histograms, images, text) and the
 //!   rank-heatmap picture.
+//! - [`figures`]: labelled figures (rank maps, loss curves, resource spent) drawn with `plotters`.
 //!
 //! It depends on tch only for the tensor type; nothing here knows about environments, policies
 //! or models.
@@ -11,4 +12,5 @@
 #![warn(missing_docs)]
 
 pub mod checkpoint;
+pub mod figures;
 pub mod tensorboard;

@@ -89,6 +89,44 @@ pub struct CompareRow {
     pub val_loss_diff_vs_first: Vec<f64>,
     /// Cost sent relative to the first scheduler's.
     pub cost_ratio_vs_first: f64,
+    /// Paired difference of final validation loss to the row with the lowest mean (`None` for
+    /// that row itself): mean over seeds, its standard error and the 95 % t interval.
+    pub vs_best: Option<PairedDifference>,
+}
+
+/// A paired difference over seeds: mean, standard error and 95 % t interval.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct PairedDifference {
+    /// Mean of the per-seed differences.
+    pub mean: f64,
+    /// Their standard error (sample standard deviation / √seeds).
+    pub se: f64,
+    /// Lower end of the 95 % interval (mean − t₀.₉₇₅,ₙ₋₁ · se).
+    pub lo: f64,
+    /// Upper end.
+    pub hi: f64,
+}
+
+impl PairedDifference {
+    fn of(diffs: &[f64]) -> PairedDifference {
+        let (m, sd) = mean_std(diffs);
+        let se = sd / (diffs.len() as f64).sqrt();
+        let t = t_975(diffs.len().saturating_sub(1));
+        PairedDifference { mean: m, se, lo: m - t * se, hi: m + t * se }
+    }
+}
+
+/// The 0.975 quantile of Student's t with `df` degrees of freedom (1.96 beyond 30; NaN at 0).
+fn t_975(df: usize) -> f64 {
+    const T: [f64; 30] = [
+        12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
+    ];
+    match df {
+        0 => f64::NAN,
+        1..=30 => T[df - 1],
+        _ => 1.96,
+    }
 }
 
 fn mean_std(x: &[f64]) -> (f64, f64) {
@@ -194,15 +232,35 @@ pub fn run(a: &CompareArgs) -> Result<()> {
                 wall_seconds_mean: avg(&|r| r.wall_seconds),
                 val_loss_diff_vs_first: rs.iter().zip(&first).map(|(r, f)| r.val_loss_final - f).collect(),
                 cost_ratio_vs_first: rs.iter().map(|r| r.cost_sent).sum::<f64>() / first_cost.max(f64::MIN_POSITIVE),
+                vs_best: None,
             }
         })
         .collect();
+    let mut rows = rows;
+    let best = (0..rows.len()).min_by(|&i, &j| rows[i].val_loss_mean.total_cmp(&rows[j].val_loss_mean)).unwrap_or(0);
+    let best_loss = rows[best].val_loss.clone();
+    for (i, r) in rows.iter_mut().enumerate() {
+        if i != best {
+            let d: Vec<f64> = r.val_loss.iter().zip(&best_loss).map(|(x, b)| x - b).collect();
+            r.vs_best = Some(PairedDifference::of(&d));
+        }
+    }
+    // Resource columns only where a resource was simulated (`--env none` sends nothing).
+    let simulated = env.is_some();
     let budget = match a.budget {
         BudgetSpec::Params(p) => format!("{p}"),
         BudgetSpec::Rank(r) => format!("rank:{r}"),
     };
+    let resource_head = if simulated {
+        format!(
+            " {unit} sent / run | {unit} vs {first} | rounds lost / run | rounds skipped / run |",
+            first = rows[0].scheduler
+        )
+    } else {
+        String::new()
+    };
     let mut md = format!(
-        "`rankpilot compare --model {} --data {} --env {} --budget {} --seeds {} --steps {} --rounds {} --seed {}`\n\n| scheduler | final val loss (mean ± std) | Δ vs {first} (paired, mean ± std) | {unit} sent / run | {unit} vs {first} | rounds lost / run | rounds skipped / run | mean adapter params | final adapter params | wall s / run |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        "`rankpilot compare --model {} --data {} --env {} --budget {} --seeds {} --steps {} --rounds {} --seed {}`\n\n| scheduler | final val loss (mean ± std) | Δ vs best, {best_name} (paired, mean ± se [95% t interval]) |{resource_head} mean adapter params | final adapter params | wall s / run |\n|---|---:|---:|{}---:|---:|---:|\n",
         a.input.model.display(),
         a.input.data,
         a.env,
@@ -211,26 +269,36 @@ pub fn run(a: &CompareArgs) -> Result<()> {
         a.steps,
         a.rounds,
         a.common.seed,
-        first = rows[0].scheduler,
+        if simulated { "---:|---:|---:|---:|" } else { "" },
+        best_name = rows[best].scheduler,
     );
     for r in &rows {
-        let (dm, ds) = mean_std(&r.val_loss_diff_vs_first);
+        let diff = match r.vs_best {
+            Some(d) => format!("{:+.4} ± {:.4} [{:+.4}, {:+.4}]", d.mean, d.se, d.lo, d.hi),
+            None => "best".into(),
+        };
+        let resource = if simulated {
+            format!(
+                " {:.3e} | {:.2}× | {:.1} / {} | {:.1} |",
+                r.cost_sent_mean, r.cost_ratio_vs_first, r.rounds_lost_mean, a.rounds, r.rounds_skipped_mean
+            )
+        } else {
+            String::new()
+        };
         md += &format!(
-            "| {} | {:.4} ± {:.4} | {:+.4} ± {:.4} | {:.3e} | {:.2}× | {:.1} / {} | {:.1} | {:.0} | {:.0} | {:.1} |\n",
-            r.scheduler,
-            r.val_loss_mean,
-            r.val_loss_std,
-            dm,
-            ds,
-            r.cost_sent_mean,
-            r.cost_ratio_vs_first,
-            r.rounds_lost_mean,
-            a.rounds,
-            r.rounds_skipped_mean,
-            r.mean_params,
-            r.final_params,
-            r.wall_seconds_mean
+            "| {} | {:.4} ± {:.4} | {diff} |{resource} {:.0} | {:.0} | {:.1} |\n",
+            r.scheduler, r.val_loss_mean, r.val_loss_std, r.mean_params, r.final_params, r.wall_seconds_mean
         );
+    }
+    md += &format!(
+        "\nPer seed (final val loss; seeds {}..{}, paired: same data order and channel):\n\n| scheduler |{}\n|---|{}\n",
+        a.common.seed,
+        a.common.seed + a.seeds - 1,
+        (0..a.seeds).map(|s| format!(" seed {} |", a.common.seed + s)).collect::<String>(),
+        "---:|".repeat(a.seeds as usize)
+    );
+    for r in &rows {
+        md += &format!("| {} |{}\n", r.scheduler, r.val_loss.iter().map(|v| format!(" {v:.4} |")).collect::<String>());
     }
     let json = serde_json::json!({
         "model": a.input.model, "data": a.input.data, "env": a.env, "budget": budget,
@@ -238,6 +306,8 @@ pub fn run(a: &CompareArgs) -> Result<()> {
         "rows": rows, "runs": runs,
     });
     std::fs::create_dir_all(&a.logdir)?;
+    let figures = write_figures(a, &runs, &unit, simulated)?;
+    md += &format!("\nFigures: {}\n", figures.join(", "));
     checkpoint::atomic_write(&a.logdir.join("compare.md"), md.as_bytes())?;
     checkpoint::atomic_write(&a.logdir.join("compare.json"), &serde_json::to_vec_pretty(&json)?)?;
     println!("{md}");
@@ -248,4 +318,51 @@ pub fn run(a: &CompareArgs) -> Result<()> {
         a.logdir.display()
     );
     Ok(())
+}
+
+/// The comparison's figures, as PNG files in `--logdir` (next to the tables) and as images in its
+/// `figures` TensorBoard run: validation loss against step per scheduler (mean over seeds, band
+/// from the lowest to the highest seed), each scheduler's rank map of the first seed (from that
+/// run's `ranks.png`), and with a resource the cost sent against the budget (first seed).
+fn write_figures(a: &CompareArgs, runs: &[Vec<RunReport>], unit: &str, simulated: bool) -> Result<Vec<String>> {
+    use runio::figures;
+    let mut written = Vec::new();
+    let mut tb = SummaryWriter::new(a.logdir.join("figures"))?;
+    let mut save = |name: &str, img: &runio::tensorboard::RgbImage, tb: &mut SummaryWriter| -> Result<()> {
+        tb.add_image_rgb(name.trim_end_matches(".png"), img.width, img.height, &img.rgb, 0)?;
+        checkpoint::atomic_write(
+            &a.logdir.join(name),
+            &runio::tensorboard::encode_png(img.width, img.height, &img.rgb)?,
+        )?;
+        written.push(name.to_string());
+        Ok(())
+    };
+    let series: Vec<figures::LossSeries> = runs
+        .iter()
+        .map(|rs| figures::LossSeries {
+            label: rs[0].scheduler.clone(),
+            steps: rs[0].val_curve.iter().map(|&(s, _)| s as f64).collect(),
+            seeds: rs.iter().map(|r| r.val_curve.iter().map(|&(_, v)| v).collect()).collect(),
+        })
+        .collect();
+    let title = format!("validation loss, {} seeds (band: lowest to highest seed), env {}", a.seeds, a.env);
+    save("val_loss.png", &figures::loss_curves(&title, &series)?, &mut tb)?;
+    if simulated {
+        let spent: Vec<(String, Vec<f64>)> =
+            runs.iter().map(|rs| (rs[0].scheduler.clone(), rs[0].rounds.iter().map(|r| r.cost).collect())).collect();
+        let budget: Vec<f64> = runs[0][0].rounds.iter().map(|r| r.budget).collect();
+        let title = format!("{unit} sent against the budget, seed {}", a.common.seed);
+        save("spend.png", &figures::spend(&title, unit, &spent, &budget)?, &mut tb)?;
+    }
+    for rs in runs {
+        let label = rs[0].scheduler.replace([':', '/'], "-");
+        let from = a.logdir.join(&label).join(format!("seed{}", a.common.seed)).join("ranks.png");
+        if let Ok(bytes) = std::fs::read(&from) {
+            let name = format!("ranks-{label}.png");
+            checkpoint::atomic_write(&a.logdir.join(&name), &bytes)?;
+            written.push(name);
+        }
+    }
+    tb.flush()?;
+    Ok(written)
 }
