@@ -271,12 +271,23 @@ pub fn run(a: &TrainArgs) -> anyhow::Result<()> {
         if let Some((rounds, r)) = &st.episode_ranks
             && (st.iteration % a.eval_every.max(1) == 0 || trainer.finished())
         {
-            // The record is rounds × sites; one column per round, log2(1 + rank).
+            // The record is rounds × sites of environment 0's last episode: a labelled rank map
+            // (sites by index: on a distribution the site list changes from episode to episode).
             let n_sites = r.len() / rounds.max(&1);
-            let columns: Vec<Vec<f64>> =
-                r.chunks(n_sites.max(1)).map(|c| c.iter().map(|&x| (1.0 + x as f64).log2()).collect()).collect();
-            let max = (1.0 + *trainer.model.ranks.last().unwrap_or(&1) as f64).log2();
-            tb.add_rank_heatmap("ranks/heatmap_sites_x_rounds", &columns, (0.0, max), 6, step)?;
+            let map = runio::figures::RankMap {
+                title: format!("environment 0, last episode, step {step}"),
+                sites: (0..n_sites).map(|l| format!("site {l}")).collect(),
+                rounds: r
+                    .chunks(n_sites.max(1))
+                    .map(|c| runio::figures::RoundRanks {
+                        ranks: c.iter().map(|&x| x as f64).collect(),
+                        skipped: false,
+                        lost: false,
+                    })
+                    .collect(),
+            };
+            let img = runio::figures::rank_map(&map)?;
+            tb.add_image_rgb("ranks/heatmap_sites_x_rounds", img.width, img.height, &img.rgb, step)?;
         }
         let eval_now = (a.eval_every > 0 && st.iteration % a.eval_every == 0) || trainer.finished();
         if eval_now {
