@@ -21,8 +21,13 @@ valid without re-wrapping; the price is computing at the largest rank (measured 
 At the end of training (:meth:`RankScheduleCallback.on_train_end`) the factors are cut to their
 ranks and ``peft_config`` gets ``rank_pattern`` / ``alpha_pattern`` (keeping each module's scale
 ``alpha / r`` as trained) and ``exclude_modules`` (modules at rank 0), so ``save_pretrained`` writes
-an adapter that ``PeftModel.from_pretrained`` loads with the final per-module ranks. Checkpoints the
-``Trainer`` saves during training are rewritten in that form too.
+an adapter that ``PeftModel.from_pretrained`` loads with the final per-module ranks.
+
+**Checkpoints and resuming.** A ``Trainer`` checkpoint keeps the factors at their allocated size
+(what ``trainer.train(resume_from_checkpoint=...)`` loads back, with the optimizer state), plus
+``rankpilot_callback.pt`` (each module's rank, the scheduler's and resource's state, the round in
+progress) and, in ``adapter/``, the adapter as PEFT loads it (each module at its rank). A resumed
+run continues the schedule where it stopped.
 
 **Resource.** With ``resource=`` a preset (a wireless channel, a compute budget), each round is
 sent over the simulated resource: a plan over the round's budget is lost and the round's training
@@ -276,6 +281,16 @@ class RankScheduleCallback(TrainerCallback):
         rank_set = self.controller.rank_set
         if rank_set is not None and max(rank_set) > self.capacity:
             raise ValueError(f"policy ranks {rank_set} exceed the allocated capacity {self.capacity}")
+        if state.global_step > 0:
+            # A resumed run: the Trainer restored the factors and the optimizer; the schedule
+            # continues from the checkpoint's state.
+            path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", self.STATE_FILE)
+            if not os.path.exists(path):
+                raise ValueError(
+                    f"resuming at step {state.global_step} without {path}: allowed: a checkpoint written "
+                    "by a run with RankScheduleCallback"
+                )
+            self.load_state_dict(torch.load(path, weights_only=False))
         self._hook = model.register_forward_hook(self._record_loss)
         if self.logging and state.is_world_process_zero:
             try:
@@ -607,12 +622,51 @@ class RankScheduleCallback(TrainerCallback):
         if excluded:
             _drop_modules(directory, excluded)
 
+    STATE_FILE = "rankpilot_callback.pt"
+
+    def state_dict(self) -> dict:
+        """What a resumed run needs: ranks, importance averages, the controller's state and the
+        round in progress (with its rollback snapshot)."""
+        return {
+            "ranks": [s.rank for s in self.sites],
+            "i_bar": [s.i_bar for s in self.sites],
+            "u_bar": [s.u_bar for s in self.sites],
+            "grad_norm": [s.grad_norm for s in self.sites],
+            "controller": self.controller.save_state() if self.controller is not None else None,
+            "history": self.history,
+            "losses": self._losses,
+            "initial_loss": self._initial_loss,
+            "round": self._round,
+            "plan": self._plan,
+            "info": getattr(self, "_info", None),
+            "kinds": getattr(self, "_kinds", []),
+            "saved": self._saved,
+        }
+
+    def load_state_dict(self, st: dict) -> None:
+        """Restores :meth:`state_dict` (the factors and optimizer state come from the checkpoint)."""
+        if len(st["ranks"]) != len(self.sites):
+            raise ValueError(f"{self.STATE_FILE}: {len(st['ranks'])} modules: allowed: this model's {len(self.sites)}")
+        for s, r, ib, ub, g in zip(self.sites, st["ranks"], st["i_bar"], st["u_bar"], st["grad_norm"]):
+            s.rank, s.i_bar, s.u_bar, s.grad_norm = r, ib, ub, g
+        if st["controller"] is not None:
+            self.controller.load_state(st["controller"])
+        self.history = st["history"]
+        self._losses = st["losses"]
+        self._initial_loss = st["initial_loss"]
+        self._round = st["round"]
+        self._plan = st["plan"]
+        self._info = st["info"]
+        self._kinds = st["kinds"]
+        self._saved = st["saved"]
+
     def on_save(self, args, state, control, **kwargs):
         if not state.is_world_process_zero or not self.sites:
             return
         ckpt = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-        if os.path.exists(os.path.join(ckpt, "adapter_config.json")):
-            self.save_adapter(ckpt)
+        if os.path.isdir(ckpt):
+            torch.save(self.state_dict(), os.path.join(ckpt, self.STATE_FILE))
+            self.save_adapter(os.path.join(ckpt, "adapter"))
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         if self._hook is not None:

@@ -8,7 +8,7 @@ import sys
 
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
 from rankpilot.hf import RankScheduleCallback
 
@@ -50,8 +50,19 @@ class Sequences(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
+class _StopAt(TrainerCallback):
+    """Stops training after step ``n`` (an interrupted run, for the resume test)."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.n:
+            control.should_training_stop = True
+
+
 def train(out: str, scheduler: str, budget: str, steps: int, round_steps: int, batch: int, resource=None, seed=0,
-          per_device_batch=None, processes=1, save_steps=None):
+          per_device_batch=None, processes=1, save_steps=None, stop_after=None, resume=None):
     model = peft_model(seed)
     cb = RankScheduleCallback(scheduler=scheduler, budget=budget, round_steps=round_steps, resource=resource, seed=seed)
     args = TrainingArguments(
@@ -62,8 +73,9 @@ def train(out: str, scheduler: str, budget: str, steps: int, round_steps: int, b
         use_cpu=True, seed=seed, data_seed=seed, dataloader_drop_last=True, disable_tqdm=True,
         ddp_backend="gloo" if processes > 1 else None,
     )
-    trainer = Trainer(model=model, args=args, train_dataset=Sequences(batch * steps, seed), callbacks=[cb])
-    trainer.train()
+    callbacks = [cb] + ([_StopAt(stop_after)] if stop_after else [])
+    trainer = Trainer(model=model, args=args, train_dataset=Sequences(batch * steps, seed), callbacks=callbacks)
+    trainer.train(resume_from_checkpoint=resume)
     model.eval()
     val = Sequences(64, seed + 100)
     with torch.no_grad():

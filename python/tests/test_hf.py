@@ -105,7 +105,7 @@ def test_the_saved_adapter_loads_in_peft_with_the_same_logits(adalora_run, tmp_p
 
 def test_trainer_checkpoints_hold_loadable_adapters(adalora_run):
     out, model, cb, loss = adalora_run
-    ckpt = out / "checkpoint-20"
+    ckpt = out / "checkpoint-20" / "adapter"
     cfg = json.loads((ckpt / "adapter_config.json").read_text())
     at_20 = dict(zip([s.name for s in cb.sites], next(h["ranks"] for h in cb.history if h["step"] == 20)))
     loaded = PeftModel.from_pretrained(hf_tiny.base_model(0), ckpt)
@@ -113,6 +113,22 @@ def test_trainer_checkpoints_hold_loadable_adapters(adalora_run):
         short = n.replace("base_model.model.", "")
         if short in at_20 and at_20[short] > 0:
             assert m.lora_A["default"].weight.shape[0] == at_20[short] == cfg["rank_pattern"][short]
+
+
+def test_a_resumed_trainer_run_continues_the_schedule(adalora_run, tmp_path):
+    """Interrupted at step 25 (mid-round), resumed from checkpoint-25: the same plans and the
+    same final adapter as the uninterrupted run."""
+    out, model, cb, loss = adalora_run
+    part = tmp_path / "part"
+    hf_tiny.train(str(part), "adalora", "rank:4", steps=40, round_steps=10, batch=8, save_steps=25, stop_after=25)
+    resumed, cb2, loss2 = hf_tiny.train(
+        str(part), "adalora", "rank:4", steps=40, round_steps=10, batch=8, save_steps=25,
+        resume=str(part / "checkpoint-25"),
+    )
+    assert [h["ranks"] for h in cb2.history] == [h["ranks"] for h in cb.history]
+    ids = hf_tiny.Sequences(4, 7).ids
+    assert (logits(resumed, ids) - logits(model, ids)).abs().max().item() <= 1e-5
+    assert abs(loss2 - loss) <= 1e-5
 
 
 def test_a_policy_schedules_a_trainer_run_over_a_channel(tmp_path, root):
