@@ -629,7 +629,7 @@ pub fn run(
             continue;
         }
         // Only a round that can be lost needs the sites as they were before it.
-        let saved = res.simulate.then(|| ft.snapshot_sites());
+        let saved = res.simulate.then(|| ft.snapshot());
         let resized = ft.resize(&plan).map_err(|e| anyhow::anyhow!("{}: round {round}: {e:#}", sched.name()))?;
         if resized.kinds.iter().any(|k| *k != ResizeKind::Unchanged) {
             tb.add_scalar("perf/resize_ms", resized.seconds * 1e3, s0 as i64)?;
@@ -661,7 +661,7 @@ pub fn run(
         let delivered = res.settle(res.cost(&plan.ranks));
         cost_sent += cost;
         if !delivered && let Some(saved) = saved {
-            ft.restore_sites(saved);
+            ft.restore(saved);
         }
         let params: usize = plan.ranks.iter().zip(ft.model.sites()).map(|(&r, s)| r * (s.d_in + s.d_out)).sum();
         let step = s1 as i64;

@@ -128,6 +128,123 @@ fn modules_to_save_are_imported_trained_and_exported_as_peft_does() {
     assert!(e.contains("score.weight"), "{e}");
 }
 
+/// LoRA on `lm_head` and `embed_tokens` (PEFT's Embedding LoRA) beside q/v: PEFT's adapter gives
+/// the same logits here, `finetune --targets …,lm_head,embed_tokens` trains from it, and PEFT
+/// loads the export with the same ranks; a fresh run on those targets resizes them under a
+/// schedule and exports a PEFT-loadable adapter too. Untied (Llama) and tied (Qwen2) embeddings.
+fn check_embedding_and_head_sites(family: &str) {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, adapter, reference) = (tmp.path().join("model"), tmp.path().join("adapter"), tmp.path().join("ref"));
+    let made =
+        python(&["embedded", family, model.to_str().unwrap(), adapter.to_str().unwrap(), reference.to_str().unwrap()]);
+    assert_eq!(made["ranks"]["model.embed_tokens"], 3, "{made}");
+    assert_eq!(made["ranks"]["lm_head"], 4, "{made}");
+    let (tensors, _) = runio::checkpoint::read_safetensors(&reference).unwrap();
+    let get = |n: &str| tensors.iter().find(|(k, _)| k == n).unwrap().1.shallow_clone();
+    let ids = get("ids");
+    let (mut m, _vs) = Llama::load(&model, Device::Cpu, Kind::Float).unwrap();
+    let base = tch::no_grad(|| m.forward(&ids));
+    m.attach_adapter(&PeftAdapter::load(&adapter).unwrap()).unwrap();
+    let adapted = tch::no_grad(|| m.forward(&ids));
+    let d = max_abs_diff(&adapted, &get("adapted"));
+    eprintln!("{family}: logits with LoRA on embed_tokens + lm_head: max |Δ| vs peft = {d:.2e}");
+    assert!(d < 1e-4, "{family}: logits with embedding/head LoRA differ from peft by {d}");
+    // Each of the two sites matters on its own.
+    for site in ["model.embed_tokens", "lm_head"] {
+        let mut ad = PeftAdapter::load(&adapter).unwrap();
+        ad.sites.retain(|s| s.module != site);
+        let (mut m2, _vs2) = Llama::load(&model, Device::Cpu, Kind::Float).unwrap();
+        m2.attach_adapter(&ad).unwrap();
+        assert!(max_abs_diff(&tch::no_grad(|| m2.forward(&ids)), &adapted) > 1e-3, "{family}: `{site}` must matter");
+    }
+    assert!(max_abs_diff(&adapted, &base) > 1e-2);
+
+    let targets = "q_proj,v_proj,lm_head,embed_tokens";
+    let check_export = |exported: &Path, trained_from: Option<&Tensor>| {
+        let (mut m, _vs) = Llama::load(&model, Device::Cpu, Kind::Float).unwrap();
+        m.attach_adapter(&PeftAdapter::load(exported).unwrap()).unwrap();
+        let logits = tch::no_grad(|| m.forward(&ids));
+        if let Some(before) = trained_from {
+            assert!(max_abs_diff(&logits, before) > 1e-4, "{family}: training must change the adapter");
+        }
+        let ours = tmp.path().join("ours.safetensors");
+        runio::checkpoint::write_safetensors(
+            &ours,
+            &[("ids".into(), ids.shallow_clone()), ("logits".into(), logits)],
+            None,
+        )
+        .unwrap();
+        let r = python(&["logits", model.to_str().unwrap(), exported.to_str().unwrap(), ours.to_str().unwrap()]);
+        assert!(r["warnings"].as_array().unwrap().is_empty(), "{family}: {r}");
+        assert!(r["max_abs_diff"].as_f64().unwrap() < 1e-4, "{family}: exported adapter: {r}");
+        r
+    };
+    let exported = tmp.path().join("exported");
+    finetune_from_adapter(tmp.path(), &model, &adapter, &exported, &["--targets", targets, "--lr", "0.01"]);
+    let r = check_export(&exported, Some(&adapted));
+    assert_eq!((r["ranks"]["model.embed_tokens"].as_u64(), r["ranks"]["lm_head"].as_u64()), (Some(3), Some(4)), "{r}");
+
+    // Fresh sites on those targets under a scheduler: the embedding and head are resized too.
+    let data = common::text_file(tmp.path(), 40);
+    let (run, fresh) = (tmp.path().join("sched"), tmp.path().join("fresh"));
+    let o = common::rankpilot(&[
+        "finetune",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        &data,
+        "--targets",
+        targets,
+        "--scheduler",
+        "adalora",
+        "--budget",
+        "rank:4",
+        "--rounds",
+        "4",
+        "--steps",
+        "8",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "24",
+        "--eval-every",
+        "4",
+        "--eval-batches",
+        "1",
+        "--seed",
+        "0",
+        "--device",
+        "cpu",
+        "--logdir",
+        run.to_str().unwrap(),
+        "--export-peft",
+        fresh.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", common::text(&o));
+    let r = check_export(&fresh, None);
+    assert!(r["ranks"]["model.embed_tokens"].as_u64().is_some_and(|x| x > 0), "PEFT builds the embedding site: {r}");
+    let summary: serde_json::Value = serde_json::from_slice(&std::fs::read(run.join("summary.json")).unwrap()).unwrap();
+    let rounds = summary["report"]["rounds"].as_array().unwrap();
+    let rank_of = |round: &serde_json::Value, i: usize| round["ranks"][i].as_u64().unwrap();
+    let n = rounds[0]["ranks"].as_array().unwrap().len();
+    assert_eq!(n, 2 + 2 * 2, "embedding, q and v of two layers, head");
+    // AdaLoRA prunes by importance: the embedding and head take part like any site (whichever it
+    // finds least important shrinks; the unit tests resize both either way).
+    let distinct = |site: usize| rounds.iter().map(|r| rank_of(r, site)).collect::<std::collections::BTreeSet<_>>();
+    let all: Vec<&serde_json::Value> = rounds.iter().map(|r| &r["ranks"]).collect();
+    assert!(distinct(0).len() > 1 || distinct(n - 1).len() > 1, "{family}: neither is ever resized: {all:?}");
+}
+
+#[test]
+fn lora_on_embed_tokens_and_lm_head_matches_peft_untied() {
+    check_embedding_and_head_sites("llama");
+}
+
+#[test]
+fn lora_on_embed_tokens_and_lm_head_matches_peft_tied() {
+    check_embedding_and_head_sites("qwen2");
+}
+
 #[test]
 fn evaluate_gives_the_loss_of_transformers_and_peft_on_the_same_windows() {
     let tmp = tempfile::tempdir().unwrap();

@@ -95,6 +95,7 @@ pub fn run(a: &CalibrateArgs) -> Result<()> {
         schedule: a.input.lr_schedule,
         grad_accum: a.input.grad_accum,
         lora_dropout: a.input.lora_dropout,
+        init: a.input.init,
         seq_len: a.input.seq_len,
         adam: AdamW { lr: a.input.lr, ..AdamW::default() },
         ranks: RankSpec { default: a.rank.min(min_dim), patterns: vec![] },

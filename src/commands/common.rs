@@ -84,6 +84,11 @@ pub struct TuneInput {
     /// Dropout on each LoRA site's input during training (PEFT's lora_dropout).
     #[arg(long, default_value_t = 0.0)]
     pub lora_dropout: f64,
+    /// How LoRA sites start and grow: `kaiming` (PEFT's random A) or `eva` / `eva:N` (EVA: the
+    /// principal directions of each site's input activations over N training batches, default
+    /// 4; every grow takes the next ones).
+    #[arg(long, default_value = "kaiming")]
+    pub init: tune::finetune::SiteInit,
 }
 
 impl TuneInput {

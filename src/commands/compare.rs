@@ -18,7 +18,7 @@ use crate::commands::common::{TuneInput, load_env, load_model_and_data, progress
 use rankpilot::controller::{RunOptions, RunReport};
 use rankpilot::scheduler::{BudgetSpec, SchedulerSpec};
 use runio::tensorboard::SummaryWriter;
-use tune::finetune::{FinetuneConfig, Finetuner, RankSpec};
+use tune::finetune::{FinetuneConfig, Finetuner, RankSpec, SiteInit};
 use tune::lora::AdamW;
 
 /// Arguments of `rankpilot compare`.
@@ -36,13 +36,15 @@ pub struct CompareArgs {
     budget: BudgetSpec,
     /// Schedulers to compare (comma-separated): fixed, fixed:R, adalora, squeeze, policy:<dir>, and
     /// the classic ones with +skip (skip a round whose plan does not fit the conservative estimate).
+    /// A row ending in @eva (or @eva:N) starts and grows its sites with EVA instead of --init,
+    /// e.g. `fixed,fixed@eva`.
     #[arg(
         long,
         default_value = "fixed,adalora,squeeze,policy:checkpoints/wireless-rayleigh",
         value_delimiter = ',',
-        value_parser = SchedulerSpec::parse
+        value_parser = RowSpec::parse
     )]
-    schedulers: Vec<SchedulerSpec>,
+    schedulers: Vec<RowSpec>,
     /// Number of seeds: --seed, --seed + 1, …
     #[arg(long, default_value_t = 3)]
     seeds: u64,
@@ -59,6 +61,36 @@ pub struct CompareArgs {
     /// (compare.md, compare.json).
     #[arg(long, default_value = "runs/compare")]
     logdir: PathBuf,
+}
+
+/// A row of the table: a scheduler, and the site initialisation when it is not `--init`'s.
+#[derive(Debug, Clone)]
+pub struct RowSpec {
+    /// The scheduler.
+    pub scheduler: SchedulerSpec,
+    /// `@eva[:N]`: this row's [`SiteInit`].
+    pub init: Option<SiteInit>,
+}
+
+impl RowSpec {
+    fn parse(s: &str) -> Result<RowSpec, String> {
+        let (sched, init) = match s.rsplit_once('@') {
+            Some((sched, init)) if init.starts_with("eva") || init == "kaiming" => {
+                (sched, Some(init.parse::<SiteInit>().map_err(|e| format!("`{s}`: {e}"))?))
+            }
+            _ => (s, None),
+        };
+        Ok(RowSpec { scheduler: SchedulerSpec::parse(sched)?, init })
+    }
+
+    /// The row's label: the scheduler's, with `@<init>` when it has its own.
+    pub fn label(&self) -> String {
+        match self.init {
+            None => self.scheduler.label(),
+            Some(SiteInit::Kaiming) => format!("{}@kaiming", self.scheduler.label()),
+            Some(SiteInit::Eva { batches }) => format!("{}@eva:{batches}", self.scheduler.label()),
+        }
+    }
 }
 
 /// One scheduler's row.
@@ -157,6 +189,7 @@ pub fn run(a: &CompareArgs) -> Result<()> {
                 schedule: a.input.lr_schedule,
                 grad_accum: a.input.grad_accum,
                 lora_dropout: a.input.lora_dropout,
+                init: spec.init.unwrap_or(a.input.init),
                 seq_len: a.input.seq_len,
                 adam: AdamW { lr: a.input.lr, ..AdamW::default() },
                 eval_batches: a.eval_batches,
@@ -165,9 +198,16 @@ pub fn run(a: &CompareArgs) -> Result<()> {
                 ..FinetuneConfig::default()
             };
             let mut ft = Finetuner::new(model, vs, data, cfg)?;
-            let (mut sched, mut res) =
-                rankpilot::controller::prepare(&ft, spec, env.as_ref(), Some(a.budget), a.rounds, seed, device)?;
-            let dir = a.logdir.join(spec.label().replace([':', '/'], "-")).join(format!("seed{seed}"));
+            let (mut sched, mut res) = rankpilot::controller::prepare(
+                &ft,
+                &spec.scheduler,
+                env.as_ref(),
+                Some(a.budget),
+                a.rounds,
+                seed,
+                device,
+            )?;
+            let dir = a.logdir.join(spec.label().replace([':', '/', '@'], "-")).join(format!("seed{seed}"));
             let mut tb = SummaryWriter::new(&dir)?;
             tb.add_text(
                 "config",
@@ -355,7 +395,7 @@ fn write_figures(a: &CompareArgs, runs: &[Vec<RunReport>], unit: &str, simulated
         save("spend.png", &figures::spend(&title, unit, &spent, &budget)?, &mut tb)?;
     }
     for rs in runs {
-        let label = rs[0].scheduler.replace([':', '/'], "-");
+        let label = rs[0].scheduler.replace([':', '/', '@'], "-");
         let from = a.logdir.join(&label).join(format!("seed{}", a.common.seed)).join("ranks.png");
         if let Ok(bytes) = std::fs::read(&from) {
             let name = format!("ranks-{label}.png");

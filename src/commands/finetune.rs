@@ -20,7 +20,7 @@ use rankpilot::scheduler::{BudgetSpec, RankScheduler, ResizeAt, SchedulerSpec};
 use runio::tensorboard::SummaryWriter;
 use tune::finetune::{FinetuneConfig, Finetuner, RankPlan, RankSpec};
 use tune::lora::AdamW;
-use tune::model::Projection;
+use tune::model::Target;
 use tune::peft::PeftAdapter;
 
 use crate::cli::Common;
@@ -37,9 +37,11 @@ pub struct FinetuneArgs {
     /// e.g. `q_proj=16,mlp.down_proj=4,8` (first matching key wins).
     #[arg(long, default_value = "8", value_parser = RankSpec::parse)]
     ranks: RankSpec,
-    /// Projections that carry LoRA sites (comma-separated).
+    /// Modules that carry LoRA sites (comma-separated): any of the seven projections (in every
+    /// layer), `lm_head` and `embed_tokens` (PEFT's Embedding LoRA). With --adapter, every module
+    /// of the adapter must be among them.
     #[arg(long, default_value = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", value_delimiter = ',')]
-    targets: Vec<Projection>,
+    targets: Vec<Target>,
     /// Resize at a round boundary: `STEP:RANKS` (same syntax as --ranks), repeatable,
     /// e.g. `--resize-at 100:4 --resize-at 150:q_proj=8,2`.
     #[arg(long = "resize-at", value_parser = parse_resize)]
@@ -151,6 +153,7 @@ pub fn run(a: &FinetuneArgs) -> Result<()> {
         schedule: a.input.lr_schedule,
         grad_accum: a.input.grad_accum,
         lora_dropout: a.input.lora_dropout,
+        init: a.input.init,
         seq_len: a.input.seq_len,
         adam: AdamW { lr: a.input.lr, weight_decay: a.weight_decay, ..AdamW::default() },
         warmup_steps: a.warmup,

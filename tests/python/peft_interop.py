@@ -22,6 +22,10 @@
       copy perturbed, as if trained); writes the ids, the logits with the adapter and the saved
       lm_head weight.
 
+  peft_interop.py embedded <family> <model_dir> <adapter_dir> <reference.safetensors>
+      A random model of the family and a random peft adapter with LoRA on q/v, `lm_head` and
+      `embed_tokens` (PEFT's Embedding LoRA); writes the ids and the logits with the adapter.
+
   peft_interop.py evaluate <model_dir> <adapter_dir or -> <text_file> <seq_len>
       The loss and perplexity transformers + peft give the text file (read as rankpilot reads a
       single-file corpus: the text followed by a blank line), tokenized by AutoTokenizer when the
@@ -199,6 +203,26 @@ def cmd_saved(model_dir, adapter_dir, ref):
     print(json.dumps({"adapter_effect": (adapted - base).abs().max().item()}))
 
 
+def cmd_embedded(family, model_dir, adapter_dir, ref):
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import save_file
+
+    model = family_model(family)
+    model.save_pretrained(model_dir)
+    lcfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "lm_head", "embed_tokens"],
+                      rank_pattern={"embed_tokens": 3}, init_lora_weights=False, task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, lcfg).eval()
+    peft_model.save_pretrained(adapter_dir)
+    ids = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        adapted = peft_model(input_ids=ids).logits
+        with peft_model.disable_adapter():
+            base = peft_model(input_ids=ids).logits
+    save_file({"ids": ids, "adapted": adapted.contiguous()}, ref)
+    print(json.dumps({"ranks": {n: m.r["default"] for n, m in lora_modules(peft_model).items()},
+                      "adapter_effect": (adapted - base).abs().max().item()}))
+
+
 def cmd_evaluate(model_dir, adapter_dir, text_file, seq_len):
     import math
     import os
@@ -361,5 +385,5 @@ def cmd_autotokenizer(model_dir, sample_file):
 
 if __name__ == "__main__":
     cmd, *args = sys.argv[1:]
-    {"logits": cmd_logits, "make": cmd_make, "family": cmd_family, "saved": cmd_saved, "evaluate": cmd_evaluate, "schedule": cmd_schedule, "masked": cmd_masked, "tokenizers": cmd_tokenizers,
+    {"logits": cmd_logits, "make": cmd_make, "family": cmd_family, "saved": cmd_saved, "embedded": cmd_embedded, "evaluate": cmd_evaluate, "schedule": cmd_schedule, "masked": cmd_masked, "tokenizers": cmd_tokenizers,
      "autotokenizer": cmd_autotokenizer, "squeezed": cmd_squeezed}[cmd](*args)

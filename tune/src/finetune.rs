@@ -19,8 +19,8 @@ use tch::{Device, Kind, Tensor, nn};
 
 use crate::data::{TokenData, data_rng};
 use crate::lora::{AdamW, Lora, LoraInit, ResizeKind, SavedModule, check_rank};
-use crate::model::Projection;
 use crate::model::llama::Llama;
+use crate::model::{Projection, Target};
 use crate::peft::{PREFIX, PeftAdapter, PeftSite};
 use rankpilot_config::BadInput;
 
@@ -123,6 +123,14 @@ pub struct SiteSignals {
     pub singular_values: Vec<f64>,
 }
 
+/// What a round can change, taken before it so that a round lost to the resource can be undone
+/// ([`Finetuner::snapshot`], [`Finetuner::restore`]).
+#[derive(Debug)]
+pub struct RoundSnapshot {
+    sites: Vec<Lora>,
+    saved: Vec<SavedModule>,
+}
+
 /// Settings of a fine-tuning run.
 #[derive(Debug, Clone, Serialize)]
 pub struct FinetuneConfig {
@@ -147,8 +155,8 @@ pub struct FinetuneConfig {
     pub grad_clip: f64,
     /// Validation batches of `batch_size` fixed windows.
     pub eval_batches: usize,
-    /// Projections that carry sites.
-    pub targets: Vec<Projection>,
+    /// Modules that carry sites: projections (in every layer), `lm_head`, `embed_tokens`.
+    pub targets: Vec<Target>,
     /// Initial ranks.
     pub ranks: RankSpec,
     /// `lora_alpha`.
@@ -159,6 +167,8 @@ pub struct FinetuneConfig {
     pub track_importance: bool,
     /// Seed for libtorch (LoRA init) and the data order.
     pub seed: u64,
+    /// How sites start and grow: random directions, or EVA's data-driven ones.
+    pub init: SiteInit,
 }
 
 impl Default for FinetuneConfig {
@@ -174,12 +184,13 @@ impl Default for FinetuneConfig {
             lora_dropout: 0.0,
             grad_clip: 1.0,
             eval_batches: 8,
-            targets: Projection::ALL.to_vec(),
+            targets: Projection::ALL.map(Target::Layer).to_vec(),
             ranks: RankSpec { default: 8, patterns: vec![] },
             alpha: 16.0,
             rslora: false,
             track_importance: true,
             seed: 0,
+            init: SiteInit::Kaiming,
         }
     }
 }
@@ -221,6 +232,41 @@ impl LrSchedule {
             LrSchedule::Constant => 1.0,
             LrSchedule::Linear => (1.0 - progress).max(0.0),
             LrSchedule::Cosine => (0.5 * (1.0 + (std::f64::consts::PI * progress).cos())).max(0.0),
+        }
+    }
+}
+
+/// How a site's `A` starts, and where a grow takes its new directions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SiteInit {
+    /// PEFT's default: Kaiming-uniform rows (random directions).
+    Kaiming,
+    /// EVA (Paischer et al. 2024, "explained variance adaptation"): the right singular vectors
+    /// of the site's input activations over `batches` training batches (randomized SVD), in
+    /// order of explained variance. `A` starts at the leading ones, and every grow takes the
+    /// next ones. Embedding sites (one-hot inputs) keep Kaiming rows, as in PEFT.
+    Eva {
+        /// Training batches whose activations are collected.
+        batches: usize,
+    },
+}
+
+/// Principal directions kept per site for EVA (the largest rank a preset's rank set reaches).
+pub const EVA_COMPONENTS: usize = 64;
+
+impl std::str::FromStr for SiteInit {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<SiteInit, String> {
+        let allowed = "allowed: kaiming, eva, or eva:N (N >= 1 training batches of activations)";
+        match s.trim() {
+            "kaiming" => Ok(SiteInit::Kaiming),
+            "eva" => Ok(SiteInit::Eva { batches: 4 }),
+            other => match other.strip_prefix("eva:").map(str::parse::<usize>) {
+                Some(Ok(batches)) if batches >= 1 => Ok(SiteInit::Eva { batches }),
+                _ => Err(format!("unknown init `{other}`: {allowed}")),
+            },
         }
     }
 }
@@ -269,6 +315,9 @@ pub struct Finetuner {
     pub saved: Vec<SavedModule>,
     /// The adapter's `modules_to_save` list, written back on export.
     pub modules_to_save: Option<serde_json::Value>,
+    /// Frozen base weights an imported adapter carried (`<module>.base_layer.weight`, as PEFT
+    /// saves them for `embed_tokens` / `lm_head` targets), written back verbatim on export.
+    pub base_layers: Vec<(String, Tensor)>,
     /// Optimizer steps taken.
     pub step: usize,
     /// Time spent in `train_step`.
@@ -287,20 +336,19 @@ impl Finetuner {
         tch::manual_seed(cfg.seed as i64);
         let device = vs.device();
         let init = LoraInit { alpha: cfg.alpha, rslora: cfg.rslora, seed: cfg.seed };
-        for l in 0..model.cfg.num_hidden_layers {
-            for p in Projection::ALL {
-                if !cfg.targets.contains(&p) {
-                    continue;
-                }
-                let name = p.module_name(l);
-                let (d_in, d_out) = model.cfg.projection_shape(p);
-                let r = cfg.ranks.rank_for(&name);
-                check_rank(&name, r, d_in, d_out)?;
-                model.layers[l].proj_mut(p).lora = Some(Lora::new(&name, (d_in, d_out), r, init, device)?);
-            }
+        for (name, target) in model.site_modules(&cfg.targets) {
+            let shape = model.target_shape(target);
+            let r = cfg.ranks.rank_for(&name);
+            check_rank(&name, r, shape.0, shape.1)?;
+            let site = match target {
+                Target::EmbedTokens => Lora::new_embedding(&name, shape, r, init, device)?,
+                _ => Lora::new(&name, shape, r, init, device)?,
+            };
+            *model.site_slot(&name).expect("a module of this model").1 = Some(site);
         }
         let val = data.val_batches_masked(cfg.eval_batches, cfg.batch_size, cfg.seq_len, device);
-        Ok(Finetuner {
+        let init_kind = cfg.init;
+        let mut ft = Finetuner {
             model,
             vs,
             data,
@@ -310,10 +358,55 @@ impl Finetuner {
             cfg,
             saved: Vec::new(),
             modules_to_save: None,
+            base_layers: Vec::new(),
             step: 0,
             train_time: Duration::ZERO,
             resize_time: Duration::ZERO,
-        })
+        };
+        if let SiteInit::Eva { batches } = init_kind {
+            ft.eva_init(batches)?;
+        }
+        Ok(ft)
+    }
+
+    /// EVA's initialisation: collects every linear site's inputs over `batches` training batches
+    /// (drawn from their own generator, so the training data order is unchanged), and gives each
+    /// site the right singular vectors of its inputs ([`Lora::init_from_basis`]), up to
+    /// [`EVA_COMPONENTS`] by a randomized SVD with two power iterations.
+    pub fn eva_init(&mut self, batches: usize) -> Result<()> {
+        let inputs = self.collect_site_inputs(batches);
+        let seed = self.cfg.seed;
+        for (site, x) in self.model.sites_mut().into_iter().zip(inputs) {
+            let Some(x) = x else { continue };
+            let k = EVA_COMPONENTS.min(site.d_in).min(x.size()[0] as usize);
+            let opt = crate::svd::RsvdOptions { oversample: 10, power_iters: 2, seed: seed ^ site.seed };
+            let svd = tch::no_grad(|| crate::svd::randomized_svd(&x, k, opt));
+            site.init_from_basis(svd.v.tr().contiguous())?;
+        }
+        Ok(())
+    }
+
+    /// Every linear site's input rows `[tokens, in]` over `batches` training batches drawn by
+    /// EVA's own generator (`None` for embedding sites), in [`Finetuner::site_names`] order.
+    pub fn collect_site_inputs(&mut self, batches: usize) -> Vec<Option<Tensor>> {
+        for site in self.model.sites_mut() {
+            if !site.embedding {
+                *site.captured_inputs.borrow_mut() = Some(Vec::new());
+            }
+        }
+        let mut rng = data_rng(self.cfg.seed ^ 0x0e7a_0e7a);
+        tch::no_grad(|| {
+            for _ in 0..batches {
+                let batch = self.data.train_batch_masked(&mut rng, self.cfg.batch_size, self.cfg.seq_len, self.device);
+                let t = batch.ids.size()[1];
+                let _ = self.model.forward(&batch.ids.narrow(1, 0, t - 1));
+            }
+        });
+        self.model
+            .sites()
+            .iter()
+            .map(|s| s.captured_inputs.borrow_mut().take().map(|rows| Tensor::cat(&rows, 0)))
+            .collect()
     }
 
     /// Replaces the sites' factors with those of a PEFT adapter (for continuing a run); sites the
@@ -335,6 +428,16 @@ impl Finetuner {
                             site.d_out
                         )));
                     }
+                    if p.embedding != site.embedding {
+                        bail!(BadInput(format!(
+                            "{}: `{}` has {} factors, the model's site is {}",
+                            adapter.dir.display(),
+                            site.name,
+                            if p.embedding { "embedding (`lora_embedding_*`)" } else { "linear (`lora_A/B.weight`)" },
+                            if site.embedding { "an embedding" } else { "linear" }
+                        )));
+                    }
+                    let embedding = site.embedding;
                     *site = Lora::from_factors(
                         &site.name,
                         p.a.to_device(self.device),
@@ -342,6 +445,7 @@ impl Finetuner {
                         p.alpha,
                         adapter.rslora,
                     );
+                    site.embedding = embedding;
                 }
                 None => {
                     site.resize(0)?;
@@ -355,10 +459,17 @@ impl Finetuner {
             )));
         }
         // `modules_to_save`: trained copies, as PEFT trains its `ModulesToSaveWrapper` copies.
+        // Saved base weights of adapted layers replace the frozen base and are written back.
         self.saved.clear();
+        self.base_layers.clear();
         for (name, t) in &adapter.other {
             let value = self.model.saved_module_value(adapter, name, t)?;
-            let saved = SavedModule::new(crate::peft::base_name(name), &value);
+            if crate::peft::is_base_layer(name) {
+                *self.model.param_mut(&crate::peft::base_name(name)).expect("checked") = value;
+                self.base_layers.push((name.clone(), t.shallow_clone()));
+                continue;
+            }
+            let saved = SavedModule::new(&crate::peft::base_name(name), &value);
             *self.model.param_mut(&saved.name).expect("checked") = saved.value.shallow_clone();
             self.saved.push(saved);
         }
@@ -476,20 +587,17 @@ impl Finetuner {
         self.model
             .sites()
             .iter()
-            .map(|s| {
-                let parts: Vec<&str> = s.name.split('.').collect();
-                SiteSignals {
-                    name: s.name.clone(),
-                    layer: parts.get(2).and_then(|x| x.parse().ok()).unwrap_or(0),
-                    projection: parts.last().unwrap_or(&"").to_string(),
-                    d_in: s.d_in,
-                    d_out: s.d_out,
-                    rank: s.rank(),
-                    importance: s.importance(),
-                    component_importance: s.component_importance(),
-                    grad_norm: s.last_grad_norm,
-                    singular_values: if with_spectrum { s.singular_values() } else { Vec::new() },
-                }
+            .map(|s| SiteSignals {
+                name: s.name.clone(),
+                layer: Target::layer_of(&s.name, self.model.cfg.num_hidden_layers),
+                projection: s.name.rsplit('.').next().unwrap_or("").to_string(),
+                d_in: s.d_in,
+                d_out: s.d_out,
+                rank: s.rank(),
+                importance: s.importance(),
+                component_importance: s.component_importance(),
+                grad_norm: s.last_grad_norm,
+                singular_values: if with_spectrum { s.singular_values() } else { Vec::new() },
             })
             .collect()
     }
@@ -521,16 +629,24 @@ impl Finetuner {
         Ok(ResizeReport { kinds, seconds: dt.as_secs_f64(), params_before, params_after: self.adapter_params() })
     }
 
-    /// Independent copies of every site (factors, optimizer and importance state).
-    pub fn snapshot_sites(&self) -> Vec<Lora> {
-        self.model.sites().iter().map(|s| s.deep_copy()).collect()
+    /// Independent copies of everything a round trains: every site (factors, optimizer and
+    /// importance state) and every `modules_to_save` copy (value and AdamW moments).
+    pub fn snapshot(&self) -> RoundSnapshot {
+        RoundSnapshot {
+            sites: self.model.sites().iter().map(|s| s.deep_copy()).collect(),
+            saved: self.saved.iter().map(SavedModule::deep_copy).collect(),
+        }
     }
 
-    /// Puts back sites taken by [`Finetuner::snapshot_sites`]: the run continues as if nothing
-    /// happened since the snapshot (except the data already drawn).
-    pub fn restore_sites(&mut self, saved: Vec<Lora>) {
-        for (site, s) in self.model.sites_mut().into_iter().zip(saved) {
+    /// Puts back what [`Finetuner::snapshot`] took: the run continues as if nothing happened
+    /// since the snapshot (except the data already drawn). The saved modules are copied back
+    /// into the tensors the model reads.
+    pub fn restore(&mut self, snapshot: RoundSnapshot) {
+        for (site, s) in self.model.sites_mut().into_iter().zip(snapshot.sites) {
             *site = s;
+        }
+        for (module, s) in self.saved.iter_mut().zip(snapshot.saved) {
+            module.restore_from(s);
         }
     }
 
@@ -637,12 +753,14 @@ impl Finetuner {
                     a: s.a.detach().to_device(Device::Cpu),
                     b: s.b.detach().to_device(Device::Cpu),
                     alpha: s.alpha,
+                    embedding: s.embedding,
                 })
                 .collect(),
             other: self
                 .saved
                 .iter()
                 .map(|s| (format!("{PREFIX}{}", s.name), s.value.detach().to_device(Device::Cpu).contiguous()))
+                .chain(self.base_layers.iter().map(|(n, t)| (n.clone(), t.shallow_clone())))
                 .collect(),
         }
     }
@@ -656,7 +774,7 @@ impl Finetuner {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::tiny_run;
+    use crate::testing::{tiny_run, tiny_run_with};
 
     #[test]
     fn rank_spec_parses_and_matches_like_peft() {
@@ -756,16 +874,110 @@ mod tests {
         let st = ft.train_step().unwrap();
         assert!(st.loss.is_finite() && st.grad_norm == 0.0);
         let n = ft.site_names().len();
-        let saved = ft.snapshot_sites();
+        let saved = ft.snapshot();
         let v0 = ft.evaluate();
         ft.resize(&RankPlan::new(vec![2; n])).unwrap();
         for _ in 0..3 {
             ft.train_step().unwrap();
         }
         assert!(ft.evaluate() != v0);
-        ft.restore_sites(saved);
+        ft.restore(saved);
         assert_eq!(ft.ranks(), vec![0; n]);
         assert_eq!(ft.evaluate(), v0);
+    }
+
+    /// LoRA on `embed_tokens` and `lm_head` beside the projections: sites in forward order, the
+    /// resizes keep the output, the PEFT round trip is exact, and a rollback restores the sites
+    /// and the `modules_to_save` copies.
+    #[test]
+    fn embedding_and_head_sites_resize_round_trip_and_roll_back_with_the_saved_modules() {
+        let targets = || ["embed_tokens", "q_proj", "lm_head"].map(|t| t.parse::<Target>().unwrap()).to_vec();
+        let mut ft = tiny_run_with(4, "4", |c| c.targets = targets());
+        let names = ft.site_names();
+        assert_eq!(names.first().map(String::as_str), Some("model.embed_tokens"));
+        assert_eq!(names.last().map(String::as_str), Some("lm_head"));
+        assert_eq!(names.len(), 4);
+        assert!(ft.model.embed_lora.as_ref().unwrap().embedding);
+        assert_eq!((ft.model.sites()[0].d_in, ft.model.sites()[0].d_out), (256, 32));
+        let sig = ft.signals(false);
+        assert_eq!((sig[0].layer, sig[0].projection.as_str()), (0, "embed_tokens"));
+        assert_eq!((sig[3].layer, sig[3].projection.as_str()), (1, "lm_head"));
+        // A trained norm as `modules_to_save`, as `load_peft` sets one up.
+        let saved = SavedModule::new("model.norm.weight", &ft.model.norm);
+        ft.model.norm = saved.value.shallow_clone();
+        ft.saved.push(saved);
+        let v0 = ft.evaluate();
+        for _ in 0..4 {
+            ft.train_step().unwrap();
+        }
+        let v1 = ft.evaluate();
+        assert!(v1 < v0, "training lowers the loss: {v0} -> {v1}");
+        assert!(ft.model.sites().iter().all(|s| s.b.abs().max().double_value(&[]) > 0.0), "every site trains");
+        let norm_trained = ft.model.norm.copy();
+        assert!(norm_trained.ne_tensor(&Tensor::ones_like(&norm_trained)).any().int64_value(&[]) == 1);
+        // Grow, then shrink to the true rank: the output is kept.
+        ft.resize(&RankPlan::new(vec![6; 4])).unwrap();
+        assert!((ft.evaluate() - v1).abs() < 1e-5 * v1);
+        ft.resize(&RankPlan::new(vec![4; 4])).unwrap();
+        assert!((ft.evaluate() - v1).abs() < 1e-5 * v1);
+        // PEFT round trip.
+        let dir = tempfile::tempdir().unwrap();
+        ft.export_peft(dir.path(), "base").unwrap();
+        let ad = PeftAdapter::load(dir.path()).unwrap();
+        assert_eq!(ad.sites.iter().filter(|s| s.embedding).count(), 1);
+        let mut c = tiny_run_with(0, "1", |c| c.targets = targets());
+        c.load_peft(&ad).unwrap();
+        assert!(c.model.embed_lora.as_ref().unwrap().embedding);
+        assert!((c.evaluate() - ft.evaluate()).abs() < 1e-6);
+        // A lost round is undone, saved modules included.
+        let (v_snap, norm_trained) = (ft.evaluate(), ft.model.norm.copy());
+        let snap = ft.snapshot();
+        for _ in 0..3 {
+            ft.train_step().unwrap();
+        }
+        assert!(ft.model.norm.ne_tensor(&norm_trained).any().int64_value(&[]) == 1);
+        ft.restore(snap);
+        assert!(ft.model.norm.equal(&norm_trained), "the saved module is rolled back in place");
+        assert_eq!(ft.evaluate(), v_snap);
+    }
+
+    /// EVA: `A` starts at the leading right singular vectors of each site's inputs (checked
+    /// against an exact SVD of the same activations), the output is unchanged, a grow continues
+    /// down the basis, and the setting parses.
+    #[test]
+    fn eva_starts_at_the_principal_directions_of_the_inputs_and_grows_along_them() {
+        let base = tiny_run(0, "4");
+        let v_base = base.evaluate();
+        let mut ft = tiny_run_with(0, "4", |c| c.init = SiteInit::Eva { batches: 2 });
+        assert_eq!(ft.evaluate(), v_base, "B = 0: the model is unchanged");
+        let inputs = ft.collect_site_inputs(2);
+        for (site, x) in ft.model.sites().iter().zip(&inputs) {
+            let x = x.as_ref().unwrap();
+            assert_eq!(x.size(), [2 * 4 * 32, site.d_in as i64]);
+            let exact = crate::svd::svd(x);
+            let v4 = exact.v.narrow(1, 0, 4); // [in, 4]
+            // |A V| = I up to signs: the same leading directions.
+            let overlap = site.a.detach().matmul(&v4).abs();
+            let diag_err = (overlap.diagonal(0, 0, 1) - 1.0).abs().max().double_value(&[]);
+            assert!(diag_err < 1e-3, "{}: A rows are not the top singular vectors: {overlap:?}", site.name);
+            // Captured energy is the best possible at rank 4, far above random directions.
+            let energy = |a: &Tensor| x.matmul(&a.tr()).square().sum(Kind::Float).double_value(&[]);
+            let best: f64 = exact.values()[..4].iter().map(|s| s * s).sum();
+            assert!((energy(&site.a.detach()) - best).abs() < 1e-3 * best, "{}", site.name);
+            let random = base.model.sites().iter().find(|s| s.name == site.name).unwrap().a.detach();
+            let random = &random / random.norm_scalaropt_dim(2, [1], true);
+            assert!(energy(&random) < 0.9 * best, "{}: random rows capture as much", site.name);
+        }
+        ft.resize(&RankPlan::new(vec![6; ft.site_names().len()])).unwrap();
+        for site in ft.model.sites() {
+            let basis = site.input_basis.as_ref().unwrap();
+            let next = site.a.detach().narrow(0, 4, 2).matmul(&basis.narrow(0, 4, 2).tr()).abs();
+            assert!((next.diagonal(0, 0, 1) - 1.0).abs().max().double_value(&[]) < 1e-4, "{}: {next:?}", site.name);
+        }
+        assert!((ft.evaluate() - v_base).abs() < 1e-6 * v_base);
+        assert_eq!("eva:3".parse::<SiteInit>(), Ok(SiteInit::Eva { batches: 3 }));
+        assert_eq!("eva".parse::<SiteInit>(), Ok(SiteInit::Eva { batches: 4 }));
+        assert!("eva:0".parse::<SiteInit>().unwrap_err().contains("allowed: kaiming, eva"));
     }
 
     #[test]

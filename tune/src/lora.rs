@@ -138,6 +138,26 @@ impl SavedModule {
         Some(m)
     }
 
+    /// An independent copy (value and moments), to undo a lost round.
+    pub fn deep_copy(&self) -> SavedModule {
+        SavedModule {
+            name: self.name.clone(),
+            value: self.value.detach().copy(),
+            adam: self.adam.as_ref().map(|m| Moments { m: m.m.copy(), v: m.v.copy() }),
+            adam_steps: self.adam_steps,
+        }
+    }
+
+    /// Takes the value and optimizer state of `copy` (from [`SavedModule::deep_copy`]), writing
+    /// the value in place: the model's field shares this tensor's storage.
+    pub fn restore_from(&mut self, copy: SavedModule) {
+        tch::no_grad(|| {
+            self.value.copy_(&copy.value);
+        });
+        self.adam = copy.adam;
+        self.adam_steps = copy.adam_steps;
+    }
+
     /// One AdamW step (gradient scaled by `grad_scale`), then clears the gradient.
     pub fn adamw_step(&mut self, opt: &AdamW, grad_scale: f64) {
         tch::no_grad(|| {
@@ -200,6 +220,15 @@ pub struct Lora {
     /// Seed of this site's own generator for new directions (initialisation, grow, re-drawn
     /// dead components): results do not depend on libtorch's global generator.
     pub seed: u64,
+    /// A token-embedding site (PEFT's `lora.Embedding`): the input is the one-hot token, so
+    /// `d_in` is the vocabulary, the forward pass is [`Lora::forward_ids`], there is no dropout,
+    /// and new rows of `A` are drawn with unit variance (see [`Lora::new_embedding`]).
+    pub embedding: bool,
+    /// Principal directions of the site's inputs, `[k, in]` unit rows in order of explained
+    /// variance (EVA, [`Lora::init_from_basis`]): where a grow takes its new directions.
+    pub input_basis: Option<Tensor>,
+    /// While `Some`, [`Lora::forward`] appends its input rows here (EVA's activation pass).
+    pub captured_inputs: std::cell::RefCell<Option<Vec<Tensor>>>,
     draws: u64,
 }
 
@@ -245,7 +274,32 @@ impl Lora {
     /// A new site of rank `rank` with PEFT's initialisation (`B = 0`) on `device`; `A` is drawn
     /// from the site's own generator, seeded by `seed` and the site's name.
     /// Fails when `rank > min(d_in, d_out)`.
-    pub fn new(name: &str, (d_in, d_out): (usize, usize), rank: usize, init: LoraInit, device: Device) -> Result<Lora> {
+    pub fn new(name: &str, shape: (usize, usize), rank: usize, init: LoraInit, device: Device) -> Result<Lora> {
+        Lora::create(name, shape, rank, init, device, false)
+    }
+
+    /// A new token-embedding site, `(vocab, hidden)`: `ΔE = s · (B A)ᵀ`. PEFT initialises it with
+    /// `A = 0` and `B ~ N(0, 1)`; here the random factor is `A` (unit variance, `B = 0`), the
+    /// mirror image, so that growing keeps the one rule of every site (new rows of `A`, zero
+    /// columns of `B`) and the update starts at zero either way.
+    pub fn new_embedding(
+        name: &str,
+        shape: (usize, usize),
+        rank: usize,
+        init: LoraInit,
+        device: Device,
+    ) -> Result<Lora> {
+        Lora::create(name, shape, rank, init, device, true)
+    }
+
+    fn create(
+        name: &str,
+        (d_in, d_out): (usize, usize),
+        rank: usize,
+        init: LoraInit,
+        device: Device,
+        embedding: bool,
+    ) -> Result<Lora> {
         let LoraInit { alpha, rslora, seed } = init;
         check_rank(name, rank, d_in, d_out)?;
         let mut l = Lora::from_factors(
@@ -256,6 +310,7 @@ impl Lora {
             rslora,
         );
         l.seed = seed ^ name_hash(name);
+        l.embedding = embedding;
         let a = l.kaiming_rows(rank);
         let b = Tensor::zeros([d_out as i64, rank as i64], (Kind::Float, device));
         l.a = param(a);
@@ -281,6 +336,9 @@ impl Lora {
             last_grad_norm: 0.0,
             dropout: 0.0,
             seed: name_hash(name),
+            embedding: false,
+            input_basis: None,
+            captured_inputs: std::cell::RefCell::new(None),
             draws: 0,
         }
     }
@@ -297,6 +355,9 @@ impl Lora {
 
     /// `s · B (A x)` in `x`'s dtype, or `None` at rank 0.
     pub fn forward(&self, x: &Tensor) -> Option<Tensor> {
+        if let Some(rows) = self.captured_inputs.borrow_mut().as_mut() {
+            rows.push(x.detach().reshape([-1, self.d_in as i64]).to_kind(Kind::Float));
+        }
         if self.rank() == 0 {
             return None;
         }
@@ -304,6 +365,16 @@ impl Lora {
         let h = if self.dropout > 0.0 { x.dropout(self.dropout, true) } else { x.shallow_clone() };
         let h = h.linear(&self.a.to_kind(k), None::<Tensor>);
         Some(h.linear(&self.b.to_kind(k), None::<Tensor>) * self.scaling())
+    }
+
+    /// The embedding site's update of the rows `ids` (`[..]` token ids → `[.., hidden]`):
+    /// `s · B A[:, id]`, PEFT's `embedding(ids, Aᵀ) Bᵀ · s`, in `kind`; `None` at rank 0.
+    pub fn forward_ids(&self, ids: &Tensor, kind: Kind) -> Option<Tensor> {
+        if self.rank() == 0 {
+            return None;
+        }
+        let h = Tensor::embedding(&self.a.to_kind(kind).tr(), ids, -1, false, false);
+        Some(h.linear(&self.b.to_kind(kind), None::<Tensor>) * self.scaling())
     }
 
     /// The full update `ΔW = s · B A`, `[out, in]` (for tests and merging; training never forms it).
@@ -518,6 +589,9 @@ impl Lora {
         let mut put = |k: &str, t: &Tensor| tensors.push((format!("{prefix}.{k}"), t.detach().to_device(Device::Cpu)));
         put("a", &self.a);
         put("b", &self.b);
+        if let Some(basis) = &self.input_basis {
+            put("input_basis", basis);
+        }
         if let Some((ma, mb)) = &self.adam {
             for (k, m) in [("a", ma), ("b", mb)] {
                 put(&format!("adam_{k}_m"), &m.m);
@@ -534,6 +608,7 @@ impl Lora {
             "name": self.name, "alpha": self.alpha, "rslora": self.rslora, "adam_steps": self.adam_steps,
             "adam": self.adam.is_some(), "importance": self.importance.is_some(),
             "last_grad_norm": self.last_grad_norm, "seed": self.seed, "draws": self.draws,
+            "embedding": self.embedding,
         })
     }
 
@@ -559,6 +634,8 @@ impl Lora {
         l.last_grad_norm = v["last_grad_norm"].as_f64()?;
         l.seed = v["seed"].as_u64()?;
         l.draws = v["draws"].as_u64()?;
+        l.embedding = v.get("embedding").and_then(|e| e.as_bool()).unwrap_or(false);
+        l.input_basis = get("input_basis");
         Some(l)
     }
 
@@ -587,6 +664,9 @@ impl Lora {
             last_grad_norm: self.last_grad_norm,
             dropout: self.dropout,
             seed: self.seed,
+            embedding: self.embedding,
+            input_basis: self.input_basis.as_ref().map(|b| b.shallow_clone()),
+            captured_inputs: std::cell::RefCell::new(None),
             draws: self.draws,
         }
     }
@@ -637,7 +717,8 @@ impl Lora {
     fn kaiming_rows(&mut self, rows: usize) -> Tensor {
         use rand::{Rng, SeedableRng};
         let cols = self.d_in;
-        let bound = 1.0 / (cols as f64).sqrt();
+        // Kaiming-uniform as PEFT's Linear; unit variance (±√3) for a one-hot embedding input.
+        let bound = if self.embedding { 3f64.sqrt() } else { 1.0 / (cols as f64).sqrt() };
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(
             self.seed.wrapping_add(self.draws.wrapping_mul(0x9e37_79b9_7f4a_7c15)),
         );
@@ -646,10 +727,68 @@ impl Lora {
         Tensor::from_slice(&v).view([rows as i64, cols as i64]).to_device(self.a.device())
     }
 
+    /// With an input basis (EVA): its leading directions not yet in the row space of `existing`
+    /// (each taken in order of explained variance when at least half of it lies outside that
+    /// space, then projected off it and normalised to unit length, as EVA's rows are). `None`
+    /// without a basis, or when it has fewer than `extra` such directions left; a grow then
+    /// draws random ones.
+    fn basis_directions(&self, existing: &Tensor, extra: usize) -> Option<Tensor> {
+        let basis = self.input_basis.as_ref()?.to_device(existing.device());
+        let q = (existing.size()[0] > 0).then(|| Tensor::linalg_qr(&existing.tr(), "reduced").0);
+        let mut picked: Vec<Tensor> = Vec::with_capacity(extra);
+        for i in 0..basis.size()[0] {
+            if picked.len() == extra {
+                break;
+            }
+            let mut row = basis.get(i).unsqueeze(0);
+            if let Some(q) = &q {
+                row = &row - row.matmul(q).matmul(&q.tr());
+            }
+            for p in &picked {
+                row = &row - row.matmul(&p.tr()).matmul(p);
+            }
+            let norm = row.norm().double_value(&[]);
+            if norm >= 0.5 {
+                picked.push(row / norm);
+            }
+        }
+        (picked.len() == extra).then(|| Tensor::cat(&picked, 0))
+    }
+
+    /// Starts a fresh site (`B = 0`) from the principal directions of its inputs, EVA's
+    /// initialisation: `A` = the first `rank` rows of `basis` (`[k, in]`, unit rows by explained
+    /// variance), and later grows continue down the basis. The output is unchanged (`B = 0`).
+    pub fn init_from_basis(&mut self, basis: Tensor) -> Result<()> {
+        let r = self.rank();
+        if basis.size().len() != 2 || basis.size()[1] as usize != self.d_in {
+            bail!("{}: input basis {:?} does not fit in-features {}", self.name, basis.size(), self.d_in);
+        }
+        if self.b.abs().max().double_value(&[]) != 0.0 {
+            bail!("{}: EVA initialisation needs a fresh site (B = 0)", self.name);
+        }
+        let basis = basis.to_kind(Kind::Float).to_device(self.a.device());
+        if r > 0 {
+            let k = (basis.size()[0] as usize).min(r);
+            let head = basis.narrow(0, 0, k as i64);
+            let a = if k < r {
+                let rest = tch::no_grad(|| self.new_directions(&head, r - k));
+                Tensor::cat(&[head, rest], 0)
+            } else {
+                head
+            };
+            self.a = param(a);
+        }
+        self.input_basis = Some(basis);
+        Ok(())
+    }
+
     /// `extra` rows like [`Lora::kaiming_rows`], projected off the row space of `existing` and
     /// rescaled to their original norms: new directions that do not duplicate what `A` spans.
     fn new_directions(&mut self, existing: &Tensor, extra: usize) -> Tensor {
         let cols = self.d_in;
+        if let Some(rows) = self.basis_directions(existing, extra) {
+            return rows;
+        }
         let fresh = self.kaiming_rows(extra);
         if existing.size()[0] == 0 || existing.size()[0] as usize + extra > cols {
             return fresh;

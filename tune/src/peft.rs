@@ -3,7 +3,10 @@
 //! An adapter directory holds `adapter_config.json` (`peft_type: "LORA"`, `r`, `lora_alpha`,
 //! `target_modules`, `rank_pattern`, `alpha_pattern`, `use_rslora`, …) and
 //! `adapter_model.safetensors` with tensors named `base_model.model.<module>.lora_A.weight`
-//! (`[r, in]`) and `…lora_B.weight` (`[out, r]`), header metadata `{"format": "pt"}`.
+//! (`[r, in]`) and `…lora_B.weight` (`[out, r]`), header metadata `{"format": "pt"}`. A LoRA on
+//! the token embedding (PEFT's `lora.Embedding`) has `…lora_embedding_A` (`[r, vocab]`) and
+//! `…lora_embedding_B` (`[hidden, r]`) instead: the same factors of a map whose input is the
+//! one-hot token.
 //!
 //! Per-module rank and alpha follow PEFT's rule (`peft.utils.other.get_pattern_key`): the first
 //! key `k` of `rank_pattern` / `alpha_pattern` for which the regex `(.*\.)?(k)$` matches the
@@ -47,6 +50,8 @@ pub struct PeftSite {
     pub b: Tensor,
     /// The module's `lora_alpha`.
     pub alpha: f64,
+    /// An embedding site (`lora_embedding_A` / `lora_embedding_B`, no `.weight`).
+    pub embedding: bool,
 }
 
 impl PeftSite {
@@ -84,9 +89,19 @@ pub fn pattern_lookup<'a>(pattern: &'a Map<String, Value>, module: &str) -> Resu
 }
 
 /// The model's parameter name of an adapter tensor: `base_model.model.lm_head.weight` →
+/// `lm_head.weight`, and a targeted layer's saved base weight (`….lm_head.base_layer.weight`) →
 /// `lm_head.weight`.
-pub fn base_name(tensor: &str) -> &str {
-    tensor.strip_prefix(PREFIX).unwrap_or(tensor)
+pub fn base_name(tensor: &str) -> String {
+    let name = tensor.strip_prefix(PREFIX).unwrap_or(tensor);
+    name.replacen(".base_layer.", ".", 1)
+}
+
+/// Whether an adapter tensor is the saved base weight of a LoRA-adapted layer
+/// (`<module>.base_layer.weight`). PEFT writes those of `embed_tokens` / `lm_head` when they are
+/// targets (`save_embedding_layers="auto"`), and loads them into the frozen base; they are not
+/// trained.
+pub fn is_base_layer(tensor: &str) -> bool {
+    tensor.contains(".base_layer.")
 }
 
 impl PeftAdapter {
@@ -142,10 +157,9 @@ impl PeftAdapter {
         let mut a_map: HashMap<String, Tensor> = HashMap::new();
         let mut b_map: HashMap<String, Tensor> = HashMap::new();
         let mut other = Vec::new();
+        // Prefixes whose A / B factor is an embedding factor; both must agree.
+        let (mut embedding_a, mut embedding_b) = (std::collections::HashSet::new(), std::collections::HashSet::new());
         for (name, t) in tensors {
-            if name.contains("lora_embedding_") {
-                return Err(wbad(format!("`{name}`: LoRA on embedding layers is not supported")));
-            }
             if name.contains("lora_magnitude_vector") {
                 return Err(wbad(format!("`{name}`: DoRA magnitude vectors are not supported")));
             }
@@ -154,6 +168,16 @@ impl PeftAdapter {
                 a_map.insert(p, t);
             } else if let Some(p) = split(".lora_B.weight") {
                 b_map.insert(p, t);
+            } else if let Some(p) = split(".lora_embedding_A") {
+                embedding_a.insert(p.clone());
+                a_map.insert(p, t);
+            } else if let Some(p) = split(".lora_embedding_B") {
+                embedding_b.insert(p.clone());
+                b_map.insert(p, t);
+            } else if name.contains(".lora_embedding_") {
+                return Err(wbad(format!(
+                    "`{name}`: unexpected LoRA tensor name (expected `<module>.lora_embedding_A` / `_B`)"
+                )));
             } else if name.contains(".lora_A.") || name.contains(".lora_B.") {
                 return Err(wbad(format!(
                     "`{name}`: unexpected LoRA tensor name (expected `<module>.lora_A.weight` / `.lora_B.weight`)"
@@ -228,7 +252,13 @@ impl PeftAdapter {
                     "`lora_alpha` of `{module}` is {alpha}: allowed: a finite number > 0 (the update is scaled by alpha / r)"
                 )));
             }
-            sites.push(PeftSite { module, tensor_prefix: p, a, b, alpha });
+            let embedding = embedding_a.contains(&p);
+            if embedding != embedding_b.contains(&p) {
+                return Err(wbad(format!(
+                    "`{p}`: one factor is `lora_embedding_*` and the other `lora_*.weight`: allowed: both of one kind"
+                )));
+            }
+            sites.push(PeftSite { module, tensor_prefix: p, a, b, alpha, embedding });
         }
         if let Some(p) = b_map.keys().next() {
             return Err(wbad(format!("`{p}.lora_B.weight` has no matching `{p}.lora_A.weight`")));
@@ -273,8 +303,10 @@ impl PeftAdapter {
         config.insert("alpha_pattern".into(), Value::Object(alphas));
         let mut tensors: Vec<(String, Tensor)> = Vec::new();
         for s in &live {
-            tensors.push((format!("{}.lora_A.weight", s.tensor_prefix), s.a.detach().contiguous()));
-            tensors.push((format!("{}.lora_B.weight", s.tensor_prefix), s.b.detach().contiguous()));
+            let (a, b) =
+                if s.embedding { ("lora_embedding_A", "lora_embedding_B") } else { ("lora_A.weight", "lora_B.weight") };
+            tensors.push((format!("{}.{a}", s.tensor_prefix), s.a.detach().contiguous()));
+            tensors.push((format!("{}.{b}", s.tensor_prefix), s.b.detach().contiguous()));
         }
         for (n, t) in &self.other {
             tensors.push((n.clone(), t.shallow_clone()));

@@ -5,8 +5,8 @@
 //! (`model.embed_tokens.weight`, `model.layers.N.self_attn.q_proj.weight`, …, `model.norm.weight`,
 //! `lm_head.weight`), so real checkpoints load and ours load in `transformers`.
 //!
-//! Each of the seven projections (`q/k/v/o_proj`, `gate/up/down_proj`) may carry a LoRA site
-//! ([`crate::lora::Lora`]) added on top of the frozen weight. This file is the architecture and
+//! Each of the seven projections (`q/k/v/o_proj`, `gate/up/down_proj`), the token embedding and
+//! the head may carry a LoRA site ([`crate::lora::Lora`]) added on top of the frozen weight. This file is the architecture and
 //! its forward pass; the hyper-parameters are in [`crate::model::config`], reading and writing
 //! the weights in [`crate::model::weights`].
 
@@ -15,8 +15,8 @@ use rankpilot_config::BadInput;
 use tch::{Device, Kind, Tensor, nn};
 
 use crate::lora::Lora;
-use crate::model::Projection;
 pub use crate::model::config::{Architecture, Family, LlamaConfig, RopeScaling};
+use crate::model::{Projection, Target};
 
 /// A frozen projection weight `[out, in]` (and bias, where the family has one) with an optional
 /// LoRA site.
@@ -109,6 +109,10 @@ pub struct Llama {
     pub norm: Tensor,
     /// `lm_head.weight` (the embedding matrix itself when tied).
     pub lm_head: Tensor,
+    /// A LoRA site on the token embedding (`model.embed_tokens`, PEFT's `lora.Embedding`).
+    pub embed_lora: Option<Lora>,
+    /// A LoRA site on `lm_head` (its own, also when the weights are tied).
+    pub lm_head_lora: Option<Lora>,
 }
 
 fn sub<'a>(root: &nn::Path<'a>, dotted: &str) -> (nn::Path<'a>, String) {
@@ -177,7 +181,7 @@ impl Llama {
         } else {
             var("lm_head.weight", &[cfg.vocab_size, h], init)
         };
-        Llama { cfg: cfg.clone(), embed_tokens, layers, norm, lm_head }
+        Llama { cfg: cfg.clone(), embed_tokens, layers, norm, lm_head, embed_lora: None, lm_head_lora: None }
     }
 
     /// Logits `[batch, seq, vocab]` for token ids `[batch, seq]`.
@@ -186,6 +190,9 @@ impl Llama {
         let kind = self.embed_tokens.kind();
         let (cos, sin) = rope_tables(&self.cfg, t, ids.device(), kind);
         let mut x = Tensor::embedding(&self.embed_tokens, ids, -1, false, false);
+        if let Some(d) = self.embed_lora.as_ref().and_then(|l| l.forward_ids(ids, kind)) {
+            x += d;
+        }
         for layer in &self.layers {
             let h =
                 &x + self.attention(layer, &rms_norm(&x, &layer.input_layernorm, self.cfg.rms_norm_eps), &cos, &sin);
@@ -193,7 +200,57 @@ impl Llama {
             let mlp = layer.down_proj.forward(&(layer.gate_proj.forward(&n).silu() * layer.up_proj.forward(&n)));
             x = h + mlp;
         }
-        rms_norm(&x, &self.norm, self.cfg.rms_norm_eps).linear(&self.lm_head, None::<Tensor>)
+        let h = rms_norm(&x, &self.norm, self.cfg.rms_norm_eps);
+        let logits = h.linear(&self.lm_head, None::<Tensor>);
+        match self.lm_head_lora.as_ref().and_then(|l| l.forward(&h)) {
+            Some(d) => logits + d,
+            None => logits,
+        }
+    }
+
+    /// The shape `(d_in, d_out)` a site on `target` has (`(vocab, hidden)` for the embedding,
+    /// whose input is the one-hot token).
+    pub fn target_shape(&self, target: Target) -> (usize, usize) {
+        match target {
+            Target::EmbedTokens => (self.cfg.vocab_size, self.cfg.hidden_size),
+            Target::LmHead => (self.cfg.hidden_size, self.cfg.vocab_size),
+            Target::Layer(p) => self.cfg.projection_shape(p),
+        }
+    }
+
+    /// Every site's module name, target and layer, in [`Llama::sites`] order (whether or not a
+    /// site is attached there).
+    pub fn site_modules(&self, targets: &[Target]) -> Vec<(String, Target)> {
+        let mut out = Vec::new();
+        if targets.contains(&Target::EmbedTokens) {
+            out.push((Target::EMBED_MODULE.to_string(), Target::EmbedTokens));
+        }
+        for l in 0..self.cfg.num_hidden_layers {
+            for p in Projection::ALL {
+                if targets.contains(&Target::Layer(p)) {
+                    out.push((p.module_name(l), Target::Layer(p)));
+                }
+            }
+        }
+        if targets.contains(&Target::LmHead) {
+            out.push((Target::HEAD_MODULE.to_string(), Target::LmHead));
+        }
+        out
+    }
+
+    /// The slot for the site on `module` (`model.layers.N.<group>.<proj>`, `model.embed_tokens`,
+    /// `lm_head`), or `None` when the model has no such module.
+    pub fn site_slot(&mut self, module: &str) -> Option<(Target, &mut Option<Lora>)> {
+        match module {
+            Target::EMBED_MODULE => return Some((Target::EmbedTokens, &mut self.embed_lora)),
+            Target::HEAD_MODULE => return Some((Target::LmHead, &mut self.lm_head_lora)),
+            _ => {}
+        }
+        let n = self.cfg.num_hidden_layers;
+        let (l, p) = (0..n)
+            .flat_map(|l| Projection::ALL.into_iter().map(move |p| (l, p)))
+            .find(|(l, p)| p.module_name(*l) == module)?;
+        Some((Target::Layer(p), &mut self.layers[l].proj_mut(p).lora))
     }
 
     fn attention(&self, l: &Block, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
@@ -267,17 +324,23 @@ impl Llama {
     pub fn attach_adapter(&mut self, adapter: &crate::peft::PeftAdapter) -> Result<()> {
         let device = self.embed_tokens.device();
         for site in &adapter.sites {
-            let found = (0..self.cfg.num_hidden_layers)
-                .flat_map(|l| Projection::ALL.into_iter().map(move |p| (l, p)))
-                .find(|(l, p)| p.module_name(*l) == site.module);
-            let Some((l, p)) = found else {
+            let Some((target, _)) = self.site_slot(&site.module) else {
                 bail!(BadInput(format!(
-                    "{}: module `{}` is not a projection of this Llama model",
+                    "{}: module `{}` is not a projection, `lm_head` or `model.embed_tokens` of this Llama model",
                     adapter.dir.display(),
                     site.module
                 )));
             };
-            let (d_in, d_out) = self.cfg.projection_shape(p);
+            if site.embedding != (target == Target::EmbedTokens) {
+                bail!(BadInput(format!(
+                    "{}: `{}` has {} factors: allowed: `lora_embedding_A`/`_B` on `model.embed_tokens`, \
+                     `lora_A.weight`/`lora_B.weight` elsewhere",
+                    adapter.dir.display(),
+                    site.module,
+                    if site.embedding { "embedding" } else { "linear" }
+                )));
+            }
+            let (d_in, d_out) = self.target_shape(target);
             if site.a.size()[1] as usize != d_in || site.b.size()[0] as usize != d_out {
                 bail!(BadInput(format!(
                     "{}: `{}` has lora_A {:?} / lora_B {:?}, the model's projection is {d_in}→{d_out}",
@@ -288,17 +351,19 @@ impl Llama {
                 )));
             }
             crate::lora::check_rank(&site.module, site.rank(), d_in, d_out)?;
-            self.layers[l].proj_mut(p).lora = Some(Lora::from_factors(
+            let mut lora = Lora::from_factors(
                 &site.module,
                 site.a.to_device(device),
                 site.b.to_device(device),
                 site.alpha,
                 adapter.rslora,
-            ));
+            );
+            lora.embedding = site.embedding;
+            *self.site_slot(&site.module).expect("found above").1 = Some(lora);
         }
         for (name, t) in &adapter.other {
             let value = self.saved_module_value(adapter, name, t)?;
-            *self.param_mut(crate::peft::base_name(name)).expect("checked") = value;
+            *self.param_mut(&crate::peft::base_name(name)).expect("checked") = value;
         }
         Ok(())
     }
@@ -309,7 +374,7 @@ impl Llama {
     pub fn saved_module_value(&mut self, adapter: &crate::peft::PeftAdapter, name: &str, t: &Tensor) -> Result<Tensor> {
         let file = adapter.dir.join(crate::peft::WEIGHTS_FILE);
         let base = crate::peft::base_name(name);
-        let Some(current) = self.param_mut(base) else {
+        let Some(current) = self.param_mut(&base) else {
             bail!(BadInput(format!(
                 "{}: tensor `{name}` is neither a LoRA factor nor a parameter of this model (`modules_to_save` \
                  must name modules such as lm_head, embed_tokens or a norm)",
@@ -367,14 +432,17 @@ impl Llama {
         }
     }
 
-    /// Every adapted projection's site, layer by layer in [`Projection::ALL`] order.
+    /// Every site: the embedding's, then layer by layer in [`Projection::ALL`] order, then the
+    /// head's (the order of the forward pass).
     pub fn sites(&self) -> Vec<&Lora> {
-        self.layers.iter().flat_map(|l| Projection::ALL.iter().filter_map(move |&p| l.proj(p).lora.as_ref())).collect()
+        let layers =
+            self.layers.iter().flat_map(|l| Projection::ALL.iter().filter_map(move |&p| l.proj(p).lora.as_ref()));
+        self.embed_lora.iter().chain(layers).chain(self.lm_head_lora.iter()).collect()
     }
 
     /// Mutable access to every site, in [`Llama::sites`] order.
     pub fn sites_mut(&mut self) -> Vec<&mut Lora> {
-        let mut out = Vec::new();
+        let mut out: Vec<&mut Lora> = self.embed_lora.iter_mut().collect();
         for l in self.layers.iter_mut() {
             let Block { q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, .. } = l;
             // Field by field, in Projection::ALL order (the borrows must be disjoint).
@@ -384,6 +452,7 @@ impl Llama {
                 }
             }
         }
+        out.extend(self.lm_head_lora.iter_mut());
         out
     }
 }

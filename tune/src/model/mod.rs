@@ -6,4 +6,4 @@ pub mod llama;
 pub mod projection;
 pub mod weights;
 
-pub use projection::Projection;
+pub use projection::{Projection, Target};
