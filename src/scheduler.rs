@@ -29,7 +29,7 @@ use tune::finetune::{RankPlan, SiteSignals};
 
 /// Scheduler names accepted by `--scheduler`, for error messages.
 pub const SCHEDULER_NAMES: &str =
-    "fixed, fixed:R, adalora, squeeze, policy:<checkpoint dir>, or a classic one with +skip (e.g. fixed+skip)";
+    "fixed, fixed:R, adalora, squeeze, eva, policy:<checkpoint dir>, or a classic one with +skip (e.g. fixed+skip)";
 
 /// What a scheduler sees at a round boundary.
 pub struct RoundView<'a> {
@@ -113,6 +113,9 @@ pub enum SchedulerSpec {
     Adalora,
     /// `squeeze`.
     Squeeze,
+    /// `eva`: EVA's rank redistribution by explained variance ([`EvaRedistribution`]); its
+    /// runs start their sites with EVA ([`SchedulerSpec::needs_eva_init`]).
+    Eva,
     /// `policy:<dir>`.
     Policy(PathBuf),
     /// `<classic>+skip`: the classic scheduler, skipping every round whose plan does not fit the
@@ -138,6 +141,7 @@ impl SchedulerSpec {
                 "fixed" => Ok(SchedulerSpec::Fixed(None)),
                 "adalora" => Ok(SchedulerSpec::Adalora),
                 "squeeze" => Ok(SchedulerSpec::Squeeze),
+                "eva" => Ok(SchedulerSpec::Eva),
                 _ => Err(bad()),
             },
             Some(("fixed", r)) => {
@@ -145,6 +149,16 @@ impl SchedulerSpec {
             }
             Some(("policy", dir)) if !dir.is_empty() => Ok(SchedulerSpec::Policy(PathBuf::from(dir))),
             _ => Err(bad()),
+        }
+    }
+
+    /// Whether the scheduler reads EVA's explained variance, so that its runs must start their
+    /// sites with `--init eva` (the commands then do so by default).
+    pub fn needs_eva_init(&self) -> bool {
+        match self {
+            SchedulerSpec::Eva => true,
+            SchedulerSpec::SkipUnfit(inner) => inner.needs_eva_init(),
+            _ => false,
         }
     }
 
@@ -164,6 +178,7 @@ impl SchedulerSpec {
             SchedulerSpec::Fixed(Some(r)) => format!("fixed:{r}"),
             SchedulerSpec::Adalora => "adalora".into(),
             SchedulerSpec::Squeeze => "squeeze".into(),
+            SchedulerSpec::Eva => "eva".into(),
             SchedulerSpec::SkipUnfit(inner) => format!("{}+skip", inner.label()),
             SchedulerSpec::Policy(d) => {
                 let name = |p: &Path| p.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
@@ -241,6 +256,22 @@ impl SchedulerSpec {
                 }
                 uniform(s.rank_at(0), "squeeze's starting rank")?;
                 Box::new(Squeeze { schedule: s, n: params_per_rank.len() })
+            }
+            SchedulerSpec::Eva => {
+                let rank = (budget / c).floor() as usize;
+                if rank == 0 {
+                    bail!(BadInput(format!(
+                        "a budget of {budget:.0} parameters is below one uniform rank ({c:.0} parameters): too small for eva"
+                    )));
+                }
+                Box::new(EvaRedistribution {
+                    rank,
+                    rho: EVA_RHO,
+                    params_per_rank: params_per_rank.to_vec(),
+                    max_rank: max_rank.to_vec(),
+                    budget,
+                    plan: None,
+                })
             }
             SchedulerSpec::Policy(dir) => {
                 Box::new(PolicyScheduler::load(dir, self.label(), params_per_rank.to_vec(), budget, device)?)
@@ -507,6 +538,73 @@ impl RankScheduler for Squeeze {
     }
 }
 
+/// EVA's cap on a site's rank, as a multiple of the uniform rank (PEFT's default `rho = 2`).
+pub const EVA_RHO: f64 = 2.0;
+
+/// EVA's rank redistribution (Paischer et al. 2024; PEFT's `initialize_lora_eva_weights`): the
+/// components of every site's input basis compete on their explained-variance ratio, each site
+/// capped at `rho` times the uniform rank; the largest ratios win until the budget is spent.
+/// PEFT counts the budget in components (`r` × sites); here it is the run's parameter budget
+/// (a component of a site costs its `d_in + d_out`), so that every row of a table spends the
+/// same adapter size. The plan is made once and held for the run.
+pub struct EvaRedistribution {
+    /// The uniform rank of the budget.
+    pub rank: usize,
+    /// The cap per site, in multiples of `rank`.
+    pub rho: f64,
+    params_per_rank: Vec<f64>,
+    max_rank: Vec<usize>,
+    budget: f64,
+    /// The plan, once made (from the sites' bases, which do not change during a run, so a
+    /// resumed run makes the same one).
+    plan: Option<Vec<usize>>,
+}
+
+impl EvaRedistribution {
+    /// The plan for sites whose explained-variance ratios are `variance` (descending per site).
+    pub fn redistribute(&self, variance: &[&[f64]]) -> Vec<usize> {
+        let cap = ((self.rank as f64 * self.rho).floor() as usize).max(self.rank);
+        let mut candidates: Vec<(f64, usize, usize)> = variance
+            .iter()
+            .enumerate()
+            .flat_map(|(i, v)| v.iter().take(cap.min(self.max_rank[i])).enumerate().map(move |(j, &x)| (x, i, j)))
+            .collect();
+        // Largest ratio first; ties to the earlier site and component (deterministic).
+        candidates.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
+        let mut ranks = vec![0usize; variance.len()];
+        let mut spent = 0.0;
+        for (_, i, j) in candidates {
+            // A site's components are taken in order (ratios descend within a site).
+            if j == ranks[i] && spent + self.params_per_rank[i] <= self.budget * (1.0 + 1e-9) {
+                ranks[i] += 1;
+                spent += self.params_per_rank[i];
+            }
+        }
+        ranks
+    }
+}
+
+impl RankScheduler for EvaRedistribution {
+    fn name(&self) -> String {
+        "eva".into()
+    }
+    fn plan(&mut self, view: &RoundView<'_>) -> Result<RankPlan> {
+        if let Some(plan) = &self.plan {
+            return Ok(RankPlan::new(plan.clone()));
+        }
+        if let Some(s) = view.signals.iter().find(|s| s.input_variance.is_empty() && s.projection != "embed_tokens") {
+            bail!(BadInput(format!(
+                "scheduler eva: site `{}` has no input basis; allowed: a run with --init eva",
+                s.name
+            )));
+        }
+        let variance: Vec<&[f64]> = view.signals.iter().map(|s| s.input_variance.as_slice()).collect();
+        let plan = self.redistribute(&variance);
+        self.plan = Some(plan.clone());
+        Ok(RankPlan::new(plan))
+    }
+}
+
 /// A trained policy (`rankpilot train` checkpoint) acting greedily on the run's observation.
 /// Its plan fits the resource's conservative budget estimate (the policy's own MCKP allocation)
 /// and at most `budget` adapter parameters per round.
@@ -615,7 +713,7 @@ mod tests {
             SchedulerSpec::Policy("checkpoints/x".into())
         );
         let e = SchedulerSpec::parse("adalorra").unwrap_err();
-        assert!(e.contains("allowed: fixed, fixed:R, adalora, squeeze, policy:"), "{e}");
+        assert!(e.contains("allowed: fixed, fixed:R, adalora, squeeze, eva, policy:"), "{e}");
         assert!(SchedulerSpec::parse("policy:").is_err());
         let s = SchedulerSpec::parse("fixed:4+skip").unwrap();
         assert_eq!(s, SchedulerSpec::SkipUnfit(Box::new(SchedulerSpec::Fixed(Some(4)))));
@@ -689,6 +787,7 @@ mod tests {
                 component_importance: sc.clone(),
                 grad_norm: 0.0,
                 singular_values: vec![],
+                input_variance: vec![],
             })
             .collect()
     }
@@ -822,6 +921,33 @@ mod tests {
         });
         let plan = s.plan(&view).unwrap();
         assert!(!plan.skip && plan.ranks.iter().all(|&r| ranks.contains(&(r as u32))), "{plan:?}");
+    }
+
+    /// EVA's redistribution: components compete on explained variance across sites, each site
+    /// capped at rho × the uniform rank, within the parameter budget; the plan is held.
+    #[test]
+    fn eva_redistributes_ranks_by_explained_variance_within_the_budget() {
+        let spec = SchedulerSpec::parse("eva").unwrap();
+        assert!(spec.needs_eva_init() && spec.label() == "eva");
+        let eva = EvaRedistribution {
+            rank: 2,
+            rho: 2.0,
+            params_per_rank: vec![10.0, 10.0, 20.0],
+            max_rank: vec![8, 8, 3],
+            budget: 2.0 * 40.0,
+            plan: None,
+        };
+        // Site 0 concentrated, site 1 flat, site 2 in between but costlier and capped at 3.
+        let v0 = [0.5, 0.3, 0.1, 0.05, 0.03];
+        let v1 = [0.12, 0.11, 0.1, 0.1, 0.1];
+        let v2 = [0.4, 0.35, 0.2, 0.01];
+        let plan = eva.redistribute(&[&v0, &v1, &v2]);
+        // Taken by ratio: 0.5 (s0), 0.4 (s2), 0.35 (s2), 0.3 (s0), 0.2 (s2, its cap of 3):
+        // 2·10 + 3·20 = 80 spends the budget, so the flat site gets nothing.
+        let spent: f64 = plan.iter().zip(&eva.params_per_rank).map(|(&r, c)| r as f64 * c).sum();
+        assert!(spent <= 80.0, "{plan:?}");
+        assert_eq!(plan, vec![2, 0, 3], "the largest ratios that fit");
+        assert!(plan.iter().zip([4, 4, 3]).all(|(&r, cap)| r <= cap));
     }
 
     #[test]

@@ -283,7 +283,11 @@ fn bad_scheduler_inputs_exit_2_and_say_what_would_work() {
         assert_eq!(o.status.code(), Some(2), "{extra:?}: {}", common::text(&o));
         assert!(common::text(&o).contains(expect), "{extra:?}: expected `{expect}` in: {}", common::text(&o));
     };
-    case(&model, &["--scheduler", "adalorra"], "allowed: fixed, fixed:R, adalora, squeeze, policy:<checkpoint dir>");
+    case(
+        &model,
+        &["--scheduler", "adalorra"],
+        "allowed: fixed, fixed:R, adalora, squeeze, eva, policy:<checkpoint dir>",
+    );
     case(&model, &["--scheduler", "fixed", "--budget", "100"], "below the smallest uniform plan");
     case(&model, &["--scheduler", "fixed:8", "--budget", "rank:4"], "allowed: fixed:R with R <= 4");
     case(&model, &["--scheduler", "squeeze", "--budget", "rank:1"], "too small for squeeze");

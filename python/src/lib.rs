@@ -531,6 +531,13 @@ fn largest_rank(scheduler: &str, budget: &str, sites: Vec<SiteShape>) -> PyResul
                 cfg.schema.ranks.iter().copied().max().unwrap_or(0) as usize
             }
             SchedulerSpec::SkipUnfit(inner) => of(inner, p, c)?,
+            // EVA's redistribution reads the input bases `--init eva` computes in the Rust loop;
+            // the Trainer callback does not compute them.
+            SchedulerSpec::Eva => {
+                return Err(bad(
+                    "scheduler eva: needs EVA's input bases, which only `rankpilot finetune --init eva` computes; allowed here: fixed, fixed:R, adalora, squeeze, policy:<dir>",
+                ));
+            }
         })
     }
     let cap = sites.iter().map(|s| s.d_in.min(s.d_out)).max().unwrap_or(0);
@@ -696,6 +703,7 @@ fn signals_of(s: &SiteShape, r: Option<&SiteReading>) -> SiteSignals {
         component_importance: r.map_or_else(Vec::new, |r| r.component_importance.clone()),
         grad_norm: r.map_or(0.0, |r| r.grad_norm),
         singular_values: r.map_or_else(Vec::new, |r| r.singular_values.clone()),
+        input_variance: Vec::new(),
     }
 }
 

@@ -189,7 +189,11 @@ pub fn run(a: &CompareArgs) -> Result<()> {
                 schedule: a.input.lr_schedule,
                 grad_accum: a.input.grad_accum,
                 lora_dropout: a.input.lora_dropout,
-                init: spec.init.unwrap_or(a.input.init),
+                init: spec.init.unwrap_or(if spec.scheduler.needs_eva_init() && a.input.init == SiteInit::Kaiming {
+                    SiteInit::Eva { batches: 4 }
+                } else {
+                    a.input.init
+                }),
                 seq_len: a.input.seq_len,
                 adam: AdamW { lr: a.input.lr, ..AdamW::default() },
                 eval_batches: a.eval_batches,

@@ -89,7 +89,8 @@ pub struct FinetuneArgs {
     #[arg(long)]
     no_importance: bool,
     /// Rank scheduler deciding every site's rank at each round boundary: `fixed` (the largest
-    /// uniform rank within --budget), `fixed:R`, `adalora`, `squeeze` or `policy:<checkpoint dir>`;
+    /// uniform rank within --budget), `fixed:R`, `adalora`, `squeeze`, `eva` (EVA's redistribution
+    /// by explained variance, with --init eva) or `policy:<checkpoint dir>`;
     /// a classic one with `+skip` (e.g. `fixed+skip`) skips every round whose plan does not fit the
     /// resource's conservative estimate, as a policy may (nothing trained or sent, adapters kept).
     /// Sites start empty and round 0's plan sets them (--ranks, --resize-at and --adapter are for
@@ -153,7 +154,13 @@ pub fn run(a: &FinetuneArgs) -> Result<()> {
         schedule: a.input.lr_schedule,
         grad_accum: a.input.grad_accum,
         lora_dropout: a.input.lora_dropout,
-        init: a.input.init,
+        // `eva` reads the sites' input bases: its runs start with EVA unless told otherwise.
+        init: match (&a.scheduler, a.input.init) {
+            (Some(spec), tune::finetune::SiteInit::Kaiming) if spec.needs_eva_init() => {
+                tune::finetune::SiteInit::Eva { batches: 4 }
+            }
+            (_, init) => init,
+        },
         seq_len: a.input.seq_len,
         adam: AdamW { lr: a.input.lr, weight_decay: a.weight_decay, ..AdamW::default() },
         warmup_steps: a.warmup,

@@ -181,6 +181,15 @@ def cmd_family(family, model_dir, adapter_dir, ref):
     print(json.dumps({"model_type": model.config.model_type, "adapter_effect": (adapted - base).abs().max().item()}))
 
 
+def adapted_and_base(peft_model, ids):
+    """The logits of `ids` with the adapter, and with it disabled."""
+    with torch.no_grad():
+        adapted = peft_model(input_ids=ids).logits
+        with peft_model.disable_adapter():
+            base = peft_model(input_ids=ids).logits
+    return adapted, base
+
+
 def cmd_saved(model_dir, adapter_dir, ref):
     from peft import LoraConfig, get_peft_model
     from safetensors.torch import save_file
@@ -195,10 +204,7 @@ def cmd_saved(model_dir, adapter_dir, ref):
         head.weight.add_(0.05 * torch.randn_like(head.weight))
     peft_model.save_pretrained(adapter_dir)
     ids = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        adapted = peft_model(input_ids=ids).logits
-        with peft_model.disable_adapter():
-            base = peft_model(input_ids=ids).logits
+    adapted, base = adapted_and_base(peft_model, ids)
     save_file({"ids": ids, "adapted": adapted.contiguous(), "lm_head": head.weight.detach().contiguous()}, ref)
     print(json.dumps({"adapter_effect": (adapted - base).abs().max().item()}))
 
@@ -214,10 +220,7 @@ def cmd_embedded(family, model_dir, adapter_dir, ref):
     peft_model = get_peft_model(model, lcfg).eval()
     peft_model.save_pretrained(adapter_dir)
     ids = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        adapted = peft_model(input_ids=ids).logits
-        with peft_model.disable_adapter():
-            base = peft_model(input_ids=ids).logits
+    adapted, base = adapted_and_base(peft_model, ids)
     save_file({"ids": ids, "adapted": adapted.contiguous()}, ref)
     print(json.dumps({"ranks": {n: m.r["default"] for n, m in lora_modules(peft_model).items()},
                       "adapter_effect": (adapted - base).abs().max().item()}))

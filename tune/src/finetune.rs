@@ -121,6 +121,9 @@ pub struct SiteSignals {
     pub grad_norm: f64,
     /// Singular values of `s·B·A` (QR-core route), descending; empty unless requested.
     pub singular_values: Vec<f64>,
+    /// EVA's explained-variance ratios of the site's input directions (empty without
+    /// `--init eva`).
+    pub input_variance: Vec<f64>,
 }
 
 /// What a round can change, taken before it so that a round lost to the resource can be undone
@@ -381,7 +384,9 @@ impl Finetuner {
             let k = EVA_COMPONENTS.min(site.d_in).min(x.size()[0] as usize);
             let opt = crate::svd::RsvdOptions { oversample: 10, power_iters: 2, seed: seed ^ site.seed };
             let svd = tch::no_grad(|| crate::svd::randomized_svd(&x, k, opt));
+            let total = x.square().sum(Kind::Double).double_value(&[]).max(f64::MIN_POSITIVE);
             site.init_from_basis(svd.v.tr().contiguous())?;
+            site.input_variance = svd.values().iter().map(|s| s * s / total).collect();
         }
         Ok(())
     }
@@ -598,6 +603,7 @@ impl Finetuner {
                 component_importance: s.component_importance(),
                 grad_norm: s.last_grad_norm,
                 singular_values: if with_spectrum { s.singular_values() } else { Vec::new() },
+                input_variance: s.input_variance.clone(),
             })
             .collect()
     }

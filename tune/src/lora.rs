@@ -227,6 +227,9 @@ pub struct Lora {
     /// Principal directions of the site's inputs, `[k, in]` unit rows in order of explained
     /// variance (EVA, [`Lora::init_from_basis`]): where a grow takes its new directions.
     pub input_basis: Option<Tensor>,
+    /// The share of the inputs' energy `σ_i² / ‖X‖²_F` along each row of `input_basis` (EVA's
+    /// explained-variance ratios, descending; empty without a basis).
+    pub input_variance: Vec<f64>,
     /// While `Some`, [`Lora::forward`] appends its input rows here (EVA's activation pass).
     pub captured_inputs: std::cell::RefCell<Option<Vec<Tensor>>>,
     draws: u64,
@@ -338,6 +341,7 @@ impl Lora {
             seed: name_hash(name),
             embedding: false,
             input_basis: None,
+            input_variance: Vec::new(),
             captured_inputs: std::cell::RefCell::new(None),
             draws: 0,
         }
@@ -608,7 +612,7 @@ impl Lora {
             "name": self.name, "alpha": self.alpha, "rslora": self.rslora, "adam_steps": self.adam_steps,
             "adam": self.adam.is_some(), "importance": self.importance.is_some(),
             "last_grad_norm": self.last_grad_norm, "seed": self.seed, "draws": self.draws,
-            "embedding": self.embedding,
+            "embedding": self.embedding, "input_variance": self.input_variance,
         })
     }
 
@@ -636,6 +640,8 @@ impl Lora {
         l.draws = v["draws"].as_u64()?;
         l.embedding = v.get("embedding").and_then(|e| e.as_bool()).unwrap_or(false);
         l.input_basis = get("input_basis");
+        l.input_variance =
+            serde_json::from_value(v.get("input_variance").cloned().unwrap_or_default()).unwrap_or_default();
         Some(l)
     }
 
@@ -666,6 +672,7 @@ impl Lora {
             seed: self.seed,
             embedding: self.embedding,
             input_basis: self.input_basis.as_ref().map(|b| b.shallow_clone()),
+            input_variance: self.input_variance.clone(),
             captured_inputs: std::cell::RefCell::new(None),
             draws: self.draws,
         }
@@ -763,7 +770,7 @@ impl Lora {
         if basis.size().len() != 2 || basis.size()[1] as usize != self.d_in {
             bail!("{}: input basis {:?} does not fit in-features {}", self.name, basis.size(), self.d_in);
         }
-        if self.b.abs().max().double_value(&[]) != 0.0 {
+        if self.b.numel() > 0 && self.b.abs().max().double_value(&[]) != 0.0 {
             bail!("{}: EVA initialisation needs a fresh site (B = 0)", self.name);
         }
         let basis = basis.to_kind(Kind::Float).to_device(self.a.device());
