@@ -37,6 +37,9 @@ enum Command {
     /// Measure a model's sites with a short high-rank probe run and write an environment preset.
     Calibrate(commands::calibrate::CalibrateArgs),
     /// Run the same fine-tuning under several rank schedulers at an equal budget; tables in MD + JSON.
+    // A later flag overrides an earlier one: `--jobs` workers rerun their parent's arguments
+    // with their own seed appended.
+    #[command(args_override_self = true)]
     Compare(commands::compare::CompareArgs),
     /// Loss and perplexity of a model (with an optional PEFT adapter) on text.
     Evaluate(commands::evaluate::EvaluateArgs),

@@ -211,7 +211,10 @@ impl RunResource {
             resource: self.spec.resource.kind(),
             estimated_budget: self.state.est_budget,
             conservative_budget: self.state.safe_budget,
-            cost_coef: self.spec.preset.reward.cost_coef,
+            // Without a resource nothing is sent: the parameter cap is the only limit, and
+            // spending up to it has no price (a policy's prior then spends the budget where the
+            // spectra say it helps, instead of trading it against a price no run pays).
+            cost_coef: if self.simulate { self.spec.preset.reward.cost_coef } else { 0.0 },
             privileged: None,
         }
     }
@@ -344,7 +347,7 @@ pub struct RoundRecord {
 }
 
 /// The outcome of a scheduled run.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RunReport {
     /// Scheduler name.
     pub scheduler: String,

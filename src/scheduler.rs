@@ -875,7 +875,7 @@ mod tests {
         let model = PolicyModel::new(
             Device::Cpu,
             &ranks,
-            policies::network::NetConfig { hidden: 8, skip: true },
+            policies::network::NetConfig { hidden: 8, skip: true, ..Default::default() },
             policies::ddim::DdimConfig::default(),
         );
         let bias = &model.vs.variables()["net.skip.bias"];

@@ -208,6 +208,35 @@ fn compare_runs_all_four_schedulers_at_an_equal_budget_and_writes_tables() {
     let md = std::fs::read_to_string(none_dir.join("compare.md")).unwrap();
     assert!(!md.contains("sent") && !md.contains("rounds lost") && !md.contains("0.00×"), "{md}");
     assert!(md.contains("| mean adapter params | final adapter params | wall s / run |"), "{md}");
+
+    // `--jobs 2` runs the two seeds in two processes with the cores divided between them: the
+    // same per-seed losses as one process at that thread count.
+    let threads = (std::thread::available_parallelism().map_or(1, |n| n.get()) / 2).max(1).to_string();
+    let losses = |dir: &Path| -> Vec<serde_json::Value> {
+        let j: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("compare.json")).unwrap()).unwrap();
+        j["rows"].as_array().unwrap().iter().map(|r| r["val_loss"].clone()).collect()
+    };
+    let (seq_dir, par_dir) = (dir.path().join("cmp-seq"), dir.path().join("cmp-par"));
+    args.retain(|&x| x != "--logdir" && x != none_dir.to_str().unwrap());
+    let with_logdir = |d: &Path| -> Vec<String> {
+        args.iter().map(|s| s.to_string()).chain(["--logdir".into(), d.to_str().unwrap().into()]).collect()
+    };
+    let seq = with_logdir(&seq_dir);
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_rankpilot"))
+        .args(&seq)
+        .current_dir(common::root())
+        .env_remove("LD_LIBRARY_PATH")
+        .env("OMP_NUM_THREADS", &threads)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", common::text(&o));
+    let mut par = with_logdir(&par_dir);
+    par.extend(["--jobs".into(), "2".into()]);
+    let o = common::rankpilot(&par.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(o.status.success(), "{}", common::text(&o));
+    assert!(common::text(&o).contains(&format!("in 2 processes at a time, {threads} thread(s) each")), "{}", common::text(&o));
+    assert_eq!(losses(&par_dir), losses(&seq_dir), "--jobs 2 against one process at {threads} thread(s)");
+    assert_eq!(losses(&par_dir)[0].as_array().unwrap().len(), 2);
 }
 
 #[test]

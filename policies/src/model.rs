@@ -15,7 +15,7 @@ use envs::{GLOBAL_FEATURES, GlobalFeature, Observation, RankPolicy, RoundContext
 use crate::ddim::{self, DdimConfig, Denoiser};
 use crate::network::{NetConfig, PolicyNet};
 use crate::normalize::ObsNormalizer;
-use crate::prior::{Prior, PriorConfig};
+use crate::prior::{ESTIMATE_GLOBAL_NAMES, ESTIMATE_SITE_NAMES, Prior, PriorConfig, PriorOutput, Want};
 use crate::projection::project_to_budget;
 
 /// A batch of raw observations, as [`envs::VecEnv`] lays them out: `n_envs` rows of
@@ -163,6 +163,11 @@ pub struct PolicyModel {
     pub ddim_active: bool,
     /// The model-based prior the network's logits are a residual to, when enabled.
     pub prior: Option<Prior>,
+    /// With `net.estimates` and no prior: the prior's online inference alone, whose
+    /// estimates the network reads (its values are never used).
+    pub estimator: Option<Prior>,
+    /// The network reads the estimates (`net.estimates`).
+    pub estimates: bool,
 }
 
 impl PolicyModel {
@@ -176,13 +181,20 @@ impl PolicyModel {
     pub fn with_prior(device: Device, ranks: &[u32], net: NetConfig, ddim: DdimConfig, prior: &PriorConfig) -> Self {
         let vs = nn::VarStore::new(device);
         let root = vs.root();
+        let (g_dim, s_dim) = input_dims(net.estimates, ranks.len());
         let network = PolicyNet::with_prior(
             &(&root / "net"),
-            GLOBAL_FEATURES as i64,
-            SITE_FEATURES as i64,
+            g_dim as i64,
+            s_dim as i64,
             ranks.len() as i64,
             net,
             prior.enabled.then_some((prior.scale, prior.learn_scale, prior.scale_residual)),
+            net.estimates.then(|| crate::network::RankInputs {
+                price: (SITE_FEATURES + 1) as i64,
+                captured: (SITE_FEATURES + 2) as i64,
+                energy: (SITE_FEATURES + ESTIMATE_SITE_NAMES.len()) as i64,
+                ranks: ranks.to_vec(),
+            }),
         );
         let denoiser = ddim
             .enabled
@@ -197,6 +209,29 @@ impl PolicyModel {
             ranks: ranks.to_vec(),
             ddim_active: false,
             prior: prior.enabled.then(|| Prior::new(prior.clone(), ranks)),
+            estimator: (net.estimates && !prior.enabled)
+                .then(|| Prior::new(PriorConfig { infer: true, ..prior.clone() }, ranks)),
+            estimates: net.estimates,
+        }
+    }
+
+    /// Widths of the network's global and site inputs: the observation's features, plus the
+    /// estimates with `net.estimates`.
+    pub fn input_dims(&self) -> (usize, usize) {
+        input_dims(self.estimates, self.ranks.len())
+    }
+
+    /// The prior's values (when there is a prior), skip margins (with a skip head too) and the
+    /// estimates (with `net.estimates`) of a batch, from one round model per environment:
+    /// each environment's belief sees this observation once.
+    pub fn prior_output(&self, obs: ObsBatch<'_>, budget: BudgetContext<'_>, beliefs: &mut [Belief]) -> PriorOutput {
+        match self.prior.as_ref().or(self.estimator.as_ref()) {
+            Some(p) => {
+                let values = self.prior.is_some();
+                let want = Want { values, skip: values && self.net.has_skip(), estimates: self.estimates };
+                p.evaluate(obs, budget, beliefs, want)
+            }
+            None => PriorOutput::default(),
         }
     }
 
@@ -205,21 +240,30 @@ impl PolicyModel {
         self.vs.device()
     }
 
-    /// Normalized copies of raw observations as tensors: global [N, G], sites [N, L, F], mask.
+    /// The network's inputs for raw observations as tensors: global [N, G], sites [N, L, F],
+    /// mask, and the same rows as vectors. The features are normalized; with `net.estimates`
+    /// each row is followed by its estimates from `est` ([`PolicyModel::prior_output`]).
     pub fn tensors(
         &self,
         global: &[f32],
         sites: &[f32],
         n_envs: usize,
         n_sites: usize,
+        est: &PriorOutput,
     ) -> (Tensor, Tensor, Tensor, Vec<f32>, Vec<f32>) {
         let mut g = global.to_vec();
         let mut s = sites.to_vec();
         self.norm.global.normalize(&mut g);
         self.norm.site.normalize(&mut s);
+        let (g_dim, s_dim) = self.input_dims();
+        if self.estimates {
+            assert_eq!(est.est_sites.len(), n_envs * n_sites * (s_dim - SITE_FEATURES), "estimates of every site");
+            g = append_rows(&g, GLOBAL_FEATURES, &est.est_global, g_dim - GLOBAL_FEATURES);
+            s = append_rows(&s, SITE_FEATURES, &est.est_sites, s_dim - SITE_FEATURES);
+        }
         let dev = self.device();
-        let gt = Tensor::from_slice(&g).view([n_envs as i64, GLOBAL_FEATURES as i64]).to_device(dev);
-        let st = Tensor::from_slice(&s).view([n_envs as i64, n_sites as i64, SITE_FEATURES as i64]).to_device(dev);
+        let gt = Tensor::from_slice(&g).view([n_envs as i64, g_dim as i64]).to_device(dev);
+        let st = Tensor::from_slice(&s).view([n_envs as i64, n_sites as i64, s_dim as i64]).to_device(dev);
         let mask = Tensor::ones([n_envs as i64, n_sites as i64], (Kind::Float, dev));
         (gt, st, mask, g, s)
     }
@@ -241,14 +285,12 @@ impl PolicyModel {
         let ObsBatch { global, sites, n_envs, n_sites } = obs;
         let BudgetContext { unit_cost, budgets, .. } = budget;
         let k = self.ranks.len();
-        let (prior, skip_margin) = match &self.prior {
-            Some(p) => p.values(obs, budget, beliefs, self.net.has_skip()),
-            None => (Vec::new(), Vec::new()),
-        };
+        let est = self.prior_output(obs, budget, beliefs);
         let current = self.current_indices(sites, n_envs, n_sites);
         let skip_allowed: Vec<bool> =
             global.chunks_exact(GLOBAL_FEATURES).map(|g| g[GlobalFeature::ResourceBudget] == 0.0).collect();
-        let (gt, st, mask, global, sites) = self.tensors(global, sites, n_envs, n_sites);
+        let (gt, st, mask, global, sites) = self.tensors(global, sites, n_envs, n_sites, &est);
+        let PriorOutput { values: prior, skip_margin, .. } = est;
         let prior_t = (!prior.is_empty()).then(|| {
             Tensor::from_slice(&prior).view([n_envs as i64, n_sites as i64, k as i64]).to_device(self.device())
         });
@@ -463,6 +505,26 @@ impl PolicyModel {
         }
         Ok(())
     }
+}
+
+/// Widths of a network's global and site inputs over a rank set of `k` ranks, with or without
+/// the estimates.
+pub fn input_dims(estimates: bool, k: usize) -> (usize, usize) {
+    if estimates {
+        (GLOBAL_FEATURES + ESTIMATE_GLOBAL_NAMES.len(), SITE_FEATURES + ESTIMATE_SITE_NAMES.len() + k)
+    } else {
+        (GLOBAL_FEATURES, SITE_FEATURES)
+    }
+}
+
+/// Rows of width `a` from `left` each followed by its row of width `b` from `right`.
+fn append_rows(left: &[f32], a: usize, right: &[f32], b: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(left.len() + right.len());
+    for (l, r) in left.chunks_exact(a).zip(right.chunks_exact(b)) {
+        out.extend_from_slice(l);
+        out.extend_from_slice(r);
+    }
+    out
 }
 
 /// Where [`sample_plan`] writes one state's plan.

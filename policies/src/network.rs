@@ -52,11 +52,71 @@ pub struct NetConfig {
     /// presets whose resource is a fixed parameter budget, where skipping saves nothing.
     #[serde(default)]
     pub skip: bool,
+    /// The network also reads the episode's estimates (default false): the inferred horizon,
+    /// η, removable loss, and per site its sensitivity, price, captured share and energy at
+    /// every rank (`prior::ESTIMATE_GLOBAL_NAMES`, `prior::estimate_site_names`), appended to
+    /// the normalized features. They come from the prior's online inference
+    /// ([`crate::belief`]), which runs even when the prior's values are not used.
+    #[serde(default)]
+    pub estimates: bool,
+    /// A per-rank head (default false; needs `estimates`): each rank's logit is a small
+    /// network, shared across ranks and sites, of the site in context and that rank's own
+    /// estimates (energy share, price, energy still to capture, log rank). Rank j of site l is
+    /// then judged by what choosing it would bring, not by its position in the rank set.
+    #[serde(default)]
+    pub rank_head: bool,
 }
 
 impl Default for NetConfig {
     fn default() -> Self {
-        NetConfig { hidden: 64, skip: false }
+        NetConfig { hidden: 64, skip: false, estimates: false, rank_head: false }
+    }
+}
+
+/// Where the per-rank head finds each rank's inputs in a site row (the estimates follow the
+/// observation's features, see `prior::ESTIMATE_SITE_NAMES`), and the rank set.
+#[derive(Debug, Clone)]
+pub struct RankInputs {
+    /// Column of the site's price of its largest rank (`est_price_max_rank`).
+    pub price: i64,
+    /// Column of the captured share (`est_captured`).
+    pub captured: i64,
+    /// First column of the energy row (`est_energy_r<rank>`, one per rank).
+    pub energy: i64,
+    /// The rank set.
+    pub ranks: Vec<u32>,
+}
+
+/// Inputs of the per-rank head for one (site, rank): energy share, price, energy still to
+/// capture, log rank.
+const RANK_INPUTS: i64 = 4;
+
+/// The per-rank head (`net.rank_head`): logit_lj = w_o·tanh(W_h h_l + W_z z_lj + b) + b_o.
+#[derive(Debug)]
+struct RankHead {
+    from_site: nn::Linear,
+    from_rank: nn::Linear,
+    out: nn::Linear,
+    inputs: RankInputs,
+    /// r_j / r_max and log2(1 + r_j) / log2(1 + r_max) per rank [K].
+    rank_share: Tensor,
+    rank_log: Tensor,
+}
+
+impl RankHead {
+    /// The logits [B, L, K] from the sites in context `h` [B, L, H] and the site rows [B, L, F].
+    fn forward(&self, h: &Tensor, sites: &Tensor) -> Tensor {
+        let k = self.inputs.ranks.len() as i64;
+        let energy = sites.narrow(-1, self.inputs.energy, k); // [B, L, K]
+        let price = sites.narrow(-1, self.inputs.price, 1); // [B, L, 1]
+        let captured = sites.narrow(-1, self.inputs.captured, 1);
+        let dev = sites.device();
+        let cost = price * self.rank_share.to_device(dev);
+        let to_capture = (&energy - captured).clamp_min(0.0);
+        let rank_log = self.rank_log.to_device(dev).expand_as(&energy);
+        let z = Tensor::stack(&[energy, cost, to_capture, rank_log], -1); // [B, L, K, 4]
+        let x = (self.from_site.forward(h).unsqueeze(2) + self.from_rank.forward(&z)).tanh();
+        self.out.forward(&x).squeeze_dim(-1)
     }
 }
 
@@ -94,6 +154,7 @@ pub struct PolicyNet {
     value1: nn::Linear,
     value2: nn::Linear,
     skip: Option<nn::Linear>,
+    rank_head: Option<RankHead>,
     prior_scale: Option<PriorScale>,
     /// The prior's multiplier also scales the residual: logits = s·(prior + residual).
     scale_residual: bool,
@@ -112,12 +173,13 @@ impl PolicyNet {
     /// Creates the variables under `p` for `global_dim` global features, `site_dim` per-site
     /// features and `n_ranks` rank choices.
     pub fn new(p: &nn::Path, global_dim: i64, site_dim: i64, n_ranks: i64, cfg: NetConfig) -> Self {
-        Self::with_prior(p, global_dim, site_dim, n_ranks, cfg, None)
+        Self::with_prior(p, global_dim, site_dim, n_ranks, cfg, None, None)
     }
 
     /// Same as [`PolicyNet::new`], with a prior added to the logits: `prior` = (initial scale,
     /// trained or not, the scale multiplies the residual too). The policy head then starts at
-    /// zero (a pure residual).
+    /// zero (a pure residual). `rank_inputs` locates the per-rank head's inputs in a site row
+    /// (required with `cfg.rank_head`, ignored without).
     pub fn with_prior(
         p: &nn::Path,
         global_dim: i64,
@@ -125,10 +187,39 @@ impl PolicyNet {
         n_ranks: i64,
         cfg: NetConfig,
         prior: Option<(f64, bool, bool)>,
+        rank_inputs: Option<RankInputs>,
     ) -> Self {
         let h = cfg.hidden;
         let g = 2f64.sqrt();
+        let rank_head = rank_inputs.filter(|_| cfg.rank_head).map(|inputs| {
+            let r_max = *inputs.ranks.last().unwrap_or(&1) as f32;
+            let share: Vec<f32> = inputs.ranks.iter().map(|&r| r as f32 / r_max).collect();
+            let log: Vec<f32> = inputs.ranks.iter().map(|&r| (1.0 + r as f32).log2() / (1.0 + r_max).log2()).collect();
+            RankHead {
+                from_site: layer(p / "rank_site", h, h, g),
+                from_rank: nn::linear(
+                    p / "rank_inputs",
+                    RANK_INPUTS,
+                    h,
+                    nn::LinearConfig { ws_init: nn::Init::Orthogonal { gain: g }, bs_init: None, bias: false },
+                ),
+                // Like the plain head: near-uniform at the start, or zero as a residual.
+                out: match prior {
+                    Some(_) => nn::linear(
+                        p / "rank_out",
+                        h,
+                        1,
+                        nn::LinearConfig { ws_init: nn::Init::Const(0.0), bs_init: Some(nn::Init::Const(0.0)), bias: true },
+                    ),
+                    None => layer(p / "rank_out", h, 1, 0.01),
+                },
+                inputs,
+                rank_share: Tensor::from_slice(&share),
+                rank_log: Tensor::from_slice(&log),
+            }
+        });
         PolicyNet {
+            rank_head,
             site1: layer(p / "site1", site_dim, h, g),
             site2: layer(p / "site2", h, h, g),
             glob1: layer(p / "glob1", global_dim, h, g),
@@ -240,7 +331,10 @@ impl PolicyNet {
         let skip_logit = self.skip.as_ref().map(|s| s.forward(&pc).squeeze_dim(-1));
         let ctx = self.mix1_ctx.forward(&pc).unsqueeze(1);
         let h = self.mix2.forward(&(self.mix1_site.forward(&e) + ctx).tanh()).tanh();
-        let logits = self.logits.forward(&h);
+        let mut logits = self.logits.forward(&h);
+        if let Some(head) = &self.rank_head {
+            logits = logits + head.forward(&h, sites);
+        }
         let site_values = self.value2.forward(&self.value1.forward(&h).tanh()).squeeze_dim(-1) * mask;
         NetOutput { logits, site_values, skip_logit }
     }
@@ -255,7 +349,7 @@ mod tests {
     fn shapes_and_padding_invariance() {
         tch::manual_seed(0);
         let vs = nn::VarStore::new(Device::Cpu);
-        let net = PolicyNet::new(&vs.root(), 5, 7, 8, NetConfig { hidden: 16, skip: true });
+        let net = PolicyNet::new(&vs.root(), 5, 7, 8, NetConfig { hidden: 16, skip: true, estimates: false, rank_head: false });
         let g = Tensor::randn([2, 5], (Kind::Float, Device::Cpu));
         let s = Tensor::randn([2, 3, 7], (Kind::Float, Device::Cpu));
         let mask = Tensor::ones([2, 3], (Kind::Float, Device::Cpu));
@@ -274,5 +368,38 @@ mod tests {
         assert!(diff < 1e-6, "{diff}");
         assert!((v_pad.narrow(1, 0, 3) - &v).abs().max().double_value(&[]) < 1e-6);
         assert_eq!(v_pad.narrow(1, 3, 1).abs().sum(Kind::Float).double_value(&[]), 0.0);
+    }
+
+    #[test]
+    fn the_rank_head_reads_each_ranks_own_estimates() {
+        tch::manual_seed(1);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let ranks = vec![0, 1, 2, 4];
+        let inputs = RankInputs { price: 1, captured: 2, energy: 3, ranks: ranks.clone() };
+        let cfg = NetConfig { hidden: 16, skip: false, estimates: true, rank_head: true };
+        let net = PolicyNet::with_prior(&vs.root(), 5, 7, 4, cfg, None, Some(inputs));
+        let s = Tensor::rand([2, 3, 7], (Kind::Float, Device::Cpu));
+        let h = Tensor::randn([2, 3, 16], (Kind::Float, Device::Cpu));
+        let head = net.rank_head.as_ref().unwrap();
+        let got = head.forward(&h, &s);
+        assert_eq!(got.size(), vec![2, 3, 4]);
+        // By hand for every (state, site, rank): energy share, price · r/r_max, energy still to
+        // capture, log rank, through the same weights.
+        let row = |b: i64, l: i64| -> Vec<f64> { (0..7).map(|c| s.double_value(&[b, l, c])).collect() };
+        for (b, l) in [(0, 0), (1, 2)] {
+            let x = row(b, l);
+            for (j, &r) in ranks.iter().enumerate() {
+                let e = x[3 + j];
+                let z = [e, x[1] * r as f64 / 4.0, (e - x[2]).max(0.0), (1.0 + r as f64).log2() / 5f64.log2()];
+                let z = Tensor::from_slice(&z.map(|v| v as f32)).view([1, 4]);
+                let hl = h.get(b).get(l).view([1, 16]);
+                let want = head.out.forward(&(head.from_site.forward(&hl) + head.from_rank.forward(&z)).tanh());
+                let d = (want.double_value(&[0, 0]) - got.double_value(&[b, l, j as i64])).abs();
+                assert!(d < 1e-5, "state {b}, site {l}, rank {r}: {d}");
+            }
+        }
+        // And the network adds it to the plain head's logits.
+        let mask = Tensor::ones([2, 3], (Kind::Float, Device::Cpu));
+        assert_eq!(net.forward(&Tensor::randn([2, 5], (Kind::Float, Device::Cpu)), &s, &mask).logits.size(), vec![2, 3, 4]);
     }
 }

@@ -560,7 +560,7 @@ mod tests {
     fn update_restores_weights_on_non_finite_loss() {
         tch::manual_seed(1);
         let vs = nn::VarStore::new(Device::Cpu);
-        let net = PolicyNet::new(&vs.root(), 2, 3, 4, NetConfig { hidden: 8, skip: false });
+        let net = PolicyNet::new(&vs.root(), 2, 3, 4, NetConfig { hidden: 8, skip: false, ..Default::default() });
         let mut opt = Adam::new(&vs, "", 1e-3, 1e-5);
         let before: Vec<f32> = Vec::try_from(vs.variables()["logits.weight"].flatten(0, -1)).unwrap();
         let b = 8;
@@ -592,7 +592,7 @@ mod tests {
         let run = |sign: f32| -> (f64, f64) {
             tch::manual_seed(3);
             let vs = nn::VarStore::new(Device::Cpu);
-            let net = PolicyNet::new(&vs.root(), 2, 3, 4, NetConfig { hidden: 8, skip: true });
+            let net = PolicyNet::new(&vs.root(), 2, 3, 4, NetConfig { hidden: 8, skip: true, ..Default::default() });
             let mut opt = Adam::new(&vs, "", 1e-2, 1e-5);
             let b = 16i64;
             let opts = (Kind::Float, Device::Cpu);

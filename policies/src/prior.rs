@@ -156,15 +156,56 @@ fn default_beta_role_sd() -> f64 {
     0.25
 }
 
-/// What the values of one round are computed from: the rounds left, η, and per site its E(r)
-/// table (`n × |ranks|`), current rank index, sensitivity and captured share.
+/// What the values of one round are computed from: the rounds left, η, u = 1/(L∞ + Σw), and
+/// per site its E(r) table (`n × |ranks|`), current rank index, sensitivity and captured share.
 struct RoundModel {
     h: f64,
     eta: f64,
+    u: f64,
     e: Vec<f64>,
     cur: Vec<usize>,
     w: Vec<f64>,
     q: Vec<f64>,
+}
+
+/// Names of the global estimates a network reads with `net.estimates` ([`Prior::evaluate`]),
+/// in the order they follow the normalized global features.
+pub const ESTIMATE_GLOBAL_NAMES: [&str; 4] =
+    ["est_ln_rounds_left", "est_convergence_left", "est_ln_eta", "est_removable_loss"];
+
+/// Names of the per-site estimates before the energy row; the row follows as one
+/// `est_energy_r<rank>` per rank of the set ([`estimate_site_names`]).
+/// (`network::RankInputs` reads the price, the captured share and the energy row by position:
+/// keep it in step with this order.)
+pub const ESTIMATE_SITE_NAMES: [&str; 3] = ["est_ln_sensitivity", "est_price_max_rank", "est_captured"];
+
+/// Every per-site estimate name for a rank set, in row order.
+pub fn estimate_site_names(ranks: &[u32]) -> Vec<String> {
+    ESTIMATE_SITE_NAMES.iter().map(|s| s.to_string()).chain(ranks.iter().map(|r| format!("est_energy_r{r}"))).collect()
+}
+
+/// What [`Prior::evaluate`] is asked for.
+#[derive(Debug, Clone, Copy)]
+pub struct Want {
+    /// The prior's values v_lj.
+    pub values: bool,
+    /// The skip margin per environment (needs `values`).
+    pub skip: bool,
+    /// The estimates a network reads (`net.estimates`).
+    pub estimates: bool,
+}
+
+/// [`Prior::evaluate`]'s output for a batch; a part not asked for is empty.
+#[derive(Debug, Clone, Default)]
+pub struct PriorOutput {
+    /// Values `n_envs × n_sites × |ranks|`.
+    pub values: Vec<f32>,
+    /// Skip margins, one per environment.
+    pub skip_margin: Vec<f32>,
+    /// Global estimates `n_envs × ESTIMATE_GLOBAL_NAMES.len()`.
+    pub est_global: Vec<f32>,
+    /// Site estimates `n_envs × n_sites × (ESTIMATE_SITE_NAMES.len() + |ranks|)`.
+    pub est_sites: Vec<f32>,
 }
 
 impl Default for PriorConfig {
@@ -342,16 +383,27 @@ impl Prior {
         out: &mut [f32],
     ) -> f64 {
         debug_assert_eq!((obs.n_envs, budget.budgets.len()), (1, 1), "one environment");
+        debug_assert_eq!(obs.global.len(), GLOBAL_FEATURES);
+        debug_assert_eq!(out.len(), obs.sites.len() / SITE_FEATURES * self.ranks.len());
+        let m = self.round_model(obs, budget.dims, belief);
+        self.values_of(&m, budget, out)
+    }
+
+    /// This round's model of one environment: inferred from `belief` (after adding this
+    /// observation to it) when the prior infers and a belief is given, else the fixed beliefs.
+    fn round_model(&self, obs: ObsBatch<'_>, dims: Option<&[u32]>, belief: Option<&mut Belief>) -> RoundModel {
+        match belief.filter(|_| self.cfg.infer) {
+            Some(b) => self.model_inferred(obs, dims, b),
+            None => self.model_fixed(obs, dims),
+        }
+    }
+
+    /// The values of one round's model into `out` (`n_sites × |ranks|`); returns the skip value.
+    fn values_of(&self, m: &RoundModel, budget: BudgetContext<'_>, out: &mut [f32]) -> f64 {
         let c = &self.cfg;
         let k = self.ranks.len();
-        let n = obs.sites.len() / SITE_FEATURES;
-        debug_assert_eq!(obs.global.len(), GLOBAL_FEATURES);
-        debug_assert_eq!(out.len(), n * k);
-        let m = match belief.filter(|_| c.infer) {
-            Some(b) => self.model_inferred(obs, budget.dims, b),
-            None => self.model_fixed(obs, budget.dims),
-        };
-        let RoundModel { h, eta, e, cur, w, q } = m;
+        let n = m.cur.len();
+        let RoundModel { h, eta, ref e, ref cur, ref w, ref q, .. } = *m;
         let b = budget.budgets[0].max(f64::MIN_POSITIVE);
         let unit_cost = budget.unit_cost;
         // The run's price of the resource, when the prior adapts to the run.
@@ -376,6 +428,37 @@ impl Prior {
                 norm * (w[l] * (q + (h - 1.0) * ec - (ec - q).max(0.0) * s_h1) - (h - 1.0) * lambda * cost / b);
         }
         skip_value
+    }
+
+    /// The estimates of one round's model a network reads (`net.estimates`), hand-scaled to
+    /// order one: globally ln H / 3, 1 − ρ^H (the convergence still to come), ln η + 1.5 and
+    /// u·Σw (the share of the loss the adapters can remove); per site ln(ŵ_l·L/Σw), the price of
+    /// its largest rank in the prior's value units (L·λ·cost_l,max / (B·Σw), capped at 10), q̂_l
+    /// and Ê_l(r) at every rank of the set. Beliefs and fits only: no value, no plan.
+    fn estimates_of(&self, m: &RoundModel, budget: BudgetContext<'_>, global: &mut [f32], sites: &mut [f32]) {
+        let c = &self.cfg;
+        let k = self.ranks.len();
+        let n = m.cur.len();
+        let w_sum: f64 = m.w.iter().sum::<f64>().max(f64::MIN_POSITIVE);
+        let lambda = budget.cost_coef.unwrap_or(c.cost_coef);
+        let b = budget.budgets[0].max(f64::MIN_POSITIVE);
+        let r_max = *self.ranks.last().unwrap_or(&1) as f64;
+        let rho = 1.0 - m.eta;
+        global.copy_from_slice(&[
+            (m.h.ln() / 3.0) as f32,
+            (1.0 - rho.powf(m.h)) as f32,
+            (m.eta.ln() + 1.5) as f32,
+            (m.u * c.sensitivity_total) as f32,
+        ]);
+        let row_len = ESTIMATE_SITE_NAMES.len() + k;
+        for (l, row) in sites.chunks_exact_mut(row_len).enumerate() {
+            row[0] = (m.w[l] * n as f64 / w_sum).max(1e-6).ln() as f32;
+            row[1] = (n as f64 * lambda * r_max * budget.unit_cost[l] / (b * c.sensitivity_total)).min(10.0) as f32;
+            row[2] = m.q[l] as f32;
+            for j in 0..k {
+                row[3 + j] = m.e[l * k + j] as f32;
+            }
+        }
     }
 
     /// Each site's current rank index, from the `rank` feature.
@@ -452,7 +535,8 @@ impl Prior {
             None => conv,
         };
         let q = (0..n).map(|l| e[l * k + cur[l]] * frac).collect();
-        RoundModel { h, eta: c.eta, e, cur, w, q }
+        let u = 1.0 / (c.loss_floor.unwrap_or(0.5) + c.sensitivity_total);
+        RoundModel { h, eta: c.eta, u, e, cur, w, q }
     }
 
     /// The round's model inferred from the episode's history ([`crate::belief`]), after adding
@@ -541,7 +625,7 @@ impl Prior {
             }
             q[l] = q[l].min(e[l * k + cur[l]]);
         }
-        RoundModel { h, eta: fit.eta, e, cur, w, q }
+        RoundModel { h, eta: fit.eta, u: fit.u, e, cur, w, q }
     }
 
     /// The skip margin of one environment from its values `v` (`n_sites × |ranks|`) and skip
@@ -559,22 +643,23 @@ impl Prior {
         (skip_value - best) as f32
     }
 
-    /// Prior values of a batch (`n_envs × n_sites × |ranks|`) and, with `want_skip`, each
-    /// environment's skip margin ([`Prior::skip_margin`]; empty otherwise).
-    /// `beliefs` holds one episode history per environment when the prior infers (`infer`);
-    /// pass an empty slice otherwise.
-    pub fn values(
-        &self,
-        obs: ObsBatch<'_>,
-        budget: BudgetContext<'_>,
-        beliefs: &mut [Belief],
-        want_skip: bool,
-    ) -> (Vec<f32>, Vec<f32>) {
+    /// One round's model per environment of a batch, turned into what `want` asks for: the
+    /// values (`n_envs × n_sites × |ranks|`), each environment's skip margin
+    /// ([`Prior::skip_margin`]), and the estimates a network reads ([`ESTIMATE_GLOBAL_NAMES`],
+    /// [`estimate_site_names`]). The model is built once per environment, so its belief sees
+    /// this observation once. `beliefs` holds one episode history per environment when the
+    /// prior infers (`infer`); an environment without one uses the fixed beliefs.
+    pub fn evaluate(&self, obs: ObsBatch<'_>, budget: BudgetContext<'_>, beliefs: &mut [Belief], want: Want) -> PriorOutput {
         let ObsBatch { global, sites, n_envs, n_sites } = obs;
         let BudgetContext { unit_cost, budgets, dims, cost_coef } = budget;
         let k = self.ranks.len();
-        let mut out = vec![0f32; n_envs * n_sites * k];
-        let mut margins = Vec::with_capacity(if want_skip { n_envs } else { 0 });
+        let (gl, sl) = (ESTIMATE_GLOBAL_NAMES.len(), ESTIMATE_SITE_NAMES.len() + k);
+        let mut out = PriorOutput {
+            values: vec![0f32; if want.values { n_envs * n_sites * k } else { 0 }],
+            skip_margin: Vec::with_capacity(if want.skip { n_envs } else { 0 }),
+            est_global: vec![0f32; if want.estimates { n_envs * gl } else { 0 }],
+            est_sites: vec![0f32; if want.estimates { n_envs * n_sites * sl } else { 0 }],
+        };
         for e in 0..n_envs {
             let one = ObsBatch {
                 global: &global[e * GLOBAL_FEATURES..(e + 1) * GLOBAL_FEATURES],
@@ -582,18 +667,25 @@ impl Prior {
                 n_envs: 1,
                 n_sites,
             };
-            let skip_value = self.values_into(
-                one,
-                BudgetContext { unit_cost, budgets: &budgets[e..e + 1], dims, cost_coef },
-                beliefs.get_mut(e),
-                &mut out[e * n_sites * k..(e + 1) * n_sites * k],
-            );
-            if want_skip {
-                let v = &out[e * n_sites * k..(e + 1) * n_sites * k];
-                margins.push(self.skip_margin(v, skip_value, unit_cost, budgets[e]));
+            let one_budget = BudgetContext { unit_cost, budgets: &budgets[e..e + 1], dims, cost_coef };
+            let m = self.round_model(one, dims, beliefs.get_mut(e));
+            if want.values {
+                let v = &mut out.values[e * n_sites * k..(e + 1) * n_sites * k];
+                let skip_value = self.values_of(&m, one_budget, v);
+                if want.skip {
+                    out.skip_margin.push(self.skip_margin(v, skip_value, unit_cost, budgets[e]));
+                }
+            }
+            if want.estimates {
+                self.estimates_of(
+                    &m,
+                    one_budget,
+                    &mut out.est_global[e * gl..(e + 1) * gl],
+                    &mut out.est_sites[e * n_sites * sl..(e + 1) * n_sites * sl],
+                );
             }
         }
-        (out, margins)
+        out
     }
 
     /// The prior's own plan (rank indices) for one environment: the exact knapsack over its
@@ -607,7 +699,7 @@ impl Prior {
     }
 
     /// The exact knapsack plan (rank indices) over values `v` (`n_sites × |ranks|`, from
-    /// [`Prior::values_into`] or [`Prior::values`]) at the environment's budget.
+    /// [`Prior::values_into`] or [`Prior::evaluate`]) at the environment's budget.
     pub fn plan_from_values(&self, v: &[f32], budget: BudgetContext<'_>) -> Vec<usize> {
         let k = self.ranks.len();
         let n = v.len() / k.max(1);

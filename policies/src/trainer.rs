@@ -52,6 +52,18 @@ impl rankpilot_config::Validate for PolicyPreset {
         v.nested("ppo", &self.ppo);
         v.nested("ddim", &self.ddim);
         v.nested("prior", &self.prior);
+        v.check(
+            !(self.ppo.net.estimates && self.ddim.enabled),
+            "ppo.net.estimates",
+            self.ppo.net.estimates,
+            "false while [ddim] is enabled (the refiner reads the observation's features only)",
+        );
+        v.check(
+            !self.ppo.net.rank_head || self.ppo.net.estimates,
+            "ppo.net.rank_head",
+            self.ppo.net.rank_head,
+            "false unless ppo.net.estimates is true (the head reads each rank's estimates)",
+        );
     }
 }
 
@@ -391,7 +403,9 @@ impl Trainer {
     pub fn iterate(&mut self) -> IterationStats {
         let cfg = self.preset.ppo.clone();
         let (n, k) = (cfg.num_envs, self.model.ranks.len());
-        let (t_len, g_dim, s_dim) = (cfg.num_steps, GLOBAL_FEATURES, SITE_FEATURES);
+        let t_len = cfg.num_steps;
+        // The network's input widths: the observation's features, plus the estimates.
+        let (g_dim, s_dim) = self.model.input_dims();
         let frac = 1.0 - self.iteration as f64 / self.total_iterations() as f64;
         let lr = if cfg.anneal_lr { cfg.learning_rate * frac } else { cfg.learning_rate };
         let has_skip = self.model.net.has_skip();
@@ -537,7 +551,25 @@ impl Trainer {
         let mut next_site_values = Vec::with_capacity(n * l);
         for g in &self.groups {
             let (ne, m) = (g.venv.n_envs(), g.venv.n_sites());
-            let (gt, st, mask, _, _) = self.model.tensors(g.venv.obs_global(), g.venv.obs_sites(), ne, m);
+            // The estimates of these observations, from copies of the beliefs: the next
+            // iteration's decisions add the same observations to the real ones.
+            let est = if self.model.estimates {
+                let budgets: Vec<f64> = (0..ne).map(|i| g.venv.context(i).conservative_budget).collect();
+                let dims: Vec<u32> = g.venv.spec().sites.iter().map(|s| s.max_rank()).collect();
+                self.model.prior_output(
+                    ObsBatch { global: g.venv.obs_global(), sites: g.venv.obs_sites(), n_envs: ne, n_sites: m },
+                    BudgetContext {
+                        unit_cost: &g.venv.spec().unit_cost,
+                        budgets: &budgets,
+                        dims: Some(&dims),
+                        cost_coef: Some(g.venv.spec().preset.reward.cost_coef),
+                    },
+                    &mut g.beliefs.clone(),
+                )
+            } else {
+                Default::default()
+            };
+            let (gt, st, mask, _, _) = self.model.tensors(g.venv.obs_global(), g.venv.obs_sites(), ne, m, &est);
             let v: Vec<f32> =
                 Vec::try_from(tch::no_grad(|| self.model.net.forward(&gt, &st, &mask).site_values).flatten(0, -1))
                     .expect("f32");

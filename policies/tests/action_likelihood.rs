@@ -24,7 +24,7 @@ const BUDGET: f64 = 6.0;
 
 fn model() -> PolicyModel {
     tch::manual_seed(7);
-    let m = PolicyModel::new(Device::Cpu, &RANKS, NetConfig { hidden: 8, skip: false }, DdimConfig::default());
+    let m = PolicyModel::new(Device::Cpu, &RANKS, NetConfig { hidden: 8, skip: false, ..Default::default() }, DdimConfig::default());
     // A policy far from uniform, so that a wrong likelihood shows.
     tch::no_grad(|| {
         let mut vars = m.vs.variables();
@@ -44,7 +44,7 @@ fn observation() -> (Vec<f32>, Vec<f32>) {
 /// P(plan) as the loss computes it: for each site order, the product of the masked
 /// per-site probabilities `evaluate_actions` gives; averaged over the 3! equally likely orders.
 fn loss_probability(m: &PolicyModel, plan: &[u8], g: &[f32], s: &[f32], offset: &[f32]) -> f64 {
-    let (gt, st, mask, _, _) = m.tensors(g, s, 1, 3);
+    let (gt, st, mask, _, _) = m.tensors(g, s, 1, 3, &Default::default());
     let actions = Tensor::from_slice(&plan.iter().map(|&j| j as i64).collect::<Vec<_>>()).view([1, 3]);
     let cost: Vec<f64> = UNIT_COST.iter().flat_map(|&u| RANKS.iter().map(move |&r| u * r as f64)).collect();
     let orders = [[0, 1, 2], [0, 2, 1], [1, 0, 2], [1, 2, 0], [2, 0, 1], [2, 1, 0]];

@@ -191,15 +191,33 @@ max = 0.6
 
 #[test]
 fn distribution_run_resumes_exactly_and_acts_on_every_preset() {
-    let _serial = serial();
-    let dist = small_distribution();
     let mut preset = load_preset("tiny").unwrap();
     preset.ppo.num_envs = 8; // two groups of 4, each drawing its own environments
     preset.ppo.net.skip = true;
     preset.prior.enabled = true;
+    check_distribution_run(&preset);
+}
+
+#[test]
+fn a_network_reading_the_estimates_without_a_prior_resumes_exactly_and_acts_on_every_preset() {
+    // No prior values, the online inference's estimates as inputs, read per rank.
+    let mut preset = load_preset("tiny").unwrap();
+    preset.ppo.num_envs = 8;
+    preset.ppo.net.skip = true;
+    preset.ppo.net.estimates = true;
+    preset.ppo.net.rank_head = true;
+    preset.prior.enabled = false;
+    check_distribution_run(&preset);
+}
+
+/// A run of `preset` on the small distribution: resumed mid-way it gives the same weights as
+/// straight through, and the trained policy acts on every built-in preset.
+fn check_distribution_run(preset: &policies::trainer::PolicyPreset) {
+    let _serial = serial();
+    let dist = small_distribution();
     let validation = dist.draw(1).unwrap();
     let steps = 4 * preset.ppo.num_envs as u64 * preset.ppo.num_steps as u64;
-    let new = || Trainer::with_distribution(&dist, &validation, &preset, steps, 9, Device::Cpu).unwrap();
+    let new = || Trainer::with_distribution(&dist, &validation, preset, steps, 9, Device::Cpu).unwrap();
 
     let mut straight = new();
     let mut site_counts = std::collections::HashSet::new();
@@ -229,5 +247,55 @@ fn distribution_run_resumes_exactly_and_acts_on_every_preset() {
         if env.resource.kind == envs::presets::ResourceKind::Budget {
             assert_eq!(row.skip_rate, 0.0, "no skipping on {name}");
         }
+    }
+}
+
+#[test]
+fn the_network_reads_the_estimates_of_one_round_model_and_each_belief_sees_a_round_once() {
+    let env = small_env();
+    // The `ppo` preset (no prior) reading the estimates.
+    let mut preset = load_preset("ppo").unwrap();
+    preset.ppo.net.estimates = true;
+    assert!(!preset.prior.enabled);
+    let model = policies::model::PolicyModel::with_prior(
+        Device::Cpu,
+        &env.ranks,
+        preset.ppo.net,
+        preset.ddim.clone(),
+        &preset.prior,
+    );
+    let estimator = policies::prior::Prior::new(
+        policies::prior::PriorConfig { infer: true, ..preset.prior.clone() },
+        &env.ranks,
+    );
+    let mut venv = envs::VecEnv::new(&env, 1, 3).unwrap();
+    let (k, n) = (env.ranks.len(), venv.n_sites());
+    let (g_dim, s_dim) = model.input_dims();
+    assert_eq!((g_dim, s_dim), (envs::GLOBAL_FEATURES + 4, envs::SITE_FEATURES + 3 + k));
+    let (mut belief, mut reference) = (vec![policies::belief::Belief::new()], vec![policies::belief::Belief::new()]);
+    for round in 0..4 {
+        let obs = venv.observation(0);
+        let ctx = venv.context(0);
+        let dims: Vec<u32> = ctx.sites.iter().map(|s| s.max_rank()).collect();
+        let budget = BudgetContext {
+            unit_cost: ctx.unit_cost,
+            budgets: &[ctx.conservative_budget],
+            dims: Some(&dims),
+            cost_coef: Some(ctx.cost_coef),
+        };
+        let d = model.act(ObsBatch::one(&obs), budget, &mut belief, policies::model::ActMode::Greedy);
+        assert_eq!(belief[0].observations(), round + 1, "one observation per round");
+        let want = policies::prior::Want { values: false, skip: false, estimates: true };
+        let est = estimator.evaluate(ObsBatch::one(&obs), budget, &mut reference, want);
+        assert_eq!(&d.global[envs::GLOBAL_FEATURES..], &est.est_global[..]);
+        for l in 0..n {
+            let row = &d.sites[l * s_dim..(l + 1) * s_dim];
+            assert_eq!(&row[envs::SITE_FEATURES..], &est.est_sites[l * (3 + k)..(l + 1) * (3 + k)]);
+            assert!(row.iter().all(|x| x.is_finite()));
+        }
+        // The energy row is a share of the spectrum, rising with the rank.
+        let energy = &est.est_sites[3..3 + k];
+        assert!(energy.windows(2).all(|w| w[0] <= w[1] + 1e-6) && energy[k - 1] <= 1.0 + 1e-6, "{energy:?}");
+        venv.step_indices(&d.executed).unwrap();
     }
 }

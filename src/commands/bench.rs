@@ -182,31 +182,39 @@ fn bench_policy(a: &BenchArgs) -> Result<()> {
     );
     println!("{:<28} {:>12} {:>12}", "policy", "median ms", "p90 ms");
     let mut rows = Vec::new();
-    // The default preset: its model-based prior and its skip head (whose prior margin takes one
-    // more knapsack solve) are part of a decision.
-    let default = policies::trainer::load_preset("default")?;
-    let prior = default.prior;
+    // The shipped `default` preset as it acts, with its model-based prior and skip head (whose
+    // margin takes one more knapsack solve); `ppo` with the estimates and the per-rank head
+    // (`net.estimates`, `net.rank_head`). Both infer from the episode's history, so they are
+    // timed with that history behind them.
     let dims: Vec<u32> = ctx.sites.iter().map(|s| s.max_rank()).collect();
-    for (label, ddim_steps, with_prior) in [
-        ("PPO alone", None, false),
-        ("PPO + prior + skip (default)", None, true),
-        ("PPO + DDIM, 10 steps", Some(10), false),
-        ("PPO + DDIM, 50 steps", Some(50), false),
+    for (label, ddim_steps, preset_name) in [
+        ("PPO alone", None, None),
+        ("PPO + prior + skip (default)", None, Some("default")),
+        ("PPO + estimates + rank head", None, Some("ppo")),
+        ("PPO + DDIM, 10 steps", Some(10), None),
+        ("PPO + DDIM, 50 steps", Some(50), None),
     ] {
         let ddim = DdimConfig {
             enabled: ddim_steps.is_some(),
             sample_steps: ddim_steps.unwrap_or(10),
             ..DdimConfig::default()
         };
-        let mut model = if with_prior {
-            PolicyModel::with_prior(a.common.device, &ranks, default.ppo.net, ddim, &prior)
-        } else {
-            PolicyModel::new(a.common.device, &ranks, NetConfig::default(), ddim)
+        let mut model = match preset_name {
+            Some(name) => {
+                let mut p = policies::trainer::load_preset(name)?;
+                if !p.prior.enabled {
+                    p.ppo.net.estimates = true;
+                    p.ppo.net.rank_head = true;
+                }
+                PolicyModel::with_prior(a.common.device, &ranks, p.ppo.net, ddim, &p.prior)
+            }
+            None => PolicyModel::new(a.common.device, &ranks, NetConfig::default(), ddim),
         };
+        let with_history = model.prior.is_some() || model.estimates;
         model.ddim_active = ddim_steps.is_some();
-        let mut belief = vec![Belief::new(); with_prior as usize];
+        let mut belief = vec![Belief::new(); with_history as usize];
         let mut bench_env = venv.clone();
-        for _ in 0..HISTORY_ROUNDS.min(preset.rounds as usize - 1) * with_prior as usize {
+        for _ in 0..HISTORY_ROUNDS.min(preset.rounds as usize - 1) * with_history as usize {
             let c = bench_env.context(0);
             let d = model.act(
                 ObsBatch { global: bench_env.obs_global(), sites: bench_env.obs_sites(), n_envs: 1, n_sites },
@@ -252,7 +260,7 @@ fn bench_policy(a: &BenchArgs) -> Result<()> {
     println!(
         "prior / PPO alone: {:.2}×; DDIM (10 steps) / PPO alone: {:.1}×",
         rows[1].1 / rows[0].1,
-        rows[2].1 / rows[0].1
+        rows[3].1 / rows[0].1
     );
     Ok(())
 }

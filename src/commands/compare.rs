@@ -48,6 +48,16 @@ pub struct CompareArgs {
     /// Number of seeds: --seed, --seed + 1, …
     #[arg(long, default_value_t = 3)]
     seeds: u64,
+    /// Seeds run at once, each in its own process (every scheduler of a seed in turn), with the
+    /// cores divided among them: libtorch threads per process = cores / jobs (at least 1).
+    /// Two libtorch processes that each take every core slow each other about 12× on 2 cores;
+    /// divided, they do not. A seed's figures depend on its thread count (float reduction
+    /// order), so compare tables at the same --jobs. Default 1: every seed in this process.
+    #[arg(long, default_value_t = 1)]
+    jobs: usize,
+    /// Internal: run as one worker of a `--jobs` comparison and write its runs (JSON) here.
+    #[arg(long, hide = true)]
+    worker_out: Option<PathBuf>,
     /// Optimizer steps per run.
     #[arg(long, default_value_t = 200)]
     steps: usize,
@@ -174,11 +184,19 @@ pub fn run(a: &CompareArgs) -> Result<()> {
     if a.seeds == 0 || a.steps == 0 || a.schedulers.is_empty() {
         return Err(BadInput("--seeds, --steps: allowed: integers >= 1; --schedulers: at least one".into()).into());
     }
+    if a.jobs == 0 {
+        return Err(BadInput("--jobs: allowed: an integer >= 1".into()).into());
+    }
     let env = load_env(&a.env)?;
     let device = a.common.device;
     let mut runs: Vec<Vec<RunReport>> = vec![Vec::new(); a.schedulers.len()];
     let mut unit = String::from("none");
-    for k in 0..a.seeds {
+    let in_processes = a.jobs > 1 && a.seeds > 1 && a.worker_out.is_none();
+    if in_processes {
+        runs = run_seeds_in_processes(a)?;
+        unit = runs[0].first().map_or(unit, |r| r.cost_unit.clone());
+    }
+    for k in (0..a.seeds).filter(|_| !in_processes) {
         let seed = a.common.seed + k;
         for (i, spec) in a.schedulers.iter().enumerate() {
             let (model, vs, _tok, _corpus, data) =
@@ -226,6 +244,9 @@ pub fn run(a: &CompareArgs) -> Result<()> {
                 0,
             )?;
             let bar = progress_bar(a.steps);
+            if a.worker_out.is_some() {
+                bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+            }
             // Four evaluations per run (and the final one).
             let opts = RunOptions::even(a.rounds, a.steps, (a.steps / a.rounds.max(1)).max(1) * a.rounds.div_ceil(4))?;
             let mut report = rankpilot::controller::run(
@@ -254,6 +275,10 @@ pub fn run(a: &CompareArgs) -> Result<()> {
             unit = report.cost_unit.clone();
             runs[i].push(report);
         }
+    }
+    if let Some(out) = &a.worker_out {
+        checkpoint::atomic_write(out, &serde_json::to_vec(&runs)?)?;
+        return Ok(());
     }
     let first: Vec<f64> = runs[0].iter().map(|r| r.val_loss_final).collect();
     let first_cost = runs[0].iter().map(|r| r.cost_sent).sum::<f64>();
@@ -362,6 +387,71 @@ pub fn run(a: &CompareArgs) -> Result<()> {
         a.logdir.display()
     );
     Ok(())
+}
+
+/// Runs every seed in its own worker process (this binary, `compare … --seed S --seeds 1
+/// --worker-out F`), at most `--jobs` at a time with the cores divided among them, and gathers
+/// their runs per scheduler in seed order: the same table as one process would give at that
+/// thread count.
+fn run_seeds_in_processes(a: &CompareArgs) -> Result<Vec<Vec<RunReport>>> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let jobs = a.jobs.min(a.seeds as usize);
+    let threads = (cores / jobs).max(1);
+    eprintln!("running {} seeds in {jobs} processes at a time, {threads} thread(s) each", a.seeds);
+    let exe = std::env::current_exe()?;
+    let work = tempfile::tempdir()?;
+    let bar = progress_bar(a.seeds as usize);
+    let mut pending: Vec<u64> = (0..a.seeds).rev().collect();
+    let mut running: Vec<(u64, std::process::Child)> = Vec::new();
+    let mut failed = None;
+    while failed.is_none() && (!pending.is_empty() || !running.is_empty()) {
+        while running.len() < jobs
+            && let Some(k) = pending.pop()
+        {
+            let seed = a.common.seed + k;
+            // The parent's own arguments, then the worker's: later flags override earlier ones.
+            let child = std::process::Command::new(&exe)
+                .args(std::env::args_os().skip(1))
+                .args(["--seed", &seed.to_string(), "--seeds", "1", "--jobs", "1", "--worker-out"])
+                .arg(work.path().join(format!("seed{k}.json")))
+                .env("OMP_NUM_THREADS", threads.to_string())
+                .env("MKL_NUM_THREADS", threads.to_string())
+                .stdout(std::process::Stdio::null())
+                .spawn()?;
+            running.push((k, child));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let mut i = 0;
+        while i < running.len() {
+            match running[i].1.try_wait()? {
+                Some(status) => {
+                    let (k, _) = running.swap_remove(i);
+                    if !status.success() {
+                        failed = Some((k, status));
+                    }
+                    bar.inc(1);
+                }
+                None => i += 1,
+            }
+        }
+    }
+    bar.finish_and_clear();
+    if let Some((k, status)) = failed {
+        for (_, mut c) in running {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        anyhow::bail!("the worker for seed {} failed ({status}); its error is printed above", a.common.seed + k);
+    }
+    let mut runs: Vec<Vec<RunReport>> = vec![Vec::new(); a.schedulers.len()];
+    for k in 0..a.seeds {
+        let path = work.path().join(format!("seed{k}.json"));
+        let seed_runs: Vec<Vec<RunReport>> = serde_json::from_slice(&std::fs::read(&path)?)?;
+        for (row, mut r) in runs.iter_mut().zip(seed_runs) {
+            row.append(&mut r);
+        }
+    }
+    Ok(runs)
 }
 
 /// The comparison's figures, as PNG files in `--logdir` (next to the tables) and as images in its
