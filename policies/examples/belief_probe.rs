@@ -45,7 +45,9 @@ impl RankPolicy for SkippingPrior {
         };
         // The values see this round's observation; the belief keeps it whichever way we go.
         let mut belief = [self.inner.belief.clone()];
-        let (values, margin) = self.inner.prior.values(ObsBatch::one(obs), budget, &mut belief, true);
+        let want = policies::prior::Want { values: true, skip: true, estimates: false };
+        let out = self.inner.prior.evaluate(ObsBatch::one(obs), budget, &mut belief, want);
+        let (values, margin) = (out.values, out.skip_margin);
         let [belief] = belief;
         self.inner.belief = belief;
         if obs.global[GlobalFeature::ResourceBudget] == 0.0 && margin[0] > 0.0 {
