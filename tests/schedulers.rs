@@ -234,7 +234,11 @@ fn compare_runs_all_four_schedulers_at_an_equal_budget_and_writes_tables() {
     par.extend(["--jobs".into(), "2".into()]);
     let o = common::rankpilot(&par.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(o.status.success(), "{}", common::text(&o));
-    assert!(common::text(&o).contains(&format!("in 2 processes at a time, {threads} thread(s) each")), "{}", common::text(&o));
+    assert!(
+        common::text(&o).contains(&format!("in 2 processes at a time, {threads} thread(s) each")),
+        "{}",
+        common::text(&o)
+    );
     assert_eq!(losses(&par_dir), losses(&seq_dir), "--jobs 2 against one process at {threads} thread(s)");
     assert_eq!(losses(&par_dir)[0].as_array().unwrap().len(), 2);
 }

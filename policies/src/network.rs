@@ -209,7 +209,11 @@ impl PolicyNet {
                         p / "rank_out",
                         h,
                         1,
-                        nn::LinearConfig { ws_init: nn::Init::Const(0.0), bs_init: Some(nn::Init::Const(0.0)), bias: true },
+                        nn::LinearConfig {
+                            ws_init: nn::Init::Const(0.0),
+                            bs_init: Some(nn::Init::Const(0.0)),
+                            bias: true,
+                        },
                     ),
                     None => layer(p / "rank_out", h, 1, 0.01),
                 },
@@ -333,7 +337,7 @@ impl PolicyNet {
         let h = self.mix2.forward(&(self.mix1_site.forward(&e) + ctx).tanh()).tanh();
         let mut logits = self.logits.forward(&h);
         if let Some(head) = &self.rank_head {
-            logits = logits + head.forward(&h, sites);
+            logits += head.forward(&h, sites);
         }
         let site_values = self.value2.forward(&self.value1.forward(&h).tanh()).squeeze_dim(-1) * mask;
         NetOutput { logits, site_values, skip_logit }
@@ -349,7 +353,13 @@ mod tests {
     fn shapes_and_padding_invariance() {
         tch::manual_seed(0);
         let vs = nn::VarStore::new(Device::Cpu);
-        let net = PolicyNet::new(&vs.root(), 5, 7, 8, NetConfig { hidden: 16, skip: true, estimates: false, rank_head: false });
+        let net = PolicyNet::new(
+            &vs.root(),
+            5,
+            7,
+            8,
+            NetConfig { hidden: 16, skip: true, estimates: false, rank_head: false },
+        );
         let g = Tensor::randn([2, 5], (Kind::Float, Device::Cpu));
         let s = Tensor::randn([2, 3, 7], (Kind::Float, Device::Cpu));
         let mask = Tensor::ones([2, 3], (Kind::Float, Device::Cpu));
@@ -400,6 +410,9 @@ mod tests {
         }
         // And the network adds it to the plain head's logits.
         let mask = Tensor::ones([2, 3], (Kind::Float, Device::Cpu));
-        assert_eq!(net.forward(&Tensor::randn([2, 5], (Kind::Float, Device::Cpu)), &s, &mask).logits.size(), vec![2, 3, 4]);
+        assert_eq!(
+            net.forward(&Tensor::randn([2, 5], (Kind::Float, Device::Cpu)), &s, &mask).logits.size(),
+            vec![2, 3, 4]
+        );
     }
 }

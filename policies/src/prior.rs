@@ -649,7 +649,13 @@ impl Prior {
     /// [`estimate_site_names`]). The model is built once per environment, so its belief sees
     /// this observation once. `beliefs` holds one episode history per environment when the
     /// prior infers (`infer`); an environment without one uses the fixed beliefs.
-    pub fn evaluate(&self, obs: ObsBatch<'_>, budget: BudgetContext<'_>, beliefs: &mut [Belief], want: Want) -> PriorOutput {
+    pub fn evaluate(
+        &self,
+        obs: ObsBatch<'_>,
+        budget: BudgetContext<'_>,
+        beliefs: &mut [Belief],
+        want: Want,
+    ) -> PriorOutput {
         let ObsBatch { global, sites, n_envs, n_sites } = obs;
         let BudgetContext { unit_cost, budgets, dims, cost_coef } = budget;
         let k = self.ranks.len();

@@ -24,7 +24,12 @@ const BUDGET: f64 = 6.0;
 
 fn model() -> PolicyModel {
     tch::manual_seed(7);
-    let m = PolicyModel::new(Device::Cpu, &RANKS, NetConfig { hidden: 8, skip: false, ..Default::default() }, DdimConfig::default());
+    let m = PolicyModel::new(
+        Device::Cpu,
+        &RANKS,
+        NetConfig { hidden: 8, skip: false, ..Default::default() },
+        DdimConfig::default(),
+    );
     // A policy far from uniform, so that a wrong likelihood shows.
     tch::no_grad(|| {
         let mut vars = m.vs.variables();

@@ -264,10 +264,8 @@ fn the_network_reads_the_estimates_of_one_round_model_and_each_belief_sees_a_rou
         preset.ddim.clone(),
         &preset.prior,
     );
-    let estimator = policies::prior::Prior::new(
-        policies::prior::PriorConfig { infer: true, ..preset.prior.clone() },
-        &env.ranks,
-    );
+    let estimator =
+        policies::prior::Prior::new(policies::prior::PriorConfig { infer: true, ..preset.prior.clone() }, &env.ranks);
     let mut venv = envs::VecEnv::new(&env, 1, 3).unwrap();
     let (k, n) = (env.ranks.len(), venv.n_sites());
     let (g_dim, s_dim) = model.input_dims();
