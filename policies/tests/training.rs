@@ -19,6 +19,16 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// A round's allocation context at its conservative budget, as evaluation passes it.
+fn round_budget<'a>(ctx: &'a envs::RoundContext<'a>, dims: &'a [u32]) -> BudgetContext<'a> {
+    BudgetContext {
+        unit_cost: ctx.unit_cost,
+        budgets: std::slice::from_ref(&ctx.conservative_budget),
+        dims: Some(dims),
+        cost_coef: Some(ctx.cost_coef),
+    }
+}
+
 fn weights(t: &Trainer) -> Vec<(String, Vec<f32>)> {
     t.model.weights().into_iter().map(|(n, w)| (n, Vec::<f32>::try_from(w.flatten(0, -1)).unwrap())).collect()
 }
@@ -121,12 +131,7 @@ fn an_untrained_policy_with_a_prior_plans_as_the_prior() {
         let obs = venv.observation(0);
         let ctx = venv.context(0);
         let dims: Vec<u32> = ctx.sites.iter().map(|s| s.max_rank()).collect();
-        let budget = BudgetContext {
-            unit_cost: ctx.unit_cost,
-            budgets: &[ctx.conservative_budget],
-            dims: Some(&dims),
-            cost_coef: Some(ctx.cost_coef),
-        };
+        let budget = round_budget(&ctx, &dims);
         let want = prior.plan(ObsBatch::one(&obs), budget, Some(&mut belief.clone()));
         let k = env.ranks.len();
         let mut v = vec![0f32; obs.n_sites * k];
@@ -275,12 +280,7 @@ fn the_network_reads_the_estimates_of_one_round_model_and_each_belief_sees_a_rou
         let obs = venv.observation(0);
         let ctx = venv.context(0);
         let dims: Vec<u32> = ctx.sites.iter().map(|s| s.max_rank()).collect();
-        let budget = BudgetContext {
-            unit_cost: ctx.unit_cost,
-            budgets: &[ctx.conservative_budget],
-            dims: Some(&dims),
-            cost_coef: Some(ctx.cost_coef),
-        };
+        let budget = round_budget(&ctx, &dims);
         let d = model.act(ObsBatch::one(&obs), budget, &mut belief, policies::model::ActMode::Greedy);
         assert_eq!(belief[0].observations(), round + 1, "one observation per round");
         let want = policies::prior::Want { values: false, skip: false, estimates: true };
