@@ -506,6 +506,18 @@ impl RunOptions {
     fn round_steps(&self, k: usize, total_steps: usize) -> (usize, usize) {
         (self.round_starts[k], self.round_starts.get(k + 1).copied().unwrap_or(total_steps))
     }
+
+    /// The steps after which [`run`] measures the validation loss (besides before training): the
+    /// end of every round that crosses a multiple of `eval_every_steps`, and the last step.
+    pub fn eval_steps(&self, total_steps: usize) -> Vec<usize> {
+        let every = self.eval_every_steps.max(1);
+        (0..self.rounds())
+            .filter_map(|k| {
+                let (s0, s1) = self.round_steps(k, total_steps);
+                (s1 / every > s0 / every || k + 1 == self.rounds()).then_some(s1)
+            })
+            .collect()
+    }
 }
 
 /// Runs `ft` for its configured steps in `opts.rounds` rounds, asking `sched` for a plan at every

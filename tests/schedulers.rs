@@ -390,3 +390,100 @@ fn an_interrupted_scheduled_run_resumes_to_the_adapter_of_the_uninterrupted_run(
     assert_eq!(o.status.code(), Some(2), "{}", common::text(&o));
     assert!(common::text(&o).contains("`scheduler`"), "{}", common::text(&o));
 }
+
+#[test]
+fn peft_peers_train_on_the_same_windows_as_the_rust_rows_and_the_sweep_scores_each_row_on_its_own_half() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("m");
+    small_model(&model, 64);
+    let data = text_file(dir.path());
+    let logdir = dir.path().join("cmp");
+    let base = |schedulers: &str, logdir: &Path| -> Vec<String> {
+        let mut v: Vec<String> = [
+            "compare",
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            &data,
+            "--env",
+            "none",
+            "--budget",
+            "rank:4",
+            "--steps",
+            "6",
+            "--rounds",
+            "2",
+            "--schedulers",
+            schedulers,
+            "--logdir",
+            logdir.to_str().unwrap(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        v.extend(SMALL_RUN.iter().map(|s| s.to_string()));
+        v
+    };
+    let run = |args: &[String]| common::rankpilot(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let mut args = base("fixed,peft:lora,peft:adalora,peft:eva", &logdir);
+    args.extend(["--seeds".into(), "1".into()]);
+    let o = run(&args);
+    assert!(o.status.success(), "{}", common::text(&o));
+    let j: serde_json::Value = serde_json::from_slice(&std::fs::read(logdir.join("compare.json")).unwrap()).unwrap();
+    let runs = j["runs"].as_array().unwrap();
+    let names: Vec<&str> = runs.iter().map(|r| r[0]["scheduler"].as_str().unwrap()).collect();
+    assert_eq!(names, ["fixed", "peft:lora", "peft:adalora", "peft:eva"]);
+    // Every adapter starts at zero output (B = 0; AdaLoRA's E = 0), so before training each row's
+    // loss is the base model's on the validation windows: Python reads the same windows.
+    let base_loss = runs[0][0]["val_loss_initial"].as_f64().unwrap();
+    for r in runs {
+        let (l, name) = (r[0]["val_loss_initial"].as_f64().unwrap(), &r[0]["scheduler"]);
+        assert!((l - base_loss).abs() < 1e-5, "{name}: base loss {l} against the Rust side's {base_loss}");
+        assert!(r[0]["val_loss_final"].as_f64().unwrap() < l, "{name} did not train: {}", r[0]);
+        // Validation at the same steps as the Rust loop's.
+        assert_eq!(r[0]["val_curve"].as_array().unwrap().len(), runs[0][0]["val_curve"].as_array().unwrap().len());
+    }
+    // PEFT's LoRA at rank 4 everywhere has the Rust row's parameter count; EVA keeps the total rank
+    let params = |i: usize| runs[i][0]["final_params"].as_f64().unwrap();
+    assert_eq!(params(1), params(0));
+    assert_eq!(params(0), (4 * PARAMS_PER_RANK) as f64);
+    // (4 per module ± what moves between widths), and AdaLoRA's budget never exceeds its initial
+    // 1.5 × 4 per module.
+    for (i, name) in [(2, "peft:adalora"), (3, "peft:eva")] {
+        let mean = runs[i][0]["mean_params"].as_f64().unwrap();
+        assert!(params(i) > 0.0 && mean <= 1.5 * params(0), "{name}: mean {mean}, final {}", params(i));
+    }
+    assert!(logdir.join("peft-eva/seed0").is_dir());
+
+    // The sweep: each row at each rate on seed --seed + --seeds, scored on the first half of the
+    // validation text; the reported runs at the row's best rate on the second half.
+    let sweep_dir = dir.path().join("sweep");
+    let mut args = base("fixed,peft:lora", &sweep_dir);
+    args.extend(["--seeds", "2", "--lr-sweep", "1e-4,1e-2", "--jobs", "2"].map(String::from));
+    let o = run(&args);
+    assert!(o.status.success(), "{}", common::text(&o));
+    let j: serde_json::Value = serde_json::from_slice(&std::fs::read(sweep_dir.join("compare.json")).unwrap()).unwrap();
+    let sweep = j["sweep_val_loss"].as_array().unwrap();
+    assert_eq!(j["sweep_seed"], 2);
+    for (row, losses) in j["rows"].as_array().unwrap().iter().zip(sweep) {
+        let l: Vec<f64> = losses.as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+        let chosen = if l[0] <= l[1] { 1e-4 } else { 1e-2 };
+        assert_eq!(row["lr"].as_f64().unwrap(), chosen, "{row}");
+    }
+    let reported = j["runs"][0][0]["val_loss_initial"].as_f64().unwrap();
+    assert!((reported - base_loss).abs() > 1e-6, "the reported half is not the whole validation text");
+    assert!((j["runs"][1][0]["val_loss_initial"].as_f64().unwrap() - reported).abs() < 1e-5);
+    let md = std::fs::read_to_string(sweep_dir.join("compare.md")).unwrap();
+    assert!(md.contains("Learning-rate sweep (seed 2") && md.contains("*"), "{md}");
+
+    // A peer needs a plain rank budget and no simulated resource: refused by key otherwise.
+    let mut args = base("fixed,peft:lora", &dir.path().join("bad"));
+    let env_at = args.iter().position(|a| a == "none").unwrap();
+    args[env_at] = "wireless-rayleigh".into();
+    let o = run(&args);
+    assert_eq!(o.status.code(), Some(2), "{}", common::text(&o));
+    assert!(common::text(&o).contains("--env wireless-rayleigh: the PEFT peers"), "{}", common::text(&o));
+    let o = run(&base("peft:qlora", &dir.path().join("bad")));
+    assert_eq!(o.status.code(), Some(2), "{}", common::text(&o));
+    assert!(common::text(&o).contains("allowed: peft:lora, peft:adalora, peft:eva"), "{}", common::text(&o));
+}

@@ -12,12 +12,15 @@ use tch::Kind;
 
 use rankpilot_config::BadInput;
 use runio::checkpoint;
+use serde::Deserialize;
 
 use crate::cli::Common;
 use crate::commands::common::{TuneInput, load_env, load_model_and_data, progress_bar};
+use crate::commands::peers::{self, PeftMethod};
 use rankpilot::controller::{RunOptions, RunReport};
 use rankpilot::scheduler::{BudgetSpec, SchedulerSpec};
 use runio::tensorboard::SummaryWriter;
+use tune::data::ValidationHalf;
 use tune::finetune::{FinetuneConfig, Finetuner, RankSpec, SiteInit};
 use tune::lora::AdamW;
 
@@ -34,10 +37,13 @@ pub struct CompareArgs {
     /// Average adapter-parameter budget every scheduler is held to: parameters or `rank:R`.
     #[arg(long, default_value = "rank:4", value_parser = BudgetSpec::parse)]
     budget: BudgetSpec,
-    /// Schedulers to compare (comma-separated): fixed, fixed:R, adalora, squeeze, policy:<dir>, and
-    /// the classic ones with +skip (skip a round whose plan does not fit the conservative estimate).
-    /// A row ending in @eva (or @eva:N) starts and grows its sites with EVA instead of --init,
-    /// e.g. `fixed,fixed@eva`.
+    /// Schedulers to compare (comma-separated): fixed, fixed:R, adalora, squeeze, eva, policy:<dir>,
+    /// and the classic ones with +skip (skip a round whose plan does not fit the conservative
+    /// estimate). A row ending in @eva (or @eva:N) starts and grows its sites with EVA instead of
+    /// --init, e.g. `fixed,fixed@eva`. Hugging Face PEFT's own methods are rows too: peft:lora,
+    /// peft:adalora (init_r 1.5·R → target_r R, update_and_allocate every step) and peft:eva
+    /// (EVA init and rank redistribution, rho 2), run in the set-up's venv on the same windows;
+    /// they need --env none and --budget rank:R, and ignore --init.
     #[arg(
         long,
         default_value = "fixed,adalora,squeeze,policy:checkpoints/wireless-rayleigh",
@@ -55,7 +61,16 @@ pub struct CompareArgs {
     /// order), so compare tables at the same --jobs. Default 1: every seed in this process.
     #[arg(long, default_value_t = 1)]
     jobs: usize,
-    /// Internal: run as one worker of a `--jobs` comparison and write its runs (JSON) here.
+    /// Learning rates to sweep, comma-separated (e.g. 1e-3,2e-3,5e-3,1e-2): every row runs once at
+    /// each on seed --seed + --seeds (a seed not reported), scored on the first half of the
+    /// validation text, and its reported runs use its best rate, scored on the second half.
+    /// Without it every row uses --lr and the whole validation text.
+    #[arg(long, value_delimiter = ',')]
+    lr_sweep: Vec<f64>,
+    /// Internal: run one task (JSON) as a worker of a `--jobs` comparison.
+    #[arg(long, hide = true)]
+    worker_task: Option<String>,
+    /// Internal: where a worker writes its run (JSON).
     #[arg(long, hide = true)]
     worker_out: Option<PathBuf>,
     /// Optimizer steps per run.
@@ -73,32 +88,43 @@ pub struct CompareArgs {
     logdir: PathBuf,
 }
 
-/// A row of the table: a scheduler, and the site initialisation when it is not `--init`'s.
+/// A row of the table: a scheduler of rankpilot's loop, or a PEFT method run in Python.
 #[derive(Debug, Clone)]
-pub struct RowSpec {
-    /// The scheduler.
-    pub scheduler: SchedulerSpec,
-    /// `@eva[:N]`: this row's [`SiteInit`].
-    pub init: Option<SiteInit>,
+pub enum RowSpec {
+    /// A scheduler, with its own site initialisation (`@eva[:N]`, `@kaiming`) when not `--init`'s.
+    Loop {
+        /// The scheduler.
+        scheduler: SchedulerSpec,
+        /// This row's [`SiteInit`].
+        init: Option<SiteInit>,
+    },
+    /// `peft:lora`, `peft:adalora`, `peft:eva`: Hugging Face PEFT on the same windows.
+    Peft(PeftMethod),
 }
 
 impl RowSpec {
     fn parse(s: &str) -> Result<RowSpec, String> {
+        if let Some(m) = PeftMethod::parse(s) {
+            return m.map(RowSpec::Peft);
+        }
         let (sched, init) = match s.rsplit_once('@') {
             Some((sched, init)) if init.starts_with("eva") || init == "kaiming" => {
                 (sched, Some(init.parse::<SiteInit>().map_err(|e| format!("`{s}`: {e}"))?))
             }
             _ => (s, None),
         };
-        Ok(RowSpec { scheduler: SchedulerSpec::parse(sched)?, init })
+        Ok(RowSpec::Loop { scheduler: SchedulerSpec::parse(sched)?, init })
     }
 
     /// The row's label: the scheduler's, with `@<init>` when it has its own.
     pub fn label(&self) -> String {
-        match self.init {
-            None => self.scheduler.label(),
-            Some(SiteInit::Kaiming) => format!("{}@kaiming", self.scheduler.label()),
-            Some(SiteInit::Eva { batches }) => format!("{}@eva:{batches}", self.scheduler.label()),
+        match self {
+            RowSpec::Peft(m) => m.label(),
+            RowSpec::Loop { scheduler, init: None } => scheduler.label(),
+            RowSpec::Loop { scheduler, init: Some(SiteInit::Kaiming) } => format!("{}@kaiming", scheduler.label()),
+            RowSpec::Loop { scheduler, init: Some(SiteInit::Eva { batches }) } => {
+                format!("{}@eva:{batches}", scheduler.label())
+            }
         }
     }
 }
@@ -108,6 +134,8 @@ impl RowSpec {
 pub struct CompareRow {
     /// Scheduler label.
     pub scheduler: String,
+    /// The learning rate of its runs (its best of the sweep, with `--lr-sweep`).
+    pub lr: f64,
     /// Final validation loss per seed.
     pub val_loss: Vec<f64>,
     /// Mean final validation loss.
@@ -178,6 +206,18 @@ fn mean_std(x: &[f64]) -> (f64, f64) {
     (m, v.sqrt())
 }
 
+/// One fine-tuning run of a comparison: a row at a seed and learning rate, scored on the whole
+/// validation text or on one half of it.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+struct Task {
+    /// Index into `--schedulers`.
+    row: usize,
+    seed: u64,
+    lr: f64,
+    /// `None`: the whole validation text (no sweep).
+    half: Option<ValidationHalf>,
+}
+
 /// Runs the command.
 pub fn run(a: &CompareArgs) -> Result<()> {
     a.input.check()?;
@@ -187,109 +227,81 @@ pub fn run(a: &CompareArgs) -> Result<()> {
     if a.jobs == 0 {
         return Err(BadInput("--jobs: allowed: an integer >= 1".into()).into());
     }
-    let env = load_env(&a.env)?;
-    let device = a.common.device;
-    let mut runs: Vec<Vec<RunReport>> = vec![Vec::new(); a.schedulers.len()];
-    let mut unit = String::from("none");
-    let in_processes = a.jobs > 1 && a.seeds > 1 && a.worker_out.is_none();
-    if in_processes {
-        runs = run_seeds_in_processes(a)?;
-        unit = runs[0].first().map_or(unit, |r| r.cost_unit.clone());
+    if let Some(lr) = a.lr_sweep.iter().find(|lr| !(lr.is_finite() && **lr > 0.0)) {
+        return Err(BadInput(format!("--lr-sweep {lr}: allowed: positive learning rates")).into());
     }
-    for k in (0..a.seeds).filter(|_| !in_processes) {
-        let seed = a.common.seed + k;
-        for (i, spec) in a.schedulers.iter().enumerate() {
-            let (model, vs, _tok, _corpus, data) =
-                load_model_and_data(&a.input.model, &a.input.data, 0.1, a.input.seq_len, device, Kind::Float)?;
-            let cfg = FinetuneConfig {
-                steps: a.steps,
-                batch_size: a.input.batch_size,
-                schedule: a.input.lr_schedule,
-                grad_accum: a.input.grad_accum,
-                lora_dropout: a.input.lora_dropout,
-                init: spec.init.unwrap_or(if spec.scheduler.needs_eva_init() && a.input.init == SiteInit::Kaiming {
-                    SiteInit::Eva { batches: 4 }
-                } else {
-                    a.input.init
-                }),
-                seq_len: a.input.seq_len,
-                adam: AdamW { lr: a.input.lr, ..AdamW::default() },
-                eval_batches: a.eval_batches,
-                ranks: RankSpec { default: 0, patterns: vec![] },
-                seed,
-                ..FinetuneConfig::default()
-            };
-            let mut ft = Finetuner::new(model, vs, data, cfg)?;
-            let (mut sched, mut res) = rankpilot::controller::prepare(
-                &ft,
-                &spec.scheduler,
-                env.as_ref(),
-                Some(a.budget),
-                a.rounds,
-                seed,
-                device,
-            )?;
-            let dir = a.logdir.join(spec.label().replace([':', '/', '@'], "-")).join(format!("seed{seed}"));
-            let mut tb = SummaryWriter::new(&dir)?;
-            tb.add_text(
-                "config",
-                &format!(
-                    "scheduler `{}`, env `{}`, budget {:?}, seed {seed}, {} steps in {} rounds",
-                    spec.label(),
-                    a.env,
-                    a.budget,
-                    a.steps,
-                    a.rounds
-                ),
-                0,
-            )?;
-            let bar = progress_bar(a.steps);
-            if a.worker_out.is_some() {
-                bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
-            }
-            // Four evaluations per run (and the final one).
-            let opts = RunOptions::even(a.rounds, a.steps, (a.steps / a.rounds.max(1)).max(1) * a.rounds.div_ceil(4))?;
-            let mut report = rankpilot::controller::run(
-                &mut ft,
-                sched.as_mut(),
-                &mut res,
-                &opts,
-                &mut tb,
-                &bar,
-                &Default::default(),
-            )?;
-            bar.finish_and_clear();
-            report.scheduler = spec.label();
-            eprintln!(
-                "seed {seed} {:<28} val loss {:.4}  sent {:.3e} {}  lost {}/{}  skipped {}  mean params {:.0}  {:.1}s",
-                report.scheduler,
-                report.val_loss_final,
-                report.cost_sent,
-                report.cost_unit,
-                report.rounds_lost,
-                a.rounds,
-                report.rounds_skipped,
-                report.mean_params,
-                report.wall_seconds
-            );
-            unit = report.cost_unit.clone();
-            runs[i].push(report);
+    let env = load_env(&a.env)?;
+    if a.schedulers.iter().any(|r| matches!(r, RowSpec::Peft(_))) {
+        if env.is_some() {
+            return Err(BadInput(format!(
+                "--env {}: the PEFT peers (peft:*) run without a resource, which is rankpilot's simulation: use --env none",
+                a.env
+            ))
+            .into());
+        }
+        if !matches!(a.budget, BudgetSpec::Rank(r) if r >= 1.0 && r.fract() == 0.0) {
+            return Err(BadInput(
+                "--budget: with peft:* rows, allowed: rank:R with a whole R >= 1 (the peers' LoRA rank; PEFT's AdaLoRA targets R per module)"
+                    .into(),
+            )
+            .into());
         }
     }
-    if let Some(out) = &a.worker_out {
-        checkpoint::atomic_write(out, &serde_json::to_vec(&runs)?)?;
+    if let (Some(task), Some(out)) = (&a.worker_task, &a.worker_out) {
+        let task: Task = serde_json::from_str(task).map_err(|e| BadInput(format!("--worker-task: {e}")))?;
+        let report = run_task(a, env.as_ref(), &task)?;
+        checkpoint::atomic_write(out, &serde_json::to_vec(&report)?)?;
         return Ok(());
     }
+    // The learning-rate sweep: every row once at every rate, on a seed that is not reported,
+    // scored on the first half of the validation text; the reported runs use each row's best
+    // rate and are scored on the second half.
+    let n_rows = a.schedulers.len();
+    let mut lrs = vec![a.input.lr; n_rows];
+    let mut sweep: Vec<Vec<f64>> = Vec::new();
+    let sweep_seed = a.common.seed + a.seeds;
+    let half = (!a.lr_sweep.is_empty()).then_some(ValidationHalf::Report);
+    if !a.lr_sweep.is_empty() {
+        let tasks: Vec<Task> = (0..n_rows)
+            .flat_map(|row| {
+                a.lr_sweep.iter().map(move |&lr| Task { row, seed: sweep_seed, lr, half: Some(ValidationHalf::Select) })
+            })
+            .collect();
+        eprintln!(
+            "learning-rate sweep: {} runs on seed {sweep_seed}, scored on the first half of the validation text",
+            tasks.len()
+        );
+        let reports = execute(a, env.as_ref(), &tasks)?;
+        sweep = reports.chunks(a.lr_sweep.len()).map(|rs| rs.iter().map(|r| r.val_loss_final).collect()).collect();
+        for (row, losses) in sweep.iter().enumerate() {
+            let best = (0..losses.len()).min_by(|&i, &j| losses[i].total_cmp(&losses[j])).unwrap_or(0);
+            lrs[row] = a.lr_sweep[best];
+        }
+    }
+    let tasks: Vec<Task> = (0..a.seeds)
+        .flat_map(|k| {
+            let lrs = &lrs;
+            (0..n_rows).map(move |row| Task { row, seed: a.common.seed + k, lr: lrs[row], half })
+        })
+        .collect();
+    let reports = execute(a, env.as_ref(), &tasks)?;
+    let mut runs: Vec<Vec<RunReport>> = vec![Vec::new(); n_rows];
+    for (t, r) in tasks.iter().zip(reports) {
+        runs[t.row].push(r);
+    }
+    let unit = runs[0].first().map_or_else(|| "none".to_string(), |r| r.cost_unit.clone());
     let first: Vec<f64> = runs[0].iter().map(|r| r.val_loss_final).collect();
     let first_cost = runs[0].iter().map(|r| r.cost_sent).sum::<f64>();
     let rows: Vec<CompareRow> = runs
         .iter()
-        .map(|rs| {
+        .zip(&lrs)
+        .map(|(rs, &lr)| {
             let v: Vec<f64> = rs.iter().map(|r| r.val_loss_final).collect();
             let (m, s) = mean_std(&v);
             let avg = |f: &dyn Fn(&RunReport) -> f64| rs.iter().map(f).sum::<f64>() / rs.len() as f64;
             CompareRow {
                 scheduler: rs[0].scheduler.clone(),
+                lr,
                 val_loss: v,
                 val_loss_mean: m,
                 val_loss_std: s,
@@ -328,8 +340,13 @@ pub fn run(a: &CompareArgs) -> Result<()> {
     } else {
         String::new()
     };
+    let sweep_arg = if a.lr_sweep.is_empty() {
+        String::new()
+    } else {
+        format!(" --lr-sweep {}", a.lr_sweep.iter().map(|lr| format!("{lr:e}")).collect::<Vec<_>>().join(","))
+    };
     let mut md = format!(
-        "`rankpilot compare --model {} --data {} --env {} --budget {} --seeds {} --steps {} --rounds {} --seed {}`\n\n| scheduler | final val loss (mean ± std) | Δ vs best, {best_name} (paired, mean ± se [95% t interval]) |{resource_head} mean adapter params | final adapter params | wall s / run |\n|---|---:|---:|{}---:|---:|---:|\n",
+        "`rankpilot compare --model {} --data {} --env {} --budget {} --seeds {} --steps {} --rounds {} --seed {}{sweep_arg}`\n\n| scheduler | lr | final val loss (mean ± std) | Δ vs best, {best_name} (paired, mean ± se [95% t interval]) |{resource_head} mean adapter params | final adapter params | wall s / run |\n|---|---:|---:|---:|{}---:|---:|---:|\n",
         a.input.model.display(),
         a.input.data,
         a.env,
@@ -355,9 +372,12 @@ pub fn run(a: &CompareArgs) -> Result<()> {
             String::new()
         };
         md += &format!(
-            "| {} | {:.4} ± {:.4} | {diff} |{resource} {:.0} | {:.0} | {:.1} |\n",
-            r.scheduler, r.val_loss_mean, r.val_loss_std, r.mean_params, r.final_params, r.wall_seconds_mean
+            "| {} | {:.0e} | {:.4} ± {:.4} | {diff} |{resource} {:.0} | {:.0} | {:.1} |\n",
+            r.scheduler, r.lr, r.val_loss_mean, r.val_loss_std, r.mean_params, r.final_params, r.wall_seconds_mean
         );
+    }
+    if half.is_some() {
+        md += "\nScored on the second half of the validation text; each row's learning rate is its best of the sweep below.\n";
     }
     md += &format!(
         "\nPer seed (final val loss; seeds {}..{}, paired: same data order and channel):\n\n| scheduler |{}\n|---|{}\n",
@@ -369,9 +389,28 @@ pub fn run(a: &CompareArgs) -> Result<()> {
     for r in &rows {
         md += &format!("| {} |{}\n", r.scheduler, r.val_loss.iter().map(|v| format!(" {v:.4} |")).collect::<String>());
     }
+    if !sweep.is_empty() {
+        md += &format!(
+            "\nLearning-rate sweep (seed {sweep_seed}, final val loss on the first half of the validation text; * = chosen):\n\n| scheduler |{}\n|---|{}\n",
+            a.lr_sweep.iter().map(|lr| format!(" {lr:.0e} |")).collect::<String>(),
+            "---:|".repeat(a.lr_sweep.len())
+        );
+        for ((r, losses), &chosen) in rows.iter().zip(&sweep).zip(&lrs) {
+            md += &format!(
+                "| {} |{}\n",
+                r.scheduler,
+                losses
+                    .iter()
+                    .zip(&a.lr_sweep)
+                    .map(|(v, &lr)| format!(" {v:.4}{} |", if lr == chosen { "*" } else { "" }))
+                    .collect::<String>()
+            );
+        }
+    }
     let json = serde_json::json!({
         "model": a.input.model, "data": a.input.data, "env": a.env, "budget": budget,
         "seeds": a.seeds, "seed": a.common.seed, "steps": a.steps, "rounds": a.rounds,
+        "lr_sweep": a.lr_sweep, "sweep_seed": sweep_seed, "sweep_val_loss": sweep,
         "rows": rows, "runs": runs,
     });
     std::fs::create_dir_all(&a.logdir)?;
@@ -389,69 +428,204 @@ pub fn run(a: &CompareArgs) -> Result<()> {
     Ok(())
 }
 
-/// Runs every seed in its own worker process (this binary, `compare … --seed S --seeds 1
-/// --worker-out F`), at most `--jobs` at a time with the cores divided among them, and gathers
-/// their runs per scheduler in seed order: the same table as one process would give at that
-/// thread count.
-fn run_seeds_in_processes(a: &CompareArgs) -> Result<Vec<Vec<RunReport>>> {
+/// Runs the tasks, in this process or (`--jobs N`) in worker processes, and returns their reports
+/// in task order.
+fn execute(a: &CompareArgs, env: Option<&envs::EnvPreset>, tasks: &[Task]) -> Result<Vec<RunReport>> {
+    if a.jobs > 1 && tasks.len() > 1 {
+        return run_tasks_in_processes(a, tasks);
+    }
+    tasks.iter().map(|t| run_task(a, env, t)).collect()
+}
+
+/// One run: a Rust scheduler through the controller, or a PEFT peer in Python, with its logs.
+fn run_task(a: &CompareArgs, env: Option<&envs::EnvPreset>, task: &Task) -> Result<RunReport> {
+    let device = a.common.device;
+    let spec = &a.schedulers[task.row];
+    let seed = task.seed;
+    let (model, vs, _tok, _corpus, mut data) =
+        load_model_and_data(&a.input.model, &a.input.data, 0.1, a.input.seq_len, device, Kind::Float)?;
+    if let Some(h) = task.half {
+        data.keep_validation_half(h, a.input.seq_len)?;
+    }
+    let init = match spec {
+        RowSpec::Loop { scheduler, init } => {
+            init.unwrap_or(if scheduler.needs_eva_init() && a.input.init == SiteInit::Kaiming {
+                SiteInit::Eva { batches: 4 }
+            } else {
+                a.input.init
+            })
+        }
+        RowSpec::Peft(_) => SiteInit::Kaiming,
+    };
+    let cfg = FinetuneConfig {
+        steps: a.steps,
+        batch_size: a.input.batch_size,
+        schedule: a.input.lr_schedule,
+        grad_accum: a.input.grad_accum,
+        lora_dropout: a.input.lora_dropout,
+        init,
+        seq_len: a.input.seq_len,
+        adam: AdamW { lr: task.lr, ..AdamW::default() },
+        eval_batches: a.eval_batches,
+        ranks: RankSpec { default: 0, patterns: vec![] },
+        seed,
+        ..FinetuneConfig::default()
+    };
+    let label = spec.label();
+    let run_dir = label.replace([':', '/', '@'], "-");
+    let dir = match task.half {
+        Some(ValidationHalf::Select) => a.logdir.join("sweep").join(&run_dir).join(format!("lr{:e}", task.lr)),
+        _ => a.logdir.join(&run_dir).join(format!("seed{seed}")),
+    };
+    let mut tb = SummaryWriter::new(&dir)?;
+    tb.add_text(
+        "config",
+        &format!(
+            "row `{label}`, env `{}`, budget {:?}, seed {seed}, lr {:e}, {} steps in {} rounds, validation {}",
+            a.env,
+            a.budget,
+            task.lr,
+            a.steps,
+            a.rounds,
+            match task.half {
+                None => "the whole text",
+                Some(ValidationHalf::Select) => "first half (sweep)",
+                Some(ValidationHalf::Report) => "second half (reported)",
+            }
+        ),
+        0,
+    )?;
+    // Four evaluations per run (and the final one).
+    let opts = RunOptions::even(a.rounds, a.steps, (a.steps / a.rounds.max(1)).max(1) * a.rounds.div_ceil(4))?;
+    let mut report = match spec {
+        RowSpec::Loop { scheduler, .. } => {
+            let mut ft = Finetuner::new(model, vs, data, cfg)?;
+            let (mut sched, mut res) =
+                rankpilot::controller::prepare(&ft, scheduler, env, Some(a.budget), a.rounds, seed, device)?;
+            let bar = progress_bar(a.steps);
+            if a.worker_out.is_some() {
+                bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+            }
+            let report = rankpilot::controller::run(
+                &mut ft,
+                sched.as_mut(),
+                &mut res,
+                &opts,
+                &mut tb,
+                &bar,
+                &Default::default(),
+            )?;
+            bar.finish_and_clear();
+            report
+        }
+        RowSpec::Peft(method) => {
+            drop((model, vs));
+            let BudgetSpec::Rank(rank) = a.budget else { unreachable!("checked in run") };
+            let rank = rank as usize;
+            let work = peers::work_dir(&a.logdir)?;
+            let peer = peers::PeerRun {
+                method: *method,
+                model: &a.input.model,
+                cfg: &cfg,
+                rank,
+                eval_steps: opts.eval_steps(a.steps),
+                eva_batches: 4,
+                work: &work,
+            };
+            let tag = format!("{run_dir}-lr{:e}", task.lr);
+            let (report, train_loss) = peers::run_peer(&peer, &data, &tag)?;
+            for (k, l) in train_loss.iter().enumerate() {
+                tb.add_scalar("train/loss", *l, k as i64 + 1)?;
+            }
+            for &(step, v) in &report.val_curve {
+                tb.add_scalar("val/loss", v, step as i64)?;
+            }
+            tb.add_scalar("ranks/adapter_params", report.final_params as f64, a.steps as i64)?;
+            report
+        }
+    };
+    tb.flush()?;
+    report.scheduler = label;
+    eprintln!(
+        "seed {seed} lr {:.0e} {:<28} val loss {:.4}  sent {:.3e} {}  lost {}/{}  skipped {}  mean params {:.0}  {:.1}s",
+        task.lr,
+        report.scheduler,
+        report.val_loss_final,
+        report.cost_sent,
+        report.cost_unit,
+        report.rounds_lost,
+        a.rounds,
+        report.rounds_skipped,
+        report.mean_params,
+        report.wall_seconds
+    );
+    Ok(report)
+}
+
+/// Runs every task in its own worker process (this binary, `compare … --worker-task T
+/// --worker-out F`), at most `--jobs` at a time with the cores divided among them: the same
+/// reports as one process would give at that thread count.
+fn run_tasks_in_processes(a: &CompareArgs, tasks: &[Task]) -> Result<Vec<RunReport>> {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let jobs = a.jobs.min(a.seeds as usize);
+    let jobs = a.jobs.min(tasks.len());
     let threads = (cores / jobs).max(1);
-    eprintln!("running {} seeds in {jobs} processes at a time, {threads} thread(s) each", a.seeds);
+    eprintln!("running {} runs in {jobs} processes at a time, {threads} thread(s) each", tasks.len());
     let exe = std::env::current_exe()?;
     let work = tempfile::tempdir()?;
-    let bar = progress_bar(a.seeds as usize);
-    let mut pending: Vec<u64> = (0..a.seeds).rev().collect();
-    let mut running: Vec<(u64, std::process::Child)> = Vec::new();
+    let bar = progress_bar(tasks.len());
+    let mut pending: Vec<usize> = (0..tasks.len()).rev().collect();
+    let mut running: Vec<(usize, std::process::Child)> = Vec::new();
     let mut failed = None;
     while failed.is_none() && (!pending.is_empty() || !running.is_empty()) {
         while running.len() < jobs
-            && let Some(k) = pending.pop()
+            && let Some(i) = pending.pop()
         {
-            let seed = a.common.seed + k;
             // The parent's own arguments, then the worker's: later flags override earlier ones.
             let child = std::process::Command::new(&exe)
                 .args(std::env::args_os().skip(1))
-                .args(["--seed", &seed.to_string(), "--seeds", "1", "--jobs", "1", "--worker-out"])
-                .arg(work.path().join(format!("seed{k}.json")))
+                .args(["--jobs", "1", "--worker-task", &serde_json::to_string(&tasks[i])?, "--worker-out"])
+                .arg(work.path().join(format!("task{i}.json")))
                 .env("OMP_NUM_THREADS", threads.to_string())
                 .env("MKL_NUM_THREADS", threads.to_string())
                 .stdout(std::process::Stdio::null())
                 .spawn()?;
-            running.push((k, child));
+            running.push((i, child));
         }
         std::thread::sleep(std::time::Duration::from_millis(200));
-        let mut i = 0;
-        while i < running.len() {
-            match running[i].1.try_wait()? {
+        let mut k = 0;
+        while k < running.len() {
+            match running[k].1.try_wait()? {
                 Some(status) => {
-                    let (k, _) = running.swap_remove(i);
+                    let (i, _) = running.swap_remove(k);
                     if !status.success() {
-                        failed = Some((k, status));
+                        failed = Some((i, status));
                     }
                     bar.inc(1);
                 }
-                None => i += 1,
+                None => k += 1,
             }
         }
     }
     bar.finish_and_clear();
-    if let Some((k, status)) = failed {
+    if let Some((i, status)) = failed {
         for (_, mut c) in running {
             let _ = c.kill();
             let _ = c.wait();
         }
-        anyhow::bail!("the worker for seed {} failed ({status}); its error is printed above", a.common.seed + k);
+        let t = &tasks[i];
+        anyhow::bail!(
+            "the worker for `{}` at seed {} (lr {:e}) failed ({status}); its error is printed above",
+            a.schedulers[t.row].label(),
+            t.seed,
+            t.lr
+        );
     }
-    let mut runs: Vec<Vec<RunReport>> = vec![Vec::new(); a.schedulers.len()];
-    for k in 0..a.seeds {
-        let path = work.path().join(format!("seed{k}.json"));
-        let seed_runs: Vec<Vec<RunReport>> = serde_json::from_slice(&std::fs::read(&path)?)?;
-        for (row, mut r) in runs.iter_mut().zip(seed_runs) {
-            row.append(&mut r);
-        }
-    }
-    Ok(runs)
+    (0..tasks.len())
+        .map(|i| {
+            let path = work.path().join(format!("task{i}.json"));
+            Ok(serde_json::from_slice(&std::fs::read(&path)?)?)
+        })
+        .collect()
 }
 
 /// The comparison's figures, as PNG files in `--logdir` (next to the tables) and as images in its

@@ -10,6 +10,7 @@ pub mod doctor;
 pub mod eval;
 pub mod evaluate;
 pub mod finetune;
+pub mod peers;
 pub mod pretrain;
 pub mod squeeze;
 pub mod train;

@@ -23,6 +23,16 @@ pub struct TokenData {
     pub val_mask: Vec<bool>,
 }
 
+/// Which half of the validation stream a run is scored on ([`TokenData::keep_validation_half`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ValidationHalf {
+    /// The first half: where settings are chosen.
+    Select,
+    /// The second half: where the reported figures come from.
+    Report,
+}
+
 /// A batch of windows `[batch, seq_len + 1]` and, for instruction data, which ids are targets.
 #[derive(Debug)]
 pub struct Batch {
@@ -112,6 +122,29 @@ impl TokenData {
             ids: Tensor::from_slice(&v).view(shape).to_device(device),
             mask: (!mask.is_empty()).then(|| Tensor::from_slice(&m).view(shape).to_device(device)),
         }
+    }
+
+    /// Keeps one half of the validation stream: the first for choosing settings (a learning rate
+    /// from a sweep), the second for the figures reported, so that a choice is never scored on
+    /// the windows it was made on. Each half still needs `2·(seq_len + 1)` ids.
+    pub fn keep_validation_half(&mut self, half: ValidationHalf, seq_len: usize) -> Result<()> {
+        let mid = self.val.len() / 2;
+        if mid < 2 * (seq_len + 1) {
+            return Err(BadInput(format!(
+                "--lr-sweep: each half of the validation text needs {} ids and has {mid}: use more text or a shorter --seq-len",
+                2 * (seq_len + 1)
+            ))
+            .into());
+        }
+        let range = match half {
+            ValidationHalf::Select => 0..mid,
+            ValidationHalf::Report => mid..self.val.len(),
+        };
+        self.val = self.val[range.clone()].to_vec();
+        if !self.val_mask.is_empty() {
+            self.val_mask = self.val_mask[range].to_vec();
+        }
+        Ok(())
     }
 
     /// A random training batch with its target mask (the same draws as [`TokenData::train_batch`]).
