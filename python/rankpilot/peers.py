@@ -107,6 +107,15 @@ def run(job: dict) -> dict:
     from safetensors.torch import load_file
     from transformers import LlamaForCausalLM
 
+    import warnings
+
+    import transformers
+
+    # Only errors on stderr: the comparison prints its own line per run.
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*low_cpu_mem_usage.*")
     t_start = time.perf_counter()
     torch.set_num_threads(job["threads"])
     torch.manual_seed(job["seed"])
