@@ -75,6 +75,14 @@ pub struct PpoConfig {
     pub update_epochs: usize,
     /// Normalize advantages per minibatch (default true).
     pub norm_adv: bool,
+    /// Before that, normalize each episode's advantages on their own (z-score over its rounds
+    /// and sites; default false). On a distribution of environments the reward scales differ
+    /// by orders of magnitude (a channel's violation costs up to (violation_coef + λ)·cap per
+    /// round, a parameter budget's plans differ by a few hundredths), and one minibatch-wide
+    /// normalization lets the large-scale episodes decide the gradient alone; per episode,
+    /// every draw's decisions weigh alike (the balance PopArt gives multi-task value scales).
+    #[serde(default)]
+    pub norm_adv_per_episode: bool,
     /// Surrogate clipping ε (default 0.2).
     pub clip_coef: f64,
     /// Clip the value loss with the same ε (default true).
@@ -108,6 +116,7 @@ impl Default for PpoConfig {
             num_minibatches: 4,
             update_epochs: 4,
             norm_adv: true,
+            norm_adv_per_episode: false,
             clip_coef: 0.2,
             clip_vloss: true,
             ent_coef: 0.01,
@@ -158,6 +167,37 @@ impl rankpilot_config::Validate for PpoConfig {
 /// Generalized advantage estimation over a `[T, N]` rollout (row-major, step-major).
 ///
 /// `terminated[t·N + n]` is 1 when environment n's episode ended with the transition at step t
+/// Normalizes advantages per episode ([`PpoConfig::norm_adv_per_episode`]): `adv` holds
+/// `width` entries per record (sites, or one per state), `episode[i]` is record i's episode
+/// and `weight` is 1 for real entries and 0 for padding (same layout as `adv`). Each episode's
+/// real entries get mean 0 and standard deviation 1; an episode with fewer than two real
+/// entries, or none spread, is only centred.
+pub fn normalize_per_episode(adv: &mut [f32], weight: &[f32], episode: &[usize], width: usize) {
+    let n_ep = episode.iter().max().map_or(0, |&m| m + 1);
+    let (mut sum, mut sq, mut cnt) = (vec![0f64; n_ep], vec![0f64; n_ep], vec![0f64; n_ep]);
+    for (i, &e) in episode.iter().enumerate() {
+        for j in i * width..(i + 1) * width {
+            let w = weight[j] as f64;
+            sum[e] += w * adv[j] as f64;
+            sq[e] += w * (adv[j] as f64).powi(2);
+            cnt[e] += w;
+        }
+    }
+    let stats: Vec<(f64, f64)> = (0..n_ep)
+        .map(|e| {
+            let m = sum[e] / cnt[e].max(1.0);
+            let var = if cnt[e] > 1.0 { (sq[e] - cnt[e] * m * m).max(0.0) / (cnt[e] - 1.0) } else { 0.0 };
+            (m, if var > 0.0 { var.sqrt() } else { 1.0 })
+        })
+        .collect();
+    for (i, &e) in episode.iter().enumerate() {
+        let (m, sd) = stats[e];
+        for j in i * width..(i + 1) * width {
+            adv[j] = (weight[j] as f64 * (adv[j] as f64 - m) / (sd + 1e-8)) as f32;
+        }
+    }
+}
+
 /// (the observation at t+1 is then a fresh episode's). `next_value[n]` is V(s_T) for the
 /// observation after the last step. Returns (advantages, returns) with returns = A + V.
 pub fn gae(
@@ -521,6 +561,25 @@ mod tests {
             assert!((a - w).abs() < 1e-6, "{adv:?}");
         }
         assert!((ret[0] - 2.62).abs() < 1e-6);
+    }
+
+    #[test]
+    fn per_episode_normalization_gives_every_episode_unit_scale_and_leaves_padding_at_zero() {
+        // Two records of 2 sites in episode 0 (scale 100), one of them padded; one in episode 1
+        // (scale 0.01).
+        let mut adv = vec![100.0, -100.0, 300.0, 7.0, 0.01, 0.03];
+        let weight = vec![1.0, 1.0, 1.0, 0.0, 1.0, 1.0];
+        normalize_per_episode(&mut adv, &weight, &[0, 0, 1], 2);
+        let e0 = [adv[0], adv[1], adv[2]];
+        let mean0 = e0.iter().sum::<f32>() / 3.0;
+        let sd0 = (e0.iter().map(|x| (x - mean0).powi(2)).sum::<f32>() / 2.0).sqrt();
+        assert!(mean0.abs() < 1e-5 && (sd0 - 1.0).abs() < 1e-5, "{adv:?}");
+        assert_eq!(adv[3], 0.0);
+        assert!(
+            (adv[4] + std::f32::consts::FRAC_1_SQRT_2).abs() < 1e-4
+                && (adv[5] - std::f32::consts::FRAC_1_SQRT_2).abs() < 1e-4,
+            "{adv:?}"
+        );
     }
 
     #[test]

@@ -180,6 +180,8 @@ struct StepRecord {
     site_rewards: Vec<f32>,
     reward: f32,
     done: bool,
+    /// Which episode of this rollout the step belongs to (numbered per rollout).
+    episode: usize,
     /// (taken, log-prob, prior margin, allowed), with a skip head.
     skip: Option<(f32, f32, f32, f32)>,
 }
@@ -415,8 +417,12 @@ impl Trainer {
         let t_start = std::time::Instant::now();
         // One record per (step, environment), sites of its own count; padded after the rollout.
         let mut records: Vec<StepRecord> = Vec::with_capacity(t_len * n);
+        // Each environment's episode in this rollout, numbered as they start.
+        let mut episode_of: Vec<usize> = (0..n).collect();
+        let mut next_episode = n;
 
         for _ in 0..t_len {
+            let mut env_base = 0;
             let mut last_ranks = Vec::new();
             for gi in 0..self.groups.len() {
                 let EnvGroup { venv, beliefs, .. } = &mut self.groups[gi];
@@ -456,6 +462,11 @@ impl Trainer {
                 for e in 0..ne {
                     let sites_of = e * l..(e + 1) * l;
                     let rows = e * l * k..(e + 1) * l * k;
+                    let episode = episode_of[env_base + e];
+                    if venv.dones()[e] {
+                        episode_of[env_base + e] = next_episode;
+                        next_episode += 1;
+                    }
                     records.push(StepRecord {
                         n_sites: l,
                         global: d.global[e * g_dim..(e + 1) * g_dim].to_vec(),
@@ -469,6 +480,7 @@ impl Trainer {
                         site_rewards: venv.site_rewards()[sites_of].iter().map(|&r| r * scale).collect(),
                         reward: rewards[e] * scale,
                         done: venv.dones()[e],
+                        episode,
                         skip: has_skip.then(|| {
                             (
                                 d.skip[e] as u8 as f32,
@@ -487,6 +499,7 @@ impl Trainer {
                     }
                 }
                 stats.episodes.extend_from_slice(venv.finished());
+                env_base += ne;
                 last_ranks.extend(d.executed.iter().map(|&j| self.model.ranks[j as usize]));
                 // One preset, one horizon: a group's episodes end together; then the next draw.
                 if self.distribution.is_some() && venv.dones()[0] {
@@ -582,7 +595,14 @@ impl Trainer {
             Credit::PerSite => (n * l, next_site_values),
             Credit::Shared => (n, next_site_values.chunks_exact(l).map(|v| v.iter().sum()).collect()),
         };
-        let (adv, ret) = ppo::gae(&buf_r, &buf_v, &buf_done, &next_value, streams, cfg.gamma, cfg.gae_lambda);
+        let (mut adv, ret) = ppo::gae(&buf_r, &buf_v, &buf_done, &next_value, streams, cfg.gamma, cfg.gae_lambda);
+        if cfg.norm_adv_per_episode {
+            let episode: Vec<usize> = records.iter().map(|r| r.episode).collect();
+            match cfg.credit {
+                Credit::PerSite => ppo::normalize_per_episode(&mut adv, &buf_mask, &episode, l),
+                Credit::Shared => ppo::normalize_per_episode(&mut adv, &vec![1.0; b], &episode, 1),
+            }
+        }
         stats.mean_reward = records.iter().map(|r| r.reward as f64).sum::<f64>() / b as f64;
 
         stats.rollout_s = t_start.elapsed().as_secs_f64();
