@@ -141,6 +141,8 @@ pub struct Decision {
     pub skip_logp: Vec<f32>,
     /// The prior's skip margin per environment (empty without a skip head or without a prior).
     pub skip_margin: Vec<f32>,
+    /// Each site's current rank index, `n_envs × n_sites` (what a hold bonus acts on).
+    pub current: Vec<u8>,
 }
 
 /// Network + statistics + refiner: everything needed to turn observations into plans.
@@ -298,7 +300,11 @@ impl PolicyModel {
             let out = self.net.forward(&gt, &st, &mask);
             let margin = (!skip_margin.is_empty()).then(|| Tensor::from_slice(&skip_margin).to_device(self.device()));
             let skip = out.skip_logit.map(|z| self.net.policy_skip_logit(&z, margin.as_ref()));
-            (self.net.policy_logits(&out.logits, prior_t.as_ref()), out.site_values, skip)
+            let cur = self.net.has_hold().then(|| {
+                let idx: Vec<i64> = current.iter().map(|&j| j as i64).collect();
+                Tensor::from_slice(&idx).view([n_envs as i64, n_sites as i64]).to_device(self.device())
+            });
+            (self.net.policy_logits(&out.logits, prior_t.as_ref(), cur.as_ref()), out.site_values, skip)
         });
         let logp_all: Vec<f32> =
             Vec::try_from(logits.log_softmax(-1, Kind::Float).to_device(Device::Cpu).flatten(0, -1))
@@ -433,6 +439,7 @@ impl PolicyModel {
             skip_allowed,
             skip_logp,
             skip_margin,
+            current,
         }
     }
 

@@ -65,11 +65,22 @@ pub struct NetConfig {
     /// then judged by what choosing it would bring, not by its position in the rank set.
     #[serde(default)]
     pub rank_head: bool,
+    /// A learned bonus κ on each site's current rank (default false): logits_lj += κ·[j =
+    /// current_l], κ (`hold_bonus`) starting at [`HOLD_BONUS_INIT`]. A rank pays off only while
+    /// it is held (a shrink drops what the site captured), so exploration that redraws every rank
+    /// every round finds increments worthless; with the bonus a sampled plan keeps most ranks
+    /// and changes a few, and PPO learns how strongly to hold.
+    #[serde(default)]
+    pub hold: bool,
 }
+
+/// The initial hold bonus κ (`net.hold`): with 6 ranks and otherwise flat logits the current
+/// rank is kept with probability e²/(e² + 5) ≈ 0.6.
+pub const HOLD_BONUS_INIT: f64 = 2.0;
 
 impl Default for NetConfig {
     fn default() -> Self {
-        NetConfig { hidden: 64, skip: false, estimates: false, rank_head: false }
+        NetConfig { hidden: 64, skip: false, estimates: false, rank_head: false, hold: false }
     }
 }
 
@@ -158,6 +169,8 @@ pub struct PolicyNet {
     prior_scale: Option<PriorScale>,
     /// The prior's multiplier also scales the residual: logits = s·(prior + residual).
     scale_residual: bool,
+    /// κ of `net.hold`: the bonus on each site's current rank.
+    hold_bonus: Option<Tensor>,
 }
 
 /// The multiplier of the prior in the logits.
@@ -275,13 +288,29 @@ impl PolicyNet {
                     PriorScale::Fixed(scale)
                 }
             }),
+            // Created last and without randomness: the other weights start as without it.
+            hold_bonus: cfg.hold.then(|| p.var("hold_bonus", &[], nn::Init::Const(HOLD_BONUS_INIT))),
         }
     }
 
     /// The policy's logits [B, L, K] from the network's (residual) logits and the prior's
     /// utilities [B, L, K] (ignored when the network has no prior).
-    pub fn policy_logits(&self, residual: &Tensor, prior: Option<&Tensor>) -> Tensor {
-        self.with_prior_term(residual, prior)
+    /// With `net.hold`, `current` [B, L] (int64) is each site's current rank index, whose logit
+    /// gets the bonus κ.
+    pub fn policy_logits(&self, residual: &Tensor, prior: Option<&Tensor>, current: Option<&Tensor>) -> Tensor {
+        let logits = self.with_prior_term(residual, prior);
+        match (&self.hold_bonus, current) {
+            (Some(kappa), Some(cur)) => {
+                let k = residual.size()[residual.dim() - 1];
+                logits + cur.one_hot(k).to_kind(Kind::Float) * kappa
+            }
+            _ => logits,
+        }
+    }
+
+    /// True with a hold bonus (`net.hold`): the logits need each site's current rank.
+    pub fn has_hold(&self) -> bool {
+        self.hold_bonus.is_some()
     }
 
     /// `s·u + residual`, or `s·(u + residual)` with a scaled residual.
@@ -353,13 +382,7 @@ mod tests {
     fn shapes_and_padding_invariance() {
         tch::manual_seed(0);
         let vs = nn::VarStore::new(Device::Cpu);
-        let net = PolicyNet::new(
-            &vs.root(),
-            5,
-            7,
-            8,
-            NetConfig { hidden: 16, skip: true, estimates: false, rank_head: false },
-        );
+        let net = PolicyNet::new(&vs.root(), 5, 7, 8, NetConfig { hidden: 16, skip: true, ..Default::default() });
         let g = Tensor::randn([2, 5], (Kind::Float, Device::Cpu));
         let s = Tensor::randn([2, 3, 7], (Kind::Float, Device::Cpu));
         let mask = Tensor::ones([2, 3], (Kind::Float, Device::Cpu));
@@ -386,7 +409,7 @@ mod tests {
         let vs = nn::VarStore::new(Device::Cpu);
         let ranks = vec![0, 1, 2, 4];
         let inputs = RankInputs { price: 1, captured: 2, energy: 3, ranks: ranks.clone() };
-        let cfg = NetConfig { hidden: 16, skip: false, estimates: true, rank_head: true };
+        let cfg = NetConfig { hidden: 16, skip: false, estimates: true, rank_head: true, hold: false };
         let net = PolicyNet::with_prior(&vs.root(), 5, 7, 4, cfg, None, Some(inputs));
         let s = Tensor::rand([2, 3, 7], (Kind::Float, Device::Cpu));
         let h = Tensor::randn([2, 3, 16], (Kind::Float, Device::Cpu));
@@ -414,5 +437,35 @@ mod tests {
             net.forward(&Tensor::randn([2, 5], (Kind::Float, Device::Cpu)), &s, &mask).logits.size(),
             vec![2, 3, 4]
         );
+    }
+
+    #[test]
+    fn the_hold_bonus_adds_kappa_to_each_sites_current_rank_and_only_there() {
+        tch::manual_seed(2);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let net = PolicyNet::new(&vs.root(), 5, 7, 4, NetConfig { hidden: 8, hold: true, ..Default::default() });
+        assert!(net.has_hold());
+        let residual = Tensor::randn([2, 3, 4], (Kind::Float, Device::Cpu));
+        let current = Tensor::from_slice(&[0i64, 3, 1, 2, 2, 0]).view([2, 3]);
+        let got = net.policy_logits(&residual, None, Some(&current)) - &residual;
+        for b in 0..2 {
+            for l in 0..3 {
+                let c = current.int64_value(&[b, l]);
+                for j in 0..4 {
+                    let want = if j == c { HOLD_BONUS_INIT } else { 0.0 };
+                    assert!((got.double_value(&[b, l, j]) - want).abs() < 1e-6, "state {b}, site {l}, rank {j}");
+                }
+            }
+        }
+        // A trained variable: it is in the store, and without the option the logits are the residual's.
+        assert!(vs.variables().contains_key("hold_bonus"));
+        let plain = PolicyNet::new(
+            &nn::VarStore::new(Device::Cpu).root(),
+            5,
+            7,
+            4,
+            NetConfig { hidden: 8, ..Default::default() },
+        );
+        assert_eq!(plain.policy_logits(&residual, None, Some(&current)), residual);
     }
 }

@@ -255,6 +255,8 @@ pub struct Batch {
     pub offset: Option<Tensor>,
     /// Skip decisions, when the network has a skip head.
     pub skip: Option<SkipBatch>,
+    /// Each site's current rank index [B, L] (int64), with a hold bonus (`net.hold`).
+    pub current: Option<Tensor>,
 }
 
 /// The skip decisions of a rollout.
@@ -321,6 +323,8 @@ pub struct Stored<'a> {
     pub feasible: Option<(&'a Tensor, &'a Tensor)>,
     /// (skip decisions [B] float, the prior's skip margins [B]), with a skip head.
     pub skip: Option<(&'a Tensor, Option<&'a Tensor>)>,
+    /// Each site's current rank index [B, L] (int64), with a hold bonus (`net.hold`).
+    pub current: Option<&'a Tensor>,
 }
 
 /// Log-probabilities, entropies and per-site values of `actions` under the current network (and
@@ -336,9 +340,9 @@ pub fn evaluate_actions(
     mask: &Tensor,
     stored: Stored<'_>,
 ) -> Evaluated {
-    let Stored { actions, prior, feasible, skip } = stored;
+    let Stored { actions, prior, feasible, skip, current } = stored;
     let out = net.forward(global, sites, mask);
-    let mut logits = net.policy_logits(&out.logits, prior);
+    let mut logits = net.policy_logits(&out.logits, prior, current);
     if let Some((f, offset)) = feasible {
         logits -= offset;
         // Ranks that did not fit get probability 0 (exp(−1e9) underflows to 0 exactly, and
@@ -390,6 +394,7 @@ pub fn update(
             let prior = batch.prior.as_ref().map(sel);
             let feasible = batch.feasible.as_ref().map(sel);
             let offset = batch.offset.as_ref().map(sel);
+            let current = batch.current.as_ref().map(sel);
             let skip =
                 batch.skip.as_ref().map(|b| (sel(&b.taken), sel(&b.logp), b.margin.as_ref().map(sel), sel(&b.allowed)));
             let actions = sel(&batch.actions);
@@ -403,6 +408,7 @@ pub fn update(
                     prior: prior.as_ref(),
                     feasible: feasible.as_ref().zip(offset.as_ref()),
                     skip: skip.as_ref().map(|(s, _, m, _)| (s, m.as_ref())),
+                    current: current.as_ref(),
                 },
             );
             let (logp, entropy, value) = (ev.logp, ev.entropy, ev.values);
@@ -637,6 +643,7 @@ mod tests {
             feasible: None,
             offset: None,
             skip: None,
+            current: None,
         };
         let cfg = PpoConfig { num_minibatches: 2, target_kl: 0.0, ..Default::default() };
         let stats = update(&cfg, &net, &vs, &mut opt, &batch, 1e-3, |n| (0..n as i64).collect());
@@ -662,7 +669,8 @@ mod tests {
             let skip = Tensor::from_slice(&skipped);
             let actions = Tensor::zeros([b, 5], (Kind::Int64, Device::Cpu));
             let evaluate = |net: &PolicyNet| {
-                let stored = Stored { actions: &actions, prior: None, feasible: None, skip: Some((&skip, None)) };
+                let stored =
+                    Stored { actions: &actions, prior: None, feasible: None, skip: Some((&skip, None)), current: None };
                 tch::no_grad(|| evaluate_actions(net, &global, &sites, &mask, stored))
             };
             let ev = evaluate(&net);
@@ -686,6 +694,7 @@ mod tests {
                     margin: None,
                     allowed: Tensor::ones([b], opts),
                 }),
+                current: None,
             };
             let cfg =
                 PpoConfig { num_minibatches: 1, update_epochs: 4, target_kl: 0.0, ent_coef: 0.0, ..Default::default() };

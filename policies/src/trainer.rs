@@ -182,6 +182,8 @@ struct StepRecord {
     done: bool,
     /// Which episode of this rollout the step belongs to (numbered per rollout).
     episode: usize,
+    /// Each site's current rank index.
+    current: Vec<u8>,
     /// (taken, log-prob, prior margin, allowed), with a skip head.
     skip: Option<(f32, f32, f32, f32)>,
 }
@@ -477,10 +479,11 @@ impl Trainer {
                         offset: d.offset[rows.clone()].to_vec(),
                         prior: if has_prior { d.prior[rows].to_vec() } else { Vec::new() },
                         values: d.values[sites_of.clone()].to_vec(),
-                        site_rewards: venv.site_rewards()[sites_of].iter().map(|&r| r * scale).collect(),
+                        site_rewards: venv.site_rewards()[sites_of.clone()].iter().map(|&r| r * scale).collect(),
                         reward: rewards[e] * scale,
                         done: venv.dones()[e],
                         episode,
+                        current: d.current[sites_of.clone()].to_vec(),
                         skip: has_skip.then(|| {
                             (
                                 d.skip[e] as u8 as f32,
@@ -520,6 +523,7 @@ impl Trainer {
         let mut buf_s = vec![0f32; b * l * s_dim];
         let mut buf_mask = vec![0f32; b * l];
         let mut buf_a = vec![0i64; b * l];
+        let mut buf_current = vec![0i64; b * l];
         let mut buf_logp = vec![0f32; b * l];
         let mut buf_feasible = vec![true; b * l * k];
         let mut buf_offset = vec![0f32; b * l * k];
@@ -533,6 +537,7 @@ impl Trainer {
             buf_s[i * l * s_dim..(i * l + m) * s_dim].copy_from_slice(&r.sites);
             buf_mask[i * l..i * l + m].iter_mut().for_each(|x| *x = 1.0);
             buf_a[i * l..i * l + m].iter_mut().zip(&r.actions).for_each(|(a, &j)| *a = j as i64);
+            buf_current[i * l..i * l + m].iter_mut().zip(&r.current).for_each(|(a, &j)| *a = j as i64);
             buf_logp[i * l..i * l + m].copy_from_slice(&r.logp);
             buf_feasible[i * l * k..(i * l + m) * k].copy_from_slice(&r.feasible);
             buf_offset[i * l * k..(i * l + m) * k].copy_from_slice(&r.offset);
@@ -621,6 +626,7 @@ impl Trainer {
             prior: has_prior.then(|| Tensor::from_slice(&buf_prior).view([bi, li, ki]).to_device(dev)),
             feasible: Some(Tensor::from_slice(&buf_feasible).view([bi, li, ki]).to_device(dev)),
             offset: Some(Tensor::from_slice(&buf_offset).view([bi, li, ki]).to_device(dev)),
+            current: self.model.net.has_hold().then(|| Tensor::from_slice(&buf_current).view([bi, li]).to_device(dev)),
             skip: has_skip.then(|| ppo::SkipBatch {
                 taken: Tensor::from_slice(&skip_taken).to_device(dev),
                 logp: Tensor::from_slice(&skip_logp).to_device(dev),

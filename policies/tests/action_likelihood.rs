@@ -59,8 +59,13 @@ fn loss_probability(m: &PolicyModel, plan: &[u8], g: &[f32], s: &[f32], offset: 
         let feasible = Tensor::from_slice(&masks).view([1, 3, RANKS.len() as i64]);
         let offset = Tensor::from_slice(offset).view([1, 3, RANKS.len() as i64]);
         let ev = tch::no_grad(|| {
-            let stored =
-                ppo::Stored { actions: &actions, prior: None, feasible: Some((&feasible, &offset)), skip: None };
+            let stored = ppo::Stored {
+                actions: &actions,
+                prior: None,
+                feasible: Some((&feasible, &offset)),
+                skip: None,
+                current: None,
+            };
             ppo::evaluate_actions(&m.net, &gt, &st, &mask, stored)
         });
         total += ev.logp.sum(Kind::Double).double_value(&[]).exp() / orders.len() as f64;

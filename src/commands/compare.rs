@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Args;
 use serde::Serialize;
 use tch::Kind;
@@ -588,7 +588,11 @@ fn run_tasks_in_processes(a: &CompareArgs, tasks: &[Task]) -> Result<Vec<RunRepo
                 .env("OMP_NUM_THREADS", threads.to_string())
                 .env("MKL_NUM_THREADS", threads.to_string())
                 .stdout(std::process::Stdio::null())
-                .spawn()?;
+                .spawn()
+                .with_context(|| {
+                    // A binary rebuilt under a running comparison leaves /proc/self/exe deleted.
+                    format!("starting a worker from {} (was the binary replaced during the run?)", exe.display())
+                })?;
             running.push((i, child));
         }
         std::thread::sleep(std::time::Duration::from_millis(200));
