@@ -8,7 +8,7 @@ BIN := target/release/rankpilot
 # The set-up's venv (scripts/setup.sh), where the Python package is installed.
 PY := $(or $(RANKPILOT_CACHE),$(HOME)/.cache/rankpilot)/venv/bin/python
 
-.PHONY: setup build run compare test lint bench doctor fmt clean
+.PHONY: setup build run compare realrun test lint bench doctor fmt clean
 
 setup:
 	@bash scripts/setup.sh
@@ -48,6 +48,19 @@ compare: build
 	$(BIN) compare --model $(E2E_DIR)/model --env $(E2E_DIR)/tiny-code.toml --budget $(E2E_BUDGET) --seeds 3 --seed 0 \
 		--schedulers fixed,adalora,squeeze,policy:$(E2E_DIR)/policy/best --logdir $(E2E_DIR)/compare
 	@echo "TensorBoard logs: $(E2E_DIR)  (view: ~/.cache/rankpilot/venv/bin/tensorboard --logdir $(E2E_DIR))"
+
+## Real runs against Hugging Face PEFT's own methods at a plain parameter budget (rank 8 on
+## average, no resource): pre-train the tiny base model, then rankpilot's fixed, eva and the shipped
+## policy beside peft:lora, peft:adalora and peft:eva, 8 seeds, every row at its best learning rate
+## of a 3-point sweep chosen on the first half of the validation text and reported on the second
+## (66 runs, two at a time at one thread each: about an hour on 2 cores).
+REAL_DIR ?= runs/realrun
+realrun: build
+	$(BIN) pretrain --out $(REAL_DIR)/model --logdir $(REAL_DIR)/pretrain --seed 0
+	$(BIN) compare --model $(REAL_DIR)/model --env none --budget rank:8 --seeds 8 --seed 0 --jobs 2 \
+		--lr-sweep 2e-3,5e-3,1e-2 --logdir $(REAL_DIR)/compare \
+		--schedulers fixed,eva,policy:checkpoints/default@eva,peft:lora,peft:adalora,peft:eva
+	@echo "Tables: $(REAL_DIR)/compare/compare.md  (TensorBoard: ~/.cache/rankpilot/venv/bin/tensorboard --logdir $(REAL_DIR)/compare)"
 
 ## All tests of the workspace, including the checks with the Python `tensorboard` reader, then
 ## the Python package's suite (Gymnasium env checker, SB3, Policy.act vs `rankpilot act`,

@@ -23,7 +23,6 @@ use crate::commands::common::{TuneInput, load_model_and_data, progress_bar};
 use rankpilot::controller::sites_calibration;
 use runio::tensorboard::SummaryWriter;
 use tune::finetune::{FinetuneConfig, Finetuner, RankSpec};
-use tune::lora::AdamW;
 
 /// Arguments of `rankpilot calibrate`.
 #[derive(Debug, Args)]
@@ -90,17 +89,9 @@ pub fn run(a: &CalibrateArgs) -> Result<()> {
         .min()
         .unwrap_or(1);
     let cfg = FinetuneConfig {
-        steps: a.steps,
-        batch_size: a.input.batch_size,
-        schedule: a.input.lr_schedule,
-        grad_accum: a.input.grad_accum,
-        lora_dropout: a.input.lora_dropout,
-        init: a.input.init,
-        seq_len: a.input.seq_len,
-        adam: AdamW { lr: a.input.lr, ..AdamW::default() },
         ranks: RankSpec { default: a.rank.min(min_dim), patterns: vec![] },
         seed: a.common.seed,
-        ..FinetuneConfig::default()
+        ..a.input.finetune_config(a.steps, a.input.lr)
     };
     let mut ft = Finetuner::new(model, vs, data, cfg)?;
     let mut tb = SummaryWriter::new(&a.logdir)?;

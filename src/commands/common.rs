@@ -93,6 +93,34 @@ pub struct TuneInput {
 
 impl TuneInput {
     /// Checks the training settings that clap cannot.
+    /// The settings every fine-tuning command takes from these arguments (steps, batch, sequence
+    /// length, schedule, accumulation, dropout, `--init`, learning rate `lr`), over
+    /// [`FinetuneConfig`]'s defaults.
+    pub fn finetune_config(&self, steps: usize, lr: f64) -> tune::finetune::FinetuneConfig {
+        tune::finetune::FinetuneConfig {
+            steps,
+            batch_size: self.batch_size,
+            schedule: self.lr_schedule,
+            grad_accum: self.grad_accum,
+            lora_dropout: self.lora_dropout,
+            init: self.init,
+            seq_len: self.seq_len,
+            adam: tune::lora::AdamW { lr, ..tune::lora::AdamW::default() },
+            ..tune::finetune::FinetuneConfig::default()
+        }
+    }
+
+    /// `--init` for a run under `scheduler`: one that reads the sites' input bases (`eva`)
+    /// starts its sites with EVA unless `--init` says otherwise.
+    pub fn init_for(&self, scheduler: Option<&rankpilot::scheduler::SchedulerSpec>) -> tune::finetune::SiteInit {
+        match (scheduler, self.init) {
+            (Some(spec), tune::finetune::SiteInit::Kaiming) if spec.needs_eva_init() => {
+                tune::finetune::SiteInit::Eva { batches: 4 }
+            }
+            (_, init) => init,
+        }
+    }
+
     pub fn check(&self) -> Result<()> {
         if self.grad_accum == 0 {
             return Err(BadInput("--grad-accum 0: allowed: at least 1".into()).into());

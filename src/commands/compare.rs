@@ -22,7 +22,6 @@ use rankpilot::scheduler::{BudgetSpec, SchedulerSpec};
 use runio::tensorboard::SummaryWriter;
 use tune::data::ValidationHalf;
 use tune::finetune::{FinetuneConfig, Finetuner, RankSpec, SiteInit};
-use tune::lora::AdamW;
 
 /// Arguments of `rankpilot compare`.
 #[derive(Debug, Args)]
@@ -448,28 +447,15 @@ fn run_task(a: &CompareArgs, env: Option<&envs::EnvPreset>, task: &Task) -> Resu
         data.keep_validation_half(h, a.input.seq_len)?;
     }
     let init = match spec {
-        RowSpec::Loop { scheduler, init } => {
-            init.unwrap_or(if scheduler.needs_eva_init() && a.input.init == SiteInit::Kaiming {
-                SiteInit::Eva { batches: 4 }
-            } else {
-                a.input.init
-            })
-        }
+        RowSpec::Loop { scheduler, init } => init.unwrap_or(a.input.init_for(Some(scheduler))),
         RowSpec::Peft(_) => SiteInit::Kaiming,
     };
     let cfg = FinetuneConfig {
-        steps: a.steps,
-        batch_size: a.input.batch_size,
-        schedule: a.input.lr_schedule,
-        grad_accum: a.input.grad_accum,
-        lora_dropout: a.input.lora_dropout,
         init,
-        seq_len: a.input.seq_len,
-        adam: AdamW { lr: task.lr, ..AdamW::default() },
         eval_batches: a.eval_batches,
         ranks: RankSpec { default: 0, patterns: vec![] },
         seed,
-        ..FinetuneConfig::default()
+        ..a.input.finetune_config(a.steps, task.lr)
     };
     let label = spec.label();
     let run_dir = label.replace([':', '/', '@'], "-");

@@ -148,21 +148,10 @@ pub fn run(a: &FinetuneArgs) -> Result<()> {
     let kind = if a.bf16 { Kind::BFloat16 } else { Kind::Float };
     let (model, vs, tok, corpus, data) =
         load_model_and_data(&a.input.model, &a.input.data, a.val_fraction, a.input.seq_len, device, kind)?;
+    let base = a.input.finetune_config(a.steps, a.input.lr);
     let cfg = FinetuneConfig {
-        steps: a.steps,
-        batch_size: a.input.batch_size,
-        schedule: a.input.lr_schedule,
-        grad_accum: a.input.grad_accum,
-        lora_dropout: a.input.lora_dropout,
-        // `eva` reads the sites' input bases: its runs start with EVA unless told otherwise.
-        init: match (&a.scheduler, a.input.init) {
-            (Some(spec), tune::finetune::SiteInit::Kaiming) if spec.needs_eva_init() => {
-                tune::finetune::SiteInit::Eva { batches: 4 }
-            }
-            (_, init) => init,
-        },
-        seq_len: a.input.seq_len,
-        adam: AdamW { lr: a.input.lr, weight_decay: a.weight_decay, ..AdamW::default() },
+        init: a.input.init_for(a.scheduler.as_ref()),
+        adam: AdamW { weight_decay: a.weight_decay, ..base.adam },
         warmup_steps: a.warmup,
         grad_clip: a.grad_clip,
         eval_batches: a.eval_batches,
@@ -173,6 +162,7 @@ pub fn run(a: &FinetuneArgs) -> Result<()> {
         rslora: a.rslora,
         track_importance: !a.no_importance,
         seed: a.common.seed,
+        ..base
     };
     let env = load_env(&a.env)?;
     let mut ft = Finetuner::new(model, vs, data, cfg.clone())?;
