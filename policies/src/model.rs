@@ -13,7 +13,7 @@ use tch::{Device, Kind, Tensor, nn};
 use envs::{GLOBAL_FEATURES, GlobalFeature, Observation, RankPolicy, RoundContext, SITE_FEATURES, SiteFeature};
 
 use crate::ddim::{self, DdimConfig, Denoiser};
-use crate::network::{NetConfig, PolicyNet};
+use crate::network::{BudgetPrice, NetConfig, PolicyNet, SampleFit, SiteOrder};
 use crate::normalize::ObsNormalizer;
 use crate::prior::{ESTIMATE_GLOBAL_NAMES, ESTIMATE_SITE_NAMES, Prior, PriorConfig, PriorOutput, Want};
 use crate::projection::project_to_budget;
@@ -143,6 +143,9 @@ pub struct Decision {
     pub skip_margin: Vec<f32>,
     /// Each site's current rank index, `n_envs × n_sites` (what a hold bonus acts on).
     pub current: Vec<u8>,
+    /// Sampled sites whose feasibility mask removed more than 1 % of their priced probability
+    /// (0 when greedy): how often a binding budget squeezed a choice.
+    pub trimmed: usize,
 }
 
 /// Network + statistics + refiner: everything needed to turn observations into plans.
@@ -170,6 +173,8 @@ pub struct PolicyModel {
     pub estimator: Option<Prior>,
     /// The network reads the estimates (`net.estimates`).
     pub estimates: bool,
+    /// How sampled plans are fitted to a binding budget (`net.fit`).
+    pub fit: SampleFit,
 }
 
 impl PolicyModel {
@@ -214,6 +219,7 @@ impl PolicyModel {
             estimator: (net.estimates && !prior.enabled)
                 .then(|| Prior::new(PriorConfig { infer: true, ..prior.clone() }, ranks)),
             estimates: net.estimates,
+            fit: net.fit,
         }
     }
 
@@ -287,6 +293,7 @@ impl PolicyModel {
         let ObsBatch { global, sites, n_envs, n_sites } = obs;
         let BudgetContext { unit_cost, budgets, .. } = budget;
         let k = self.ranks.len();
+        let sampling = matches!(mode, ActMode::Sample(_));
         let est = self.prior_output(obs, budget, beliefs);
         let current = self.current_indices(sites, n_envs, n_sites);
         let skip_allowed: Vec<bool> =
@@ -300,11 +307,17 @@ impl PolicyModel {
             let out = self.net.forward(&gt, &st, &mask);
             let margin = (!skip_margin.is_empty()).then(|| Tensor::from_slice(&skip_margin).to_device(self.device()));
             let skip = out.skip_logit.map(|z| self.net.policy_skip_logit(&z, margin.as_ref()));
-            let cur = self.net.has_hold().then(|| {
+            let cur = self.net.needs_current().then(|| {
                 let idx: Vec<i64> = current.iter().map(|&j| j as i64).collect();
                 Tensor::from_slice(&idx).view([n_envs as i64, n_sites as i64]).to_device(self.device())
             });
-            (self.net.policy_logits(&out.logits, prior_t.as_ref(), cur.as_ref()), out.site_values, skip)
+            let logits = self.net.policy_logits(&out.logits, prior_t.as_ref(), cur.as_ref());
+            // Sampling with `net.keep` draws from the keep mixture; greedy decisions from p.
+            let logits = match self.net.keep_mixture(&logits, cur.as_ref()) {
+                Some(q) if sampling => q,
+                _ => logits,
+            };
+            (logits, out.site_values, skip)
         });
         let logp_all: Vec<f32> =
             Vec::try_from(logits.log_softmax(-1, Kind::Float).to_device(Device::Cpu).flatten(0, -1))
@@ -352,6 +365,8 @@ impl PolicyModel {
         let mut feasible = Vec::new();
         let mut offset = Vec::new();
         let mut plan = vec![0usize; n_sites];
+        let mut trimmed = 0;
+        let fit = self.fit;
         match rng {
             // Sampling allocates site by site (see [`sample_plan`]): the plan's probability is
             // exactly the product of the masked per-site probabilities PPO's ratio uses.
@@ -368,19 +383,26 @@ impl PolicyModel {
                     }
                     // Each site's categorical is priced at the budget's shadow price, so that
                     // independent choices already (nearly) fit and the masks only trim.
-                    let mu = budget_price(&logp_all[rows.clone()], &cost, k, budgets[e]);
+                    let mu = match fit.price {
+                        BudgetPrice::Mode => budget_price(&logp_all[rows.clone()], &cost, k, budgets[e]),
+                        BudgetPrice::Mean => budget_price_mean(&logp_all[rows.clone()], &cost, k, budgets[e]),
+                    };
                     for (i, ((p, o), &lp)) in
                         priced.iter_mut().zip(&mut offset[rows.clone()]).zip(&logp_all[rows.clone()]).enumerate()
                     {
                         *o = (mu * cost[i]) as f32;
                         *p = lp - *o;
                     }
-                    sample_plan(
+                    let first = match fit.order {
+                        SiteOrder::Random => None,
+                        SiteOrder::LargestFirst => Some(&current[sites_of.clone()]),
+                    };
+                    trimmed += sample_plan(
                         &priced,
                         &cost,
                         k,
                         budgets[e],
-                        &mut order,
+                        AllocationOrder { order: &mut order, largest_first: first },
                         rng,
                         SampledPlan {
                             plan: &mut coarse[sites_of.clone()],
@@ -440,6 +462,7 @@ impl PolicyModel {
             skip_logp,
             skip_margin,
             current,
+            trimmed,
         }
     }
 
@@ -558,24 +581,35 @@ pub struct SampledPlan<'a> {
 /// plan probability is not the per-site product the loss used: on the 3-site test case of
 /// `tests/action_likelihood.rs` the product gave the feasible plans 0.023 of the mass while
 /// they were executed every time, a total-variation distance of 0.49.)
+///
+/// Returns how many sites the masks trimmed: those whose masked-out ranks held more than 1 % of
+/// their priced probability.
 pub fn sample_plan(
     logp_rows: &[f32],
     cost: &[f64],
     k: usize,
     budget: f64,
-    order: &mut [usize],
+    order: AllocationOrder<'_>,
     rng: &mut ChaCha8Rng,
     out: SampledPlan<'_>,
-) {
+) -> usize {
+    let AllocationOrder { order, largest_first } = order;
     order.iter_mut().enumerate().for_each(|(i, o)| *o = i);
     order.shuffle(rng);
+    if let Some(current) = largest_first {
+        // Stable: ties keep their shuffled order.
+        order.sort_by(|&a, &b| current[b].cmp(&current[a]));
+    }
     let mut remaining = budget;
+    let mut trimmed = 0;
     for &l in order.iter() {
         let mask = &mut out.feasible[l * k..(l + 1) * k];
         feasible_ranks(&cost[l * k..(l + 1) * k], remaining, mask);
         let row = &logp_rows[l * k..(l + 1) * k];
         let top = row.iter().zip(mask.iter()).filter(|(_, m)| **m).map(|(&x, _)| x as f64).fold(f64::MIN, f64::max);
         let norm: f64 = row.iter().zip(mask.iter()).filter(|(_, m)| **m).map(|(&x, _)| (x as f64 - top).exp()).sum();
+        let all: f64 = row.iter().map(|&x| (x as f64 - top).exp()).sum();
+        trimmed += usize::from(norm < 0.99 * all);
         let mut u = rng.random::<f64>() * norm;
         let mut pick = None;
         for (j, (&x, &m)) in row.iter().zip(mask.iter()).enumerate() {
@@ -592,6 +626,67 @@ pub fn sample_plan(
         out.logp[l] = (row[j] as f64 - top - norm.ln()) as f32;
         remaining -= cost[l * k + j];
     }
+    trimmed
+}
+
+/// The allocation order of [`sample_plan`]: a uniformly random permutation drawn into `order`,
+/// then, with `largest_first` (each site's current rank index), stably sorted so that the sites
+/// holding the largest ranks come first. The order depends on the observation and the random
+/// stream only, never on the policy's parameters, so the plan's probability given the order
+/// stays the product of the masked per-site probabilities.
+pub struct AllocationOrder<'a> {
+    /// Scratch space of `n_sites`, overwritten with the order.
+    pub order: &'a mut [usize],
+    /// Each site's current rank index, for [`crate::network::SiteOrder::LargestFirst`].
+    pub largest_first: Option<&'a [u8]>,
+}
+
+/// The shadow price μ ≥ 0 of [`crate::network::BudgetPrice::Mean`]: the smallest μ at which
+/// the plan's expected cost, Σ_l E[cost_l] under each site's `softmax(log p − μ·cost)`, fits the
+/// budget (0 when it fits unpriced). The expected cost falls monotonically in μ (its derivative
+/// is minus the summed variances), so bisection finds it; when even μ → ∞ (every site at its
+/// cheapest rank) does not fit, the largest μ tried.
+pub fn budget_price_mean(logp_rows: &[f32], cost: &[f64], k: usize, budget: f64) -> f64 {
+    let expected = |mu: f64| -> f64 {
+        logp_rows
+            .chunks_exact(k)
+            .zip(cost.chunks_exact(k))
+            .map(|(lp, c)| {
+                let top = (0..k).map(|j| lp[j] as f64 - mu * c[j]).fold(f64::MIN, f64::max);
+                let (mut z, mut m) = (0.0, 0.0);
+                for j in 0..k {
+                    let w = (lp[j] as f64 - mu * c[j] - top).exp();
+                    z += w;
+                    m += w * c[j];
+                }
+                m / z
+            })
+            .sum()
+    };
+    let fits = |mu: f64| expected(mu) <= budget + 1e-9 * budget.abs().max(1.0);
+    if fits(0.0) {
+        return 0.0;
+    }
+    let mut hi = 1.0 / budget.abs().max(1e-300);
+    for _ in 0..200 {
+        if fits(hi) {
+            break;
+        }
+        hi *= 2.0;
+    }
+    let mut lo = 0.0;
+    for _ in 0..60 {
+        let mid = 0.5 * (lo + hi);
+        if fits(mid) {
+            hi = mid
+        } else {
+            lo = mid
+        }
+        if hi - lo <= 1e-9 * hi {
+            break;
+        }
+    }
+    hi
 }
 
 /// The budget's shadow price μ ≥ 0 for one state: the smallest μ at which every site's most
@@ -745,6 +840,27 @@ impl RankPolicy for TrainedPolicy<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_mean_price_makes_the_expected_cost_meet_a_binding_budget_and_is_zero_when_it_fits() {
+        // Two sites, flat logits over ranks {0, 1, 2, 4}, unit costs 1 and 2: the unpriced
+        // expected cost is 1.75 + 3.5 = 5.25.
+        let ranks = [0.0, 1.0, 2.0, 4.0];
+        let cost: Vec<f64> = [1.0, 2.0].iter().flat_map(|&u| ranks.iter().map(move |&r| u * r)).collect();
+        let logp = vec![0f32; 8];
+        assert_eq!(budget_price_mean(&logp, &cost, 4, 6.0), 0.0);
+        let mu = budget_price_mean(&logp, &cost, 4, 3.0);
+        let expected: f64 = cost
+            .chunks_exact(4)
+            .map(|c| {
+                let w: Vec<f64> = c.iter().map(|&x| (-mu * x).exp()).collect();
+                w.iter().zip(c).map(|(w, c)| w * c).sum::<f64>() / w.iter().sum::<f64>()
+            })
+            .sum();
+        assert!(mu > 0.0 && (expected - 3.0).abs() < 1e-6, "mu {mu}, expected cost {expected}");
+        // The mode's price is below it here: flat logits already put every argmax at rank 0.
+        assert_eq!(budget_price(&logp, &cost, 4, 3.0), 0.0);
+    }
 
     #[test]
     fn schema_mismatch_is_explained() {

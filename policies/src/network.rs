@@ -43,7 +43,7 @@ use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
 
 /// Sizes of the network.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NetConfig {
     /// Width H of every hidden layer (default 64).
@@ -72,6 +72,63 @@ pub struct NetConfig {
     /// and changes a few, and PPO learns how strongly to hold.
     #[serde(default)]
     pub hold: bool,
+    /// How a sampled plan is fitted to a binding budget (`model::sample_plan`); greedy
+    /// decisions are the exact knapsack and ignore it.
+    #[serde(default)]
+    pub fit: SampleFit,
+    /// Temporally consistent exploration (default 0, off): when sampling, a site that holds an
+    /// adapter (current rank > 0) keeps its rank with probability ρ = `keep` and otherwise draws
+    /// from its categorical p, so its distribution is the mixture q = (1 − ρ)·p + ρ·[j = current].
+    /// PPO's ratio uses q, so the executed action's probability stays exact; greedy decisions use
+    /// p alone. A rank pays off only while it is held (a shrink drops what the site captured), so
+    /// exploration that redraws every rank every round finds growing a rank worth less than its
+    /// cost; with ρ = 0.9 a drawn rank is held about ten rounds.
+    #[serde(default)]
+    pub keep: f64,
+}
+
+/// How sampling fits a plan to a binding budget: each site's categorical is priced at a
+/// shadow price μ (`log p − μ·cost`), then the sites are allocated one by one, each restricted to
+/// the ranks that still fit. Whatever the choice, the plan's probability is exactly the
+/// product PPO's ratio uses.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SampleFit {
+    /// Which μ prices the categoricals (default `mode`).
+    #[serde(default)]
+    pub price: BudgetPrice,
+    /// In which order the sites are allocated (default `random`).
+    #[serde(default)]
+    pub order: SiteOrder,
+}
+
+/// The shadow price μ of [`SampleFit`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BudgetPrice {
+    /// The smallest μ at which every site's most likely rank fits together
+    /// (`model::budget_price`). A broad policy's samples then overshoot the budget about half
+    /// the time, and the masks squeeze the sites allocated last.
+    #[default]
+    Mode,
+    /// The smallest μ at which the plan's expected cost under the priced categoricals fits
+    /// (`model::budget_price_mean`): samples overshoot by their spread only, so the masks trim a
+    /// few sites by a notch instead of squeezing many.
+    Mean,
+}
+
+/// The allocation order of [`SampleFit`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SiteOrder {
+    /// A uniformly random order every round.
+    #[default]
+    Random,
+    /// The sites holding the largest ranks first (ties in random order). A shrink drops what a
+    /// site captured, so a binding budget should trim the sites with the least to lose; under a
+    /// random order every rank a site grows is lost whenever it happens to come last, which
+    /// makes growing a rank worth less than it is.
+    LargestFirst,
 }
 
 /// The initial hold bonus κ (`net.hold`): with 6 ranks and otherwise flat logits the current
@@ -80,7 +137,15 @@ pub const HOLD_BONUS_INIT: f64 = 2.0;
 
 impl Default for NetConfig {
     fn default() -> Self {
-        NetConfig { hidden: 64, skip: false, estimates: false, rank_head: false, hold: false }
+        NetConfig {
+            hidden: 64,
+            skip: false,
+            estimates: false,
+            rank_head: false,
+            hold: false,
+            fit: SampleFit::default(),
+            keep: 0.0,
+        }
     }
 }
 
@@ -171,6 +236,8 @@ pub struct PolicyNet {
     scale_residual: bool,
     /// κ of `net.hold`: the bonus on each site's current rank.
     hold_bonus: Option<Tensor>,
+    /// ρ of `net.keep`: the probability that sampling keeps a site's current rank.
+    keep: f64,
 }
 
 /// The multiplier of the prior in the logits.
@@ -290,6 +357,7 @@ impl PolicyNet {
             }),
             // Created last and without randomness: the other weights start as without it.
             hold_bonus: cfg.hold.then(|| p.var("hold_bonus", &[], nn::Init::Const(HOLD_BONUS_INIT))),
+            keep: cfg.keep,
         }
     }
 
@@ -311,6 +379,26 @@ impl PolicyNet {
     /// True with a hold bonus (`net.hold`): the logits need each site's current rank.
     pub fn has_hold(&self) -> bool {
         self.hold_bonus.is_some()
+    }
+
+    /// True when the policy's logits or its sampling distribution need each site's current
+    /// rank (`net.hold`, `net.keep`).
+    pub fn needs_current(&self) -> bool {
+        self.has_hold() || self.keep > 0.0
+    }
+
+    /// With `net.keep` = ρ > 0, the log-probabilities sampling draws from [B, L, K], given the
+    /// policy's logits and each site's current rank index [B, L] (int64): log((1 − ρ)·p + ρ·[j =
+    /// current]) at sites holding an adapter (current index > 0), log p elsewhere. `None`
+    /// without `net.keep` (sampling then draws from p itself).
+    pub fn keep_mixture(&self, logits: &Tensor, current: Option<&Tensor>) -> Option<Tensor> {
+        let cur = current.filter(|_| self.keep > 0.0)?;
+        let k = logits.size()[logits.dim() - 1];
+        let rho = cur.gt(0).to_kind(Kind::Float).unsqueeze(-1) * self.keep;
+        let p = logits.softmax(-1, Kind::Float);
+        let q = p * (rho.ones_like() - &rho) + cur.one_hot(k).to_kind(Kind::Float) * &rho;
+        // p > 0 wherever a softmax is finite; the floor only guards underflow.
+        Some(q.clamp_min(1e-30).log())
     }
 
     /// `s·u + residual`, or `s·(u + residual)` with a scaled residual.
@@ -409,7 +497,8 @@ mod tests {
         let vs = nn::VarStore::new(Device::Cpu);
         let ranks = vec![0, 1, 2, 4];
         let inputs = RankInputs { price: 1, captured: 2, energy: 3, ranks: ranks.clone() };
-        let cfg = NetConfig { hidden: 16, skip: false, estimates: true, rank_head: true, hold: false };
+        let cfg =
+            NetConfig { hidden: 16, skip: false, estimates: true, rank_head: true, hold: false, ..Default::default() };
         let net = PolicyNet::with_prior(&vs.root(), 5, 7, 4, cfg, None, Some(inputs));
         let s = Tensor::rand([2, 3, 7], (Kind::Float, Device::Cpu));
         let h = Tensor::randn([2, 3, 16], (Kind::Float, Device::Cpu));

@@ -255,7 +255,7 @@ pub struct Batch {
     pub offset: Option<Tensor>,
     /// Skip decisions, when the network has a skip head.
     pub skip: Option<SkipBatch>,
-    /// Each site's current rank index [B, L] (int64), with a hold bonus (`net.hold`).
+    /// Each site's current rank index [B, L] (int64), with `net.hold` or `net.keep`.
     pub current: Option<Tensor>,
 }
 
@@ -323,7 +323,7 @@ pub struct Stored<'a> {
     pub feasible: Option<(&'a Tensor, &'a Tensor)>,
     /// (skip decisions [B] float, the prior's skip margins [B]), with a skip head.
     pub skip: Option<(&'a Tensor, Option<&'a Tensor>)>,
-    /// Each site's current rank index [B, L] (int64), with a hold bonus (`net.hold`).
+    /// Each site's current rank index [B, L] (int64), with `net.hold` or `net.keep`.
     pub current: Option<&'a Tensor>,
 }
 
@@ -343,6 +343,10 @@ pub fn evaluate_actions(
     let Stored { actions, prior, feasible, skip, current } = stored;
     let out = net.forward(global, sites, mask);
     let mut logits = net.policy_logits(&out.logits, prior, current);
+    // With `net.keep` the stored action was drawn from the keep mixture: its probability is that.
+    if let Some(q) = net.keep_mixture(&logits, current) {
+        logits = q;
+    }
     if let Some((f, offset)) = feasible {
         logits -= offset;
         // Ranks that did not fit get probability 0 (exp(−1e9) underflows to 0 exactly, and

@@ -64,6 +64,12 @@ impl rankpilot_config::Validate for PolicyPreset {
             self.ppo.net.rank_head,
             "false unless ppo.net.estimates is true (the head reads each rank's estimates)",
         );
+        v.check(
+            (0.0..1.0).contains(&self.ppo.net.keep),
+            "ppo.net.keep",
+            self.ppo.net.keep,
+            "a probability in [0, 1) (1 would never redraw a rank)",
+        );
     }
 }
 
@@ -111,6 +117,9 @@ pub struct IterationStats {
     pub episode_ranks: Option<(usize, Vec<u32>)>,
     /// Mean reward over the rollout.
     pub mean_reward: f64,
+    /// Share of the rollout's sampled site decisions that a binding budget trimmed (their
+    /// feasibility mask removed more than 1 % of their priced probability).
+    pub trimmed_share: f64,
     /// Wall time of the rollout (s).
     pub rollout_s: f64,
     /// Wall time of the PPO and DDIM updates (s).
@@ -422,6 +431,7 @@ impl Trainer {
         // Each environment's episode in this rollout, numbered as they start.
         let mut episode_of: Vec<usize> = (0..n).collect();
         let mut next_episode = n;
+        let (mut trimmed, mut decisions) = (0usize, 0usize);
 
         for _ in 0..t_len {
             let mut env_base = 0;
@@ -446,6 +456,8 @@ impl Trainer {
                     beliefs,
                     ActMode::Sample(&mut self.rng),
                 );
+                trimmed += d.trimmed;
+                decisions += d.skip.iter().filter(|&&s| !s).count() * l;
                 venv.step_indices_skipping(&d.executed, &d.skip)
                     .expect("the policy emits in-range indices of the right length, and skips only where allowed");
                 let rewards = venv.rewards();
@@ -609,6 +621,7 @@ impl Trainer {
             }
         }
         stats.mean_reward = records.iter().map(|r| r.reward as f64).sum::<f64>() / b as f64;
+        stats.trimmed_share = if decisions > 0 { trimmed as f64 / decisions as f64 } else { 0.0 };
 
         stats.rollout_s = t_start.elapsed().as_secs_f64();
         let t_update = std::time::Instant::now();
@@ -626,7 +639,11 @@ impl Trainer {
             prior: has_prior.then(|| Tensor::from_slice(&buf_prior).view([bi, li, ki]).to_device(dev)),
             feasible: Some(Tensor::from_slice(&buf_feasible).view([bi, li, ki]).to_device(dev)),
             offset: Some(Tensor::from_slice(&buf_offset).view([bi, li, ki]).to_device(dev)),
-            current: self.model.net.has_hold().then(|| Tensor::from_slice(&buf_current).view([bi, li]).to_device(dev)),
+            current: self
+                .model
+                .net
+                .needs_current()
+                .then(|| Tensor::from_slice(&buf_current).view([bi, li]).to_device(dev)),
             skip: has_skip.then(|| ppo::SkipBatch {
                 taken: Tensor::from_slice(&skip_taken).to_device(dev),
                 logp: Tensor::from_slice(&skip_logp).to_device(dev),

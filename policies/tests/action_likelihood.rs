@@ -5,14 +5,16 @@
 //! sampled with [`PolicyModel::act`] exactly as the trainer samples them, and the frequency of
 //! every executed plan is compared with its probability computed by the loss's own code
 //! ([`ppo::evaluate_actions`] on the stored feasibility masks), marginalized over the site orders
-//! the sampler draws from.
+//! the sampler draws from. Checked for both ways of fitting a sample to the budget
+//! ([`SampleFit`]): priced at the mode in a random order, and priced at the mean with the sites
+//! holding the largest ranks allocated first.
 
 use std::collections::HashMap;
 
-use envs::{GLOBAL_FEATURES, SITE_FEATURES};
+use envs::{GLOBAL_FEATURES, SITE_FEATURES, SiteFeature};
 use policies::ddim::DdimConfig;
 use policies::model::{ActMode, BudgetContext, ObsBatch, PolicyModel, feasibility_masks};
-use policies::network::NetConfig;
+use policies::network::{BudgetPrice, NetConfig, SampleFit, SiteOrder};
 use policies::ppo;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -22,12 +24,12 @@ const RANKS: [u32; 4] = [0, 1, 2, 4];
 const UNIT_COST: [f64; 3] = [1.0, 2.0, 1.5];
 const BUDGET: f64 = 6.0;
 
-fn model() -> PolicyModel {
+fn model(fit: SampleFit, keep: f64) -> PolicyModel {
     tch::manual_seed(7);
     let m = PolicyModel::new(
         Device::Cpu,
         &RANKS,
-        NetConfig { hidden: 8, skip: false, ..Default::default() },
+        NetConfig { hidden: 8, skip: false, fit, keep, ..Default::default() },
         DdimConfig::default(),
     );
     // A policy far from uniform, so that a wrong likelihood shows.
@@ -42,20 +44,32 @@ fn model() -> PolicyModel {
 fn observation() -> (Vec<f32>, Vec<f32>) {
     let mut rng = ChaCha8Rng::seed_from_u64(3);
     let g: Vec<f32> = (0..GLOBAL_FEATURES).map(|_| rand::Rng::random::<f32>(&mut rng)).collect();
-    let s: Vec<f32> = (0..3 * SITE_FEATURES).map(|_| rand::Rng::random::<f32>(&mut rng)).collect();
+    let mut s: Vec<f32> = (0..3 * SITE_FEATURES).map(|_| rand::Rng::random::<f32>(&mut rng)).collect();
+    // Current ranks 2, 1, 1 (the feature is rank / largest rank): a largest-first order puts
+    // site 0 first and the tied sites 1 and 2 in either order.
+    for (row, r) in s.chunks_exact_mut(SITE_FEATURES).zip([2.0, 1.0, 1.0]) {
+        row[SiteFeature::Rank] = r / 4.0;
+    }
     (g, s)
 }
 
 /// P(plan) as the loss computes it: for each site order, the product of the masked
-/// per-site probabilities `evaluate_actions` gives; averaged over the 3! equally likely orders.
+/// per-site probabilities `evaluate_actions` gives; averaged over the orders the sampler draws
+/// (all 3! with a random order; with largest-first, the 2 that put site 0 first).
 fn loss_probability(m: &PolicyModel, plan: &[u8], g: &[f32], s: &[f32], offset: &[f32]) -> f64 {
     let (gt, st, mask, _, _) = m.tensors(g, s, 1, 3, &Default::default());
     let actions = Tensor::from_slice(&plan.iter().map(|&j| j as i64).collect::<Vec<_>>()).view([1, 3]);
+    // The current rank indices of `observation` (ranks 2, 1, 1 of the set 0, 1, 2, 4).
+    let current = Tensor::from_slice(&[2i64, 1, 1]).view([1, 3]);
     let cost: Vec<f64> = UNIT_COST.iter().flat_map(|&u| RANKS.iter().map(move |&r| u * r as f64)).collect();
-    let orders = [[0, 1, 2], [0, 2, 1], [1, 0, 2], [1, 2, 0], [2, 0, 1], [2, 1, 0]];
+    let all = [[0, 1, 2], [0, 2, 1], [1, 0, 2], [1, 2, 0], [2, 0, 1], [2, 1, 0]];
+    let orders: Vec<[usize; 3]> = match m.fit.order {
+        SiteOrder::Random => all.to_vec(),
+        SiteOrder::LargestFirst => all.into_iter().filter(|o| o[0] == 0).collect(),
+    };
     let mut total = 0.0;
-    for order in orders {
-        let masks = feasibility_masks(plan, &order, &cost, RANKS.len(), BUDGET);
+    for order in &orders {
+        let masks = feasibility_masks(plan, order, &cost, RANKS.len(), BUDGET);
         let feasible = Tensor::from_slice(&masks).view([1, 3, RANKS.len() as i64]);
         let offset = Tensor::from_slice(offset).view([1, 3, RANKS.len() as i64]);
         let ev = tch::no_grad(|| {
@@ -64,7 +78,7 @@ fn loss_probability(m: &PolicyModel, plan: &[u8], g: &[f32], s: &[f32], offset: 
                 prior: None,
                 feasible: Some((&feasible, &offset)),
                 skip: None,
-                current: None,
+                current: m.net.needs_current().then_some(&current),
             };
             ppo::evaluate_actions(&m.net, &gt, &st, &mask, stored)
         });
@@ -75,12 +89,27 @@ fn loss_probability(m: &PolicyModel, plan: &[u8], g: &[f32], s: &[f32], offset: 
 
 #[test]
 fn executed_plans_have_the_probability_the_loss_uses() {
-    let m = model();
+    check_executed_frequencies(SampleFit::default(), 0.0);
+}
+
+#[test]
+fn executed_plans_have_the_probability_the_loss_uses_when_sites_keep_their_ranks() {
+    check_executed_frequencies(SampleFit::default(), 0.6);
+}
+
+#[test]
+fn executed_plans_have_the_probability_the_loss_uses_when_priced_at_the_mean_and_allocated_largest_first() {
+    check_executed_frequencies(SampleFit { price: BudgetPrice::Mean, order: SiteOrder::LargestFirst }, 0.0);
+}
+
+fn check_executed_frequencies(fit: SampleFit, keep: f64) {
+    let m = model(fit, keep);
     let (g, s) = observation();
     let mut rng = ChaCha8Rng::seed_from_u64(11);
     let n = 60_000;
     let mut counts: HashMap<Vec<u8>, usize> = HashMap::new();
     let mut offset = Vec::new();
+    let mut trimmed = 0;
     for _ in 0..n {
         let d = m.act(
             ObsBatch { global: &g, sites: &s, n_envs: 1, n_sites: 3 },
@@ -94,6 +123,13 @@ fn executed_plans_have_the_probability_the_loss_uses() {
         // The budget's price is a function of the state: the same in every draw.
         assert!(offset.is_empty() || offset == d.offset);
         offset = d.offset.clone();
+        if fit.order == SiteOrder::LargestFirst {
+            assert!(
+                d.feasible[..RANKS.len()].iter().all(|&f| f),
+                "site 0, holding the largest rank, is allocated first"
+            );
+        }
+        trimmed += d.trimmed;
         *counts.entry(d.executed.clone()).or_default() += 1;
     }
     // Every feasible plan (4³ = 64 candidates, filtered by cost) gets its probability.
@@ -124,5 +160,14 @@ fn executed_plans_have_the_probability_the_loss_uses() {
     assert!((total_p - 1.0).abs() < 1e-5, "the loss's probabilities of feasible plans sum to {total_p}");
     assert!(tv < 0.012, "total variation between executed frequencies and loss probabilities: {tv}");
     assert!(worst_z < 5.0, "largest deviation {worst_z:.1} standard errors");
-    assert!(offset.iter().any(|&o| o > 0.0), "the case binds: the budget has a positive price");
+    assert!(trimmed > 0, "the case binds: some draws were trimmed by the masks");
+    if keep == 0.0 {
+        assert!(offset.iter().any(|&o| o > 0.0), "the case binds: the budget has a positive price");
+    }
+    if keep > 0.0 {
+        // Every site holds an adapter and the current plan (2, 1, 1) fits: it is kept whole at
+        // least whenever all three sites keep.
+        let kept = *counts.get([2u8, 1, 1].as_slice()).unwrap_or(&0) as f64 / n as f64;
+        assert!(kept > 0.95 * keep.powi(3), "the current plan was kept in {kept:.3} of the draws");
+    }
 }

@@ -248,6 +248,7 @@ pub fn run(a: &TrainArgs) -> anyhow::Result<()> {
             ("charts/learning_rate", u.learning_rate),
             ("charts/steps_per_s", sps),
             ("charts/mean_reward", st.mean_reward),
+            ("charts/trimmed_share", st.trimmed_share),
             ("charts/rollout_s", st.rollout_s),
             ("charts/update_s", st.update_s),
             ("charts/prior_scale", trainer.model.net.prior_scale().unwrap_or(f64::NAN)),

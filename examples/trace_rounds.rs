@@ -1,0 +1,74 @@
+//! Round-by-round trace of one episode of a suite environment: mean rank, the plan's cost
+//! against the conservative budget, and skips, for a checkpoint (greedy) beside the oracle
+//! and uniform. A diagnostic for what a policy does with a budget.
+//!
+//! `cargo run --release --example trace_rounds -- <checkpoint> <suite-env> [episode-seed]`
+use envs::{Observation, RankPolicy, RoundContext};
+
+struct Trace<'a> {
+    inner: &'a mut dyn RankPolicy,
+    rows: Vec<String>,
+}
+
+impl RankPolicy for Trace<'_> {
+    fn name(&self) -> String {
+        self.inner.name()
+    }
+    fn begin_episode(&mut self) {
+        self.inner.begin_episode()
+    }
+    fn act(&mut self, obs: &Observation, ctx: &RoundContext<'_>) -> Vec<u32> {
+        self.decide(obs, ctx).unwrap_or_default()
+    }
+    fn decide(&mut self, obs: &Observation, ctx: &RoundContext<'_>) -> Option<Vec<u32>> {
+        let d = self.inner.decide(obs, ctx);
+        self.rows.push(match &d {
+            None => "skip".into(),
+            Some(p) => {
+                let cost: f64 = p.iter().zip(ctx.unit_cost).map(|(&r, &u)| r as f64 * u).sum();
+                let mean = p.iter().map(|&r| r as f64).sum::<f64>() / p.len() as f64;
+                let max = p.iter().max().copied().unwrap_or(0);
+                format!("{mean:5.1}/{max:2}/{:.2}", cost / ctx.conservative_budget)
+            }
+        });
+        d
+    }
+    fn privileged(&self) -> bool {
+        self.inner.privileged()
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let env_name = args.get(1).map_or("default-00", |s| s.as_str());
+    let seed: u64 = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(1000);
+    let presets = envs::distribution::EnvSuite::load("default")?.environments()?;
+    let preset = presets.iter().find(|p| p.name == env_name).ok_or_else(|| anyhow::anyhow!("no {env_name}"))?;
+    let spec = envs::EnvSpec::new(preset)?;
+    let (meta, tensors) = runio::checkpoint::load(std::path::Path::new(&args[0]), runio::checkpoint::POLICY_KIND)?;
+    let (model, _) = policies::trainer::policy_from_checkpoint(&meta.config, &meta.state, &tensors, tch::Device::Cpu)?;
+    let mut greedy = policies::model::TrainedPolicy::greedy(&model, "policy");
+    let mut oracle = envs::Baseline::Oracle.policy(&spec, seed);
+    let mut uniform = envs::Baseline::Uniform.policy(&spec, seed);
+    println!(
+        "{env_name}: {} sites, {} rounds; each cell: mean rank / max rank / cost ÷ conservative budget",
+        spec.n_sites(),
+        preset.rounds
+    );
+    let pols: [(&str, &mut dyn RankPolicy); 3] =
+        [("policy", &mut greedy), ("oracle", oracle.as_mut()), ("uniform", uniform.as_mut())];
+    for (name, p) in pols {
+        let mut t = Trace { inner: p, rows: Vec::new() };
+        let env = envs::VecEnv::from_seeds(spec.clone(), &[seed]);
+        let s = envs::eval::play_episode(env, &mut t)?;
+        println!("{name:8} return {:8.3} final loss {:.3}", s.episode_return, s.final_loss);
+        for (i, r) in t.rows.iter().enumerate() {
+            print!("{r:>16}");
+            if i % 6 == 5 {
+                println!();
+            }
+        }
+        println!();
+    }
+    Ok(())
+}
