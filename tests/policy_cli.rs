@@ -68,6 +68,16 @@ fn bad_input_is_refused_with_exit_code_2() {
     let o = common::rankpilot_in(&["train", "--policy", "range.toml", "--steps", "1"], p);
     assert_eq!(o.status.code(), Some(2), "{}", common::text(&o));
     assert!(common::text(&o).contains("ppo.gamma"), "{}", common::text(&o));
+    // A keep probability of 1 would never redraw a rank; an unknown allocation order is named.
+    std::fs::write(p.join("keep.toml"), "name = 'x'\n[ppo]\nnet = { hidden = 8, keep = 1.0 }\n").unwrap();
+    let o = common::rankpilot_in(&["train", "--policy", "keep.toml", "--steps", "1"], p);
+    assert_eq!(o.status.code(), Some(2), "{}", common::text(&o));
+    assert!(common::text(&o).contains("ppo.net.keep") && common::text(&o).contains("[0, 1)"), "{}", common::text(&o));
+    std::fs::write(p.join("order.toml"), "name = 'x'\n[ppo]\nnet = { hidden = 8, fit = { order = 'last' } }\n")
+        .unwrap();
+    let o = common::rankpilot_in(&["train", "--policy", "order.toml", "--steps", "1"], p);
+    assert_eq!(o.status.code(), Some(2), "{}", common::text(&o));
+    assert!(common::text(&o).contains("largest-first"), "{}", common::text(&o));
 
     // A checkpoint trained for another rank set: refused, saying which ranks.
     let o = train(p, "ck", &["--stop-after", "1"]);

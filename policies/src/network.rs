@@ -85,6 +85,14 @@ pub struct NetConfig {
     /// cost; with ρ = 0.9 a drawn rank is held about ten rounds.
     #[serde(default)]
     pub keep: f64,
+    /// Monotone utilities (default false): the network's rank logits become cumulative sums of
+    /// non-negative increments, u_lj = Σ_{i=1..j} softplus(z_li) (u_l0 = 0), so more rank is
+    /// never less likely to be worth it, and the budget's shadow price (and the greedy knapsack)
+    /// decides how much of the budget a plan takes; the network decides where it goes. It is
+    /// the knapsack's diminishing-returns structure as an architecture, not a model of the
+    /// environment, and applies to the network's logits before any prior term.
+    #[serde(default)]
+    pub monotone: bool,
 }
 
 /// How sampling fits a plan to a binding budget: each site's categorical is priced at a
@@ -145,6 +153,7 @@ impl Default for NetConfig {
             hold: false,
             fit: SampleFit::default(),
             keep: 0.0,
+            monotone: false,
         }
     }
 }
@@ -238,6 +247,8 @@ pub struct PolicyNet {
     hold_bonus: Option<Tensor>,
     /// ρ of `net.keep`: the probability that sampling keeps a site's current rank.
     keep: f64,
+    /// `net.monotone`: the rank logits are cumulative non-negative increments.
+    monotone: bool,
 }
 
 /// The multiplier of the prior in the logits.
@@ -358,6 +369,7 @@ impl PolicyNet {
             // Created last and without randomness: the other weights start as without it.
             hold_bonus: cfg.hold.then(|| p.var("hold_bonus", &[], nn::Init::Const(HOLD_BONUS_INIT))),
             keep: cfg.keep,
+            monotone: cfg.monotone,
         }
     }
 
@@ -366,7 +378,12 @@ impl PolicyNet {
     /// With `net.hold`, `current` [B, L] (int64) is each site's current rank index, whose logit
     /// gets the bonus κ.
     pub fn policy_logits(&self, residual: &Tensor, prior: Option<&Tensor>, current: Option<&Tensor>) -> Tensor {
-        let logits = self.with_prior_term(residual, prior);
+        let monotone = self.monotone.then(|| {
+            let k = residual.size()[residual.dim() - 1];
+            let inc = residual.narrow(-1, 1, k - 1).softplus().cumsum(-1, Kind::Float);
+            Tensor::cat(&[residual.narrow(-1, 0, 1).zeros_like(), inc], -1)
+        });
+        let logits = self.with_prior_term(monotone.as_ref().unwrap_or(residual), prior);
         match (&self.hold_bonus, current) {
             (Some(kappa), Some(cur)) => {
                 let k = residual.size()[residual.dim() - 1];
@@ -526,6 +543,26 @@ mod tests {
             net.forward(&Tensor::randn([2, 5], (Kind::Float, Device::Cpu)), &s, &mask).logits.size(),
             vec![2, 3, 4]
         );
+    }
+
+    #[test]
+    fn monotone_utilities_are_cumulative_softplus_increments_starting_at_zero() {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let net = PolicyNet::new(&vs.root(), 5, 7, 4, NetConfig { hidden: 8, monotone: true, ..Default::default() });
+        let residual = Tensor::randn([2, 3, 4], (Kind::Float, Device::Cpu)) * 3.0;
+        let u = net.policy_logits(&residual, None, None);
+        for (b, l) in [(0, 0), (0, 2), (1, 1)] {
+            let mut want = 0.0;
+            for j in 0..4 {
+                if j > 0 {
+                    want += (residual.double_value(&[b, l, j]).exp()).ln_1p();
+                }
+                assert!((u.double_value(&[b, l, j]) - want).abs() < 1e-5, "state {b}, site {l}, rank {j}");
+            }
+        }
+        // Never decreasing in rank, whatever the network says.
+        let steps = u.narrow(-1, 1, 3) - u.narrow(-1, 0, 3);
+        assert!(steps.min().double_value(&[]) >= 0.0);
     }
 
     #[test]

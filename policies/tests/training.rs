@@ -1,6 +1,7 @@
 //! Training-loop properties: exact resumption, and that a small problem is actually learned.
 
 use policies::model::{BudgetContext, ObsBatch, TrainedPolicy};
+use policies::network::{BudgetPrice, SampleFit, SiteOrder};
 use policies::trainer::{Trainer, load_preset};
 use tch::Device;
 
@@ -211,6 +212,19 @@ fn a_network_reading_the_estimates_without_a_prior_resumes_exactly_and_acts_on_e
     preset.ppo.net.skip = true;
     preset.ppo.net.estimates = true;
     preset.ppo.net.rank_head = true;
+    preset.prior.enabled = false;
+    check_distribution_run(&preset);
+}
+
+#[test]
+fn a_policy_that_keeps_held_ranks_and_fits_at_the_mean_price_resumes_exactly_and_acts_on_every_preset() {
+    // The sampling options of the `ppo` preset's exploration study: keep mixture, mean price,
+    // largest-first allocation (the mixture needs each site's current rank in the minibatch).
+    let mut preset = load_preset("tiny").unwrap();
+    preset.ppo.num_envs = 8;
+    preset.ppo.net.skip = true;
+    preset.ppo.net.keep = 0.9;
+    preset.ppo.net.fit = SampleFit { price: BudgetPrice::Mean, order: SiteOrder::LargestFirst };
     preset.prior.enabled = false;
     check_distribution_run(&preset);
 }
