@@ -663,30 +663,7 @@ pub fn budget_price_mean(logp_rows: &[f32], cost: &[f64], k: usize, budget: f64)
             })
             .sum()
     };
-    let fits = |mu: f64| expected(mu) <= budget + 1e-9 * budget.abs().max(1.0);
-    if fits(0.0) {
-        return 0.0;
-    }
-    let mut hi = 1.0 / budget.abs().max(1e-300);
-    for _ in 0..200 {
-        if fits(hi) {
-            break;
-        }
-        hi *= 2.0;
-    }
-    let mut lo = 0.0;
-    for _ in 0..60 {
-        let mid = 0.5 * (lo + hi);
-        if fits(mid) {
-            hi = mid
-        } else {
-            lo = mid
-        }
-        if hi - lo <= 1e-9 * hi {
-            break;
-        }
-    }
-    hi
+    smallest_fitting_price(budget, 200, 1e-9, |mu| expected(mu) <= budget + 1e-9 * budget.abs().max(1.0))
 }
 
 /// The budget's shadow price μ ≥ 0 for one state: the smallest μ at which every site's most
@@ -708,11 +685,18 @@ pub fn budget_price(logp_rows: &[f32], cost: &[f64], k: usize, budget: f64) -> f
             .sum();
         total <= budget + 1e-9 * budget.abs().max(1.0)
     };
+    smallest_fitting_price(budget, 2000, 1e-12, fits)
+}
+
+/// The smallest μ ≥ 0 with `fits(μ)`, for a `fits` that is monotone in μ: 0 when μ = 0 fits,
+/// otherwise an upper bracket found by doubling from 1/budget (at most `doublings` times, the
+/// last value tried when none fits) and bisection to the relative tolerance `rel_tol`.
+fn smallest_fitting_price(budget: f64, doublings: usize, rel_tol: f64, fits: impl Fn(f64) -> bool) -> f64 {
     if fits(0.0) {
         return 0.0;
     }
     let mut hi = 1.0 / budget.abs().max(1e-300);
-    for _ in 0..2000 {
+    for _ in 0..doublings {
         if fits(hi) {
             break;
         }
@@ -726,7 +710,7 @@ pub fn budget_price(logp_rows: &[f32], cost: &[f64], k: usize, budget: f64) -> f
         } else {
             lo = mid
         }
-        if hi - lo <= 1e-12 * hi {
+        if hi - lo <= rel_tol * hi {
             break;
         }
     }
