@@ -24,7 +24,12 @@ const RANKS: [u32; 4] = [0, 1, 2, 4];
 const UNIT_COST: [f64; 3] = [1.0, 2.0, 1.5];
 const BUDGET: f64 = 6.0;
 
+/// libtorch's generator is global: the tests of this file build their models one at a time, so
+/// that each gets the weights of seed 7 whatever runs beside it.
+static TORCH_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn model(fit: SampleFit, keep: f64) -> PolicyModel {
+    let _rng = TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
     tch::manual_seed(7);
     let m = PolicyModel::new(
         Device::Cpu,
@@ -161,7 +166,7 @@ fn check_executed_frequencies(fit: SampleFit, keep: f64) {
     assert!(tv < 0.012, "total variation between executed frequencies and loss probabilities: {tv}");
     assert!(worst_z < 5.0, "largest deviation {worst_z:.1} standard errors");
     assert!(trimmed > 0, "the case binds: some draws were trimmed by the masks");
-    if keep == 0.0 {
+    if keep == 0.0 && fit.price == BudgetPrice::Mode {
         assert!(offset.iter().any(|&o| o > 0.0), "the case binds: the budget has a positive price");
     }
     if keep > 0.0 {
