@@ -182,6 +182,279 @@ pub fn singular_values(data: &[f64], rows: usize, cols: usize) -> Result<Vec<f64
     Ok(s)
 }
 
+/// The least-squares fit of a probe's loss curve to L(s) = A + B·r^s (see [`fit_loss_curve`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LossCurveFit {
+    /// A ≥ 0: the loss the curve levels off at (same unit as the losses, e.g. nats/token).
+    pub floor: f64,
+    /// B > 0: the removable loss, extrapolated to s = 0.
+    pub amplitude: f64,
+    /// r in (0, 1): the per-step ratio by which the removable loss shrinks.
+    pub ratio: f64,
+    /// Root mean square of the residuals y_s − L(s) (the step-to-step noise of the batches).
+    pub rms: f64,
+    /// Number of losses fitted (S).
+    pub steps: usize,
+}
+
+impl LossCurveFit {
+    /// The fitted loss A + B·r^s at step `s` (1-based, as in [`fit_loss_curve`]).
+    pub fn at(&self, s: f64) -> f64 {
+        self.floor + self.amplitude * self.ratio.powf(s)
+    }
+
+    /// The fitted removable loss at the first logged step, B·r: the first loss is measured on the
+    /// first batch before its update, so this is the removable loss before any training.
+    pub fn initial_removable(&self) -> f64 {
+        self.amplitude * self.ratio
+    }
+}
+
+/// Why [`fit_loss_curve`] found no meaningful fit.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum NoFit {
+    /// Fewer than [`MIN_FIT_STEPS`] losses.
+    TooShort {
+        /// How many there were.
+        steps: usize,
+    },
+    /// A loss is NaN or infinite.
+    NonFinite {
+        /// Its step (1-based).
+        step: usize,
+    },
+    /// The curve does not decrease by more than its noise (flat, increasing or pure noise).
+    NotDecreasing {
+        /// Mean of the first quarter of the losses.
+        first: f64,
+        /// Mean of the last quarter of the losses.
+        last: f64,
+    },
+}
+
+impl std::fmt::Display for NoFit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NoFit::TooShort { steps } => write!(f, "{steps} losses, at least {MIN_FIT_STEPS} are needed"),
+            NoFit::NonFinite { step } => write!(f, "the loss at step {step} is not finite"),
+            NoFit::NotDecreasing { first, last } => write!(
+                f,
+                "the loss does not decrease beyond its noise (mean of the first quarter {first:.4}, of the last {last:.4})"
+            ),
+        }
+    }
+}
+
+/// Fewest losses [`fit_loss_curve`] fits (three parameters, and a quarter of the curve at each end).
+pub const MIN_FIT_STEPS: usize = 8;
+
+/// Least-squares fit of a probe's training-loss curve, one (noisy) loss per optimizer step
+/// s = 1..S (`losses[s − 1]`), to
+///
+/// L(s) = A + B·r^s, with A ≥ 0, B > 0, 0 < r < 1.
+///
+/// For a fixed r the model is linear in (A, B), so A and B come from linear least squares in
+/// closed form (with A ≥ 0 and B ≥ 0 enforced exactly: the unconstrained solution when it is
+/// feasible, otherwise the better of the two boundary solutions A = 0 and B = 0). The residual
+/// sum of squares is then a function of r alone. It is searched over the time constant
+/// τ = −1/ln r (in steps), on a log grid from 0.1 to 100·S steps and refined by golden-section
+/// search between the grid neighbours of the best point. Beyond τ = 100·S the curve is a
+/// straight line over the probe and r is no longer identified.
+///
+/// No fit is meaningful ([`NoFit::NotDecreasing`]) when the mean of the last quarter of the losses
+/// is not below the mean of the first quarter by more than two standard errors of the noise (the
+/// noise level estimated from successive differences, so a trend does not count as noise), or when
+/// the fitted curve itself does not decrease (B = 0). Non-finite losses and curves of fewer than
+/// [`MIN_FIT_STEPS`] steps give the other [`NoFit`] reasons. Pure and deterministic; never panics.
+pub fn fit_loss_curve(losses: &[f64]) -> Result<LossCurveFit, NoFit> {
+    let n = losses.len();
+    if n < MIN_FIT_STEPS {
+        return Err(NoFit::TooShort { steps: n });
+    }
+    if let Some(i) = losses.iter().position(|y| !y.is_finite()) {
+        return Err(NoFit::NonFinite { step: i + 1 });
+    }
+    // Does it decrease beyond the noise?
+    let q = (n / 4).max(1);
+    let mean = |ys: &[f64]| ys.iter().sum::<f64>() / ys.len() as f64;
+    let (first, last) = (mean(&losses[..q]), mean(&losses[n - q..]));
+    let noise_var = losses.windows(2).map(|w| (w[1] - w[0]).powi(2)).sum::<f64>() / (2.0 * (n - 1) as f64);
+    let not_decreasing = NoFit::NotDecreasing { first, last };
+    let (drop, threshold) = (first - last, 2.0 * (2.0 * noise_var / q as f64).sqrt());
+    if drop.is_nan() || threshold.is_nan() || drop <= threshold {
+        return Err(not_decreasing);
+    }
+    let sse_at = |ln_tau: f64| {
+        let (a, b, sse) = linear_fit(losses, (-(-ln_tau).exp()).exp());
+        (sse, a, b)
+    };
+    const GRID: usize = 240;
+    let (lo, hi) = (0.1f64.ln(), (100.0 * n as f64).ln());
+    let at = |k: usize| lo + (hi - lo) * k as f64 / GRID as f64;
+    let best_k =
+        (0..=GRID).map(|k| (k, sse_at(at(k)).0)).min_by(|x, y| x.1.total_cmp(&y.1)).map(|(k, _)| k).unwrap_or(0);
+    // Golden section between the neighbours of the best grid point.
+    let (mut x0, mut x3) = (at(best_k.saturating_sub(1)), at((best_k + 1).min(GRID)));
+    let g = (5f64.sqrt() - 1.0) / 2.0;
+    let (mut x1, mut x2) = (x3 - g * (x3 - x0), x0 + g * (x3 - x0));
+    let (mut f1, mut f2) = (sse_at(x1).0, sse_at(x2).0);
+    for _ in 0..80 {
+        if f1 <= f2 {
+            x3 = x2;
+            x2 = x1;
+            f2 = f1;
+            x1 = x3 - g * (x3 - x0);
+            f1 = sse_at(x1).0;
+        } else {
+            x0 = x1;
+            x1 = x2;
+            f1 = f2;
+            x2 = x0 + g * (x3 - x0);
+            f2 = sse_at(x2).0;
+        }
+    }
+    // The refined point, unless a grid point was better (golden section assumes one minimum).
+    let ln_tau = [(x1, f1), (x2, f2), (at(best_k), sse_at(at(best_k)).0)]
+        .into_iter()
+        .min_by(|x, y| x.1.total_cmp(&y.1))
+        .map(|(x, _)| x)
+        .unwrap_or(x1);
+    let (sse, a, b) = sse_at(ln_tau);
+    let r = (-(-ln_tau).exp()).exp();
+    if !(b > 0.0 && r > 0.0 && r < 1.0 && a.is_finite() && b.is_finite() && sse.is_finite()) {
+        return Err(not_decreasing);
+    }
+    Ok(LossCurveFit { floor: a, amplitude: b, ratio: r, rms: (sse / n as f64).sqrt(), steps: n })
+}
+
+/// For a fixed r: the least-squares (A, B) with A ≥ 0, B ≥ 0 of y_s ≈ A + B·r^s, s = 1..n, and
+/// the residual sum of squares.
+fn linear_fit(y: &[f64], r: f64) -> (f64, f64, f64) {
+    let n = y.len() as f64;
+    let mut x = Vec::with_capacity(y.len());
+    let mut p = r;
+    for _ in 0..y.len() {
+        x.push(p);
+        p *= r;
+    }
+    let sse = |a: f64, b: f64| x.iter().zip(y).map(|(xi, yi)| (yi - a - b * xi).powi(2)).sum::<f64>();
+    let (mx, my) = (x.iter().sum::<f64>() / n, y.iter().sum::<f64>() / n);
+    let sxx: f64 = x.iter().map(|xi| (xi - mx).powi(2)).sum();
+    let sxy: f64 = x.iter().zip(y).map(|(xi, yi)| (xi - mx) * (yi - my)).sum();
+    let mut cands = Vec::with_capacity(3);
+    if sxx > 0.0 {
+        let b = sxy / sxx;
+        let a = my - b * mx;
+        if a >= 0.0 && b >= 0.0 {
+            cands.push((a, b));
+        }
+    }
+    // Boundaries: A = 0 (B by least squares through the origin) and B = 0 (A = mean).
+    let xx: f64 = x.iter().map(|xi| xi * xi).sum();
+    let xy: f64 = x.iter().zip(y).map(|(xi, yi)| xi * yi).sum();
+    cands.push((0.0, if xx > 0.0 { (xy / xx).max(0.0) } else { 0.0 }));
+    cands.push((my.max(0.0), 0.0));
+    // `cands` always holds the two boundary solutions; the fallback is never taken.
+    let fallback = (my, 0.0, f64::INFINITY);
+    cands.into_iter().map(|(a, b)| (a, b, sse(a, b))).min_by(|u, v| u.2.total_cmp(&v.2)).unwrap_or(fallback)
+}
+
+/// Smallest per-round learning rate [`fitted_dynamics`] writes (`dynamics.learning_rate` must be
+/// > 0).
+pub const MIN_LEARNING_RATE: f64 = 1e-6;
+
+/// The simulator's dynamics derived from a probe's [`LossCurveFit`] by [`fitted_dynamics`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FittedDynamics {
+    /// η = 1 − r^steps_per_round, clamped to [[`MIN_LEARNING_RATE`], 1].
+    pub learning_rate: f64,
+    /// L∞ = sensitivity.total · A / (B·r), clamped to what the preset allows.
+    pub loss_floor: f64,
+    /// η before the clamp.
+    pub raw_learning_rate: f64,
+    /// L∞ before the clamp.
+    pub raw_loss_floor: f64,
+    /// Optimizer steps per simulated round the mapping used.
+    pub steps_per_round: u32,
+}
+
+impl FittedDynamics {
+    /// Whether η was clamped.
+    pub fn learning_rate_clamped(&self) -> bool {
+        self.learning_rate != self.raw_learning_rate
+    }
+
+    /// Whether L∞ was clamped.
+    pub fn loss_floor_clamped(&self) -> bool {
+        self.loss_floor != self.raw_loss_floor
+    }
+
+    /// Writes η and L∞ into `d`; every other key (the entropy effect, the data proxies) keeps its
+    /// value.
+    pub fn apply(&self, d: &mut crate::presets::DynamicsConfig) {
+        d.learning_rate = self.learning_rate;
+        d.loss_floor = self.loss_floor;
+    }
+}
+
+/// The simulator's per-round learning rate η and loss floor L∞ from the fit of a probe's loss
+/// curve (see [`fit_loss_curve`]), for a real run of `steps_per_round` optimizer steps per
+/// scheduler round (a real run's `--steps / --rounds`: the controller splits the steps evenly over
+/// the rounds, `RunOptions::even`; 0 is read as 1).
+///
+/// # The mapping
+///
+/// The probe trains every site at its (high) probe rank, where the calibrated energy table gives
+/// E(r) = 1 (the spectra are measured at that rank), so in the simulator its loss after t rounds is
+/// L∞ + T·(1 − η)^t, with T = `sensitivity.total` (the loss above the floor at the start of an
+/// episode: Σ_l w_l, the calibrated sensitivities are rescaled to it) and L∞ = `loss_floor`. The
+/// probe's loss after k updates is L(k + 1) = A + B·r·r^k (the loss of step s is measured before
+/// that step's update). Equating the two at k = t·steps_per_round:
+///
+/// - η = 1 − r^steps_per_round: the share of the removable loss one round of updates removes;
+/// - L∞ = T · A / (B·r): the floor in the simulator's unit, in which the removable loss at the
+///   start is T. The simulator's loss is the real loss times T / (B·r), so its `loss_ratio`
+///   (loss / initial loss, the feature a policy reads) follows the real run's: it starts at 1 and
+///   levels off at A / (A + B·r) in both.
+///
+/// T keeps the template's value: it is the unit of the reward, which the cost, violation and
+/// perturbation coefficients are relative to.
+///
+/// # Clamps
+///
+/// η is kept in [[`MIN_LEARNING_RATE`], 1] (the preset allows (0, 1]). L∞ is kept in [0, 1e6] and
+/// below `violation_coef − T` (the preset requires `loss_floor + sensitivity.total <
+/// violation_coef`, so that every feasible round beats a violation; with `violation_coef ≤ T`
+/// no floor fits and L∞ is 0). The values before the clamps are kept in the result.
+///
+/// # Not fitted
+///
+/// `entropy_effect` (η_t = η·(1 − entropy_effect·(entropy_t − entropy_mean))) is the response of
+/// the learning rate to the batches' token entropy. One probe curve of one data stream at one
+/// mean entropy cannot identify it (its deviations average out in the fitted η, which is the mean
+/// per-round rate), so it and the data proxies' statistics keep the template's values.
+pub fn fitted_dynamics(
+    fit: &LossCurveFit,
+    steps_per_round: u32,
+    sensitivity_total: f64,
+    violation_coef: f64,
+) -> FittedDynamics {
+    let k = steps_per_round.max(1);
+    let raw_eta = 1.0 - fit.ratio.powf(k as f64);
+    let learning_rate = if raw_eta.is_finite() { raw_eta.clamp(MIN_LEARNING_RATE, 1.0) } else { 1.0 };
+    let raw_floor = sensitivity_total * fit.floor / fit.initial_removable();
+    // The preset's strict `loss_floor + total < violation_coef`, with room for rounding.
+    let cap = ((violation_coef - sensitivity_total) * (1.0 - 1e-9)).min(1e6);
+    let loss_floor = if raw_floor.is_finite() { raw_floor.clamp(0.0, cap.max(0.0)) } else { cap.max(0.0) };
+    FittedDynamics {
+        learning_rate,
+        loss_floor,
+        raw_learning_rate: raw_eta,
+        raw_loss_floor: raw_floor,
+        steps_per_round: k,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -202,5 +475,119 @@ mod tests {
         assert!((s[0] - 3.0).abs() < 1e-12 && (s[1] - 1.0).abs() < 1e-12 && s[2].abs() < 1e-12, "{s:?}");
         assert!(singular_values(&m, 3, 3).is_err());
         assert!(singular_values(&[f64::NAN], 1, 1).is_err());
+    }
+
+    /// Deterministic noise, uniform in [−amp, amp] (a 64-bit LCG).
+    fn noise(n: usize, amp: f64, seed: u64) -> Vec<f64> {
+        let mut x = seed;
+        (0..n)
+            .map(|_| {
+                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                amp * (2.0 * ((x >> 11) as f64 / (1u64 << 53) as f64) - 1.0)
+            })
+            .collect()
+    }
+
+    fn curve(a: f64, b: f64, r: f64, n: usize) -> Vec<f64> {
+        (1..=n).map(|s| a + b * r.powi(s as i32)).collect()
+    }
+
+    #[test]
+    fn loss_curve_fit_recovers_a_known_curve() {
+        // Exact data: recovered to the search's precision.
+        let f = fit_loss_curve(&curve(2.1, 1.2, 0.96, 100)).unwrap();
+        assert!((f.floor - 2.1).abs() < 1e-6 && (f.amplitude - 1.2).abs() < 1e-6, "{f:?}");
+        assert!((f.ratio - 0.96).abs() < 1e-8 && f.rms < 1e-6 && f.steps == 100, "{f:?}");
+        // With noise of about the probe's size (uniform ±0.05, std 0.029, against a drop of 1.2):
+        // A within 0.03, B within 0.06, r within 0.004 and the residual RMS within 20 % of the
+        // noise's standard deviation.
+        let amp = 0.05;
+        for seed in [1, 2, 3] {
+            let y: Vec<f64> =
+                curve(2.1, 1.2, 0.96, 100).iter().zip(noise(100, amp, seed)).map(|(c, e)| c + e).collect();
+            let f = fit_loss_curve(&y).unwrap();
+            assert!((f.floor - 2.1).abs() < 0.03, "seed {seed}: {f:?}");
+            assert!((f.amplitude - 1.2).abs() < 0.06, "seed {seed}: {f:?}");
+            assert!((f.ratio - 0.96).abs() < 0.004, "seed {seed}: {f:?}");
+            let sd = amp / 3f64.sqrt();
+            assert!((f.rms / sd - 1.0).abs() < 0.2, "seed {seed}: rms {} against {sd}", f.rms);
+            assert!((f.at(1.0) - (2.1 + 1.2 * 0.96)).abs() < 0.03);
+        }
+        // A curve still far from its floor after the probe (r^S = 0.37) and one that has converged
+        // within a few steps.
+        let f = fit_loss_curve(&curve(1.5, 2.0, 0.99, 100)).unwrap();
+        assert!((f.floor - 1.5).abs() < 1e-5 && (f.ratio - 0.99).abs() < 1e-8, "{f:?}");
+        let f = fit_loss_curve(&curve(1.5, 2.0, 0.5, 60)).unwrap();
+        assert!((f.floor - 1.5).abs() < 1e-6 && (f.ratio - 0.5).abs() < 1e-6, "{f:?}");
+    }
+
+    #[test]
+    fn loss_curve_fit_refuses_curves_that_do_not_decrease() {
+        let flat = vec![2.0; 100];
+        assert!(matches!(fit_loss_curve(&flat), Err(NoFit::NotDecreasing { .. })));
+        let noisy_flat: Vec<f64> = noise(100, 0.05, 7).iter().map(|e| 2.0 + e).collect();
+        assert!(matches!(fit_loss_curve(&noisy_flat), Err(NoFit::NotDecreasing { .. })));
+        let increasing: Vec<f64> = (1..=100).map(|s| 2.0 + 0.01 * s as f64).collect();
+        assert!(matches!(fit_loss_curve(&increasing), Err(NoFit::NotDecreasing { .. })));
+        let rising_to_a_ceiling = curve(3.0, -1.0, 0.95, 100);
+        assert!(matches!(fit_loss_curve(&rising_to_a_ceiling), Err(NoFit::NotDecreasing { .. })));
+        assert_eq!(fit_loss_curve(&[3.0, 2.0, 1.0]), Err(NoFit::TooShort { steps: 3 }));
+        assert_eq!(fit_loss_curve(&[]), Err(NoFit::TooShort { steps: 0 }));
+        let mut y = curve(2.0, 1.0, 0.9, 20);
+        y[4] = f64::NAN;
+        assert_eq!(fit_loss_curve(&y), Err(NoFit::NonFinite { step: 5 }));
+        y[4] = f64::INFINITY;
+        assert_eq!(fit_loss_curve(&y), Err(NoFit::NonFinite { step: 5 }));
+        // Every reason reads as one line.
+        for e in
+            [NoFit::TooShort { steps: 3 }, NoFit::NonFinite { step: 5 }, NoFit::NotDecreasing { first: 2.0, last: 2.0 }]
+        {
+            assert!(!e.to_string().contains('\n'));
+        }
+    }
+
+    #[test]
+    fn fitted_dynamics_by_hand() {
+        let fit = LossCurveFit { floor: 2.0, amplitude: 1.0, ratio: 0.9, rms: 0.0, steps: 100 };
+        // 10 steps per round: η = 1 − 0.9^10 = 1 − 0.3486784401 = 0.6513215599; with T = 1 the
+        // floor is T·A/(B·r) = 2/0.9 = 2.2222….
+        let d = fitted_dynamics(&fit, 10, 1.0, 10.0);
+        assert!((d.learning_rate - 0.6513215599).abs() < 1e-12, "{d:?}");
+        assert!((d.loss_floor - 2.0 / 0.9).abs() < 1e-12, "{d:?}");
+        assert!(!d.learning_rate_clamped() && !d.loss_floor_clamped() && d.steps_per_round == 10);
+        // T = 0.5 halves the floor; one step per round gives η = 1 − r = 0.1 (0 is read as 1).
+        let d = fitted_dynamics(&fit, 0, 0.5, 10.0);
+        assert!((d.learning_rate - 0.1).abs() < 1e-12 && (d.loss_floor - 1.0 / 0.9).abs() < 1e-12, "{d:?}");
+        assert_eq!(d.steps_per_round, 1);
+        // A violation coefficient of 3 leaves room for a floor below 3 − T = 2 only: clamped.
+        let d = fitted_dynamics(&fit, 10, 1.0, 3.0);
+        assert!(d.loss_floor_clamped() && d.loss_floor < 2.0 && d.loss_floor > 2.0 - 1e-6, "{d:?}");
+        assert!((d.raw_loss_floor - 2.0 / 0.9).abs() < 1e-12);
+        // The simulator's loss at all probe ranks after t rounds, L∞ + T·(1 − η)^t, is the probe's
+        // loss after 10·t updates times T/(B·r).
+        let d = fitted_dynamics(&fit, 10, 1.0, 10.0);
+        for t in 0..5 {
+            let sim = d.loss_floor + (1.0 - d.learning_rate).powi(t);
+            let real = fit.at((10 * t + 1) as f64);
+            assert!((sim - real / fit.initial_removable()).abs() < 1e-12, "round {t}");
+        }
+        // Writing into a preset keeps the entropy effect.
+        let mut p = crate::presets::load("wireless-rayleigh").unwrap();
+        let before = p.dynamics.clone();
+        d.apply(&mut p.dynamics);
+        assert_eq!(p.dynamics.learning_rate, d.learning_rate);
+        assert_eq!(p.dynamics.loss_floor, d.loss_floor);
+        assert_eq!(p.dynamics.entropy_effect, before.entropy_effect);
+        assert_eq!(p.dynamics.data_rho, before.data_rho);
+        // And the clamped values pass the preset's validation.
+        use rankpilot_config::Validate;
+        for (total, coef) in [(1.0, 10.0), (1.0, 3.0), (1.0, 1.0 + 2.0 / 0.9)] {
+            let mut v = rankpilot_config::Violations::default();
+            p.sensitivity.total = total;
+            p.reward.violation_coef = coef;
+            fitted_dynamics(&fit, 10, total, coef).apply(&mut p.dynamics);
+            p.validate(&mut v);
+            assert!(v.is_empty(), "total {total}, violation_coef {coef}: {:?}", v.into_vec());
+        }
     }
 }

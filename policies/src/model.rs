@@ -146,6 +146,8 @@ pub struct Decision {
     /// Sampled sites whose feasibility mask removed more than 1 % of their priced probability
     /// (0 when greedy): how often a binding budget squeezed a choice.
     pub trimmed: usize,
+    /// The spend level softplus(z_price) per environment, with `net.price` (empty otherwise).
+    pub spend_price: Vec<f32>,
 }
 
 /// Network + statistics + refiner: everything needed to turn observations into plans.
@@ -303,7 +305,7 @@ impl PolicyModel {
         let prior_t = (!prior.is_empty()).then(|| {
             Tensor::from_slice(&prior).view([n_envs as i64, n_sites as i64, k as i64]).to_device(self.device())
         });
-        let (logits, values, skip_logit) = tch::no_grad(|| {
+        let (logits, values, skip_logit, spend_price) = tch::no_grad(|| {
             let out = self.net.forward(&gt, &st, &mask);
             let margin = (!skip_margin.is_empty()).then(|| Tensor::from_slice(&skip_margin).to_device(self.device()));
             let skip = out.skip_logit.map(|z| self.net.policy_skip_logit(&z, margin.as_ref()));
@@ -312,12 +314,24 @@ impl PolicyModel {
                 Tensor::from_slice(&idx).view([n_envs as i64, n_sites as i64]).to_device(self.device())
             });
             let logits = self.net.policy_logits(&out.logits, prior_t.as_ref(), cur.as_ref());
+            let kappa = self.net.has_price().then(|| {
+                Tensor::from_slice(&rank_costs(unit_cost, &self.ranks))
+                    .view([1, n_sites as i64, k as i64])
+                    .expand([n_envs as i64, n_sites as i64, k as i64], false)
+                    .to_device(self.device())
+            });
+            let logits = self.net.priced(logits, out.price_logit.as_ref(), kappa.as_ref());
+            let spend_price: Vec<f32> = out
+                .price_logit
+                .as_ref()
+                .map(|z| Vec::try_from(z.softplus().to_device(Device::Cpu)).expect("f32 prices"))
+                .unwrap_or_default();
             // Sampling with `net.keep` draws from the keep mixture; greedy decisions from p.
             let logits = match self.net.keep_mixture(&logits, cur.as_ref()) {
                 Some(q) if sampling => q,
                 _ => logits,
             };
-            (logits, out.site_values, skip)
+            (logits, out.site_values, skip, spend_price)
         });
         let logp_all: Vec<f32> =
             Vec::try_from(logits.log_softmax(-1, Kind::Float).to_device(Device::Cpu).flatten(0, -1))
@@ -463,6 +477,7 @@ impl PolicyModel {
             skip_margin,
             current,
             trimmed,
+            spend_price,
         }
     }
 
@@ -639,6 +654,21 @@ pub struct AllocationOrder<'a> {
     pub order: &'a mut [usize],
     /// Each site's current rank index, for [`crate::network::SiteOrder::LargestFirst`].
     pub largest_first: Option<&'a [u8]>,
+}
+
+/// Each rank's cost relative to an average site, κ_lj = (u_l ÷ mean_l u_l)·(r_j ÷ r_max), row-major
+/// [L·K] for unit costs `unit_cost` [L] and the rank set `ranks`: what `net.price`'s spend level
+/// multiplies (`PolicyNet::priced`). An all-largest-rank plan costs 1 per site on average, so
+/// the price means the same at every site count.
+pub fn rank_costs(unit_cost: &[f64], ranks: &[u32]) -> Vec<f32> {
+    let mean = unit_cost.iter().sum::<f64>() / unit_cost.len().max(1) as f64;
+    let r_max = ranks.iter().copied().max().unwrap_or(1).max(1) as f64;
+    let mut out = Vec::with_capacity(unit_cost.len() * ranks.len());
+    for &u in unit_cost {
+        let share = if mean > 0.0 { u / mean } else { 1.0 };
+        out.extend(ranks.iter().map(|&r| (share * r as f64 / r_max) as f32));
+    }
+    out
 }
 
 /// The shadow price μ ≥ 0 of [`crate::network::BudgetPrice::Mean`]: the smallest μ at which

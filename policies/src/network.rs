@@ -11,7 +11,11 @@
 //! logits = W₇ h_i                                    categorical over ranks [B, L, K]
 //! V_i    = W₉ tanh(W₈ h_i)                           value share of site i  [B, L]
 //! z_skip = w_s·[p ‖ c] + b_s                         skip logit (optional)  [B]
+//! π      = softplus(w_π·[p ‖ c] + b_π)               spend level (optional) [B]
 //! ```
+//!
+//! With the spend level (`net.price`) the logits are `logits − π·κ`, κ_lj the relative cost of
+//! rank j at site l: one number per state says how much the plan takes.
 //!
 //! The state value is V(s) = Σ_i V_i: with per-site credit (see [`crate::ppo`]) each V_i is
 //! trained on site i's own reward stream, with shared credit only their sum is trained.
@@ -93,6 +97,14 @@ pub struct NetConfig {
     /// environment, and applies to the network's logits before any prior term.
     #[serde(default)]
     pub monotone: bool,
+    /// A learned spend level (default false): a head on the pooled context gives one price
+    /// π(s) = softplus(z_price) per state, and every rank's logit is lowered by π(s)·κ_lj, with
+    /// κ_lj = (site l's cost of one rank unit ÷ the mean over the sites)·(r_j ÷ r_max)
+    /// ([`crate::model::rank_costs`]). The network then says *how much* to spend in a state with
+    /// one number and *where* with the per-site logits; with `monotone` the utilities cannot
+    /// express a cost themselves, so this is what lets such a policy underspend a budget.
+    #[serde(default)]
+    pub price: bool,
 }
 
 /// How sampling fits a plan to a binding budget: each site's categorical is priced at a
@@ -139,6 +151,11 @@ pub enum SiteOrder {
     LargestFirst,
 }
 
+/// The initial price logit of `net.price`: softplus(1) ≈ 1.31, so at the start the largest rank
+/// of an average site costs about as much utility as two of the monotone network's initial
+/// increments (softplus(0) ≈ 0.69 each).
+pub const PRICE_LOGIT_INIT: f64 = 1.0;
+
 /// The initial hold bonus κ (`net.hold`): with 6 ranks and otherwise flat logits the current
 /// rank is kept with probability e²/(e² + 5) ≈ 0.6.
 pub const HOLD_BONUS_INIT: f64 = 2.0;
@@ -154,6 +171,7 @@ impl Default for NetConfig {
             fit: SampleFit::default(),
             keep: 0.0,
             monotone: false,
+            price: false,
         }
     }
 }
@@ -214,6 +232,8 @@ pub struct NetOutput {
     pub site_values: Tensor,
     /// Skip logit z_skip [B], with a skip head.
     pub skip_logit: Option<Tensor>,
+    /// Price logit z_price [B], with `net.price`: the spend level is softplus(z_price).
+    pub price_logit: Option<Tensor>,
 }
 
 fn layer(p: nn::Path, i: i64, o: i64, gain: f64) -> nn::Linear {
@@ -239,6 +259,8 @@ pub struct PolicyNet {
     value1: nn::Linear,
     value2: nn::Linear,
     skip: Option<nn::Linear>,
+    /// The spend-level head of `net.price`.
+    price: Option<nn::Linear>,
     rank_head: Option<RankHead>,
     prior_scale: Option<PriorScale>,
     /// The prior's multiplier also scales the residual: logits = s·(prior + residual).
@@ -368,6 +390,20 @@ impl PolicyNet {
             }),
             // Created last and without randomness: the other weights start as without it.
             hold_bonus: cfg.hold.then(|| p.var("hold_bonus", &[], nn::Init::Const(HOLD_BONUS_INIT))),
+            // Also created after every other weight; a small weight and the bias of
+            // PRICE_LOGIT_INIT, so the first plans differ little from state to state.
+            price: cfg.price.then(|| {
+                nn::linear(
+                    p / "price",
+                    3 * h,
+                    1,
+                    nn::LinearConfig {
+                        ws_init: nn::Init::Orthogonal { gain: 0.01 },
+                        bs_init: Some(nn::Init::Const(PRICE_LOGIT_INIT)),
+                        bias: true,
+                    },
+                )
+            }),
             keep: cfg.keep,
             monotone: cfg.monotone,
         }
@@ -391,6 +427,22 @@ impl PolicyNet {
             }
             _ => logits,
         }
+    }
+
+    /// With `net.price`, the logits lowered by the state's price times each rank's cost:
+    /// `logits − softplus(z_price)·κ`, with `price_logit` [B] from [`NetOutput::price_logit`] and
+    /// `rank_costs` κ [B, L, K] ([`crate::model::rank_costs`] per site). The logits unchanged
+    /// without the head.
+    pub fn priced(&self, logits: Tensor, price_logit: Option<&Tensor>, rank_costs: Option<&Tensor>) -> Tensor {
+        match (price_logit, rank_costs) {
+            (Some(z), Some(kappa)) => logits - z.softplus().view([-1, 1, 1]) * kappa,
+            _ => logits,
+        }
+    }
+
+    /// True with the spend-level head (`net.price`): the logits need each rank's cost.
+    pub fn has_price(&self) -> bool {
+        self.price.is_some()
     }
 
     /// True with a hold bonus (`net.hold`): the logits need each site's current rank.
@@ -467,6 +519,7 @@ impl PolicyNet {
         let pooled = Tensor::cat(&[mean, max], -1);
         let pc = Tensor::cat(&[&pooled, &c], -1);
         let skip_logit = self.skip.as_ref().map(|s| s.forward(&pc).squeeze_dim(-1));
+        let price_logit = self.price.as_ref().map(|s| s.forward(&pc).squeeze_dim(-1));
         let ctx = self.mix1_ctx.forward(&pc).unsqueeze(1);
         let h = self.mix2.forward(&(self.mix1_site.forward(&e) + ctx).tanh()).tanh();
         let mut logits = self.logits.forward(&h);
@@ -474,7 +527,7 @@ impl PolicyNet {
             logits += head.forward(&h, sites);
         }
         let site_values = self.value2.forward(&self.value1.forward(&h).tanh()).squeeze_dim(-1) * mask;
-        NetOutput { logits, site_values, skip_logit }
+        NetOutput { logits, site_values, skip_logit, price_logit }
     }
 }
 
@@ -563,6 +616,57 @@ mod tests {
         // Never decreasing in rank, whatever the network says.
         let steps = u.narrow(-1, 1, 3) - u.narrow(-1, 0, 3);
         assert!(steps.min().double_value(&[]) >= 0.0);
+    }
+
+    #[test]
+    fn the_spend_level_lowers_each_rank_by_its_cost_times_one_price_per_state() {
+        tch::manual_seed(3);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let cfg = NetConfig { hidden: 8, monotone: true, price: true, ..Default::default() };
+        let net = PolicyNet::new(&vs.root(), 5, 7, 4, cfg);
+        assert!(net.has_price());
+        let out = net.forward(
+            &Tensor::randn([2, 5], (Kind::Float, Device::Cpu)),
+            &Tensor::randn([2, 3, 7], (Kind::Float, Device::Cpu)),
+            &Tensor::ones([2, 3], (Kind::Float, Device::Cpu)),
+        );
+        let z = out.price_logit.as_ref().expect("a price logit per state");
+        assert_eq!(z.size(), vec![2]);
+        // It starts near softplus(PRICE_LOGIT_INIT) in every state.
+        for b in 0..2 {
+            let want = PRICE_LOGIT_INIT.exp().ln_1p();
+            assert!((z.double_value(&[b]).exp().ln_1p() - want).abs() < 0.05);
+        }
+        let ranks = [0u32, 1, 2, 4];
+        let kappa_rows = crate::model::rank_costs(&[1.0, 2.0, 3.0], &ranks);
+        let kappa = Tensor::from_slice(&kappa_rows).view([1, 3, 4]).expand([2, 3, 4], false);
+        let logits = net.policy_logits(&out.logits, None, None);
+        let got = net.priced(logits.shallow_clone(), Some(z), Some(&kappa));
+        for b in 0..2 {
+            let pi = z.double_value(&[b]).exp().ln_1p();
+            for l in 0..3 {
+                for (j, &r) in ranks.iter().enumerate() {
+                    // κ = (unit cost ÷ mean unit cost) · r ÷ r_max, the mean unit cost being 2.
+                    let k = (l as f64 + 1.0) / 2.0 * r as f64 / 4.0;
+                    let want = logits.double_value(&[b, l, j as i64]) - pi * k;
+                    assert!((got.double_value(&[b, l, j as i64]) - want).abs() < 1e-5, "state {b}, site {l}, rank {r}");
+                }
+            }
+        }
+        // A high enough price makes rank 0 the most likely everywhere, which monotone utilities
+        // alone cannot express: the policy can underspend.
+        let high = Tensor::full([2], 50.0, (Kind::Float, Device::Cpu));
+        let best = net.priced(logits, Some(&high), Some(&kappa)).argmax(-1, false);
+        assert_eq!(best.sum(Kind::Int64).int64_value(&[]), 0);
+        // Without the head nothing changes.
+        let plain = PolicyNet::new(
+            &nn::VarStore::new(Device::Cpu).root(),
+            5,
+            7,
+            4,
+            NetConfig { hidden: 8, ..Default::default() },
+        );
+        assert!(!plain.has_price());
     }
 
     #[test]

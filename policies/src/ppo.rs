@@ -257,6 +257,8 @@ pub struct Batch {
     pub skip: Option<SkipBatch>,
     /// Each site's current rank index [B, L] (int64), with `net.hold` or `net.keep`.
     pub current: Option<Tensor>,
+    /// Each rank's relative cost κ [B, L, K] (`model::rank_costs`), with `net.price`.
+    pub rank_costs: Option<Tensor>,
 }
 
 /// The skip decisions of a rollout.
@@ -325,6 +327,8 @@ pub struct Stored<'a> {
     pub skip: Option<(&'a Tensor, Option<&'a Tensor>)>,
     /// Each site's current rank index [B, L] (int64), with `net.hold` or `net.keep`.
     pub current: Option<&'a Tensor>,
+    /// Each rank's relative cost κ [B, L, K], with `net.price`.
+    pub rank_costs: Option<&'a Tensor>,
 }
 
 /// Log-probabilities, entropies and per-site values of `actions` under the current network (and
@@ -340,9 +344,9 @@ pub fn evaluate_actions(
     mask: &Tensor,
     stored: Stored<'_>,
 ) -> Evaluated {
-    let Stored { actions, prior, feasible, skip, current } = stored;
+    let Stored { actions, prior, feasible, skip, current, rank_costs } = stored;
     let out = net.forward(global, sites, mask);
-    let mut logits = net.policy_logits(&out.logits, prior, current);
+    let mut logits = net.priced(net.policy_logits(&out.logits, prior, current), out.price_logit.as_ref(), rank_costs);
     // With `net.keep` the stored action was drawn from the keep mixture: its probability is that.
     if let Some(q) = net.keep_mixture(&logits, current) {
         logits = q;
@@ -399,6 +403,7 @@ pub fn update(
             let feasible = batch.feasible.as_ref().map(sel);
             let offset = batch.offset.as_ref().map(sel);
             let current = batch.current.as_ref().map(sel);
+            let rank_costs = batch.rank_costs.as_ref().map(sel);
             let skip =
                 batch.skip.as_ref().map(|b| (sel(&b.taken), sel(&b.logp), b.margin.as_ref().map(sel), sel(&b.allowed)));
             let actions = sel(&batch.actions);
@@ -413,6 +418,7 @@ pub fn update(
                     feasible: feasible.as_ref().zip(offset.as_ref()),
                     skip: skip.as_ref().map(|(s, _, m, _)| (s, m.as_ref())),
                     current: current.as_ref(),
+                    rank_costs: rank_costs.as_ref(),
                 },
             );
             let (logp, entropy, value) = (ev.logp, ev.entropy, ev.values);
@@ -648,6 +654,7 @@ mod tests {
             offset: None,
             skip: None,
             current: None,
+            rank_costs: None,
         };
         let cfg = PpoConfig { num_minibatches: 2, target_kl: 0.0, ..Default::default() };
         let stats = update(&cfg, &net, &vs, &mut opt, &batch, 1e-3, |n| (0..n as i64).collect());
@@ -673,8 +680,14 @@ mod tests {
             let skip = Tensor::from_slice(&skipped);
             let actions = Tensor::zeros([b, 5], (Kind::Int64, Device::Cpu));
             let evaluate = |net: &PolicyNet| {
-                let stored =
-                    Stored { actions: &actions, prior: None, feasible: None, skip: Some((&skip, None)), current: None };
+                let stored = Stored {
+                    actions: &actions,
+                    prior: None,
+                    feasible: None,
+                    skip: Some((&skip, None)),
+                    current: None,
+                    rank_costs: None,
+                };
                 tch::no_grad(|| evaluate_actions(net, &global, &sites, &mask, stored))
             };
             let ev = evaluate(&net);
@@ -699,6 +712,7 @@ mod tests {
                     allowed: Tensor::ones([b], opts),
                 }),
                 current: None,
+                rank_costs: None,
             };
             let cfg =
                 PpoConfig { num_minibatches: 1, update_epochs: 4, target_kl: 0.0, ent_coef: 0.0, ..Default::default() };

@@ -23,7 +23,7 @@ use envs::{EnvPreset, EnvSpec, EpisodeSummary, GLOBAL_FEATURES, SITE_FEATURES, V
 
 use crate::adam::Adam;
 use crate::ddim::{self, DdimConfig, Replay};
-use crate::model::{ActMode, BudgetContext, ObsBatch, PolicyModel, Schema};
+use crate::model::{self, ActMode, BudgetContext, ObsBatch, PolicyModel, Schema};
 use crate::ppo::{self, Batch, Credit, PpoConfig, UpdateStats};
 use crate::prior::PriorConfig;
 
@@ -120,6 +120,9 @@ pub struct IterationStats {
     /// Share of the rollout's sampled site decisions that a binding budget trimmed (their
     /// feasibility mask removed more than 1 % of their priced probability).
     pub trimmed_share: f64,
+    /// Mean spend level softplus(z_price) over the rollout's decisions, with `net.price`
+    /// (NaN otherwise).
+    pub spend_price: f64,
     /// Wall time of the rollout (s).
     pub rollout_s: f64,
     /// Wall time of the PPO and DDIM updates (s).
@@ -193,6 +196,8 @@ struct StepRecord {
     episode: usize,
     /// Each site's current rank index.
     current: Vec<u8>,
+    /// Each rank's relative cost (`model::rank_costs`), with `net.price`; empty otherwise.
+    rank_costs: Vec<f32>,
     /// (taken, log-prob, prior margin, allowed), with a skip head.
     skip: Option<(f32, f32, f32, f32)>,
 }
@@ -423,6 +428,7 @@ impl Trainer {
         let lr = if cfg.anneal_lr { cfg.learning_rate * frac } else { cfg.learning_rate };
         let has_skip = self.model.net.has_skip();
         let has_prior = self.model.prior.is_some();
+        let has_price = self.model.net.has_price();
         let scale = cfg.reward_scale as f32;
         let mut stats = IterationStats::default();
         let t_start = std::time::Instant::now();
@@ -432,6 +438,7 @@ impl Trainer {
         let mut episode_of: Vec<usize> = (0..n).collect();
         let mut next_episode = n;
         let (mut trimmed, mut decisions) = (0usize, 0usize);
+        let (mut price_sum, mut price_n) = (0f64, 0usize);
 
         for _ in 0..t_len {
             let mut env_base = 0;
@@ -445,6 +452,7 @@ impl Trainer {
                 let budgets: Vec<f64> = (0..ne).map(|i| venv.context(i).conservative_budget).collect();
                 let dims: Vec<u32> = venv.spec().sites.iter().map(|s| s.max_rank()).collect();
                 let unit_cost = venv.spec().unit_cost.clone();
+                let kappa = if has_price { model::rank_costs(&unit_cost, &self.model.ranks) } else { Vec::new() };
                 let d = self.model.act(
                     ObsBatch { global: venv.obs_global(), sites: venv.obs_sites(), n_envs: ne, n_sites: l },
                     BudgetContext {
@@ -457,6 +465,8 @@ impl Trainer {
                     ActMode::Sample(&mut self.rng),
                 );
                 trimmed += d.trimmed;
+                price_sum += d.spend_price.iter().map(|&p| p as f64).sum::<f64>();
+                price_n += d.spend_price.len();
                 decisions += d.skip.iter().filter(|&&s| !s).count() * l;
                 venv.step_indices_skipping(&d.executed, &d.skip)
                     .expect("the policy emits in-range indices of the right length, and skips only where allowed");
@@ -496,6 +506,7 @@ impl Trainer {
                         done: venv.dones()[e],
                         episode,
                         current: d.current[sites_of.clone()].to_vec(),
+                        rank_costs: kappa.clone(),
                         skip: has_skip.then(|| {
                             (
                                 d.skip[e] as u8 as f32,
@@ -540,6 +551,7 @@ impl Trainer {
         let mut buf_feasible = vec![true; b * l * k];
         let mut buf_offset = vec![0f32; b * l * k];
         let mut buf_prior = vec![0f32; if has_prior { b * l * k } else { 0 }];
+        let mut buf_kappa = vec![0f32; if has_price { b * l * k } else { 0 }];
         let (mut buf_v, mut buf_r, mut buf_done) = (Vec::new(), Vec::new(), Vec::new());
         let (mut skip_taken, mut skip_logp, mut skip_margin, mut skip_allowed) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -555,6 +567,9 @@ impl Trainer {
             buf_offset[i * l * k..(i * l + m) * k].copy_from_slice(&r.offset);
             if has_prior {
                 buf_prior[i * l * k..(i * l + m) * k].copy_from_slice(&r.prior);
+            }
+            if has_price {
+                buf_kappa[i * l * k..(i * l + m) * k].copy_from_slice(&r.rank_costs);
             }
             let done = if r.done { 1.0f32 } else { 0.0 };
             match cfg.credit {
@@ -622,6 +637,7 @@ impl Trainer {
         }
         stats.mean_reward = records.iter().map(|r| r.reward as f64).sum::<f64>() / b as f64;
         stats.trimmed_share = if decisions > 0 { trimmed as f64 / decisions as f64 } else { 0.0 };
+        stats.spend_price = if price_n > 0 { price_sum / price_n as f64 } else { f64::NAN };
 
         stats.rollout_s = t_start.elapsed().as_secs_f64();
         let t_update = std::time::Instant::now();
@@ -644,6 +660,7 @@ impl Trainer {
                 .net
                 .needs_current()
                 .then(|| Tensor::from_slice(&buf_current).view([bi, li]).to_device(dev)),
+            rank_costs: has_price.then(|| Tensor::from_slice(&buf_kappa).view([bi, li, ki]).to_device(dev)),
             skip: has_skip.then(|| ppo::SkipBatch {
                 taken: Tensor::from_slice(&skip_taken).to_device(dev),
                 logp: Tensor::from_slice(&skip_logp).to_device(dev),

@@ -7,13 +7,14 @@
 //! ([`ppo::evaluate_actions`] on the stored feasibility masks), marginalized over the site orders
 //! the sampler draws from. Checked for both ways of fitting a sample to the budget
 //! ([`SampleFit`]): priced at the mode in a random order, and priced at the mean with the sites
-//! holding the largest ranks allocated first.
+//! holding the largest ranks allocated first; and with the learned spend level (`net.price`),
+//! whose price enters the logits the sampler draws from and the loss alike.
 
 use std::collections::HashMap;
 
 use envs::{GLOBAL_FEATURES, SITE_FEATURES, SiteFeature};
 use policies::ddim::DdimConfig;
-use policies::model::{ActMode, BudgetContext, ObsBatch, PolicyModel, feasibility_masks};
+use policies::model::{ActMode, BudgetContext, ObsBatch, PolicyModel, feasibility_masks, rank_costs};
 use policies::network::{BudgetPrice, NetConfig, SampleFit, SiteOrder};
 use policies::ppo;
 use rand::SeedableRng;
@@ -28,13 +29,13 @@ const BUDGET: f64 = 6.0;
 /// that each gets the weights of seed 7 whatever runs beside it.
 static TORCH_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-fn model(fit: SampleFit, keep: f64) -> PolicyModel {
+fn model(fit: SampleFit, keep: f64, price: bool) -> PolicyModel {
     let _rng = TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
     tch::manual_seed(7);
     let m = PolicyModel::new(
         Device::Cpu,
         &RANKS,
-        NetConfig { hidden: 8, skip: false, fit, keep, ..Default::default() },
+        NetConfig { hidden: 8, skip: false, fit, keep, price, monotone: price, ..Default::default() },
         DdimConfig::default(),
     );
     // A policy far from uniform, so that a wrong likelihood shows.
@@ -42,6 +43,9 @@ fn model(fit: SampleFit, keep: f64) -> PolicyModel {
         let mut vars = m.vs.variables();
         let w = vars.get_mut("net.logits.weight").unwrap();
         w.copy_(&(Tensor::randn(w.size(), (Kind::Float, Device::Cpu)) * 1.5));
+        if let Some(w) = vars.get_mut("net.price.weight") {
+            w.copy_(&(Tensor::randn(w.size(), (Kind::Float, Device::Cpu)) * 0.5));
+        }
     });
     m
 }
@@ -66,6 +70,7 @@ fn loss_probability(m: &PolicyModel, plan: &[u8], g: &[f32], s: &[f32], offset: 
     let actions = Tensor::from_slice(&plan.iter().map(|&j| j as i64).collect::<Vec<_>>()).view([1, 3]);
     // The current rank indices of `observation` (ranks 2, 1, 1 of the set 0, 1, 2, 4).
     let current = Tensor::from_slice(&[2i64, 1, 1]).view([1, 3]);
+    let kappa = Tensor::from_slice(&rank_costs(&UNIT_COST, &RANKS)).view([1, 3, RANKS.len() as i64]);
     let cost: Vec<f64> = UNIT_COST.iter().flat_map(|&u| RANKS.iter().map(move |&r| u * r as f64)).collect();
     let all = [[0, 1, 2], [0, 2, 1], [1, 0, 2], [1, 2, 0], [2, 0, 1], [2, 1, 0]];
     let orders: Vec<[usize; 3]> = match m.fit.order {
@@ -84,6 +89,7 @@ fn loss_probability(m: &PolicyModel, plan: &[u8], g: &[f32], s: &[f32], offset: 
                 feasible: Some((&feasible, &offset)),
                 skip: None,
                 current: m.net.needs_current().then_some(&current),
+                rank_costs: m.net.has_price().then_some(&kappa),
             };
             ppo::evaluate_actions(&m.net, &gt, &st, &mask, stored)
         });
@@ -94,21 +100,26 @@ fn loss_probability(m: &PolicyModel, plan: &[u8], g: &[f32], s: &[f32], offset: 
 
 #[test]
 fn executed_plans_have_the_probability_the_loss_uses() {
-    check_executed_frequencies(SampleFit::default(), 0.0);
+    check_executed_frequencies(SampleFit::default(), 0.0, false);
+}
+
+#[test]
+fn executed_plans_have_the_probability_the_loss_uses_with_a_learned_spend_level() {
+    check_executed_frequencies(SampleFit::default(), 0.0, true);
 }
 
 #[test]
 fn executed_plans_have_the_probability_the_loss_uses_when_sites_keep_their_ranks() {
-    check_executed_frequencies(SampleFit::default(), 0.6);
+    check_executed_frequencies(SampleFit::default(), 0.6, false);
 }
 
 #[test]
 fn executed_plans_have_the_probability_the_loss_uses_when_priced_at_the_mean_and_allocated_largest_first() {
-    check_executed_frequencies(SampleFit { price: BudgetPrice::Mean, order: SiteOrder::LargestFirst }, 0.0);
+    check_executed_frequencies(SampleFit { price: BudgetPrice::Mean, order: SiteOrder::LargestFirst }, 0.0, false);
 }
 
-fn check_executed_frequencies(fit: SampleFit, keep: f64) {
-    let m = model(fit, keep);
+fn check_executed_frequencies(fit: SampleFit, keep: f64, price: bool) {
+    let m = model(fit, keep, price);
     let (g, s) = observation();
     let mut rng = ChaCha8Rng::seed_from_u64(11);
     let n = 60_000;

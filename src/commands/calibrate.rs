@@ -7,6 +7,13 @@
 //! The template's resource is rescaled so that the budget relative to the all-max-rank plan has
 //! the same distribution on the new sites (the channel deadline, or the latency budget, times
 //! the ratio of the two models' all-max-rank costs): a policy then faces the same scarcity.
+//!
+//! The dynamics' learning rate η and loss floor L∞ are fitted to the probe's per-step training
+//! loss, L(s) = A + B·r^s ([`envs::calibration::fit_loss_curve`]), and mapped onto a simulated
+//! round of `--steps-per-round` optimizer steps: η = 1 − r^steps_per_round, L∞ =
+//! sensitivity.total·A/(B·r) ([`envs::calibration::fitted_dynamics`]). The entropy effect keeps
+//! the template's value (one probe curve cannot identify it). `--keep-dynamics` keeps the
+//! template's dynamics whole, as does a probe curve that does not decrease.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -20,6 +27,7 @@ use runio::checkpoint;
 
 use crate::cli::Common;
 use crate::commands::common::{TuneInput, load_model_and_data, progress_bar};
+use envs::calibration::{FittedDynamics, LossCurveFit, NoFit, fit_loss_curve, fitted_dynamics};
 use rankpilot::controller::sites_calibration;
 use runio::tensorboard::SummaryWriter;
 use tune::finetune::{FinetuneConfig, Finetuner, RankSpec};
@@ -59,9 +67,64 @@ pub struct CalibrateArgs {
     /// dynamics do not see; this term makes a policy hold its ranks unless a change pays.
     #[arg(long)]
     perturbation_coef: Option<f64>,
+    /// Optimizer steps of a real run per scheduler round, the real run's `--steps / --rounds`
+    /// (200 / 20 for `compare`'s and `finetune`'s defaults, which the template's 20 rounds then
+    /// span). Maps the probe's fitted per-step decay r onto the simulator's per-round learning
+    /// rate: η = 1 − r^steps_per_round.
+    #[arg(long, default_value_t = 10)]
+    steps_per_round: u32,
+    /// Keep the template's dynamics (learning rate, loss floor) instead of the ones fitted to the
+    /// probe's loss curve L(s) = A + B·r^s (the fit is still logged and printed).
+    #[arg(long)]
+    keep_dynamics: bool,
     /// TensorBoard log directory of the probe.
     #[arg(long, default_value = "runs/calibrate")]
     logdir: PathBuf,
+}
+
+/// What became of the written preset's dynamics.
+enum Dynamics {
+    /// Fitted and written.
+    Fitted(LossCurveFit, FittedDynamics),
+    /// Fitted, but `--keep-dynamics` kept the template's.
+    Kept(LossCurveFit, FittedDynamics),
+    /// No fit: the template's kept.
+    NoFit(NoFit),
+}
+
+impl Dynamics {
+    /// One line for the summary and the preset's header: the fit, the values written and the
+    /// template's.
+    fn describe(&self, template: &envs::presets::DynamicsConfig) -> String {
+        let fit = |f: &LossCurveFit, d: &FittedDynamics| {
+            let clamp =
+                |clamped: bool, raw: f64| if clamped { format!(" (clamped from {raw:.4})") } else { String::new() };
+            format!(
+                "loss fit L(s) = A + B·r^s: A {:.4}, B {:.4}, r {:.5}, rms {:.4} over {} steps; at {} steps per round learning_rate {:.4}{} (1 − r^{}), loss_floor {:.4}{} (total·A/(B·r))",
+                f.floor,
+                f.amplitude,
+                f.ratio,
+                f.rms,
+                f.steps,
+                d.steps_per_round,
+                d.learning_rate,
+                clamp(d.learning_rate_clamped(), d.raw_learning_rate),
+                d.steps_per_round,
+                d.loss_floor,
+                clamp(d.loss_floor_clamped(), d.raw_loss_floor),
+            )
+        };
+        let tpl = format!("learning_rate {}, loss_floor {}", template.learning_rate, template.loss_floor);
+        match self {
+            Dynamics::Fitted(f, d) => format!(
+                "dynamics fitted: {}; template's {tpl}; entropy_effect {} from the template (not identifiable from one probe curve)",
+                fit(f, d),
+                template.entropy_effect
+            ),
+            Dynamics::Kept(f, d) => format!("dynamics: the template's kept (--keep-dynamics: {tpl}); {}", fit(f, d)),
+            Dynamics::NoFit(e) => format!("dynamics: the template's kept ({tpl}): no loss fit, {e}"),
+        }
+    }
 }
 
 /// Runs the command.
@@ -72,6 +135,9 @@ pub fn run(a: &CalibrateArgs) -> Result<()> {
     }
     if a.steps == 0 || a.rank == 0 {
         return Err(BadInput("--steps and --rank: allowed: integers >= 1".into()).into());
+    }
+    if a.steps_per_round == 0 {
+        return Err(BadInput("--steps-per-round 0: allowed: an integer >= 1".into()).into());
     }
     let template = envs::presets::load(&a.env).map_err(|e| BadInput(format!("--env: {e}")))?;
     let stem = a.out.file_stem().and_then(|s| s.to_str()).unwrap_or("calibrated").to_string();
@@ -97,8 +163,10 @@ pub fn run(a: &CalibrateArgs) -> Result<()> {
     let mut tb = SummaryWriter::new(&a.logdir)?;
     let t0 = Instant::now();
     let bar = progress_bar(a.steps);
+    let mut losses = Vec::with_capacity(a.steps);
     for step in 0..a.steps {
         let st = ft.train_step()?;
+        losses.push(st.loss);
         tb.add_scalar("train/loss", st.loss, step as i64 + 1)?;
         bar.set_message(format!("probe rank {} loss {:.3}", a.rank.min(min_dim), st.loss));
         bar.inc(1);
@@ -159,18 +227,45 @@ pub fn run(a: &CalibrateArgs) -> Result<()> {
     if let Some(v) = a.perturbation_coef {
         preset.reward.perturbation_coef = v;
     }
+    // The dynamics from the probe's loss curve (after the reward, whose violation coefficient
+    // bounds the loss floor).
+    let dynamics = match fit_loss_curve(&losses) {
+        Ok(fit) => {
+            for s in 1..=a.steps {
+                tb.add_scalar("calibration/fitted_loss", fit.at(s as f64), s as i64)?;
+            }
+            let d = fitted_dynamics(&fit, a.steps_per_round, preset.sensitivity.total, preset.reward.violation_coef);
+            tb.add_scalar("calibration/learning_rate", d.learning_rate, 0)?;
+            tb.add_scalar("calibration/loss_floor", d.loss_floor, 0)?;
+            tb.flush()?;
+            if a.keep_dynamics {
+                Dynamics::Kept(fit, d)
+            } else {
+                d.apply(&mut preset.dynamics);
+                Dynamics::Fitted(fit, d)
+            }
+        }
+        Err(e) => Dynamics::NoFit(e),
+    };
+    let dynamics_line = dynamics.describe(&template.dynamics);
+    preset.description.push_str(&match dynamics {
+        Dynamics::Fitted(..) => "; dynamics fitted to the probe's loss curve".to_string(),
+        _ => format!("; dynamics from `{}`", template.name),
+    });
     let body = toml::to_string(&preset).context("serializing the preset")?;
     let text = format!(
-        "# Written by `rankpilot calibrate --model {} --data {} --env {} --rank {} --steps {} --seed {}{}`.\n# Sites and spectra: {cal_name}. Resource of `{}` rescaled by {scale:.4} (ratio of all-max-rank costs).\n{body}",
+        "# Written by `rankpilot calibrate --model {} --data {} --env {} --rank {} --steps {} --steps-per-round {} --seed {}{}`.\n# Sites and spectra: {cal_name}. Resource of `{}` rescaled by {scale:.4} (ratio of all-max-rank costs).\n# {dynamics_line}.\n{body}",
         a.input.model.display(),
         a.input.data,
         a.env,
         a.rank,
         a.steps,
+        a.steps_per_round,
         a.common.seed,
         a.violation_coef.map(|v| format!(" --violation-coef {v}")).unwrap_or_default()
             + &a.violation_cap.map(|v| format!(" --violation-cap {v}")).unwrap_or_default()
-            + &a.perturbation_coef.map(|v| format!(" --perturbation-coef {v}")).unwrap_or_default(),
+            + &a.perturbation_coef.map(|v| format!(" --perturbation-coef {v}")).unwrap_or_default()
+            + if a.keep_dynamics { " --keep-dynamics" } else { "" },
         template.name
     );
     // Check the preset loads as written before anything is replaced.
@@ -184,7 +279,7 @@ pub fn run(a: &CalibrateArgs) -> Result<()> {
     }
     checkpoint::atomic_write(&a.out, text.as_bytes())?;
     println!(
-        "calibrated {} sites in {:.1}s (probe rank {}, {} steps, val loss {val:.4}); wrote {} and {}; ranks {:?}; resource rescaled by {scale:.4}",
+        "calibrated {} sites in {:.1}s (probe rank {}, {} steps, val loss {val:.4}); wrote {} and {}; ranks {:?}; resource rescaled by {scale:.4}; {dynamics_line}",
         cal.sites.len(),
         t0.elapsed().as_secs_f64(),
         a.rank.min(min_dim),

@@ -255,6 +255,9 @@ pub fn run(a: &TrainArgs) -> anyhow::Result<()> {
         ] {
             tb.add_scalar(tag, v, step)?;
         }
+        if st.spend_price.is_finite() {
+            tb.add_scalar("charts/spend_price", st.spend_price, step)?;
+        }
         if st.ddim_loss.is_finite() {
             tb.add_scalar("losses/ddim_loss", st.ddim_loss, step)?;
         }
