@@ -377,6 +377,20 @@ pub struct RunReport {
     pub rounds: Vec<RoundRecord>,
 }
 
+impl RunReport {
+    /// Share of site decisions, from the second round on, whose planned rank differs from the
+    /// previous round's (a skipped round records the ranks it held): the real run's counterpart
+    /// of `envs::EvalRow::change_rate`.
+    pub fn rank_change_rate(&self) -> f64 {
+        let (mut changed, mut compared) = (0usize, 0usize);
+        for w in self.rounds.windows(2) {
+            changed += w[0].ranks.iter().zip(&w[1].ranks).filter(|(a, b)| a != b).count();
+            compared += w[1].ranks.len();
+        }
+        changed as f64 / compared.max(1) as f64
+    }
+}
+
 /// Resumable checkpoints of a run: written at round boundaries into one directory (replaced
 /// atomically each time), and read back by a resumed run.
 #[derive(Debug, Clone, Default)]

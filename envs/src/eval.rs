@@ -37,6 +37,11 @@ pub struct EvalRow {
     /// Share of rounds the policy skipped.
     #[serde(default)]
     pub skip_rate: f64,
+    /// Share of site decisions, from the second round on, whose rank differs from the site's
+    /// rank of the previous round (a skipped round holds every rank): how much a policy churns.
+    /// Real runs report the same share from their round records (`compare`).
+    #[serde(default)]
+    pub change_rate: f64,
     /// (R − R_uniform)/(R_oracle − R_uniform), filled by [`EvalTable::fill_gap`].
     pub oracle_gap_closed: Option<f64>,
     /// Per-episode returns in episode order (rows of one table share episodes, so they can be
@@ -75,20 +80,51 @@ fn mean_se(x: &[f64]) -> (f64, f64) {
 
 /// Plays environment 0 of `env` with `policy` until its episode ends (a skip keeps the current
 /// ranks) and returns the episode's summary. The policy's `begin_episode` is called first.
-pub fn play_episode(mut env: VecEnv, policy: &mut dyn RankPolicy) -> Result<EpisodeSummary, EnvError> {
+pub fn play_episode(env: VecEnv, policy: &mut dyn RankPolicy) -> Result<EpisodeSummary, EnvError> {
+    play_episode_counting_changes(env, policy).map(|(s, _)| s)
+}
+
+/// Rank changes of one episode: site decisions from the second round on whose rank differs from
+/// the previous round's, out of `decisions`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RankChanges {
+    /// Decisions whose rank changed.
+    pub changed: usize,
+    /// Decisions compared (sites × (rounds − 1)).
+    pub decisions: usize,
+}
+
+/// [`play_episode`], also counting the episode's rank changes (a skipped round holds every
+/// rank; a lost round counts the ranks it planned, as real runs record them).
+pub fn play_episode_counting_changes(
+    mut env: VecEnv,
+    policy: &mut dyn RankPolicy,
+) -> Result<(EpisodeSummary, RankChanges), EnvError> {
     policy.begin_episode();
+    let ranks = env.spec().rank_set.ranks().to_vec();
+    let mut previous: Option<Vec<u32>> = None;
+    let mut changes = RankChanges::default();
     loop {
         let obs = env.observation(0);
         let ctx = if policy.privileged() { env.privileged_context(0) } else { env.context(0) };
-        match policy.decide(&obs, &ctx) {
-            Some(plan) => env.step(&plan)?,
+        let plan = match policy.decide(&obs, &ctx) {
+            Some(plan) => {
+                env.step(&plan)?;
+                plan
+            }
             None => {
                 let keep = env.rank_indices(0).to_vec();
                 env.step_indices_skipping(&keep, &[true])?;
+                previous.clone().unwrap_or_else(|| keep.iter().map(|&j| ranks[j as usize]).collect())
             }
+        };
+        if let Some(p) = &previous {
+            changes.changed += p.iter().zip(&plan).filter(|(a, b)| a != b).count();
+            changes.decisions += plan.len();
         }
+        previous = Some(plan);
         if let Some(s) = env.finished().first() {
-            return Ok(*s);
+            return Ok((*s, changes));
         }
     }
 }
@@ -106,9 +142,12 @@ pub fn evaluate_spec(
     let mut viol = 0u64;
     let mut skips = 0u64;
     let mut rounds = 0u64;
+    let (mut changed, mut compared) = (0usize, 0usize);
     for e in 0..episodes {
         let env = VecEnv::from_seeds(spec.clone(), &[derive_seed(seed, e as u64)]);
-        let s = play_episode(env, policy)?;
+        let (s, c) = play_episode_counting_changes(env, policy)?;
+        changed += c.changed;
+        compared += c.decisions;
         returns.push(s.episode_return);
         losses.push(s.final_loss);
         used += s.resource_used;
@@ -128,6 +167,7 @@ pub fn evaluate_spec(
         resource_used: used / episodes.max(1) as f64,
         violation_rate: viol as f64 / rounds.max(1) as f64,
         skip_rate: skips as f64 / rounds.max(1) as f64,
+        change_rate: changed as f64 / compared.max(1) as f64,
         oracle_gap_closed: None,
         returns,
     })
@@ -207,7 +247,7 @@ impl EvalTable {
     /// Markdown table.
     pub fn to_markdown(&self) -> String {
         let mut s = format!(
-            "preset `{}`, {} episodes, seed {}\n\n| policy | return (mean ± se) | final loss (mean ± se) | {} used / episode | violation rate | skip rate | oracle gap closed | Δ return vs adalora (paired) |\n|---|---:|---:|---:|---:|---:|---:|---:|\n",
+            "preset `{}`, {} episodes, seed {}\n\n| policy | return (mean ± se) | final loss (mean ± se) | {} used / episode | violation rate | skip rate | rank change rate | oracle gap closed | Δ return vs adalora (paired) |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
             self.preset, self.episodes, self.seed, self.resource_unit
         );
         for r in &self.rows {
@@ -216,7 +256,7 @@ impl EvalTable {
                 _ => "–".into(),
             };
             s += &format!(
-                "| {} | {:.3} ± {:.3} | {:.4} ± {:.4} | {} | {:.4} | {:.4} | {} | {} |\n",
+                "| {} | {:.3} ± {:.3} | {:.4} ± {:.4} | {} | {:.4} | {:.4} | {:.4} | {} | {} |\n",
                 r.name,
                 r.mean_return,
                 r.se_return,
@@ -225,6 +265,7 @@ impl EvalTable {
                 num(r.resource_used),
                 r.violation_rate,
                 r.skip_rate,
+                r.change_rate,
                 r.oracle_gap_closed.map(|g| format!("{g:.3}")).unwrap_or_else(|| "–".into()),
                 vs
             );
@@ -237,18 +278,19 @@ impl EvalTable {
         let mut s = format!("preset {} | {} episodes | seed {}\n", self.preset, self.episodes, self.seed);
         let w = self.rows.iter().map(|r| r.name.chars().count()).max().unwrap_or(0).max(12);
         s += &format!(
-            "{:<w$} {:>22} {:>22} {:>14} {:>10} {:>8} {:>8}\n",
-            "policy", "return", "final loss", self.resource_unit, "viol.", "skips", "gap"
+            "{:<w$} {:>22} {:>22} {:>14} {:>10} {:>8} {:>8} {:>8}\n",
+            "policy", "return", "final loss", self.resource_unit, "viol.", "skips", "changes", "gap"
         );
         for r in &self.rows {
             s += &format!(
-                "{:<w$} {:>22} {:>22} {:>14} {:>10.4} {:>8.4} {:>8}\n",
+                "{:<w$} {:>22} {:>22} {:>14} {:>10.4} {:>8.4} {:>8.4} {:>8}\n",
                 r.name,
                 format!("{:.3} ± {:.3}", r.mean_return, r.se_return),
                 format!("{:.4} ± {:.4}", r.final_loss, r.se_final_loss),
                 num(r.resource_used),
                 r.violation_rate,
                 r.skip_rate,
+                r.change_rate,
                 r.oracle_gap_closed.map(|g| format!("{g:.3}")).unwrap_or_else(|| "-".into())
             );
         }

@@ -37,6 +37,7 @@ fn row(name: &str, returns: Vec<f64>) -> EvalRow {
         resource_used: f64::NAN,
         violation_rate: f64::NAN,
         skip_rate: f64::NAN,
+        change_rate: f64::NAN,
         oracle_gap_closed: None,
         returns,
     }

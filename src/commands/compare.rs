@@ -147,6 +147,10 @@ pub struct CompareRow {
     pub rounds_lost_mean: f64,
     /// Mean rounds the scheduler skipped per run.
     pub rounds_skipped_mean: f64,
+    /// Share of site decisions, from the second round on, whose rank differs from the previous
+    /// round's (`RunReport::rank_change_rate`), mean over seeds: what `eval`'s rank change rate
+    /// is in the simulator.
+    pub rank_change_rate: f64,
     /// Mean adapter parameters over rounds and seeds.
     pub mean_params: f64,
     /// Mean final adapter parameters.
@@ -307,6 +311,7 @@ pub fn run(a: &CompareArgs) -> Result<()> {
                 cost_sent_mean: avg(&|r| r.cost_sent),
                 rounds_lost_mean: avg(&|r| r.rounds_lost as f64),
                 rounds_skipped_mean: avg(&|r| r.rounds_skipped as f64),
+                rank_change_rate: avg(&|r| r.rank_change_rate()),
                 mean_params: avg(&|r| r.mean_params),
                 final_params: avg(&|r| r.final_params as f64),
                 wall_seconds_mean: avg(&|r| r.wall_seconds),
@@ -333,7 +338,7 @@ pub fn run(a: &CompareArgs) -> Result<()> {
     };
     let resource_head = if simulated {
         format!(
-            " {unit} sent / run | {unit} vs {first} | rounds lost / run | rounds skipped / run |",
+            " {unit} sent / run | {unit} vs {first} | rounds lost / run | rounds skipped / run | rank change rate |",
             first = rows[0].scheduler
         )
     } else {
@@ -354,7 +359,7 @@ pub fn run(a: &CompareArgs) -> Result<()> {
         a.steps,
         a.rounds,
         a.common.seed,
-        if simulated { "---:|---:|---:|---:|" } else { "" },
+        if simulated { "---:|---:|---:|---:|---:|" } else { "" },
         best_name = rows[best].scheduler,
     );
     for r in &rows {
@@ -364,8 +369,13 @@ pub fn run(a: &CompareArgs) -> Result<()> {
         };
         let resource = if simulated {
             format!(
-                " {:.3e} | {:.2}× | {:.1} / {} | {:.1} |",
-                r.cost_sent_mean, r.cost_ratio_vs_first, r.rounds_lost_mean, a.rounds, r.rounds_skipped_mean
+                " {:.3e} | {:.2}× | {:.1} / {} | {:.1} | {:.4} |",
+                r.cost_sent_mean,
+                r.cost_ratio_vs_first,
+                r.rounds_lost_mean,
+                a.rounds,
+                r.rounds_skipped_mean,
+                r.rank_change_rate
             )
         } else {
             String::new()

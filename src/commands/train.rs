@@ -302,6 +302,7 @@ pub fn run(a: &TrainArgs) -> anyhow::Result<()> {
             tb.add_scalar("eval/final_loss", row.final_loss, step)?;
             tb.add_scalar("eval/violation_rate", row.violation_rate, step)?;
             tb.add_scalar("eval/skip_rate", row.skip_rate, step)?;
+            tb.add_scalar("eval/change_rate", row.change_rate, step)?;
             tb.add_scalar("eval/resource_used", row.resource_used, step)?;
             tb.add_scalar("eval/wall_s", start.elapsed().as_secs_f64(), step)?;
             // Model selection on the evaluation seeds (held out from training; report final
@@ -423,6 +424,7 @@ fn evaluate_policy(
     row.final_loss = mean(&|r| r.final_loss);
     row.violation_rate = mean(&|r| r.violation_rate);
     row.skip_rate = mean(&|r| r.skip_rate);
+    row.change_rate = mean(&|r| r.change_rate);
     row.resource_used = mean(&|r| r.resource_used);
     row.oracle_gap_closed = Some(mean(&|r| r.oracle_gap_closed.unwrap_or(f64::NAN)));
     Ok(row)
