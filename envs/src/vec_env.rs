@@ -343,6 +343,16 @@ impl VecEnv {
         let stats = self.oracle.plan_into(&self.spec, &self.states[i], &mut out);
         (out, stats)
     }
+
+    /// The oracle's decision for environment `i` this round: its plan, and whether it plays the
+    /// round (`false` where skipping is worth more; see [`Oracle::decide_into`]). The plan is
+    /// the one it would play either way. Privileged, like [`VecEnv::oracle_plan`]: for a
+    /// teacher in training, never for a policy's own decisions.
+    pub fn oracle_decision(&mut self, i: usize) -> (Vec<u32>, bool) {
+        let mut out = vec![0u32; self.spec.n_sites()];
+        let plays = self.oracle.decide_into(&self.spec, &self.states[i], &mut out).is_some();
+        (out, plays)
+    }
 }
 
 #[cfg(test)]

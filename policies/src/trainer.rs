@@ -123,6 +123,11 @@ pub struct IterationStats {
     /// Mean spend level softplus(z_price) over the rollout's decisions, with `net.price`
     /// (NaN otherwise).
     pub spend_price: f64,
+    /// With a privileged teacher: the share of played site decisions whose sampled rank is the
+    /// oracle's (NaN without a teacher).
+    pub teacher_agreement: f64,
+    /// With a privileged teacher: the weight c_T of this iteration's update (0 without).
+    pub teacher_weight: f64,
     /// Wall time of the rollout (s).
     pub rollout_s: f64,
     /// Wall time of the PPO and DDIM updates (s).
@@ -200,6 +205,8 @@ struct StepRecord {
     rank_costs: Vec<f32>,
     /// (taken, log-prob, prior margin, allowed), with a skip head.
     skip: Option<(f32, f32, f32, f32)>,
+    /// The oracle's rank index per site and whether it skips, with a teacher.
+    teacher: Option<(Vec<u8>, bool)>,
 }
 
 /// Serializable state of one [`EnvGroup`].
@@ -429,6 +436,9 @@ impl Trainer {
         let has_skip = self.model.net.has_skip();
         let has_prior = self.model.prior.is_some();
         let has_price = self.model.net.has_price();
+        let teacher_weight = cfg.teacher_weight(self.iteration as f64 / self.total_iterations() as f64);
+        let has_teacher = teacher_weight > 0.0;
+        let (mut agree, mut agree_n) = (0usize, 0usize);
         let scale = cfg.reward_scale as f32;
         let mut stats = IterationStats::default();
         let t_start = std::time::Instant::now();
@@ -464,6 +474,24 @@ impl Trainer {
                     beliefs,
                     ActMode::Sample(&mut self.rng),
                 );
+                // The teacher labels the states the policy visits, before the step leaves them.
+                let teacher: Vec<(Vec<u8>, bool)> = if has_teacher {
+                    (0..ne)
+                        .map(|e| {
+                            let (plan, plays) = venv.oracle_decision(e);
+                            let rs = &venv.spec().rank_set;
+                            let idx =
+                                plan.iter().map(|&r| rs.index_of(r).expect("the oracle plans from the set") as u8);
+                            (idx.collect(), !plays)
+                        })
+                        .collect()
+                } else {
+                    Vec::new()
+                };
+                for (e, (plan, _)) in teacher.iter().enumerate().filter(|(e, _)| !d.skip[*e]) {
+                    agree += plan.iter().zip(&d.coarse[e * l..(e + 1) * l]).filter(|(a, b)| a == b).count();
+                    agree_n += l;
+                }
                 trimmed += d.trimmed;
                 price_sum += d.spend_price.iter().map(|&p| p as f64).sum::<f64>();
                 price_n += d.spend_price.len();
@@ -515,6 +543,7 @@ impl Trainer {
                                 d.skip_allowed[e] as u8 as f32,
                             )
                         }),
+                        teacher: teacher.get(e).cloned(),
                     });
                 }
                 if gi == 0 {
@@ -555,6 +584,8 @@ impl Trainer {
         let (mut buf_v, mut buf_r, mut buf_done) = (Vec::new(), Vec::new(), Vec::new());
         let (mut skip_taken, mut skip_logp, mut skip_margin, mut skip_allowed) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut buf_teacher = vec![0i64; if has_teacher { b * l } else { 0 }];
+        let mut teacher_skip = Vec::new();
         for (i, r) in records.iter().enumerate() {
             let m = r.n_sites;
             buf_g.extend_from_slice(&r.global);
@@ -583,6 +614,10 @@ impl Trainer {
                     buf_r.push(r.reward);
                     buf_done.push(done);
                 }
+            }
+            if let Some((plan, skips)) = &r.teacher {
+                buf_teacher[i * l..i * l + m].iter_mut().zip(plan).for_each(|(a, &j)| *a = j as i64);
+                teacher_skip.push(*skips as u8 as f32);
             }
             if let Some((s, lp, mg, al)) = r.skip {
                 skip_taken.push(s);
@@ -638,6 +673,8 @@ impl Trainer {
         stats.mean_reward = records.iter().map(|r| r.reward as f64).sum::<f64>() / b as f64;
         stats.trimmed_share = if decisions > 0 { trimmed as f64 / decisions as f64 } else { 0.0 };
         stats.spend_price = if price_n > 0 { price_sum / price_n as f64 } else { f64::NAN };
+        stats.teacher_agreement = if agree_n > 0 { agree as f64 / agree_n as f64 } else { f64::NAN };
+        stats.teacher_weight = teacher_weight;
 
         stats.rollout_s = t_start.elapsed().as_secs_f64();
         let t_update = std::time::Instant::now();
@@ -661,6 +698,11 @@ impl Trainer {
                 .needs_current()
                 .then(|| Tensor::from_slice(&buf_current).view([bi, li]).to_device(dev)),
             rank_costs: has_price.then(|| Tensor::from_slice(&buf_kappa).view([bi, li, ki]).to_device(dev)),
+            teacher: has_teacher.then(|| ppo::TeacherBatch {
+                ranks: Tensor::from_slice(&buf_teacher).view([bi, li]).to_device(dev),
+                skip: Tensor::from_slice(&teacher_skip).to_device(dev),
+                weight: teacher_weight,
+            }),
             skip: has_skip.then(|| ppo::SkipBatch {
                 taken: Tensor::from_slice(&skip_taken).to_device(dev),
                 logp: Tensor::from_slice(&skip_logp).to_device(dev),

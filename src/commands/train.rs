@@ -255,6 +255,11 @@ pub fn run(a: &TrainArgs) -> anyhow::Result<()> {
         ] {
             tb.add_scalar(tag, v, step)?;
         }
+        if st.teacher_agreement.is_finite() {
+            tb.add_scalar("charts/teacher_agreement", st.teacher_agreement, step)?;
+            tb.add_scalar("charts/teacher_weight", st.teacher_weight, step)?;
+            tb.add_scalar("losses/teacher_loss", u.teacher_loss, step)?;
+        }
         if st.spend_price.is_finite() {
             tb.add_scalar("charts/spend_price", st.spend_price, step)?;
         }
