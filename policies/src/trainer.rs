@@ -308,12 +308,6 @@ impl Trainer {
         seed: u64,
         device: Device,
     ) -> Result<Self, PolicyError> {
-        if preset.ddim.enabled {
-            return Err(PolicyError::Incompatible(
-                "DDIM refinement trains on a replay of fixed-size plans: it needs a single --env preset, not a distribution"
-                    .into(),
-            ));
-        }
         Self::build(validation, Some(distribution), preset, total_steps, seed, device)
     }
 
@@ -345,7 +339,7 @@ impl Trainer {
         };
         let opt = Adam::new(&model.vs, "net.", preset.ppo.learning_rate, preset.ppo.adam_eps);
         let ddim_opt = preset.ddim.enabled.then(|| Adam::new(&model.vs, "ddim.", preset.ddim.learning_rate, 1e-8));
-        let replay = preset.ddim.enabled.then(|| Replay::new(preset.ddim.replay_capacity, spec.n_sites()));
+        let replay = preset.ddim.enabled.then(|| Replay::new(preset.ddim.replay_capacity));
         let mut t = Trainer {
             model,
             preset: preset.clone(),
@@ -438,6 +432,7 @@ impl Trainer {
         let has_price = self.model.net.has_price();
         let teacher_weight = cfg.teacher_weight(self.iteration as f64 / self.total_iterations() as f64);
         let has_teacher = teacher_weight > 0.0;
+        let ddim_oracle = self.replay.is_some() && self.preset.ddim.target == ddim::DdimTarget::Oracle;
         let (mut agree, mut agree_n) = (0usize, 0usize);
         let scale = cfg.reward_scale as f32;
         let mut stats = IterationStats::default();
@@ -475,7 +470,7 @@ impl Trainer {
                     ActMode::Sample(&mut self.rng),
                 );
                 // The teacher labels the states the policy visits, before the step leaves them.
-                let teacher: Vec<(Vec<u8>, bool)> = if has_teacher {
+                let teacher: Vec<(Vec<u8>, bool)> = if has_teacher || ddim_oracle {
                     (0..ne)
                         .map(|e| {
                             let (plan, plays) = venv.oracle_decision(e);
@@ -488,7 +483,7 @@ impl Trainer {
                 } else {
                     Vec::new()
                 };
-                for (e, (plan, _)) in teacher.iter().enumerate().filter(|(e, _)| !d.skip[*e]) {
+                for (e, (plan, _)) in teacher.iter().enumerate().filter(|(e, _)| has_teacher && !d.skip[*e]) {
                     agree += plan.iter().zip(&d.coarse[e * l..(e + 1) * l]).filter(|(a, b)| a == b).count();
                     agree_n += l;
                 }
@@ -506,7 +501,10 @@ impl Trainer {
                             &d.global[e * g_dim..(e + 1) * g_dim],
                             &d.sites[e * l * s_dim..(e + 1) * l * s_dim],
                             &enc(&d.coarse[e * l..(e + 1) * l]),
-                            &enc(&d.executed[e * l..(e + 1) * l]),
+                            &enc(match teacher.get(e) {
+                                Some((plan, _)) if ddim_oracle => plan.as_slice(),
+                                _ => &d.executed[e * l..(e + 1) * l],
+                            }),
                             rewards[e] * scale,
                         );
                     }
@@ -543,7 +541,7 @@ impl Trainer {
                                 d.skip_allowed[e] as u8 as f32,
                             )
                         }),
-                        teacher: teacher.get(e).cloned(),
+                        teacher: if has_teacher { teacher.get(e).cloned() } else { None },
                     });
                 }
                 if gi == 0 {

@@ -229,6 +229,27 @@ fn a_policy_that_keeps_held_ranks_and_fits_at_the_mean_price_resumes_exactly_and
     check_distribution_run(&preset);
 }
 
+#[test]
+fn a_teacher_trained_policy_with_a_refiner_of_the_oracles_plans_resumes_exactly_on_a_distribution() {
+    // The privileged teacher's cross-entropy, and a DDIM refiner whose replay holds the
+    // oracle's plans of environments with different site counts (2–3 layers): the replay
+    // round-trips through the checkpoint, and the refined policy acts on every preset.
+    let mut preset = load_preset("tiny").unwrap();
+    preset.ppo.num_envs = 8;
+    preset.ppo.net.skip = true;
+    preset.ppo.teacher_coef = 1.0;
+    preset.prior.enabled = true;
+    preset.ddim.enabled = true;
+    preset.ddim.target = policies::ddim::DdimTarget::Oracle;
+    preset.ddim.warmup = 64;
+    preset.ddim.updates_per_iteration = 2;
+    preset.ddim.batch_size = 8;
+    preset.ddim.replay_capacity = 256;
+    preset.ddim.hidden = 16;
+    preset.ddim.sample_steps = 3;
+    check_distribution_run(&preset);
+}
+
 /// A run of `preset` on the small distribution: resumed mid-way it gives the same weights as
 /// straight through, and the trained policy acts on every built-in preset.
 fn check_distribution_run(preset: &policies::trainer::PolicyPreset) {
