@@ -190,9 +190,10 @@ fn bench_policy(a: &BenchArgs) -> Result<()> {
     for (label, ddim_steps, preset_name) in [
         ("PPO alone", None, None),
         ("PPO + prior + skip (default)", None, Some("default")),
-        ("PPO + estimates + rank head", None, Some("ppo")),
         ("PPO + DDIM, 10 steps", Some(10), None),
         ("PPO + DDIM, 50 steps", Some(50), None),
+        ("PPO + estimates + skip", None, Some("ppo")),
+        ("PPO + estimates + rank head", None, Some("ppo+rank_head")),
     ] {
         let ddim = DdimConfig {
             enabled: ddim_steps.is_some(),
@@ -201,10 +202,12 @@ fn bench_policy(a: &BenchArgs) -> Result<()> {
         };
         let mut model = match preset_name {
             Some(name) => {
-                let mut p = policies::trainer::load_preset(name)?;
+                let mut p = policies::trainer::load_preset(name.trim_end_matches("+rank_head"))?;
                 if !p.prior.enabled {
+                    // The `ppo` preset reading the inference's estimates (the student of the
+                    // privileged teacher), optionally through the per-rank head.
                     p.ppo.net.estimates = true;
-                    p.ppo.net.rank_head = true;
+                    p.ppo.net.rank_head = name.ends_with("+rank_head");
                 }
                 PolicyModel::with_prior(a.common.device, &ranks, p.ppo.net, ddim, &p.prior)
             }
@@ -256,13 +259,63 @@ fn bench_policy(a: &BenchArgs) -> Result<()> {
         let (med, p90) = (times[times.len() / 2], times[times.len() * 9 / 10]);
         println!("{label:<28} {med:>12.3} {p90:>12.3}");
         rows.push((label, med));
+        if ddim_steps == Some(10) {
+            // The denoiser's sampling alone, the plain loop beside the batched one, on this
+            // decision's inputs (random weights: the cost does not depend on them).
+            for (label, med, p90) in time_ddim_samplers(&model, &bench_env, a)? {
+                println!("{label:<28} {med:>12.3} {p90:>12.3}");
+            }
+        }
     }
     println!(
         "prior / PPO alone: {:.2}×; DDIM (10 steps) / PPO alone: {:.1}×",
         rows[1].1 / rows[0].1,
-        rows[3].1 / rows[0].1
+        rows[2].1 / rows[0].1
     );
     Ok(())
+}
+
+/// Median and p90 (ms) of the denoiser's 10-step sampling alone, [`Denoiser::sample_reference`]
+/// and the batched [`Denoiser::sample`], at the bench environment's site count.
+///
+/// [`Denoiser::sample_reference`]: policies::ddim::Denoiser::sample_reference
+/// [`Denoiser::sample`]: policies::ddim::Denoiser::sample
+fn time_ddim_samplers(
+    model: &policies::model::PolicyModel,
+    venv: &envs::VecEnv,
+    a: &BenchArgs,
+) -> Result<Vec<(&'static str, f64, f64)>> {
+    use rand::SeedableRng;
+    let Some(den) = model.denoiser.as_ref() else { return Ok(Vec::new()) };
+    let (g, l) = (envs::GLOBAL_FEATURES as i64, venv.n_sites() as i64);
+    let dev = model.device();
+    let global = Tensor::from_slice(venv.obs_global()).view([1, g]).to_device(dev);
+    let sites = Tensor::from_slice(venv.obs_sites()).view([1, l, envs::SITE_FEATURES as i64]).to_device(dev);
+    let mask = Tensor::ones([1, l], (Kind::Float, dev));
+    let coarse = Tensor::zeros([1, l], (Kind::Float, dev));
+    let obs = policies::ddim::ObsTensors { global: &global, sites: &sites, mask: &mask };
+    let cfg = policies::ddim::DdimConfig { sample_steps: 10, ..Default::default() };
+    let mut out = Vec::new();
+    for (label, fast) in [("  DDIM sampling, plain loop", false), ("  DDIM sampling, batched", true)] {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(a.common.seed);
+        let mut times = Vec::new();
+        for i in 0..a.repeats.max(1) * 20 + 5 {
+            let t = Instant::now();
+            let x = if fast {
+                den.sample(&cfg, &model.alpha_bar, &coarse, obs, &mut rng)
+            } else {
+                den.sample_reference(&cfg, &model.alpha_bar, &coarse, obs, &mut rng)
+            };
+            let ms = t.elapsed().as_secs_f64() * 1e3;
+            std::hint::black_box(x);
+            if i >= 5 {
+                times.push(ms);
+            }
+        }
+        times.sort_by(f64::total_cmp);
+        out.push((label, times[times.len() / 2], times[times.len() * 9 / 10]));
+    }
+    Ok(out)
 }
 
 fn fro(t: &Tensor) -> f64 {
