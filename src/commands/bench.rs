@@ -307,7 +307,7 @@ fn time_ddim_samplers(
                 den.sample_reference(&cfg, &model.alpha_bar, &coarse, obs, &mut rng)
             };
             let ms = t.elapsed().as_secs_f64() * 1e3;
-            std::hint::black_box(x);
+            let _ = std::hint::black_box(x);
             if i >= 5 {
                 times.push(ms);
             }
