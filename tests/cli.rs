@@ -60,7 +60,6 @@ fn hostile_arguments_and_presets_are_bad_input_never_a_panic() {
         (vec!["train", "--policy", "big-replay.toml", "--steps", "64"], "ddim.replay_capacity"),
         (vec!["eval", "--suite", "no-such-suite"], "no-such-suite"),
         (vec!["train", "--distribution", "no-such-dist", "--steps", "64"], "no-such-dist"),
-        (vec!["train", "--distribution", "default", "--policy", "ddim", "--steps", "64"], "DDIM"),
     ];
     for (args, named) in cases {
         let o = common::rankpilot_in(&args, p);
