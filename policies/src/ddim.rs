@@ -477,7 +477,8 @@ impl Replay {
         let n_sites: Vec<i64> = Vec::try_from(find("replay.n_sites")?.to_kind(Kind::Int64))
             .map_err(|e: tch::TchError| PolicyError::Checkpoint(e.to_string()))?;
         let held = n_sites.len();
-        if held > self.capacity || held != len.min(self.capacity) || n_sites.iter().any(|&l| l < 1 || l > 1 << 20) {
+        if held > self.capacity || held != len.min(self.capacity) || n_sites.iter().any(|l| !(1..=1 << 20).contains(l))
+        {
             return Err(PolicyError::Checkpoint(format!(
                 "`replay.n_sites` holds {held} tuples (site counts 1..2^20 each), expected {} of at most {}",
                 len.min(self.capacity),

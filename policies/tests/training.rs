@@ -44,18 +44,26 @@ fn through_checkpoint(t: Trainer) -> Trainer {
     Trainer::restore(&config, &state, &copies, None, Device::Cpu).unwrap()
 }
 
+/// A DDIM stage small enough for a test: warmed up after one iteration of the `tiny` preset.
+fn small_ddim() -> policies::ddim::DdimConfig {
+    policies::ddim::DdimConfig {
+        enabled: true,
+        warmup: 64,
+        updates_per_iteration: 2,
+        batch_size: 8,
+        replay_capacity: 256,
+        hidden: 16,
+        sample_steps: 3,
+        ..Default::default()
+    }
+}
+
 #[test]
 fn resume_equals_uninterrupted_run() {
     let _serial = serial();
     let env = small_env();
     let mut preset = load_preset("tiny").unwrap();
-    preset.ddim.enabled = true; // exercise the replay buffer and the second optimizer too
-    preset.ddim.warmup = 64;
-    preset.ddim.updates_per_iteration = 2;
-    preset.ddim.batch_size = 8;
-    preset.ddim.replay_capacity = 256;
-    preset.ddim.hidden = 16;
-    preset.ddim.sample_steps = 3;
+    preset.ddim = small_ddim(); // exercise the replay buffer and the second optimizer too
     let steps = 4 * preset.ppo.num_envs as u64 * preset.ppo.num_steps as u64;
 
     let mut straight = Trainer::new(&env, &preset, steps, 7, Device::Cpu).unwrap();
@@ -239,14 +247,7 @@ fn a_teacher_trained_policy_with_a_refiner_of_the_oracles_plans_resumes_exactly_
     preset.ppo.net.skip = true;
     preset.ppo.teacher_coef = 1.0;
     preset.prior.enabled = true;
-    preset.ddim.enabled = true;
-    preset.ddim.target = policies::ddim::DdimTarget::Oracle;
-    preset.ddim.warmup = 64;
-    preset.ddim.updates_per_iteration = 2;
-    preset.ddim.batch_size = 8;
-    preset.ddim.replay_capacity = 256;
-    preset.ddim.hidden = 16;
-    preset.ddim.sample_steps = 3;
+    preset.ddim = policies::ddim::DdimConfig { target: policies::ddim::DdimTarget::Oracle, ..small_ddim() };
     check_distribution_run(&preset);
 }
 
