@@ -99,6 +99,11 @@ pub struct PpoConfig {
     pub clip_coef: f64,
     /// Clip the value loss with the same ε (default true).
     pub clip_vloss: bool,
+    /// Weight of the clipped surrogate, PPO's policy-gradient term (default 1). With 0, and
+    /// `ent_coef` = `vf_coef` = 0, what is left is pure imitation of the teacher (DAgger): the
+    /// ablation that shows what the reward adds.
+    #[serde(default = "default_pg_coef")]
+    pub pg_coef: f64,
     /// Entropy bonus coefficient (default 0.01).
     pub ent_coef: f64,
     /// Value loss coefficient (default 0.5).
@@ -137,6 +142,7 @@ impl Default for PpoConfig {
             norm_adv_per_episode: false,
             clip_coef: 0.2,
             clip_vloss: true,
+            pg_coef: default_pg_coef(),
             ent_coef: 0.01,
             vf_coef: 0.5,
             max_grad_norm: 0.5,
@@ -148,6 +154,10 @@ impl Default for PpoConfig {
             net: NetConfig::default(),
         }
     }
+}
+
+fn default_pg_coef() -> f64 {
+    1.0
 }
 
 fn default_teacher_decay() -> f64 {
@@ -191,6 +201,7 @@ impl rankpilot_config::Validate for PpoConfig {
             "an integer in [1, 1000]",
         );
         v.check(self.clip_coef > 0.0, "clip_coef", self.clip_coef, "a number > 0");
+        v.check(self.pg_coef >= 0.0, "pg_coef", self.pg_coef, "a number >= 0");
         v.check(self.ent_coef >= 0.0, "ent_coef", self.ent_coef, "a number >= 0");
         v.check(self.vf_coef >= 0.0, "vf_coef", self.vf_coef, "a number >= 0");
         v.check(self.max_grad_norm > 0.0, "max_grad_norm", self.max_grad_norm, "a number > 0");
@@ -558,7 +569,7 @@ pub fn update(
             };
             let value_loss = (value_err * &weight).sum(Kind::Float) / &n_entries * 0.5;
             let entropy_loss = (entropy * &mask).sum(Kind::Float) / mask.sum(Kind::Float).clamp_min(1.0) + skip_entropy;
-            let mut loss = &policy_loss - &entropy_loss * cfg.ent_coef + &value_loss * cfg.vf_coef;
+            let mut loss = &policy_loss * cfg.pg_coef - &entropy_loss * cfg.ent_coef + &value_loss * cfg.vf_coef;
             if let Some(t) = batch.teacher.as_ref().filter(|t| t.weight > 0.0) {
                 let teacher_loss =
                     teacher_cross_entropy(&ev, &sel(&t.ranks), &sel(&t.skip), &mask, skip.as_ref().map(|s| &s.3));
@@ -755,6 +766,53 @@ mod tests {
         let after: Vec<f32> = Vec::try_from(vs.variables()["logits.weight"].flatten(0, -1)).unwrap();
         assert_eq!(before, after);
     }
+    #[test]
+    fn pg_coef_zero_leaves_no_reward_gradient() {
+        // The pure-imitation ablation turns PPO's terms off. Without a teacher nothing may then
+        // move the policy, however large the advantages; with pg_coef 1 the same batch does.
+        let logits_after = |pg_coef: f64| -> (Vec<f32>, Vec<f32>) {
+            tch::manual_seed(2);
+            let vs = nn::VarStore::new(Device::Cpu);
+            let net = PolicyNet::new(&vs.root(), 2, 3, 4, NetConfig { hidden: 8, skip: false, ..Default::default() });
+            let mut opt = Adam::new(&vs, "", 1e-2, 1e-5);
+            let before: Vec<f32> = Vec::try_from(vs.variables()["logits.weight"].flatten(0, -1)).unwrap();
+            let b = 8;
+            let opts = (Kind::Float, Device::Cpu);
+            let batch = Batch {
+                global: Tensor::randn([b, 2], opts),
+                sites: Tensor::randn([b, 5, 3], opts),
+                mask: Tensor::ones([b, 5], opts),
+                actions: Tensor::zeros([b, 5], (Kind::Int64, Device::Cpu)),
+                logp: Tensor::full([b, 5], -1.4, opts),
+                values: Tensor::zeros([b, 5], opts),
+                advantages: Tensor::randn([b, 5], opts) * 3.0,
+                returns: Tensor::ones([b, 5], opts),
+                prior: None,
+                feasible: None,
+                offset: None,
+                skip: None,
+                current: None,
+                rank_costs: None,
+                teacher: None,
+            };
+            let cfg = PpoConfig {
+                pg_coef,
+                ent_coef: 0.0,
+                vf_coef: 0.0,
+                num_minibatches: 1,
+                target_kl: 0.0,
+                ..Default::default()
+            };
+            let stats = update(&cfg, &net, &vs, &mut opt, &batch, 1e-2, |n| (0..n as i64).collect());
+            assert!(!stats.non_finite);
+            (before, Vec::try_from(vs.variables()["logits.weight"].flatten(0, -1)).unwrap())
+        };
+        let (before, after) = logits_after(0.0);
+        assert_eq!(before, after, "pg_coef 0 without a teacher moved the policy");
+        let (before, after) = logits_after(1.0);
+        assert_ne!(before, after, "the control: PPO's surrogate moves it");
+    }
+
     #[test]
     fn teacher_weight_decays_linearly_to_zero() {
         let cfg = PpoConfig { teacher_coef: 2.0, teacher_decay: 0.5, ..Default::default() };
