@@ -734,6 +734,29 @@ mod tests {
         assert!(logits.grad().abs().sum(Kind::Float).double_value(&[]) > 0.1);
     }
 
+    /// A batch of `b` random states with 5 sites and none of the optional parts (prior, skip,
+    /// teacher, ...), every site having taken rank index 0.
+    fn plain_batch(b: i64, logp: Tensor, values: Tensor, advantages: Tensor, returns: Tensor) -> Batch {
+        let opts = (Kind::Float, Device::Cpu);
+        Batch {
+            global: Tensor::randn([b, 2], opts),
+            sites: Tensor::randn([b, 5, 3], opts),
+            mask: Tensor::ones([b, 5], opts),
+            actions: Tensor::zeros([b, 5], (Kind::Int64, Device::Cpu)),
+            logp,
+            values,
+            advantages,
+            returns,
+            prior: None,
+            feasible: None,
+            offset: None,
+            skip: None,
+            current: None,
+            rank_costs: None,
+            teacher: None,
+        }
+    }
+
     #[test]
     fn update_restores_weights_on_non_finite_loss() {
         tch::manual_seed(1);
@@ -742,30 +765,22 @@ mod tests {
         let mut opt = Adam::new(&vs, "", 1e-3, 1e-5);
         let before: Vec<f32> = Vec::try_from(vs.variables()["logits.weight"].flatten(0, -1)).unwrap();
         let b = 8;
-        let batch = Batch {
-            global: Tensor::randn([b, 2], (Kind::Float, Device::Cpu)),
-            sites: Tensor::randn([b, 5, 3], (Kind::Float, Device::Cpu)),
-            mask: Tensor::ones([b, 5], (Kind::Float, Device::Cpu)),
-            actions: Tensor::zeros([b, 5], (Kind::Int64, Device::Cpu)),
-            logp: Tensor::full([b, 5], -1.0, (Kind::Float, Device::Cpu)),
-            values: Tensor::zeros([b], (Kind::Float, Device::Cpu)),
-            advantages: Tensor::ones([b], (Kind::Float, Device::Cpu)),
+        let opts = (Kind::Float, Device::Cpu);
+        let batch = plain_batch(
+            b,
+            Tensor::full([b, 5], -1.0, opts),
+            Tensor::zeros([b], opts),
+            Tensor::ones([b], opts),
             // The first minibatch is fine and takes a step; the second has NaN returns.
-            returns: Tensor::from_slice(&[0.0, 0.0, 0.0, 0.0, f32::NAN, f32::NAN, f32::NAN, f32::NAN]),
-            prior: None,
-            feasible: None,
-            offset: None,
-            skip: None,
-            current: None,
-            rank_costs: None,
-            teacher: None,
-        };
+            Tensor::from_slice(&[0.0, 0.0, 0.0, 0.0, f32::NAN, f32::NAN, f32::NAN, f32::NAN]),
+        );
         let cfg = PpoConfig { num_minibatches: 2, target_kl: 0.0, ..Default::default() };
         let stats = update(&cfg, &net, &vs, &mut opt, &batch, 1e-3, |n| (0..n as i64).collect());
         assert!(stats.non_finite);
         let after: Vec<f32> = Vec::try_from(vs.variables()["logits.weight"].flatten(0, -1)).unwrap();
         assert_eq!(before, after);
     }
+
     #[test]
     fn pg_coef_zero_leaves_no_reward_gradient() {
         // The pure-imitation ablation turns PPO's terms off. Without a teacher nothing may then
@@ -778,23 +793,13 @@ mod tests {
             let before: Vec<f32> = Vec::try_from(vs.variables()["logits.weight"].flatten(0, -1)).unwrap();
             let b = 8;
             let opts = (Kind::Float, Device::Cpu);
-            let batch = Batch {
-                global: Tensor::randn([b, 2], opts),
-                sites: Tensor::randn([b, 5, 3], opts),
-                mask: Tensor::ones([b, 5], opts),
-                actions: Tensor::zeros([b, 5], (Kind::Int64, Device::Cpu)),
-                logp: Tensor::full([b, 5], -1.4, opts),
-                values: Tensor::zeros([b, 5], opts),
-                advantages: Tensor::randn([b, 5], opts) * 3.0,
-                returns: Tensor::ones([b, 5], opts),
-                prior: None,
-                feasible: None,
-                offset: None,
-                skip: None,
-                current: None,
-                rank_costs: None,
-                teacher: None,
-            };
+            let batch = plain_batch(
+                b,
+                Tensor::full([b, 5], -1.4, opts),
+                Tensor::zeros([b, 5], opts),
+                Tensor::randn([b, 5], opts) * 3.0,
+                Tensor::ones([b, 5], opts),
+            );
             let cfg = PpoConfig {
                 pg_coef,
                 ent_coef: 0.0,
