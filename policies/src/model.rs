@@ -207,7 +207,7 @@ impl PolicyModel {
         );
         let denoiser = ddim
             .enabled
-            .then(|| Denoiser::new(&(&root / "ddim"), GLOBAL_FEATURES as i64, SITE_FEATURES as i64, ddim.hidden));
+            .then(|| Denoiser::new(&(&root / "ddim"), GLOBAL_FEATURES as i64, SITE_FEATURES as i64, ddim.hidden, ddim.activation));
         PolicyModel {
             vs,
             net: network,

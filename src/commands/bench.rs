@@ -187,17 +187,21 @@ fn bench_policy(a: &BenchArgs) -> Result<()> {
     // (`net.estimates`, `net.rank_head`). Both infer from the episode's history, so they are
     // timed with that history behind them.
     let dims: Vec<u32> = ctx.sites.iter().map(|s| s.max_rank()).collect();
-    for (label, ddim_steps, preset_name) in [
-        ("PPO alone", None, None),
-        ("PPO + prior + skip (default)", None, Some("default")),
-        ("PPO + DDIM, 10 steps", Some(10), None),
-        ("PPO + DDIM, 50 steps", Some(50), None),
-        ("PPO + estimates + skip", None, Some("ppo")),
-        ("PPO + estimates + rank head", None, Some("ppo+rank_head")),
+    use policies::ddim::DdimActivation::{Mish, Silu};
+    for (label, ddim_steps, activation, preset_name) in [
+        ("PPO alone", None, Mish, None),
+        ("PPO + prior + skip (default)", None, Mish, Some("default")),
+        ("PPO + DDIM, 10 steps", Some(10), Mish, None),
+        ("PPO + DDIM, 50 steps", Some(50), Mish, None),
+        ("PPO + DDIM (SiLU), 10 steps", Some(10), Silu, None),
+        ("default + DDIM (SiLU), 10 st.", Some(10), Silu, Some("default")),
+        ("PPO + estimates + skip", None, Mish, Some("ppo")),
+        ("PPO + estimates + rank head", None, Mish, Some("ppo+rank_head")),
     ] {
         let ddim = DdimConfig {
             enabled: ddim_steps.is_some(),
             sample_steps: ddim_steps.unwrap_or(10),
+            activation,
             ..DdimConfig::default()
         };
         let mut model = match preset_name {
@@ -259,7 +263,7 @@ fn bench_policy(a: &BenchArgs) -> Result<()> {
         let (med, p90) = (times[times.len() / 2], times[times.len() * 9 / 10]);
         println!("{label:<28} {med:>12.3} {p90:>12.3}");
         rows.push((label, med));
-        if ddim_steps == Some(10) {
+        if ddim_steps == Some(10) && preset_name.is_none() {
             // The denoiser's sampling alone, the plain loop beside the batched one, on this
             // decision's inputs (random weights: the cost does not depend on them).
             for (label, med, p90) in time_ddim_samplers(&model, &bench_env, a)? {
