@@ -205,9 +205,9 @@ impl PolicyModel {
                 ranks: ranks.to_vec(),
             }),
         );
-        let denoiser = ddim
-            .enabled
-            .then(|| Denoiser::new(&(&root / "ddim"), GLOBAL_FEATURES as i64, SITE_FEATURES as i64, ddim.hidden, ddim.activation));
+        let denoiser = ddim.enabled.then(|| {
+            Denoiser::new(&(&root / "ddim"), GLOBAL_FEATURES as i64, SITE_FEATURES as i64, ddim.hidden, ddim.activation)
+        });
         PolicyModel {
             vs,
             net: network,
