@@ -78,6 +78,23 @@ fn bad_input_is_refused_with_exit_code_2() {
     let o = common::rankpilot_in(&["train", "--policy", "order.toml", "--steps", "1"], p);
     assert_eq!(o.status.code(), Some(2), "{}", common::text(&o));
     assert!(common::text(&o).contains("largest-first"), "{}", common::text(&o));
+    // The anchor KL needs a prior to anchor to; a skip-only teacher needs a skip head.
+    std::fs::write(p.join("kl.toml"), "name = 'x'\n[ppo]\nprior_kl_coef = 0.1\n").unwrap();
+    let o = common::rankpilot_in(&["train", "--policy", "kl.toml", "--steps", "1"], p);
+    assert_eq!(o.status.code(), Some(2), "{}", common::text(&o));
+    assert!(
+        common::text(&o).contains("ppo.prior_kl_coef") && common::text(&o).contains("[prior]"),
+        "{}",
+        common::text(&o)
+    );
+    std::fs::write(
+        p.join("teach.toml"),
+        "name = 'x'\n[ppo]\nteacher_targets = 'skip'\nnet = { hidden = 8, skip = false }\n",
+    )
+    .unwrap();
+    let o = common::rankpilot_in(&["train", "--policy", "teach.toml", "--steps", "1"], p);
+    assert_eq!(o.status.code(), Some(2), "{}", common::text(&o));
+    assert!(common::text(&o).contains("ppo.teacher_targets"), "{}", common::text(&o));
 
     // A checkpoint trained for another rank set: refused, saying which ranks.
     let o = train(p, "ck", &["--stop-after", "1"]);

@@ -494,6 +494,12 @@ impl PolicyNet {
         self.with_prior_term(residual, margin)
     }
 
+    /// The logits [B, L, K] of the prior alone for the prior's utilities `u`, detached: what
+    /// [`PolicyNet::policy_logits`] gives with the residual at zero (the same temperature).
+    pub fn prior_alone(&self, u: &Tensor) -> Tensor {
+        tch::no_grad(|| self.with_prior_term(&u.zeros_like(), Some(u)))
+    }
+
     /// The current multiplier of the prior (None without a prior).
     pub fn prior_scale(&self) -> Option<f64> {
         self.prior_scale.as_ref().map(|s| match s {

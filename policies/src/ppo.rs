@@ -45,7 +45,16 @@
 //! The sampled actions and their probabilities are untouched: the term only pulls the
 //! parameters, so PPO's ratio stays that of the executed plan. The student sees only its
 //! observations; the oracle's privilege is in the labels, as in teacher–student training of
-//! policies that act under partial observability.
+//! policies that act under partial observability. With `teacher_targets = "skip"` the teacher
+//! teaches only the skip decision, and the ranks are left to the prior and PPO.
+//!
+//! **Anchor to the prior** (`prior_kl_coef` = β > 0; off by default). With a model-based prior
+//! the loss adds `β · KL(π(·|s) ‖ π_prior(·|s))`, where π_prior is the policy with the residual
+//! at zero and the same temperature, per site on the unpriced categoricals (the skip decision
+//! is left free). It is the KL-to-reference term of KL-regularized RL. On
+//! a distribution of environments one network serves all of them, and where the reward barely
+//! separates plans (parameter budgets) the residual otherwise drifts with what the other
+//! environments teach the shared weights; the anchor pulls it back to the prior there.
 
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor, nn};
@@ -61,6 +70,17 @@ pub enum Credit {
     PerSite,
     /// Every site gets the state's advantage from the total reward, V(s) = Σ_i V_i.
     Shared,
+}
+
+/// What the privileged teacher's cross-entropy covers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TeacherTargets {
+    /// Every site's rank and the skip decision.
+    #[default]
+    All,
+    /// The skip decision alone.
+    Skip,
 }
 
 /// Every PPO hyperparameter, with the defaults used by the shipped policy.
@@ -122,6 +142,17 @@ pub struct PpoConfig {
     /// Share of the run over which c_T decays linearly to 0 (default 0.5).
     #[serde(default = "default_teacher_decay")]
     pub teacher_decay: f64,
+    /// What the teacher teaches: every site's rank and the skip decision (`all`, default), or
+    /// the skip decision alone (`skip`), leaving the ranks to the prior and PPO.
+    #[serde(default)]
+    pub teacher_targets: TeacherTargets,
+    /// Weight β of the anchor KL(π ‖ π_prior) (default 0: none): each site's divergence from the
+    /// policy of the prior alone (the residual at zero, same temperature); the skip decision is
+    /// not anchored. It holds the residual at the prior's plan where the
+    /// reward carries little signal (a parameter budget's plans differ by hundredths), as the
+    /// KL-to-reference term of KL-regularized RL. Needs a prior.
+    #[serde(default)]
+    pub prior_kl_coef: f64,
     /// Network sizes.
     pub net: NetConfig,
 }
@@ -151,6 +182,8 @@ impl Default for PpoConfig {
             credit: Credit::PerSite,
             teacher_coef: 0.0,
             teacher_decay: default_teacher_decay(),
+            teacher_targets: TeacherTargets::All,
+            prior_kl_coef: 0.0,
             net: NetConfig::default(),
         }
     }
@@ -213,6 +246,7 @@ impl rankpilot_config::Validate for PpoConfig {
             self.teacher_decay,
             "a number in (0, 1]",
         );
+        v.check(self.prior_kl_coef >= 0.0, "prior_kl_coef", self.prior_kl_coef, "a number >= 0");
         v.check((1..=4096).contains(&self.net.hidden), "net.hidden", self.net.hidden, "an integer in [1, 4096]");
     }
 }
@@ -360,6 +394,10 @@ pub struct UpdateStats {
     /// Mean teacher cross-entropy per site (nats; 0 without a teacher).
     #[serde(default)]
     pub teacher_loss: f64,
+    /// Mean anchor KL(π ‖ π_prior) per site (nats; 0 without the anchor,
+    /// [`PpoConfig::prior_kl_coef`]).
+    #[serde(default)]
+    pub prior_kl: f64,
     /// 1 − Var(R − V)/Var(R) of the rollout's values.
     pub explained_variance: f64,
     /// Epochs completed (fewer than configured after a KL early stop).
@@ -386,6 +424,9 @@ pub struct Evaluated {
     pub logp_unpriced: Tensor,
     /// The skip head's logit [B] (the policy's, after the prior's margin), with a skip head.
     pub skip_logit: Option<Tensor>,
+    /// With a prior: the prior-alone policy's unpriced log-probabilities [B, L, K], detached:
+    /// the reference of [`PpoConfig::prior_kl_coef`].
+    pub prior_reference: Option<Tensor>,
 }
 
 /// What a rollout stored about its decisions, as [`evaluate_actions`] reads it.
@@ -420,6 +461,7 @@ pub fn evaluate_actions(
 ) -> Evaluated {
     let Stored { actions, prior, feasible, skip, current, rank_costs } = stored;
     let out = net.forward(global, sites, mask);
+    let prior_reference = prior.map(|u| net.prior_alone(u).log_softmax(-1, Kind::Float));
     let mut logits = net.priced(net.policy_logits(&out.logits, prior, current), out.price_logit.as_ref(), rank_costs);
     // With `net.keep` the stored action was drawn from the keep mixture: its probability is that.
     if let Some(q) = net.keep_mixture(&logits, current) {
@@ -449,7 +491,7 @@ pub fn evaluate_actions(
         }
         _ => None,
     };
-    Evaluated { logp, entropy, values: out.site_values, skip, logp_unpriced, skip_logit }
+    Evaluated { logp, entropy, values: out.site_values, skip, logp_unpriced, skip_logit, prior_reference }
 }
 
 /// Runs the PPO epochs on one rollout. `perm` supplies a permutation of `0..B` per epoch (from the
@@ -469,7 +511,8 @@ pub fn update(
     opt.lr = learning_rate;
     let backup: Vec<(String, Tensor)> = vs.variables().into_iter().map(|(k, v)| (k, v.detach().copy())).collect();
     let mut stats = UpdateStats { learning_rate, ..Default::default() };
-    let (mut n_mb, mut pl, mut vl, mut ent, mut cf, mut sp, mut tl) = (0usize, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0);
+    let (mut n_mb, mut pl, mut vl, mut ent, mut cf, mut sp, mut tl, mut kls) =
+        (0usize, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0);
     'epochs: for _ in 0..cfg.update_epochs {
         let order = perm(b);
         for chunk in order.chunks(mb) {
@@ -571,10 +614,21 @@ pub fn update(
             let entropy_loss = (entropy * &mask).sum(Kind::Float) / mask.sum(Kind::Float).clamp_min(1.0) + skip_entropy;
             let mut loss = &policy_loss * cfg.pg_coef - &entropy_loss * cfg.ent_coef + &value_loss * cfg.vf_coef;
             if let Some(t) = batch.teacher.as_ref().filter(|t| t.weight > 0.0) {
+                let rank_mask = match cfg.teacher_targets {
+                    TeacherTargets::All => mask.shallow_clone(),
+                    TeacherTargets::Skip => mask.zeros_like(),
+                };
                 let teacher_loss =
-                    teacher_cross_entropy(&ev, &sel(&t.ranks), &sel(&t.skip), &mask, skip.as_ref().map(|s| &s.3));
+                    teacher_cross_entropy(&ev, &sel(&t.ranks), &sel(&t.skip), &rank_mask, skip.as_ref().map(|s| &s.3));
                 tl += teacher_loss.double_value(&[]);
                 loss += teacher_loss * t.weight;
+            }
+            if cfg.prior_kl_coef > 0.0
+                && let Some(reference) = &ev.prior_reference
+            {
+                let kl = prior_kl(&ev, reference, &mask);
+                kls += kl.double_value(&[]);
+                loss += kl * cfg.prior_kl_coef;
             }
 
             let loss_value = loss.double_value(&[]);
@@ -625,6 +679,7 @@ pub fn update(
     stats.clip_fraction = cf / n;
     stats.skip_prob = sp / n;
     stats.teacher_loss = tl / n;
+    stats.prior_kl = kls / n;
     stats.explained_variance = explained_variance(&batch.values.flatten(0, -1), &batch.returns.flatten(0, -1));
     stats
 }
@@ -647,6 +702,15 @@ pub fn teacher_cross_entropy(
         loss += (bce * allowed).sum(Kind::Float) / allowed.sum(Kind::Float).clamp_min(1.0);
     }
     loss
+}
+
+/// The anchor KL(π ‖ π_prior): each real site's divergence of the unpriced categorical from the
+/// prior-alone one (`reference`, [`Evaluated::prior_reference`]), averaged over the sites. The
+/// skip decision is not anchored: it is where the reward (and a skip-only teacher) moves the
+/// policy most, and an anchor on it measured several nats against the teacher's pull.
+pub fn prior_kl(ev: &Evaluated, reference: &Tensor, mask: &Tensor) -> Tensor {
+    let kl_site = (ev.logp_unpriced.exp() * (&ev.logp_unpriced - reference)).sum_dim_intlist(-1, false, Kind::Float);
+    (kl_site * mask).sum(Kind::Float) / mask.sum(Kind::Float).clamp_min(1.0)
 }
 
 /// 1 − Var(R − V)/Var(R); NaN when the returns have no variance.
@@ -828,11 +892,12 @@ mod tests {
         assert_eq!(PpoConfig::default().teacher_weight(0.0), 0.0, "off by default");
     }
 
-    #[test]
-    fn the_teacher_term_alone_moves_each_site_and_the_skip_head_towards_the_oracle() {
-        // Zero advantages and returns equal to the values: PPO's own terms give no policy
-        // gradient, so whatever moves the policy is the teacher's cross-entropy. The oracle
-        // wants rank index (site mod 4) at site i and skips in the first half of the states.
+    /// Trains a fresh network on the teacher's cross-entropy alone (`targets`) and returns the
+    /// agreement with the oracle (ranks, skip) before and after, and whether the rank head's
+    /// last layer moved. Zero advantages and returns equal to the values: PPO's own terms give
+    /// no policy gradient, so whatever moves the policy is the teacher's cross-entropy. The
+    /// oracle wants rank index (site mod 4) at site i and skips in the first half of the states.
+    fn teach(targets: TeacherTargets) -> ((f64, f64), (f64, f64), bool) {
         tch::manual_seed(5);
         let vs = nn::VarStore::new(Device::Cpu);
         let net = PolicyNet::new(&vs.root(), 2, 3, 4, NetConfig { hidden: 16, skip: true, ..Default::default() });
@@ -866,6 +931,12 @@ mod tests {
                 p.gt(0.5).to_kind(Kind::Float).eq_tensor(&teacher_skip).to_kind(Kind::Float).mean(Kind::Float);
             (hit.double_value(&[]), skip_hit.double_value(&[]))
         };
+        let head = |vs: &nn::VarStore| -> Vec<f32> {
+            let v = vs.variables();
+            Vec::try_from(Tensor::cat(&[v["logits.weight"].flatten(0, -1), v["logits.bias"].shallow_clone()], 0))
+                .unwrap()
+        };
+        let head_before = head(&vs);
         let ev0 = evaluate(&net);
         let before = agreement(&ev0);
         let values = ev0.values.shallow_clone();
@@ -901,13 +972,120 @@ mod tests {
             target_kl: 0.0,
             ent_coef: 0.0,
             norm_adv: false,
+            teacher_targets: targets,
             ..Default::default()
         };
         let stats = update(&cfg, &net, &vs, &mut opt, &batch, 1e-2, |n| (0..n as i64).collect());
         assert!(!stats.non_finite && stats.teacher_loss > 0.0);
         let after = agreement(&evaluate(&net));
+        (before, after, head(&vs) != head_before)
+    }
+
+    #[test]
+    fn the_teacher_term_alone_moves_each_site_and_the_skip_head_towards_the_oracle() {
+        let (before, after, head_moved) = teach(TeacherTargets::All);
         assert!(after.0 > 0.95 && after.0 > before.0 + 0.3, "ranks: agreement {before:?} -> {after:?}");
         assert!(after.1 > 0.95, "skip: agreement {before:?} -> {after:?}");
+        assert!(head_moved);
+    }
+
+    #[test]
+    fn a_skip_only_teacher_teaches_the_skip_and_leaves_the_rank_head_alone() {
+        let (before, after, head_moved) = teach(TeacherTargets::Skip);
+        assert!(after.1 > 0.95, "skip: agreement {before:?} -> {after:?}");
+        assert!(!head_moved, "the rank head got a gradient from a skip-only teacher");
+        assert!(after.0 < 0.95, "ranks: agreement {before:?} -> {after:?}");
+    }
+
+    #[test]
+    fn the_prior_kl_anchor_pulls_a_moved_residual_back_to_the_prior() {
+        // A residual moved away from zero, and no reward signal (zero advantages, returns equal
+        // to the values, no entropy bonus): the anchor alone must bring each site's categorical
+        // back to the prior's.
+        tch::manual_seed(7);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let net = PolicyNet::with_prior(
+            &vs.root(),
+            2,
+            3,
+            4,
+            NetConfig { hidden: 16, skip: true, ..Default::default() },
+            Some((3.0, false, true)),
+            None,
+        );
+        tch::no_grad(|| {
+            let mut v = vs.variables();
+            for name in ["logits.weight", "logits.bias", "skip.weight", "skip.bias"] {
+                let t = v.get_mut(name).unwrap();
+                let noise = t.randn_like() * 0.5;
+                t.copy_(&noise);
+            }
+        });
+        let mut opt = Adam::new(&vs, "", 1e-2, 1e-5);
+        let (b, l) = (16i64, 5i64);
+        let opts = (Kind::Float, Device::Cpu);
+        let global = Tensor::randn([b, 2], opts);
+        let sites = Tensor::randn([b, l, 3], opts);
+        let mask = Tensor::ones([b, l], opts);
+        let prior = Tensor::randn([b, l, 4], opts);
+        let margin = Tensor::randn([b], opts);
+        let actions = Tensor::zeros([b, l], (Kind::Int64, Device::Cpu));
+        let taken = Tensor::zeros([b], opts);
+        let allowed = Tensor::ones([b], opts);
+        let evaluate = |net: &PolicyNet| {
+            let stored = Stored {
+                actions: &actions,
+                prior: Some(&prior),
+                feasible: None,
+                skip: Some((&taken, Some(&margin))),
+                current: None,
+                rank_costs: None,
+            };
+            tch::no_grad(|| evaluate_actions(net, &global, &sites, &mask, stored))
+        };
+        let kl = |ev: &Evaluated| prior_kl(ev, ev.prior_reference.as_ref().unwrap(), &mask).double_value(&[]);
+        let ev0 = evaluate(&net);
+        let kl_before = kl(&ev0);
+        let values = ev0.values.shallow_clone();
+        let batch = Batch {
+            global: global.shallow_clone(),
+            sites: sites.shallow_clone(),
+            mask: mask.shallow_clone(),
+            actions: actions.shallow_clone(),
+            logp: ev0.logp.shallow_clone(),
+            values: values.shallow_clone(),
+            advantages: Tensor::zeros([b, l], opts),
+            returns: values,
+            prior: Some(prior.shallow_clone()),
+            feasible: None,
+            offset: None,
+            skip: Some(SkipBatch {
+                taken: taken.shallow_clone(),
+                logp: ev0.skip.as_ref().unwrap().0.shallow_clone(),
+                margin: Some(margin.shallow_clone()),
+                allowed: allowed.shallow_clone(),
+            }),
+            current: None,
+            rank_costs: None,
+            teacher: None,
+        };
+        let cfg = PpoConfig {
+            num_minibatches: 1,
+            update_epochs: 200,
+            target_kl: 0.0,
+            ent_coef: 0.0,
+            norm_adv: false,
+            prior_kl_coef: 1.0,
+            ..Default::default()
+        };
+        let stats = update(&cfg, &net, &vs, &mut opt, &batch, 1e-2, |n| (0..n as i64).collect());
+        assert!(!stats.non_finite && stats.prior_kl > 0.0);
+        let ev = evaluate(&net);
+        let kl_after = kl(&ev);
+        assert!(kl_before > 0.05 && kl_after < kl_before / 20.0, "KL to the prior {kl_before} -> {kl_after}");
+        let prior_logp = ev.prior_reference.as_ref().unwrap();
+        let same_mode = ev.logp_unpriced.argmax(-1, false).eq_tensor(&prior_logp.argmax(-1, false));
+        assert!(same_mode.to_kind(Kind::Float).mean(Kind::Float).double_value(&[]) > 0.95);
     }
 
     #[test]

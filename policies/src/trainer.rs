@@ -70,6 +70,18 @@ impl rankpilot_config::Validate for PolicyPreset {
             self.ppo.net.keep,
             "a probability in [0, 1) (1 would never redraw a rank)",
         );
+        v.check(
+            self.ppo.prior_kl_coef == 0.0 || self.prior.enabled,
+            "ppo.prior_kl_coef",
+            self.ppo.prior_kl_coef,
+            "0 unless [prior] is enabled (the anchor is the prior's policy)",
+        );
+        v.check(
+            self.ppo.teacher_targets == ppo::TeacherTargets::All || self.ppo.net.skip,
+            "ppo.teacher_targets",
+            "skip",
+            "\"all\" unless ppo.net.skip is true (there is no skip decision to teach)",
+        );
     }
 }
 

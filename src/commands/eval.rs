@@ -25,7 +25,7 @@ pub struct EvalArgs {
     /// (default: 12 draws of the default training distribution + every built-in preset) or a
     /// path to a suite .toml. Prints gap closed per environment and the suite mean, each with a
     /// 95 % paired bootstrap interval, and each checkpoint's paired difference to its own prior
-    /// alone and to AdaLoRA. Rows: uniform, adalora, oracle, each checkpoint and, for a
+    /// alone and to AdaLoRA (and every later checkpoint's to the first). Rows: uniform, adalora, oracle, each checkpoint and, for a
     /// checkpoint with a prior, `<label> prior` (the same preset's untrained policy, whose plans
     /// and skips are the prior's).
     #[arg(long, conflicts_with = "env")]
@@ -270,8 +270,11 @@ fn run_suite(a: &EvalArgs, name: &str) -> anyhow::Result<()> {
     );
     md += &summary.to_markdown();
     md += "\n";
-    for label in &labels {
-        for base in [format!("{label} prior"), "adalora".to_string()] {
+    // Every checkpoint against its own prior and AdaLoRA; every later one also against the first
+    // (the same episodes, so the comparison of two policies is paired too).
+    for (i, label) in labels.iter().enumerate() {
+        let first = (i > 0).then(|| labels[0].clone());
+        for base in [format!("{label} prior"), "adalora".to_string()].into_iter().chain(first) {
             let Some(d) = summary.mean_difference(label, &base) else { continue };
             let below: Vec<&str> = (0..environments.len())
                 .filter(|&e| summary.difference(label, &base, e).is_some_and(|d| d.hi < 0.0))

@@ -260,6 +260,9 @@ pub fn run(a: &TrainArgs) -> anyhow::Result<()> {
             tb.add_scalar("charts/teacher_weight", st.teacher_weight, step)?;
             tb.add_scalar("losses/teacher_loss", u.teacher_loss, step)?;
         }
+        if trainer.preset.ppo.prior_kl_coef > 0.0 {
+            tb.add_scalar("losses/prior_kl", u.prior_kl, step)?;
+        }
         if st.spend_price.is_finite() {
             tb.add_scalar("charts/spend_price", st.spend_price, step)?;
         }
