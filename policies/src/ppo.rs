@@ -892,6 +892,59 @@ mod tests {
         assert_eq!(PpoConfig::default().teacher_weight(0.0), 0.0, "off by default");
     }
 
+    /// A batch in which PPO's own terms give no policy gradient (zero advantages, returns equal
+    /// to the values `ev0` gives), every state played with all its sites at rank index 0 and
+    /// skipping allowed: whatever moves the policy is an added term (teacher, anchor).
+    struct NoRewardBatch<'a> {
+        global: &'a Tensor,
+        sites: &'a Tensor,
+        mask: &'a Tensor,
+        actions: &'a Tensor,
+        taken: &'a Tensor,
+        prior: Option<&'a Tensor>,
+        margin: Option<&'a Tensor>,
+    }
+
+    impl NoRewardBatch<'_> {
+        fn build(&self, ev0: &Evaluated, teacher: Option<TeacherBatch>) -> Batch {
+            let values = ev0.values.shallow_clone();
+            Batch {
+                global: self.global.shallow_clone(),
+                sites: self.sites.shallow_clone(),
+                mask: self.mask.shallow_clone(),
+                actions: self.actions.shallow_clone(),
+                logp: ev0.logp.shallow_clone(),
+                values: values.shallow_clone(),
+                advantages: values.zeros_like(),
+                returns: values,
+                prior: self.prior.map(Tensor::shallow_clone),
+                feasible: None,
+                offset: None,
+                skip: Some(SkipBatch {
+                    taken: self.taken.shallow_clone(),
+                    logp: ev0.skip.as_ref().unwrap().0.shallow_clone(),
+                    margin: self.margin.map(Tensor::shallow_clone),
+                    allowed: self.taken.ones_like(),
+                }),
+                current: None,
+                rank_costs: None,
+                teacher,
+            }
+        }
+
+        /// 200 full-batch epochs with no entropy bonus and no early stop.
+        fn cfg() -> PpoConfig {
+            PpoConfig {
+                num_minibatches: 1,
+                update_epochs: 200,
+                target_kl: 0.0,
+                ent_coef: 0.0,
+                norm_adv: false,
+                ..Default::default()
+            }
+        }
+    }
+
     /// Trains a fresh network on the teacher's cross-entropy alone (`targets`) and returns the
     /// agreement with the oracle (ranks, skip) before and after, and whether the rank head's
     /// last layer moved. Zero advantages and returns equal to the values: PPO's own terms give
@@ -939,42 +992,19 @@ mod tests {
         let head_before = head(&vs);
         let ev0 = evaluate(&net);
         let before = agreement(&ev0);
-        let values = ev0.values.shallow_clone();
-        let batch = Batch {
-            global: global.shallow_clone(),
-            sites: sites.shallow_clone(),
-            mask: mask.shallow_clone(),
-            actions: actions.shallow_clone(),
-            logp: ev0.logp.shallow_clone(),
-            values: values.shallow_clone(),
-            advantages: Tensor::zeros([b, l], opts),
-            returns: values,
+        let parts = NoRewardBatch {
+            global: &global,
+            sites: &sites,
+            mask: &mask,
+            actions: &actions,
+            taken: &taken,
             prior: None,
-            feasible: None,
-            offset: None,
-            skip: Some(SkipBatch {
-                taken: taken.shallow_clone(),
-                logp: ev0.skip.as_ref().unwrap().0.shallow_clone(),
-                margin: None,
-                allowed: Tensor::ones([b], opts),
-            }),
-            current: None,
-            rank_costs: None,
-            teacher: Some(TeacherBatch {
-                ranks: teacher_ranks.shallow_clone(),
-                skip: teacher_skip.shallow_clone(),
-                weight: 1.0,
-            }),
+            margin: None,
         };
-        let cfg = PpoConfig {
-            num_minibatches: 1,
-            update_epochs: 200,
-            target_kl: 0.0,
-            ent_coef: 0.0,
-            norm_adv: false,
-            teacher_targets: targets,
-            ..Default::default()
-        };
+        let teacher =
+            TeacherBatch { ranks: teacher_ranks.shallow_clone(), skip: teacher_skip.shallow_clone(), weight: 1.0 };
+        let batch = parts.build(&ev0, Some(teacher));
+        let cfg = PpoConfig { teacher_targets: targets, ..NoRewardBatch::cfg() };
         let stats = update(&cfg, &net, &vs, &mut opt, &batch, 1e-2, |n| (0..n as i64).collect());
         assert!(!stats.non_finite && stats.teacher_loss > 0.0);
         let after = agreement(&evaluate(&net));
@@ -1031,7 +1061,6 @@ mod tests {
         let margin = Tensor::randn([b], opts);
         let actions = Tensor::zeros([b, l], (Kind::Int64, Device::Cpu));
         let taken = Tensor::zeros([b], opts);
-        let allowed = Tensor::ones([b], opts);
         let evaluate = |net: &PolicyNet| {
             let stored = Stored {
                 actions: &actions,
@@ -1046,38 +1075,17 @@ mod tests {
         let kl = |ev: &Evaluated| prior_kl(ev, ev.prior_reference.as_ref().unwrap(), &mask).double_value(&[]);
         let ev0 = evaluate(&net);
         let kl_before = kl(&ev0);
-        let values = ev0.values.shallow_clone();
-        let batch = Batch {
-            global: global.shallow_clone(),
-            sites: sites.shallow_clone(),
-            mask: mask.shallow_clone(),
-            actions: actions.shallow_clone(),
-            logp: ev0.logp.shallow_clone(),
-            values: values.shallow_clone(),
-            advantages: Tensor::zeros([b, l], opts),
-            returns: values,
-            prior: Some(prior.shallow_clone()),
-            feasible: None,
-            offset: None,
-            skip: Some(SkipBatch {
-                taken: taken.shallow_clone(),
-                logp: ev0.skip.as_ref().unwrap().0.shallow_clone(),
-                margin: Some(margin.shallow_clone()),
-                allowed: allowed.shallow_clone(),
-            }),
-            current: None,
-            rank_costs: None,
-            teacher: None,
+        let parts = NoRewardBatch {
+            global: &global,
+            sites: &sites,
+            mask: &mask,
+            actions: &actions,
+            taken: &taken,
+            prior: Some(&prior),
+            margin: Some(&margin),
         };
-        let cfg = PpoConfig {
-            num_minibatches: 1,
-            update_epochs: 200,
-            target_kl: 0.0,
-            ent_coef: 0.0,
-            norm_adv: false,
-            prior_kl_coef: 1.0,
-            ..Default::default()
-        };
+        let batch = parts.build(&ev0, None);
+        let cfg = PpoConfig { prior_kl_coef: 1.0, ..NoRewardBatch::cfg() };
         let stats = update(&cfg, &net, &vs, &mut opt, &batch, 1e-2, |n| (0..n as i64).collect());
         assert!(!stats.non_finite && stats.prior_kl > 0.0);
         let ev = evaluate(&net);
