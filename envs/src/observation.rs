@@ -169,7 +169,7 @@ pub const STATIC_SITE_FEATURES: usize = SiteFeature::STATIC.end - SiteFeature::S
 
 /// Upper clip of [`GlobalFeature::BudgetRatioEst`]: a budget four times the all-max-rank plan
 /// already allows every plan, so larger ratios carry no information.
-const BUDGET_RATIO_CAP: f64 = 4.0;
+pub const BUDGET_RATIO_CAP: f64 = 4.0;
 
 // The lag features are exactly the HISTORY entries of [`BudgetRatioLags`].
 const _: () = assert!(GlobalFeature::BUDGET_RATIO_LAGS.end - GlobalFeature::BUDGET_RATIO_LAGS.start == HISTORY);

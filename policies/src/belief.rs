@@ -29,6 +29,10 @@
 //!   u = 1/(L∞ + Σw), a linear fit for u given η. The η (and its u) with the least squared
 //!   error plus the log-normal prior around the belief `eta` and the normal prior around
 //!   1/(`loss_floor` + Σw) wins.
+//! - **The budget estimate's error** (for `prior.risk`): after a round that sent a plan of cost
+//!   C when the estimated budget was B, the next observation's `last_cost_ratio` c = C / B_true
+//!   gives x = ln(B_true / B) exactly. Their mean and spread over the episode, with a prior,
+//!   say how far above or below the estimate a plan may go at a given risk of violation.
 //!
 //! [`PriorConfig`]: crate::prior::PriorConfig
 
@@ -67,6 +71,25 @@ pub struct Belief {
     tail_sum: Vec<f64>,
     tail_sq: Vec<f64>,
     tail_n: Vec<u32>,
+    /// The last round's send, (estimated budget, plan cost), until the next observation's
+    /// `last_cost_ratio` turns it into a measurement of the budget error.
+    #[serde(default)]
+    pending_send: Option<(f64, f64)>,
+    /// Σ x, Σ x² and the count of x = ln(B_true / B_estimated) over the episode's sends.
+    #[serde(default)]
+    budget_err: [f64; 3],
+}
+
+/// The inferred error of the estimated budget, x = ln(B_true / B_estimated): the predictive
+/// distribution of the next round's x (normal).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BudgetError {
+    /// Posterior mean of x.
+    pub mean: f64,
+    /// Predictive standard deviation of x (the spread plus the mean's uncertainty).
+    pub sd: f64,
+    /// Measurements so far.
+    pub n: usize,
 }
 
 /// The inferred dynamics of an episode.
@@ -109,6 +132,15 @@ impl Belief {
                 ..Default::default()
             };
         }
+        if let Some((budget, cost)) = self.pending_send.take() {
+            let c = global[GlobalFeature::LastCostRatio] as f64;
+            if c > 0.0 && cost > 0.0 && budget > 0.0 {
+                let x = (cost / (c * budget)).ln();
+                self.budget_err[0] += x;
+                self.budget_err[1] += x * x;
+                self.budget_err[2] += 1.0;
+            }
+        }
         self.progress.push(progress);
         self.loss_ratio.push(global[GlobalFeature::LossRatio]);
         for (l, (row, &j)) in sites.chunks_exact(SITE_FEATURES).zip(current).enumerate() {
@@ -122,6 +154,25 @@ impl Belief {
                 self.tail_n[l * k + j] += 1;
             }
         }
+    }
+
+    /// Records what this round sent: a plan of cost `cost` (0 for a skipped round) when the
+    /// estimated budget was `budget`. The next observation's `last_cost_ratio` measures the
+    /// estimate's error from it ([`Belief::budget_error`]).
+    pub fn sent(&mut self, budget: f64, cost: f64) {
+        self.pending_send = (cost > 0.0).then_some((budget, cost));
+    }
+
+    /// The predictive distribution of the next round's x = ln(B_true / B_estimated): a
+    /// normal with mean 0 worth one measurement and spread `prior_sd` worth
+    /// [`NOISE_PRIOR_DOF`]` / 5` degrees of freedom, updated with the episode's measurements.
+    pub fn budget_error(&self, prior_sd: f64) -> BudgetError {
+        let [sx, sxx, n] = self.budget_err;
+        let dof0 = NOISE_PRIOR_DOF / 5.0;
+        let mean = sx / (n + 1.0);
+        let ss = if n > 0.0 { (sxx - sx * sx / n).max(0.0) } else { 0.0 };
+        let var = (dof0 * prior_sd * prior_sd + ss) / (dof0 + n);
+        BudgetError { mean, sd: (var * (1.0 + 1.0 / (n + 1.0))).sqrt(), n: n as usize }
     }
 
     /// The run's length in rounds: 1 / (the last progress increment), or `belief` before a

@@ -297,6 +297,11 @@ impl PolicyModel {
         let k = self.ranks.len();
         let sampling = matches!(mode, ActMode::Sample(_));
         let est = self.prior_output(obs, budget, beliefs);
+        // The budget each plan must fit: the given one, or the prior's choice for the inferred
+        // risk of violating it (`prior.risk`). Sampling, the greedy plan and the masks PPO's
+        // ratio uses all fit this one.
+        let plan_budgets: Vec<f64> = if est.plan_budget.len() == n_envs { est.plan_budget.clone() } else { budgets.to_vec() };
+        let budgets = plan_budgets.as_slice();
         let current = self.current_indices(sites, n_envs, n_sites);
         let skip_allowed: Vec<bool> =
             global.chunks_exact(GLOBAL_FEATURES).map(|g| g[GlobalFeature::ResourceBudget] == 0.0).collect();
@@ -459,6 +464,19 @@ impl PolicyModel {
                 for l in 0..n_sites {
                     executed[e * n_sites + l] = plan[l] as u8;
                 }
+            }
+        }
+        // What each environment sends, for the belief's measurement of the budget's error.
+        for (e, b) in beliefs.iter_mut().enumerate().take(n_envs) {
+            let sent = if skip[e] {
+                0.0
+            } else {
+                (0..n_sites).map(|l| cost[l * k + executed[e * n_sites + l] as usize]).sum()
+            };
+            let g = &obs.global[e * GLOBAL_FEATURES..(e + 1) * GLOBAL_FEATURES];
+            match crate::prior::estimated_budget(g, unit_cost, &self.ranks) {
+                Some(reference) => b.sent(reference, sent),
+                None => b.sent(0.0, 0.0),
             }
         }
         Decision {

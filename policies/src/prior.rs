@@ -142,6 +142,28 @@ pub struct PriorConfig {
     /// (default 0.25).
     #[serde(default = "default_beta_role_sd")]
     pub beta_role_sd: f64,
+    /// With `infer`, on a resource whose budget is estimated (channel, compute): plan at the
+    /// budget that maximizes the round's expected value under the inferred error of the
+    /// conservative budget ([`crate::belief::BudgetError`]), instead of at the conservative
+    /// budget itself, and value the skip decision with the violation's risk (see the module
+    /// doc). Default false, so that checkpoints written before it act as they did.
+    #[serde(default)]
+    pub risk: bool,
+    /// With `risk`: the prior belief of the spread of ln(B_true / B_conservative) (default 0.1).
+    #[serde(default = "default_budget_error_sd")]
+    pub budget_error_sd: f64,
+    /// With `risk`: the reward's violation multiplier (AirLLM's 10, every built-in preset's):
+    /// a lost round costs (violation_coef + λ)·c instead of the loss.
+    #[serde(default = "default_violation_coef")]
+    pub violation_coef: f64,
+}
+
+fn default_budget_error_sd() -> f64 {
+    0.1
+}
+
+fn default_violation_coef() -> f64 {
+    10.0
 }
 
 fn default_eta_sd() -> f64 {
@@ -202,6 +224,9 @@ pub struct PriorOutput {
     pub values: Vec<f32>,
     /// Skip margins, one per environment.
     pub skip_margin: Vec<f32>,
+    /// The budget each environment's plan is to fit, one per environment (with `values`): the
+    /// given budget, or with `risk` the one chosen for the inferred violation risk.
+    pub plan_budget: Vec<f64>,
     /// Global estimates `n_envs × ESTIMATE_GLOBAL_NAMES.len()`.
     pub est_global: Vec<f32>,
     /// Site estimates `n_envs × n_sites × (ESTIMATE_SITE_NAMES.len() + |ranks|)`.
@@ -231,6 +256,9 @@ impl Default for PriorConfig {
             eta_sd: default_eta_sd(),
             loss_scale_sd: default_loss_scale_sd(),
             beta_role_sd: default_beta_role_sd(),
+            risk: false,
+            budget_error_sd: default_budget_error_sd(),
+            violation_coef: default_violation_coef(),
         }
     }
 }
@@ -255,6 +283,19 @@ impl rankpilot_config::Validate for PriorConfig {
         if let Some(f) = self.loss_floor {
             v.check(f >= 0.0 && f.is_finite(), "loss_floor", f, "a number >= 0");
         }
+        v.check(
+            self.budget_error_sd > 0.0 && self.budget_error_sd <= 10.0,
+            "budget_error_sd",
+            self.budget_error_sd,
+            "a number in (0, 10]",
+        );
+        v.check(
+            self.violation_coef >= 0.0 && self.violation_coef.is_finite(),
+            "violation_coef",
+            self.violation_coef,
+            "a number >= 0",
+        );
+        v.check(!self.risk || self.infer, "risk", self.risk, "false unless `infer` is true (the risk is inferred)");
         for (k, b) in [
             ("beta.qk", self.beta.qk),
             ("beta.vo", self.beta.vo),
@@ -301,6 +342,11 @@ impl Prior {
         let n = ((cfg.beta_max - cfg.beta_min) / GRID_STEP).ceil() as usize + 1;
         let grid = (0..n).map(|i| (cfg.beta_min + i as f64 * GRID_STEP).min(cfg.beta_max)).collect();
         Prior { cfg, ranks: ranks.to_vec(), grid, tables: Mutex::new(Vec::new()) }
+    }
+
+    /// The rank set the prior values.
+    pub fn ranks(&self) -> &[u32] {
+        &self.ranks
     }
 
     fn tables(&self, dim: u32) -> Arc<Tables> {
@@ -643,6 +689,46 @@ impl Prior {
         (skip_value - best) as f32
     }
 
+    /// With `risk`: the budget to plan at, the violation probability there and the penalty of a
+    /// lost round, in the values' units. A plan that fills budget b = B·e^τ (B the estimated
+    /// budget, no margin) is lost when x = ln(B_true / B) < τ, with x ~ N(μ̂, ŝ²) from the belief
+    /// ([`Belief::budget_error`]); a lost round pays (violation_coef + λ)·c instead of the
+    /// loss and makes no progress, like a skip. Over τ = μ̂ + ŝ·z (z from −4 to 2 in steps of
+    /// ¼) the expected value (1 − Φ(z))·V(b) + Φ(z)·(Σv^skip − penalty) is maximized, with V
+    /// the LP relaxation of the knapsack over the values `v` (each site's concave hull).
+    #[allow(clippy::too_many_arguments)]
+    fn risk_choice(
+        &self,
+        m: &RoundModel,
+        v: &[f32],
+        skip_value: f64,
+        unit_cost: &[f64],
+        budget: f64,
+        belief: &Belief,
+        global: &[f32],
+        lambda: f64,
+    ) -> (f64, f64, f64) {
+        let c = &self.cfg;
+        let n = m.cur.len();
+        let err = belief.budget_error(c.budget_error_sd);
+        // The loss now, which a lost round does not pay (its reward is the penalty alone).
+        let loss_now = global[GlobalFeature::LossRatio] as f64 / m.u;
+        let norm = n as f64 / (m.h * c.sensitivity_total);
+        let penalty = ((c.violation_coef + lambda) - loss_now).max(0.0) * norm;
+        let curve = LpCurve::new(&self.ranks, v, unit_cost);
+        let mut best = (f64::NEG_INFINITY, budget, 0.0);
+        for i in 0..=24 {
+            let z = -4.0 + 0.25 * i as f64;
+            let b = budget * (err.mean + err.sd * z).exp();
+            let p = 0.5 * libm::erfc(-z / std::f64::consts::SQRT_2);
+            let value = (1.0 - p) * curve.value(b) + p * (skip_value - penalty);
+            if value > best.0 {
+                best = (value, b, p);
+            }
+        }
+        (best.1, best.2, penalty)
+    }
+
     /// One round's model per environment of a batch, turned into what `want` asks for: the
     /// values (`n_envs × n_sites × |ranks|`), each environment's skip margin
     /// ([`Prior::skip_margin`]), and the estimates a network reads ([`ESTIMATE_GLOBAL_NAMES`],
@@ -663,6 +749,7 @@ impl Prior {
         let mut out = PriorOutput {
             values: vec![0f32; if want.values { n_envs * n_sites * k } else { 0 }],
             skip_margin: Vec::with_capacity(if want.skip { n_envs } else { 0 }),
+            plan_budget: Vec::with_capacity(if want.values { n_envs } else { 0 }),
             est_global: vec![0f32; if want.estimates { n_envs * gl } else { 0 }],
             est_sites: vec![0f32; if want.estimates { n_envs * n_sites * sl } else { 0 }],
         };
@@ -678,8 +765,23 @@ impl Prior {
             if want.values {
                 let v = &mut out.values[e * n_sites * k..(e + 1) * n_sites * k];
                 let skip_value = self.values_of(&m, one_budget, v);
+                // A fixed budget is known exactly: no risk to weigh.
+                let estimated = one.global[GlobalFeature::ResourceBudget] == 0.0;
+                let reference = estimated_budget(one.global, unit_cost, &self.ranks);
+                let risk = match (beliefs.get(e), reference) {
+                    (Some(b), Some(reference)) if self.cfg.risk && self.cfg.infer && estimated => {
+                        let lambda = cost_coef.unwrap_or(self.cfg.cost_coef);
+                        Some(self.risk_choice(&m, v, skip_value, unit_cost, reference, b, one.global, lambda))
+                    }
+                    _ => None,
+                };
+                let (plan_budget, p_violation, penalty) = risk.unwrap_or((budgets[e], 0.0, 0.0));
+                out.plan_budget.push(plan_budget);
                 if want.skip {
-                    out.skip_margin.push(self.skip_margin(v, skip_value, unit_cost, budgets[e]));
+                    // Skip when holding beats sending, counting the chance that the plan is lost:
+                    // Σv^skip − [(1 − p)·V(b*) + p·(Σv^skip − penalty)].
+                    let margin = self.skip_margin(v, skip_value, unit_cost, plan_budget) as f64;
+                    out.skip_margin.push(((1.0 - p_violation) * margin + p_violation * penalty) as f32);
                 }
             }
             if want.estimates {
@@ -720,6 +822,80 @@ impl Prior {
     }
 }
 
+/// The round's estimated budget (no safety margin) as the observation states it:
+/// `budget_ratio_est` × the cost of the plan with every site at the largest rank. `None` where
+/// the feature is clipped (at 0, or at its cap: a budget that large holds any plan).
+pub fn estimated_budget(global: &[f32], unit_cost: &[f64], ranks: &[u32]) -> Option<f64> {
+    let ratio = global[GlobalFeature::BudgetRatioEst] as f64;
+    let max_plan: f64 = unit_cost.iter().sum::<f64>() * *ranks.last()? as f64;
+    (ratio > 0.0 && ratio < envs::BUDGET_RATIO_CAP as f64 * 0.999 && max_plan > 0.0).then(|| ratio * max_plan)
+}
+
+/// The LP relaxation of the multiple-choice knapsack as a function of the budget: each site's
+/// upper concave hull of (cost, value), its segments taken by decreasing value per cost.
+struct LpCurve {
+    /// The cheapest plan's cost and value (every site at its cheapest choice).
+    base: (f64, f64),
+    /// Hull segments (cost, value) in the order they are bought.
+    steps: Vec<(f64, f64)>,
+}
+
+impl LpCurve {
+    fn new(ranks: &[u32], v: &[f32], unit_cost: &[f64]) -> Self {
+        let k = ranks.len();
+        let mut base = (0.0, 0.0);
+        let mut steps = Vec::new();
+        for (l, &u) in unit_cost.iter().enumerate() {
+            // Ranks ascend, so costs do: walk the upper hull from the cheapest choice.
+            let point = |j: usize| (ranks[j] as f64 * u, v[l * k + j] as f64);
+            if u <= 0.0 {
+                // Every choice is free: the best one is part of every plan.
+                base.1 += (0..k).map(|j| point(j).1).fold(f64::NEG_INFINITY, f64::max);
+                continue;
+            }
+            let mut at = 0;
+            base.0 += point(0).0;
+            base.1 += point(0).1;
+            while at + 1 < k {
+                let (c0, v0) = point(at);
+                let next = (at + 1..k)
+                    .filter(|&j| point(j).0 > c0)
+                    .max_by(|&a, &b| {
+                        let (ca, va) = point(a);
+                        let (cb, vb) = point(b);
+                        ((va - v0) / (ca - c0)).total_cmp(&((vb - v0) / (cb - c0)))
+                    });
+                match next {
+                    Some(j) if point(j).1 > v0 => {
+                        steps.push((point(j).0 - c0, point(j).1 - v0));
+                        at = j;
+                    }
+                    _ => break,
+                }
+            }
+        }
+        steps.sort_by(|a, b| (b.1 / b.0).total_cmp(&(a.1 / a.0)));
+        LpCurve { base, steps }
+    }
+
+    /// The relaxation's value at `budget` (−∞ when even the cheapest plan does not fit).
+    fn value(&self, budget: f64) -> f64 {
+        let (mut cost, mut value) = self.base;
+        if cost > budget {
+            return f64::NEG_INFINITY;
+        }
+        for &(dc, dv) in &self.steps {
+            if cost + dc <= budget {
+                cost += dc;
+                value += dv;
+            } else {
+                return value + dv * (budget - cost) / dc;
+            }
+        }
+        value
+    }
+}
+
 /// The prior alone as an [`envs::RankPolicy`] (no network), at the conservative budget: what
 /// a policy with a zero residual does. For measurements and tests.
 pub struct PriorPolicy {
@@ -742,17 +918,20 @@ impl RankPolicy for PriorPolicy {
 
     fn act(&mut self, obs: &Observation, ctx: &RoundContext<'_>) -> Vec<u32> {
         let dims: Vec<u32> = ctx.sites.iter().map(|s| s.max_rank()).collect();
-        let plan = self.prior.plan(
-            ObsBatch::one(obs),
-            BudgetContext {
-                unit_cost: ctx.unit_cost,
-                budgets: &[ctx.conservative_budget],
-                dims: self.use_dims.then_some(dims.as_slice()),
-                cost_coef: Some(ctx.cost_coef),
-            },
-            Some(&mut self.belief),
-        );
-        plan.into_iter().map(|j| ctx.rank_set.rank(j)).collect()
+        let budget = BudgetContext {
+            unit_cost: ctx.unit_cost,
+            budgets: &[ctx.conservative_budget],
+            dims: self.use_dims.then_some(dims.as_slice()),
+            cost_coef: Some(ctx.cost_coef),
+        };
+        let want = Want { values: true, skip: false, estimates: false };
+        let out = self.prior.evaluate(ObsBatch::one(obs), budget, std::slice::from_mut(&mut self.belief), want);
+        let plan = self.prior.plan_from_values(&out.values, BudgetContext { budgets: &out.plan_budget, ..budget });
+        let ranks: Vec<u32> = plan.into_iter().map(|j| ctx.rank_set.rank(j)).collect();
+        if let Some(reference) = estimated_budget(&obs.global, ctx.unit_cost, self.prior.ranks()) {
+            self.belief.sent(reference, ctx.plan_cost(&ranks));
+        }
+        ranks
     }
 }
 
