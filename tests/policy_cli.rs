@@ -95,6 +95,11 @@ fn bad_input_is_refused_with_exit_code_2() {
     let o = common::rankpilot_in(&["train", "--policy", "teach.toml", "--steps", "1"], p);
     assert_eq!(o.status.code(), Some(2), "{}", common::text(&o));
     assert!(common::text(&o).contains("ppo.teacher_targets"), "{}", common::text(&o));
+    // The risk-aware budget is inferred: it needs the inference on.
+    std::fs::write(p.join("risk.toml"), "name = 'x'\n[prior]\nenabled = true\nrisk = true\n").unwrap();
+    let o = common::rankpilot_in(&["train", "--policy", "risk.toml", "--steps", "1"], p);
+    assert_eq!(o.status.code(), Some(2), "{}", common::text(&o));
+    assert!(common::text(&o).contains("prior.risk") && common::text(&o).contains("infer"), "{}", common::text(&o));
 
     // A checkpoint trained for another rank set: refused, saying which ranks.
     let o = train(p, "ck", &["--stop-after", "1"]);

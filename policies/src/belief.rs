@@ -389,6 +389,38 @@ mod tests {
     }
 
     #[test]
+    fn the_budget_error_is_measured_from_the_next_rounds_cost_ratio() {
+        // Each round sends a plan of cost 50 against an estimate of 100 while the true budget is
+        // 100·e^x with x ~ N(0.3, 0.2²); the next observation's last_cost_ratio = 50 / B_true.
+        let mut b = Belief::new();
+        let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(11);
+        let mut last_c = 0.0f32;
+        for t in 0..200 {
+            let (mut g, s) = rows(t as f32 / 400.0, 1.0, 2, 1.0);
+            g[GlobalFeature::LastCostRatio] = last_c;
+            b.observe(&g, &s, &[1, 1], 4);
+            // A skipped round in between measures nothing.
+            if t % 5 == 4 {
+                b.sent(100.0, 0.0);
+                last_c = 0.0;
+                continue;
+            }
+            b.sent(100.0, 50.0);
+            let z: f64 = rand_distr::Distribution::sample(&rand_distr::StandardNormal, &mut rng);
+            last_c = (50.0 / (100.0 * (0.3 + 0.2 * z).exp())) as f32;
+        }
+        let err = b.budget_error(0.1);
+        assert_eq!(err.n, 160, "one measurement per sent round that was followed by an observation");
+        assert!((err.mean - 0.3).abs() < 0.04, "mean {}", err.mean);
+        assert!((err.sd - 0.2).abs() < 0.03, "sd {}", err.sd);
+        // Before any measurement: the prior (mean 0, the configured spread widened by the mean's
+        // own uncertainty).
+        let fresh = Belief::new().budget_error(0.1);
+        assert_eq!((fresh.mean, fresh.n), (0.0, 0));
+        assert!((fresh.sd - 0.1 * 2f64.sqrt()).abs() < 1e-12, "{}", fresh.sd);
+    }
+
+    #[test]
     fn the_tail_noise_is_the_pooled_spread_of_repeated_measurements() {
         let mut b = Belief::new();
         let (k, n) = (4, 50);

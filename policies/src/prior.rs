@@ -52,6 +52,16 @@
 //! and its *skip margin* is Σ_l v_l^skip minus the value of the best plan that fits the budget
 //! (the knapsack over v_lj), in the same normalized units. The skip logit is
 //! `s·margin + residual`, so an untrained network skips exactly when the prior's values say so.
+//!
+//! **Risk** (`risk`, with `infer`). The environment's conservative budget backs a fixed safety
+//! margin off the estimate; where the estimate is noisier than the margin assumes, filling it
+//! loses rounds (a lost round pays (violation_coef + λ)·c, ten times a round's loss), and where
+//! it is more precise, the margin wastes budget. With `risk` the belief measures the estimate's
+//! error x = ln(B_true / B_est) from each sent round's `last_cost_ratio`, and the prior plans at
+//! the budget b = B_est·e^τ that maximizes (1 − p)·V(b) + p·(Σv^skip − penalty), p = P(x < τ)
+//! (V the knapsack's LP relaxation over v_lj). The skip margin then counts the same risk:
+//! (1 − p)·(Σv^skip − V(b)) + p·penalty. A fixed parameter budget is known exactly and keeps
+//! the given budget.
 
 use std::sync::{Arc, Mutex};
 
@@ -949,6 +959,70 @@ mod tests {
         r[SiteFeature::GradNorm] = 1.0;
         r[SiteFeature::TailShare] = tail;
         r
+    }
+
+    #[test]
+    fn the_lp_curve_bounds_the_exact_knapsack_and_meets_it_at_the_hulls_corners() {
+        let ranks = [0u32, 1, 2, 4, 8];
+        // Three sites; site 1's value at rank 2 lies below its hull (a point the relaxation skips).
+        let v: Vec<f32> = vec![
+            0.0, 1.0, 1.8, 3.0, 3.5, //
+            0.0, 0.2, 0.3, 2.0, 2.4, //
+            -0.5, 0.5, 1.0, 1.6, 1.8,
+        ];
+        let unit_cost = [1.0, 2.0, 0.5];
+        let curve = LpCurve::new(&ranks, &v, &unit_cost);
+        let values: Vec<f64> = v.iter().map(|&x| x as f64).collect();
+        let costs: Vec<f64> = (0..15).map(|i| ranks[i % 5] as f64 * unit_cost[i / 5]).collect();
+        let mut solver = envs::oracle::MckpSolver::new();
+        let mut out = [0usize; 3];
+        for b in [0.0, 0.5, 1.0, 2.0, 3.0, 5.0, 8.0, 12.0, 20.0, 40.0] {
+            let (exact, _) = solver.solve(&values, &costs, 5, b, &mut out).unwrap();
+            let lp = curve.value(b);
+            assert!(lp >= exact - 1e-9, "budget {b}: LP {lp} below the exact {exact}");
+        }
+        // Every rank at its largest: the whole hull is bought, and it ends where the plan does.
+        let all: f64 = (0..3).map(|l| values[l * 5 + 4]).sum();
+        assert!((curve.value(1e9) - all).abs() < 1e-9);
+        // Only the cheapest plan fits at budget 0 (site 2's rank 0 has value −0.5).
+        assert!((curve.value(0.0) - (-0.5)).abs() < 1e-9);
+        // One site alone: the relaxation is exact at the hull's corners (costs 0, 1, 2, 4, 8 with
+        // values 0, 1, 1.8, 3, 3.5 are all on it).
+        let one = LpCurve::new(&ranks, &v[..5], &unit_cost[..1]);
+        for (c, want) in [(0.0, 0.0), (1.0, 1.0), (2.0, 1.8), (4.0, 3.0), (8.0, 3.5)] {
+            assert!((one.value(c) - want).abs() < 1e-6, "cost {c}: {} vs {want}", one.value(c));
+        }
+    }
+
+    #[test]
+    fn the_risk_aware_budget_avoids_the_violations_of_a_noisy_channel_estimate() {
+        // A channel whose SNR estimate is three times noisier than the preset's safety margin
+        // assumes (1.5 dB against a 1.5 dB margin): filling the conservative budget loses about
+        // one round in six. The prior that infers the estimate's error plans below it.
+        let text = envs::presets::embedded_text("wireless-rayleigh")
+            .unwrap()
+            .replace("layers = 8", "layers = 2")
+            .replace("estimate_noise_db = 0.5", "estimate_noise_db = 1.5");
+        let env = envs::presets::from_toml(&text, "noisy-estimate-test-env", None).unwrap();
+        let spec = envs::EnvSpec::new(&env).unwrap();
+        let mut table =
+            envs::evaluate_baselines(&env, &[envs::Baseline::Uniform, envs::Baseline::Oracle], 64, 7).unwrap();
+        for risk in [false, true] {
+            let cfg = PriorConfig { enabled: true, infer: true, loss_floor: Some(0.5), risk, ..Default::default() };
+            let mut p =
+                PriorPolicy { prior: Prior::new(cfg, spec.rank_set.ranks()), use_dims: true, belief: Belief::new() };
+            let mut row = envs::evaluate(&env, &mut p, 64, 7).unwrap();
+            row.name = if risk { "risk".into() } else { "margin".into() };
+            table.push(row);
+        }
+        table.fill_gap();
+        eprintln!("{}", table.to_text());
+        let row = |name: &str| table.rows.iter().find(|r| r.name == name).unwrap().clone();
+        let (margin, risk) = (row("margin"), row("risk"));
+        assert!(margin.violation_rate > 0.005, "the margin alone violates: {}", margin.violation_rate);
+        assert!(risk.violation_rate < margin.violation_rate / 2.0, "{} vs {}", risk.violation_rate, margin.violation_rate);
+        let (d, se) = table.paired_difference("risk", "margin").unwrap();
+        assert!(d > 3.0 * se, "risk − margin: {d:.3} ± {se:.3}");
     }
 
     #[test]
