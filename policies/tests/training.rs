@@ -141,15 +141,23 @@ fn an_untrained_policy_with_a_prior_plans_as_the_prior() {
         let ctx = venv.context(0);
         let dims: Vec<u32> = ctx.sites.iter().map(|s| s.max_rank()).collect();
         let budget = round_budget(&ctx, &dims);
-        let want = prior.plan(ObsBatch::one(&obs), budget, Some(&mut belief.clone()));
+        // The prior's values, skip margin and the budget it plans at (with `risk`, chosen for the
+        // inferred error of the estimate, which its belief measures from what was sent).
         let k = env.ranks.len();
-        let mut v = vec![0f32; obs.n_sites * k];
-        let skip_value = prior.values_into(ObsBatch::one(&obs), budget, Some(&mut belief), &mut v);
-        let margin = prior.skip_margin(&v, skip_value, ctx.unit_cost, ctx.conservative_budget);
+        let want_all = policies::prior::Want { values: true, skip: true, estimates: false };
+        let out = prior.evaluate(ObsBatch::one(&obs), budget, std::slice::from_mut(&mut belief), want_all);
+        let (v, margin, plan_budget) = (out.values, out.skip_margin[0], out.plan_budget[0]);
+        let want = prior.plan_from_values(&v, BudgetContext { budgets: &[plan_budget], ..budget });
+        let reference = policies::prior::estimated_budget(&obs.global, ctx.unit_cost, &env.ranks);
+        let sent = |belief: &mut policies::belief::Belief, cost: f64| match reference {
+            Some(b) => belief.sent(b, cost),
+            None => belief.sent(0.0, 0.0),
+        };
         let Some(got) = envs::RankPolicy::decide(&mut model_policy, &obs, &ctx) else {
             assert!(margin > -1e-4, "round {rounds}: skipped with a skip margin of {margin}");
             skips += 1;
             rounds += 1;
+            sent(&mut belief, 0.0);
             let keep = venv.rank_indices(0).to_vec();
             venv.step_indices_skipping(&keep, &[true]).unwrap();
             continue;
@@ -162,9 +170,10 @@ fn an_untrained_policy_with_a_prior_plans_as_the_prior() {
             vg >= vw - 1e-4 * vw.abs().max(1.0),
             "round {rounds}: model plan {got:?} ({vg}) vs prior {want:?} ({vw})"
         );
-        assert!(ctx.plan_cost(&got.iter().map(|&j| env.ranks[j]).collect::<Vec<_>>()) <= ctx.conservative_budget);
+        assert!(ctx.plan_cost(&got.iter().map(|&j| env.ranks[j]).collect::<Vec<_>>()) <= plan_budget * (1.0 + 1e-9));
         equal += (got == want) as usize;
         rounds += 1;
+        sent(&mut belief, ctx.plan_cost(&want.iter().map(|&j| env.ranks[j]).collect::<Vec<_>>()));
         venv.step_indices(&want.iter().map(|&j| j as u8).collect::<Vec<_>>()).unwrap();
     }
     assert!(equal * 10 >= (rounds - skips) * 9, "only {equal} of {} plans identical", rounds - skips);
