@@ -44,7 +44,9 @@ pub mod vec_env;
 
 pub use context::RoundContext;
 pub use eval::{EvalRow, EvalTable, evaluate, evaluate_baselines};
-pub use observation::{BUDGET_RATIO_CAP, GLOBAL_FEATURES, GlobalFeature, HISTORY, Observation, SITE_FEATURES, SiteFeature};
+pub use observation::{
+    BUDGET_RATIO_CAP, GLOBAL_FEATURES, GlobalFeature, HISTORY, Observation, SITE_FEATURES, SiteFeature,
+};
 pub use policy::{Baseline, RankPolicy};
 pub use presets::EnvPreset;
 pub use sites::{RankSet, Role, Site};

@@ -300,7 +300,8 @@ impl PolicyModel {
         // The budget each plan must fit: the given one, or the prior's choice for the inferred
         // risk of violating it (`prior.risk`). Sampling, the greedy plan and the masks PPO's
         // ratio uses all fit this one.
-        let plan_budgets: Vec<f64> = if est.plan_budget.len() == n_envs { est.plan_budget.clone() } else { budgets.to_vec() };
+        let plan_budgets: Vec<f64> =
+            if est.plan_budget.len() == n_envs { est.plan_budget.clone() } else { budgets.to_vec() };
         let budgets = plan_budgets.as_slice();
         let current = self.current_indices(sites, n_envs, n_sites);
         let skip_allowed: Vec<bool> =

@@ -838,7 +838,7 @@ impl Prior {
 pub fn estimated_budget(global: &[f32], unit_cost: &[f64], ranks: &[u32]) -> Option<f64> {
     let ratio = global[GlobalFeature::BudgetRatioEst] as f64;
     let max_plan: f64 = unit_cost.iter().sum::<f64>() * *ranks.last()? as f64;
-    (ratio > 0.0 && ratio < envs::BUDGET_RATIO_CAP as f64 * 0.999 && max_plan > 0.0).then(|| ratio * max_plan)
+    (ratio > 0.0 && ratio < envs::BUDGET_RATIO_CAP * 0.999 && max_plan > 0.0).then_some(ratio * max_plan)
 }
 
 /// The LP relaxation of the multiple-choice knapsack as a function of the budget: each site's
@@ -868,13 +868,11 @@ impl LpCurve {
             base.1 += point(0).1;
             while at + 1 < k {
                 let (c0, v0) = point(at);
-                let next = (at + 1..k)
-                    .filter(|&j| point(j).0 > c0)
-                    .max_by(|&a, &b| {
-                        let (ca, va) = point(a);
-                        let (cb, vb) = point(b);
-                        ((va - v0) / (ca - c0)).total_cmp(&((vb - v0) / (cb - c0)))
-                    });
+                let next = (at + 1..k).filter(|&j| point(j).0 > c0).max_by(|&a, &b| {
+                    let (ca, va) = point(a);
+                    let (cb, vb) = point(b);
+                    ((va - v0) / (ca - c0)).total_cmp(&((vb - v0) / (cb - c0)))
+                });
                 match next {
                     Some(j) if point(j).1 > v0 => {
                         steps.push((point(j).0 - c0, point(j).1 - v0));
@@ -1020,7 +1018,12 @@ mod tests {
         let row = |name: &str| table.rows.iter().find(|r| r.name == name).unwrap().clone();
         let (margin, risk) = (row("margin"), row("risk"));
         assert!(margin.violation_rate > 0.005, "the margin alone violates: {}", margin.violation_rate);
-        assert!(risk.violation_rate < margin.violation_rate / 2.0, "{} vs {}", risk.violation_rate, margin.violation_rate);
+        assert!(
+            risk.violation_rate < margin.violation_rate / 2.0,
+            "{} vs {}",
+            risk.violation_rate,
+            margin.violation_rate
+        );
         let (d, se) = table.paired_difference("risk", "margin").unwrap();
         assert!(d > 3.0 * se, "risk − margin: {d:.3} ± {se:.3}");
     }
