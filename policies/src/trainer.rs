@@ -432,7 +432,7 @@ impl Trainer {
     /// (reward 0, value 0, all ranks feasible). With a distribution a group whose episodes ended
     /// draws its next preset before the next step.
     pub fn iterate(&mut self) -> IterationStats {
-        let cfg = self.preset.ppo.clone();
+        let cfg = self.preset.ppo.at(self.iteration as f64 / self.total_iterations() as f64);
         let (n, k) = (cfg.num_envs, self.model.ranks.len());
         let t_len = cfg.num_steps;
         // The network's input widths: the observation's features, plus the estimates.
