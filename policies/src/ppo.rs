@@ -869,6 +869,18 @@ mod tests {
         assert_eq!(before, after);
     }
 
+    /// A batch of `b` states whose advantages are large and random (returns 1, old values 0).
+    fn random_advantage_batch(b: i64) -> Batch {
+        let opts = (Kind::Float, Device::Cpu);
+        plain_batch(
+            b,
+            Tensor::full([b, 5], -1.4, opts),
+            Tensor::zeros([b, 5], opts),
+            Tensor::randn([b, 5], opts) * 3.0,
+            Tensor::ones([b, 5], opts),
+        )
+    }
+
     #[test]
     fn pg_coef_zero_leaves_no_reward_gradient() {
         // The pure-imitation ablation turns PPO's terms off. Without a teacher nothing may then
@@ -879,15 +891,7 @@ mod tests {
             let net = PolicyNet::new(&vs.root(), 2, 3, 4, NetConfig { hidden: 8, skip: false, ..Default::default() });
             let mut opt = Adam::new(&vs, "", 1e-2, 1e-5);
             let before: Vec<f32> = Vec::try_from(vs.variables()["logits.weight"].flatten(0, -1)).unwrap();
-            let b = 8;
-            let opts = (Kind::Float, Device::Cpu);
-            let batch = plain_batch(
-                b,
-                Tensor::full([b, 5], -1.4, opts),
-                Tensor::zeros([b, 5], opts),
-                Tensor::randn([b, 5], opts) * 3.0,
-                Tensor::ones([b, 5], opts),
-            );
+            let batch = random_advantage_batch(8);
             let cfg = PpoConfig {
                 pg_coef,
                 ent_coef: 0.0,
@@ -917,15 +921,7 @@ mod tests {
             let mut opt = Adam::new(&vs, "", 1e-2, 1e-5);
             let weights = |name: &str| -> Vec<f32> { Vec::try_from(vs.variables()[name].flatten(0, -1)).unwrap() };
             let before = [weights("logits.weight"), weights("value2.weight")];
-            let b = 8;
-            let opts = (Kind::Float, Device::Cpu);
-            let batch = plain_batch(
-                b,
-                Tensor::full([b, 5], -1.4, opts),
-                Tensor::zeros([b, 5], opts),
-                Tensor::randn([b, 5], opts) * 3.0,
-                Tensor::ones([b, 5], opts),
-            );
+            let batch = random_advantage_batch(8);
             let schedule = PpoConfig { value_warmup: 0.1, num_minibatches: 1, target_kl: 0.0, ..Default::default() };
             let cfg = schedule.at(progress);
             let stats = update(&cfg, &net, &vs, &mut opt, &batch, 1e-2, |n| (0..n as i64).collect());
