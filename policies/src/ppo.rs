@@ -526,7 +526,16 @@ pub fn evaluate_actions(
         }
         _ => None,
     };
-    Evaluated { logp, entropy, values: out.site_values, skip, logp_unpriced, skip_logit, prior_reference, prior_skip_logit }
+    Evaluated {
+        logp,
+        entropy,
+        values: out.site_values,
+        skip,
+        logp_unpriced,
+        skip_logit,
+        prior_reference,
+        prior_skip_logit,
+    }
 }
 
 /// Runs the PPO epochs on one rollout. `perm` supplies a permutation of `0..B` per epoch (from the
