@@ -295,6 +295,15 @@ fn calibrate_writes_a_preset_the_environments_and_trainer_load() {
     assert_eq!(o.status.code(), Some(2), "{}", common::text(&o));
     assert!(common::text(&o).contains("violation_coef"), "{}", common::text(&o));
     assert!(!bad.exists() && !dir.path().join("presets/bad.calibration.json").exists());
+    // So is a fit that would start after the probe ends, or before its first step.
+    for from in ["0", "4"] {
+        let mut args: Vec<&str> = args.iter().copied().take_while(|a| *a != "--violation-coef").collect();
+        args.extend(["--decay-law", "power", "--fit-from", from]);
+        let o = common::rankpilot(&args);
+        assert_eq!(o.status.code(), Some(2), "{}", common::text(&o));
+        assert!(common::text(&o).contains("--fit-from"), "{}", common::text(&o));
+        assert!(!bad.exists());
+    }
 }
 
 #[test]

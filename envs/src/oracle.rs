@@ -400,7 +400,7 @@ pub(crate) fn plan_tables(spec: &EnvSpec, st: &EnvState, values: &mut Vec<f64>, 
     values.clear();
     costs.clear();
     let h = spec.preset.rounds.saturating_sub(st.round).max(1) as f64;
-    let s_h = growth_sum(st.eta, h);
+    let s_h = growth_sum(&spec.preset.dynamics, st, h);
     for l in 0..n {
         let jo = st.rank_idx[l] as usize;
         let e_old = st.energy[l * k + jo] as f64;
@@ -434,7 +434,7 @@ pub(crate) fn skip_value(spec: &EnvSpec, st: &EnvState) -> f64 {
     let rw = &spec.preset.reward;
     let b = st.res.true_budget.max(f64::MIN_POSITIVE);
     let h = spec.preset.rounds.saturating_sub(st.round).max(1) as f64 - 1.0;
-    let s_h = growth_sum(st.eta, h);
+    let s_h = growth_sum(&spec.preset.dynamics, st, h);
     (0..spec.n_sites())
         .map(|l| {
             let j = st.rank_idx[l] as usize;
@@ -448,11 +448,26 @@ pub(crate) fn skip_value(spec: &EnvSpec, st: &EnvState) -> f64 {
         .sum()
 }
 
-/// S_h = Σ_{t=1..h} ρᵗ with ρ = 1 − η: what a gap to the floor, shrinking by ρ each round,
-/// leaves summed over `h` rounds of holding a plan (h rounds when nothing is learned).
-fn growth_sum(eta: f64, h: f64) -> f64 {
-    let rho = 1.0 - eta;
-    if eta > 0.0 { rho * (1.0 - rho.powf(h)) / eta } else { h }
+/// S_h = Σ_{t=1..h} Π_{i<t} (1 − η_i): what a gap to the floor leaves summed over `h` rounds of
+/// holding a plan (h rounds when nothing is learned), η_0 this round's rate. Under the
+/// exponential law every round has that rate, ρ = 1 − η, and S_h = ρ(1 − ρʰ)/η in closed form;
+/// under the power law the rates fall with the rounds trained
+/// ([`crate::presets::DynamicsConfig::round_rate`]), each scaled by this round's entropy effect.
+fn growth_sum(d: &crate::presets::DynamicsConfig, st: &EnvState, h: f64) -> f64 {
+    let eta = st.eta;
+    if d.decay_exponent.is_none() {
+        let rho = 1.0 - eta;
+        return if eta > 0.0 { rho * (1.0 - rho.powf(h)) / eta } else { h };
+    }
+    let base = d.round_rate(st.trained);
+    let effect = if base > 0.0 { eta / base } else { 0.0 };
+    let (mut gap, mut sum) = (1.0, 0.0);
+    for t in 0..h.max(0.0).round() as u32 {
+        let rate = if t == 0 { eta } else { (d.round_rate(st.trained + t) * effect).clamp(0.0, 1.0) };
+        gap *= 1.0 - rate;
+        sum += gap;
+    }
+    sum
 }
 
 /// Exhaustive search (kʰ plans); for tests on small instances.
@@ -608,5 +623,32 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn the_hold_value_follows_the_power_law_from_the_rounds_trained() {
+        // With no entropy effect the rates after this round are the law's own: S_h = Σ G(k+t)/G(k).
+        let mut p = presets::load("wireless-rayleigh").unwrap();
+        p.dynamics.entropy_effect = 0.0;
+        p.dynamics.decay_exponent = Some(0.7);
+        let mut venv = VecEnv::new(&p, 1, 3).unwrap();
+        let n = venv.n_sites();
+        for _ in 0..4 {
+            venv.step(&vec![0u32; n]).unwrap();
+        }
+        let st = venv.state(0);
+        let k = st.trained_rounds() as f64;
+        assert_eq!(k, 4.0);
+        let c = -(1.0 - p.dynamics.learning_rate).ln();
+        let g = |k: f64| (1.0 + k * c / 0.7).powf(-0.7);
+        for h in [1.0, 5.0, 16.0] {
+            let want: f64 = (1..=h as u32).map(|t| g(k + t as f64) / g(k)).sum();
+            let got = growth_sum(&p.dynamics, st, h);
+            assert!((got - want).abs() < 1e-12 * want, "h {h}: {got} vs {want}");
+        }
+        // The exponential keeps its closed form.
+        p.dynamics.decay_exponent = None;
+        let rho = 1.0 - st.eta;
+        assert!((growth_sum(&p.dynamics, st, 5.0) - (1..=5).map(|t| rho.powi(t)).sum::<f64>()).abs() < 1e-12);
     }
 }

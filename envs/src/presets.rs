@@ -154,8 +154,16 @@ pub struct SensitivityConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DynamicsConfig {
-    /// Fraction of the gap to the floor closed per successful round (η).
+    /// Fraction of the gap to the floor closed by the first successful round (η); with
+    /// `decay_exponent` unset, by every successful round.
     pub learning_rate: f64,
+    /// The law of progress in trained rounds k: unset, the gap to the floor shrinks as
+    /// (1 − η)^k (an exponential); set to α > 0, as (1 + k·c/α)^(−α) with c = −ln(1 − η), a
+    /// power law in k with the same first round, which tends to the exponential as α → ∞
+    /// ([`DynamicsConfig::round_rate`]). Real fine-tuning losses follow such a power law in steps,
+    /// so late rounds still gain where the exponential says they gain nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decay_exponent: Option<f64>,
     /// Irreducible loss L∞.
     pub loss_floor: f64,
     /// η_t = η·(1 − entropy_effect·(entropy_t − entropy_mean)): harder batches learn slower.
@@ -460,6 +468,26 @@ impl Validate for SensitivityConfig {
     }
 }
 
+impl DynamicsConfig {
+    /// The share of the gap to the floor that successful round number `trained` (0-based, counting
+    /// only rounds that trained: not skipped, not lost) closes, before the entropy effect: η for
+    /// the exponential law; 1 − G(k+1)/G(k) with G(k) = (1 + k·c/α)^(−α), c = −ln(1 − η), for
+    /// the power law.
+    pub fn round_rate(&self, trained: u32) -> f64 {
+        match self.decay_exponent {
+            None => self.learning_rate,
+            Some(alpha) => {
+                let c = -(1.0 - self.learning_rate).ln();
+                if !c.is_finite() {
+                    return 1.0;
+                }
+                let k = trained as f64;
+                1.0 - ((1.0 + k * c / alpha) / (1.0 + (k + 1.0) * c / alpha)).powf(alpha)
+            }
+        }
+    }
+}
+
 impl Validate for DynamicsConfig {
     fn validate(&self, v: &mut Violations) {
         v.check(
@@ -468,6 +496,14 @@ impl Validate for DynamicsConfig {
             self.learning_rate,
             "a number in (0, 1]",
         );
+        if let Some(alpha) = self.decay_exponent {
+            v.check(
+                alpha > 0.0 && alpha <= 1e6,
+                "decay_exponent",
+                alpha,
+                "a number > 0 and <= 1e6 (the power law's exponent; leave it out for the exponential)",
+            );
+        }
         v.check((0.0..=1e6).contains(&self.loss_floor), "loss_floor", self.loss_floor, "a number >= 0 and <= 1e6");
         v.check(
             (0.0..=1.0).contains(&self.entropy_effect),

@@ -94,6 +94,9 @@ pub struct EnvState {
     entropy: f64,
     oov: f64,
     pub(crate) eta: f64,
+    // Rounds of this episode that trained (not skipped, not lost): the power law's k.
+    #[serde(default)]
+    pub(crate) trained: u32,
     loss: f64,
     initial_loss: f64,
     last_violation: bool,
@@ -126,6 +129,7 @@ impl EnvState {
             entropy: 0.0,
             oov: 0.0,
             eta: 0.0,
+            trained: 0,
             loss: 0.0,
             initial_loss: 0.0,
             last_violation: false,
@@ -199,6 +203,7 @@ impl EnvState {
         self.entropy = d.entropy_std * n1;
         self.oov = d.oov_std * n2;
         self.round = 0;
+        self.trained = 0;
         self.loss = p.dynamics.loss_floor + p.sensitivity.total;
         self.initial_loss = self.loss;
         self.last_violation = false;
@@ -235,7 +240,7 @@ impl EnvState {
             self.oov = rho * self.oov + s * d.oov_std * n2;
         }
         let ent = (d.entropy_mean + self.entropy).clamp(0.0, 1.0);
-        self.eta = (d.learning_rate * (1.0 - d.entropy_effect * (ent - d.entropy_mean))).clamp(0.0, 1.0);
+        self.eta = (d.round_rate(self.trained) * (1.0 - d.entropy_effect * (ent - d.entropy_mean))).clamp(0.0, 1.0);
         spec.resource.draw_round(
             &mut self.res,
             self.round,
@@ -362,6 +367,7 @@ impl EnvState {
                 - rw.perturbation_coef * site_pert / n) as f32;
         }
         self.loss = p.dynamics.loss_floor + resid;
+        self.trained += 1;
         let reward =
             -self.loss - rw.cost_coef * c - rw.flops_coef * flops / rw.flops_scale - rw.perturbation_coef * pert / n;
         self.last_violation = false;
@@ -458,5 +464,11 @@ impl EnvState {
     /// Current loss.
     pub fn loss(&self) -> f64 {
         self.loss
+    }
+
+    /// Rounds of this episode that trained (neither skipped nor lost): where the power law of
+    /// `dynamics.decay_exponent` stands.
+    pub fn trained_rounds(&self) -> u32 {
+        self.trained
     }
 }

@@ -427,3 +427,68 @@ fn site_rewards_sum_to_the_round_reward() {
         assert!(violations > 0, "{name}: random plans should sometimes violate");
     }
 }
+
+/// The gap closed after t trained rounds at one fixed plan, relative to the first round's:
+/// (L₀ − L_t)/(L₀ − L₁) = (1 − G(t))/(1 − G(1)), whatever the hidden weights and energies (every
+/// site starts at nothing captured, so each site's gap follows the same G).
+fn closed_share(g: impl Fn(f64) -> f64, t: f64) -> f64 {
+    (1.0 - g(t)) / (1.0 - g(1.0))
+}
+
+#[test]
+fn power_law_dynamics_follow_their_law_and_a_skip_holds_it() {
+    // A channel wide enough that rank 1 everywhere never fails, and no entropy effect, so every
+    // trained round closes exactly the law's share.
+    let alpha = 0.5;
+    let p = edit(
+        "wireless-rayleigh",
+        &[
+            ("deadline_s = 2.0", "deadline_s = 2000.0"),
+            ("entropy_effect = 0.5", "entropy_effect = 0.0\ndecay_exponent = 0.5"),
+        ],
+    )
+    .unwrap();
+    assert_eq!(p.dynamics.decay_exponent, Some(alpha));
+    let c = -(1.0 - p.dynamics.learning_rate).ln();
+    let law = |k: f64| (1.0 + k * c / alpha).powf(-alpha);
+    let exponential = |k: f64| (1.0 - p.dynamics.learning_rate).powf(k);
+    // The per-round rates multiply out to the law.
+    let mut g = 1.0;
+    for k in 0..20 {
+        g *= 1.0 - p.dynamics.round_rate(k);
+        assert!((g - law(k as f64 + 1.0)).abs() < 1e-12, "round {k}");
+    }
+    let mut v = VecEnv::new(&p, 1, 5).unwrap();
+    let n = v.n_sites();
+    let l0 = v.state(0).loss();
+    let play = |v: &mut VecEnv, skip: bool| {
+        v.step_indices_skipping(&vec![1u8; n], &[skip]).unwrap();
+        assert!(!v.outcomes()[0].violation);
+    };
+    play(&mut v, false);
+    let l1 = v.state(0).loss();
+    // Round 1 is skipped: the loss and the law's count stay where they were.
+    play(&mut v, true);
+    assert_eq!((v.state(0).loss(), v.state(0).trained_rounds(), v.state(0).round()), (l1, 1, 2));
+    for t in 2..=8u32 {
+        play(&mut v, false);
+        assert_eq!(v.state(0).trained_rounds(), t);
+        let share = (l0 - v.state(0).loss()) / (l0 - l1);
+        assert!(
+            (share - closed_share(law, t as f64)).abs() < 1e-4,
+            "t {t}: {share} vs {}",
+            closed_share(law, t as f64)
+        );
+        // Far from the exponential of the same first round: late rounds still close a share.
+        if t >= 4 {
+            assert!(closed_share(exponential, t as f64) - share > 0.05, "t {t}");
+        }
+    }
+    // Without the exponent the same preset is the exponential.
+    let mut e = p.clone();
+    e.dynamics.decay_exponent = None;
+    assert_eq!(e.dynamics.round_rate(7), e.dynamics.learning_rate);
+    // A bad exponent is refused with its key.
+    let msg = err("wireless-rayleigh", &[("entropy_effect = 0.5", "entropy_effect = 0.5\ndecay_exponent = -1.0")]);
+    assert!(msg.contains("decay_exponent") && msg.contains("> 0"), "{msg}");
+}

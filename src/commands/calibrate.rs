@@ -11,7 +11,9 @@
 //! The dynamics' learning rate η and loss floor L∞ are fitted to the probe's per-step training
 //! loss, L(s) = A + B·r^s ([`envs::calibration::fit_loss_curve`]), and mapped onto a simulated
 //! round of `--steps-per-round` optimizer steps: η = 1 − r^steps_per_round, L∞ =
-//! sensitivity.total·A/(B·r) ([`envs::calibration::fitted_dynamics`]). The entropy effect keeps
+//! sensitivity.total·A/(B·r) ([`envs::calibration::fitted_dynamics`]). With `--decay-law power`
+//! the fit is L(s) = A + B·(1 + s·c/α)^(−α) and the preset also gets `dynamics.decay_exponent` α,
+//! so the simulated rounds close shares that fall as a power law. The entropy effect keeps
 //! the template's value (one probe curve cannot identify it). `--keep-dynamics` keeps the
 //! template's dynamics whole, as does a probe curve that does not decrease.
 
@@ -27,7 +29,7 @@ use runio::checkpoint;
 
 use crate::cli::Common;
 use crate::commands::common::{TuneInput, load_model_and_data, progress_bar};
-use envs::calibration::{FittedDynamics, LossCurveFit, NoFit, fit_loss_curve, fitted_dynamics};
+use envs::calibration::{DecayLaw, FittedDynamics, LossCurveFit, NoFit, fit_loss_curve, fitted_dynamics};
 use rankpilot::controller::sites_calibration;
 use runio::tensorboard::SummaryWriter;
 use tune::finetune::{FinetuneConfig, Finetuner, RankSpec};
@@ -74,12 +76,33 @@ pub struct CalibrateArgs {
     #[arg(long, default_value_t = 10)]
     steps_per_round: u32,
     /// Keep the template's dynamics (learning rate, loss floor) instead of the ones fitted to the
-    /// probe's loss curve L(s) = A + B·r^s (the fit is still logged and printed).
+    /// probe's loss curve (the fit is still logged and printed).
     #[arg(long)]
     keep_dynamics: bool,
+    /// The law fitted to the probe's loss curve: `exponential`, L(s) = A + B·r^s (the simulator's
+    /// original dynamics: each round closes the same share of the gap), or `power`,
+    /// L(s) = A + B·(1 + s·c/α)^(−α), c = −ln r, written as `dynamics.decay_exponent` = α
+    /// (later rounds close less, but not nothing).
+    #[arg(long, value_enum, default_value_t = Law::Exponential)]
+    decay_law: Law,
+    /// First probe step of the fit (1-based): the law's time origin moves there, and the steps
+    /// before it are left out. 11 leaves out the probe's 10-step learning-rate warm-up, whose
+    /// losses fall for a reason no constant-rate law describes (with it, a power law fits as an
+    /// exponential).
+    #[arg(long, default_value_t = 1)]
+    fit_from: usize,
     /// TensorBoard log directory of the probe.
     #[arg(long, default_value = "runs/calibrate")]
     logdir: PathBuf,
+}
+
+/// `--decay-law`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Law {
+    /// L(s) = A + B·r^s.
+    Exponential,
+    /// L(s) = A + B·(1 + s·c/α)^(−α).
+    Power,
 }
 
 /// What became of the written preset's dynamics.
@@ -99,20 +122,35 @@ impl Dynamics {
         let fit = |f: &LossCurveFit, d: &FittedDynamics| {
             let clamp =
                 |clamped: bool, raw: f64| if clamped { format!(" (clamped from {raw:.4})") } else { String::new() };
-            format!(
-                "loss fit L(s) = A + B·r^s: A {:.4}, B {:.4}, r {:.5}, rms {:.4} over {} steps; at {} steps per round learning_rate {:.4}{} (1 − r^{}), loss_floor {:.4}{} (total·A/(B·r))",
-                f.floor,
-                f.amplitude,
-                f.ratio,
-                f.rms,
-                f.steps,
-                d.steps_per_round,
-                d.learning_rate,
-                clamp(d.learning_rate_clamped(), d.raw_learning_rate),
-                d.steps_per_round,
-                d.loss_floor,
-                clamp(d.loss_floor_clamped(), d.raw_loss_floor),
-            )
+            match f.exponent {
+                None => format!(
+                    "loss fit L(s) = A + B·r^s: A {:.4}, B {:.4}, r {:.5}, rms {:.4} over {} steps; at {} steps per round learning_rate {:.4}{} (1 − r^{}), loss_floor {:.4}{} (total·A/(B·r))",
+                    f.floor,
+                    f.amplitude,
+                    f.ratio,
+                    f.rms,
+                    f.steps,
+                    d.steps_per_round,
+                    d.learning_rate,
+                    clamp(d.learning_rate_clamped(), d.raw_learning_rate),
+                    d.steps_per_round,
+                    d.loss_floor,
+                    clamp(d.loss_floor_clamped(), d.raw_loss_floor),
+                ),
+                Some(alpha) => format!(
+                    "loss fit L(s) = A + B·(1 + s·c/α)^(−α), c = −ln r: A {:.4}, B {:.4}, r {:.5}, α {alpha:.4}, rms {:.4} over {} steps; at {} steps per round learning_rate {:.4}{} (the first round's), decay_exponent {alpha:.4}, loss_floor {:.4}{} (total·A/(B·x(1)))",
+                    f.floor,
+                    f.amplitude,
+                    f.ratio,
+                    f.rms,
+                    f.steps,
+                    d.steps_per_round,
+                    d.learning_rate,
+                    clamp(d.learning_rate_clamped(), d.raw_learning_rate),
+                    d.loss_floor,
+                    clamp(d.loss_floor_clamped(), d.raw_loss_floor),
+                ),
+            }
         };
         let tpl = format!("learning_rate {}, loss_floor {}", template.learning_rate, template.loss_floor);
         match self {
@@ -135,6 +173,11 @@ pub fn run(a: &CalibrateArgs) -> Result<()> {
     }
     if a.steps == 0 || a.rank == 0 {
         return Err(BadInput("--steps and --rank: allowed: integers >= 1".into()).into());
+    }
+    if a.fit_from == 0 || a.fit_from > a.steps {
+        return Err(
+            BadInput(format!("--fit-from {}: allowed: a step from 1 to --steps ({})", a.fit_from, a.steps)).into()
+        );
     }
     if a.steps_per_round == 0 {
         return Err(BadInput("--steps-per-round 0: allowed: an integer >= 1".into()).into());
@@ -229,10 +272,14 @@ pub fn run(a: &CalibrateArgs) -> Result<()> {
     }
     // The dynamics from the probe's loss curve (after the reward, whose violation coefficient
     // bounds the loss floor).
-    let dynamics = match fit_loss_curve(&losses) {
+    let law = match a.decay_law {
+        Law::Exponential => DecayLaw::Exponential,
+        Law::Power => DecayLaw::Power,
+    };
+    let dynamics = match fit_loss_curve(&losses[a.fit_from - 1..], law) {
         Ok(fit) => {
-            for s in 1..=a.steps {
-                tb.add_scalar("calibration/fitted_loss", fit.at(s as f64), s as i64)?;
+            for s in a.fit_from..=a.steps {
+                tb.add_scalar("calibration/fitted_loss", fit.at((s + 1 - a.fit_from) as f64), s as i64)?;
             }
             let d = fitted_dynamics(&fit, a.steps_per_round, preset.sensitivity.total, preset.reward.violation_coef);
             tb.add_scalar("calibration/learning_rate", d.learning_rate, 0)?;
@@ -265,7 +312,9 @@ pub fn run(a: &CalibrateArgs) -> Result<()> {
         a.violation_coef.map(|v| format!(" --violation-coef {v}")).unwrap_or_default()
             + &a.violation_cap.map(|v| format!(" --violation-cap {v}")).unwrap_or_default()
             + &a.perturbation_coef.map(|v| format!(" --perturbation-coef {v}")).unwrap_or_default()
-            + if a.keep_dynamics { " --keep-dynamics" } else { "" },
+            + if a.keep_dynamics { " --keep-dynamics" } else { "" }
+            + if a.decay_law == Law::Power { " --decay-law power" } else { "" }
+            + &if a.fit_from != 1 { format!(" --fit-from {}", a.fit_from) } else { String::new() },
         template.name
     );
     // Check the preset loads as written before anything is replaced.

@@ -542,18 +542,17 @@ fn run_task(a: &CompareArgs, env: Option<&envs::EnvPreset>, task: &Task) -> Resu
     };
     tb.flush()?;
     report.scheduler = label;
+    // No resource (`--env none`): nothing is sent, lost or skipped.
+    let resource = match report.cost_unit.as_str() {
+        "none" => String::new(),
+        unit => format!(
+            "  sent {:.3e} {unit}  lost {}/{}  skipped {}",
+            report.cost_sent, report.rounds_lost, a.rounds, report.rounds_skipped
+        ),
+    };
     eprintln!(
-        "seed {seed} lr {:.0e} {:<28} val loss {:.4}  sent {:.3e} {}  lost {}/{}  skipped {}  mean params {:.0}  {:.1}s",
-        task.lr,
-        report.scheduler,
-        report.val_loss_final,
-        report.cost_sent,
-        report.cost_unit,
-        report.rounds_lost,
-        a.rounds,
-        report.rounds_skipped,
-        report.mean_params,
-        report.wall_seconds
+        "seed {seed} lr {:.0e} {:<28} val loss {:.4}{resource}  mean params {:.0}  {:.1}s",
+        task.lr, report.scheduler, report.val_loss_final, report.mean_params, report.wall_seconds
     );
     Ok(report)
 }
