@@ -122,35 +122,29 @@ impl Dynamics {
         let fit = |f: &LossCurveFit, d: &FittedDynamics| {
             let clamp =
                 |clamped: bool, raw: f64| if clamped { format!(" (clamped from {raw:.4})") } else { String::new() };
-            match f.exponent {
-                None => format!(
-                    "loss fit L(s) = A + B·r^s: A {:.4}, B {:.4}, r {:.5}, rms {:.4} over {} steps; at {} steps per round learning_rate {:.4}{} (1 − r^{}), loss_floor {:.4}{} (total·A/(B·r))",
-                    f.floor,
-                    f.amplitude,
-                    f.ratio,
-                    f.rms,
-                    f.steps,
-                    d.steps_per_round,
-                    d.learning_rate,
-                    clamp(d.learning_rate_clamped(), d.raw_learning_rate),
-                    d.steps_per_round,
-                    d.loss_floor,
-                    clamp(d.loss_floor_clamped(), d.raw_loss_floor),
+            let (law, alpha, eta, exponent, floor) = match f.exponent {
+                None => ("L(s) = A + B·r^s", String::new(), format!("1 − r^{}", d.steps_per_round), String::new(), "r"),
+                Some(a) => (
+                    "L(s) = A + B·(1 + s·c/α)^(−α), c = −ln r",
+                    format!(", α {a:.4}"),
+                    "the first round's".to_string(),
+                    format!(", decay_exponent {a:.4}"),
+                    "x(1)",
                 ),
-                Some(alpha) => format!(
-                    "loss fit L(s) = A + B·(1 + s·c/α)^(−α), c = −ln r: A {:.4}, B {:.4}, r {:.5}, α {alpha:.4}, rms {:.4} over {} steps; at {} steps per round learning_rate {:.4}{} (the first round's), decay_exponent {alpha:.4}, loss_floor {:.4}{} (total·A/(B·x(1)))",
-                    f.floor,
-                    f.amplitude,
-                    f.ratio,
-                    f.rms,
-                    f.steps,
-                    d.steps_per_round,
-                    d.learning_rate,
-                    clamp(d.learning_rate_clamped(), d.raw_learning_rate),
-                    d.loss_floor,
-                    clamp(d.loss_floor_clamped(), d.raw_loss_floor),
-                ),
-            }
+            };
+            format!(
+                "loss fit {law}: A {:.4}, B {:.4}, r {:.5}{alpha}, rms {:.4} over {} steps; at {} steps per round learning_rate {:.4}{} ({eta}){exponent}, loss_floor {:.4}{} (total·A/(B·{floor}))",
+                f.floor,
+                f.amplitude,
+                f.ratio,
+                f.rms,
+                f.steps,
+                d.steps_per_round,
+                d.learning_rate,
+                clamp(d.learning_rate_clamped(), d.raw_learning_rate),
+                d.loss_floor,
+                clamp(d.loss_floor_clamped(), d.raw_loss_floor),
+            )
         };
         let tpl = format!("learning_rate {}, loss_floor {}", template.learning_rate, template.loss_floor);
         match self {
@@ -339,4 +333,39 @@ pub fn run(a: &CalibrateArgs) -> Result<()> {
     );
     println!("next: rankpilot train --env {} --policy ppo --out checkpoints/{stem}", a.out.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_dynamics_line_names_the_law_and_its_values() {
+        let template = envs::presets::load("latency").unwrap().dynamics;
+        // The exponential's line is the one the shipped presets' headers carry.
+        let fit =
+            LossCurveFit { floor: 2.0803, amplitude: 1.2328, ratio: 0.96762, exponent: None, rms: 0.1905, steps: 100 };
+        let d = fitted_dynamics(&fit, 10, 1.0, 10.0);
+        let line = Dynamics::Kept(fit, d).describe(&template);
+        assert!(
+            line.ends_with(&format!(
+                "loss fit L(s) = A + B·r^s: A 2.0803, B 1.2328, r 0.96762, rms 0.1905 over 100 steps; at 10 steps per round learning_rate {:.4} (1 − r^10), loss_floor {:.4} (total·A/(B·r))",
+                d.learning_rate, d.loss_floor
+            )),
+            "{line}"
+        );
+        let fit = LossCurveFit { exponent: Some(0.1616), ..fit };
+        let d = fitted_dynamics(&fit, 10, 1.0, 10.0);
+        let line = Dynamics::Fitted(fit, d).describe(&template);
+        assert!(
+            line.contains("L(s) = A + B·(1 + s·c/α)^(−α), c = −ln r: A 2.0803") && line.contains(", α 0.1616, rms"),
+            "{line}"
+        );
+        assert!(
+            line.contains("(the first round's), decay_exponent 0.1616, loss_floor")
+                && line.contains("(total·A/(B·x(1)))"),
+            "{line}"
+        );
+        assert!(!line.contains('\n'));
+    }
 }
