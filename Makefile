@@ -8,7 +8,7 @@ BIN := target/release/rankpilot
 # The set-up's venv (scripts/setup.sh), where the Python package is installed.
 PY := $(or $(RANKPILOT_CACHE),$(HOME)/.cache/rankpilot)/venv/bin/python
 
-.PHONY: setup build run compare realrun latency test lint bench doctor fmt clean
+.PHONY: setup build run compare realrun channel latency test lint bench doctor fmt clean
 
 setup:
 	@bash scripts/setup.sh
@@ -61,6 +61,18 @@ realrun: build
 		--lr-sweep 2e-3,5e-3,1e-2 --logdir $(REAL_DIR)/compare \
 		--schedulers fixed,eva,adalora,policy:checkpoints/default@eva,peft:lora,peft:adalora,peft:eva
 	@echo "Tables: $(REAL_DIR)/compare/compare.md  (TensorBoard: ~/.cache/rankpilot/venv/bin/tensorboard --logdir $(REAL_DIR)/compare)"
+
+## The channel setting (AirLLM) in real runs: pre-train the tiny base model, then rankpilot's fixed,
+## AdaLoRA, squeeze and the shipped channel policy on the shipped calibrated preset, 8 seeds, each
+## row at its best learning rate of a 3-point sweep (44 runs, two at a time at one thread each:
+## about 30 min on 2 cores).
+CH_DIR ?= runs/channel
+channel: build
+	$(BIN) pretrain --out $(E2E_DIR)/model --logdir $(E2E_DIR)/pretrain --seed 0
+	$(BIN) compare --model $(E2E_DIR)/model --env envs/presets/tiny-code.toml --budget rank:8 --seeds 8 --seed 0 --jobs 2 \
+		--lr-sweep 2e-3,5e-3,1e-2 --logdir $(CH_DIR)/compare \
+		--schedulers fixed,adalora,squeeze,policy:checkpoints/tiny-code
+	@echo "Tables: $(CH_DIR)/compare/compare.md  (TensorBoard: ~/.cache/rankpilot/venv/bin/tensorboard --logdir $(CH_DIR)/compare)"
 
 ## The latency setting (DR-RL) in real runs: pre-train the tiny base model, then rankpilot's fixed,
 ## AdaLoRA, squeeze, the shipped latency policy and the shipped distribution policy on the shipped
