@@ -3,8 +3,8 @@
 //! fails (so only the dynamics and the spectra speak). Compare with real runs of `fixed:R`.
 //!
 //! `cargo run --release -p envs --example fixed_rank -- <preset> <episodes> <seed> <rank>...`
-use envs::presets;
 use envs::VecEnv;
+use envs::presets;
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();

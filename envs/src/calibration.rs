@@ -645,7 +645,7 @@ mod tests {
                 "round {t}: {sim} vs {}",
                 real / fit.initial_removable()
             );
-            gap *= 1.0 - p.dynamics.round_rate(t);
+            gap *= 1.0 - p.dynamics.round_rate(t as f64);
         }
     }
 

@@ -400,7 +400,8 @@ pub(crate) fn plan_tables(spec: &EnvSpec, st: &EnvState, values: &mut Vec<f64>, 
     values.clear();
     costs.clear();
     let h = spec.preset.rounds.saturating_sub(st.round).max(1) as f64;
-    let s_h = growth_sum(&spec.preset.dynamics, st, h);
+    let d = &spec.preset.dynamics;
+    let s_h = growth_sum(d, st.eta, 1.0, h);
     for l in 0..n {
         let jo = st.rank_idx[l] as usize;
         let e_old = st.energy[l * k + jo] as f64;
@@ -413,6 +414,11 @@ pub(crate) fn plan_tables(spec: &EnvSpec, st: &EnvState, values: &mut Vec<f64>, 
             }
             let r = spec.rank_set.rank(j) as f64;
             let cost = r * spec.unit_cost[l];
+            let s_h = if d.decay_exponent.is_some() {
+                growth_sum(d, st.eta, crate::state::gap_share(e_new as f32, q0 as f32), h)
+            } else {
+                s_h
+            };
             let mut v = w * (h * e_new - (e_new - q0).max(0.0) * s_h)
                 - h * (rw.cost_coef * cost / b + rw.flops_coef * r * spec.flops_per_rank[l] / rw.flops_scale);
             if j != jo && rw.perturbation_coef > 0.0 {
@@ -434,12 +440,13 @@ pub(crate) fn skip_value(spec: &EnvSpec, st: &EnvState) -> f64 {
     let rw = &spec.preset.reward;
     let b = st.res.true_budget.max(f64::MIN_POSITIVE);
     let h = spec.preset.rounds.saturating_sub(st.round).max(1) as f64 - 1.0;
-    let s_h = growth_sum(&spec.preset.dynamics, st, h);
+    let d = &spec.preset.dynamics;
     (0..spec.n_sites())
         .map(|l| {
             let j = st.rank_idx[l] as usize;
             let e = st.energy[l * k + j] as f64;
             let q = st.captured[l] as f64;
+            let s_h = growth_sum(d, st.eta, crate::state::gap_share(e as f32, q as f32), h);
             let r = spec.rank_set.rank(j) as f64;
             st.w[l] as f64 * (q + h * e - (e - q).max(0.0) * s_h)
                 - h * (rw.cost_coef * r * spec.unit_cost[l] / b
@@ -448,24 +455,23 @@ pub(crate) fn skip_value(spec: &EnvSpec, st: &EnvState) -> f64 {
         .sum()
 }
 
-/// S_h = Σ_{t=1..h} Π_{i<t} (1 − η_i): what a gap to the floor leaves summed over `h` rounds of
-/// holding a plan (h rounds when nothing is learned), η_0 this round's rate. Under the
-/// exponential law every round has that rate, ρ = 1 − η, and S_h = ρ(1 − ρʰ)/η in closed form;
-/// under the power law the rates fall with the rounds trained
-/// ([`crate::presets::DynamicsConfig::round_rate`]), each scaled by this round's entropy effect.
-fn growth_sum(d: &crate::presets::DynamicsConfig, st: &EnvState, h: f64) -> f64 {
-    let eta = st.eta;
+/// S_h = Σ_{t=1..h} Π_{i<t} (1 − η_i): what a site's gap leaves summed over `h` rounds of
+/// holding a plan (h rounds when nothing is learned), η_0 this round's rate `eta` (its entropy
+/// effect included). Under the exponential law every round has that rate, ρ = 1 − η, and
+/// S_h = ρ(1 − ρʰ)/η in closed form (`gap` is not used); under the power law the rates are the
+/// law's from the site's age, the age of a site whose uncaptured share is `gap`
+/// ([`crate::presets::DynamicsConfig::age_of_gap`]), each scaled by this round's entropy effect.
+fn growth_sum(d: &crate::presets::DynamicsConfig, eta: f64, gap: f64, h: f64) -> f64 {
     if d.decay_exponent.is_none() {
         let rho = 1.0 - eta;
         return if eta > 0.0 { rho * (1.0 - rho.powf(h)) / eta } else { h };
     }
-    let base = d.round_rate(st.trained);
-    let effect = if base > 0.0 { eta / base } else { 0.0 };
-    let (mut gap, mut sum) = (1.0, 0.0);
+    let effect = if d.learning_rate > 0.0 { eta / d.learning_rate } else { 0.0 };
+    let age = d.age_of_gap(gap);
+    let (mut left, mut sum) = (1.0, 0.0);
     for t in 0..h.max(0.0).round() as u32 {
-        let rate = if t == 0 { eta } else { (d.round_rate(st.trained + t) * effect).clamp(0.0, 1.0) };
-        gap *= 1.0 - rate;
-        sum += gap;
+        left *= 1.0 - (d.round_rate(age + t as f64) * effect).clamp(0.0, 1.0);
+        sum += left;
     }
     sum
 }
@@ -626,29 +632,26 @@ mod tests {
     }
 
     #[test]
-    fn the_hold_value_follows_the_power_law_from_the_rounds_trained() {
-        // With no entropy effect the rates after this round are the law's own: S_h = Σ G(k+t)/G(k).
+    fn the_hold_value_follows_the_power_law_from_the_sites_age() {
+        // With no entropy effect the rates after this round are the law's own, from the age of a
+        // site with that gap: S_h = Σ G(a+t)/G(a).
         let mut p = presets::load("wireless-rayleigh").unwrap();
         p.dynamics.entropy_effect = 0.0;
         p.dynamics.decay_exponent = Some(0.7);
-        let mut venv = VecEnv::new(&p, 1, 3).unwrap();
-        let n = venv.n_sites();
-        for _ in 0..4 {
-            venv.step(&vec![0u32; n]).unwrap();
-        }
-        let st = venv.state(0);
-        let k = st.trained_rounds() as f64;
-        assert_eq!(k, 4.0);
         let c = -(1.0 - p.dynamics.learning_rate).ln();
-        let g = |k: f64| (1.0 + k * c / 0.7).powf(-0.7);
-        for h in [1.0, 5.0, 16.0] {
-            let want: f64 = (1..=h as u32).map(|t| g(k + t as f64) / g(k)).sum();
-            let got = growth_sum(&p.dynamics, st, h);
-            assert!((got - want).abs() < 1e-12 * want, "h {h}: {got} vs {want}");
+        let g = |a: f64| (1.0 + a * c / 0.7).powf(-0.7);
+        for (gap, age) in [(1.0, 0.0), (g(4.0), 4.0), (g(11.5), 11.5)] {
+            assert!((p.dynamics.age_of_gap(gap) - age).abs() < 1e-9 * (1.0 + age), "gap {gap}");
+            let eta = p.dynamics.learning_rate;
+            for h in [1.0, 5.0, 16.0] {
+                let want: f64 = (1..=h as u32).map(|t| g(age + t as f64) / g(age)).sum();
+                let got = growth_sum(&p.dynamics, eta, gap, h);
+                assert!((got - want).abs() < 1e-9 * want, "age {age} h {h}: {got} vs {want}");
+            }
         }
-        // The exponential keeps its closed form.
+        // The exponential keeps its closed form, whatever the gap.
         p.dynamics.decay_exponent = None;
-        let rho = 1.0 - st.eta;
-        assert!((growth_sum(&p.dynamics, st, 5.0) - (1..=5).map(|t| rho.powi(t)).sum::<f64>()).abs() < 1e-12);
+        let rho: f64 = 1.0 - 0.3;
+        assert!((growth_sum(&p.dynamics, 0.3, 0.2, 5.0) - (1..=5).map(|t| rho.powi(t)).sum::<f64>()).abs() < 1e-12);
     }
 }

@@ -157,11 +157,12 @@ pub struct DynamicsConfig {
     /// Fraction of the gap to the floor closed by the first successful round (η); with
     /// `decay_exponent` unset, by every successful round.
     pub learning_rate: f64,
-    /// The law of progress in trained rounds k: unset, the gap to the floor shrinks as
+    /// The law of a site's progress in the rounds it trained, k: unset, its gap shrinks as
     /// (1 − η)^k (an exponential); set to α > 0, as (1 + k·c/α)^(−α) with c = −ln(1 − η), a
     /// power law in k with the same first round, which tends to the exponential as α → ∞
-    /// ([`DynamicsConfig::round_rate`]). Real fine-tuning losses follow such a power law in steps,
-    /// so late rounds still gain where the exponential says they gain nothing.
+    /// ([`DynamicsConfig::round_rate`]; k is the site's age, [`DynamicsConfig::age_of_gap`], so a
+    /// grown site's new capacity starts fresh). Real fine-tuning losses follow such a power law
+    /// in steps, so late rounds still gain where the exponential says they gain nothing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub decay_exponent: Option<f64>,
     /// Irreducible loss L∞.
@@ -469,11 +470,13 @@ impl Validate for SensitivityConfig {
 }
 
 impl DynamicsConfig {
-    /// The share of the gap to the floor that successful round number `trained` (0-based, counting
-    /// only rounds that trained: not skipped, not lost) closes, before the entropy effect: η for
-    /// the exponential law; 1 − G(k+1)/G(k) with G(k) = (1 + k·c/α)^(−α), c = −ln(1 − η), for
-    /// the power law.
-    pub fn round_rate(&self, trained: u32) -> f64 {
+    /// The share of its gap that a site of age `age` closes in one trained round, before the
+    /// entropy effect: η for the exponential law; 1 − G(a+1)/G(a) with G(a) = (1 + a·c/α)^(−α),
+    /// c = −ln(1 − η), for the power law. A site's age is the number of rounds a site training
+    /// from nothing at its current capacity would have needed to leave its gap ([`Self::age_of_gap`]):
+    /// at one rank from the start it is the rounds it trained; a grown site is younger, since its
+    /// new components start fresh.
+    pub fn round_rate(&self, age: f64) -> f64 {
         match self.decay_exponent {
             None => self.learning_rate,
             Some(alpha) => {
@@ -481,8 +484,26 @@ impl DynamicsConfig {
                 if !c.is_finite() {
                     return 1.0;
                 }
-                let k = trained as f64;
-                1.0 - ((1.0 + k * c / alpha) / (1.0 + (k + 1.0) * c / alpha)).powf(alpha)
+                if !age.is_finite() {
+                    return 0.0;
+                }
+                1.0 - ((1.0 + age * c / alpha) / (1.0 + (age + 1.0) * c / alpha)).powf(alpha)
+            }
+        }
+    }
+
+    /// The age (see [`Self::round_rate`]) of a site whose gap to its capacity is the share `gap` of
+    /// that capacity: G⁻¹(gap) = (gap^(−1/α) − 1)·α/c for the power law (infinite at gap 0), 0 for
+    /// the exponential, whose rate does not depend on it.
+    pub fn age_of_gap(&self, gap: f64) -> f64 {
+        match self.decay_exponent {
+            None => 0.0,
+            Some(alpha) => {
+                let c = -(1.0 - self.learning_rate).ln();
+                if !c.is_finite() || gap >= 1.0 {
+                    return 0.0;
+                }
+                (gap.max(0.0).powf(-1.0 / alpha) - 1.0) * alpha / c
             }
         }
     }

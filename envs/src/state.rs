@@ -94,9 +94,6 @@ pub struct EnvState {
     entropy: f64,
     oov: f64,
     pub(crate) eta: f64,
-    // Rounds of this episode that trained (not skipped, not lost): the power law's k.
-    #[serde(default)]
-    pub(crate) trained: u32,
     loss: f64,
     initial_loss: f64,
     last_violation: bool,
@@ -129,7 +126,6 @@ impl EnvState {
             entropy: 0.0,
             oov: 0.0,
             eta: 0.0,
-            trained: 0,
             loss: 0.0,
             initial_loss: 0.0,
             last_violation: false,
@@ -203,7 +199,6 @@ impl EnvState {
         self.entropy = d.entropy_std * n1;
         self.oov = d.oov_std * n2;
         self.round = 0;
-        self.trained = 0;
         self.loss = p.dynamics.loss_floor + p.sensitivity.total;
         self.initial_loss = self.loss;
         self.last_violation = false;
@@ -240,7 +235,7 @@ impl EnvState {
             self.oov = rho * self.oov + s * d.oov_std * n2;
         }
         let ent = (d.entropy_mean + self.entropy).clamp(0.0, 1.0);
-        self.eta = (d.round_rate(self.trained) * (1.0 - d.entropy_effect * (ent - d.entropy_mean))).clamp(0.0, 1.0);
+        self.eta = (d.learning_rate * (1.0 - d.entropy_effect * (ent - d.entropy_mean))).clamp(0.0, 1.0);
         spec.resource.draw_round(
             &mut self.res,
             self.round,
@@ -331,7 +326,7 @@ impl EnvState {
             return RoundOutcome { reward, loss: self.loss, cost_ratio: c, cost, violation: true, skipped: false };
         }
         let k = spec.rank_set.len();
-        let eta = self.eta as f32;
+        let d = &p.dynamics;
         let want_pert = rw.perturbation_coef > 0.0;
         let want_flops = rw.flops_coef > 0.0;
         let mut resid = 0.0f64;
@@ -354,7 +349,7 @@ impl EnvState {
                 }
                 self.rank_idx[l] = j as u8;
             }
-            q += eta * (e_new - q).max(0.0);
+            q += site_rate(d, self.eta, e_new, q) * (e_new - q).max(0.0);
             self.captured[l] = q;
             let site_resid = (self.w[l] * (1.0 - q)) as f64;
             resid += site_resid;
@@ -367,7 +362,6 @@ impl EnvState {
                 - rw.perturbation_coef * site_pert / n) as f32;
         }
         self.loss = p.dynamics.loss_floor + resid;
-        self.trained += 1;
         let reward =
             -self.loss - rw.cost_coef * c - rw.flops_coef * flops / rw.flops_scale - rw.perturbation_coef * pert / n;
         self.last_violation = false;
@@ -466,9 +460,27 @@ impl EnvState {
         self.loss
     }
 
-    /// Rounds of this episode that trained (neither skipped nor lost): where the power law of
-    /// `dynamics.decay_exponent` stands.
-    pub fn trained_rounds(&self) -> u32 {
-        self.trained
+    /// Site `l`'s age under the power law of `dynamics.decay_exponent` (see
+    /// [`crate::presets::DynamicsConfig::round_rate`]): the rounds a site training from nothing at
+    /// its current rank would have needed to leave its gap.
+    pub fn site_age(&self, spec: &EnvSpec, l: usize) -> f64 {
+        let e = self.energy[l * spec.rank_set.len() + self.rank_idx[l] as usize];
+        spec.preset.dynamics.age_of_gap(gap_share(e, self.captured[l]))
     }
+}
+
+/// The share of capacity `e` not yet captured (1 for an empty capacity: nothing to age).
+pub(crate) fn gap_share(e: f32, q: f32) -> f64 {
+    if e > 0.0 { (((e - q) / e) as f64).clamp(0.0, 1.0) } else { 1.0 }
+}
+
+/// The rate at which a site of capacity `e` with `q` captured closes its gap this round: `eta`
+/// (this round's η with its entropy effect) under the exponential law; under the power law the
+/// law's rate at the site's age, with the same entropy effect.
+pub(crate) fn site_rate(d: &crate::presets::DynamicsConfig, eta: f64, e: f32, q: f32) -> f32 {
+    if d.decay_exponent.is_none() {
+        return eta as f32;
+    }
+    let effect = if d.learning_rate > 0.0 { eta / d.learning_rate } else { 0.0 };
+    (d.round_rate(d.age_of_gap(gap_share(e, q))) * effect).clamp(0.0, 1.0) as f32
 }

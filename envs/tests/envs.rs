@@ -436,9 +436,9 @@ fn closed_share(g: impl Fn(f64) -> f64, t: f64) -> f64 {
 }
 
 #[test]
-fn power_law_dynamics_follow_their_law_and_a_skip_holds_it() {
-    // A channel wide enough that rank 1 everywhere never fails, and no entropy effect, so every
-    // trained round closes exactly the law's share.
+fn power_law_dynamics_follow_their_law_a_skip_holds_it_and_a_grown_site_is_younger() {
+    // A channel wide enough that no plan fails, and no entropy effect, so every trained round
+    // closes exactly the law's share.
     let alpha = 0.5;
     let p = edit(
         "wireless-rayleigh",
@@ -452,27 +452,33 @@ fn power_law_dynamics_follow_their_law_and_a_skip_holds_it() {
     let c = -(1.0 - p.dynamics.learning_rate).ln();
     let law = |k: f64| (1.0 + k * c / alpha).powf(-alpha);
     let exponential = |k: f64| (1.0 - p.dynamics.learning_rate).powf(k);
-    // The per-round rates multiply out to the law.
+    // The per-round rates multiply out to the law, and the age of its gap is the rounds trained.
     let mut g = 1.0;
     for k in 0..20 {
-        g *= 1.0 - p.dynamics.round_rate(k);
+        g *= 1.0 - p.dynamics.round_rate(k as f64);
         assert!((g - law(k as f64 + 1.0)).abs() < 1e-12, "round {k}");
+        assert!((p.dynamics.age_of_gap(g) - (k + 1) as f64).abs() < 1e-6 * (k + 1) as f64, "round {k}");
     }
     let mut v = VecEnv::new(&p, 1, 5).unwrap();
     let n = v.n_sites();
     let l0 = v.state(0).loss();
-    let play = |v: &mut VecEnv, skip: bool| {
-        v.step_indices_skipping(&vec![1u8; n], &[skip]).unwrap();
+    let play = |v: &mut VecEnv, plan: &[u8], skip: bool| {
+        v.step_indices_skipping(plan, &[skip]).unwrap();
         assert!(!v.outcomes()[0].violation);
     };
-    play(&mut v, false);
+    let rank1 = vec![1u8; n];
+    play(&mut v, &rank1, false);
     let l1 = v.state(0).loss();
-    // Round 1 is skipped: the loss and the law's count stay where they were.
-    play(&mut v, true);
-    assert_eq!((v.state(0).loss(), v.state(0).trained_rounds(), v.state(0).round()), (l1, 1, 2));
+    // Round 1 is skipped: the loss and every site's age stay where they were.
+    let age = |v: &VecEnv| v.state(0).site_age(v.spec(), 0);
+    let a1 = age(&v);
+    assert!((a1 - 1.0).abs() < 1e-4, "{a1}");
+    play(&mut v, &rank1, true);
+    assert_eq!((v.state(0).loss(), v.state(0).round()), (l1, 2));
+    assert_eq!(age(&v), a1);
     for t in 2..=8u32 {
-        play(&mut v, false);
-        assert_eq!(v.state(0).trained_rounds(), t);
+        play(&mut v, &rank1, false);
+        assert!((age(&v) - t as f64).abs() < 1e-3 * t as f64, "t {t}: age {}", age(&v));
         let share = (l0 - v.state(0).loss()) / (l0 - l1);
         assert!(
             (share - closed_share(law, t as f64)).abs() < 1e-4,
@@ -484,10 +490,16 @@ fn power_law_dynamics_follow_their_law_and_a_skip_holds_it() {
             assert!(closed_share(exponential, t as f64) - share > 0.05, "t {t}");
         }
     }
-    // Without the exponent the same preset is the exponential.
+    // Growing every site to the largest rank makes it younger: its new capacity starts fresh.
+    let old = age(&v);
+    let top = vec![(v.spec().rank_set.len() - 1) as u8; n];
+    play(&mut v, &top, false);
+    assert!(age(&v) < old, "age {} after growing, {old} before", age(&v));
+    // Without the exponent the same preset is the exponential, whose rate has no age.
     let mut e = p.clone();
     e.dynamics.decay_exponent = None;
-    assert_eq!(e.dynamics.round_rate(7), e.dynamics.learning_rate);
+    assert_eq!(e.dynamics.round_rate(7.0), e.dynamics.learning_rate);
+    assert_eq!(e.dynamics.age_of_gap(0.3), 0.0);
     // A bad exponent is refused with its key.
     let msg = err("wireless-rayleigh", &[("entropy_effect = 0.5", "entropy_effect = 0.5\ndecay_exponent = -1.0")]);
     assert!(msg.contains("decay_exponent") && msg.contains("> 0"), "{msg}");
