@@ -401,6 +401,7 @@ pub(crate) fn plan_tables(spec: &EnvSpec, st: &EnvState, values: &mut Vec<f64>, 
     costs.clear();
     let h = spec.preset.rounds.saturating_sub(st.round).max(1) as f64;
     let d = &spec.preset.dynamics;
+    let final_loss = rw.loss_term == crate::presets::LossTerm::Final;
     let s_h = growth_sum(d, st.eta, 1.0, h);
     for l in 0..n {
         let jo = st.rank_idx[l] as usize;
@@ -414,13 +415,16 @@ pub(crate) fn plan_tables(spec: &EnvSpec, st: &EnvState, values: &mut Vec<f64>, 
             }
             let r = spec.rank_set.rank(j) as f64;
             let cost = r * spec.unit_cost[l];
-            let s_h = if d.decay_exponent.is_some() {
-                growth_sum(d, st.eta, crate::state::gap_share(e_new as f32, q0 as f32), h)
+            let gap = crate::state::gap_share(e_new as f32, q0 as f32);
+            let held = if final_loss {
+                // What is captured when the episode ends.
+                e_new - (e_new - q0).max(0.0) * gap_left(d, st.eta, gap, h)
             } else {
-                s_h
+                let s_h = if d.decay_exponent.is_some() { growth_sum(d, st.eta, gap, h) } else { s_h };
+                h * e_new - (e_new - q0).max(0.0) * s_h
             };
-            let mut v = w * (h * e_new - (e_new - q0).max(0.0) * s_h)
-                - h * (rw.cost_coef * cost / b + rw.flops_coef * r * spec.flops_per_rank[l] / rw.flops_scale);
+            let mut v =
+                w * held - h * (rw.cost_coef * cost / b + rw.flops_coef * r * spec.flops_per_rank[l] / rw.flops_scale);
             if j != jo && rw.perturbation_coef > 0.0 {
                 v -= rw.perturbation_coef * (st.total_energy[l] as f64 * (e_new - e_old).abs()).sqrt() / n as f64;
             }
@@ -446,13 +450,29 @@ pub(crate) fn skip_value(spec: &EnvSpec, st: &EnvState) -> f64 {
             let j = st.rank_idx[l] as usize;
             let e = st.energy[l * k + j] as f64;
             let q = st.captured[l] as f64;
-            let s_h = growth_sum(d, st.eta, crate::state::gap_share(e as f32, q as f32), h);
+            let gap = crate::state::gap_share(e as f32, q as f32);
             let r = spec.rank_set.rank(j) as f64;
-            st.w[l] as f64 * (q + h * e - (e - q).max(0.0) * s_h)
+            let held = if rw.loss_term == crate::presets::LossTerm::Final {
+                e - (e - q).max(0.0) * gap_left(d, st.eta, gap, h)
+            } else {
+                q + h * e - (e - q).max(0.0) * growth_sum(d, st.eta, gap, h)
+            };
+            st.w[l] as f64 * held
                 - h * (rw.cost_coef * r * spec.unit_cost[l] / b
                     + rw.flops_coef * r * spec.flops_per_rank[l] / rw.flops_scale)
         })
         .sum()
+}
+
+/// P_h = Π_{t<h} (1 − η_t): the share of a site's gap left after `h` rounds of holding a plan,
+/// with the rates of [`growth_sum`] (ρʰ under the exponential law).
+fn gap_left(d: &crate::presets::DynamicsConfig, eta: f64, gap: f64, h: f64) -> f64 {
+    if d.decay_exponent.is_none() {
+        return (1.0 - eta).powf(h);
+    }
+    let effect = if d.learning_rate > 0.0 { eta / d.learning_rate } else { 0.0 };
+    let age = d.age_of_gap(gap);
+    (0..h.max(0.0).round() as u32).map(|t| 1.0 - (d.round_rate(age + t as f64) * effect).clamp(0.0, 1.0)).product()
 }
 
 /// S_h = Σ_{t=1..h} Π_{i<t} (1 − η_i): what a site's gap leaves summed over `h` rounds of

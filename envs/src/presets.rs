@@ -304,7 +304,8 @@ pub struct BudgetConfig {
 }
 
 /// Reward coefficients. Feasible round: r = −loss − cost_coef·c − flops_coef·F/flops_scale −
-/// perturbation_coef·P. Violation (c > 1): r = −violation_coef·c' − cost_coef·c', with
+/// perturbation_coef·P (with `loss_term = "final"`, the round's progress, loss before − loss
+/// after, in place of −loss). Violation (c > 1): r = −violation_coef·c' − cost_coef·c', with
 /// c' = min(c, violation_cost_cap), and nothing changes that round.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -324,6 +325,30 @@ pub struct RewardConfig {
     /// DR-RL perturbation term weight (0 = off); P = mean over sites of ‖ΔA‖_F.
     #[serde(default)]
     pub perturbation_coef: f64,
+    /// Which loss the reward charges (default `every-round`).
+    #[serde(default, skip_serializing_if = "LossTerm::is_every_round")]
+    pub loss_term: LossTerm,
+}
+
+/// Which loss the reward charges.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LossTerm {
+    /// −loss every round (AirLLM, DR-RL): the return sums the loss curve, so early progress
+    /// counts many times and the last rounds little.
+    #[default]
+    EveryRound,
+    /// The loss the episode ends at, paid as each round's progress (the loss before the round
+    /// minus the loss after it; 0 for a skipped or lost round): the return is the initial minus
+    /// the final loss, less the costs, as a fine-tuning run is judged by its last validation loss.
+    Final,
+}
+
+impl LossTerm {
+    /// Whether this is the default, `every-round` (not written out).
+    pub fn is_every_round(&self) -> bool {
+        *self == LossTerm::EveryRound
+    }
 }
 
 fn giga() -> f64 {

@@ -327,6 +327,8 @@ impl EnvState {
         }
         let k = spec.rank_set.len();
         let d = &p.dynamics;
+        let final_loss = rw.loss_term == crate::presets::LossTerm::Final;
+        let loss_before = self.loss;
         let want_pert = rw.perturbation_coef > 0.0;
         let want_flops = rw.flops_coef > 0.0;
         let mut resid = 0.0f64;
@@ -337,6 +339,7 @@ impl EnvState {
             let jo = self.rank_idx[l] as usize;
             let e_new = self.energy[l * k + j];
             let mut q = self.captured[l];
+            let q_before = q;
             let mut site_pert = 0.0f64;
             if j != jo {
                 let e_old = self.energy[l * k + jo];
@@ -355,34 +358,39 @@ impl EnvState {
             resid += site_resid;
             let site_flops = if want_flops { ranks[j] as f64 * spec.flops_per_rank[l] } else { 0.0 };
             flops += site_flops;
-            site_rewards[l] = (-p.dynamics.loss_floor / n
-                - site_resid
+            // `final`: the site's progress this round (negative when a shrink lost captured energy).
+            let loss_part =
+                if final_loss { (self.w[l] * (q - q_before)) as f64 } else { -p.dynamics.loss_floor / n - site_resid };
+            site_rewards[l] = (loss_part
                 - rw.cost_coef * c * share(l)
                 - rw.flops_coef * site_flops / rw.flops_scale
                 - rw.perturbation_coef * site_pert / n) as f32;
         }
         self.loss = p.dynamics.loss_floor + resid;
+        let loss_part = if final_loss { loss_before - self.loss } else { -self.loss };
         let reward =
-            -self.loss - rw.cost_coef * c - rw.flops_coef * flops / rw.flops_scale - rw.perturbation_coef * pert / n;
+            loss_part - rw.cost_coef * c - rw.flops_coef * flops / rw.flops_scale - rw.perturbation_coef * pert / n;
         self.last_violation = false;
         self.last_cost_ratio = c;
         RoundOutcome { reward, loss: self.loss, cost_ratio: c, cost, violation: false, skipped: false }
     }
 
     /// A skipped round: nothing is sent and nothing is trained, so there is no cost, no progress
-    /// and no resize; the reward is the loss carried through the round. Each site is credited
-    /// with its own residual plus an equal share of the floor.
+    /// and no resize; the reward is the loss carried through the round (0 with
+    /// `reward.loss_term = "final"`: no progress). Each site is credited with its own residual
+    /// plus an equal share of the floor.
     fn play_skip(&mut self, spec: &EnvSpec, site_rewards: &mut [f32]) -> RoundOutcome {
         let n = site_rewards.len().max(1) as f64;
         let floor = spec.preset.dynamics.loss_floor;
+        let final_loss = spec.preset.reward.loss_term == crate::presets::LossTerm::Final;
         for (l, r) in site_rewards.iter_mut().enumerate() {
-            *r = (-floor / n - (self.w[l] * (1.0 - self.captured[l])) as f64) as f32;
+            *r = if final_loss { 0.0 } else { (-floor / n - (self.w[l] * (1.0 - self.captured[l])) as f64) as f32 };
         }
         self.ep_skips += 1;
         self.last_violation = false;
         self.last_cost_ratio = 0.0;
         RoundOutcome {
-            reward: -self.loss,
+            reward: if final_loss { 0.0 } else { -self.loss },
             loss: self.loss,
             cost_ratio: 0.0,
             cost: 0.0,

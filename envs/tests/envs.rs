@@ -504,3 +504,43 @@ fn power_law_dynamics_follow_their_law_a_skip_holds_it_and_a_grown_site_is_young
     let msg = err("wireless-rayleigh", &[("entropy_effect = 0.5", "entropy_effect = 0.5\ndecay_exponent = -1.0")]);
     assert!(msg.contains("decay_exponent") && msg.contains("> 0"), "{msg}");
 }
+
+#[test]
+fn a_final_loss_reward_pays_each_rounds_progress_and_sums_to_the_loss_it_ends_at() {
+    // No cost terms and a channel no plan can exceed: the return is the initial minus the final
+    // loss, each round's reward its progress, split over the sites; a skip pays nothing.
+    let p = edit(
+        "wireless-rayleigh",
+        &[("deadline_s = 2.0", "deadline_s = 2000.0"), ("cost_coef = 0.1", "cost_coef = 0.0\nloss_term = \"final\"")],
+    )
+    .unwrap();
+    assert_eq!(p.reward.loss_term, envs::presets::LossTerm::Final);
+    let mut v = VecEnv::new(&p, 1, 3).unwrap();
+    let n = v.n_sites();
+    let k = v.spec().rank_set.len() as u8;
+    let l0 = v.state(0).loss();
+    let mut ret = 0.0f64;
+    for t in 0..p.rounds {
+        let before = v.state(0).loss();
+        // Grow, hold, shrink (which loses captured energy: a negative progress), skip.
+        let plan: Vec<u8> = vec![[2, k - 1, k - 1, 1][t as usize % 4]; n];
+        let skip = t % 5 == 4;
+        v.step_indices_skipping(&plan, &[skip]).unwrap();
+        let o = v.outcomes()[0];
+        let r = v.rewards()[0] as f64;
+        assert!(!o.violation);
+        let site_sum: f64 = v.site_rewards().iter().map(|&x| x as f64).sum();
+        assert!((site_sum - r).abs() < 1e-4 * (1.0 + r.abs()), "round {t}: sites {site_sum} vs {r}");
+        if skip {
+            assert_eq!(r, 0.0, "round {t}");
+        } else if !v.dones()[0] {
+            assert!((r - (before - v.state(0).loss())).abs() < 1e-5, "round {t}");
+        }
+        ret += r;
+    }
+    let s = v.finished()[0];
+    assert!((ret - (l0 - s.final_loss)).abs() < 1e-4, "return {ret} vs {} − {}", l0, s.final_loss);
+    // An unknown loss term is refused with its key.
+    let msg = err("wireless-rayleigh", &[("cost_coef = 0.1", "cost_coef = 0.1\nloss_term = \"area\"")]);
+    assert!(msg.contains("loss_term") || msg.contains("every-round"), "{msg}");
+}
