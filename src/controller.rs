@@ -664,8 +664,12 @@ pub fn run(
             tb.add_scalar("perf/resize_ms", resized.seconds * 1e3, s0 as i64)?;
         }
         let mut loss_sum = 0.0;
+        // Parameters that acted, summed over the round's steps (the plan's, unless AdaLoRA's
+        // allocator masks components step by step).
+        let mut params_sum = 0usize;
         for step in s0..s1 {
             let stats = ft.train_step()?;
+            params_sum += ft.adapter_params();
             if st.initial_loss.is_nan() {
                 st.initial_loss = stats.loss;
             }
@@ -685,6 +689,7 @@ pub fn run(
             bar.inc(1);
         }
         st.loss = loss_sum / (s1 - s0) as f64;
+        let held = ft.active_ranks();
         let cost = if res.simulate { res.cost(&plan.ranks) } else { 0.0 };
         let budget = res.true_budget();
         let delivered = res.settle(res.cost(&plan.ranks));
@@ -692,18 +697,18 @@ pub fn run(
         if !delivered && let Some(saved) = saved {
             ft.restore(saved);
         }
-        let params: usize = plan.ranks.iter().zip(ft.model.sites()).map(|(&r, s)| r * (s.d_in + s.d_out)).sum();
+        let params = (params_sum as f64 / (s1 - s0) as f64).round() as usize;
         let step = s1 as i64;
         tb.add_scalar("resource/cost", cost, step)?;
         tb.add_scalar("resource/cost_total", cost_sent, step)?;
         tb.add_scalar("resource/budget", budget, step)?;
         tb.add_scalar("resource/lost", (!delivered) as u8 as f64, step)?;
         tb.add_scalar("resource/skipped", 0.0, step)?;
-        tb.add_scalar("ranks/total", plan.ranks.iter().sum::<usize>() as f64, step)?;
+        tb.add_scalar("ranks/total", held.iter().sum::<usize>() as f64, step)?;
         tb.add_scalar("ranks/adapter_params", params as f64, step)?;
-        tb.add_histogram("ranks/sites", &plan.ranks.iter().map(|&r| r as f64).collect::<Vec<_>>(), step)?;
+        tb.add_histogram("ranks/sites", &held.iter().map(|&r| r as f64).collect::<Vec<_>>(), step)?;
         tb.add_scalar("scheduler/plan_ms", plan_ms, step)?;
-        heat.push(plan.ranks.iter().map(|&r| r as f64).collect());
+        heat.push(held.iter().map(|&r| r as f64).collect());
         let every = opts.eval_every_steps.max(1);
         if s1 / every > s0 / every || round + 1 == rounds {
             val = ft.evaluate();
@@ -716,7 +721,7 @@ pub fn run(
         records.push(RoundRecord {
             round,
             step: s0,
-            ranks: plan.ranks.clone(),
+            ranks: held,
             params,
             cost,
             budget,
@@ -775,6 +780,16 @@ pub fn prepare(
     seed: u64,
     device: tch::Device,
 ) -> Result<(Box<dyn RankScheduler>, RunResource)> {
+    if *scheduler == SchedulerSpec::AdaloraSvd {
+        if env.is_some() {
+            bail!(BadInput(
+                "adalora-svd runs without a resource (--env none): its allocator masks after every step and cannot roll back a lost round".into()
+            ));
+        }
+        if ft.allocator.is_none() {
+            bail!("adalora-svd needs a fine-tuner started with its AdaLoRA settings (SchedulerSpec::adalora_config)");
+        }
+    }
     let signals = ft.signals(false);
     let ppr: Vec<f64> = signals.iter().map(|s| (s.d_in + s.d_out) as f64).collect();
     let max_rank: Vec<usize> = signals.iter().map(|s| s.d_in.min(s.d_out)).collect();

@@ -7,6 +7,7 @@
 //! |---|---|
 //! | `fixed` / `fixed:R` | one rank for every site (`fixed`: the largest that fits the budget) |
 //! | `adalora` | AdaLoRA: cubic budget schedule from 1.5× to 1× the target (PEFT's `init_r` 12 → `target_r` 8), warm-up and final phases, components kept by a global importance ranking |
+//! | `adalora-svd` | AdaLoRA as published and as PEFT implements it ([`tune::adalora`]): sites in SVD form `B (Λ ⊙ A)` with the orthogonality penalty, `Λ` masked after every step to a triplet budget falling from `init_r` = ⌈1.5 R⌉ to `target_r` = R per module; `--budget rank:R`, no resource |
 //! | `squeeze` | LoRA-Squeeze in-training annealing: start at 4× the target rank, halve it in equal stages (4t → 2t → t) |
 //! | `policy:<dir>` | a trained policy checkpoint acting on the run's observation, within the resource's budget |
 //! | [`ResizeAt`] | `finetune --resize-at`: the ranks a user listed, at the steps listed |
@@ -28,8 +29,7 @@ use runio::checkpoint;
 use tune::finetune::{RankPlan, SiteSignals};
 
 /// Scheduler names accepted by `--scheduler`, for error messages.
-pub const SCHEDULER_NAMES: &str =
-    "fixed, fixed:R, adalora, squeeze, eva, policy:<checkpoint dir>, or a classic one with +skip (e.g. fixed+skip)";
+pub const SCHEDULER_NAMES: &str = "fixed, fixed:R, adalora, adalora-svd, squeeze, eva, policy:<checkpoint dir>, or a classic one with +skip (e.g. fixed+skip)";
 
 /// What a scheduler sees at a round boundary.
 pub struct RoundView<'a> {
@@ -111,6 +111,8 @@ pub enum SchedulerSpec {
     Fixed(Option<usize>),
     /// `adalora`.
     Adalora,
+    /// `adalora-svd`: PEFT's AdaLoRA in rankpilot's loop ([`SchedulerSpec::adalora_config`]).
+    AdaloraSvd,
     /// `squeeze`.
     Squeeze,
     /// `eva`: EVA's rank redistribution by explained variance ([`EvaRedistribution`]); its
@@ -130,8 +132,8 @@ impl SchedulerSpec {
         let bad = || format!("unknown scheduler `{s}`: allowed: {SCHEDULER_NAMES}");
         if let Some(inner) = s.strip_suffix("+skip") {
             return match SchedulerSpec::parse(inner)? {
-                SchedulerSpec::Policy(_) | SchedulerSpec::SkipUnfit(_) => Err(format!(
-                    "`{s}`: allowed: +skip after fixed, fixed:R, adalora or squeeze (a policy decides its own skips)"
+                SchedulerSpec::Policy(_) | SchedulerSpec::SkipUnfit(_) | SchedulerSpec::AdaloraSvd => Err(format!(
+                    "`{s}`: allowed: +skip after fixed, fixed:R, adalora or squeeze (a policy decides its own skips; adalora-svd runs without a resource)"
                 )),
                 classic => Ok(SchedulerSpec::SkipUnfit(Box::new(classic))),
             };
@@ -140,6 +142,7 @@ impl SchedulerSpec {
             None => match s {
                 "fixed" => Ok(SchedulerSpec::Fixed(None)),
                 "adalora" => Ok(SchedulerSpec::Adalora),
+                "adalora-svd" => Ok(SchedulerSpec::AdaloraSvd),
                 "squeeze" => Ok(SchedulerSpec::Squeeze),
                 "eva" => Ok(SchedulerSpec::Eva),
                 _ => Err(bad()),
@@ -162,6 +165,32 @@ impl SchedulerSpec {
         }
     }
 
+    /// The AdaLoRA settings a run under `adalora-svd` starts its fine-tuner with (PEFT's
+    /// schedule for `--budget rank:R`, [`tune::adalora::AdaloraConfig::peft_schedule`]; `None`
+    /// for the budget is rank 8); `None` for every other scheduler.
+    pub fn adalora_config(
+        &self,
+        budget: Option<BudgetSpec>,
+        steps: usize,
+    ) -> Result<Option<tune::adalora::AdaloraConfig>> {
+        if *self != SchedulerSpec::AdaloraSvd {
+            return Ok(None);
+        }
+        let r = match budget.unwrap_or(BudgetSpec::Rank(8.0)) {
+            BudgetSpec::Rank(r) if r >= 1.0 && r.fract() == 0.0 => r as usize,
+            b => bail!(BadInput(format!(
+                "--budget {} for adalora-svd: PEFT's AdaLoRA counts its budget in rank triplets; allowed: --budget rank:R with a whole R >= 1",
+                match b {
+                    BudgetSpec::Rank(r) => format!("rank:{r}"),
+                    BudgetSpec::Params(p) => format!("{p}"),
+                }
+            ))),
+        };
+        let cfg = tune::adalora::AdaloraConfig::peft_schedule(r, steps);
+        cfg.check()?;
+        Ok(Some(cfg))
+    }
+
     /// R of `fixed:R` (also under `+skip`).
     pub fn fixed_rank(&self) -> Option<usize> {
         match self {
@@ -177,6 +206,7 @@ impl SchedulerSpec {
             SchedulerSpec::Fixed(None) => "fixed".into(),
             SchedulerSpec::Fixed(Some(r)) => format!("fixed:{r}"),
             SchedulerSpec::Adalora => "adalora".into(),
+            SchedulerSpec::AdaloraSvd => "adalora-svd".into(),
             SchedulerSpec::Squeeze => "squeeze".into(),
             SchedulerSpec::Eva => "eva".into(),
             SchedulerSpec::SkipUnfit(inner) => format!("{}+skip", inner.label()),
@@ -246,6 +276,7 @@ impl SchedulerSpec {
                 uniform(s.init_rank, "adalora's initial rank")?;
                 Box::new(Adalora { schedule: s, params_per_rank: params_per_rank.to_vec() })
             }
+            SchedulerSpec::AdaloraSvd => Box::new(KeepComponents),
             SchedulerSpec::Squeeze => {
                 let s = SqueezeSchedule::for_budget(budget, c, rounds);
                 if s.target_rank() == 0 {
@@ -441,6 +472,19 @@ impl RankScheduler for Adalora {
         }
         let budget = self.schedule.budget_at(self.schedule.round_step(view.round));
         Ok(RankPlan::new(adalora_keep(view.signals, self.schedule.init_rank, &self.params_per_rank, budget)))
+    }
+}
+
+/// `adalora-svd`'s plan: every site keeps its components; the fine-tuner's
+/// [`tune::adalora::RankAllocator`] masks them step by step.
+pub struct KeepComponents;
+
+impl RankScheduler for KeepComponents {
+    fn name(&self) -> String {
+        "adalora-svd".into()
+    }
+    fn plan(&mut self, view: &RoundView<'_>) -> Result<RankPlan> {
+        Ok(RankPlan::new(view.signals.iter().map(|s| s.rank).collect()))
     }
 }
 
@@ -713,7 +757,9 @@ mod tests {
             SchedulerSpec::Policy("checkpoints/x".into())
         );
         let e = SchedulerSpec::parse("adalorra").unwrap_err();
-        assert!(e.contains("allowed: fixed, fixed:R, adalora, squeeze, eva, policy:"), "{e}");
+        assert!(e.contains("allowed: fixed, fixed:R, adalora, adalora-svd, squeeze, eva, policy:"), "{e}");
+        assert_eq!(SchedulerSpec::parse("adalora-svd").unwrap(), SchedulerSpec::AdaloraSvd);
+        assert!(SchedulerSpec::parse("adalora-svd+skip").is_err());
         assert!(SchedulerSpec::parse("policy:").is_err());
         let s = SchedulerSpec::parse("fixed:4+skip").unwrap();
         assert_eq!(s, SchedulerSpec::SkipUnfit(Box::new(SchedulerSpec::Fixed(Some(4)))));

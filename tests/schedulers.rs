@@ -328,7 +328,7 @@ fn bad_scheduler_inputs_exit_2_and_say_what_would_work() {
     case(
         &model,
         &["--scheduler", "adalorra"],
-        "allowed: fixed, fixed:R, adalora, squeeze, eva, policy:<checkpoint dir>",
+        "allowed: fixed, fixed:R, adalora, adalora-svd, squeeze, eva, policy:<checkpoint dir>",
     );
     case(&model, &["--scheduler", "fixed", "--budget", "100"], "below the smallest uniform plan");
     case(&model, &["--scheduler", "fixed:8", "--budget", "rank:4"], "allowed: fixed:R with R <= 4");
@@ -338,6 +338,10 @@ fn bad_scheduler_inputs_exit_2_and_say_what_would_work() {
     // The shipped policy chooses ranks up to 64; this model's k_proj is 32 wide.
     case(&narrow, &["--scheduler", "policy:checkpoints/wireless-rayleigh"], "64");
     case(&model, &["--budget", "rank:4"], "--env and --budget need --scheduler");
+    // PEFT's AdaLoRA counts rank triplets and has no resource to lose a round to.
+    case(&model, &["--scheduler", "adalora-svd", "--budget", "5000"], "allowed: --budget rank:R");
+    case(&model, &["--scheduler", "adalora-svd", "--env", "wireless-rayleigh"], "adalora-svd runs without a resource");
+    case(&model, &["--scheduler", "adalora-svd+skip"], "adalora-svd runs without a resource");
 }
 
 #[test]
@@ -434,14 +438,14 @@ fn peft_peers_train_on_the_same_windows_as_the_rust_rows_and_the_sweep_scores_ea
         v
     };
     let run = |args: &[String]| common::rankpilot(&args.iter().map(String::as_str).collect::<Vec<_>>());
-    let mut args = base("fixed,peft:lora,peft:adalora,peft:eva", &logdir);
+    let mut args = base("fixed,peft:lora,peft:adalora,peft:eva,adalora-svd", &logdir);
     args.extend(["--seeds".into(), "1".into()]);
     let o = run(&args);
     assert!(o.status.success(), "{}", common::text(&o));
     let j: serde_json::Value = serde_json::from_slice(&std::fs::read(logdir.join("compare.json")).unwrap()).unwrap();
     let runs = j["runs"].as_array().unwrap();
     let names: Vec<&str> = runs.iter().map(|r| r[0]["scheduler"].as_str().unwrap()).collect();
-    assert_eq!(names, ["fixed", "peft:lora", "peft:adalora", "peft:eva"]);
+    assert_eq!(names, ["fixed", "peft:lora", "peft:adalora", "peft:eva", "adalora-svd"]);
     // Every adapter starts at zero output (B = 0; AdaLoRA's E = 0), so before training each row's
     // loss is the base model's on the validation windows: Python reads the same windows.
     let base_loss = runs[0][0]["val_loss_initial"].as_f64().unwrap();
@@ -458,10 +462,16 @@ fn peft_peers_train_on_the_same_windows_as_the_rust_rows_and_the_sweep_scores_ea
     assert_eq!(params(0), (4 * PARAMS_PER_RANK) as f64);
     // (4 per module ± what moves between widths), and AdaLoRA's budget never exceeds its initial
     // 1.5 × 4 per module.
-    for (i, name) in [(2, "peft:adalora"), (3, "peft:eva")] {
+    for (i, name) in [(2, "peft:adalora"), (3, "peft:eva"), (4, "adalora-svd")] {
         let mean = runs[i][0]["mean_params"].as_f64().unwrap();
         assert!(params(i) > 0.0 && mean <= 1.5 * params(0), "{name}: mean {mean}, final {}", params(i));
     }
+    // rankpilot's AdaLoRA in PEFT's form ends within PEFT's triplet budget: at most 4 of its 6
+    // components per module on average, and it did mask (6 steps: tinit 1, tfinal 1).
+    let last = runs[4][0]["rounds"].as_array().unwrap().last().unwrap()["ranks"].as_array().unwrap().clone();
+    let kept: u64 = last.iter().map(|r| r.as_u64().unwrap()).sum();
+    assert!(kept > 0 && kept <= 4 * last.len() as u64, "adalora-svd keeps {kept} triplets on {} sites", last.len());
+    assert!(last.iter().all(|r| r.as_u64().unwrap() <= 6), "{last:?}");
     assert!(logdir.join("peft-eva/seed0").is_dir());
 
     // The sweep: each row at each rate on seed --seed + --seeds, scored on the first half of the

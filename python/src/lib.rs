@@ -500,8 +500,18 @@ struct Controller {
     name: String,
 }
 
+/// `adalora-svd` masks inside the model step by step, which a round-level controller cannot do.
+fn adalora_svd_here() -> PyErr {
+    bad(
+        "scheduler adalora-svd: rankpilot's copy of PEFT's AdaLoRA runs in `rankpilot finetune`; in a Trainer use PEFT's AdaLoraConfig itself; allowed here: fixed, fixed:R, adalora, squeeze, policy:<dir>",
+    )
+}
+
 fn parse_scheduler(scheduler: &str, budget: &str, sites: &[SiteShape]) -> PyResult<(SchedulerSpec, f64)> {
     let spec = SchedulerSpec::parse(scheduler).map_err(|e| bad(format!("scheduler: {e}")))?;
+    if spec == SchedulerSpec::AdaloraSvd {
+        return Err(adalora_svd_here());
+    }
     let b = BudgetSpec::parse(budget).map_err(|e| bad(format!("budget: {e}")))?;
     if sites.is_empty() {
         return Err(bad("sites: an empty list; allowed: the LoRA modules of the model (at least one)"));
@@ -538,6 +548,7 @@ fn largest_rank(scheduler: &str, budget: &str, sites: Vec<SiteShape>) -> PyResul
                     "scheduler eva: needs EVA's input bases, which only `rankpilot finetune --init eva` computes; allowed here: fixed, fixed:R, adalora, squeeze, policy:<dir>",
                 ));
             }
+            SchedulerSpec::AdaloraSvd => return Err(adalora_svd_here()),
         })
     }
     let cap = sites.iter().map(|s| s.d_in.min(s.d_out)).max().unwrap_or(0);

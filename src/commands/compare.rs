@@ -250,6 +250,18 @@ pub fn run(a: &CompareArgs) -> Result<()> {
             .into());
         }
     }
+    for row in &a.schedulers {
+        if let RowSpec::Loop { scheduler: spec @ SchedulerSpec::AdaloraSvd, .. } = row {
+            if env.is_some() {
+                return Err(BadInput(format!(
+                    "--env {}: adalora-svd runs without a resource (it masks after every step and cannot roll back a lost round): use --env none",
+                    a.env
+                ))
+                .into());
+            }
+            spec.adalora_config(Some(a.budget), a.steps)?;
+        }
+    }
     if let (Some(task), Some(out)) = (&a.worker_task, &a.worker_out) {
         let task: Task = serde_json::from_str(task).map_err(|e| BadInput(format!("--worker-task: {e}")))?;
         let report = run_task(a, env.as_ref(), &task)?;
@@ -460,8 +472,13 @@ fn run_task(a: &CompareArgs, env: Option<&envs::EnvPreset>, task: &Task) -> Resu
         RowSpec::Loop { scheduler, init } => init.unwrap_or(a.input.init_for(Some(scheduler))),
         RowSpec::Peft(_) => SiteInit::Kaiming,
     };
+    let adalora = match spec {
+        RowSpec::Loop { scheduler, .. } => scheduler.adalora_config(Some(a.budget), a.steps)?,
+        RowSpec::Peft(_) => None,
+    };
     let cfg = FinetuneConfig {
         init,
+        adalora,
         eval_batches: a.eval_batches,
         ranks: RankSpec { default: 0, patterns: vec![] },
         seed,

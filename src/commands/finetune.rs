@@ -144,6 +144,12 @@ pub fn run(a: &FinetuneArgs) -> Result<()> {
     if a.scheduler.is_none() && (a.env != "none" || a.budget.is_some()) {
         return Err(BadInput("--env and --budget need --scheduler".into()).into());
     }
+    if a.scheduler == Some(SchedulerSpec::AdaloraSvd) && (a.save_every > 0 || a.resume.is_some()) {
+        return Err(BadInput(
+            "--save-every / --resume with --scheduler adalora-svd: its allocator's importance averages are not checkpointed; allowed: a run without them".into(),
+        )
+        .into());
+    }
     let device = a.common.device;
     let kind = if a.bf16 { Kind::BFloat16 } else { Kind::Float };
     let (model, vs, tok, corpus, data) =
@@ -162,6 +168,10 @@ pub fn run(a: &FinetuneArgs) -> Result<()> {
         rslora: a.rslora,
         track_importance: !a.no_importance,
         seed: a.common.seed,
+        adalora: match &a.scheduler {
+            Some(spec) => spec.adalora_config(a.budget, a.steps)?,
+            None => None,
+        },
         ..base
     };
     let env = load_env(&a.env)?;

@@ -17,6 +17,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 use tch::{Device, Kind, Tensor, nn};
 
+use crate::adalora::{AdaloraConfig, RankAllocator, orthogonality_penalty};
 use crate::data::{TokenData, data_rng};
 use crate::lora::{AdamW, Lora, LoraInit, ResizeKind, SavedModule, check_rank};
 use crate::model::llama::Llama;
@@ -172,6 +173,10 @@ pub struct FinetuneConfig {
     pub seed: u64,
     /// How sites start and grow: random directions, or EVA's data-driven ones.
     pub init: SiteInit,
+    /// AdaLoRA as PEFT implements it ([`crate::adalora`]): every site starts in SVD form at
+    /// `init_r` components (`ranks` is then not read) and a [`RankAllocator`] masks them after
+    /// every step. `None`: plain LoRA sites, resized by the scheduler's plans.
+    pub adalora: Option<AdaloraConfig>,
 }
 
 impl Default for FinetuneConfig {
@@ -194,6 +199,7 @@ impl Default for FinetuneConfig {
             track_importance: true,
             seed: 0,
             init: SiteInit::Kaiming,
+            adalora: None,
         }
     }
 }
@@ -327,6 +333,8 @@ pub struct Finetuner {
     pub train_time: Duration,
     /// Time spent in `resize`.
     pub resize_time: Duration,
+    /// AdaLoRA's allocator when `cfg.adalora` is set.
+    pub allocator: Option<RankAllocator>,
 }
 
 impl Finetuner {
@@ -341,16 +349,24 @@ impl Finetuner {
         let init = LoraInit { alpha: cfg.alpha, rslora: cfg.rslora, seed: cfg.seed };
         for (name, target) in model.site_modules(&cfg.targets) {
             let shape = model.target_shape(target);
-            let r = cfg.ranks.rank_for(&name);
+            let r = cfg.adalora.map_or_else(|| cfg.ranks.rank_for(&name), |a| a.init_r);
             check_rank(&name, r, shape.0, shape.1)?;
-            let site = match target {
-                Target::EmbedTokens => Lora::new_embedding(&name, shape, r, init, device)?,
-                _ => Lora::new(&name, shape, r, init, device)?,
+            let site = match (target, cfg.adalora) {
+                (Target::EmbedTokens, Some(_)) => bail!(BadInput(
+                    "adalora-svd: PEFT's AdaLoRA adapts linear layers; allowed targets: projections and lm_head, not embed_tokens".into()
+                )),
+                (_, Some(_)) => Lora::new_svd(&name, shape, r, init, device)?,
+                (Target::EmbedTokens, None) => Lora::new_embedding(&name, shape, r, init, device)?,
+                (_, None) => Lora::new(&name, shape, r, init, device)?,
             };
             *model.site_slot(&name).expect("a module of this model").1 = Some(site);
         }
         let val = data.val_batches_masked(cfg.eval_batches, cfg.batch_size, cfg.seq_len, device);
         let init_kind = cfg.init;
+        let allocator = match cfg.adalora {
+            Some(a) => Some(RankAllocator::new(a, &model.sites())?),
+            None => None,
+        };
         let mut ft = Finetuner {
             model,
             vs,
@@ -365,7 +381,11 @@ impl Finetuner {
             step: 0,
             train_time: Duration::ZERO,
             resize_time: Duration::ZERO,
+            allocator,
         };
+        if ft.allocator.is_some() && !matches!(init_kind, SiteInit::Kaiming) {
+            bail!(BadInput("adalora-svd: its sites start as PEFT's AdaLoRA does; allowed: --init kaiming".into()));
+        }
         if let SiteInit::Eva { batches } = init_kind {
             ft.eva_init(batches)?;
         }
@@ -492,9 +512,16 @@ impl Finetuner {
         self.model.sites().iter().map(|s| s.rank()).collect()
     }
 
-    /// Trainable LoRA parameters.
+    /// Components that act, in plan order: the ranks, or under AdaLoRA's allocator the
+    /// unmasked ones ([`Lora::active_rank`]).
+    pub fn active_ranks(&self) -> Vec<usize> {
+        self.model.sites().iter().map(|s| s.active_rank()).collect()
+    }
+
+    /// LoRA parameters that act: `Σ r·(d_in + d_out)` over the active ranks (PEFT's count of
+    /// AdaLoRA's kept triplets, without `Λ`).
     pub fn adapter_params(&self) -> usize {
-        self.model.sites().iter().map(|s| s.rank() * (s.d_in + s.d_out)).sum()
+        self.model.sites().iter().map(|s| s.active_rank() * (s.d_in + s.d_out)).sum()
     }
 
     /// The learning rate of optimizer step `step` (0-based).
@@ -526,6 +553,14 @@ impl Finetuner {
                 bail!("training loss became {v} at step {}", self.step);
             }
             loss_v += v / accum as f64;
+            // AdaLoRA's penalty joins every micro-batch's loss, as PEFT's forward adds it.
+            let loss = match &self.allocator {
+                Some(al) => match orthogonality_penalty(&self.model.sites(), al.cfg.orth_reg_weight) {
+                    Some(p) => loss + p,
+                    None => loss,
+                },
+                None => loss,
+            };
             // With every site at rank 0 nothing is trainable: the step only measures the loss.
             if loss.requires_grad() {
                 if accum > 1 { (loss / accum as f64).backward() } else { loss.backward() }
@@ -546,8 +581,23 @@ impl Finetuner {
         };
         let lr = self.lr_at(self.step);
         let opt = AdamW { lr, ..self.cfg.adam };
-        for s in self.model.sites_mut() {
-            s.adamw_step(&opt, scale);
+        match &mut self.allocator {
+            // AdaLoRA reads the parameters after the step and the gradients before they clear.
+            Some(al) => {
+                let mut sites = self.model.sites_mut();
+                for s in sites.iter_mut() {
+                    s.adamw_update(&opt, scale);
+                }
+                al.update_and_allocate(&mut sites, self.step, scale);
+                for s in sites.iter_mut() {
+                    s.zero_grad();
+                }
+            }
+            None => {
+                for s in self.model.sites_mut() {
+                    s.adamw_step(&opt, scale);
+                }
+            }
         }
         for s in &mut self.saved {
             s.adamw_step(&opt, scale);
@@ -736,7 +786,8 @@ impl Finetuner {
         Ok(())
     }
 
-    /// The adapter as a PEFT adapter (sites of rank 0 are left out).
+    /// The adapter as a PEFT adapter (sites of rank 0 are left out; a site in AdaLoRA's SVD form
+    /// is written as the plain LoRA of its kept components, [`Lora::plain_factors`]).
     pub fn to_peft(&self, base_model: &str) -> PeftAdapter {
         let mut config = PeftAdapter::new_config(base_model, self.cfg.rslora);
         config.insert("lora_alpha".into(), serde_json::json!(self.cfg.alpha));
@@ -752,14 +803,17 @@ impl Finetuner {
                 .model
                 .sites()
                 .iter()
-                .filter(|s| s.rank() > 0)
-                .map(|s| PeftSite {
-                    module: s.name.clone(),
-                    tensor_prefix: format!("{PREFIX}{}", s.name),
-                    a: s.a.detach().to_device(Device::Cpu),
-                    b: s.b.detach().to_device(Device::Cpu),
-                    alpha: s.alpha,
-                    embedding: s.embedding,
+                .filter(|s| s.active_rank() > 0)
+                .map(|s| {
+                    let (a, b, alpha) = s.plain_factors();
+                    PeftSite {
+                        module: s.name.clone(),
+                        tensor_prefix: format!("{PREFIX}{}", s.name),
+                        a: a.to_device(Device::Cpu),
+                        b: b.to_device(Device::Cpu),
+                        alpha,
+                        embedding: s.embedding,
+                    }
                 })
                 .collect(),
             other: self

@@ -3,6 +3,7 @@
 //! - [`model`]: Llama-architecture decoders read from a Hugging Face directory (`config.json` +
 //!   safetensors); the forward pass apart from the weight loading.
 //! - [`lora`]: dynamic-rank LoRA sites (grow, QR-core squeeze), their AdamW and importance.
+//! - [`adalora`]: AdaLoRA as PEFT implements it (SVD-form sites, masking rank allocator).
 //! - [`svd`]: QR-core and randomized SVD.
 //! - [`finetune`]: the training step, signals for schedulers, resizing to a rank plan.
 //! - [`peft`]: PEFT adapter import and export.
@@ -13,6 +14,7 @@
 //! It builds and tests without the environments and the policies: nothing here knows what
 //! decides a rank plan.
 
+pub mod adalora;
 pub mod data;
 pub mod finetune;
 pub mod inference;

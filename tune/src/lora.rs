@@ -29,6 +29,11 @@
 //!
 //! The AdaLoRA importance averages follow the same rule (padded with zeros on grow, reset on
 //! shrink).
+//!
+//! **AdaLoRA's SVD form** ([`Lora::new_svd`], PEFT's `SVDLinear`): `y = W x + s · B (Λ ⊙ A) x`
+//! with a trained diagonal `Λ` (`lora_E`, `[r, 1]`, starting at zero), `A`, `B` drawn from
+//! `N(0, 0.02²)` and `s = α / (r + 10⁻⁵)`. Such a site never resizes: [`crate::adalora`] prunes
+//! its components by zeroing entries of `Λ`, as PEFT does.
 
 use anyhow::{Result, bail};
 use tch::{Device, Kind, Tensor};
@@ -175,19 +180,31 @@ impl SavedModule {
 
 /// AdaLoRA sensitivity averages of one tensor: `Ī` (EMA of `|θ·∇θ|`) and `Ū` (EMA of `|I − Ī|`).
 #[derive(Debug)]
-struct Importance {
+pub(crate) struct Importance {
     i_bar: Tensor,
     u_bar: Tensor,
 }
 
 impl Importance {
-    fn zeros_like(t: &Tensor) -> Importance {
+    pub(crate) fn zeros_like(t: &Tensor) -> Importance {
         Importance { i_bar: t.zeros_like(), u_bar: t.zeros_like() }
     }
-    fn score(&self) -> Tensor {
+    /// `s = Ī · Ū`, element-wise.
+    pub(crate) fn score(&self) -> Tensor {
         &self.i_bar * &self.u_bar
     }
+    /// One observation of parameter `p` with gradient `g`: `I = |p·g|`, `Ī ← β₁Ī + (1−β₁)I`,
+    /// `Ū ← β₂Ū + (1−β₂)|I − Ī|`.
+    pub(crate) fn observe(&mut self, p: &Tensor, g: &Tensor) {
+        let (b1, b2) = IMPORTANCE_BETA;
+        let i = (p * g).abs();
+        self.i_bar = &self.i_bar * b1 + &i * (1.0 - b1);
+        self.u_bar = &self.u_bar * b2 + (&i - &self.i_bar).abs() * (1.0 - b2);
+    }
 }
+
+/// AdaLoRA's initial spread of `A` and `B` in SVD form (PEFT: `nn.init.normal_(…, std=0.02)`).
+pub const SVD_INIT_STD: f64 = 0.02;
 
 /// AdaLoRA's EMA factors (β₁ = β₂ = 0.85, PEFT's defaults).
 pub const IMPORTANCE_BETA: (f64, f64) = (0.85, 0.85);
@@ -232,6 +249,10 @@ pub struct Lora {
     pub input_variance: Vec<f64>,
     /// While `Some`, [`Lora::forward`] appends its input rows here (EVA's activation pass).
     pub captured_inputs: std::cell::RefCell<Option<Vec<Tensor>>>,
+    /// AdaLoRA's `Λ` (PEFT's `lora_E`, `[r, 1]`, requires grad) for a site in SVD form
+    /// ([`Lora::new_svd`]); `None` for a plain LoRA site.
+    pub lambda: Option<Tensor>,
+    lambda_adam: Option<Moments>,
     draws: u64,
 }
 
@@ -343,18 +364,65 @@ impl Lora {
             input_basis: None,
             input_variance: Vec::new(),
             captured_inputs: std::cell::RefCell::new(None),
+            lambda: None,
+            lambda_adam: None,
             draws: 0,
         }
     }
 
-    /// Current rank.
+    /// A new site in AdaLoRA's SVD form (PEFT's `SVDLinear`): `A` (`[rank, in]`) and `B`
+    /// (`[out, rank]`) drawn from `N(0, 0.02²)` by the site's own generator, `Λ = 0`, so the
+    /// update starts at zero. `alpha` is PEFT's `lora_alpha`; the scaling is `α / (rank + 10⁻⁵)`.
+    pub fn new_svd(
+        name: &str,
+        (d_in, d_out): (usize, usize),
+        rank: usize,
+        init: LoraInit,
+        device: Device,
+    ) -> Result<Lora> {
+        check_rank(name, rank, d_in, d_out)?;
+        let mut l = Lora::from_factors(
+            name,
+            Tensor::zeros([rank as i64, d_in as i64], (Kind::Float, device)),
+            Tensor::zeros([d_out as i64, rank as i64], (Kind::Float, device)),
+            init.alpha,
+            false,
+        );
+        l.seed = init.seed ^ name_hash(name);
+        l.a = param(l.normal(&[rank, d_in], SVD_INIT_STD));
+        l.b = param(l.normal(&[d_out, rank], SVD_INIT_STD));
+        l.lambda = Some(param(Tensor::zeros([rank as i64, 1], (Kind::Float, device))));
+        Ok(l)
+    }
+
+    /// Current rank (for a site in SVD form: its components, masked or not).
     pub fn rank(&self) -> usize {
         self.a.size()[0] as usize
     }
 
-    /// Current scaling `s`.
+    /// Components that act: the rank, or for a site in SVD form the entries of `Λ` that are
+    /// not zero (what PEFT's AdaLoRA counts as kept).
+    pub fn active_rank(&self) -> usize {
+        match &self.lambda {
+            Some(l) => l.ne(0.0).sum(Kind::Int64).int64_value(&[]) as usize,
+            None => self.rank(),
+        }
+    }
+
+    /// Current scaling `s` (`α / (r + 10⁻⁵)` in SVD form, PEFT's `scaling / (ranknum + 1e-5)`).
     pub fn scaling(&self) -> f64 {
-        scaling(self.alpha, self.rank(), self.rslora)
+        match self.lambda {
+            Some(_) => self.alpha / (self.rank() as f64 + 1e-5),
+            None => scaling(self.alpha, self.rank(), self.rslora),
+        }
+    }
+
+    /// The factor that multiplies the input: `A`, or `Λ ⊙ A` in SVD form.
+    fn a_eff(&self) -> Tensor {
+        match &self.lambda {
+            Some(l) => &self.a * l,
+            None => self.a.shallow_clone(),
+        }
     }
 
     /// `s · B (A x)` in `x`'s dtype, or `None` at rank 0.
@@ -367,7 +435,7 @@ impl Lora {
         }
         let k = x.kind();
         let h = if self.dropout > 0.0 { x.dropout(self.dropout, true) } else { x.shallow_clone() };
-        let h = h.linear(&self.a.to_kind(k), None::<Tensor>);
+        let h = h.linear(&self.a_eff().to_kind(k), None::<Tensor>);
         Some(h.linear(&self.b.to_kind(k), None::<Tensor>) * self.scaling())
     }
 
@@ -377,7 +445,7 @@ impl Lora {
         if self.rank() == 0 {
             return None;
         }
-        let h = Tensor::embedding(&self.a.to_kind(kind).tr(), ids, -1, false, false);
+        let h = Tensor::embedding(&self.a_eff().to_kind(kind).tr(), ids, -1, false, false);
         Some(h.linear(&self.b.to_kind(kind), None::<Tensor>) * self.scaling())
     }
 
@@ -386,7 +454,23 @@ impl Lora {
         if self.rank() == 0 {
             return Tensor::zeros([self.d_out as i64, self.d_in as i64], (Kind::Float, self.a.device()));
         }
-        self.b.detach().matmul(&self.a.detach()) * self.scaling()
+        self.b.detach().matmul(&self.a_eff().detach()) * self.scaling()
+    }
+
+    /// The site as plain LoRA factors `(A, B, α)` with the same update `s · B A`: itself, or in
+    /// SVD form its kept components, `A = (Λ ⊙ A)[kept]`, `B = B[:, kept]` and `α` rescaled so
+    /// that `α / r_kept` equals `α / (r + 10⁻⁵)` (an exact PEFT `LoraConfig` adapter).
+    pub fn plain_factors(&self) -> (Tensor, Tensor, f64) {
+        match &self.lambda {
+            None => (self.a.detach(), self.b.detach(), self.alpha),
+            Some(l) => {
+                let kept = l.detach().view([-1]).ne(0.0).nonzero().view([-1]);
+                let a = self.a_eff().detach().index_select(0, &kept);
+                let b = self.b.detach().index_select(1, &kept);
+                let alpha = self.scaling() * kept.size()[0] as f64;
+                (a, b, alpha)
+            }
+        }
     }
 
     /// Singular values of `ΔW = s · B A` by the QR-core route, descending (`rank` values).
@@ -395,7 +479,7 @@ impl Lora {
             return Vec::new();
         }
         let s = self.scaling();
-        tch::no_grad(|| svd::qr_core_svd(&self.b.detach(), &self.a.detach()).values())
+        tch::no_grad(|| svd::qr_core_svd(&self.b.detach(), &self.a_eff().detach()).values())
             .into_iter()
             .map(|x| x * s)
             .collect()
@@ -407,6 +491,12 @@ impl Lora {
     pub fn resize(&mut self, new_rank: usize) -> Result<ResizeKind> {
         check_rank(&self.name, new_rank, self.d_in, self.d_out)?;
         let r = self.rank();
+        if self.lambda.is_some() && new_rank != r {
+            bail!(rankpilot_config::BadInput(format!(
+                "{}: a site in AdaLoRA's SVD form keeps its {r} components (its allocator masks them); allowed: rank {r}",
+                self.name
+            )));
+        }
         Ok(if new_rank == r {
             ResizeKind::Unchanged
         } else if new_rank > r {
@@ -524,18 +614,21 @@ impl Lora {
             if !ga.defined() || !gb.defined() {
                 return 0.0;
             }
-            let sq = (ga.square().sum(Kind::Float) + gb.square().sum(Kind::Float)).double_value(&[]);
+            let mut sq = (ga.square().sum(Kind::Float) + gb.square().sum(Kind::Float)).double_value(&[]);
+            if let Some(l) = &self.lambda {
+                let gl = l.grad();
+                if gl.defined() {
+                    sq += gl.square().sum(Kind::Float).double_value(&[]);
+                }
+            }
             self.last_grad_norm = sq.sqrt();
-            if update_importance {
-                let (b1, b2) = IMPORTANCE_BETA;
+            // In SVD form the allocator measures after the optimizer step, as PEFT does.
+            if update_importance && self.lambda.is_none() {
                 let imp = self
                     .importance
                     .get_or_insert_with(|| (Importance::zeros_like(&self.a), Importance::zeros_like(&self.b)));
-                for (p, g, st) in [(&self.a, &ga, &mut imp.0), (&self.b, &gb, &mut imp.1)] {
-                    let i = (p.detach() * g).abs();
-                    st.i_bar = &st.i_bar * b1 + &i * (1.0 - b1);
-                    st.u_bar = &st.u_bar * b2 + (&i - &st.i_bar).abs() * (1.0 - b2);
-                }
+                imp.0.observe(&self.a.detach(), &ga);
+                imp.1.observe(&self.b.detach(), &gb);
             }
             sq
         })
@@ -565,9 +658,16 @@ impl Lora {
         }
     }
 
-    /// One AdamW step on `A` and `B` (gradients scaled by `grad_scale`, e.g. for clipping), then
-    /// clears the gradients. A site without gradients is left alone.
+    /// One AdamW step on `A` and `B` (and `Λ` in SVD form; gradients scaled by `grad_scale`,
+    /// e.g. for clipping), then clears the gradients. A site without gradients is left alone.
     pub fn adamw_step(&mut self, opt: &AdamW, grad_scale: f64) {
+        self.adamw_update(opt, grad_scale);
+        self.zero_grad();
+    }
+
+    /// [`Lora::adamw_step`] without clearing the gradients (AdaLoRA's allocator reads them after
+    /// the step).
+    pub fn adamw_update(&mut self, opt: &AdamW, grad_scale: f64) {
         if self.rank() == 0 {
             return;
         }
@@ -582,9 +682,23 @@ impl Lora {
             for (p, g, m) in [(&mut self.a, ga, &mut st.0), (&mut self.b, gb, &mut st.1)] {
                 adamw_update(p, &g, m, opt, self.adam_steps, grad_scale);
             }
+            if let Some(l) = &mut self.lambda {
+                let gl = l.grad();
+                if gl.defined() {
+                    let m = self.lambda_adam.get_or_insert_with(|| Moments::zeros_like(l));
+                    adamw_update(l, &gl, m, opt, self.adam_steps, grad_scale);
+                }
+            }
         });
+    }
+
+    /// Clears the gradients of the site's factors.
+    pub fn zero_grad(&mut self) {
         self.a.zero_grad();
         self.b.zero_grad();
+        if let Some(l) = &mut self.lambda {
+            l.zero_grad();
+        }
     }
 
     /// The site's whole training state for a resumable checkpoint: its counters as JSON, and its
@@ -607,6 +721,13 @@ impl Lora {
                 put(&format!("imp_{k}_i"), &i.i_bar);
                 put(&format!("imp_{k}_u"), &i.u_bar);
             }
+        }
+        if let Some(l) = &self.lambda {
+            put("lambda", l);
+        }
+        if let Some(m) = &self.lambda_adam {
+            put("adam_lambda_m", &m.m);
+            put("adam_lambda_v", &m.v);
         }
         serde_json::json!({
             "name": self.name, "alpha": self.alpha, "rslora": self.rslora, "adam_steps": self.adam_steps,
@@ -642,6 +763,8 @@ impl Lora {
         l.input_basis = get("input_basis");
         l.input_variance =
             serde_json::from_value(v.get("input_variance").cloned().unwrap_or_default()).unwrap_or_default();
+        l.lambda = get("lambda").map(param);
+        l.lambda_adam = moments("lambda");
         Some(l)
     }
 
@@ -674,6 +797,8 @@ impl Lora {
             input_basis: self.input_basis.as_ref().map(|b| b.shallow_clone()),
             input_variance: self.input_variance.clone(),
             captured_inputs: std::cell::RefCell::new(None),
+            lambda: self.lambda.as_ref().map(|l| param(copy(l))),
+            lambda_adam: self.lambda_adam.as_ref().map(|m| Moments { m: copy(&m.m), v: copy(&m.v) }),
             draws: self.draws,
         }
     }
@@ -687,6 +812,10 @@ impl Lora {
     pub fn to_device(&mut self, device: Device) {
         self.a = param(self.a.to_device(device));
         self.b = param(self.b.to_device(device));
+        self.lambda = self.lambda.take().map(|l| param(l.to_device(device)));
+        if let Some(m) = self.lambda_adam.take() {
+            self.lambda_adam = Some(Moments { m: m.m.to_device(device), v: m.v.to_device(device) });
+        }
         if let Some((ma, mb)) = self.adam.take() {
             self.adam = Some((
                 Moments { m: ma.m.to_device(device), v: ma.v.to_device(device) },
@@ -719,6 +848,22 @@ fn name_hash(name: &str) -> u64 {
 }
 
 impl Lora {
+    /// A `shape` tensor drawn from `N(0, std²)` by the site's own ChaCha8 generator (seed, draw
+    /// counter), as [`Lora::kaiming_rows`].
+    fn normal(&mut self, shape: &[usize], std: f64) -> Tensor {
+        use rand::SeedableRng;
+        use rand_distr::Distribution;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(
+            self.seed.wrapping_add(self.draws.wrapping_mul(0x9e37_79b9_7f4a_7c15)),
+        );
+        self.draws += 1;
+        let dist = rand_distr::Normal::new(0.0, std).expect("a finite, positive spread");
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| dist.sample(&mut rng) as f32).collect();
+        let dims: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
+        Tensor::from_slice(&v).view(dims.as_slice()).to_device(self.a.device())
+    }
+
     /// `rows × in` drawn from `U(±1/√in)` (PEFT's Kaiming-uniform with `a = √5`) by the site's
     /// own ChaCha8 generator (seed, draw counter).
     fn kaiming_rows(&mut self, rows: usize) -> Tensor {
