@@ -22,9 +22,11 @@ Methods, each as PEFT documents it:
 
 - ``lora``: ``LoraConfig(r=R)`` on the same projections;
 - ``adalora``: ``AdaLoraConfig(init_r=⌈1.5·R⌉, target_r=R, tinit=0.1·T, tfinal=0.2·T, deltaT=1,
-  total_step=T)``, with ``update_and_allocate(step)`` after every optimizer step; its budget is
-  ``target_r × modules`` rank triplets (PEFT's own accounting); the orthogonality regularizer is
-  PEFT's (added to the loss when labels are passed);
+  total_step=T, task_type="CAUSAL_LM")``, with ``update_and_allocate(step)`` after every optimizer
+  step; its budget is ``target_r × modules`` rank triplets (PEFT's own accounting); the
+  orthogonality regularizer (``orth_reg_weight`` 0.5) is PEFT's, added to the loss by
+  ``AdaLoraModel.forward`` when labels are passed (which needs the ``task_type``: a plain
+  ``PeftModel`` skips it);
 - ``eva``: ``LoraConfig(r=R, init_lora_weights="eva", eva_config=EvaConfig(rho=2))`` and
   ``initialize_lora_eva_weights`` over the ``eva`` batches: data-driven initialisation plus EVA's
   rank redistribution (a module may get up to 2R, the total rank stays R × modules).
@@ -71,8 +73,13 @@ def _peft_model(job: dict, model):
                          **common)
     elif method == "adalora":
         steps = job["steps"]
+        # task_type makes get_peft_model return a PeftModelForCausalLM, whose forward goes through
+        # AdaLoraModel.forward, which adds the orthogonality penalty to the loss. Without it a plain
+        # PeftModel calls the transformers model directly and the penalty is silently skipped
+        # (PEFT 0.21; rankpilot's peer ran that way until session 35).
         cfg = AdaLoraConfig(init_r=math.ceil(1.5 * r), target_r=r, tinit=round(0.1 * steps),
-                            tfinal=round(0.2 * steps), deltaT=1, total_step=steps, **common)
+                            tfinal=round(0.2 * steps), deltaT=1, total_step=steps, task_type="CAUSAL_LM",
+                            **common)
     else:
         raise ValueError(f"unknown PEFT method `{method}`: allowed: lora, adalora, eva")
     return get_peft_model(model, cfg)

@@ -36,9 +36,11 @@ pub struct CompareArgs {
     /// Average adapter-parameter budget every scheduler is held to: parameters or `rank:R`.
     #[arg(long, default_value = "rank:4", value_parser = BudgetSpec::parse)]
     budget: BudgetSpec,
-    /// Schedulers to compare (comma-separated): fixed, fixed:R, adalora, squeeze, eva, policy:<dir>,
-    /// and the classic ones with +skip (skip a round whose plan does not fit the conservative
-    /// estimate). A row ending in @eva (or @eva:N) starts and grows its sites with EVA instead of
+    /// Schedulers to compare (comma-separated): fixed, fixed:R, adalora, adalora-svd, squeeze, eva,
+    /// policy:<dir>, and the classic ones with +skip (skip a round whose plan does not fit the
+    /// conservative estimate). adalora-svd is AdaLoRA as PEFT implements it (SVD-form sites,
+    /// orthogonality penalty, masking every step), in rankpilot's loop; it needs --env none and
+    /// --budget rank:R. A row ending in @eva (or @eva:N) starts and grows its sites with EVA instead of
     /// --init, e.g. `fixed,fixed@eva`. Hugging Face PEFT's own methods are rows too: peft:lora,
     /// peft:adalora (init_r 1.5·R → target_r R, update_and_allocate every step) and peft:eva
     /// (EVA init and rank redistribution, rho 2), run in the set-up's venv on the same windows;

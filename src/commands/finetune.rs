@@ -89,8 +89,10 @@ pub struct FinetuneArgs {
     #[arg(long)]
     no_importance: bool,
     /// Rank scheduler deciding every site's rank at each round boundary: `fixed` (the largest
-    /// uniform rank within --budget), `fixed:R`, `adalora`, `squeeze`, `eva` (EVA's redistribution
-    /// by explained variance, with --init eva) or `policy:<checkpoint dir>`;
+    /// uniform rank within --budget), `fixed:R`, `adalora`, `adalora-svd` (AdaLoRA as PEFT
+    /// implements it: SVD-form sites masked every step; --budget rank:R, no --env), `squeeze`,
+    /// `eva` (EVA's redistribution by explained variance, with --init eva) or
+    /// `policy:<checkpoint dir>`;
     /// a classic one with `+skip` (e.g. `fixed+skip`) skips every round whose plan does not fit the
     /// resource's conservative estimate, as a policy may (nothing trained or sent, adapters kept).
     /// Sites start empty and round 0's plan sets them (--ranks, --resize-at and --adapter are for

@@ -68,7 +68,8 @@ impl AdaloraConfig {
                 c.target_r, c.init_r
             )));
         }
-        if c.tinit + c.tfinal >= c.total_step || c.delta_t == 0 || !(c.orth_reg_weight >= 0.0) {
+        if c.tinit + c.tfinal >= c.total_step || c.delta_t == 0 || c.orth_reg_weight.is_nan() || c.orth_reg_weight < 0.0
+        {
             bail!(rankpilot_config::BadInput(format!(
                 "adalora-svd: tinit {} + tfinal {} over {} steps, deltaT {}, orth_reg_weight {}: allowed: tinit + tfinal < steps, deltaT >= 1, weight >= 0",
                 c.tinit, c.tfinal, c.total_step, c.delta_t, c.orth_reg_weight
