@@ -446,6 +446,8 @@ fn peft_peers_train_on_the_same_windows_as_the_rust_rows_and_the_sweep_scores_ea
     let runs = j["runs"].as_array().unwrap();
     let names: Vec<&str> = runs.iter().map(|r| r[0]["scheduler"].as_str().unwrap()).collect();
     assert_eq!(names, ["fixed", "peft:lora", "peft:adalora", "peft:eva", "adalora-svd"]);
+    let md = std::fs::read_to_string(logdir.join("compare.md")).unwrap();
+    assert!(md.contains("(one seed: no interval)") && !md.contains("NaN"), "{md}");
     // Every adapter starts at zero output (B = 0; AdaLoRA's E = 0), so before training each row's
     // loss is the base model's on the validation windows: Python reads the same windows.
     let base_loss = runs[0][0]["val_loss_initial"].as_f64().unwrap();

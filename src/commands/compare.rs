@@ -378,6 +378,8 @@ pub fn run(a: &CompareArgs) -> Result<()> {
     );
     for r in &rows {
         let diff = match r.vs_best {
+            // One seed has no spread: say so rather than print NaN.
+            Some(d) if d.lo.is_nan() => format!("{:+.4} (one seed: no interval)", d.mean),
             Some(d) => format!("{:+.4} ± {:.4} [{:+.4}, {:+.4}]", d.mean, d.se, d.lo, d.hi),
             None => "best".into(),
         };

@@ -4,7 +4,7 @@
 //! rank triplets of highest importance within a budget that falls from `init_r` to `target_r`
 //! triplets per module on a cubic schedule.
 //!
-//! Everything follows PEFT 0.17's `RankAllocator` and `AdaLoraModel`, step for step, so that
+//! Everything follows PEFT 0.21's `RankAllocator` and `AdaLoraModel`, step for step, so that
 //! rankpilot's `adalora-svd` rows can be set beside `peft:adalora`:
 //!
 //! - the budget counts triplets (`init_bgt` = Σ `init_r`, `target_bgt` = `target_r` × modules);
@@ -89,7 +89,7 @@ impl AdaloraConfig {
         } else {
             let mul = 1.0 - (step - ti) as f64 / (t - tf - ti) as f64;
             let budget = ((init_bgt - target_bgt) as f64 * mul.powi(3) + target_bgt as f64) as usize;
-            (budget, step % self.delta_t == 0)
+            (budget, step.is_multiple_of(self.delta_t))
         }
     }
 }
