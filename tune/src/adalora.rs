@@ -323,6 +323,24 @@ mod tests {
         assert_ne!(l1[3], 0.0, "the most important triplet is kept");
     }
 
+    /// Export: a site in SVD form with masked components is the plain LoRA of its kept ones,
+    /// with the same output.
+    #[test]
+    fn the_kept_components_as_plain_lora_give_the_same_output() {
+        let mut s = svd_site("q", 5);
+        tch::no_grad(|| {
+            let l = s.lambda.as_mut().unwrap();
+            let _ = l.copy_(&Tensor::from_slice(&[0.5f32, 0.0, -1.5, 2.0]).view([4, 1]));
+        });
+        let (a, b, alpha) = s.plain_factors();
+        assert_eq!((a.size(), b.size()), (vec![3, 16], vec![12, 3]));
+        let plain = Lora::from_factors("q", a, b, alpha, false);
+        let x = Tensor::randn([5, 16], (Kind::Float, Device::Cpu));
+        let diff = (s.forward(&x).unwrap() - plain.forward(&x).unwrap()).abs().max().double_value(&[]);
+        assert!(diff < 1e-6, "{diff}");
+        assert_eq!(s.active_rank(), 3);
+    }
+
     #[test]
     fn the_orthogonality_penalty_is_zero_for_orthonormal_factors() {
         let mut s = svd_site("q", 3);
