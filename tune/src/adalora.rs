@@ -330,7 +330,7 @@ mod tests {
         let mut s = svd_site("q", 5);
         tch::no_grad(|| {
             let l = s.lambda.as_mut().unwrap();
-            let _ = l.copy_(&Tensor::from_slice(&[0.5f32, 0.0, -1.5, 2.0]).view([4, 1]));
+            l.copy_(&Tensor::from_slice(&[0.5f32, 0.0, -1.5, 2.0]).view([4, 1]));
         });
         let (a, b, alpha) = s.plain_factors();
         assert_eq!((a.size(), b.size()), (vec![3, 16], vec![12, 3]));
