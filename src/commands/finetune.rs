@@ -234,7 +234,7 @@ pub fn run(a: &FinetuneArgs) -> Result<()> {
     eprintln!(
         "finetune: {} sites ({} trainable parameters) on {}, data {} ({} files, sha256 {}…), tokenizer {}, scheduler {}",
         names.len(),
-        ft.adapter_params(),
+        ft.trainable_params(),
         crate::device::describe(device),
         corpus.source,
         corpus.files.len(),

@@ -524,6 +524,15 @@ impl Finetuner {
         self.model.sites().iter().map(|s| s.active_rank() * (s.d_in + s.d_out)).sum()
     }
 
+    /// Trainable LoRA parameters, acting or not: `Σ r·(d_in + d_out)`, plus `Λ` in SVD form.
+    pub fn trainable_params(&self) -> usize {
+        self.model
+            .sites()
+            .iter()
+            .map(|s| s.rank() * (s.d_in + s.d_out) + s.lambda.as_ref().map_or(0, |_| s.rank()))
+            .sum()
+    }
+
     /// The learning rate of optimizer step `step` (0-based).
     pub fn lr_at(&self, step: usize) -> f64 {
         self.cfg.adam.lr * self.cfg.schedule.factor(step, self.cfg.warmup_steps, self.cfg.steps)
