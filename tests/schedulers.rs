@@ -497,6 +497,42 @@ fn peft_peers_train_on_the_same_windows_as_the_rust_rows_and_the_sweep_scores_ea
     let md = std::fs::read_to_string(sweep_dir.join("compare.md")).unwrap();
     assert!(md.contains("Learning-rate sweep (seed 2") && md.contains("*"), "{md}");
 
+    // From the tensors rankpilot's matching row starts from (`--peer-init rankpilot`), PEFT's
+    // LoRA and AdaLoRA follow rankpilot's fixed and adalora-svd step for step: the validation
+    // curves agree to float rounding, and AdaLoRA ends with the same triplets kept. With PEFT's
+    // own draw they do not (the control).
+    let shared = |peer_init: &str| -> Vec<serde_json::Value> {
+        let logdir = dir.path().join(format!("init-{peer_init}"));
+        let mut args = base("fixed,peft:lora,adalora-svd,peft:adalora", &logdir);
+        args.extend(["--seeds", "1", "--lr", "1e-2", "--peer-init", peer_init].map(String::from));
+        let o = run(&args);
+        assert!(o.status.success(), "{}", common::text(&o));
+        let j: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(logdir.join("compare.json")).unwrap()).unwrap();
+        assert_eq!(j["peer_init"], peer_init);
+        j["runs"].as_array().unwrap().iter().map(|r| r[0].clone()).collect()
+    };
+    let curve = |r: &serde_json::Value| -> Vec<f64> {
+        r["val_curve"].as_array().unwrap().iter().map(|p| p[1].as_f64().unwrap()).collect()
+    };
+    let gap = |x: &serde_json::Value, y: &serde_json::Value| -> f64 {
+        curve(x).iter().zip(curve(y)).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max)
+    };
+    let same = shared("rankpilot");
+    for (rust, peer) in [(0, 1), (2, 3)] {
+        let (name, g) = (&same[peer]["scheduler"], gap(&same[rust], &same[peer]));
+        assert!(
+            g < 1e-4,
+            "{name} from rankpilot's tensors: curves {:?} and {:?}",
+            curve(&same[rust]),
+            curve(&same[peer])
+        );
+        assert!(curve(&same[rust]).last() < curve(&same[rust]).first(), "{name}: the row did not train");
+    }
+    assert_eq!(same[2]["final_params"], same[3]["final_params"], "adalora-svd and peft:adalora keep other triplets");
+    let own = shared("peft");
+    assert!(gap(&own[0], &own[1]) > 1e-3, "peft:lora's own draw matches rankpilot's: the control says nothing");
+
     // A peer needs a plain rank budget and no simulated resource: refused by key otherwise.
     let mut args = base("fixed,peft:lora", &dir.path().join("bad"));
     let env_at = args.iter().position(|a| a == "none").unwrap();
@@ -504,6 +540,11 @@ fn peft_peers_train_on_the_same_windows_as_the_rust_rows_and_the_sweep_scores_ea
     let o = run(&args);
     assert_eq!(o.status.code(), Some(2), "{}", common::text(&o));
     assert!(common::text(&o).contains("--env wireless-rayleigh: the PEFT peers"), "{}", common::text(&o));
+    let mut args = base("fixed,peft:eva", &dir.path().join("bad"));
+    args.extend(["--peer-init".into(), "rankpilot".into()]);
+    let o = run(&args);
+    assert_eq!(o.status.code(), Some(2), "{}", common::text(&o));
+    assert!(common::text(&o).contains("--peer-init rankpilot: peft:eva"), "{}", common::text(&o));
     let o = run(&base("peft:qlora", &dir.path().join("bad")));
     assert_eq!(o.status.code(), Some(2), "{}", common::text(&o));
     assert!(common::text(&o).contains("allowed: peft:lora, peft:adalora, peft:eva"), "{}", common::text(&o));

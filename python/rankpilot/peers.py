@@ -31,6 +31,10 @@ Methods, each as PEFT documents it:
   ``initialize_lora_eva_weights`` over the ``eva`` batches: data-driven initialisation plus EVA's
   rank redistribution (a module may get up to 2R, the total rank stays R × modules).
 
+With ``init`` (a safetensors file, ``rankpilot compare --peer-init rankpilot``) the adapter starts
+from the tensors rankpilot's matching row starts from, named as ``get_peft_model_state_dict`` names
+them and loaded with ``set_peft_model_state_dict``; every adapter tensor must come from the file.
+
 The result (JSON, written atomically to the job's ``out``) has the fields of rankpilot's
 ``RunReport``: the validation curve, the final loss, the adapter's trainable parameters (for
 AdaLoRA the ones its rank mask keeps, ``Σ r_kept·(d_in + d_out)``, averaged over the steps) and
@@ -108,6 +112,24 @@ def _kept_params(model, method: str) -> int:
     return total
 
 
+def load_initial_adapter(model, path: str) -> int:
+    """Sets the adapter's tensors from ``path`` (PEFT's state-dict names) and checks that the file
+    held exactly the adapter's tensors, each now in the model unchanged. Returns their count."""
+    import torch
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    init = load_file(path)
+    set_peft_model_state_dict(model, init)
+    state = get_peft_model_state_dict(model)
+    if set(state) != set(init):
+        raise ValueError(f"{path}: tensors {sorted(set(init) ^ set(state))} are not both in the file and the adapter")
+    for k, t in init.items():
+        if not torch.equal(state[k], t):
+            raise ValueError(f"{path}: `{k}` was not loaded into the adapter")
+    return len(init)
+
+
 def run(job: dict) -> dict:
     import torch
     import torch.nn.functional as F
@@ -131,6 +153,8 @@ def run(job: dict) -> dict:
     model = LlamaForCausalLM.from_pretrained(job["model"], dtype=torch.float32)
     model = _peft_model(job, model)
     method = job["method"]
+    if job.get("init"):
+        load_initial_adapter(model, job["init"])
 
     def evaluate() -> float:
         model.eval()

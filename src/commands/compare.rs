@@ -16,7 +16,7 @@ use serde::Deserialize;
 
 use crate::cli::Common;
 use crate::commands::common::{TuneInput, load_env, load_model_and_data, progress_bar};
-use crate::commands::peers::{self, PeftMethod};
+use crate::commands::peers::{self, PeerInit, PeftMethod};
 use rankpilot::controller::{RunOptions, RunReport};
 use rankpilot::scheduler::{BudgetSpec, SchedulerSpec};
 use runio::tensorboard::SummaryWriter;
@@ -52,6 +52,13 @@ pub struct CompareArgs {
         value_parser = RowSpec::parse
     )]
     schedulers: Vec<RowSpec>,
+    /// Where the PEFT peers' initial adapter tensors come from: `peft` (PEFT draws them, its
+    /// documented initialisation) or `rankpilot` (the tensors rankpilot's matching row starts from
+    /// at the same seed: peft:lora gets fixed's, peft:adalora gets adalora-svd's), so that the
+    /// paired difference between a peer and its row measures the two implementations alone.
+    /// peft:eva initialises from data and is refused with `rankpilot`.
+    #[arg(long, value_enum, default_value_t = PeerInit::Peft)]
+    peer_init: PeerInit,
     /// Number of seeds: --seed, --seed + 1, …
     #[arg(long, default_value_t = 3)]
     seeds: u64,
@@ -252,6 +259,12 @@ pub fn run(a: &CompareArgs) -> Result<()> {
             .into());
         }
     }
+    if a.peer_init == PeerInit::Rankpilot && a.schedulers.iter().any(|r| matches!(r, RowSpec::Peft(PeftMethod::Eva))) {
+        return Err(BadInput(
+            "--peer-init rankpilot: peft:eva initialises its adapter from data, rankpilot draws none for it; allowed rows: peft:lora, peft:adalora".into(),
+        )
+        .into());
+    }
     for row in &a.schedulers {
         if let RowSpec::Loop { scheduler: spec @ SchedulerSpec::AdaloraSvd, .. } = row {
             if env.is_some() {
@@ -363,6 +376,10 @@ pub fn run(a: &CompareArgs) -> Result<()> {
     } else {
         format!(" --lr-sweep {}", a.lr_sweep.iter().map(|lr| format!("{lr:e}")).collect::<Vec<_>>().join(","))
     };
+    let sweep_arg = match a.peer_init {
+        PeerInit::Peft => sweep_arg,
+        PeerInit::Rankpilot => format!("{sweep_arg} --peer-init rankpilot"),
+    };
     let mut md = format!(
         "`rankpilot compare --model {} --data {} --env {} --budget {} --seeds {} --steps {} --rounds {} --seed {}{sweep_arg}`\n\n| scheduler | lr | final val loss (mean ± std) | Δ vs best, {best_name} (paired, mean ± se [95% t interval]) |{resource_head} mean adapter params | final adapter params | wall s / run |\n|---|---:|---:|---:|{}---:|---:|---:|\n",
         a.input.model.display(),
@@ -436,6 +453,7 @@ pub fn run(a: &CompareArgs) -> Result<()> {
         "model": a.input.model, "data": a.input.data, "env": a.env, "budget": budget,
         "seeds": a.seeds, "seed": a.common.seed, "steps": a.steps, "rounds": a.rounds,
         "lr_sweep": a.lr_sweep, "sweep_seed": sweep_seed, "sweep_val_loss": sweep,
+        "peer_init": format!("{:?}", a.peer_init).to_lowercase(),
         "rows": rows, "runs": runs,
     });
     std::fs::create_dir_all(&a.logdir)?;
@@ -536,9 +554,18 @@ fn run_task(a: &CompareArgs, env: Option<&envs::EnvPreset>, task: &Task) -> Resu
             report
         }
         RowSpec::Peft(method) => {
-            drop((model, vs));
             let BudgetSpec::Rank(rank) = a.budget else { unreachable!("checked in run") };
             let rank = rank as usize;
+            let (data, init) = match a.peer_init {
+                PeerInit::Peft => {
+                    drop((model, vs));
+                    (data, None)
+                }
+                PeerInit::Rankpilot => {
+                    let (data, tensors) = peers::rankpilot_init(*method, model, vs, data, &cfg, rank)?;
+                    (data, Some(tensors))
+                }
+            };
             let work = peers::work_dir(&a.logdir)?;
             let peer = peers::PeerRun {
                 method: *method,
@@ -548,6 +575,7 @@ fn run_task(a: &CompareArgs, env: Option<&envs::EnvPreset>, task: &Task) -> Resu
                 eval_steps: opts.eval_steps(a.steps),
                 eva_batches: 4,
                 work: &work,
+                init,
             };
             let tag = format!("{run_dir}-lr{:e}", task.lr);
             let (report, train_loss) = peers::run_peer(&peer, &data, &tag)?;

@@ -5,7 +5,9 @@
 //! same seed would (training batches from [`data_rng`]`(seed)`, micro-batch by micro-batch; the
 //! fixed validation windows; EVA's batches from its own generator) and hands them to Python in
 //! a safetensors file with a JSON job, so a peer trains on the same batches in the same order and
-//! is scored on the same windows. The result comes back as a [`RunReport`].
+//! is scored on the same windows. The result comes back as a [`RunReport`]. With
+//! `--peer-init rankpilot` the job also carries the adapter tensors rankpilot's matching row
+//! starts from ([`rankpilot_init`]), so both sides train the same tensors on the same batches.
 
 use std::path::{Path, PathBuf};
 
@@ -13,10 +15,13 @@ use anyhow::{Context, Result, bail};
 use tch::{Device, Tensor};
 
 use rankpilot::controller::RunReport;
+use rankpilot::scheduler::{BudgetSpec, SchedulerSpec};
 use rankpilot_config::BadInput;
 use runio::checkpoint;
 use tune::data::{TokenData, data_rng};
-use tune::finetune::FinetuneConfig;
+use tune::finetune::{FinetuneConfig, Finetuner, RankPlan, RankSpec};
+use tune::model::llama::Llama;
+use tune::peft::PREFIX;
 
 /// A PEFT method run as a peer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,6 +65,63 @@ impl PeftMethod {
     }
 }
 
+/// Where a peer's initial adapter tensors come from (`compare --peer-init`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PeerInit {
+    /// PEFT draws them: its documented initialisation, from its own generator.
+    Peft,
+    /// The tensors rankpilot's matching row starts training from at the same seed
+    /// ([`rankpilot_init`]), so a paired difference between the two rows measures the
+    /// implementations alone, not two draws of the initialisation.
+    Rankpilot,
+}
+
+/// The adapter tensors rankpilot's row matching `method` holds when its first optimizer step
+/// starts, named as PEFT's `get_peft_model_state_dict` names them, and the run's data back:
+/// `peft:lora` gets `fixed:R`'s (sites grown from rank 0 to R by the first round's plan, as
+/// the controller does it), `peft:adalora` gets `adalora-svd`'s (A, B ~ N(0, 0.02²) from each
+/// site's generator, Λ = 0). `peft:eva` initialises from data and has no such draw.
+pub fn rankpilot_init(
+    method: PeftMethod,
+    model: Llama,
+    vs: tch::nn::VarStore,
+    data: TokenData,
+    cfg: &FinetuneConfig,
+    rank: usize,
+) -> Result<(TokenData, Vec<(String, Tensor)>)> {
+    let budget = BudgetSpec::Rank(rank as f64);
+    let cfg = match method {
+        PeftMethod::Lora => FinetuneConfig { ranks: RankSpec { default: 0, patterns: vec![] }, ..cfg.clone() },
+        PeftMethod::Adalora => {
+            FinetuneConfig { adalora: SchedulerSpec::AdaloraSvd.adalora_config(Some(budget), cfg.steps)?, ..cfg.clone() }
+        }
+        PeftMethod::Eva => bail!(BadInput(
+            "--peer-init rankpilot: peft:eva initialises its adapter from data, rankpilot draws none for it; allowed rows: peft:lora, peft:adalora".into()
+        )),
+    };
+    let mut ft = Finetuner::new(model, vs, data, cfg)?;
+    if method == PeftMethod::Lora {
+        let n = ft.model.sites().len();
+        ft.resize(&RankPlan::new(vec![rank; n]))?;
+    }
+    let mut tensors = Vec::new();
+    for s in ft.model.sites() {
+        let key = format!("{PREFIX}{}", s.name);
+        let cpu = |t: &Tensor| t.detach().to_device(Device::Cpu).contiguous();
+        match &s.lambda {
+            // PEFT's SVDLinear keeps lora_A, lora_B and lora_E in ParameterDicts: no `.weight`.
+            Some(lambda) => tensors.extend([
+                (format!("{key}.lora_A"), cpu(&s.a)),
+                (format!("{key}.lora_B"), cpu(&s.b)),
+                (format!("{key}.lora_E"), cpu(lambda)),
+            ]),
+            None => tensors
+                .extend([(format!("{key}.lora_A.weight"), cpu(&s.a)), (format!("{key}.lora_B.weight"), cpu(&s.b))]),
+        }
+    }
+    Ok((ft.into_data(), tensors))
+}
+
 /// The Python interpreter of the set-up's venv (`RANKPILOT_PYTHON`, as the benchmarks use).
 fn python() -> Result<String> {
     std::env::var("RANKPILOT_PYTHON")
@@ -84,6 +146,8 @@ pub struct PeerRun<'a> {
     pub eva_batches: usize,
     /// Scratch directory for the job, the windows and the result.
     pub work: &'a Path,
+    /// The adapter's initial tensors ([`rankpilot_init`]); `None`: PEFT draws its own.
+    pub init: Option<Vec<(String, Tensor)>>,
 }
 
 /// Stacks batches of windows into one `[n, batch, seq_len + 1]` tensor; instruction data (with
@@ -123,6 +187,15 @@ pub fn run_peer(run: &PeerRun<'_>, data: &TokenData, label: &str) -> Result<(Run
         ],
         None,
     )?;
+    let init = match &run.init {
+        Some(tensors) => {
+            let path = windows.with_extension("init.safetensors");
+            let named: Vec<(String, Tensor)> = tensors.iter().map(|(k, t)| (k.clone(), t.shallow_clone())).collect();
+            checkpoint::write_safetensors(&path, &named, None)?;
+            Some(path)
+        }
+        None => None,
+    };
     let out = windows.with_extension("result.json");
     let targets: Vec<&str> = cfg
         .targets
@@ -140,6 +213,7 @@ pub fn run_peer(run: &PeerRun<'_>, data: &TokenData, label: &str) -> Result<(Run
         "label": label,
         "model": run.model,
         "windows": windows,
+        "init": init,
         "out": out,
         "rank": run.rank,
         "alpha": cfg.alpha,
@@ -174,6 +248,9 @@ pub fn run_peer(run: &PeerRun<'_>, data: &TokenData, label: &str) -> Result<(Run
         bail!("the PEFT peer `{label}` (seed {}) failed ({status}); its Python error is printed above", cfg.seed);
     }
     let _ = std::fs::remove_file(&windows);
+    if let Some(p) = &init {
+        let _ = std::fs::remove_file(p);
+    }
     let text = std::fs::read(&out).with_context(|| format!("reading {}", out.display()))?;
     let v: serde_json::Value = serde_json::from_slice(&text)?;
     let train_loss: Vec<f64> = serde_json::from_value(v["train_loss"].clone()).unwrap_or_default();

@@ -502,6 +502,11 @@ impl Finetuner {
         Ok(())
     }
 
+    /// The run's token data, giving up the run (e.g. after its initial adapter was read off).
+    pub fn into_data(self) -> TokenData {
+        self.data
+    }
+
     /// Module names of the sites, in plan order.
     pub fn site_names(&self) -> Vec<String> {
         self.model.sites().iter().map(|s| s.name.clone()).collect()
