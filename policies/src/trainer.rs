@@ -138,6 +138,9 @@ pub struct IterationStats {
     /// With a privileged teacher: the share of played site decisions whose sampled rank is the
     /// oracle's (NaN without a teacher).
     pub teacher_agreement: f64,
+    /// With `ppo.reference_rollout`: the mean reward over the rollout minus the reference
+    /// twins' (the untrained policy's greedy plan on the same draws); NaN without.
+    pub reward_over_reference: f64,
     /// With a privileged teacher: the weight c_T of this iteration's update (0 without).
     pub teacher_weight: f64,
     /// Wall time of the rollout (s).
@@ -172,6 +175,8 @@ pub struct Trainer {
     /// Environment steps done.
     pub global_step: u64,
     episode_ranks_env0: Vec<u32>,
+    /// With `ppo.reference_rollout`: the untrained policy whose greedy plans play the twins.
+    reference_model: Option<PolicyModel>,
 }
 
 /// Environments stepped together that share one preset: with a distribution, a group draws a new
@@ -182,11 +187,52 @@ struct EnvGroup {
     beliefs: Vec<Belief>,
     /// The draw's seed (`None`: the run's fixed preset).
     draw: Option<u64>,
+    /// With `ppo.reference_rollout`: the twins, on the same random streams.
+    reference: Option<Twins>,
+}
+
+/// Copies of a group's environments, played by the reference policy ([`PpoConfig::reference_rollout`]).
+struct Twins {
+    venv: VecEnv,
+    beliefs: Vec<Belief>,
 }
 
 impl EnvGroup {
-    fn new(venv: VecEnv, draw: Option<u64>) -> Self {
-        EnvGroup { beliefs: vec![Belief::new(); venv.n_envs()], venv, draw }
+    /// A group at the start of its episodes; with `twins`, a copy of each environment (same
+    /// state, same random stream) for the reference policy.
+    fn new(venv: VecEnv, draw: Option<u64>, twins: bool) -> Self {
+        let beliefs = vec![Belief::new(); venv.n_envs()];
+        let reference = twins.then(|| Twins { venv: venv.clone(), beliefs: beliefs.clone() });
+        EnvGroup { beliefs, venv, draw, reference }
+    }
+}
+
+/// One decision for every environment of `venv` (the budgets and site shapes read from it).
+fn act_on(model: &PolicyModel, venv: &VecEnv, beliefs: &mut [Belief], mode: ActMode<'_>) -> model::Decision {
+    let (ne, l) = (venv.n_envs(), venv.n_sites());
+    let budgets: Vec<f64> = (0..ne).map(|i| venv.context(i).conservative_budget).collect();
+    let dims: Vec<u32> = venv.spec().sites.iter().map(|s| s.max_rank()).collect();
+    model.act(
+        ObsBatch { global: venv.obs_global(), sites: venv.obs_sites(), n_envs: ne, n_sites: l },
+        BudgetContext {
+            unit_cost: &venv.spec().unit_cost,
+            budgets: &budgets,
+            dims: Some(&dims),
+            cost_coef: Some(venv.spec().preset.reward.cost_coef),
+        },
+        beliefs,
+        mode,
+    )
+}
+
+impl Twins {
+    /// The reference policy's greedy round on every twin: their (rewards, site rewards).
+    fn step(&mut self, model: &PolicyModel) -> (Vec<f32>, Vec<f32>) {
+        let d = act_on(model, &self.venv, &mut self.beliefs, ActMode::Greedy);
+        self.venv
+            .step_indices_skipping(&d.executed, &d.skip)
+            .expect("the reference policy emits in-range indices and skips only where allowed");
+        (self.venv.rewards().to_vec(), self.venv.site_rewards().to_vec())
     }
 }
 
@@ -228,6 +274,17 @@ struct GroupState {
     draw: Option<u64>,
     venv: VecEnvSnapshot,
     #[serde(default)]
+    beliefs: Vec<Belief>,
+    /// The reference twins, with `ppo.reference_rollout`.
+    #[serde(default)]
+    reference: Option<TwinsState>,
+}
+
+/// Serializable state of a group's [`Twins`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TwinsState {
+    venv: VecEnvSnapshot,
     beliefs: Vec<Belief>,
 }
 
@@ -349,6 +406,12 @@ impl Trainer {
             tch::manual_seed(seed as i64);
             PolicyModel::with_prior(device, &ranks, preset.ppo.net, preset.ddim.clone(), &preset.prior)
         };
+        // The reference policy is the untrained one: with a prior its residual's last layer is
+        // zero, so it plays the prior alone, whatever its hidden layers drew.
+        let reference_model = preset
+            .ppo
+            .reference_rollout
+            .then(|| PolicyModel::with_prior(device, &ranks, preset.ppo.net, preset.ddim.clone(), &preset.prior));
         let opt = Adam::new(&model.vs, "net.", preset.ppo.learning_rate, preset.ppo.adam_eps);
         let ddim_opt = preset.ddim.enabled.then(|| Adam::new(&model.vs, "ddim.", preset.ddim.learning_rate, 1e-8));
         let replay = preset.ddim.enabled.then(|| Replay::new(preset.ddim.replay_capacity));
@@ -368,10 +431,15 @@ impl Trainer {
             iteration: 0,
             global_step: 0,
             episode_ranks_env0: Vec::new(),
+            reference_model,
         };
         let n = preset.ppo.num_envs;
+        let twins = t.reference_model.is_some();
         match distribution {
-            None => t.groups.push(EnvGroup::new(VecEnv::from_spec(spec.clone(), n, envs::derive_seed(seed, 1)), None)),
+            None => {
+                let venv = VecEnv::from_spec(spec.clone(), n, envs::derive_seed(seed, 1));
+                t.groups.push(EnvGroup::new(venv, None, twins))
+            }
             Some(_) => {
                 for g in 0..n.div_ceil(ENVS_PER_DRAW) {
                     let size = ENVS_PER_DRAW.min(n - g * ENVS_PER_DRAW);
@@ -405,7 +473,8 @@ impl Trainer {
         let draw = self.draw_seed(self.draws);
         self.draws += 1;
         let spec = EnvSpec::new(&dist.draw(draw)?)?;
-        Ok(EnvGroup::new(VecEnv::from_spec(spec, size, envs::derive_seed(draw, 1)), Some(draw)))
+        let twins = self.reference_model.is_some();
+        Ok(EnvGroup::new(VecEnv::from_spec(spec, size, envs::derive_seed(draw, 1)), Some(draw), twins))
     }
 
     /// Number of sites of the first group's environment (the training preset's without a
@@ -456,31 +525,20 @@ impl Trainer {
         let mut next_episode = n;
         let (mut trimmed, mut decisions) = (0usize, 0usize);
         let (mut price_sum, mut price_n) = (0f64, 0usize);
+        let (mut reward_sum, mut over_reference) = (0f64, 0f64);
 
         for _ in 0..t_len {
             let mut env_base = 0;
             let mut last_ranks = Vec::new();
             for gi in 0..self.groups.len() {
-                let EnvGroup { venv, beliefs, .. } = &mut self.groups[gi];
+                let EnvGroup { venv, beliefs, reference, .. } = &mut self.groups[gi];
                 let (ne, l) = (venv.n_envs(), venv.n_sites());
                 // Running statistics see every observation as it arrives (CleanRL's wrapper order).
                 self.model.norm.global.update(venv.obs_global());
                 self.model.norm.site.update(venv.obs_sites());
-                let budgets: Vec<f64> = (0..ne).map(|i| venv.context(i).conservative_budget).collect();
-                let dims: Vec<u32> = venv.spec().sites.iter().map(|s| s.max_rank()).collect();
-                let unit_cost = venv.spec().unit_cost.clone();
-                let kappa = if has_price { model::rank_costs(&unit_cost, &self.model.ranks) } else { Vec::new() };
-                let d = self.model.act(
-                    ObsBatch { global: venv.obs_global(), sites: venv.obs_sites(), n_envs: ne, n_sites: l },
-                    BudgetContext {
-                        unit_cost: &unit_cost,
-                        budgets: &budgets,
-                        dims: Some(&dims),
-                        cost_coef: Some(venv.spec().preset.reward.cost_coef),
-                    },
-                    beliefs,
-                    ActMode::Sample(&mut self.rng),
-                );
+                let kappa =
+                    if has_price { model::rank_costs(&venv.spec().unit_cost, &self.model.ranks) } else { Vec::new() };
+                let d = act_on(&self.model, venv, beliefs, ActMode::Sample(&mut self.rng));
                 // The teacher labels the states the policy visits, before the step leaves them.
                 let teacher: Vec<(Vec<u8>, bool)> = if has_teacher || ddim_oracle {
                     (0..ne)
@@ -506,6 +564,19 @@ impl Trainer {
                 venv.step_indices_skipping(&d.executed, &d.skip)
                     .expect("the policy emits in-range indices of the right length, and skips only where allowed");
                 let rewards = venv.rewards();
+                // The twins' round: the rewards PPO sees are measured against theirs.
+                let (ref_rewards, ref_site_rewards) = match (reference.as_mut(), self.reference_model.as_ref()) {
+                    (Some(twins), Some(m)) => {
+                        let r = twins.step(m);
+                        debug_assert_eq!(twins.venv.dones(), venv.dones(), "twins end their episodes together");
+                        r
+                    }
+                    _ => (vec![0.0; ne], vec![0.0; ne * l]),
+                };
+                reward_sum += rewards.iter().map(|&r| (r * scale) as f64).sum::<f64>();
+                if reference.is_some() {
+                    over_reference += (0..ne).map(|e| (rewards[e] - ref_rewards[e]) as f64).sum::<f64>();
+                }
                 if let Some(replay) = self.replay.as_mut() {
                     for e in 0..ne {
                         let enc = |v: &[u8]| -> Vec<f32> { v.iter().map(|&j| ddim::encode(j as usize, k)).collect() };
@@ -539,8 +610,12 @@ impl Trainer {
                         offset: d.offset[rows.clone()].to_vec(),
                         prior: if has_prior { d.prior[rows].to_vec() } else { Vec::new() },
                         values: d.values[sites_of.clone()].to_vec(),
-                        site_rewards: venv.site_rewards()[sites_of.clone()].iter().map(|&r| r * scale).collect(),
-                        reward: rewards[e] * scale,
+                        site_rewards: venv.site_rewards()[sites_of.clone()]
+                            .iter()
+                            .zip(&ref_site_rewards[sites_of.clone()])
+                            .map(|(&r, &r_ref)| (r - r_ref) * scale)
+                            .collect(),
+                        reward: (rewards[e] - ref_rewards[e]) * scale,
                         done: venv.dones()[e],
                         episode,
                         current: d.current[sites_of.clone()].to_vec(),
@@ -680,7 +755,10 @@ impl Trainer {
                 Credit::Shared => ppo::normalize_per_episode(&mut adv, &vec![1.0; b], &episode, 1),
             }
         }
-        stats.mean_reward = records.iter().map(|r| r.reward as f64).sum::<f64>() / b as f64;
+        // The environments' own reward (the records hold it relative to the twins').
+        stats.mean_reward = reward_sum / b as f64;
+        stats.reward_over_reference =
+            if self.reference_model.is_some() { over_reference / b as f64 } else { f64::NAN };
         stats.trimmed_share = if decisions > 0 { trimmed as f64 / decisions as f64 } else { 0.0 };
         stats.spend_price = if price_n > 0 { price_sum / price_n as f64 } else { f64::NAN };
         stats.teacher_agreement = if agree_n > 0 { agree as f64 / agree_n as f64 } else { f64::NAN };
@@ -776,7 +854,15 @@ impl Trainer {
             groups: self
                 .groups
                 .iter()
-                .map(|g| GroupState { draw: g.draw, venv: g.venv.snapshot(), beliefs: g.beliefs.clone() })
+                .map(|g| GroupState {
+                    draw: g.draw,
+                    venv: g.venv.snapshot(),
+                    beliefs: g.beliefs.clone(),
+                    reference: g.reference.as_ref().map(|r| TwinsState {
+                        venv: r.venv.snapshot(),
+                        beliefs: r.beliefs.clone(),
+                    }),
+                })
                 .collect(),
             draws: self.draws,
             adam_step: self.opt.step,
@@ -824,6 +910,7 @@ impl Trainer {
         if let Some(r) = t.replay.as_mut() {
             r.load(tensors, rs.replay_len, rs.replay_pos)?;
         }
+        let twins = t.reference_model.is_some();
         t.groups = rs
             .groups
             .into_iter()
@@ -837,10 +924,21 @@ impl Trainer {
                         ));
                     }
                 };
+                let reference = match (g.reference, twins) {
+                    (Some(r), true) if r.beliefs.len() == g.beliefs.len() => {
+                        Some(Twins { venv: VecEnv::restore(spec.clone(), r.venv)?, beliefs: r.beliefs })
+                    }
+                    (None, false) => None,
+                    _ => {
+                        return Err(PolicyError::Checkpoint(
+                            "state.trainer.groups: the reference twins do not match ppo.reference_rollout".into(),
+                        ));
+                    }
+                };
                 let venv = VecEnv::restore(spec, g.venv)?;
                 let beliefs =
                     if g.beliefs.len() == venv.n_envs() { g.beliefs } else { vec![Belief::new(); venv.n_envs()] };
-                Ok(EnvGroup { venv, beliefs, draw: g.draw })
+                Ok(EnvGroup { venv, beliefs, draw: g.draw, reference })
             })
             .collect::<Result<Vec<_>, PolicyError>>()?;
         if t.groups.iter().map(|g| g.venv.n_envs()).sum::<usize>() != t.preset.ppo.num_envs {
@@ -885,4 +983,92 @@ pub fn policy_from_checkpoint(
     model.norm = crate::normalize::ObsNormalizer::from_json(&state["normalizer"], GLOBAL_FEATURES, SITE_FEATURES)?;
     model.ddim_active = state["trainer"]["ddim_active"].as_bool().unwrap_or(false);
     Ok((model, cfg))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The wireless preset at two layers and six rounds: episodes end within a few steps.
+    fn small_env() -> EnvPreset {
+        let text = envs::presets::embedded_text("wireless-rayleigh")
+            .unwrap()
+            .replace("layers = 8", "layers = 2")
+            .replace("rounds = 20", "rounds = 6");
+        envs::presets::from_toml(&text, "twins-test", None).unwrap()
+    }
+
+    #[test]
+    fn reference_twins_face_the_learners_draws_whatever_it_plays() {
+        // The reference rollout is a baseline only if the twin's reward depends on the
+        // environment's draws alone: the learner plays other plans (here the largest rank
+        // everywhere, which violates, and at times the reference's own plan); the twins must see
+        // the same budgets every round and the same observations at every episode start, and the
+        // reward difference must be exactly 0 where both played the same plan from the same state.
+        let env = small_env();
+        assert!(env.rounds == 6, "the test preset's horizon");
+        let mut preset = load_preset("default").unwrap();
+        preset.ppo.num_envs = 4;
+        preset.ppo.reference_rollout = true;
+        let mut t = Trainer::new(&env, &preset, 64, 5, Device::Cpu).unwrap();
+        let model = t.reference_model.take().unwrap();
+        let EnvGroup { venv, beliefs, reference, .. } = &mut t.groups[0];
+        let twins = reference.as_mut().unwrap();
+        let (ne, l) = (venv.n_envs(), venv.n_sites());
+        let k = venv.spec().rank_set.len() as u8;
+        let (mut starts, mut same_plan_rounds) = (0, 0);
+        for round in 0..3 * env.rounds as usize {
+            for e in 0..ne {
+                let (a, b) = (venv.context(e), twins.venv.context(e));
+                assert_eq!(a.estimated_budget, b.estimated_budget, "round {round}, env {e}: the budget draw");
+            }
+            if round % env.rounds as usize == 0 {
+                assert_eq!(venv.obs_sites(), twins.venv.obs_sites(), "episode start {round}: the site draws");
+                assert_eq!(venv.obs_global(), twins.venv.obs_global());
+                starts += 1;
+            }
+            // Until the first divergence in an episode the learner copies the reference; after
+            // it, it plays the largest rank everywhere.
+            let copy = round % env.rounds as usize == 0;
+            let plan = if copy {
+                act_on(&model, venv, beliefs, ActMode::Greedy)
+            } else {
+                let mut d = act_on(&model, venv, beliefs, ActMode::Greedy);
+                d.executed = vec![k - 1; ne * l];
+                d.skip = vec![false; ne];
+                d
+            };
+            venv.step_indices_skipping(&plan.executed, &plan.skip).unwrap();
+            let (ref_rewards, ref_site_rewards) = twins.step(&model);
+            assert_eq!(venv.dones(), twins.venv.dones(), "the twins end their episodes together");
+            if copy {
+                assert_eq!(venv.rewards(), ref_rewards.as_slice(), "round {round}: the same plan, the same reward");
+                assert_eq!(venv.site_rewards(), ref_site_rewards.as_slice());
+                same_plan_rounds += 1;
+            } else {
+                assert_ne!(venv.rewards(), ref_rewards.as_slice(), "round {round}: the violating plan costs");
+            }
+        }
+        assert_eq!((starts, same_plan_rounds), (3, 3));
+    }
+
+    #[test]
+    fn without_the_reference_rollout_the_rewards_are_the_environments_own() {
+        // The option off leaves the run exactly as before: no twins, and the mean reward PPO saw
+        // is the environments' own; with it, the over-reference figure is logged.
+        let env = small_env();
+        let mut preset = load_preset("tiny").unwrap();
+        preset.prior.enabled = true;
+        let mut plain = Trainer::new(&env, &preset, 1024, 3, Device::Cpu).unwrap();
+        assert!(plain.groups.iter().all(|g| g.reference.is_none()) && plain.reference_model.is_none());
+        let st = plain.iterate();
+        assert!(st.reward_over_reference.is_nan() && st.mean_reward.is_finite());
+        preset.ppo.reference_rollout = true;
+        let mut measured = Trainer::new(&env, &preset, 1024, 3, Device::Cpu).unwrap();
+        let st2 = measured.iterate();
+        assert!(st2.reward_over_reference.is_finite());
+        // The learner's rollout is the same with or without twins (they draw nothing from its
+        // streams), so the environments' own mean reward is too.
+        assert_eq!(st.mean_reward, st2.mean_reward);
+    }
 }

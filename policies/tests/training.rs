@@ -260,6 +260,18 @@ fn a_teacher_trained_policy_with_a_refiner_of_the_oracles_plans_resumes_exactly_
     check_distribution_run(&preset);
 }
 
+#[test]
+fn a_run_measured_against_reference_twins_resumes_exactly_and_acts_on_every_preset() {
+    // `ppo.reference_rollout`: every group carries twins played by the prior alone; they are
+    // redrawn with their group and round-trip through the checkpoint.
+    let mut preset = load_preset("tiny").unwrap();
+    preset.ppo.num_envs = 8;
+    preset.ppo.net.skip = true;
+    preset.prior.enabled = true;
+    preset.ppo.reference_rollout = true;
+    check_distribution_run(&preset);
+}
+
 /// A run of `preset` on the small distribution: resumed mid-way it gives the same weights as
 /// straight through, and the trained policy acts on every built-in preset.
 fn check_distribution_run(preset: &policies::trainer::PolicyPreset) {

@@ -255,6 +255,9 @@ pub fn run(a: &TrainArgs) -> anyhow::Result<()> {
         ] {
             tb.add_scalar(tag, v, step)?;
         }
+        if st.reward_over_reference.is_finite() {
+            tb.add_scalar("charts/reward_over_reference", st.reward_over_reference, step)?;
+        }
         if st.teacher_agreement.is_finite() {
             tb.add_scalar("charts/teacher_agreement", st.teacher_agreement, step)?;
             tb.add_scalar("charts/teacher_weight", st.teacher_weight, step)?;
