@@ -757,8 +757,7 @@ impl Trainer {
         }
         // The environments' own reward (the records hold it relative to the twins').
         stats.mean_reward = reward_sum / b as f64;
-        stats.reward_over_reference =
-            if self.reference_model.is_some() { over_reference / b as f64 } else { f64::NAN };
+        stats.reward_over_reference = if self.reference_model.is_some() { over_reference / b as f64 } else { f64::NAN };
         stats.trimmed_share = if decisions > 0 { trimmed as f64 / decisions as f64 } else { 0.0 };
         stats.spend_price = if price_n > 0 { price_sum / price_n as f64 } else { f64::NAN };
         stats.teacher_agreement = if agree_n > 0 { agree as f64 / agree_n as f64 } else { f64::NAN };
@@ -858,10 +857,10 @@ impl Trainer {
                     draw: g.draw,
                     venv: g.venv.snapshot(),
                     beliefs: g.beliefs.clone(),
-                    reference: g.reference.as_ref().map(|r| TwinsState {
-                        venv: r.venv.snapshot(),
-                        beliefs: r.beliefs.clone(),
-                    }),
+                    reference: g
+                        .reference
+                        .as_ref()
+                        .map(|r| TwinsState { venv: r.venv.snapshot(), beliefs: r.beliefs.clone() }),
                 })
                 .collect(),
             draws: self.draws,
