@@ -55,6 +55,12 @@
 //! a distribution of environments one network serves all of them, and where the reward barely
 //! separates plans (parameter budgets) the residual otherwise drifts with what the other
 //! environments teach the shared weights; the anchor pulls it back to the prior there.
+//!
+//! **Reference rollout** (`reference_rollout`; off by default). The trainer steps a twin of every
+//! environment on the same random stream, played greedily by the untrained policy, and hands PPO
+//! the rewards minus the twin's. The twin never sees the learner's actions, so this is a baseline
+//! that depends on the episode's exogenous draws only (an input-dependent baseline): GAE, the
+//! critic and the loss below are unchanged, they just see relative rewards.
 
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor, nn};
