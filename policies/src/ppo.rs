@@ -61,12 +61,31 @@
 //! the rewards minus the twin's. The twin never sees the learner's actions, so this is a baseline
 //! that depends on the episode's exogenous draws only (an input-dependent baseline): GAE, the
 //! critic and the loss below are unchanged, they just see relative rewards.
+//!
+//! **Rewards per gap** (`reward_per_gap`; off by default). On a distribution the environments'
+//! returns differ in scale: what the oracle gains over uniform ranks is 0.26 return per episode
+//! on one draw of the test suite and 5.8 on another. PPO maximizes the summed return, so it
+//! trades a small loss on a small-gap environment for any larger gain elsewhere, while the
+//! figure of merit, mean gap closed, weights every environment alike. With this option each
+//! environment's rewards are divided by its own gap, measured when it is drawn (the oracle's
+//! minus uniform's mean return over a few episodes of its own stream), so the summed return
+//! PPO maximizes is the gap closed: the per-task reward normalization of multi-task RL (Hessel
+//! et al. 2019, PopArt), with the gap as the task's scale.
 
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor, nn};
 
 use crate::adam::Adam;
 use crate::network::{NetConfig, PolicyNet};
+
+/// Episodes of oracle and uniform play that measure an environment's gap for
+/// [`PpoConfig::reward_per_gap`].
+pub const GAP_EPISODES: usize = 4;
+
+/// The smallest gap (return per episode) a reward is divided by, so that an environment where
+/// the oracle gains almost nothing does not blow its rewards up (the test suite's smallest gap
+/// is 0.26).
+pub const GAP_FLOOR: f64 = 0.1;
 
 /// How the reward is credited to the per-site decisions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -188,6 +207,12 @@ pub struct PpoConfig {
     /// draw's noise, and the residual drifted below its prior on exactly those environments.
     #[serde(default)]
     pub reference_rollout: bool,
+    /// Divide each environment's rewards by its oracle-over-uniform return gap (default false):
+    /// training then maximizes the gap closed, the figure the suite reports, instead of a sum
+    /// dominated by the environments whose returns are largest. The gap is measured on
+    /// [`GAP_EPISODES`] episodes of the environment's own stream, never on the training episodes.
+    #[serde(default)]
+    pub reward_per_gap: bool,
     /// Network sizes.
     pub net: NetConfig,
 }
@@ -222,6 +247,7 @@ impl Default for PpoConfig {
             prior_kl_skip: false,
             value_warmup: 0.0,
             reference_rollout: false,
+            reward_per_gap: false,
             net: NetConfig::default(),
         }
     }

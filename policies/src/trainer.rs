@@ -189,6 +189,9 @@ struct EnvGroup {
     draw: Option<u64>,
     /// With `ppo.reference_rollout`: the twins, on the same random streams.
     reference: Option<Twins>,
+    /// What this group's rewards are multiplied by before GAE, besides `ppo.reward_scale`:
+    /// 1 / its gap with `ppo.reward_per_gap`, else 1.
+    reward_weight: f32,
 }
 
 /// Copies of a group's environments, played by the reference policy ([`PpoConfig::reference_rollout`]).
@@ -200,11 +203,27 @@ struct Twins {
 impl EnvGroup {
     /// A group at the start of its episodes; with `twins`, a copy of each environment (same
     /// state, same random stream) for the reference policy.
-    fn new(venv: VecEnv, draw: Option<u64>, twins: bool) -> Self {
+    fn new(venv: VecEnv, draw: Option<u64>, twins: bool, reward_weight: f32) -> Self {
         let beliefs = vec![Belief::new(); venv.n_envs()];
         let reference = twins.then(|| Twins { venv: venv.clone(), beliefs: beliefs.clone() });
-        EnvGroup { beliefs, venv, draw, reference }
+        EnvGroup { beliefs, venv, draw, reference, reward_weight }
     }
+}
+
+/// The reward weight of an environment for `ppo.reward_per_gap`: 1 / (the oracle's mean return
+/// − uniform's) over [`ppo::GAP_EPISODES`] episodes from `seed`, the gap floored at
+/// [`ppo::GAP_FLOOR`]; 1 when `per_gap` is off. A function of the environment and the seed only,
+/// so a resumed run recomputes it exactly.
+fn reward_weight(spec: &Arc<EnvSpec>, seed: u64, per_gap: bool) -> Result<f32, PolicyError> {
+    if !per_gap {
+        return Ok(1.0);
+    }
+    let mean_return = |b: envs::Baseline| -> Result<f64, PolicyError> {
+        let mut policy = b.policy(spec, envs::derive_seed(seed, u64::MAX));
+        Ok(envs::eval::evaluate_spec(spec, policy.as_mut(), ppo::GAP_EPISODES, seed)?.mean_return)
+    };
+    let gap = mean_return(envs::Baseline::Oracle)? - mean_return(envs::Baseline::Uniform)?;
+    Ok((1.0 / gap.max(ppo::GAP_FLOOR)) as f32)
 }
 
 /// One decision for every environment of `venv` (the budgets and site shapes read from it).
@@ -438,7 +457,8 @@ impl Trainer {
         match distribution {
             None => {
                 let venv = VecEnv::from_spec(spec.clone(), n, envs::derive_seed(seed, 1));
-                t.groups.push(EnvGroup::new(venv, None, twins))
+                let w = reward_weight(&spec, envs::derive_seed(seed, 4), preset.ppo.reward_per_gap)?;
+                t.groups.push(EnvGroup::new(venv, None, twins, w))
             }
             Some(_) => {
                 for g in 0..n.div_ceil(ENVS_PER_DRAW) {
@@ -474,7 +494,9 @@ impl Trainer {
         self.draws += 1;
         let spec = EnvSpec::new(&dist.draw(draw)?)?;
         let twins = self.reference_model.is_some();
-        Ok(EnvGroup::new(VecEnv::from_spec(spec, size, envs::derive_seed(draw, 1)), Some(draw), twins))
+        // The gap is measured on a stream of its own (1 is the training episodes').
+        let w = reward_weight(&spec, envs::derive_seed(draw, 2), self.preset.ppo.reward_per_gap)?;
+        Ok(EnvGroup::new(VecEnv::from_spec(spec, size, envs::derive_seed(draw, 1)), Some(draw), twins, w))
     }
 
     /// Number of sites of the first group's environment (the training preset's without a
@@ -531,7 +553,8 @@ impl Trainer {
             let mut env_base = 0;
             let mut last_ranks = Vec::new();
             for gi in 0..self.groups.len() {
-                let EnvGroup { venv, beliefs, reference, .. } = &mut self.groups[gi];
+                let EnvGroup { venv, beliefs, reference, reward_weight, .. } = &mut self.groups[gi];
+                let weighted = scale * *reward_weight;
                 let (ne, l) = (venv.n_envs(), venv.n_sites());
                 // Running statistics see every observation as it arrives (CleanRL's wrapper order).
                 self.model.norm.global.update(venv.obs_global());
@@ -613,9 +636,9 @@ impl Trainer {
                         site_rewards: venv.site_rewards()[sites_of.clone()]
                             .iter()
                             .zip(&ref_site_rewards[sites_of.clone()])
-                            .map(|(&r, &r_ref)| (r - r_ref) * scale)
+                            .map(|(&r, &r_ref)| (r - r_ref) * weighted)
                             .collect(),
-                        reward: (rewards[e] - ref_rewards[e]) * scale,
+                        reward: (rewards[e] - ref_rewards[e]) * weighted,
                         done: venv.dones()[e],
                         episode,
                         current: d.current[sites_of.clone()].to_vec(),
@@ -934,10 +957,12 @@ impl Trainer {
                         ));
                     }
                 };
+                let seed = g.draw.map_or(envs::derive_seed(cfg.seed, 4), |d| envs::derive_seed(d, 2));
+                let reward_weight = reward_weight(&spec, seed, cfg.policy_preset.ppo.reward_per_gap)?;
                 let venv = VecEnv::restore(spec, g.venv)?;
                 let beliefs =
                     if g.beliefs.len() == venv.n_envs() { g.beliefs } else { vec![Belief::new(); venv.n_envs()] };
-                Ok(EnvGroup { venv, beliefs, draw: g.draw, reference })
+                Ok(EnvGroup { venv, beliefs, draw: g.draw, reference, reward_weight })
             })
             .collect::<Result<Vec<_>, PolicyError>>()?;
         if t.groups.iter().map(|g| g.venv.n_envs()).sum::<usize>() != t.preset.ppo.num_envs {
@@ -1049,6 +1074,45 @@ mod tests {
             }
         }
         assert_eq!((starts, same_plan_rounds), (3, 3));
+    }
+
+    #[test]
+    fn rewards_per_gap_weigh_an_environment_by_one_over_its_oracle_gap() {
+        // The weight is 1 / (oracle − uniform mean return) on the environment's own episodes,
+        // computed here through the evaluation's public route; and the option is exactly a
+        // reward scale of that weight: the same first update, bit for bit.
+        let env = small_env();
+        let mut preset = load_preset("tiny").unwrap();
+        preset.prior.enabled = true;
+        preset.ppo.reward_per_gap = true;
+        let mut per_gap = Trainer::new(&env, &preset, 1024, 3, Device::Cpu).unwrap();
+        let table = envs::evaluate_baselines(
+            &env,
+            &[envs::Baseline::Uniform, envs::Baseline::Oracle],
+            ppo::GAP_EPISODES,
+            envs::derive_seed(3, 4),
+        )
+        .unwrap();
+        let gap = table.rows[1].mean_return - table.rows[0].mean_return;
+        assert!(gap > ppo::GAP_FLOOR, "the oracle gains on this preset: {gap}");
+        let w = per_gap.groups[0].reward_weight;
+        assert_eq!(w, (1.0 / gap) as f32);
+        assert_ne!(w, 1.0);
+
+        preset.ppo.reward_per_gap = false;
+        preset.ppo.reward_scale = w as f64;
+        let mut scaled = Trainer::new(&env, &preset, 1024, 3, Device::Cpu).unwrap();
+        assert_eq!(scaled.groups[0].reward_weight, 1.0);
+        per_gap.iterate();
+        scaled.iterate();
+        for ((name, a), (_, b)) in per_gap.model.weights().iter().zip(scaled.model.weights().iter()) {
+            assert!(a.equal(b), "{name} differs between per-gap rewards and the same reward scale");
+        }
+        // Without the option the first update differs (the value targets are the raw rewards).
+        preset.ppo.reward_scale = 1.0;
+        let mut plain = Trainer::new(&env, &preset, 1024, 3, Device::Cpu).unwrap();
+        plain.iterate();
+        assert!(plain.model.weights().iter().zip(per_gap.model.weights().iter()).any(|((_, a), (_, b))| !a.equal(b)));
     }
 
     #[test]

@@ -272,6 +272,18 @@ fn a_run_measured_against_reference_twins_resumes_exactly_and_acts_on_every_pres
     check_distribution_run(&preset);
 }
 
+#[test]
+fn a_run_with_rewards_per_gap_resumes_exactly_and_acts_on_every_preset() {
+    // `ppo.reward_per_gap`: each draw's reward weight is recomputed from the draw on resume; a
+    // different weight would change the updates, so the resumed weights would differ.
+    let mut preset = load_preset("tiny").unwrap();
+    preset.ppo.num_envs = 8;
+    preset.ppo.net.skip = true;
+    preset.prior.enabled = true;
+    preset.ppo.reward_per_gap = true;
+    check_distribution_run(&preset);
+}
+
 /// A run of `preset` on the small distribution: resumed mid-way it gives the same weights as
 /// straight through, and the trained policy acts on every built-in preset.
 fn check_distribution_run(preset: &policies::trainer::PolicyPreset) {

@@ -89,6 +89,11 @@ pub struct TuneInput {
     /// 4; every grow takes the next ones).
     #[arg(long, default_value = "kaiming")]
     pub init: tune::finetune::SiteInit,
+    /// How a scheduler's shrink drops components: `svd` (the QR-core SVD's best rank-k
+    /// approximation; the site's optimizer state restarts) or `prune` (drop the components with
+    /// the smallest rank-one terms; the others keep their directions and optimizer state).
+    #[arg(long, default_value = "svd")]
+    pub shrink: tune::lora::Shrink,
 }
 
 impl TuneInput {
@@ -104,6 +109,7 @@ impl TuneInput {
             grad_accum: self.grad_accum,
             lora_dropout: self.lora_dropout,
             init: self.init,
+            shrink: self.shrink,
             seq_len: self.seq_len,
             adam: tune::lora::AdamW { lr, ..tune::lora::AdamW::default() },
             ..tune::finetune::FinetuneConfig::default()

@@ -453,7 +453,7 @@ pub fn run(a: &CompareArgs) -> Result<()> {
         "model": a.input.model, "data": a.input.data, "env": a.env, "budget": budget,
         "seeds": a.seeds, "seed": a.common.seed, "steps": a.steps, "rounds": a.rounds,
         "lr_sweep": a.lr_sweep, "sweep_seed": sweep_seed, "sweep_val_loss": sweep,
-        "peer_init": format!("{:?}", a.peer_init).to_lowercase(),
+        "peer_init": format!("{:?}", a.peer_init).to_lowercase(), "shrink": a.input.shrink,
         "rows": rows, "runs": runs,
     });
     std::fs::create_dir_all(&a.logdir)?;

@@ -64,7 +64,7 @@ pub fn run(a: &SqueezeArgs) -> Result<()> {
         };
         let total: f64 = sv.iter().map(|x| x * x).sum();
         let kept: f64 = sv.iter().take(k).map(|x| x * x).sum();
-        l.resize(k)?;
+        l.resize(k, tune::lora::Shrink::Svd)?;
         before += r * (l.d_in + l.d_out);
         after += k * (l.d_in + l.d_out);
         println!(

@@ -276,8 +276,8 @@ mod tests {
         let std = s.a.std(true).double_value(&[]);
         assert!((std - 0.02).abs() < 0.005, "A ~ N(0, 0.02²): std {std}");
         assert_eq!((s.rank(), s.active_rank()), (4, 0));
-        assert!(s.resize(3).is_err(), "the allocator masks; a resize would drop its pattern");
-        assert_eq!(s.resize(4).unwrap(), crate::lora::ResizeKind::Unchanged);
+        assert!(s.resize(3, crate::lora::Shrink::Svd).is_err(), "the allocator masks; a resize would drop its pattern");
+        assert_eq!(s.resize(4, crate::lora::Shrink::Svd).unwrap(), crate::lora::ResizeKind::Unchanged);
     }
 
     /// The allocator keeps the triplets of highest score, globally, and a masked entry can come

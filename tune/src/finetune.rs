@@ -19,7 +19,7 @@ use tch::{Device, Kind, Tensor, nn};
 
 use crate::adalora::{AdaloraConfig, RankAllocator, orthogonality_penalty};
 use crate::data::{TokenData, data_rng};
-use crate::lora::{AdamW, Lora, LoraInit, ResizeKind, SavedModule, check_rank};
+use crate::lora::{AdamW, Lora, LoraInit, ResizeKind, SavedModule, Shrink, check_rank};
 use crate::model::llama::Llama;
 use crate::model::{Projection, Target};
 use crate::peft::{PREFIX, PeftAdapter, PeftSite};
@@ -173,6 +173,9 @@ pub struct FinetuneConfig {
     pub seed: u64,
     /// How sites start and grow: random directions, or EVA's data-driven ones.
     pub init: SiteInit,
+    /// How a scheduler's shrink drops components: the SVD's best approximation (default) or
+    /// pruning the weakest, which keeps the others' directions and optimizer state.
+    pub shrink: Shrink,
     /// AdaLoRA as PEFT implements it ([`crate::adalora`]): every site starts in SVD form at
     /// `init_r` components (`ranks` is then not read) and a [`RankAllocator`] masks them after
     /// every step. `None`: plain LoRA sites, resized by the scheduler's plans.
@@ -199,6 +202,7 @@ impl Default for FinetuneConfig {
             track_importance: true,
             seed: 0,
             init: SiteInit::Kaiming,
+            shrink: Shrink::Svd,
             adalora: None,
         }
     }
@@ -473,7 +477,7 @@ impl Finetuner {
                     site.embedding = embedding;
                 }
                 None => {
-                    site.resize(0)?;
+                    site.resize(0, Shrink::Svd)?;
                 }
             }
         }
@@ -690,7 +694,7 @@ impl Finetuner {
         let kinds = crate::svd::single_threaded(device, || -> Result<Vec<ResizeKind>> {
             let mut kinds = Vec::with_capacity(n);
             for (s, &r) in sites.into_iter().zip(&plan.ranks) {
-                kinds.push(s.resize(r)?);
+                kinds.push(s.resize(r, self.cfg.shrink)?);
             }
             Ok(kinds)
         })?;

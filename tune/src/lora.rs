@@ -16,6 +16,11 @@
 //!   the adapter's true rank. Components whose singular value is zero (e.g. a fresh adapter
 //!   with `B = 0`) would be dead (no gradient reaches them); they are re-drawn like new
 //!   directions of a grow (fresh `A` row, zero `B` column), which keeps the output unchanged.
+//! * *prune* `r → k` ([`Shrink::Prune`], the alternative to the SVD shrink): the `k` components
+//!   whose rank-one terms `b_i a_iᵀ` are largest (`‖b_i‖·‖a_i‖`) are kept as they are, rescaled by
+//!   `c = √(s_r / s_k)` like a grow, the others dropped. Not the best rank-`k` approximation, but
+//!   no component changes direction: an EVA-initialised `A` keeps its data-driven rows, and the
+//!   kept entries keep their optimizer state.
 //!
 //! **Optimizer state** (this module's own AdamW, [`AdamW`]):
 //!
@@ -26,9 +31,11 @@
 //! * shrink: the factors change basis (rotations by `U_c`, `V_c`), so element-wise moments no
 //!   longer describe any parameter; both moments are **reset** to zero and the site's step count
 //!   to 0, so bias correction restarts for that site alone.
+//! * prune: the kept entries keep their moments, rescaled like a grow's (`m·c`, `v·c²`), and
+//!   the step count is kept.
 //!
 //! The AdaLoRA importance averages follow the same rule (padded with zeros on grow, reset on
-//! shrink).
+//! shrink, the kept entries' kept on prune).
 //!
 //! **AdaLoRA's SVD form** ([`Lora::new_svd`], PEFT's `SVDLinear`): `y = W x + s · B (Λ ⊙ A) x`
 //! with a trained diagonal `Λ` (`lora_E`, `[r, 1]`, starting at zero), `A`, `B` drawn from
@@ -254,6 +261,31 @@ pub struct Lora {
     pub lambda: Option<Tensor>,
     lambda_adam: Option<Moments>,
     draws: u64,
+}
+
+/// How a resize drops components.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Shrink {
+    /// The best rank-`k` approximation by the QR-core SVD (LoRA-Squeeze); the factors change
+    /// basis and the site's optimizer state restarts (default).
+    #[default]
+    Svd,
+    /// Drop the components with the smallest rank-one terms; the kept ones keep their directions
+    /// and their optimizer state.
+    Prune,
+}
+
+impl std::str::FromStr for Shrink {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Shrink, String> {
+        match s.trim() {
+            "svd" => Ok(Shrink::Svd),
+            "prune" => Ok(Shrink::Prune),
+            other => Err(format!("unknown shrink `{other}`: allowed: svd, prune")),
+        }
+    }
 }
 
 /// What a resize did.
@@ -485,10 +517,10 @@ impl Lora {
             .collect()
     }
 
-    /// Resizes to `new_rank` (grow or QR-core shrink), keeping the output unchanged (up to float
-    /// error, exactly so for a shrink to at least the true rank). See the module documentation for
-    /// what happens to the optimizer state.
-    pub fn resize(&mut self, new_rank: usize) -> Result<ResizeKind> {
+    /// Resizes to `new_rank` (a grow, or a shrink by `shrink`), keeping the output unchanged (up
+    /// to float error, exactly so for an SVD shrink to at least the true rank). See the module
+    /// documentation for what happens to the optimizer state.
+    pub fn resize(&mut self, new_rank: usize, shrink: Shrink) -> Result<ResizeKind> {
         check_rank(&self.name, new_rank, self.d_in, self.d_out)?;
         let r = self.rank();
         if self.lambda.is_some() && new_rank != r {
@@ -503,9 +535,49 @@ impl Lora {
             tch::no_grad(|| self.grow(new_rank));
             ResizeKind::Grow
         } else {
-            tch::no_grad(|| self.shrink(new_rank));
+            match shrink {
+                Shrink::Svd => tch::no_grad(|| self.shrink(new_rank)),
+                Shrink::Prune => tch::no_grad(|| self.prune(new_rank)),
+            }
             ResizeKind::Shrink
         })
+    }
+
+    /// Keeps the `k` components with the largest `‖b_i‖·‖a_i‖` (in their order), rescaled by
+    /// `c = √(s_r / s_k)`, with their moments and importance averages.
+    fn prune(&mut self, k: usize) {
+        if k == 0 {
+            return self.shrink(0);
+        }
+        let c = (self.scaling() / scaling(self.alpha, k, self.rslora)).sqrt();
+        let term = self.b.detach().norm_scalaropt_dim(2.0, [0i64].as_slice(), false)
+            * self.a.detach().norm_scalaropt_dim(2.0, [1i64].as_slice(), false);
+        let mut order: Vec<(usize, f64)> = Vec::<f64>::try_from(term.to_kind(Kind::Double).to_device(Device::Cpu))
+            .unwrap_or_default()
+            .into_iter()
+            .enumerate()
+            .collect();
+        // Largest terms first; ties keep the earlier component.
+        order.sort_by(|x, y| y.1.total_cmp(&x.1).then(x.0.cmp(&y.0)));
+        let mut keep: Vec<i64> = order.iter().take(k).map(|&(i, _)| i as i64).collect();
+        keep.sort_unstable();
+        let idx = Tensor::from_slice(&keep).to_device(self.a.device());
+        let rows = |t: &Tensor| t.index_select(0, &idx);
+        let cols = |t: &Tensor| t.index_select(1, &idx);
+        if let Some((ma, mb)) = self.adam.take() {
+            self.adam = Some((
+                Moments { m: rows(&ma.m) * c, v: rows(&ma.v) * (c * c) },
+                Moments { m: cols(&mb.m) * c, v: cols(&mb.v) * (c * c) },
+            ));
+        }
+        if let Some((ia, ib)) = self.importance.take() {
+            self.importance = Some((
+                Importance { i_bar: rows(&ia.i_bar), u_bar: rows(&ia.u_bar) },
+                Importance { i_bar: cols(&ib.i_bar), u_bar: cols(&ib.u_bar) },
+            ));
+        }
+        self.a = param(rows(&self.a.detach()) * c);
+        self.b = param(cols(&self.b.detach()) * c);
     }
 
     fn grow(&mut self, new_rank: usize) {
@@ -990,20 +1062,20 @@ mod tests {
             let x = Tensor::randn([7, 48], (Kind::Float, Device::Cpu));
             let mut l = trained_site(8, 3, rslora);
             let y0 = out(&l, &x);
-            assert_eq!(l.resize(16).unwrap(), ResizeKind::Grow);
+            assert_eq!(l.resize(16, Shrink::Svd).unwrap(), ResizeKind::Grow);
             assert_eq!(l.rank(), 16);
             assert!(rel(&out(&l, &x), &y0) < 1e-5, "grow");
             // New rows are orthogonal to the old ones.
             let ov = l.a.narrow(0, 0, 8).matmul(&l.a.narrow(0, 8, 8).tr()).abs().max().double_value(&[]);
             assert!(ov < 1e-4, "{ov}");
             for k in [6, 3] {
-                assert_eq!(l.resize(k).unwrap(), ResizeKind::Shrink);
+                assert_eq!(l.resize(k, Shrink::Svd).unwrap(), ResizeKind::Shrink);
                 assert_eq!((l.a.size(), l.b.size()), (vec![k as i64, 48], vec![40, k as i64]));
                 assert!(rel(&out(&l, &x), &y0) < 1e-5, "shrink to {k} (rslora {rslora})");
             }
             // Below the true rank: the best rank-2 approximation.
             let sv = l.singular_values();
-            l.resize(2).unwrap();
+            l.resize(2, Shrink::Svd).unwrap();
             let err = rel(&l.delta_weight(), &Tensor::zeros([1], (Kind::Float, Device::Cpu)));
             assert!(err > 0.0);
             let kept: f64 = l.singular_values().iter().map(|x| x * x).sum();
@@ -1016,13 +1088,13 @@ mod tests {
     fn shrinking_a_fresh_adapter_keeps_it_trainable() {
         tch::manual_seed(1);
         let mut l = Lora::new("m", (16, 16), 8, LoraInit { alpha: 8.0, rslora: false, seed: 0 }, Device::Cpu).unwrap();
-        l.resize(4).unwrap();
+        l.resize(4, Shrink::Svd).unwrap();
         assert_eq!(l.rank(), 4);
         assert!(l.a.abs().sum(Kind::Float).double_value(&[]) > 0.0, "A must not be all zero");
         assert_eq!(l.b.abs().sum(Kind::Float).double_value(&[]), 0.0);
-        l.resize(0).unwrap();
+        l.resize(0, Shrink::Svd).unwrap();
         assert!(l.forward(&Tensor::ones([1, 16], (Kind::Float, Device::Cpu))).is_none());
-        l.resize(2).unwrap();
+        l.resize(2, Shrink::Svd).unwrap();
         assert_eq!(l.rank(), 2);
     }
 
@@ -1052,15 +1124,60 @@ mod tests {
         }
         assert!(l.importance() > 0.0);
         assert_eq!(l.component_importance().len(), 4);
-        l.resize(6).unwrap();
+        l.resize(6, Shrink::Svd).unwrap();
         assert_eq!(l.adam_steps(), 3);
         assert_eq!(l.component_importance().len(), 6);
         let loss = l.forward(&x).unwrap().square().mean(Kind::Float);
         loss.backward();
         l.observe_gradients(true);
         l.adamw_step(&AdamW::default(), 1.0);
-        l.resize(2).unwrap();
+        l.resize(2, Shrink::Svd).unwrap();
         assert_eq!(l.adam_steps(), 0);
         assert_eq!(l.importance(), 0.0);
+    }
+
+    #[test]
+    fn prune_keeps_the_largest_terms_their_directions_and_their_optimizer_state() {
+        // Components with known term sizes ‖b_i‖·‖a_i‖: B's columns scaled 1, 5, 2, 4, 3.
+        let mut l = trained_site(5, 5, false);
+        let weights = Tensor::from_slice(&[1f32, 5., 2., 4., 3.]);
+        let b = Tensor::randn([40, 5], (Kind::Float, Device::Cpu));
+        let b = &b / b.norm_scalaropt_dim(2, [0], true) * &weights;
+        let a = l.a.detach();
+        let a = &a / a.norm_scalaropt_dim(2, [1], true);
+        l.a = param(a.copy());
+        l.b = param(b.copy());
+        let x = Tensor::randn([5, 48], (Kind::Float, Device::Cpu));
+        for _ in 0..2 {
+            let loss = l.forward(&x).unwrap().square().mean(Kind::Float);
+            loss.backward();
+            l.observe_gradients(true);
+            l.adamw_update(&AdamW { lr: 0.0, weight_decay: 0.0, ..AdamW::default() }, 1.0);
+            l.zero_grad();
+        }
+        let (m_a, v_b) = {
+            let (ma, mb) = l.adam.as_ref().unwrap();
+            (ma.m.copy(), mb.v.copy())
+        };
+        let keep = Tensor::from_slice(&[1i64, 3, 4]); // the three largest terms, in their order
+        let expected = l.b.detach().index_select(1, &keep).matmul(&l.a.detach().index_select(0, &keep)) * l.scaling();
+        assert_eq!(l.resize(3, Shrink::Prune).unwrap(), ResizeKind::Shrink);
+        assert_eq!(l.rank(), 3);
+        // The kept terms are unchanged (the rescaling c = √(s_5/s_3) cancels against s_3).
+        assert!(rel(&(l.b.detach().matmul(&l.a.detach()) * l.scaling()), &expected) < 1e-6);
+        // Each kept row of A points where it pointed.
+        let c = (scaling(16.0, 5, false) / scaling(16.0, 3, false)).sqrt();
+        assert!(rel(&l.a.detach(), &(a.index_select(0, &keep) * c)) < 1e-6);
+        // The optimizer state is the kept entries', rescaled like the parameters; the step count
+        // and the importance averages go on.
+        assert_eq!(l.adam_steps(), 2);
+        let (ma, mb) = l.adam.as_ref().unwrap();
+        assert!(rel(&ma.m, &(m_a.index_select(0, &keep) * c)) < 1e-6);
+        assert!(rel(&mb.v, &(v_b.index_select(1, &keep) * (c * c))) < 1e-6);
+        assert_eq!(l.component_importance().len(), 3);
+        assert!(l.importance() > 0.0);
+        // The SVD shrink of the same site restarts the state instead.
+        l.resize(2, Shrink::Svd).unwrap();
+        assert_eq!(l.adam_steps(), 0);
     }
 }
