@@ -380,6 +380,10 @@ pub fn run(a: &CompareArgs) -> Result<()> {
         PeerInit::Peft => sweep_arg,
         PeerInit::Rankpilot => format!("{sweep_arg} --peer-init rankpilot"),
     };
+    let sweep_arg = match a.input.shrink {
+        tune::lora::Shrink::Svd => sweep_arg,
+        tune::lora::Shrink::Prune => format!("{sweep_arg} --shrink prune"),
+    };
     let mut md = format!(
         "`rankpilot compare --model {} --data {} --env {} --budget {} --seeds {} --steps {} --rounds {} --seed {}{sweep_arg}`\n\n| scheduler | lr | final val loss (mean ± std) | Δ vs best, {best_name} (paired, mean ± se [95% t interval]) |{resource_head} mean adapter params | final adapter params | wall s / run |\n|---|---:|---:|---:|{}---:|---:|---:|\n",
         a.input.model.display(),
