@@ -106,6 +106,9 @@ pub enum ActMode<'a> {
     Sample(&'a mut ChaCha8Rng),
     /// The most likely rank per site (evaluation, real runs).
     Greedy,
+    /// The most likely plan, with each environment's skip decision given (kept only where the
+    /// resource allows skipping): the two branches of [`crate::ppo::PpoConfig::skip_vine`].
+    GreedySkipping(&'a [bool]),
 }
 
 /// One batch of decisions for `n_envs` states.
@@ -343,9 +346,10 @@ impl PolicyModel {
             Vec::try_from(logits.log_softmax(-1, Kind::Float).to_device(Device::Cpu).flatten(0, -1))
                 .expect("f32 logits");
         let values: Vec<f32> = Vec::try_from(values.to_device(Device::Cpu).flatten(0, -1)).expect("f32 values");
-        let mut rng = match mode {
-            ActMode::Sample(rng) => Some(rng),
-            ActMode::Greedy => None,
+        let (mut rng, forced_skip) = match mode {
+            ActMode::Sample(rng) => (Some(rng), None),
+            ActMode::Greedy => (None, None),
+            ActMode::GreedySkipping(forced) => (None, Some(forced)),
         };
         let mut cost = vec![0f64; n_sites * k];
         for (l, &u) in unit_cost.iter().enumerate() {
@@ -363,12 +367,14 @@ impl PolicyModel {
                 let z: Vec<f32> = Vec::try_from(z.to_device(Device::Cpu)).expect("f32 skip logits");
                 z.iter()
                     .zip(&skip_allowed)
-                    .map(|(&z, &allowed)| {
+                    .enumerate()
+                    .map(|(e, (&z, &allowed))| {
                         let p = 1.0 / (1.0 + (-z as f64).exp());
                         // The uniform is drawn even when masked: the draws stay aligned.
-                        let s = match rng.as_deref_mut() {
-                            Some(r) => r.random::<f64>() < p,
-                            None => p > 0.5,
+                        let s = match (rng.as_deref_mut(), forced_skip) {
+                            (Some(r), _) => r.random::<f64>() < p,
+                            (None, Some(forced)) => forced[e],
+                            (None, None) => p > 0.5,
                         };
                         if !allowed {
                             return (false, 0.0);

@@ -71,6 +71,21 @@
 //! minus uniform's mean return over a few episodes of its own stream), so the summed return
 //! PPO maximizes is the gap closed: the per-task reward normalization of multi-task RL (Hessel
 //! et al. 2019, PopArt), with the gap as the task's scale.
+//!
+//! **Vine skip advantage** (`skip_vine`; off by default). The skip decision's advantage is
+//! otherwise the sum of the sites' GAE advantages: the noisiest signal PPO gets, and the one the
+//! training seeds disagree on (the README's session 38 diagnosis). With this option the trainer
+//! branches each group of environments at `skip_vine` random rounds per episode, as TRPO's
+//! vine rollouts do (Schulman et al. 2015, §5.2): two copies of the environments (same state,
+//! same random stream, so both face the same exogenous draws) play that round once skipping and
+//! once playing the greedy plan, then both follow the current policy's greedy decisions to the
+//! end of the episode. The difference of their discounted returns, D = Q(s, skip) − Q(s, play),
+//! has none of the rank sampling's noise and none of the draw's. For a Bernoulli decision
+//! taken with probability π(a|s) the advantage of the taken action is then
+//! A(s, a) = (1 − π(a|s)) · (Q(s, a) − Q(s, ā)) ([`vine_advantage`]), whose expectation over a
+//! gives the all-action gradient D·∇P(skip). Only branched states train the skip head; the
+//! ranks keep their per-site GAE advantages. The branches cost about one more episode of
+//! greedy play per episode.
 
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor, nn};
@@ -213,6 +228,12 @@ pub struct PpoConfig {
     /// [`GAP_EPISODES`] episodes of the environment's own stream, never on the training episodes.
     #[serde(default)]
     pub reward_per_gap: bool,
+    /// Train the skip decision on vine advantages: the expected number of rounds per episode
+    /// branched, each group of environments skipping and playing that round, then greedy to
+    /// the end on the same draws (see the module doc). 0 (the default) turns it off; > 0 needs
+    /// a skip head.
+    #[serde(default)]
+    pub skip_vine: f64,
     /// Network sizes.
     pub net: NetConfig,
 }
@@ -248,6 +269,7 @@ impl Default for PpoConfig {
             value_warmup: 0.0,
             reference_rollout: false,
             reward_per_gap: false,
+            skip_vine: 0.0,
             net: NetConfig::default(),
         }
     }
@@ -451,6 +473,16 @@ pub struct SkipBatch {
     /// 1 where the resource allowed skipping [B] (float): elsewhere the head was masked, the
     /// decision was not the policy's, and it takes no gradient.
     pub allowed: Tensor,
+    /// With [`PpoConfig::skip_vine`]: (the vine advantage of each taken decision [B], 1 where the
+    /// state was branched [B]); the skip loss then covers the branched states alone.
+    pub vine: Option<(Tensor, Tensor)>,
+}
+
+/// The advantage of a Bernoulli decision taken with probability `p_taken`, from both actions'
+/// values measured on the same draws: A(s, a) = Q(s, a) − V(s) with
+/// V(s) = π(a)·Q(s, a) + (1 − π(a))·Q(s, ā), i.e. (1 − π(a)) · (Q(s, a) − Q(s, ā)).
+pub fn vine_advantage(p_taken: f64, q_taken: f64, q_other: f64) -> f64 {
+    (1.0 - p_taken) * (q_taken - q_other)
 }
 
 /// What one update did, for logging.
@@ -617,6 +649,7 @@ pub fn update(
             let rank_costs = batch.rank_costs.as_ref().map(sel);
             let skip =
                 batch.skip.as_ref().map(|b| (sel(&b.taken), sel(&b.logp), b.margin.as_ref().map(sel), sel(&b.allowed)));
+            let vine = batch.skip.as_ref().and_then(|b| b.vine.as_ref()).map(|(a, w)| (sel(a), sel(w)));
             let actions = sel(&batch.actions);
             let ev = evaluate_actions(
                 net,
@@ -678,16 +711,32 @@ pub fn update(
             if let (Some((logp_s, ent_s, _)), Some((_, old_logp_s, _, allowed))) = (&ev.skip, &skip) {
                 // Only states where the resource allowed skipping carry a skip decision.
                 let n_allowed = allowed.sum(Kind::Float).clamp_min(1.0);
-                let mut a = state_adv;
-                if cfg.norm_adv && chunk.len() > 1 {
-                    let mean = (&a * allowed).sum(Kind::Float) / &n_allowed;
-                    let var = ((&a - &mean).square() * allowed).sum(Kind::Float) / (&n_allowed - 1.0).clamp_min(1.0);
-                    a = (&a - mean) / (var.sqrt() + 1e-8);
-                }
-                let ratio_s = ((logp_s - old_logp_s) * allowed).exp();
+                let (a, trained) = match &vine {
+                    // Vine advantages are centred already (their mean over the action is 0):
+                    // scaled to unit RMS over the branched states, not re-centred.
+                    Some((a, branched)) => {
+                        let w = allowed * branched;
+                        let n = w.sum(Kind::Float).clamp_min(1.0);
+                        let rms = ((a.square() * &w).sum(Kind::Float) / &n).sqrt();
+                        let a = if cfg.norm_adv { a / (rms + 1e-8) } else { a.shallow_clone() };
+                        (a, w)
+                    }
+                    None => {
+                        let mut a = state_adv;
+                        if cfg.norm_adv && chunk.len() > 1 {
+                            let mean = (&a * allowed).sum(Kind::Float) / &n_allowed;
+                            let var =
+                                ((&a - &mean).square() * allowed).sum(Kind::Float) / (&n_allowed - 1.0).clamp_min(1.0);
+                            a = (&a - mean) / (var.sqrt() + 1e-8);
+                        }
+                        (a, allowed.shallow_clone())
+                    }
+                };
+                let n_trained = trained.sum(Kind::Float).clamp_min(1.0);
+                let ratio_s = ((logp_s - old_logp_s) * &trained).exp();
                 let l1 = -&a * &ratio_s;
                 let l2 = -&a * ratio_s.clamp(1.0 - cfg.clip_coef, 1.0 + cfg.clip_coef);
-                policy_loss += (l1.maximum(&l2) * allowed).sum(Kind::Float) / &n_allowed;
+                policy_loss += (l1.maximum(&l2) * &trained).sum(Kind::Float) / &n_trained;
                 skip_entropy = (ent_s * allowed).sum(Kind::Float) / &n_allowed;
             }
 
@@ -1059,6 +1108,7 @@ mod tests {
                     logp: ev0.skip.as_ref().unwrap().0.shallow_clone(),
                     margin: self.margin.map(Tensor::shallow_clone),
                     allowed: self.taken.ones_like(),
+                    vine: None,
                 }),
                 current: None,
                 rank_costs: None,
@@ -1252,68 +1302,110 @@ mod tests {
     fn skip_decision_follows_its_advantage() {
         // Half the states skipped, half played. When skipping did better than expected (and
         // playing worse), the update raises P(skip); with the signs flipped it lowers it.
-        let run = |sign: f32| -> (f64, f64) {
-            tch::manual_seed(3);
-            let vs = nn::VarStore::new(Device::Cpu);
-            let net = PolicyNet::new(&vs.root(), 2, 3, 4, NetConfig { hidden: 8, skip: true, ..Default::default() });
-            let mut opt = Adam::new(&vs, "", 1e-2, 1e-5);
-            let b = 16i64;
-            let opts = (Kind::Float, Device::Cpu);
-            let global = Tensor::randn([b, 2], opts);
-            let sites = Tensor::randn([b, 5, 3], opts);
-            let mask = Tensor::ones([b, 5], opts);
-            let skipped: Vec<f32> = (0..b).map(|i| (i < 8) as u8 as f32).collect();
-            let skip = Tensor::from_slice(&skipped);
-            let actions = Tensor::zeros([b, 5], (Kind::Int64, Device::Cpu));
-            let evaluate = |net: &PolicyNet| {
-                let stored = Stored {
-                    actions: &actions,
-                    prior: None,
-                    feasible: None,
-                    skip: Some((&skip, None)),
-                    current: None,
-                    rank_costs: None,
-                };
-                tch::no_grad(|| evaluate_actions(net, &global, &sites, &mask, stored))
-            };
-            let ev = evaluate(&net);
-            let (old_skip_logp, _, p0) = ev.skip.unwrap();
-            let adv: Vec<f32> = skipped.iter().map(|&s| if s > 0.0 { sign } else { -sign }).collect();
-            let batch = Batch {
-                global: global.shallow_clone(),
-                sites: sites.shallow_clone(),
-                mask: mask.shallow_clone(),
-                actions: actions.shallow_clone(),
-                logp: ev.logp,
-                values: Tensor::zeros([b], opts),
-                advantages: Tensor::from_slice(&adv),
-                returns: Tensor::zeros([b], opts),
-                prior: None,
-                feasible: None,
-                offset: None,
-                skip: Some(SkipBatch {
-                    taken: skip.shallow_clone(),
-                    logp: old_skip_logp,
-                    margin: None,
-                    allowed: Tensor::ones([b], opts),
-                }),
-                current: None,
-                rank_costs: None,
-                teacher: None,
-            };
-            let cfg =
-                PpoConfig { num_minibatches: 1, update_epochs: 4, target_kl: 0.0, ent_coef: 0.0, ..Default::default() };
-            let stats = update(&cfg, &net, &vs, &mut opt, &batch, 1e-2, |n| (0..n as i64).collect());
-            assert!(!stats.non_finite);
-            let ev1 = evaluate(&net);
-            let p1 = ev1.skip.unwrap().2;
-            (p0.mean(Kind::Float).double_value(&[]), p1.mean(Kind::Float).double_value(&[]))
-        };
-        let (p0, up) = run(1.0);
-        let (q0, down) = run(-1.0);
+        let (p0, up) = skip_update(1.0, None);
+        let (q0, down) = skip_update(-1.0, None);
         // Each run is judged against its own start: other tests share libtorch's global
         // generator, so two seeded starts need not be equal when tests run in parallel.
         assert!(up > p0 + 0.01, "skipping paid: P(skip) {p0} -> {up}");
         assert!(down < q0 - 0.01, "skipping cost: P(skip) {q0} -> {down}");
+    }
+
+    #[test]
+    fn with_vine_advantages_the_skip_decision_follows_the_branches_not_the_sites() {
+        // The sites' advantages say skipping paid; the branches say it cost (and the reverse):
+        // with `skip_vine` the skip head follows the branches.
+        let (p0, down) = skip_update(1.0, Some(-1.0));
+        let (q0, up) = skip_update(-1.0, Some(1.0));
+        assert!(down < p0 - 0.01, "the branches said skipping cost: P(skip) {p0} -> {down}");
+        assert!(up > q0 + 0.01, "the branches said skipping paid: P(skip) {q0} -> {up}");
+    }
+
+    #[test]
+    fn the_vine_advantage_gives_the_all_action_gradient_in_expectation() {
+        // E_a[A(s, a) ∂ log π(a|s)/∂z] over a ~ Bernoulli(σ(z)) must be D · ∂P(skip)/∂z with
+        // D = Q(skip) − Q(play): ∂ log σ(z)/∂z = 1 − p, ∂ log σ(−z)/∂z = −p, ∂σ/∂z = p(1 − p).
+        for &p in &[0.02, 0.3, 0.5, 0.9] {
+            for &(q_skip, q_play) in &[(1.0, -2.0), (-0.5, 0.25), (3.0, 3.0)] {
+                let a_skip = vine_advantage(p, q_skip, q_play);
+                let a_play = vine_advantage(1.0 - p, q_play, q_skip);
+                let expected = p * (1.0 - p) * a_skip + (1.0 - p) * (-p) * a_play;
+                let all_action = (q_skip - q_play) * p * (1.0 - p);
+                assert!((expected - all_action).abs() < 1e-12, "p {p}: {expected} vs {all_action}");
+                // And the advantage is centred: its mean over the action is 0.
+                assert!((p * a_skip + (1.0 - p) * a_play).abs() < 1e-12);
+            }
+        }
+    }
+
+    /// One update on 16 states, half skipped: the state advantage is `sign` where skipped and
+    /// −`sign` where played; with `vine_sign`, every state is branched and the vine advantage
+    /// is `vine_sign` where skipped and −`vine_sign` where played. Returns the mean P(skip)
+    /// before and after.
+    fn skip_update(sign: f32, vine_sign: Option<f32>) -> (f64, f64) {
+        tch::manual_seed(3);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let net = PolicyNet::new(&vs.root(), 2, 3, 4, NetConfig { hidden: 8, skip: true, ..Default::default() });
+        let mut opt = Adam::new(&vs, "", 1e-2, 1e-5);
+        let b = 16i64;
+        let opts = (Kind::Float, Device::Cpu);
+        let global = Tensor::randn([b, 2], opts);
+        let sites = Tensor::randn([b, 5, 3], opts);
+        let mask = Tensor::ones([b, 5], opts);
+        let skipped: Vec<f32> = (0..b).map(|i| (i < 8) as u8 as f32).collect();
+        let skip = Tensor::from_slice(&skipped);
+        let actions = Tensor::zeros([b, 5], (Kind::Int64, Device::Cpu));
+        let evaluate = |net: &PolicyNet| {
+            let stored = Stored {
+                actions: &actions,
+                prior: None,
+                feasible: None,
+                skip: Some((&skip, None)),
+                current: None,
+                rank_costs: None,
+            };
+            tch::no_grad(|| evaluate_actions(net, &global, &sites, &mask, stored))
+        };
+        let ev = evaluate(&net);
+        let (old_skip_logp, _, p0) = ev.skip.unwrap();
+        let adv: Vec<f32> = skipped.iter().map(|&s| if s > 0.0 { sign } else { -sign }).collect();
+        let batch = Batch {
+            global: global.shallow_clone(),
+            sites: sites.shallow_clone(),
+            mask: mask.shallow_clone(),
+            actions: actions.shallow_clone(),
+            logp: ev.logp,
+            values: Tensor::zeros([b], opts),
+            advantages: Tensor::from_slice(&adv),
+            returns: Tensor::zeros([b], opts),
+            prior: None,
+            feasible: None,
+            offset: None,
+            skip: Some(SkipBatch {
+                taken: skip.shallow_clone(),
+                logp: old_skip_logp,
+                margin: None,
+                allowed: Tensor::ones([b], opts),
+                vine: vine_sign.map(|v| {
+                    let a: Vec<f32> = skipped.iter().map(|&s| if s > 0.0 { v } else { -v }).collect();
+                    (Tensor::from_slice(&a), Tensor::ones([b], opts))
+                }),
+            }),
+            current: None,
+            rank_costs: None,
+            teacher: None,
+        };
+        let cfg = PpoConfig {
+            num_minibatches: 1,
+            update_epochs: 4,
+            target_kl: 0.0,
+            ent_coef: 0.0,
+            skip_vine: if vine_sign.is_some() { 1.0 } else { 0.0 },
+            ..Default::default()
+        };
+        let stats = update(&cfg, &net, &vs, &mut opt, &batch, 1e-2, |n| (0..n as i64).collect());
+        assert!(!stats.non_finite);
+        let ev1 = evaluate(&net);
+        let p1 = ev1.skip.unwrap().2;
+        (p0.mean(Kind::Float).double_value(&[]), p1.mean(Kind::Float).double_value(&[]))
     }
 }

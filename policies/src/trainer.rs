@@ -12,8 +12,8 @@ use crate::PolicyError;
 use crate::belief::Belief;
 use std::sync::Arc;
 
-use rand::SeedableRng;
 use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Tensor};
@@ -82,6 +82,18 @@ impl rankpilot_config::Validate for PolicyPreset {
             "skip",
             "\"all\" unless ppo.net.skip is true (there is no skip decision to teach)",
         );
+        v.check(
+            self.ppo.skip_vine.is_finite() && self.ppo.skip_vine >= 0.0,
+            "ppo.skip_vine",
+            self.ppo.skip_vine,
+            "a finite number of branched rounds per episode, >= 0",
+        );
+        v.check(
+            self.ppo.skip_vine == 0.0 || self.ppo.net.skip,
+            "ppo.skip_vine",
+            self.ppo.skip_vine,
+            "0 unless ppo.net.skip is true (there is no skip decision to branch on)",
+        );
     }
 }
 
@@ -143,6 +155,11 @@ pub struct IterationStats {
     pub reward_over_reference: f64,
     /// With a privileged teacher: the weight c_T of this iteration's update (0 without).
     pub teacher_weight: f64,
+    /// With `ppo.skip_vine`: the branched states where skipping was allowed (0 without).
+    pub vine_states: usize,
+    /// With `ppo.skip_vine`: the share of branched states where skipping returned more than
+    /// playing (NaN without, or with none branched).
+    pub vine_skip_better: f64,
     /// Wall time of the rollout (s).
     pub rollout_s: f64,
     /// Wall time of the PPO and DDIM updates (s).
@@ -244,6 +261,31 @@ fn act_on(model: &PolicyModel, venv: &VecEnv, beliefs: &mut [Belief], mode: ActM
     )
 }
 
+/// One vine branch ([`PpoConfig::skip_vine`]): `venv` (a copy taken before this round's decision)
+/// plays this round skipping (`skip`) or playing the greedy plan, then the model's greedy
+/// decisions until each environment's episode ends. Returns each environment's discounted
+/// return from this round on, in the environments' own reward units.
+fn vine_branch(model: &PolicyModel, mut venv: VecEnv, mut beliefs: Vec<Belief>, skip: bool, gamma: f64) -> Vec<f64> {
+    let ne = venv.n_envs();
+    let forced = vec![skip; ne];
+    let (mut ret, mut alive, mut discount) = (vec![0f64; ne], vec![true; ne], 1.0);
+    let mut mode = ActMode::GreedySkipping(&forced);
+    while alive.iter().any(|&a| a) {
+        let d = act_on(model, &venv, &mut beliefs, mode);
+        mode = ActMode::Greedy;
+        venv.step_indices_skipping(&d.executed, &d.skip)
+            .expect("the greedy policy emits in-range indices and skips only where allowed");
+        for e in 0..ne {
+            if alive[e] {
+                ret[e] += discount * venv.rewards()[e] as f64;
+                alive[e] = !venv.dones()[e];
+            }
+        }
+        discount *= gamma;
+    }
+    ret
+}
+
 impl Twins {
     /// The reference policy's greedy round on every twin: their (rewards, site rewards).
     fn step(&mut self, model: &PolicyModel) -> (Vec<f32>, Vec<f32>) {
@@ -282,6 +324,9 @@ struct StepRecord {
     rank_costs: Vec<f32>,
     /// (taken, log-prob, prior margin, allowed), with a skip head.
     skip: Option<(f32, f32, f32, f32)>,
+    /// With `ppo.skip_vine`, on a branched state where skipping is allowed: the taken skip
+    /// decision's vine advantage ([`ppo::vine_advantage`]).
+    vine: Option<f32>,
     /// The oracle's rank index per site and whether it skips, with a teacher.
     teacher: Option<(Vec<u8>, bool)>,
 }
@@ -548,6 +593,7 @@ impl Trainer {
         let (mut trimmed, mut decisions) = (0usize, 0usize);
         let (mut price_sum, mut price_n) = (0f64, 0usize);
         let (mut reward_sum, mut over_reference) = (0f64, 0f64);
+        let (mut vine_n, mut vine_skip_better) = (0usize, 0usize);
 
         for _ in 0..t_len {
             let mut env_base = 0;
@@ -561,7 +607,31 @@ impl Trainer {
                 self.model.norm.site.update(venv.obs_sites());
                 let kappa =
                     if has_price { model::rank_costs(&venv.spec().unit_cost, &self.model.ranks) } else { Vec::new() };
+                // Vine branches: `skip_vine` rounds per episode, at random, are branched before
+                // the decision (the copies see this observation as the decision does).
+                let branch = (cfg.skip_vine > 0.0
+                    && self.rng.random::<f64>() < cfg.skip_vine / venv.spec().preset.rounds as f64)
+                    .then(|| (venv.clone(), beliefs.to_vec()));
                 let d = act_on(&self.model, venv, beliefs, ActMode::Sample(&mut self.rng));
+                let vine: Vec<Option<f32>> = match branch {
+                    Some((v0, b0)) => {
+                        let q_skip = vine_branch(&self.model, v0.clone(), b0.clone(), true, cfg.gamma);
+                        let q_play = vine_branch(&self.model, v0, b0, false, cfg.gamma);
+                        (0..ne)
+                            .map(|e| {
+                                d.skip_allowed[e].then(|| {
+                                    let (q_taken, q_other) =
+                                        if d.skip[e] { (q_skip[e], q_play[e]) } else { (q_play[e], q_skip[e]) };
+                                    vine_n += 1;
+                                    vine_skip_better += (q_skip[e] > q_play[e]) as usize;
+                                    let a = ppo::vine_advantage((d.skip_logp[e] as f64).exp(), q_taken, q_other);
+                                    (a * weighted as f64) as f32
+                                })
+                            })
+                            .collect()
+                    }
+                    None => vec![None; ne],
+                };
                 // The teacher labels the states the policy visits, before the step leaves them.
                 let teacher: Vec<(Vec<u8>, bool)> = if has_teacher || ddim_oracle {
                     (0..ne)
@@ -652,6 +722,7 @@ impl Trainer {
                             )
                         }),
                         teacher: if has_teacher { teacher.get(e).cloned() } else { None },
+                        vine: vine[e],
                     });
                 }
                 if gi == 0 {
@@ -692,6 +763,7 @@ impl Trainer {
         let (mut buf_v, mut buf_r, mut buf_done) = (Vec::new(), Vec::new(), Vec::new());
         let (mut skip_taken, mut skip_logp, mut skip_margin, mut skip_allowed) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut vine_adv, mut vine_branched) = (Vec::new(), Vec::new());
         let mut buf_teacher = vec![0i64; if has_teacher { b * l } else { 0 }];
         let mut teacher_skip = Vec::new();
         for (i, r) in records.iter().enumerate() {
@@ -732,6 +804,8 @@ impl Trainer {
                 skip_logp.push(lp);
                 skip_margin.push(mg);
                 skip_allowed.push(al);
+                vine_adv.push(r.vine.unwrap_or(0.0));
+                vine_branched.push(r.vine.is_some() as u8 as f32);
             }
         }
 
@@ -785,6 +859,8 @@ impl Trainer {
         stats.spend_price = if price_n > 0 { price_sum / price_n as f64 } else { f64::NAN };
         stats.teacher_agreement = if agree_n > 0 { agree as f64 / agree_n as f64 } else { f64::NAN };
         stats.teacher_weight = teacher_weight;
+        stats.vine_states = vine_n;
+        stats.vine_skip_better = if vine_n > 0 { vine_skip_better as f64 / vine_n as f64 } else { f64::NAN };
 
         stats.rollout_s = t_start.elapsed().as_secs_f64();
         let t_update = std::time::Instant::now();
@@ -818,6 +894,9 @@ impl Trainer {
                 logp: Tensor::from_slice(&skip_logp).to_device(dev),
                 margin: has_prior.then(|| Tensor::from_slice(&skip_margin).to_device(dev)),
                 allowed: Tensor::from_slice(&skip_allowed).to_device(dev),
+                vine: (cfg.skip_vine > 0.0).then(|| {
+                    (Tensor::from_slice(&vine_adv).to_device(dev), Tensor::from_slice(&vine_branched).to_device(dev))
+                }),
             }),
         };
         let rng = &mut self.rng;
@@ -1074,6 +1153,53 @@ mod tests {
             }
         }
         assert_eq!((starts, same_plan_rounds), (3, 3));
+    }
+
+    #[test]
+    fn a_vine_branch_taking_the_greedy_decision_returns_the_greedy_rollouts_return() {
+        // The branches are worth comparing only if they face the environment's own draws and
+        // differ in the forced decision alone. From every round of an episode: where the greedy
+        // policy itself skips (plays), the skipping (playing) branch's return is the greedy
+        // rollout's, bit for bit; the other branch's differs.
+        let env = small_env();
+        let mut preset = load_preset("default").unwrap();
+        preset.ppo.num_envs = 4;
+        preset.ppo.skip_vine = 1.0;
+        let mut t = Trainer::new(&env, &preset, 64, 5, Device::Cpu).unwrap();
+        let gamma = preset.ppo.gamma;
+        let model = &t.model;
+        let EnvGroup { venv, beliefs, .. } = &mut t.groups[0];
+        let ne = venv.n_envs();
+        let (mut matched, mut differed) = ([0usize; 2], 0usize);
+        for _round in 0..env.rounds {
+            let (mut g_venv, mut g_beliefs) = (venv.clone(), beliefs.to_vec());
+            let mut first_skip = None;
+            let (mut greedy, mut alive, mut discount) = (vec![0f64; ne], vec![true; ne], 1.0);
+            while alive.iter().any(|&a| a) {
+                let d = act_on(model, &g_venv, &mut g_beliefs, ActMode::Greedy);
+                first_skip.get_or_insert(d.skip.clone());
+                g_venv.step_indices_skipping(&d.executed, &d.skip).unwrap();
+                for e in 0..ne {
+                    if alive[e] {
+                        greedy[e] += discount * g_venv.rewards()[e] as f64;
+                        alive[e] = !g_venv.dones()[e];
+                    }
+                }
+                discount *= gamma;
+            }
+            let q_skip = vine_branch(model, venv.clone(), beliefs.to_vec(), true, gamma);
+            let q_play = vine_branch(model, venv.clone(), beliefs.to_vec(), false, gamma);
+            for (e, &skips) in first_skip.unwrap().iter().enumerate() {
+                let (same, other) = if skips { (q_skip[e], q_play[e]) } else { (q_play[e], q_skip[e]) };
+                assert_eq!(same.to_bits(), greedy[e].to_bits(), "env {e}: the greedy decision's branch");
+                matched[skips as usize] += 1;
+                differed += (other != same) as usize;
+            }
+            let d = act_on(model, venv, beliefs, ActMode::Greedy);
+            venv.step_indices_skipping(&d.executed, &d.skip).unwrap();
+        }
+        assert!(matched[0] > 0 && matched[1] > 0, "both decisions were the greedy one somewhere: {matched:?}");
+        assert!(differed * 2 > matched.iter().sum::<usize>(), "the forced decision changes the return: {differed}");
     }
 
     #[test]

@@ -284,6 +284,18 @@ fn a_run_with_rewards_per_gap_resumes_exactly_and_acts_on_every_preset() {
     check_distribution_run(&preset);
 }
 
+#[test]
+fn a_run_with_vine_skip_advantages_resumes_exactly_and_acts_on_every_preset() {
+    // `ppo.skip_vine`: the branch rounds are drawn from the run's generator and the branches
+    // play copies, so a resumed run must branch where the straight one did, on the same draws.
+    let mut preset = load_preset("tiny").unwrap();
+    preset.ppo.num_envs = 8;
+    preset.ppo.net.skip = true;
+    preset.prior.enabled = true;
+    preset.ppo.skip_vine = 1.0;
+    check_distribution_run(&preset);
+}
+
 /// A run of `preset` on the small distribution: resumed mid-way it gives the same weights as
 /// straight through, and the trained policy acts on every built-in preset.
 fn check_distribution_run(preset: &policies::trainer::PolicyPreset) {

@@ -258,6 +258,10 @@ pub fn run(a: &TrainArgs) -> anyhow::Result<()> {
         if st.reward_over_reference.is_finite() {
             tb.add_scalar("charts/reward_over_reference", st.reward_over_reference, step)?;
         }
+        if st.vine_skip_better.is_finite() {
+            tb.add_scalar("charts/vine_skip_better", st.vine_skip_better, step)?;
+            tb.add_scalar("charts/vine_states", st.vine_states as f64, step)?;
+        }
         if st.teacher_agreement.is_finite() {
             tb.add_scalar("charts/teacher_agreement", st.teacher_agreement, step)?;
             tb.add_scalar("charts/teacher_weight", st.teacher_weight, step)?;
