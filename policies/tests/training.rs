@@ -264,10 +264,7 @@ fn a_teacher_trained_policy_with_a_refiner_of_the_oracles_plans_resumes_exactly_
 fn a_run_measured_against_reference_twins_resumes_exactly_and_acts_on_every_preset() {
     // `ppo.reference_rollout`: every group carries twins played by the prior alone; they are
     // redrawn with their group and round-trip through the checkpoint.
-    let mut preset = load_preset("tiny").unwrap();
-    preset.ppo.num_envs = 8;
-    preset.ppo.net.skip = true;
-    preset.prior.enabled = true;
+    let mut preset = tiny_with_skip_and_prior();
     preset.ppo.reference_rollout = true;
     check_distribution_run(&preset);
 }
@@ -276,10 +273,7 @@ fn a_run_measured_against_reference_twins_resumes_exactly_and_acts_on_every_pres
 fn a_run_with_rewards_per_gap_resumes_exactly_and_acts_on_every_preset() {
     // `ppo.reward_per_gap`: each draw's reward weight is recomputed from the draw on resume; a
     // different weight would change the updates, so the resumed weights would differ.
-    let mut preset = load_preset("tiny").unwrap();
-    preset.ppo.num_envs = 8;
-    preset.ppo.net.skip = true;
-    preset.prior.enabled = true;
+    let mut preset = tiny_with_skip_and_prior();
     preset.ppo.reward_per_gap = true;
     check_distribution_run(&preset);
 }
@@ -288,12 +282,19 @@ fn a_run_with_rewards_per_gap_resumes_exactly_and_acts_on_every_preset() {
 fn a_run_with_vine_skip_advantages_resumes_exactly_and_acts_on_every_preset() {
     // `ppo.skip_vine`: the branch rounds are drawn from the run's generator and the branches
     // play copies, so a resumed run must branch where the straight one did, on the same draws.
+    let mut preset = tiny_with_skip_and_prior();
+    preset.ppo.skip_vine = 1.0;
+    check_distribution_run(&preset);
+}
+
+/// The `tiny` preset with 8 environments, the skip head and the prior: the base of the options'
+/// resume tests.
+fn tiny_with_skip_and_prior() -> policies::trainer::PolicyPreset {
     let mut preset = load_preset("tiny").unwrap();
     preset.ppo.num_envs = 8;
     preset.ppo.net.skip = true;
     preset.prior.enabled = true;
-    preset.ppo.skip_vine = 1.0;
-    check_distribution_run(&preset);
+    preset
 }
 
 /// A run of `preset` on the small distribution: resumed mid-way it gives the same weights as
