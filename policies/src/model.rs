@@ -13,7 +13,7 @@ use tch::{Device, Kind, Tensor, nn};
 use envs::{GLOBAL_FEATURES, GlobalFeature, Observation, RankPolicy, RoundContext, SITE_FEATURES, SiteFeature};
 
 use crate::ddim::{self, DdimConfig, Denoiser};
-use crate::network::{BudgetPrice, NetConfig, PolicyNet, SampleFit, SiteOrder};
+use crate::network::{BudgetPrice, DeferHead, DeferInputs, NetConfig, PolicyNet, SampleFit, SiteOrder};
 use crate::normalize::ObsNormalizer;
 use crate::prior::{ESTIMATE_GLOBAL_NAMES, ESTIMATE_SITE_NAMES, Prior, PriorConfig, PriorOutput, Want};
 use crate::projection::project_to_budget;
@@ -106,9 +106,21 @@ pub enum ActMode<'a> {
     Sample(&'a mut ChaCha8Rng),
     /// The most likely rank per site (evaluation, real runs).
     Greedy,
-    /// The most likely plan, with each environment's skip decision given (kept only where the
-    /// resource allows skipping): the two branches of [`crate::ppo::PpoConfig::skip_vine`].
-    GreedySkipping(&'a [bool]),
+    /// Each environment's first decision of a vine branch ([`crate::ppo::PpoConfig::skip_vine`]):
+    /// skip, play the most likely plan, or play the prior alone's decision. Never defers.
+    Branch(&'a [Branch]),
+}
+
+/// The decision a vine branch starts with ([`ActMode::Branch`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Branch {
+    /// Skip the round (where the resource allows it; otherwise play the most likely plan).
+    Skip,
+    /// Play the most likely plan.
+    Play,
+    /// The prior alone's decision: its skip rule and its most likely plan (what `net.defer`
+    /// hands the round to).
+    Prior,
 }
 
 /// One batch of decisions for `n_envs` states.
@@ -151,6 +163,12 @@ pub struct Decision {
     pub trimmed: usize,
     /// The spend level softplus(z_price) per environment, with `net.price` (empty otherwise).
     pub spend_price: Vec<f32>,
+    /// Per environment: the round was handed to the prior alone's decision (`net.defer`; empty
+    /// without a defer head or when sampling).
+    pub deferred: Vec<bool>,
+    /// Per environment: how the learned greedy decision differs from the prior's, what the
+    /// defer head read (empty without a defer head or when sampling).
+    pub defer_inputs: Vec<DeferInputs>,
 }
 
 /// Network + statistics + refiner: everything needed to turn observations into plans.
@@ -180,6 +198,9 @@ pub struct PolicyModel {
     pub estimates: bool,
     /// How sampled plans are fitted to a binding budget (`net.fit`).
     pub fit: SampleFit,
+    /// The defer head (`net.defer`, with a prior): its weights are `defer.*`, outside `net.*`,
+    /// since PPO does not train them.
+    pub defer: Option<DeferHead>,
 }
 
 impl PolicyModel {
@@ -211,6 +232,8 @@ impl PolicyModel {
         let denoiser = ddim.enabled.then(|| {
             Denoiser::new(&(&root / "ddim"), GLOBAL_FEATURES as i64, SITE_FEATURES as i64, ddim.hidden, ddim.activation)
         });
+        // Created last: the other weights start as without it.
+        let defer = (net.defer && prior.enabled).then(|| DeferHead::new(&(&root / "defer"), 3 * net.hidden, net.hidden));
         PolicyModel {
             vs,
             net: network,
@@ -225,6 +248,7 @@ impl PolicyModel {
                 .then(|| Prior::new(PriorConfig { infer: true, ..prior.clone() }, ranks)),
             estimates: net.estimates,
             fit: net.fit,
+            defer,
         }
     }
 
@@ -314,7 +338,7 @@ impl PolicyModel {
         let prior_t = (!prior.is_empty()).then(|| {
             Tensor::from_slice(&prior).view([n_envs as i64, n_sites as i64, k as i64]).to_device(self.device())
         });
-        let (logits, values, skip_logit, spend_price) = tch::no_grad(|| {
+        let (logits, values, skip_logit, spend_price, context) = tch::no_grad(|| {
             let out = self.net.forward(&gt, &st, &mask);
             let margin = (!skip_margin.is_empty()).then(|| Tensor::from_slice(&skip_margin).to_device(self.device()));
             let skip = out.skip_logit.map(|z| self.net.policy_skip_logit(&z, margin.as_ref()));
@@ -340,16 +364,16 @@ impl PolicyModel {
                 Some(q) if sampling => q,
                 _ => logits,
             };
-            (logits, out.site_values, skip, spend_price)
+            (logits, out.site_values, skip, spend_price, out.context)
         });
         let logp_all: Vec<f32> =
             Vec::try_from(logits.log_softmax(-1, Kind::Float).to_device(Device::Cpu).flatten(0, -1))
                 .expect("f32 logits");
         let values: Vec<f32> = Vec::try_from(values.to_device(Device::Cpu).flatten(0, -1)).expect("f32 values");
-        let (mut rng, forced_skip) = match mode {
+        let (mut rng, branch) = match mode {
             ActMode::Sample(rng) => (Some(rng), None),
             ActMode::Greedy => (None, None),
-            ActMode::GreedySkipping(forced) => (None, Some(forced)),
+            ActMode::Branch(branch) => (None, Some(branch)),
         };
         let mut cost = vec![0f64; n_sites * k];
         for (l, &u) in unit_cost.iter().enumerate() {
@@ -371,10 +395,10 @@ impl PolicyModel {
                     .map(|(e, (&z, &allowed))| {
                         let p = 1.0 / (1.0 + (-z as f64).exp());
                         // The uniform is drawn even when masked: the draws stay aligned.
-                        let s = match (rng.as_deref_mut(), forced_skip) {
+                        let s = match (rng.as_deref_mut(), branch) {
                             (Some(r), _) => r.random::<f64>() < p,
-                            (None, Some(forced)) => forced[e],
-                            (None, None) => p > 0.5,
+                            (None, Some(b)) if b[e] != Branch::Prior => b[e] == Branch::Skip,
+                            (None, _) => p > 0.5,
                         };
                         if !allowed {
                             return (false, 0.0);
@@ -460,11 +484,77 @@ impl PolicyModel {
                 }
             }
         }
+        // With a defer head, a greedy decision may be handed to the prior alone (`net.defer`).
+        let (mut skip, mut deferred, mut defer_inputs) = (skip, Vec::new(), Vec::new());
+        if !sampling && let (Some(head), Some(u)) = (&self.defer, prior_t.as_ref()) {
+            let prior_skip: Vec<bool> = (0..n_envs)
+                .map(|e| skip_allowed[e] && skip_margin.get(e).is_some_and(|&m| m > 0.0) && self.net.has_skip())
+                .collect();
+            let prior_logp: Vec<f64> = Vec::try_from(
+                self.net.prior_alone(u).log_softmax(-1, Kind::Float).to_device(Device::Cpu).flatten(0, -1),
+            )
+            .expect("f32 logits")
+            .into_iter()
+            .map(|x: f32| x as f64)
+            .collect();
+            let mut solver = envs::oracle::MckpSolver::new();
+            let mut prior_plan = vec![0u8; n_envs * n_sites];
+            for e in 0..n_envs {
+                let sites_of = e * n_sites..(e + 1) * n_sites;
+                if prior_skip[e] {
+                    prior_plan[sites_of.clone()].copy_from_slice(&current[sites_of]);
+                    continue;
+                }
+                let u = &prior_logp[e * n_sites * k..(e + 1) * n_sites * k];
+                if solver.solve(u, &cost, k, budgets[e], &mut plan).is_none() {
+                    plan.iter_mut().for_each(|p| *p = 0);
+                }
+                prior_plan[sites_of].iter_mut().zip(&plan).for_each(|(x, &j)| *x = j as u8);
+            }
+            let sent = |row: &[u8], skips: bool| -> f64 {
+                if skips { 0.0 } else { row.iter().enumerate().map(|(l, &j)| cost[l * k + j as usize]).sum() }
+            };
+            defer_inputs = (0..n_envs)
+                .map(|e| {
+                    let sites_of = e * n_sites..(e + 1) * n_sites;
+                    let (mine, theirs) = (&coarse[sites_of.clone()], &prior_plan[sites_of]);
+                    let (a, b) = (sent(mine, skip[e]), sent(theirs, prior_skip[e]));
+                    let changed = mine.iter().zip(theirs).filter(|(x, y)| x != y).count();
+                    DeferInputs {
+                        spend_difference: if a.max(b) > 0.0 { ((a - b) / a.max(b)) as f32 } else { 0.0 },
+                        sites_changed: changed as f32 / n_sites.max(1) as f32,
+                        learned_skips: skip[e] as u8 as f32,
+                        prior_skips: prior_skip[e] as u8 as f32,
+                    }
+                })
+                .collect();
+            deferred = match branch {
+                Some(b) => b.iter().map(|&x| x == Branch::Prior).collect(),
+                None => {
+                    let rows: Vec<f32> = defer_inputs.iter().flat_map(|d| d.row()).collect();
+                    let inputs = Tensor::from_slice(&rows)
+                        .view([n_envs as i64, DeferInputs::LEN as i64])
+                        .to_device(self.device());
+                    let z: Vec<f32> =
+                        Vec::try_from(tch::no_grad(|| head.logit(&context, &inputs)).to_device(Device::Cpu))
+                            .expect("f32 defer logits");
+                    z.iter().map(|&z| z > 0.0).collect()
+                }
+            };
+            for e in (0..n_envs).filter(|&e| deferred[e]) {
+                skip[e] = prior_skip[e];
+                let sites_of = e * n_sites..(e + 1) * n_sites;
+                coarse[sites_of.clone()].copy_from_slice(&prior_plan[sites_of.clone()]);
+                for l in sites_of {
+                    logp[l] = logp_all[l * k + coarse[l] as usize];
+                }
+            }
+        }
         // DDIM refines the coarse plan (AirLLM: PPO is credited with the coarse plan), made
         // feasible by dropping the increments the policy values least.
         let mut executed = coarse.clone();
         if let Some(r) = self.refine(&coarse, &gt, &st, &mask, n_envs, n_sites) {
-            for e in (0..n_envs).filter(|&e| !skip[e]) {
+            for e in (0..n_envs).filter(|&e| !skip[e] && !deferred.get(e).copied().unwrap_or(false)) {
                 let rows = &logp_all[e * n_sites * k..(e + 1) * n_sites * k];
                 plan.iter_mut().zip(&r[e * n_sites..(e + 1) * n_sites]).for_each(|(p, &x)| *p = x as usize);
                 project_to_budget(&mut plan, rows, &cost, k, budgets[e]);
@@ -503,6 +593,8 @@ impl PolicyModel {
             current,
             trimmed,
             spend_price,
+            deferred,
+            defer_inputs,
         }
     }
 

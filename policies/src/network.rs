@@ -12,6 +12,7 @@
 //! V_i    = W₉ tanh(W₈ h_i)                           value share of site i  [B, L]
 //! z_skip = w_s·[p ‖ c] + b_s                         skip logit (optional)  [B]
 //! π      = softplus(w_π·[p ‖ c] + b_π)               spend level (optional) [B]
+//! z_def  = w₂·tanh(W₁[sg(p ‖ c) ‖ d] + b₁) + b₂      defer logit (optional) [B], own weights
 //! ```
 //!
 //! With the spend level (`net.price`) the logits are `logits − π·κ`, κ_lj the relative cost of
@@ -105,6 +106,14 @@ pub struct NetConfig {
     /// express a cost themselves, so this is what lets such a policy underspend a budget.
     #[serde(default)]
     pub price: bool,
+    /// A defer head (default false; needs a prior and vine branches, `ppo.skip_vine` > 0): once
+    /// per state the greedy policy may hand the round to its prior, playing the prior alone's
+    /// decision (its skip rule and its plan) instead of its own ([`DeferHead`]). It is trained
+    /// on the vine branches, not by PPO: a classifier of which of the two decisions returned
+    /// more on the same draws ([`crate::ppo::defer_update`]). Sampling (training rollouts)
+    /// never defers, so PPO's likelihoods stay those of the executed actions.
+    #[serde(default)]
+    pub defer: bool,
 }
 
 /// How sampling fits a plan to a binding budget: each site's categorical is priced at a
@@ -172,6 +181,7 @@ impl Default for NetConfig {
             keep: 0.0,
             monotone: false,
             price: false,
+            defer: false,
         }
     }
 }
@@ -234,6 +244,8 @@ pub struct NetOutput {
     pub skip_logit: Option<Tensor>,
     /// Price logit z_price [B], with `net.price`: the spend level is softplus(z_price).
     pub price_logit: Option<Tensor>,
+    /// The state's context [p ‖ c] [B, 3H]: what the skip, price and defer heads read.
+    pub context: Tensor,
 }
 
 fn layer(p: nn::Path, i: i64, o: i64, gain: f64) -> nn::Linear {
@@ -271,6 +283,64 @@ pub struct PolicyNet {
     keep: f64,
     /// `net.monotone`: the rank logits are cumulative non-negative increments.
     monotone: bool,
+}
+
+/// How the learned greedy decision of a state differs from its prior alone's: the inputs of the
+/// [`DeferHead`] besides the state's context (`model::PolicyModel::act` computes them).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct DeferInputs {
+    /// (what the learned decision sends − what the prior's sends) ÷ the larger of the two, in
+    /// [−1, 1] (0 when both send nothing): how much more the learned plan spends.
+    pub spend_difference: f32,
+    /// The share of sites whose rank differs between the two decisions (a skipped round keeps
+    /// every current rank).
+    pub sites_changed: f32,
+    /// 1 when the learned decision skips the round.
+    pub learned_skips: f32,
+    /// 1 when the prior's decision skips the round.
+    pub prior_skips: f32,
+}
+
+impl DeferInputs {
+    /// Width of [`DeferInputs::row`].
+    pub const LEN: usize = 4;
+
+    /// The inputs as one row, in field order.
+    pub fn row(&self) -> [f32; Self::LEN] {
+        [self.spend_difference, self.sites_changed, self.learned_skips, self.prior_skips]
+    }
+}
+
+/// The defer head (`net.defer`): P(defer | s) = σ(w₂·tanh(W₁ [sg(p ‖ c) ‖ d] + b₁) + b₂), with d
+/// the [`DeferInputs`] and sg a stopped gradient: the head reads the policy's context but never
+/// trains it. The output layer starts at zero (z = 0: the greedy policy defers only once the
+/// head has learned that the prior does better).
+#[derive(Debug)]
+pub struct DeferHead {
+    hidden: nn::Linear,
+    out: nn::Linear,
+}
+
+impl DeferHead {
+    /// Creates the variables under `p` for a context of `context_dim` and `hidden` units.
+    pub fn new(p: &nn::Path, context_dim: i64, hidden: i64) -> Self {
+        DeferHead {
+            hidden: layer(p / "hidden", context_dim + DeferInputs::LEN as i64, hidden, 2f64.sqrt()),
+            out: nn::linear(
+                p / "out",
+                hidden,
+                1,
+                nn::LinearConfig { ws_init: nn::Init::Const(0.0), bs_init: Some(nn::Init::Const(0.0)), bias: true },
+            ),
+        }
+    }
+
+    /// The defer logit [B] from the context [B, 3H] ([`NetOutput::context`], detached here) and
+    /// the inputs [B, 4] ([`DeferInputs::row`]).
+    pub fn logit(&self, context: &Tensor, inputs: &Tensor) -> Tensor {
+        let x = Tensor::cat(&[context.detach(), inputs.shallow_clone()], -1);
+        self.out.forward(&self.hidden.forward(&x).tanh()).squeeze_dim(-1)
+    }
 }
 
 /// The multiplier of the prior in the logits.
@@ -533,7 +603,7 @@ impl PolicyNet {
             logits += head.forward(&h, sites);
         }
         let site_values = self.value2.forward(&self.value1.forward(&h).tanh()).squeeze_dim(-1) * mask;
-        NetOutput { logits, site_values, skip_logit, price_logit }
+        NetOutput { logits, site_values, skip_logit, price_logit, context: pc }
     }
 }
 

@@ -86,12 +86,26 @@
 //! gives the all-action gradient D·∇P(skip). Only branched states train the skip head; the
 //! ranks keep their per-site GAE advantages. The branches cost about one more episode of
 //! greedy play per episode.
+//!
+//! **Deferring to the prior** (`net.defer`, on the same branches). A residual that helps on
+//! average can still lose to its prior in part of the distribution (the README's session 40:
+//! the shipped residual overspent parameter budgets). With a defer head a third copy plays the
+//! prior alone's decision (its skip rule, its plan) before the same greedy continuation, so
+//! Δ = Q(s, prior) − Q(s, learned) is measured on the same draws as the skip branches, and
+//! divided by the environment's gap (oracle − uniform return, as `reward_per_gap` measures it):
+//! a decision weighs by the gap closed it costs, which the suite scores, so a parameter budget,
+//! whose returns differ by hundredths, counts as much as a channel's. The head
+//! is then a classifier of the better of the two decisions, trained by cost-sensitive logistic
+//! regression ([`defer_update`]): target 1[Δ > 0], each state weighted by |Δ|, whose minimizer
+//! is the decision with the larger expected return (Zadrozny et al. 2003, cost-proportionate
+//! weighting). The greedy policy defers where P(defer | s) > ½; sampling never does, so PPO's
+//! ratio is untouched, and the head reads the trunk's context with a stopped gradient.
 
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor, nn};
 
 use crate::adam::Adam;
-use crate::network::{NetConfig, PolicyNet};
+use crate::network::{DeferHead, NetConfig, PolicyNet};
 
 /// Episodes of oracle and uniform play that measure an environment's gap for
 /// [`PpoConfig::reward_per_gap`].
@@ -234,6 +248,11 @@ pub struct PpoConfig {
     /// a skip head.
     #[serde(default)]
     pub skip_vine: f64,
+    /// Adam learning rate of the defer head (`net.defer`; default 1e-3, annealed with
+    /// `anneal_lr` like PPO's): it learns from scratch on a few hundred branched states per
+    /// iteration, so faster than the policy's fine-tuning rate.
+    #[serde(default = "default_defer_learning_rate")]
+    pub defer_learning_rate: f64,
     /// Network sizes.
     pub net: NetConfig,
 }
@@ -270,6 +289,7 @@ impl Default for PpoConfig {
             reference_rollout: false,
             reward_per_gap: false,
             skip_vine: 0.0,
+            defer_learning_rate: default_defer_learning_rate(),
             net: NetConfig::default(),
         }
     }
@@ -281,6 +301,10 @@ fn default_pg_coef() -> f64 {
 
 fn default_teacher_decay() -> f64 {
     0.5
+}
+
+fn default_defer_learning_rate() -> f64 {
+    1e-3
 }
 
 impl PpoConfig {
@@ -483,6 +507,70 @@ pub struct SkipBatch {
 /// V(s) = π(a)·Q(s, a) + (1 − π(a))·Q(s, ā), i.e. (1 − π(a)) · (Q(s, a) − Q(s, ā)).
 pub fn vine_advantage(p_taken: f64, q_taken: f64, q_other: f64) -> f64 {
     (1.0 - p_taken) * (q_taken - q_other)
+}
+
+/// The defer head's loss on a batch: logistic regression of 1[Δ > 0] on the logits `z` [B],
+/// each state weighted by |Δ| ([`DeferBatch::delta`]), normalized by the weights' sum. Its
+/// expected value is smallest where σ(z) > ½ exactly when deferring returns more on average.
+/// `None` when every Δ is 0 (the two decisions agreed everywhere: nothing to learn).
+pub fn defer_loss(z: &Tensor, delta: &Tensor) -> Option<Tensor> {
+    let w = delta.abs();
+    let total = w.sum(Kind::Float).double_value(&[]);
+    (total > 0.0).then(|| {
+        let y = delta.gt(0.0).to_kind(Kind::Float);
+        ((z.softplus() - y * z) * w).sum(Kind::Float) / total
+    })
+}
+
+/// The branched states of a rollout, for the defer head ([`defer_update`]).
+#[derive(Debug)]
+pub struct DeferBatch {
+    /// The states' context [B, 3H] under the current network ([`crate::network::NetOutput::context`]).
+    pub context: Tensor,
+    /// [`crate::network::DeferInputs::row`] per state [B, 4].
+    pub inputs: Tensor,
+    /// Q(s, prior) − Q(s, learned) per state [B], on the same draws.
+    pub delta: Tensor,
+}
+
+/// Trains the defer head on one rollout's branched states: `update_epochs` epochs of
+/// `num_minibatches` minibatches of [`defer_loss`], gradient norm clipped at `max_grad_norm`.
+/// Returns the mean loss (NaN when no minibatch had a state to learn from).
+pub fn defer_update(
+    cfg: &PpoConfig,
+    head: &DeferHead,
+    opt: &mut Adam,
+    batch: &DeferBatch,
+    learning_rate: f64,
+    mut perm: impl FnMut(usize) -> Vec<i64>,
+) -> f64 {
+    let b = batch.delta.size()[0] as usize;
+    let mb = (b / cfg.num_minibatches).max(1);
+    opt.lr = learning_rate;
+    let (mut sum, mut n) = (0.0, 0usize);
+    for _ in 0..cfg.update_epochs {
+        for chunk in perm(b).chunks(mb) {
+            let idx = Tensor::from_slice(chunk).to_device(batch.delta.device());
+            let sel = |t: &Tensor| t.index_select(0, &idx);
+            let z = head.logit(&sel(&batch.context), &sel(&batch.inputs));
+            let Some(loss) = defer_loss(&z, &sel(&batch.delta)) else { continue };
+            let value = loss.double_value(&[]);
+            if !value.is_finite() {
+                continue;
+            }
+            opt.zero_grad();
+            loss.backward();
+            if !opt.grads_finite() {
+                opt.zero_grad();
+                continue;
+            }
+            opt.clip_grad_norm(cfg.max_grad_norm);
+            opt.step();
+            sum += value;
+            n += 1;
+        }
+    }
+    if n > 0 { sum / n as f64 } else { f64::NAN }
 }
 
 /// What one update did, for logging.
@@ -1408,4 +1496,26 @@ mod tests {
         let p1 = ev1.skip.unwrap().2;
         (p0.mean(Kind::Float).double_value(&[]), p1.mean(Kind::Float).double_value(&[]))
     }
+
+    #[test]
+    fn the_defer_loss_learns_the_decision_with_the_larger_mean_return_not_the_majority() {
+        // Five states the head cannot tell apart (one logit). Deferring wins on three by 1 and
+        // loses on two by 2: it loses on average, and the cost-weighted loss must not defer,
+        // though a majority vote would. Mirrored, it must defer. With every Δ = 0, no loss.
+        for (delta, defers) in [([1f32, 1., 1., -2., -2.], false), ([-1f32, -1., -1., 2., 2.], true)] {
+            let delta = Tensor::from_slice(&delta);
+            let z = Tensor::zeros([1], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
+            for _ in 0..200 {
+                let loss = defer_loss(&z.expand([5], false), &delta).unwrap();
+                let g = tch::Tensor::run_backward(&[loss], &[&z], false, false).pop().unwrap();
+                tch::no_grad(|| {
+                    let _ = z.shallow_clone().g_sub_(&(g * 1.0));
+                });
+            }
+            assert_eq!(z.double_value(&[0]) > 0.0, defers, "logit {}", z.double_value(&[0]));
+        }
+        let zero = Tensor::zeros([3], (Kind::Float, tch::Device::Cpu));
+        assert!(defer_loss(&zero, &zero).is_none());
+    }
+
 }

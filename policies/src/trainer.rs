@@ -23,7 +23,8 @@ use envs::{EnvPreset, EnvSpec, EpisodeSummary, GLOBAL_FEATURES, SITE_FEATURES, V
 
 use crate::adam::Adam;
 use crate::ddim::{self, DdimConfig, Replay};
-use crate::model::{self, ActMode, BudgetContext, ObsBatch, PolicyModel, Schema};
+use crate::model::{self, ActMode, Branch, BudgetContext, ObsBatch, PolicyModel, Schema};
+use crate::network::DeferInputs;
 use crate::ppo::{self, Batch, Credit, PpoConfig, UpdateStats};
 use crate::prior::PriorConfig;
 
@@ -89,10 +90,22 @@ impl rankpilot_config::Validate for PolicyPreset {
             "a finite number of branched rounds per episode, >= 0",
         );
         v.check(
-            self.ppo.skip_vine == 0.0 || self.ppo.net.skip,
+            self.ppo.skip_vine == 0.0 || self.ppo.net.skip || self.ppo.net.defer,
             "ppo.skip_vine",
             self.ppo.skip_vine,
-            "0 unless ppo.net.skip is true (there is no skip decision to branch on)",
+            "0 unless ppo.net.skip or ppo.net.defer is true (there is no decision to branch on)",
+        );
+        v.check(
+            !self.ppo.net.defer || (self.prior.enabled && self.ppo.skip_vine > 0.0),
+            "ppo.net.defer",
+            self.ppo.net.defer,
+            "false unless [prior] is enabled and ppo.skip_vine > 0 (the head hands rounds to the prior and learns on the vine branches)",
+        );
+        v.check(
+            self.ppo.defer_learning_rate.is_finite() && self.ppo.defer_learning_rate > 0.0,
+            "ppo.defer_learning_rate",
+            self.ppo.defer_learning_rate,
+            "a finite learning rate > 0",
         );
     }
 }
@@ -160,6 +173,16 @@ pub struct IterationStats {
     /// With `ppo.skip_vine`: the share of branched states where skipping returned more than
     /// playing (NaN without, or with none branched).
     pub vine_skip_better: f64,
+    /// With `net.defer`: the branched states where the prior's decision and the learned one
+    /// returned differently (0 without).
+    pub defer_states: usize,
+    /// With `net.defer`: the share of those where the prior's returned more (NaN without).
+    pub defer_prior_better: f64,
+    /// With `net.defer`: the share of branched states where the greedy policy defers (NaN
+    /// without).
+    pub defer_share: f64,
+    /// With `net.defer`: the defer head's mean loss ([`ppo::defer_loss`]; NaN without).
+    pub defer_loss: f64,
     /// Wall time of the rollout (s).
     pub rollout_s: f64,
     /// Wall time of the PPO and DDIM updates (s).
@@ -185,6 +208,8 @@ pub struct Trainer {
     draws: u64,
     opt: Adam,
     ddim_opt: Option<Adam>,
+    /// Adam over the defer head's weights (`defer.*`), with `net.defer`.
+    defer_opt: Option<Adam>,
     replay: Option<Replay>,
     rng: ChaCha8Rng,
     /// Iterations done.
@@ -209,6 +234,10 @@ struct EnvGroup {
     /// What this group's rewards are multiplied by before GAE, besides `ppo.reward_scale`:
     /// 1 / its gap with `ppo.reward_per_gap`, else 1.
     reward_weight: f32,
+    /// What the defer head's Δ is multiplied by: 1 / its gap with `net.defer` (so every
+    /// environment's decisions weigh by the gap closed they cost, as the suite scores them,
+    /// not by its reward scale), else 1.
+    defer_weight: f32,
 }
 
 /// Copies of a group's environments, played by the reference policy ([`PpoConfig::reference_rollout`]).
@@ -220,11 +249,18 @@ struct Twins {
 impl EnvGroup {
     /// A group at the start of its episodes; with `twins`, a copy of each environment (same
     /// state, same random stream) for the reference policy.
-    fn new(venv: VecEnv, draw: Option<u64>, twins: bool, reward_weight: f32) -> Self {
+    fn new(venv: VecEnv, draw: Option<u64>, twins: bool, (reward_weight, defer_weight): (f32, f32)) -> Self {
         let beliefs = vec![Belief::new(); venv.n_envs()];
         let reference = twins.then(|| Twins { venv: venv.clone(), beliefs: beliefs.clone() });
-        EnvGroup { beliefs, venv, draw, reference, reward_weight }
+        EnvGroup { beliefs, venv, draw, reference, reward_weight, defer_weight }
     }
+}
+
+/// A group's (reward weight, defer weight): 1 / its gap ([`reward_weight`]) where
+/// `ppo.reward_per_gap` (resp. `net.defer`) asks for it, else 1; the gap measured once.
+fn group_weights(spec: &Arc<EnvSpec>, seed: u64, ppo: &PpoConfig) -> Result<(f32, f32), PolicyError> {
+    let per_gap = reward_weight(spec, seed, ppo.reward_per_gap || ppo.net.defer)?;
+    Ok((if ppo.reward_per_gap { per_gap } else { 1.0 }, if ppo.net.defer { per_gap } else { 1.0 }))
 }
 
 /// The reward weight of an environment for `ppo.reward_per_gap`: 1 / (the oracle's mean return
@@ -262,14 +298,14 @@ fn act_on(model: &PolicyModel, venv: &VecEnv, beliefs: &mut [Belief], mode: ActM
 }
 
 /// One vine branch ([`PpoConfig::skip_vine`]): `venv` (a copy taken before this round's decision)
-/// plays this round skipping (`skip`) or playing the greedy plan, then the model's greedy
-/// decisions until each environment's episode ends. Returns each environment's discounted
-/// return from this round on, in the environments' own reward units.
-fn vine_branch(model: &PolicyModel, mut venv: VecEnv, mut beliefs: Vec<Belief>, skip: bool, gamma: f64) -> Vec<f64> {
+/// plays this round's `first` decision (skip, the greedy plan, or the prior alone's decision),
+/// then the model's greedy decisions until each environment's episode ends. Returns each
+/// environment's discounted return from this round on, in the environments' own reward units.
+fn vine_branch(model: &PolicyModel, mut venv: VecEnv, mut beliefs: Vec<Belief>, first: Branch, gamma: f64) -> Vec<f64> {
     let ne = venv.n_envs();
-    let forced = vec![skip; ne];
+    let first = vec![first; ne];
     let (mut ret, mut alive, mut discount) = (vec![0f64; ne], vec![true; ne], 1.0);
-    let mut mode = ActMode::GreedySkipping(&forced);
+    let mut mode = ActMode::Branch(&first);
     while alive.iter().any(|&a| a) {
         let d = act_on(model, &venv, &mut beliefs, mode);
         mode = ActMode::Greedy;
@@ -327,6 +363,9 @@ struct StepRecord {
     /// With `ppo.skip_vine`, on a branched state where skipping is allowed: the taken skip
     /// decision's vine advantage ([`ppo::vine_advantage`]).
     vine: Option<f32>,
+    /// With `net.defer`, on a branched state: what the defer head reads and Δ = Q(s, prior) −
+    /// Q(s, learned greedy), in the rewards' units.
+    defer: Option<(DeferInputs, f32)>,
     /// The oracle's rank index per site and whether it skips, with a teacher.
     teacher: Option<(Vec<u8>, bool)>,
 }
@@ -363,6 +402,8 @@ struct ResumeState {
     draws: u64,
     adam_step: i64,
     ddim_adam_step: i64,
+    #[serde(default)]
+    defer_adam_step: i64,
     replay_len: usize,
     replay_pos: usize,
     ddim_active: bool,
@@ -479,6 +520,10 @@ impl Trainer {
         let opt = Adam::new(&model.vs, "net.", preset.ppo.learning_rate, preset.ppo.adam_eps);
         let ddim_opt = preset.ddim.enabled.then(|| Adam::new(&model.vs, "ddim.", preset.ddim.learning_rate, 1e-8));
         let replay = preset.ddim.enabled.then(|| Replay::new(preset.ddim.replay_capacity));
+        let defer_opt = model
+            .defer
+            .is_some()
+            .then(|| Adam::new(&model.vs, "defer.", preset.ppo.defer_learning_rate, preset.ppo.adam_eps));
         let mut t = Trainer {
             model,
             preset: preset.clone(),
@@ -490,6 +535,7 @@ impl Trainer {
             draws: 0,
             opt,
             ddim_opt,
+            defer_opt,
             replay,
             rng: ChaCha8Rng::seed_from_u64(envs::derive_seed(seed, 2)),
             iteration: 0,
@@ -502,7 +548,7 @@ impl Trainer {
         match distribution {
             None => {
                 let venv = VecEnv::from_spec(spec.clone(), n, envs::derive_seed(seed, 1));
-                let w = reward_weight(&spec, envs::derive_seed(seed, 4), preset.ppo.reward_per_gap)?;
+                let w = group_weights(&spec, envs::derive_seed(seed, 4), &preset.ppo)?;
                 t.groups.push(EnvGroup::new(venv, None, twins, w))
             }
             Some(_) => {
@@ -540,7 +586,7 @@ impl Trainer {
         let spec = EnvSpec::new(&dist.draw(draw)?)?;
         let twins = self.reference_model.is_some();
         // The gap is measured on a stream of its own (1 is the training episodes').
-        let w = reward_weight(&spec, envs::derive_seed(draw, 2), self.preset.ppo.reward_per_gap)?;
+        let w = group_weights(&spec, envs::derive_seed(draw, 2), &self.preset.ppo)?;
         Ok(EnvGroup::new(VecEnv::from_spec(spec, size, envs::derive_seed(draw, 1)), Some(draw), twins, w))
     }
 
@@ -594,12 +640,13 @@ impl Trainer {
         let (mut price_sum, mut price_n) = (0f64, 0usize);
         let (mut reward_sum, mut over_reference) = (0f64, 0f64);
         let (mut vine_n, mut vine_skip_better) = (0usize, 0usize);
+        let (mut defer_n, mut defer_prior_better, mut defer_branched, mut defer_taken) = (0usize, 0usize, 0usize, 0usize);
 
         for _ in 0..t_len {
             let mut env_base = 0;
             let mut last_ranks = Vec::new();
             for gi in 0..self.groups.len() {
-                let EnvGroup { venv, beliefs, reference, reward_weight, .. } = &mut self.groups[gi];
+                let EnvGroup { venv, beliefs, reference, reward_weight, defer_weight, .. } = &mut self.groups[gi];
                 let weighted = scale * *reward_weight;
                 let (ne, l) = (venv.n_envs(), venv.n_sites());
                 // Running statistics see every observation as it arrives (CleanRL's wrapper order).
@@ -613,25 +660,42 @@ impl Trainer {
                     && self.rng.random::<f64>() < cfg.skip_vine / venv.spec().preset.rounds as f64)
                     .then(|| (venv.clone(), beliefs.to_vec()));
                 let d = act_on(&self.model, venv, beliefs, ActMode::Sample(&mut self.rng));
-                let vine: Vec<Option<f32>> = match branch {
-                    Some((v0, b0)) => {
-                        let q_skip = vine_branch(&self.model, v0.clone(), b0.clone(), true, cfg.gamma);
-                        let q_play = vine_branch(&self.model, v0, b0, false, cfg.gamma);
-                        (0..ne)
-                            .map(|e| {
-                                d.skip_allowed[e].then(|| {
-                                    let (q_taken, q_other) =
-                                        if d.skip[e] { (q_skip[e], q_play[e]) } else { (q_play[e], q_skip[e]) };
-                                    vine_n += 1;
-                                    vine_skip_better += (q_skip[e] > q_play[e]) as usize;
-                                    let a = ppo::vine_advantage((d.skip_logp[e] as f64).exp(), q_taken, q_other);
-                                    (a * weighted as f64) as f32
-                                })
-                            })
-                            .collect()
+                let (mut vine, mut defer): (Vec<Option<f32>>, Vec<Option<(DeferInputs, f32)>>) =
+                    (vec![None; ne], vec![None; ne]);
+                if let Some((v0, b0)) = branch {
+                    let q_play = vine_branch(&self.model, v0.clone(), b0.clone(), Branch::Play, cfg.gamma);
+                    // A group shares one preset: skipping is allowed in all its environments or none.
+                    let q_skip = (has_skip && d.skip_allowed.iter().any(|&a| a))
+                        .then(|| vine_branch(&self.model, v0.clone(), b0.clone(), Branch::Skip, cfg.gamma));
+                    if let Some(q_skip) = &q_skip {
+                        for e in (0..ne).filter(|&e| d.skip_allowed[e]) {
+                            let (q_taken, q_other) =
+                                if d.skip[e] { (q_skip[e], q_play[e]) } else { (q_play[e], q_skip[e]) };
+                            vine_n += 1;
+                            vine_skip_better += (q_skip[e] > q_play[e]) as usize;
+                            let a = ppo::vine_advantage((d.skip_logp[e] as f64).exp(), q_taken, q_other);
+                            vine[e] = Some((a * weighted as f64) as f32);
+                        }
                     }
-                    None => vec![None; ne],
-                };
+                    // The defer head compares the prior alone's decision with the learned greedy
+                    // one, which skips or plays: one of the branches above.
+                    if self.model.defer.is_some() {
+                        let greedy = act_on(&self.model, &v0, &mut b0.clone(), ActMode::Greedy);
+                        let q_prior = vine_branch(&self.model, v0, b0, Branch::Prior, cfg.gamma);
+                        for (e, inputs) in greedy.defer_inputs.iter().enumerate() {
+                            let q_learned = match &q_skip {
+                                Some(q) if inputs.learned_skips > 0.5 => q[e],
+                                _ => q_play[e],
+                            };
+                            let delta = ((q_prior[e] - q_learned) * *defer_weight as f64) as f32;
+                            defer_branched += 1;
+                            defer_taken += greedy.deferred[e] as usize;
+                            defer_n += (delta != 0.0) as usize;
+                            defer_prior_better += (delta > 0.0) as usize;
+                            defer[e] = Some((*inputs, delta));
+                        }
+                    }
+                }
                 // The teacher labels the states the policy visits, before the step leaves them.
                 let teacher: Vec<(Vec<u8>, bool)> = if has_teacher || ddim_oracle {
                     (0..ne)
@@ -723,6 +787,7 @@ impl Trainer {
                         }),
                         teacher: if has_teacher { teacher.get(e).cloned() } else { None },
                         vine: vine[e],
+                        defer: defer[e],
                     });
                 }
                 if gi == 0 {
@@ -861,6 +926,9 @@ impl Trainer {
         stats.teacher_weight = teacher_weight;
         stats.vine_states = vine_n;
         stats.vine_skip_better = if vine_n > 0 { vine_skip_better as f64 / vine_n as f64 } else { f64::NAN };
+        stats.defer_states = defer_n;
+        stats.defer_share = if defer_branched > 0 { defer_taken as f64 / defer_branched as f64 } else { f64::NAN };
+        stats.defer_prior_better = if defer_n > 0 { defer_prior_better as f64 / defer_n as f64 } else { f64::NAN };
 
         stats.rollout_s = t_start.elapsed().as_secs_f64();
         let t_update = std::time::Instant::now();
@@ -906,6 +974,11 @@ impl Trainer {
             p
         });
         stats.ddim_loss = self.ddim_update();
+        stats.defer_loss = self.defer_update(
+            &records,
+            &batch,
+            if cfg.anneal_lr { cfg.defer_learning_rate * frac } else { cfg.defer_learning_rate },
+        );
         stats.update_s = t_update.elapsed().as_secs_f64();
 
         self.iteration += 1;
@@ -913,6 +986,44 @@ impl Trainer {
         stats.iteration = self.iteration;
         stats.global_step = self.global_step;
         stats
+    }
+
+    /// Trains the defer head on this rollout's branched states ([`ppo::defer_update`]), their
+    /// context computed by the network after PPO's update. NaN without a defer head.
+    fn defer_update(&mut self, records: &[StepRecord], batch: &Batch, lr: f64) -> f64 {
+        let (Some(head), Some(opt)) = (self.model.defer.as_ref(), self.defer_opt.as_mut()) else {
+            return f64::NAN;
+        };
+        let rows: Vec<i64> = (0..records.len() as i64).filter(|&i| records[i as usize].defer.is_some()).collect();
+        if rows.is_empty() {
+            return f64::NAN;
+        }
+        let (inputs, delta): (Vec<f32>, Vec<f32>) = rows
+            .iter()
+            .filter_map(|&i| records[i as usize].defer)
+            .map(|(inputs, delta)| (inputs.row(), delta))
+            .fold((Vec::new(), Vec::new()), |(mut x, mut d), (row, delta)| {
+                x.extend_from_slice(&row);
+                d.push(delta);
+                (x, d)
+            });
+        let dev = self.model.device();
+        let idx = Tensor::from_slice(&rows).to_device(dev);
+        let context = tch::no_grad(|| {
+            let sel = |t: &Tensor| t.index_select(0, &idx);
+            self.model.net.forward(&sel(&batch.global), &sel(&batch.sites), &sel(&batch.mask)).context
+        });
+        let defer_batch = ppo::DeferBatch {
+            context,
+            inputs: Tensor::from_slice(&inputs).view([rows.len() as i64, DeferInputs::LEN as i64]).to_device(dev),
+            delta: Tensor::from_slice(&delta).to_device(dev),
+        };
+        let rng = &mut self.rng;
+        ppo::defer_update(&self.preset.ppo, head, opt, &defer_batch, lr, |len| {
+            let mut p: Vec<i64> = (0..len as i64).collect();
+            p.shuffle(rng);
+            p
+        })
     }
 
     /// Alternating DDIM step ([`ddim::update`]); DDIM starts refining after its first update.
@@ -936,6 +1047,9 @@ impl Trainer {
         tensors.extend(self.opt.state_tensors());
         if let Some(o) = &self.ddim_opt {
             tensors.extend(o.state_tensors().into_iter().map(|(n, t)| (format!("ddim_{n}"), t)));
+        }
+        if let Some(o) = &self.defer_opt {
+            tensors.extend(o.state_tensors().into_iter().map(|(n, t)| (format!("defer_{n}"), t)));
         }
         if let Some(r) = &self.replay {
             tensors.extend(r.tensors());
@@ -968,6 +1082,7 @@ impl Trainer {
             draws: self.draws,
             adam_step: self.opt.step,
             ddim_adam_step: self.ddim_opt.as_ref().map_or(0, |o| o.step),
+            defer_adam_step: self.defer_opt.as_ref().map_or(0, |o| o.step),
             replay_len: self.replay.as_ref().map_or(0, |r| r.len),
             replay_pos: self.replay.as_ref().map_or(0, |r| r.pos),
             ddim_active: self.model.ddim_active,
@@ -1008,6 +1123,13 @@ impl Trainer {
                 .collect();
             o.load_state_tensors(&renamed, rs.ddim_adam_step)?;
         }
+        if let Some(o) = t.defer_opt.as_mut() {
+            let renamed: Vec<(String, Tensor)> = tensors
+                .iter()
+                .filter_map(|(n, x)| n.strip_prefix("defer_").map(|s| (s.to_string(), x.shallow_clone())))
+                .collect();
+            o.load_state_tensors(&renamed, rs.defer_adam_step)?;
+        }
         if let Some(r) = t.replay.as_mut() {
             r.load(tensors, rs.replay_len, rs.replay_pos)?;
         }
@@ -1037,11 +1159,11 @@ impl Trainer {
                     }
                 };
                 let seed = g.draw.map_or(envs::derive_seed(cfg.seed, 4), |d| envs::derive_seed(d, 2));
-                let reward_weight = reward_weight(&spec, seed, cfg.policy_preset.ppo.reward_per_gap)?;
+                let (reward_weight, defer_weight) = group_weights(&spec, seed, &cfg.policy_preset.ppo)?;
                 let venv = VecEnv::restore(spec, g.venv)?;
                 let beliefs =
                     if g.beliefs.len() == venv.n_envs() { g.beliefs } else { vec![Belief::new(); venv.n_envs()] };
-                Ok(EnvGroup { venv, beliefs, draw: g.draw, reference, reward_weight })
+                Ok(EnvGroup { venv, beliefs, draw: g.draw, reference, reward_weight, defer_weight })
             })
             .collect::<Result<Vec<_>, PolicyError>>()?;
         if t.groups.iter().map(|g| g.venv.n_envs()).sum::<usize>() != t.preset.ppo.num_envs {
@@ -1187,8 +1309,8 @@ mod tests {
                 }
                 discount *= gamma;
             }
-            let q_skip = vine_branch(model, venv.clone(), beliefs.to_vec(), true, gamma);
-            let q_play = vine_branch(model, venv.clone(), beliefs.to_vec(), false, gamma);
+            let q_skip = vine_branch(model, venv.clone(), beliefs.to_vec(), Branch::Skip, gamma);
+            let q_play = vine_branch(model, venv.clone(), beliefs.to_vec(), Branch::Play, gamma);
             for (e, &skips) in first_skip.unwrap().iter().enumerate() {
                 let (same, other) = if skips { (q_skip[e], q_play[e]) } else { (q_play[e], q_skip[e]) };
                 assert_eq!(same.to_bits(), greedy[e].to_bits(), "env {e}: the greedy decision's branch");
@@ -1200,6 +1322,57 @@ mod tests {
         }
         assert!(matched[0] > 0 && matched[1] > 0, "both decisions were the greedy one somewhere: {matched:?}");
         assert!(differed * 2 > matched.iter().sum::<usize>(), "the forced decision changes the return: {differed}");
+    }
+
+    #[test]
+    fn a_policy_that_defers_plays_its_prior_alone_and_the_prior_branch_is_that_play() {
+        // Untrained, the residual is zero: the prior's branch returns what the greedy branch
+        // does, bit for bit. With the residual moved, a head that always defers plays exactly
+        // the prior alone's decisions (an untrained twin's) round after round, and one that never
+        // defers plays others.
+        let env = small_env();
+        let mut preset = load_preset("default").unwrap();
+        preset.ppo.num_envs = 4;
+        preset.ppo.net.defer = true;
+        let gamma = preset.ppo.gamma;
+        let t = Trainer::new(&env, &preset, 64, 5, Device::Cpu).unwrap();
+        let prior_alone = Trainer::new(&env, &preset, 64, 5, Device::Cpu).unwrap().model;
+        {
+            let EnvGroup { venv, beliefs, .. } = &t.groups[0];
+            let q_play = vine_branch(&t.model, venv.clone(), beliefs.to_vec(), Branch::Play, gamma);
+            let q_prior = vine_branch(&t.model, venv.clone(), beliefs.to_vec(), Branch::Prior, gamma);
+            let bits = |q: &[f64]| q.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&q_play), bits(&q_prior), "with the residual at zero the two branches are one");
+        }
+        let vars = t.model.vs.variables();
+        tch::no_grad(|| {
+            tch::manual_seed(3);
+            let w = &vars["net.logits.weight"];
+            let _ = w.shallow_clone().copy_(&(w.randn_like() * 0.05));
+        });
+        let played = |bias: f64| -> (usize, usize) {
+            tch::no_grad(|| {
+                let _ = vars["defer.out.bias"].shallow_clone().fill_(bias);
+            });
+            let EnvGroup { venv, beliefs, .. } = &t.groups[0];
+            let (mut a_venv, mut a_beliefs) = (venv.clone(), beliefs.to_vec());
+            let (mut b_venv, mut b_beliefs) = (venv.clone(), beliefs.to_vec());
+            let (mut same, mut rounds) = (0, 0);
+            for _ in 0..env.rounds {
+                let a = act_on(&t.model, &a_venv, &mut a_beliefs, ActMode::Greedy);
+                let b = act_on(&prior_alone, &b_venv, &mut b_beliefs, ActMode::Greedy);
+                assert!(a.deferred.iter().all(|&d| d == (bias > 0.0)), "the head decides alone: {:?}", a.deferred);
+                a_venv.step_indices_skipping(&a.executed, &a.skip).unwrap();
+                b_venv.step_indices_skipping(&b.executed, &b.skip).unwrap();
+                same += (a.executed == b.executed && a.skip == b.skip && a_venv.rewards() == b_venv.rewards()) as usize;
+                rounds += 1;
+            }
+            (same, rounds)
+        };
+        let (same, rounds) = played(10.0);
+        assert_eq!(same, rounds, "deferring, every round is the prior alone's");
+        let (same, rounds) = played(-10.0);
+        assert!(same < rounds, "the moved residual plays other rounds: {same} of {rounds} the same");
     }
 
     #[test]

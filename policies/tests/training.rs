@@ -287,6 +287,28 @@ fn a_run_with_vine_skip_advantages_resumes_exactly_and_acts_on_every_preset() {
     check_distribution_run(&preset);
 }
 
+#[test]
+fn a_run_with_a_defer_head_resumes_exactly_trains_the_head_and_acts_on_every_preset() {
+    // `net.defer`: a third branch plays the prior's decision, and the head trains on the
+    // branches with its own optimizer, whose moments a checkpoint must carry.
+    let mut preset = tiny_with_skip_and_prior();
+    preset.ppo.skip_vine = 2.0;
+    preset.ppo.net.defer = true;
+    check_distribution_run(&preset);
+    let _serial = serial();
+    let dist = small_distribution();
+    let mut t = Trainer::with_distribution(&dist, &dist.draw(1).unwrap(), &preset, 1 << 20, 9, Device::Cpu).unwrap();
+    let before = weights(&t);
+    let learned = (0..4).map(|_| t.iterate()).filter(|st| st.defer_loss.is_finite()).count();
+    assert!(learned > 0, "the head met branched states where the two decisions returned differently");
+    let moved = before
+        .iter()
+        .zip(&weights(&t))
+        .filter(|(a, b)| a.0.starts_with("defer.") && a.1 != b.1)
+        .count();
+    assert!(moved > 0, "the defer head's weights were trained");
+}
+
 /// The `tiny` preset with 8 environments, the skip head and the prior: the base of the options'
 /// resume tests.
 fn tiny_with_skip_and_prior() -> policies::trainer::PolicyPreset {

@@ -262,6 +262,16 @@ pub fn run(a: &TrainArgs) -> anyhow::Result<()> {
             tb.add_scalar("charts/vine_skip_better", st.vine_skip_better, step)?;
             tb.add_scalar("charts/vine_states", st.vine_states as f64, step)?;
         }
+        if st.defer_share.is_finite() {
+            tb.add_scalar("charts/defer_share", st.defer_share, step)?;
+            tb.add_scalar("charts/defer_states", st.defer_states as f64, step)?;
+            if st.defer_prior_better.is_finite() {
+                tb.add_scalar("charts/defer_prior_better", st.defer_prior_better, step)?;
+            }
+            if st.defer_loss.is_finite() {
+                tb.add_scalar("losses/defer", st.defer_loss, step)?;
+            }
+        }
         if st.teacher_agreement.is_finite() {
             tb.add_scalar("charts/teacher_agreement", st.teacher_agreement, step)?;
             tb.add_scalar("charts/teacher_weight", st.teacher_weight, step)?;
