@@ -91,10 +91,9 @@
 //! average can still lose to its prior in part of the distribution (the README's session 40:
 //! the shipped residual overspent parameter budgets). With a defer head a third copy plays the
 //! prior alone's decision (its skip rule, its plan) before the same greedy continuation, so
-//! Δ = Q(s, prior) − Q(s, learned) is measured on the same draws as the skip branches, and
-//! divided by the environment's gap (oracle − uniform return, as `reward_per_gap` measures it):
-//! a decision weighs by the gap closed it costs, which the suite scores, so a parameter budget,
-//! whose returns differ by hundredths, counts as much as a channel's. The head
+//! Δ = Q(s, prior) − Q(s, learned) is measured on the same draws as the skip branches, in the
+//! units of the rewards PPO sees (divided by the environment's gap only with `reward_per_gap`;
+//! dividing it always was measured and did not help, README session 41). The head
 //! is then a classifier of the better of the two decisions, trained by cost-sensitive logistic
 //! regression ([`defer_update`]): target 1[Δ > 0], each state weighted by |Δ|, whose minimizer
 //! is the decision with the larger expected return (Zadrozny et al. 2003, cost-proportionate

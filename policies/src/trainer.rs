@@ -234,10 +234,6 @@ struct EnvGroup {
     /// What this group's rewards are multiplied by before GAE, besides `ppo.reward_scale`:
     /// 1 / its gap with `ppo.reward_per_gap`, else 1.
     reward_weight: f32,
-    /// What the defer head's Δ is multiplied by: 1 / its gap with `net.defer` (so every
-    /// environment's decisions weigh by the gap closed they cost, as the suite scores them,
-    /// not by its reward scale), else 1.
-    defer_weight: f32,
 }
 
 /// Copies of a group's environments, played by the reference policy ([`PpoConfig::reference_rollout`]).
@@ -249,18 +245,11 @@ struct Twins {
 impl EnvGroup {
     /// A group at the start of its episodes; with `twins`, a copy of each environment (same
     /// state, same random stream) for the reference policy.
-    fn new(venv: VecEnv, draw: Option<u64>, twins: bool, (reward_weight, defer_weight): (f32, f32)) -> Self {
+    fn new(venv: VecEnv, draw: Option<u64>, twins: bool, reward_weight: f32) -> Self {
         let beliefs = vec![Belief::new(); venv.n_envs()];
         let reference = twins.then(|| Twins { venv: venv.clone(), beliefs: beliefs.clone() });
-        EnvGroup { beliefs, venv, draw, reference, reward_weight, defer_weight }
+        EnvGroup { beliefs, venv, draw, reference, reward_weight }
     }
-}
-
-/// A group's (reward weight, defer weight): 1 / its gap ([`reward_weight`]) where
-/// `ppo.reward_per_gap` (resp. `net.defer`) asks for it, else 1; the gap measured once.
-fn group_weights(spec: &Arc<EnvSpec>, seed: u64, ppo: &PpoConfig) -> Result<(f32, f32), PolicyError> {
-    let per_gap = reward_weight(spec, seed, ppo.reward_per_gap || ppo.net.defer)?;
-    Ok((if ppo.reward_per_gap { per_gap } else { 1.0 }, if ppo.net.defer { per_gap } else { 1.0 }))
 }
 
 /// The reward weight of an environment for `ppo.reward_per_gap`: 1 / (the oracle's mean return
@@ -548,7 +537,7 @@ impl Trainer {
         match distribution {
             None => {
                 let venv = VecEnv::from_spec(spec.clone(), n, envs::derive_seed(seed, 1));
-                let w = group_weights(&spec, envs::derive_seed(seed, 4), &preset.ppo)?;
+                let w = reward_weight(&spec, envs::derive_seed(seed, 4), preset.ppo.reward_per_gap)?;
                 t.groups.push(EnvGroup::new(venv, None, twins, w))
             }
             Some(_) => {
@@ -586,7 +575,7 @@ impl Trainer {
         let spec = EnvSpec::new(&dist.draw(draw)?)?;
         let twins = self.reference_model.is_some();
         // The gap is measured on a stream of its own (1 is the training episodes').
-        let w = group_weights(&spec, envs::derive_seed(draw, 2), &self.preset.ppo)?;
+        let w = reward_weight(&spec, envs::derive_seed(draw, 2), self.preset.ppo.reward_per_gap)?;
         Ok(EnvGroup::new(VecEnv::from_spec(spec, size, envs::derive_seed(draw, 1)), Some(draw), twins, w))
     }
 
@@ -646,7 +635,7 @@ impl Trainer {
             let mut env_base = 0;
             let mut last_ranks = Vec::new();
             for gi in 0..self.groups.len() {
-                let EnvGroup { venv, beliefs, reference, reward_weight, defer_weight, .. } = &mut self.groups[gi];
+                let EnvGroup { venv, beliefs, reference, reward_weight, .. } = &mut self.groups[gi];
                 let weighted = scale * *reward_weight;
                 let (ne, l) = (venv.n_envs(), venv.n_sites());
                 // Running statistics see every observation as it arrives (CleanRL's wrapper order).
@@ -687,7 +676,7 @@ impl Trainer {
                                 Some(q) if inputs.learned_skips > 0.5 => q[e],
                                 _ => q_play[e],
                             };
-                            let delta = ((q_prior[e] - q_learned) * *defer_weight as f64) as f32;
+                            let delta = ((q_prior[e] - q_learned) * weighted as f64) as f32;
                             defer_branched += 1;
                             defer_taken += greedy.deferred[e] as usize;
                             defer_n += (delta != 0.0) as usize;
@@ -1159,11 +1148,11 @@ impl Trainer {
                     }
                 };
                 let seed = g.draw.map_or(envs::derive_seed(cfg.seed, 4), |d| envs::derive_seed(d, 2));
-                let (reward_weight, defer_weight) = group_weights(&spec, seed, &cfg.policy_preset.ppo)?;
+                let reward_weight = reward_weight(&spec, seed, cfg.policy_preset.ppo.reward_per_gap)?;
                 let venv = VecEnv::restore(spec, g.venv)?;
                 let beliefs =
                     if g.beliefs.len() == venv.n_envs() { g.beliefs } else { vec![Belief::new(); venv.n_envs()] };
-                Ok(EnvGroup { venv, beliefs, draw: g.draw, reference, reward_weight, defer_weight })
+                Ok(EnvGroup { venv, beliefs, draw: g.draw, reference, reward_weight })
             })
             .collect::<Result<Vec<_>, PolicyError>>()?;
         if t.groups.iter().map(|g| g.venv.n_envs()).sum::<usize>() != t.preset.ppo.num_envs {
