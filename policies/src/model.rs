@@ -233,7 +233,8 @@ impl PolicyModel {
             Denoiser::new(&(&root / "ddim"), GLOBAL_FEATURES as i64, SITE_FEATURES as i64, ddim.hidden, ddim.activation)
         });
         // Created last: the other weights start as without it.
-        let defer = (net.defer && prior.enabled).then(|| DeferHead::new(&(&root / "defer"), 3 * net.hidden, net.hidden));
+        let defer =
+            (net.defer && prior.enabled).then(|| DeferHead::new(&(&root / "defer"), 3 * net.hidden, net.hidden));
         PolicyModel {
             vs,
             net: network,
@@ -908,12 +909,14 @@ pub struct TrainedPolicy<'a> {
     pub sampling: Option<(u64, u64, ChaCha8Rng)>,
     /// The episode's history, for a prior that infers.
     pub belief: Belief,
+    /// Rounds decided so far, and how many of them were handed to the prior (`net.defer`).
+    pub rounds: (u64, u64),
 }
 
 impl<'a> TrainedPolicy<'a> {
     /// The greedy policy.
     pub fn greedy(model: &'a PolicyModel, label: impl Into<String>) -> Self {
-        TrainedPolicy { model, label: label.into(), sampling: None, belief: Belief::new() }
+        TrainedPolicy { model, label: label.into(), sampling: None, belief: Belief::new(), rounds: (0, 0) }
     }
 
     /// The sampling policy; episode e draws from `derive_seed(seed, e)`.
@@ -923,6 +926,7 @@ impl<'a> TrainedPolicy<'a> {
             label: label.into(),
             sampling: Some((seed, 0, <ChaCha8Rng as rand::SeedableRng>::seed_from_u64(seed))),
             belief: Belief::new(),
+            rounds: (0, 0),
         }
     }
 }
@@ -964,6 +968,8 @@ impl RankPolicy for TrainedPolicy<'_> {
                 None => ActMode::Greedy,
             },
         );
+        self.rounds.0 += 1;
+        self.rounds.1 += d.deferred.first().copied().unwrap_or(false) as u64;
         (!d.skip[0]).then(|| d.executed.iter().map(|&j| self.model.ranks[j as usize]).collect())
     }
 }

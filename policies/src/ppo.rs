@@ -1516,5 +1516,4 @@ mod tests {
         let zero = Tensor::zeros([3], (Kind::Float, tch::Device::Cpu));
         assert!(defer_loss(&zero, &zero).is_none());
     }
-
 }

@@ -629,7 +629,8 @@ impl Trainer {
         let (mut price_sum, mut price_n) = (0f64, 0usize);
         let (mut reward_sum, mut over_reference) = (0f64, 0f64);
         let (mut vine_n, mut vine_skip_better) = (0usize, 0usize);
-        let (mut defer_n, mut defer_prior_better, mut defer_branched, mut defer_taken) = (0usize, 0usize, 0usize, 0usize);
+        let (mut defer_n, mut defer_prior_better, mut defer_branched, mut defer_taken) =
+            (0usize, 0usize, 0usize, 0usize);
 
         for _ in 0..t_len {
             let mut env_base = 0;
@@ -649,8 +650,8 @@ impl Trainer {
                     && self.rng.random::<f64>() < cfg.skip_vine / venv.spec().preset.rounds as f64)
                     .then(|| (venv.clone(), beliefs.to_vec()));
                 let d = act_on(&self.model, venv, beliefs, ActMode::Sample(&mut self.rng));
-                let (mut vine, mut defer): (Vec<Option<f32>>, Vec<Option<(DeferInputs, f32)>>) =
-                    (vec![None; ne], vec![None; ne]);
+                let mut vine: Vec<Option<f32>> = vec![None; ne];
+                let mut defer: Vec<Option<(DeferInputs, f32)>> = vec![None; ne];
                 if let Some((v0, b0)) = branch {
                     let q_play = vine_branch(&self.model, v0.clone(), b0.clone(), Branch::Play, cfg.gamma);
                     // A group shares one preset: skipping is allowed in all its environments or none.
@@ -1337,7 +1338,7 @@ mod tests {
         tch::no_grad(|| {
             tch::manual_seed(3);
             let w = &vars["net.logits.weight"];
-            let _ = w.shallow_clone().copy_(&(w.randn_like() * 0.05));
+            w.shallow_clone().copy_(&(w.randn_like() * 0.05));
         });
         let played = |bias: f64| -> (usize, usize) {
             tch::no_grad(|| {

@@ -301,11 +301,7 @@ fn a_run_with_a_defer_head_resumes_exactly_trains_the_head_and_acts_on_every_pre
     let before = weights(&t);
     let learned = (0..4).map(|_| t.iterate()).filter(|st| st.defer_loss.is_finite()).count();
     assert!(learned > 0, "the head met branched states where the two decisions returned differently");
-    let moved = before
-        .iter()
-        .zip(&weights(&t))
-        .filter(|(a, b)| a.0.starts_with("defer.") && a.1 != b.1)
-        .count();
+    let moved = before.iter().zip(&weights(&t)).filter(|(a, b)| a.0.starts_with("defer.") && a.1 != b.1).count();
     assert!(moved > 0, "the defer head's weights were trained");
 }
 

@@ -193,10 +193,12 @@ fn run_suite(a: &EvalArgs, name: &str) -> anyhow::Result<()> {
     tch::set_num_threads(1);
     let bar = crate::commands::common::progress_bar(environments.len());
     let next = std::sync::atomic::AtomicUsize::new(0);
-    let results: Vec<anyhow::Result<Vec<(usize, envs::EvalTable)>>> = std::thread::scope(|scope| {
+    // Per environment and checkpoint: the share of greedy rounds handed to the prior (`net.defer`).
+    type Deferred = Vec<Option<f64>>;
+    let results: Vec<anyhow::Result<Vec<(usize, envs::EvalTable, Deferred)>>> = std::thread::scope(|scope| {
         let workers: Vec<_> = (0..jobs)
             .map(|_| {
-                scope.spawn(|| -> anyhow::Result<Vec<(usize, envs::EvalTable)>> {
+                scope.spawn(|| -> anyhow::Result<Vec<(usize, envs::EvalTable, Deferred)>> {
                     let loaded = load_checkpoints(a)?;
                     // Each checkpoint's prior alone: its own presets, untrained (a zero
                     // residual acts as the prior).
@@ -220,9 +222,12 @@ fn run_suite(a: &EvalArgs, name: &str) -> anyhow::Result<()> {
                         let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                         let Some(preset) = environments.get(i) else { break };
                         let mut table = envs::evaluate_baselines(preset, &which, episodes, a.common.seed)?;
+                        let mut deferred = Vec::new();
                         for ((l, prior), label) in loaded.iter().zip(&priors).zip(&labels) {
                             let mut policy = TrainedPolicy::greedy(&l.model, label.clone());
                             table.push(envs::evaluate(preset, &mut policy, episodes, a.common.seed)?);
+                            let (rounds, handed) = policy.rounds;
+                            deferred.push(l.model.defer.as_ref().map(|_| handed as f64 / rounds.max(1) as f64));
                             if a.sampled {
                                 let seed = envs::derive_seed(a.common.seed, 0x5a3e);
                                 let mut policy = TrainedPolicy::sampling(&l.model, format!("{label} sampled"), seed);
@@ -233,7 +238,7 @@ fn run_suite(a: &EvalArgs, name: &str) -> anyhow::Result<()> {
                                 table.push(envs::evaluate(preset, &mut policy, episodes, a.common.seed)?);
                             }
                         }
-                        out.push((i, table));
+                        out.push((i, table, deferred));
                         bar.inc(1);
                     }
                     Ok(out)
@@ -250,8 +255,9 @@ fn run_suite(a: &EvalArgs, name: &str) -> anyhow::Result<()> {
     for r in results {
         indexed.extend(r?);
     }
-    indexed.sort_by_key(|(i, _)| *i);
-    let tables: Vec<envs::EvalTable> = indexed.into_iter().map(|(_, t)| t).collect();
+    indexed.sort_by_key(|(i, _, _)| *i);
+    let deferred: Vec<Deferred> = indexed.iter().map(|(_, _, d)| d.clone()).collect();
+    let tables: Vec<envs::EvalTable> = indexed.into_iter().map(|(_, t, _)| t).collect();
     let summary = envs::eval::SuiteSummary::new(&tables, a.resamples, a.common.seed).map_err(anyhow::Error::msg)?;
     let mut report = format!(
         "suite `{}`: {} environments, {episodes} episodes each, seed {}, {} bootstrap replicates\n",
@@ -291,6 +297,19 @@ fn run_suite(a: &EvalArgs, name: &str) -> anyhow::Result<()> {
                 environments.len(),
                 if below.is_empty() { String::new() } else { format!(" ({})", below.join(", ")) }
             );
+            report += &line;
+            md += &format!("- {line}");
+        }
+    }
+    // What a defer head did: the share of greedy rounds each environment handed to the prior.
+    for (c, label) in labels.iter().enumerate() {
+        let shares: Vec<String> = deferred
+            .iter()
+            .zip(&summary.environments)
+            .filter_map(|(d, env)| d.get(c).copied().flatten().map(|x| format!("{env} {x:.2}")))
+            .collect();
+        if !shares.is_empty() {
+            let line = format!("{label}: share of rounds handed to its prior (net.defer): {}\n", shares.join(", "));
             report += &line;
             md += &format!("- {line}");
         }
