@@ -95,6 +95,15 @@ fn bad_input_is_refused_with_exit_code_2() {
     let o = common::rankpilot_in(&["train", "--policy", "teach.toml", "--steps", "1"], p);
     assert_eq!(o.status.code(), Some(2), "{}", common::text(&o));
     assert!(common::text(&o).contains("ppo.teacher_targets"), "{}", common::text(&o));
+    // A defer head hands rounds to a prior and learns on vine branches: it needs both.
+    std::fs::write(p.join("defer.toml"), "name = 'x'\n[ppo]\nnet = { hidden = 8, defer = true }\n").unwrap();
+    let o = common::rankpilot_in(&["train", "--policy", "defer.toml", "--steps", "1"], p);
+    assert_eq!(o.status.code(), Some(2), "{}", common::text(&o));
+    assert!(
+        common::text(&o).contains("ppo.net.defer") && common::text(&o).contains("skip_vine"),
+        "{}",
+        common::text(&o)
+    );
     // The risk-aware budget is inferred: it needs the inference on.
     std::fs::write(p.join("risk.toml"), "name = 'x'\n[prior]\nenabled = true\nrisk = true\n").unwrap();
     let o = common::rankpilot_in(&["train", "--policy", "risk.toml", "--steps", "1"], p);
