@@ -104,11 +104,6 @@ fn bad_input_is_refused_with_exit_code_2() {
         "{}",
         common::text(&o)
     );
-    // The defer memory is the defer head's: without the head it is refused.
-    std::fs::write(p.join("memory.toml"), "name = 'x'\n[ppo]\ndefer_replay = 64\n").unwrap();
-    let o = common::rankpilot_in(&["train", "--policy", "memory.toml", "--steps", "1"], p);
-    assert_eq!(o.status.code(), Some(2), "{}", common::text(&o));
-    assert!(common::text(&o).contains("ppo.defer_replay"), "{}", common::text(&o));
     // The risk-aware budget is inferred: it needs the inference on.
     std::fs::write(p.join("risk.toml"), "name = 'x'\n[prior]\nenabled = true\nrisk = true\n").unwrap();
     let o = common::rankpilot_in(&["train", "--policy", "risk.toml", "--steps", "1"], p);

@@ -252,12 +252,6 @@ pub struct PpoConfig {
     /// iteration, so faster than the policy's fine-tuning rate.
     #[serde(default = "default_defer_learning_rate")]
     pub defer_learning_rate: f64,
-    /// The defer head learns from the last `defer_replay` branched states (default 0: this
-    /// rollout's alone, a few hundred). Its labels are noisy (Δ carries the continuations'
-    /// divergence), so a longer memory averages more of them; each state keeps the context
-    /// and Δ measured in its own iteration, which drift slowly under the policy's small steps.
-    #[serde(default)]
-    pub defer_replay: usize,
     /// Network sizes.
     pub net: NetConfig,
 }
@@ -295,7 +289,6 @@ impl Default for PpoConfig {
             reward_per_gap: false,
             skip_vine: 0.0,
             defer_learning_rate: default_defer_learning_rate(),
-            defer_replay: 0,
             net: NetConfig::default(),
         }
     }
@@ -537,30 +530,6 @@ pub struct DeferBatch {
     pub inputs: Tensor,
     /// Q(s, prior) − Q(s, learned) per state [B], on the same draws.
     pub delta: Tensor,
-}
-
-impl DeferBatch {
-    /// The states of `memory` (if any) followed by `fresh`, keeping the last `capacity`
-    /// (`ppo.defer_replay`).
-    pub fn remember(memory: Option<DeferBatch>, fresh: DeferBatch, capacity: usize) -> DeferBatch {
-        let keep = |old: Option<Tensor>, new: Tensor| {
-            let all = match old {
-                Some(old) => Tensor::cat(&[old, new], 0),
-                None => new,
-            };
-            let n = all.size()[0];
-            all.narrow(0, (n - capacity as i64).max(0), n.min(capacity as i64))
-        };
-        let (context, inputs, delta) = match memory {
-            Some(m) => (Some(m.context), Some(m.inputs), Some(m.delta)),
-            None => (None, None, None),
-        };
-        DeferBatch {
-            context: keep(context, fresh.context),
-            inputs: keep(inputs, fresh.inputs),
-            delta: keep(delta, fresh.delta),
-        }
-    }
 }
 
 /// Trains the defer head on one rollout's branched states: `update_epochs` epochs of
@@ -1525,24 +1494,6 @@ mod tests {
         let ev1 = evaluate(&net);
         let p1 = ev1.skip.unwrap().2;
         (p0.mean(Kind::Float).double_value(&[]), p1.mean(Kind::Float).double_value(&[]))
-    }
-
-    #[test]
-    fn the_defer_memory_keeps_the_last_states_in_order() {
-        let batch = |from: i64, n: i64| DeferBatch {
-            context: Tensor::arange_start(from, from + n, (Kind::Float, Device::Cpu)).view([n, 1]).repeat([1, 3]),
-            inputs: Tensor::arange_start(from, from + n, (Kind::Float, Device::Cpu)).view([n, 1]).repeat([1, 4]),
-            delta: Tensor::arange_start(from, from + n, (Kind::Float, Device::Cpu)),
-        };
-        let deltas = |b: &DeferBatch| Vec::<f32>::try_from(&b.delta).unwrap();
-        let first = DeferBatch::remember(None, batch(0, 5), 8);
-        assert_eq!(deltas(&first), [0., 1., 2., 3., 4.]);
-        let second = DeferBatch::remember(Some(first), batch(5, 5), 8);
-        assert_eq!(deltas(&second), [2., 3., 4., 5., 6., 7., 8., 9.]);
-        assert_eq!(Vec::<f32>::try_from(second.context.select(1, 2)).unwrap(), deltas(&second));
-        assert_eq!(Vec::<f32>::try_from(second.inputs.select(1, 3)).unwrap(), deltas(&second));
-        let over = DeferBatch::remember(None, batch(0, 12), 8);
-        assert_eq!(deltas(&over), [4., 5., 6., 7., 8., 9., 10., 11.]);
     }
 
     #[test]

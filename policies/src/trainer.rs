@@ -107,12 +107,6 @@ impl rankpilot_config::Validate for PolicyPreset {
             self.ppo.defer_learning_rate,
             "a finite learning rate > 0",
         );
-        v.check(
-            self.ppo.defer_replay == 0 || self.ppo.net.defer,
-            "ppo.defer_replay",
-            self.ppo.defer_replay,
-            "0 unless ppo.net.defer is true (the memory is the defer head's)",
-        );
     }
 }
 
@@ -216,8 +210,6 @@ pub struct Trainer {
     ddim_opt: Option<Adam>,
     /// Adam over the defer head's weights (`defer.*`), with `net.defer`.
     defer_opt: Option<Adam>,
-    /// The defer head's last `ppo.defer_replay` branched states (with `net.defer`).
-    defer_memory: Option<ppo::DeferBatch>,
     replay: Option<Replay>,
     rng: ChaCha8Rng,
     /// Iterations done.
@@ -533,7 +525,6 @@ impl Trainer {
             opt,
             ddim_opt,
             defer_opt,
-            defer_memory: None,
             replay,
             rng: ChaCha8Rng::seed_from_u64(envs::derive_seed(seed, 2)),
             iteration: 0,
@@ -994,46 +985,35 @@ impl Trainer {
             return f64::NAN;
         };
         let rows: Vec<i64> = (0..records.len() as i64).filter(|&i| records[i as usize].defer.is_some()).collect();
-        let fresh = (!rows.is_empty()).then(|| {
-            let (inputs, delta): (Vec<f32>, Vec<f32>) = rows
-                .iter()
-                .filter_map(|&i| records[i as usize].defer)
-                .map(|(inputs, delta)| (inputs.row(), delta))
-                .fold((Vec::new(), Vec::new()), |(mut x, mut d), (row, delta)| {
-                    x.extend_from_slice(&row);
-                    d.push(delta);
-                    (x, d)
-                });
-            let dev = self.model.device();
-            let idx = Tensor::from_slice(&rows).to_device(dev);
-            let context = tch::no_grad(|| {
-                let sel = |t: &Tensor| t.index_select(0, &idx);
-                self.model.net.forward(&sel(&batch.global), &sel(&batch.sites), &sel(&batch.mask)).context
+        if rows.is_empty() {
+            return f64::NAN;
+        }
+        let (inputs, delta): (Vec<f32>, Vec<f32>) = rows
+            .iter()
+            .filter_map(|&i| records[i as usize].defer)
+            .map(|(inputs, delta)| (inputs.row(), delta))
+            .fold((Vec::new(), Vec::new()), |(mut x, mut d), (row, delta)| {
+                x.extend_from_slice(&row);
+                d.push(delta);
+                (x, d)
             });
-            ppo::DeferBatch {
-                context,
-                inputs: Tensor::from_slice(&inputs).view([rows.len() as i64, DeferInputs::LEN as i64]).to_device(dev),
-                delta: Tensor::from_slice(&delta).to_device(dev),
-            }
+        let dev = self.model.device();
+        let idx = Tensor::from_slice(&rows).to_device(dev);
+        let context = tch::no_grad(|| {
+            let sel = |t: &Tensor| t.index_select(0, &idx);
+            self.model.net.forward(&sel(&batch.global), &sel(&batch.sites), &sel(&batch.mask)).context
         });
-        // With `ppo.defer_replay`, the head learns from the states of past iterations too.
-        let capacity = self.preset.ppo.defer_replay;
-        let defer_batch = match (self.defer_memory.take(), fresh) {
-            (memory, Some(fresh)) if capacity > 0 => ppo::DeferBatch::remember(memory, fresh, capacity),
-            (None, Some(fresh)) => fresh,
-            (Some(memory), None) => memory,
-            _ => return f64::NAN,
+        let defer_batch = ppo::DeferBatch {
+            context,
+            inputs: Tensor::from_slice(&inputs).view([rows.len() as i64, DeferInputs::LEN as i64]).to_device(dev),
+            delta: Tensor::from_slice(&delta).to_device(dev),
         };
         let rng = &mut self.rng;
-        let loss = ppo::defer_update(&self.preset.ppo, head, opt, &defer_batch, lr, |len| {
+        ppo::defer_update(&self.preset.ppo, head, opt, &defer_batch, lr, |len| {
             let mut p: Vec<i64> = (0..len as i64).collect();
             p.shuffle(rng);
             p
-        });
-        if capacity > 0 {
-            self.defer_memory = Some(defer_batch);
-        }
-        loss
+        })
     }
 
     /// Alternating DDIM step ([`ddim::update`]); DDIM starts refining after its first update.
@@ -1063,11 +1043,6 @@ impl Trainer {
         }
         if let Some(r) = &self.replay {
             tensors.extend(r.tensors());
-        }
-        if let Some(m) = &self.defer_memory {
-            for (name, t) in [("context", &m.context), ("inputs", &m.inputs), ("delta", &m.delta)] {
-                tensors.push((format!("defer_memory.{name}"), t.to_device(Device::Cpu)));
-            }
         }
         let config = CheckpointConfig {
             env_preset: self.env_preset.clone(),
@@ -1147,16 +1122,6 @@ impl Trainer {
         }
         if let Some(r) = t.replay.as_mut() {
             r.load(tensors, rs.replay_len, rs.replay_pos)?;
-        }
-        let memory = |name: &str| {
-            let key = format!("defer_memory.{name}");
-            tensors.iter().find(|(n, _)| *n == key).map(|(_, x)| x.to_device(device))
-        };
-        if t.defer_opt.is_some() && t.preset.ppo.defer_replay > 0 {
-            t.defer_memory = match (memory("context"), memory("inputs"), memory("delta")) {
-                (Some(context), Some(inputs), Some(delta)) => Some(ppo::DeferBatch { context, inputs, delta }),
-                _ => None,
-            };
         }
         let twins = t.reference_model.is_some();
         t.groups = rs

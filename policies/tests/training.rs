@@ -290,12 +290,10 @@ fn a_run_with_vine_skip_advantages_resumes_exactly_and_acts_on_every_preset() {
 #[test]
 fn a_run_with_a_defer_head_resumes_exactly_trains_the_head_and_acts_on_every_preset() {
     // `net.defer`: a third branch plays the prior's decision, and the head trains on the
-    // branches with its own optimizer, whose moments a checkpoint must carry, and with
-    // `ppo.defer_replay` from a memory of past branched states, which it must carry too.
+    // branches with its own optimizer, whose moments a checkpoint must carry.
     let mut preset = tiny_with_skip_and_prior();
     preset.ppo.skip_vine = 2.0;
     preset.ppo.net.defer = true;
-    preset.ppo.defer_replay = 256;
     check_distribution_run(&preset);
     let _serial = serial();
     let dist = small_distribution();
