@@ -104,6 +104,15 @@ fn bad_input_is_refused_with_exit_code_2() {
         "{}",
         common::text(&o)
     );
+    // Ranks that are the prior's need a prior.
+    std::fs::write(p.join("ranks.toml"), "name = 'x'\n[ppo]\nnet = { hidden = 8, prior_ranks = true }\n").unwrap();
+    let o = common::rankpilot_in(&["train", "--policy", "ranks.toml", "--steps", "1"], p);
+    assert_eq!(o.status.code(), Some(2), "{}", common::text(&o));
+    assert!(
+        common::text(&o).contains("ppo.net.prior_ranks") && common::text(&o).contains("[prior]"),
+        "{}",
+        common::text(&o)
+    );
     // The risk-aware budget is inferred: it needs the inference on.
     std::fs::write(p.join("risk.toml"), "name = 'x'\n[prior]\nenabled = true\nrisk = true\n").unwrap();
     let o = common::rankpilot_in(&["train", "--policy", "risk.toml", "--steps", "1"], p);

@@ -95,8 +95,11 @@ impl rankpilot_config::Validate for EnvDistribution {
 const EMBEDDED_DISTRIBUTIONS: [(&str, &str); 1] = [("default", include_str!("../distributions/default.toml"))];
 
 /// Embedded suites (`envs/suites/`).
-const EMBEDDED_SUITES: [(&str, &str); 2] =
-    [("default", include_str!("../suites/default.toml")), ("validation", include_str!("../suites/validation.toml"))];
+const EMBEDDED_SUITES: [(&str, &str); 3] = [
+    ("default", include_str!("../suites/default.toml")),
+    ("validation", include_str!("../suites/validation.toml")),
+    ("selection", include_str!("../suites/selection.toml")),
+];
 
 /// The JSON form of an embedded preset, for editing by key.
 fn preset_value(name: &str) -> Result<Value, EnvError> {
@@ -285,17 +288,18 @@ mod tests {
     }
 
     #[test]
-    fn the_validation_suite_shares_no_environment_with_the_test_suite() {
-        let test = EnvSuite::load("default").unwrap().environments().unwrap();
-        let val = EnvSuite::load("validation").unwrap().environments().unwrap();
-        assert_eq!(val.len(), 12);
+    fn the_selection_suites_share_no_environment_with_the_test_suite_or_each_other() {
         let key = |p: &EnvPreset| {
             let mut v = serde_json::to_value(p).unwrap();
             v["name"] = Value::Null;
             v.to_string()
         };
-        let test_keys: std::collections::HashSet<String> = test.iter().map(key).collect();
-        assert!(val.iter().all(|p| !test_keys.contains(&key(p))));
+        let keys = |name: &str| -> std::collections::HashSet<String> {
+            EnvSuite::load(name).unwrap().environments().unwrap().iter().map(key).collect()
+        };
+        let (test, val, sel) = (keys("default"), keys("validation"), keys("selection"));
+        assert_eq!((val.len(), sel.len()), (12, 48), "distinct draws");
+        assert!(val.is_disjoint(&test) && sel.is_disjoint(&test) && sel.is_disjoint(&val));
     }
 
     #[test]

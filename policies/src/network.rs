@@ -114,6 +114,13 @@ pub struct NetConfig {
     /// never defers, so PPO's likelihoods stay those of the executed actions.
     #[serde(default)]
     pub defer: bool,
+    /// The ranks are the prior's (default false; needs a prior): the network learns no residual
+    /// on the rank utilities, so the rank logits are the prior's utilities at the learned
+    /// temperature and the greedy plan is the prior's plan. What the network learns is then the
+    /// skip decision and the values. The rank residual's weights are still created (the other
+    /// weights start as without the option) and stay at their zero start.
+    #[serde(default)]
+    pub prior_ranks: bool,
 }
 
 /// How sampling fits a plan to a binding budget: each site's categorical is priced at a
@@ -182,6 +189,7 @@ impl Default for NetConfig {
             monotone: false,
             price: false,
             defer: false,
+            prior_ranks: false,
         }
     }
 }
@@ -283,6 +291,8 @@ pub struct PolicyNet {
     keep: f64,
     /// `net.monotone`: the rank logits are cumulative non-negative increments.
     monotone: bool,
+    /// `net.prior_ranks` with a prior: no learned residual on the rank utilities.
+    prior_ranks: bool,
 }
 
 /// How the learned greedy decision of a state differs from its prior alone's: the inputs of the
@@ -476,6 +486,7 @@ impl PolicyNet {
             }),
             keep: cfg.keep,
             monotone: cfg.monotone,
+            prior_ranks: cfg.prior_ranks && prior.is_some(),
         }
     }
 
@@ -599,7 +610,10 @@ impl PolicyNet {
         let ctx = self.mix1_ctx.forward(&pc).unsqueeze(1);
         let h = self.mix2.forward(&(self.mix1_site.forward(&e) + ctx).tanh()).tanh();
         let mut logits = self.logits.forward(&h);
-        if let Some(head) = &self.rank_head {
+        if self.prior_ranks {
+            // No residual: the rank logits are the prior's alone (`policy_logits`).
+            logits = logits.zeros_like();
+        } else if let Some(head) = &self.rank_head {
             logits += head.forward(&h, sites);
         }
         let site_values = self.value2.forward(&self.value1.forward(&h).tanh()).squeeze_dim(-1) * mask;

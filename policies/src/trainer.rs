@@ -102,6 +102,12 @@ impl rankpilot_config::Validate for PolicyPreset {
             "false unless [prior] is enabled and ppo.skip_vine > 0 (the head hands rounds to the prior and learns on the vine branches)",
         );
         v.check(
+            !self.ppo.net.prior_ranks || self.prior.enabled,
+            "ppo.net.prior_ranks",
+            self.ppo.net.prior_ranks,
+            "false unless [prior] is enabled (the ranks are the prior's)",
+        );
+        v.check(
             self.ppo.defer_learning_rate.is_finite() && self.ppo.defer_learning_rate > 0.0,
             "ppo.defer_learning_rate",
             self.ppo.defer_learning_rate,
@@ -1324,6 +1330,8 @@ mod tests {
         let mut preset = load_preset("default").unwrap();
         preset.ppo.num_envs = 4;
         preset.ppo.net.defer = true;
+        // The moved weights below are the rank residual's, which this option would ignore.
+        preset.ppo.net.prior_ranks = false;
         let gamma = preset.ppo.gamma;
         let t = Trainer::new(&env, &preset, 64, 5, Device::Cpu).unwrap();
         let prior_alone = Trainer::new(&env, &preset, 64, 5, Device::Cpu).unwrap().model;
@@ -1363,6 +1371,47 @@ mod tests {
         assert_eq!(same, rounds, "deferring, every round is the prior alone's");
         let (same, rounds) = played(-10.0);
         assert!(same < rounds, "the moved residual plays other rounds: {same} of {rounds} the same");
+    }
+
+    #[test]
+    fn with_prior_ranks_the_greedy_plans_are_the_prior_alones_whatever_the_weights() {
+        // Every weight of the network moved: with `net.prior_ranks` the plans stay the untrained
+        // twin's (the prior alone's) round after round; without it the same weights play others.
+        let plays_like_prior = |prior_ranks: bool| -> (usize, usize) {
+            let env = small_env();
+            let mut preset = load_preset("default").unwrap();
+            preset.ppo.num_envs = 4;
+            preset.ppo.net.skip = false;
+            preset.ppo.skip_vine = 0.0;
+            preset.ppo.net.prior_ranks = prior_ranks;
+            let t = Trainer::new(&env, &preset, 64, 5, Device::Cpu).unwrap();
+            let prior_alone = Trainer::new(&env, &preset, 64, 5, Device::Cpu).unwrap().model;
+            tch::no_grad(|| {
+                tch::manual_seed(3);
+                for (name, w) in t.model.vs.variables() {
+                    if name.starts_with("net.") && name != "net.prior_log_scale" {
+                        w.shallow_clone().copy_(&(w.randn_like() * 0.05));
+                    }
+                }
+            });
+            let EnvGroup { venv, beliefs, .. } = &t.groups[0];
+            let (mut a_venv, mut a_beliefs) = (venv.clone(), beliefs.to_vec());
+            let (mut b_venv, mut b_beliefs) = (venv.clone(), beliefs.to_vec());
+            let (mut same, mut rounds) = (0, 0);
+            for _ in 0..env.rounds {
+                let a = act_on(&t.model, &a_venv, &mut a_beliefs, ActMode::Greedy);
+                let b = act_on(&prior_alone, &b_venv, &mut b_beliefs, ActMode::Greedy);
+                a_venv.step_indices_skipping(&a.executed, &a.skip).unwrap();
+                b_venv.step_indices_skipping(&b.executed, &b.skip).unwrap();
+                same += (a.executed == b.executed && a_venv.rewards() == b_venv.rewards()) as usize;
+                rounds += 1;
+            }
+            (same, rounds)
+        };
+        let (same, rounds) = plays_like_prior(true);
+        assert_eq!(same, rounds, "with prior_ranks every plan is the prior alone's");
+        let (same, rounds) = plays_like_prior(false);
+        assert!(same < rounds, "a moved residual plays other plans: {same} of {rounds} the same");
     }
 
     #[test]

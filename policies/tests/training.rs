@@ -305,6 +305,27 @@ fn a_run_with_a_defer_head_resumes_exactly_trains_the_head_and_acts_on_every_pre
     assert!(moved > 0, "the defer head's weights were trained");
 }
 
+#[test]
+fn a_run_whose_plans_are_the_priors_resumes_exactly_and_acts_on_every_preset() {
+    // `net.prior_ranks` (the `default` preset's): the rank residual's weights receive no gradient
+    // and stay at their zero start; the skip head and the critic train.
+    let mut preset = tiny_with_skip_and_prior();
+    preset.ppo.skip_vine = 1.0;
+    preset.ppo.net.prior_ranks = true;
+    check_distribution_run(&preset);
+    let _serial = serial();
+    let dist = small_distribution();
+    let mut t = Trainer::with_distribution(&dist, &dist.draw(1).unwrap(), &preset, 1 << 20, 9, Device::Cpu).unwrap();
+    let before = weights(&t);
+    for _ in 0..2 {
+        t.iterate();
+    }
+    let after = weights(&t);
+    let changed = |prefix: &str| before.iter().zip(&after).any(|(a, b)| a.0.starts_with(prefix) && a.1 != b.1);
+    assert!(!changed("net.logits."), "the rank residual stays at zero");
+    assert!(changed("net.skip.") && changed("net.value2."), "the skip head and the critic train");
+}
+
 /// The `tiny` preset with 8 environments, the skip head and the prior: the base of the options'
 /// resume tests.
 fn tiny_with_skip_and_prior() -> policies::trainer::PolicyPreset {

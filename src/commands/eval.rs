@@ -22,8 +22,9 @@ pub struct EvalArgs {
     #[arg(long, default_value = "wireless-rayleigh")]
     pub env: String,
     /// Evaluate on every environment of a held-out suite instead of one preset: an embedded name
-    /// (default: 12 draws of the default training distribution + every built-in preset) or a
-    /// path to a suite .toml. Prints gap closed per environment and the suite mean, each with a
+    /// (default: the test suite, 12 draws of the default training distribution + every built-in
+    /// preset; validation: 12 other draws; selection: 48 other draws, for choosing between
+    /// variants) or a path to a suite .toml. Prints gap closed per environment and the suite mean, each with a
     /// 95 % paired bootstrap interval, and each checkpoint's paired difference to its own prior
     /// alone and to AdaLoRA (and every later checkpoint's to the first). Rows: uniform, adalora, oracle, each checkpoint and, for a
     /// checkpoint with a prior, `<label> prior` (the same preset's untrained policy, whose plans
