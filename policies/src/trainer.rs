@@ -1320,6 +1320,30 @@ mod tests {
         assert!(differed * 2 > matched.iter().sum::<usize>(), "the forced decision changes the return: {differed}");
     }
 
+    /// Plays `a` and `b` greedily side by side for `rounds` rounds from copies of `group`'s
+    /// state, handing each of `a`'s decisions to `check`: the rounds where both played the same
+    /// decision for the same rewards, and the rounds played.
+    fn play_twins(
+        a: &PolicyModel,
+        b: &PolicyModel,
+        group: &EnvGroup,
+        rounds: u32,
+        mut check: impl FnMut(&model::Decision),
+    ) -> (usize, usize) {
+        let (mut a_venv, mut a_beliefs) = (group.venv.clone(), group.beliefs.to_vec());
+        let (mut b_venv, mut b_beliefs) = (group.venv.clone(), group.beliefs.to_vec());
+        let mut same = 0;
+        for _ in 0..rounds {
+            let da = act_on(a, &a_venv, &mut a_beliefs, ActMode::Greedy);
+            let db = act_on(b, &b_venv, &mut b_beliefs, ActMode::Greedy);
+            check(&da);
+            a_venv.step_indices_skipping(&da.executed, &da.skip).unwrap();
+            b_venv.step_indices_skipping(&db.executed, &db.skip).unwrap();
+            same += (da.executed == db.executed && da.skip == db.skip && a_venv.rewards() == b_venv.rewards()) as usize;
+        }
+        (same, rounds as usize)
+    }
+
     #[test]
     fn a_policy_that_defers_plays_its_prior_alone_and_the_prior_branch_is_that_play() {
         // Untrained, the residual is zero: the prior's branch returns what the greedy branch
@@ -1352,20 +1376,9 @@ mod tests {
             tch::no_grad(|| {
                 let _ = vars["defer.out.bias"].shallow_clone().fill_(bias);
             });
-            let EnvGroup { venv, beliefs, .. } = &t.groups[0];
-            let (mut a_venv, mut a_beliefs) = (venv.clone(), beliefs.to_vec());
-            let (mut b_venv, mut b_beliefs) = (venv.clone(), beliefs.to_vec());
-            let (mut same, mut rounds) = (0, 0);
-            for _ in 0..env.rounds {
-                let a = act_on(&t.model, &a_venv, &mut a_beliefs, ActMode::Greedy);
-                let b = act_on(&prior_alone, &b_venv, &mut b_beliefs, ActMode::Greedy);
+            play_twins(&t.model, &prior_alone, &t.groups[0], env.rounds, |a| {
                 assert!(a.deferred.iter().all(|&d| d == (bias > 0.0)), "the head decides alone: {:?}", a.deferred);
-                a_venv.step_indices_skipping(&a.executed, &a.skip).unwrap();
-                b_venv.step_indices_skipping(&b.executed, &b.skip).unwrap();
-                same += (a.executed == b.executed && a.skip == b.skip && a_venv.rewards() == b_venv.rewards()) as usize;
-                rounds += 1;
-            }
-            (same, rounds)
+            })
         };
         let (same, rounds) = played(10.0);
         assert_eq!(same, rounds, "deferring, every round is the prior alone's");
@@ -1394,19 +1407,7 @@ mod tests {
                     }
                 }
             });
-            let EnvGroup { venv, beliefs, .. } = &t.groups[0];
-            let (mut a_venv, mut a_beliefs) = (venv.clone(), beliefs.to_vec());
-            let (mut b_venv, mut b_beliefs) = (venv.clone(), beliefs.to_vec());
-            let (mut same, mut rounds) = (0, 0);
-            for _ in 0..env.rounds {
-                let a = act_on(&t.model, &a_venv, &mut a_beliefs, ActMode::Greedy);
-                let b = act_on(&prior_alone, &b_venv, &mut b_beliefs, ActMode::Greedy);
-                a_venv.step_indices_skipping(&a.executed, &a.skip).unwrap();
-                b_venv.step_indices_skipping(&b.executed, &b.skip).unwrap();
-                same += (a.executed == b.executed && a_venv.rewards() == b_venv.rewards()) as usize;
-                rounds += 1;
-            }
-            (same, rounds)
+            play_twins(&t.model, &prior_alone, &t.groups[0], env.rounds, |_| {})
         };
         let (same, rounds) = plays_like_prior(true);
         assert_eq!(same, rounds, "with prior_ranks every plan is the prior alone's");
