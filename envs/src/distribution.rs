@@ -95,10 +95,11 @@ impl rankpilot_config::Validate for EnvDistribution {
 const EMBEDDED_DISTRIBUTIONS: [(&str, &str); 1] = [("default", include_str!("../distributions/default.toml"))];
 
 /// Embedded suites (`envs/suites/`).
-const EMBEDDED_SUITES: [(&str, &str); 3] = [
+const EMBEDDED_SUITES: [(&str, &str); 4] = [
     ("default", include_str!("../suites/default.toml")),
     ("validation", include_str!("../suites/validation.toml")),
     ("selection", include_str!("../suites/selection.toml")),
+    ("holdout", include_str!("../suites/holdout.toml")),
 ];
 
 /// The JSON form of an embedded preset, for editing by key.
@@ -288,7 +289,7 @@ mod tests {
     }
 
     #[test]
-    fn the_selection_suites_share_no_environment_with_the_test_suite_or_each_other() {
+    fn the_selection_and_holdout_suites_share_no_environment_with_the_test_suite_or_each_other() {
         let key = |p: &EnvPreset| {
             let mut v = serde_json::to_value(p).unwrap();
             v["name"] = Value::Null;
@@ -297,9 +298,10 @@ mod tests {
         let keys = |name: &str| -> std::collections::HashSet<String> {
             EnvSuite::load(name).unwrap().environments().unwrap().iter().map(key).collect()
         };
-        let (test, val, sel) = (keys("default"), keys("validation"), keys("selection"));
-        assert_eq!((val.len(), sel.len()), (12, 48), "distinct draws");
+        let (test, val, sel, hold) = (keys("default"), keys("validation"), keys("selection"), keys("holdout"));
+        assert_eq!((val.len(), sel.len(), hold.len()), (12, 48, 96), "distinct draws");
         assert!(val.is_disjoint(&test) && sel.is_disjoint(&test) && sel.is_disjoint(&val));
+        assert!(hold.is_disjoint(&test) && hold.is_disjoint(&val) && hold.is_disjoint(&sel));
     }
 
     #[test]

@@ -635,7 +635,10 @@ impl PolicyModel {
         let mut noise_rng = <ChaCha8Rng as rand::SeedableRng>::seed_from_u64(
             coarse.iter().fold(0xddu64, |h, &x| h.wrapping_mul(31).wrapping_add(x as u64)),
         );
-        let obs = ddim::ObsTensors { global: gt, sites: st, mask };
+        // The refiner reads the observation's own features, the leading columns of the
+        // network's inputs (the estimates, with `net.estimates`, are appended after them).
+        let (gt, st) = (gt.narrow(1, 0, GLOBAL_FEATURES as i64), st.narrow(2, 0, SITE_FEATURES as i64));
+        let obs = ddim::ObsTensors { global: &gt, sites: &st, mask };
         let x0 = den.sample(&self.ddim, &self.alpha_bar, &c, obs, &mut noise_rng);
         let x0: Vec<f32> = Vec::try_from(x0.to_device(Device::Cpu).flatten(0, -1)).expect("f32 x0");
         Some(x0.into_iter().map(|x| ddim::decode(x, k) as u8).collect())

@@ -54,12 +54,6 @@ impl rankpilot_config::Validate for PolicyPreset {
         v.nested("ddim", &self.ddim);
         v.nested("prior", &self.prior);
         v.check(
-            !(self.ppo.net.estimates && self.ddim.enabled),
-            "ppo.net.estimates",
-            self.ppo.net.estimates,
-            "false while [ddim] is enabled (the refiner reads the observation's features only)",
-        );
-        v.check(
             !self.ppo.net.rank_head || self.ppo.net.estimates,
             "ppo.net.rank_head",
             self.ppo.net.rank_head,
@@ -733,9 +727,14 @@ impl Trainer {
                 if let Some(replay) = self.replay.as_mut() {
                     for e in 0..ne {
                         let enc = |v: &[u8]| -> Vec<f32> { v.iter().map(|&j| ddim::encode(j as usize, k)).collect() };
+                        // The observation's own features: the leading columns of each row (the
+                        // refiner does not read the estimates).
+                        let sites: Vec<f32> = (e * l..(e + 1) * l)
+                            .flat_map(|i| d.sites[i * s_dim..i * s_dim + SITE_FEATURES].iter().copied())
+                            .collect();
                         replay.push(
-                            &d.global[e * g_dim..(e + 1) * g_dim],
-                            &d.sites[e * l * s_dim..(e + 1) * l * s_dim],
+                            &d.global[e * g_dim..e * g_dim + GLOBAL_FEATURES],
+                            &sites,
                             &enc(&d.coarse[e * l..(e + 1) * l]),
                             &enc(match teacher.get(e) {
                                 Some((plan, _)) if ddim_oracle => plan.as_slice(),

@@ -270,6 +270,16 @@ fn a_run_measured_against_reference_twins_resumes_exactly_and_acts_on_every_pres
 }
 
 #[test]
+fn a_refiner_beside_a_network_reading_the_estimates_resumes_exactly_and_acts_on_every_preset() {
+    // The `default` preset's network reads the estimates; the refiner reads the observation's
+    // own features (the leading columns of the network's rows), in its replay and when it acts.
+    let mut preset = tiny_with_skip_and_prior();
+    preset.ppo.net.estimates = true;
+    preset.ddim = small_ddim();
+    check_distribution_run(&preset);
+}
+
+#[test]
 fn a_run_with_rewards_per_gap_resumes_exactly_and_acts_on_every_preset() {
     // `ppo.reward_per_gap`: each draw's reward weight is recomputed from the draw on resume; a
     // different weight would change the updates, so the resumed weights would differ.

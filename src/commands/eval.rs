@@ -24,7 +24,8 @@ pub struct EvalArgs {
     /// Evaluate on every environment of a held-out suite instead of one preset: an embedded name
     /// (default: the test suite, 12 draws of the default training distribution + every built-in
     /// preset; validation: 12 other draws; selection: 48 other draws, for choosing between
-    /// variants) or a path to a suite .toml. Prints gap closed per environment and the suite mean, each with a
+    /// variants; holdout: 96 other draws, never used to choose, for how often a shipped policy
+    /// falls below its prior on unseen draws) or a path to a suite .toml. Prints gap closed per environment and the suite mean, each with a
     /// 95 % paired bootstrap interval, and each checkpoint's paired difference to its own prior
     /// alone and to AdaLoRA (and every later checkpoint's to the first). Rows: uniform, adalora, oracle, each checkpoint and, for a
     /// checkpoint with a prior, `<label> prior` (the same preset's untrained policy, whose plans
