@@ -90,17 +90,20 @@ fn main() -> anyhow::Result<()> {
             }
         }
         println!();
-        let (mut ret, mut skips) = (0.0, 0usize);
+        let (mut ret, mut skips, mut lost) = (0.0, 0usize, 0u32);
         for e in 0..episodes {
             let mut t = Trace { inner: &mut *t.inner, rows: Vec::new() };
             let env = envs::VecEnv::from_seeds(spec.clone(), &[seed + e]);
-            ret += envs::eval::play_episode(env, &mut t)?.episode_return;
+            let s = envs::eval::play_episode(env, &mut t)?;
+            ret += s.episode_return;
+            lost += s.violations;
             skips += t.rows.iter().filter(|r| *r == "skip").count();
         }
         println!(
-            "{name:8} over {episodes} episodes: mean return {:.4}, skipped rounds {:.2} per episode",
+            "{name:8} over {episodes} episodes: mean return {:.4}, skipped rounds {:.2}, lost rounds {:.2} per episode",
             ret / episodes as f64,
-            skips as f64 / episodes as f64
+            skips as f64 / episodes as f64,
+            lost as f64 / episodes as f64
         );
     }
     Ok(())

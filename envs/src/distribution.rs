@@ -95,11 +95,12 @@ impl rankpilot_config::Validate for EnvDistribution {
 const EMBEDDED_DISTRIBUTIONS: [(&str, &str); 1] = [("default", include_str!("../distributions/default.toml"))];
 
 /// Embedded suites (`envs/suites/`).
-const EMBEDDED_SUITES: [(&str, &str); 4] = [
+const EMBEDDED_SUITES: [(&str, &str); 5] = [
     ("default", include_str!("../suites/default.toml")),
     ("validation", include_str!("../suites/validation.toml")),
     ("selection", include_str!("../suites/selection.toml")),
     ("holdout", include_str!("../suites/holdout.toml")),
+    ("holdout2", include_str!("../suites/holdout2.toml")),
 ];
 
 /// The JSON form of an embedded preset, for editing by key.
@@ -289,7 +290,7 @@ mod tests {
     }
 
     #[test]
-    fn the_selection_and_holdout_suites_share_no_environment_with_the_test_suite_or_each_other() {
+    fn the_selection_and_both_holdout_suites_share_no_environment_with_the_test_suite_or_each_other() {
         let key = |p: &EnvPreset| {
             let mut v = serde_json::to_value(p).unwrap();
             v["name"] = Value::Null;
@@ -299,9 +300,11 @@ mod tests {
             EnvSuite::load(name).unwrap().environments().unwrap().iter().map(key).collect()
         };
         let (test, val, sel, hold) = (keys("default"), keys("validation"), keys("selection"), keys("holdout"));
-        assert_eq!((val.len(), sel.len(), hold.len()), (12, 48, 96), "distinct draws");
+        let hold2 = keys("holdout2");
+        assert_eq!((val.len(), sel.len(), hold.len(), hold2.len()), (12, 48, 96, 96), "distinct draws");
         assert!(val.is_disjoint(&test) && sel.is_disjoint(&test) && sel.is_disjoint(&val));
         assert!(hold.is_disjoint(&test) && hold.is_disjoint(&val) && hold.is_disjoint(&sel));
+        assert!([&test, &val, &sel, &hold].iter().all(|other| hold2.is_disjoint(other)));
     }
 
     #[test]

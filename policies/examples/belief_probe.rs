@@ -45,7 +45,7 @@ impl RankPolicy for SkippingPrior {
         };
         // The values see this round's observation; the belief keeps it whichever way we go.
         let mut belief = [self.inner.belief.clone()];
-        let want = policies::prior::Want { values: true, skip: true, estimates: false };
+        let want = policies::prior::Want { values: true, skip: true, estimates: false, loss_quantile: 0.0 };
         let out = self.inner.prior.evaluate(ObsBatch::one(obs), budget, &mut belief, want);
         let (values, margin) = (out.values, out.skip_margin);
         let [belief] = belief;

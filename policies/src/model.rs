@@ -196,6 +196,9 @@ pub struct PolicyModel {
     pub estimator: Option<Prior>,
     /// The network reads the estimates (`net.estimates`).
     pub estimates: bool,
+    /// Without a prior: plans fit the budget with this inferred probability of a lost round
+    /// (`net.loss_quantile`; 0: the given budget).
+    pub loss_quantile: f64,
     /// How sampled plans are fitted to a binding budget (`net.fit`).
     pub fit: SampleFit,
     /// The defer head (`net.defer`, with a prior): its weights are `defer.*`, outside `net.*`,
@@ -248,6 +251,7 @@ impl PolicyModel {
             estimator: (net.estimates && !prior.enabled)
                 .then(|| Prior::new(PriorConfig { infer: true, ..prior.clone() }, ranks)),
             estimates: net.estimates,
+            loss_quantile: if prior.enabled { 0.0 } else { net.loss_quantile },
             fit: net.fit,
             defer,
         }
@@ -266,7 +270,12 @@ impl PolicyModel {
         match self.prior.as_ref().or(self.estimator.as_ref()) {
             Some(p) => {
                 let values = self.prior.is_some();
-                let want = Want { values, skip: values && self.net.has_skip(), estimates: self.estimates };
+                let want = Want {
+                    values,
+                    skip: values && self.net.has_skip(),
+                    estimates: self.estimates,
+                    loss_quantile: self.loss_quantile,
+                };
                 p.evaluate(obs, budget, beliefs, want)
             }
             None => PriorOutput::default(),

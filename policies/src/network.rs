@@ -64,6 +64,16 @@ pub struct NetConfig {
     /// ([`crate::belief`]), which runs even when the prior's values are not used.
     #[serde(default)]
     pub estimates: bool,
+    /// Plans fit the budget whose inferred probability of a lost round is this (default 0:
+    /// off; needs `estimates` and no prior, whose own risk choice plays this part). The
+    /// online inference measures the estimate's error x = ln(B_true / B_est) ~ N(μ̂, ŝ²) from
+    /// the cost ratios of the rounds sent ([`crate::belief::Belief::budget_error`]), and plans
+    /// fit B_est·exp(μ̂ + ŝ·Φ⁻¹(p)) instead of the environment's conservative budget, whose fixed
+    /// safety margin loses a round in ten where the estimate is noisier than it assumes (a lost
+    /// round costs about ten rounds' loss) and wastes budget where it is more precise. The
+    /// budget is an estimate, not a decision: where the budget is fixed and known it is kept.
+    #[serde(default)]
+    pub loss_quantile: f64,
     /// A per-rank head (default false; needs `estimates`): each rank's logit is a small
     /// network, shared across ranks and sites, of the site in context and that rank's own
     /// estimates (energy share, price, energy still to capture, log rank). Rank j of site l is
@@ -182,6 +192,7 @@ impl Default for NetConfig {
             hidden: 64,
             skip: false,
             estimates: false,
+            loss_quantile: 0.0,
             rank_head: false,
             hold: false,
             fit: SampleFit::default(),

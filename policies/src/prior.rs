@@ -225,6 +225,9 @@ pub struct Want {
     pub skip: bool,
     /// The estimates a network reads (`net.estimates`).
     pub estimates: bool,
+    /// Without `values`: the budget to plan at, the one whose inferred probability of a lost
+    /// round is this (`net.loss_quantile`; 0: the given budget, and no `plan_budget`).
+    pub loss_quantile: f64,
 }
 
 /// [`Prior::evaluate`]'s output for a batch; a part not asked for is empty.
@@ -517,6 +520,16 @@ impl Prior {
         }
     }
 
+    /// The budget B_est·exp(μ̂ + ŝ·Φ⁻¹(p)) at which a plan that fills it is lost with the
+    /// inferred probability p (`net.loss_quantile`), for an estimated budget with a history;
+    /// `None` where the budget is fixed and known.
+    fn loss_quantile_budget(&self, global: &[f32], unit_cost: &[f64], p: f64, belief: Option<&Belief>) -> Option<f64> {
+        let estimated = global[GlobalFeature::ResourceBudget] == 0.0;
+        let reference = estimated_budget(global, unit_cost, &self.ranks)?;
+        let err = belief.filter(|_| estimated)?.budget_error(self.cfg.budget_error_sd);
+        Some(reference * (err.mean + err.sd * normal_quantile(p)).exp())
+    }
+
     /// Each site's current rank index, from the `rank` feature.
     fn current_indices(&self, sites: &[f32]) -> Vec<usize> {
         let rmax = *self.ranks.last().unwrap_or(&1) as f64;
@@ -759,7 +772,7 @@ impl Prior {
         let mut out = PriorOutput {
             values: vec![0f32; if want.values { n_envs * n_sites * k } else { 0 }],
             skip_margin: Vec::with_capacity(if want.skip { n_envs } else { 0 }),
-            plan_budget: Vec::with_capacity(if want.values { n_envs } else { 0 }),
+            plan_budget: Vec::with_capacity(if want.values || want.loss_quantile > 0.0 { n_envs } else { 0 }),
             est_global: vec![0f32; if want.estimates { n_envs * gl } else { 0 }],
             est_sites: vec![0f32; if want.estimates { n_envs * n_sites * sl } else { 0 }],
         };
@@ -793,6 +806,10 @@ impl Prior {
                     let margin = self.skip_margin(v, skip_value, unit_cost, plan_budget) as f64;
                     out.skip_margin.push(((1.0 - p_violation) * margin + p_violation * penalty) as f32);
                 }
+            }
+            if !want.values && want.loss_quantile > 0.0 {
+                let quantile = self.loss_quantile_budget(one.global, unit_cost, want.loss_quantile, beliefs.get(e));
+                out.plan_budget.push(quantile.unwrap_or(budgets[e]));
             }
             if want.estimates {
                 self.estimates_of(
@@ -839,6 +856,23 @@ pub fn estimated_budget(global: &[f32], unit_cost: &[f64], ranks: &[u32]) -> Opt
     let ratio = global[GlobalFeature::BudgetRatioEst] as f64;
     let max_plan: f64 = unit_cost.iter().sum::<f64>() * *ranks.last()? as f64;
     (ratio > 0.0 && ratio < envs::BUDGET_RATIO_CAP * 0.999 && max_plan > 0.0).then_some(ratio * max_plan)
+}
+
+/// Φ⁻¹(p) of the standard normal, by bisection on Φ (to 1e-10; p in (0, 1)).
+pub fn normal_quantile(p: f64) -> f64 {
+    let (mut lo, mut hi) = (-40.0f64, 40.0f64);
+    for _ in 0..100 {
+        let mid = 0.5 * (lo + hi);
+        if 0.5 * libm::erfc(-mid / std::f64::consts::SQRT_2) < p {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+        if hi - lo < 1e-10 {
+            break;
+        }
+    }
+    0.5 * (lo + hi)
 }
 
 /// The LP relaxation of the multiple-choice knapsack as a function of the budget: each site's
@@ -932,7 +966,7 @@ impl RankPolicy for PriorPolicy {
             dims: self.use_dims.then_some(dims.as_slice()),
             cost_coef: Some(ctx.cost_coef),
         };
-        let want = Want { values: true, skip: false, estimates: false };
+        let want = Want { values: true, skip: false, estimates: false, loss_quantile: 0.0 };
         let out = self.prior.evaluate(ObsBatch::one(obs), budget, std::slice::from_mut(&mut self.belief), want);
         let plan = self.prior.plan_from_values(&out.values, BudgetContext { budgets: &out.plan_budget, ..budget });
         let ranks: Vec<u32> = plan.into_iter().map(|j| ctx.rank_set.rank(j)).collect();
@@ -990,6 +1024,19 @@ mod tests {
         for (c, want) in [(0.0, 0.0), (1.0, 1.0), (2.0, 1.8), (4.0, 3.0), (8.0, 3.5)] {
             assert!((one.value(c) - want).abs() < 1e-6, "cost {c}: {} vs {want}", one.value(c));
         }
+    }
+
+    #[test]
+    fn the_normal_quantile_inverts_the_normal_distribution_function() {
+        for p in [1e-4, 0.005, 0.01, 0.02, 0.05, 0.3, 0.5, 0.9] {
+            let z = normal_quantile(p);
+            let back = 0.5 * libm::erfc(-z / std::f64::consts::SQRT_2);
+            assert!((back - p).abs() < 1e-9 * p.max(1e-3), "p {p}: z {z}, Φ(z) {back}");
+        }
+        // Tabulated values.
+        assert!((normal_quantile(0.01) + 2.326_348).abs() < 1e-5);
+        assert!((normal_quantile(0.05) + 1.644_854).abs() < 1e-5);
+        assert!(normal_quantile(0.5).abs() < 1e-9);
     }
 
     #[test]

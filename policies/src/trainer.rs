@@ -54,6 +54,18 @@ impl rankpilot_config::Validate for PolicyPreset {
         v.nested("ddim", &self.ddim);
         v.nested("prior", &self.prior);
         v.check(
+            (0.0..0.5).contains(&self.ppo.net.loss_quantile),
+            "ppo.net.loss_quantile",
+            self.ppo.net.loss_quantile,
+            "a probability in [0, 0.5) (0: plans fit the environment's conservative budget)",
+        );
+        v.check(
+            self.ppo.net.loss_quantile == 0.0 || (self.ppo.net.estimates && !self.prior.enabled),
+            "ppo.net.loss_quantile",
+            self.ppo.net.loss_quantile,
+            "0 unless ppo.net.estimates is true and the prior is off (the prior weighs the risk itself)",
+        );
+        v.check(
             !self.ppo.net.rank_head || self.ppo.net.estimates,
             "ppo.net.rank_head",
             self.ppo.net.rank_head,

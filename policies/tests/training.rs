@@ -144,7 +144,7 @@ fn an_untrained_policy_with_a_prior_plans_as_the_prior() {
         // The prior's values, skip margin and the budget it plans at (with `risk`, chosen for the
         // inferred error of the estimate, which its belief measures from what was sent).
         let k = env.ranks.len();
-        let want_all = policies::prior::Want { values: true, skip: true, estimates: false };
+        let want_all = policies::prior::Want { values: true, skip: true, estimates: false, loss_quantile: 0.0 };
         let out = prior.evaluate(ObsBatch::one(&obs), budget, std::slice::from_mut(&mut belief), want_all);
         let (v, margin, plan_budget) = (out.values, out.skip_margin[0], out.plan_budget[0]);
         let want = prior.plan_from_values(&v, BudgetContext { budgets: &[plan_budget], ..budget });
@@ -414,7 +414,7 @@ fn the_network_reads_the_estimates_of_one_round_model_and_each_belief_sees_a_rou
         let budget = round_budget(&ctx, &dims);
         let d = model.act(ObsBatch::one(&obs), budget, &mut belief, policies::model::ActMode::Greedy);
         assert_eq!(belief[0].observations(), round + 1, "one observation per round");
-        let want = policies::prior::Want { values: false, skip: false, estimates: true };
+        let want = policies::prior::Want { values: false, skip: false, estimates: true, loss_quantile: 0.0 };
         let est = estimator.evaluate(ObsBatch::one(&obs), budget, &mut reference, want);
         assert_eq!(&d.global[envs::GLOBAL_FEATURES..], &est.est_global[..]);
         for l in 0..n {
@@ -427,4 +427,33 @@ fn the_network_reads_the_estimates_of_one_round_model_and_each_belief_sees_a_rou
         assert!(energy.windows(2).all(|w| w[0] <= w[1] + 1e-6) && energy[k - 1] <= 1.0 + 1e-6, "{energy:?}");
         venv.step_indices(&d.executed).unwrap();
     }
+}
+
+#[test]
+fn plans_at_the_inferred_loss_quantile_lose_fewer_rounds_on_a_noisy_channel_than_at_the_fixed_margin() {
+    // A channel whose SNR estimate is three times noisier than the preset's 1.5 dB safety margin
+    // assumes: a plan that fills the conservative budget is lost about one round in six. An
+    // untrained network without a prior whose utilities grow with the rank (`net.monotone`, so
+    // its greedy plan fills whatever budget it is given) loses far fewer with its plans fitted to
+    // the budget whose inferred probability of a lost round is 2 % (`net.loss_quantile`).
+    let _serial = serial();
+    let text = envs::presets::embedded_text("wireless-rayleigh")
+        .unwrap()
+        .replace("layers = 8", "layers = 2")
+        .replace("estimate_noise_db = 0.5", "estimate_noise_db = 1.5");
+    let env = envs::presets::from_toml(&text, "noisy-estimate-test-env", None).unwrap();
+    let mut preset = load_preset("ppo").unwrap();
+    preset.ppo.net.monotone = true;
+    let mut rates = Vec::new();
+    for q in [0.0, 0.02] {
+        preset.ppo.net.loss_quantile = q;
+        let t = Trainer::new(&env, &preset, 1_000, 3, Device::Cpu).unwrap();
+        let mut policy = TrainedPolicy::greedy(&t.model, "policy");
+        let row = envs::evaluate(&env, &mut policy, 32, 7).unwrap();
+        rates.push((row.violation_rate, row.skip_rate));
+    }
+    eprintln!("(violation rate, skip rate) at the margin and at the quantile: {rates:?}");
+    let ((margin, _), (quantile, _)) = (rates[0], rates[1]);
+    assert!(margin > 0.06, "filling the conservative budget loses {margin:.3} of the rounds: {rates:?}");
+    assert!(quantile < margin / 3.0, "{rates:?}");
 }

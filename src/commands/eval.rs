@@ -25,7 +25,8 @@ pub struct EvalArgs {
     /// (default: the test suite, 12 draws of the default training distribution + every built-in
     /// preset; validation: 12 other draws; selection: 48 other draws, for choosing between
     /// variants; holdout: 96 other draws, never used to choose, for how often a shipped policy
-    /// falls below its prior on unseen draws) or a path to a suite .toml. Prints gap closed per environment and the suite mean, each with a
+    /// falls below its prior on unseen draws; holdout2: 96 more, written after the first was
+    /// studied) or a path to a suite .toml. Prints gap closed per environment and the suite mean, each with a
     /// 95 % paired bootstrap interval, and each checkpoint's paired difference to its own prior
     /// alone and to AdaLoRA (and every later checkpoint's to the first). Rows: uniform, adalora, oracle, each checkpoint and, for a
     /// checkpoint with a prior, `<label> prior` (the same preset's untrained policy, whose plans
