@@ -520,14 +520,14 @@ impl Prior {
         }
     }
 
-    /// The budget B_est·exp(μ̂ + ŝ·Φ⁻¹(p)) at which a plan that fills it is lost with the
-    /// inferred probability p (`net.loss_quantile`), for an estimated budget with a history;
+    /// The budget B_est·exp(μ̂ + ŝ·z) at which a plan that fills it is lost with the inferred
+    /// probability p = Φ(z) (`net.loss_quantile`), for an estimated budget with a history;
     /// `None` where the budget is fixed and known.
-    fn loss_quantile_budget(&self, global: &[f32], unit_cost: &[f64], p: f64, belief: Option<&Belief>) -> Option<f64> {
+    fn loss_quantile_budget(&self, global: &[f32], unit_cost: &[f64], z: f64, belief: Option<&Belief>) -> Option<f64> {
         let estimated = global[GlobalFeature::ResourceBudget] == 0.0;
         let reference = estimated_budget(global, unit_cost, &self.ranks)?;
         let err = belief.filter(|_| estimated)?.budget_error(self.cfg.budget_error_sd);
-        Some(reference * (err.mean + err.sd * normal_quantile(p)).exp())
+        Some(reference * (err.mean + err.sd * z).exp())
     }
 
     /// Each site's current rank index, from the `rank` feature.
@@ -776,6 +776,8 @@ impl Prior {
             est_global: vec![0f32; if want.estimates { n_envs * gl } else { 0 }],
             est_sites: vec![0f32; if want.estimates { n_envs * n_sites * sl } else { 0 }],
         };
+        // Φ⁻¹ of `net.loss_quantile`, once per batch.
+        let loss_z = if want.loss_quantile > 0.0 { normal_quantile(want.loss_quantile) } else { 0.0 };
         for e in 0..n_envs {
             let one = ObsBatch {
                 global: &global[e * GLOBAL_FEATURES..(e + 1) * GLOBAL_FEATURES],
@@ -808,7 +810,7 @@ impl Prior {
                 }
             }
             if !want.values && want.loss_quantile > 0.0 {
-                let quantile = self.loss_quantile_budget(one.global, unit_cost, want.loss_quantile, beliefs.get(e));
+                let quantile = self.loss_quantile_budget(one.global, unit_cost, loss_z, beliefs.get(e));
                 out.plan_budget.push(quantile.unwrap_or(budgets[e]));
             }
             if want.estimates {
