@@ -1453,14 +1453,18 @@ mod tests {
         preset.ppo.reward_scale = w as f64;
         let mut scaled = Trainer::new(&env, &preset, 1024, 3, Device::Cpu).unwrap();
         assert_eq!(scaled.groups[0].reward_weight, 1.0);
+        preset.ppo.reward_scale = 1.0;
+        let mut plain = Trainer::new(&env, &preset, 1024, 3, Device::Cpu).unwrap();
+        // The same initial weights in all three: libtorch's generator is global, and tests on
+        // other threads may draw from it while a trainer draws its weights.
+        scaled.model.vs.copy(&per_gap.model.vs).unwrap();
+        plain.model.vs.copy(&per_gap.model.vs).unwrap();
         per_gap.iterate();
         scaled.iterate();
         for ((name, a), (_, b)) in per_gap.model.weights().iter().zip(scaled.model.weights().iter()) {
             assert!(a.equal(b), "{name} differs between per-gap rewards and the same reward scale");
         }
         // Without the option the first update differs (the value targets are the raw rewards).
-        preset.ppo.reward_scale = 1.0;
-        let mut plain = Trainer::new(&env, &preset, 1024, 3, Device::Cpu).unwrap();
         plain.iterate();
         assert!(plain.model.weights().iter().zip(per_gap.model.weights().iter()).any(|((_, a), (_, b))| !a.equal(b)));
     }

@@ -28,7 +28,10 @@ pub struct EvalArgs {
     /// falls below its prior on unseen draws; holdout2: 96 more, written after the first was
     /// studied) or a path to a suite .toml. Prints gap closed per environment and the suite mean, each with a
     /// 95 % paired bootstrap interval, and each checkpoint's paired difference to its own prior
-    /// alone and to AdaLoRA (and every later checkpoint's to the first). Rows: uniform, adalora, oracle, each checkpoint and, for a
+    /// alone and to AdaLoRA (and every later checkpoint's to the first), with the environments
+    /// where it is significantly below: one by one (95 % interval) and after Holm's correction for
+    /// testing every environment at once (family-wise 2.5 %, one-sided; one by one, chance alone
+    /// flags about 2.5 % of the environments where two rows differ). Rows: uniform, adalora, oracle, each checkpoint and, for a
     /// checkpoint with a prior, `<label> prior` (the same preset's untrained policy, whose plans
     /// and skips are the prior's).
     #[arg(long, conflicts_with = "env")]
@@ -289,8 +292,17 @@ fn run_suite(a: &EvalArgs, name: &str) -> anyhow::Result<()> {
                 .filter(|&e| summary.difference(label, &base, e).is_some_and(|d| d.hi < 0.0))
                 .map(|e| summary.environments[e].as_str())
                 .collect();
+            // One by one at 95 %, chance alone flags about 2.5 % of the environments where two
+            // rows differ; Holm's correction says which of them hold for the suite as a whole.
+            let holm: Vec<&str> = summary
+                .below_after_holm(label, &base, 0.025)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|e| summary.environments[e].as_str())
+                .collect();
+            let named = |v: &[&str]| if v.is_empty() { String::new() } else { format!(" ({})", v.join(", ")) };
             let line = format!(
-                "{label} − {base}: mean gap {:+.3} ± {:.3} (paired SE; {:.1} SE), 95% [{:+.3}, {:+.3}]; significantly below on {} of {} environments{}\n",
+                "{label} − {base}: mean gap {:+.3} ± {:.3} (paired SE; {:.1} SE), 95% [{:+.3}, {:+.3}]; significantly below on {} of {} environments{}; after Holm's correction for the {} tests: {}{}\n",
                 d.value,
                 d.se,
                 d.value / d.se.max(1e-12),
@@ -298,7 +310,10 @@ fn run_suite(a: &EvalArgs, name: &str) -> anyhow::Result<()> {
                 d.hi,
                 below.len(),
                 environments.len(),
-                if below.is_empty() { String::new() } else { format!(" ({})", below.join(", ")) }
+                named(&below),
+                environments.len(),
+                holm.len(),
+                named(&holm),
             );
             report += &line;
             md += &format!("- {line}");
