@@ -149,6 +149,24 @@ impl Calibration {
         Ok(())
     }
 
+    /// The same sites with every singular value σ_k raised to `gamma` (the preset's
+    /// `sites.spectrum_exponent`). The energy beyond the listed values keeps its ratio to the
+    /// last listed value's energy, since its values are not known one by one.
+    pub fn with_spectrum_exponent(mut self, gamma: f64) -> Calibration {
+        if gamma == 1.0 {
+            return self;
+        }
+        for s in &mut self.sites {
+            if let Some(&last) = s.spectrum.last()
+                && last > 0.0
+            {
+                s.tail_energy *= last.powf(2.0 * gamma) / (last * last);
+            }
+            s.spectrum.iter_mut().for_each(|x| *x = x.powf(gamma));
+        }
+        self
+    }
+
     /// The sites described by the file.
     pub fn sites(&self) -> Vec<Site> {
         self.sites
@@ -269,6 +287,51 @@ impl std::fmt::Display for NoFit {
 
 /// Fewest losses [`fit_loss_curve`] fits (three parameters, and a quarter of the curve at each end).
 pub const MIN_FIT_STEPS: usize = 8;
+
+/// The spectrum exponent γ (`sites.spectrum_exponent`) under which a calibration's energy tables
+/// explain what uniform ranks gain in real runs. `gains` holds (r, L(r) − L(top)): the final loss
+/// of real runs at uniform rank r minus that at uniform rank `top`. The simulated counterpart is
+/// Σ_l w_l·(E_l(top) − E_l(r)), with w_l the sites' normalised sensitivities and E_l(r) the
+/// share of site l's energy in its first r values under γ; one scale (the loss the adapters can
+/// remove, in the real loss's unit) is fitted by least squares for each γ of a grid (0.05 to 2 in
+/// steps of 0.01), and the γ with the smallest residual wins. Returns (γ, scale, rms residual).
+pub fn fit_spectrum_exponent(cal: &Calibration, gains: &[(u32, f64)], top: u32) -> Option<(f64, f64, f64)> {
+    if gains.is_empty() || cal.sites.is_empty() {
+        return None;
+    }
+    let ranks: Vec<u32> = gains.iter().map(|&(r, _)| r).collect();
+    (5..=200)
+        .map(|g| {
+            let gamma = g as f64 / 100.0;
+            let sim = simulated_gains(cal, gamma, &ranks, top);
+            let ss: f64 = sim.iter().map(|x| x * x).sum();
+            let scale = if ss > 0.0 { sim.iter().zip(gains).map(|(x, (_, y))| x * y).sum::<f64>() / ss } else { 0.0 };
+            let rss: f64 = sim.iter().zip(gains).map(|(x, (_, y))| (scale * x - y).powi(2)).sum();
+            (gamma, scale, (rss / gains.len() as f64).sqrt())
+        })
+        .min_by(|a, b| a.2.total_cmp(&b.2))
+}
+
+/// Σ_l w_l·(E_l(top) − E_l(r)) for each r of `ranks` under the spectrum exponent `gamma` (see
+/// [`fit_spectrum_exponent`]): the share of the removable loss that uniform rank `top` captures
+/// beyond uniform rank r.
+pub fn simulated_gains(cal: &Calibration, gamma: f64, ranks: &[u32], top: u32) -> Vec<f64> {
+    let cal = cal.clone().with_spectrum_exponent(gamma);
+    let w_sum: f64 = cal.sites.iter().map(|s| s.sensitivity).sum::<f64>().max(f64::MIN_POSITIVE);
+    ranks
+        .iter()
+        .map(|&r| {
+            cal.sites
+                .iter()
+                .map(|s| {
+                    let total = (s.spectrum.iter().map(|x| x * x).sum::<f64>() + s.tail_energy).max(f64::MIN_POSITIVE);
+                    let share = |k: u32| s.spectrum.iter().take(k as usize).map(|x| x * x).sum::<f64>() / total;
+                    s.sensitivity / w_sum * (share(top) - share(r))
+                })
+                .sum()
+        })
+        .collect()
+}
 
 /// Least-squares fit of a probe's training-loss curve, one (noisy) loss per optimizer step
 /// s = 1..S (`losses[s − 1]`), to
@@ -551,6 +614,50 @@ mod tests {
         assert!((s[0] - 3.0).abs() < 1e-12 && (s[1] - 1.0).abs() < 1e-12 && s[2].abs() < 1e-12, "{s:?}");
         assert!(singular_values(&m, 3, 3).is_err());
         assert!(singular_values(&[f64::NAN], 1, 1).is_err());
+    }
+
+    fn power_law_calibration(decays: &[f64]) -> Calibration {
+        Calibration {
+            format_version: FORMAT_VERSION,
+            model: "test".into(),
+            sites: decays
+                .iter()
+                .enumerate()
+                .map(|(l, &b)| CalibratedSite {
+                    name: format!("s{l}"),
+                    d_in: 64,
+                    d_out: 64,
+                    role: Role::Other,
+                    layer: l as u32,
+                    spectrum: (1..=32).map(|k| (k as f64).powf(-b)).collect(),
+                    tail_energy: 0.5 * 32f64.powf(-2.0 * b),
+                    sensitivity: 1.0 + l as f64,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn the_spectrum_exponent_flattens_the_spectra_and_is_recovered_from_what_ranks_gain() {
+        let cal = power_law_calibration(&[0.8, 1.2, 1.6]);
+        assert_eq!(cal.clone().with_spectrum_exponent(1.0), cal);
+        let flat = cal.clone().with_spectrum_exponent(0.5);
+        let (s, f) = (&cal.sites[1], &flat.sites[1]);
+        assert!((f.spectrum[3] - s.spectrum[3].sqrt()).abs() < 1e-15);
+        // The tail keeps its ratio to the last listed value's energy.
+        let ratio = |x: &CalibratedSite| x.tail_energy / x.spectrum[31].powi(2);
+        assert!((ratio(f) - ratio(s)).abs() < 1e-12 * ratio(s));
+        // Flatter spectra: rank 16 gains more over rank 8 than before.
+        let gain = |c: &Calibration| simulated_gains(c, 1.0, &[8], 32)[0];
+        assert!(gain(&flat) > 2.0 * gain(&cal), "{} vs {}", gain(&flat), gain(&cal));
+        // Gains made at γ = 0.6 with a scale of 0.3 (and a little noise) give back both.
+        let ranks = [1u32, 2, 4, 8, 16];
+        let sim = simulated_gains(&cal, 0.6, &ranks, 32);
+        let gains: Vec<(u32, f64)> =
+            ranks.iter().zip(&sim).zip(noise(5, 1e-4, 7)).map(|((&r, x), e)| (r, 0.3 * x + e)).collect();
+        let (gamma, scale, rms) = fit_spectrum_exponent(&cal, &gains, 32).unwrap();
+        assert!((gamma - 0.6).abs() <= 0.011 && (scale - 0.3).abs() < 0.01 && rms < 1e-3, "{gamma} {scale} {rms}");
+        assert_eq!(fit_spectrum_exponent(&cal, &[], 32), None);
     }
 
     /// Deterministic noise, uniform in [−amp, amp] (a 64-bit LCG).

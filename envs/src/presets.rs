@@ -63,6 +63,17 @@ pub struct SitesConfig {
     pub projections: Vec<Role>,
     /// Calibration JSON (sites, shapes, spectra, sensitivities); replaces the generated layout.
     pub calibration: Option<String>,
+    /// γ: every calibrated singular value σ_k becomes σ_k^γ (default 1, unchanged; only with
+    /// `calibration`). A short high-rank probe concentrates a site's update in a few directions,
+    /// so its spectra say that rank 8 holds nearly all of the energy while real runs still gain
+    /// from 8 to 16; γ < 1 flattens the spectra, and [`crate::calibration::fit_spectrum_exponent`]
+    /// fits γ to the final losses of real runs at several uniform ranks.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub spectrum_exponent: f64,
+}
+
+fn is_one(x: &f64) -> bool {
+    *x == 1.0
 }
 
 fn default_projections() -> Vec<Role> {
@@ -419,6 +430,15 @@ impl Validate for EnvPreset {
 impl Validate for SitesConfig {
     fn validate(&self, v: &mut Violations) {
         let generated = self.layers.is_some() || self.hidden.is_some() || self.intermediate.is_some();
+        v.check(
+            self.spectrum_exponent.is_finite()
+                && self.spectrum_exponent > 0.0
+                && self.spectrum_exponent <= 4.0
+                && (self.spectrum_exponent == 1.0 || self.calibration.is_some()),
+            "spectrum_exponent",
+            self.spectrum_exponent,
+            "a number in (0, 4], other than 1 only with `calibration`",
+        );
         if self.calibration.is_some() {
             v.check(
                 !generated,
@@ -823,7 +843,7 @@ pub fn from_toml(text: &str, file: &str, base_dir: Option<PathBuf>) -> Result<En
             };
             Calibration::load(&path)?
         };
-        p.calibration_data = Some(cal);
+        p.calibration_data = Some(cal.with_spectrum_exponent(p.sites.spectrum_exponent));
     }
     // What can only be checked on the built environment (ranks against the sites' shapes, the
     // calibration against the sites) is checked here too, so the error names the file.

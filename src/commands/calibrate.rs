@@ -244,6 +244,7 @@ pub fn run(a: &CalibrateArgs) -> Result<()> {
         intermediate: None,
         projections: preset.sites.projections.clone(),
         calibration: Some(cal_name.clone()),
+        spectrum_exponent: 1.0,
     };
     preset.calibration_data = Some(cal.clone());
     let t_spec = envs::EnvSpec::new(&template)?;
