@@ -311,11 +311,17 @@ fn calibration_file_round_trip_and_errors() {
     let flat = presets::load(dir.join("flat.toml").to_str().unwrap()).unwrap();
     assert_eq!(flat.calibration_data.unwrap(), cal.clone().with_spectrum_exponent(0.5));
     for (bad, why) in [("0.0", "(0, 4]"), ("5.0", "(0, 4]")] {
-        std::fs::write(dir.join("bad.toml"), flat_text.replace("spectrum_exponent = 0.5", &format!("spectrum_exponent = {bad}"))).unwrap();
+        std::fs::write(
+            dir.join("bad.toml"),
+            flat_text.replace("spectrum_exponent = 0.5", &format!("spectrum_exponent = {bad}")),
+        )
+        .unwrap();
         let e = presets::load(dir.join("bad.toml").to_str().unwrap()).unwrap_err().to_string();
         assert!(e.contains("bad.toml") && e.contains("sites.spectrum_exponent") && e.contains(why), "{e}");
     }
-    let e = edit("wireless-rayleigh", &[("projections = [", "spectrum_exponent = 0.5\nprojections = [")]).unwrap_err().to_string();
+    let e = edit("wireless-rayleigh", &[("projections = [", "spectrum_exponent = 0.5\nprojections = [")])
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("sites.spectrum_exponent") && e.contains("only with `calibration`"), "{e}");
     // Bad files.
     let mut bad = cal.clone();
