@@ -304,6 +304,35 @@ fn calibrate_writes_a_preset_the_environments_and_trainer_load() {
         assert!(common::text(&o).contains("--fit-from"), "{}", common::text(&o));
         assert!(!bad.exists());
     }
+    // `--fit-ranks` runs real uniform-rank runs and writes the fitted spectrum exponent.
+    let fitted = dir.path().join("presets/fitted.toml");
+    let base: Vec<&str> = args
+        .iter()
+        .copied()
+        .take_while(|a| *a != "--violation-coef")
+        .map(|a| if a == bad.to_str().unwrap() { fitted.to_str().unwrap() } else { a })
+        .collect();
+    let mut fit_args = base.clone();
+    fit_args.extend(["--fit-ranks", "4,1,16", "--fit-steps", "2", "--fit-seeds", "1"]);
+    let o = common::rankpilot(&fit_args);
+    assert!(o.status.success(), "{}", common::text(&o));
+    assert!(common::text(&o).contains("fitted to real runs at uniform ranks"), "{}", common::text(&o));
+    let text = std::fs::read_to_string(&fitted).unwrap();
+    assert!(text.contains("--fit-ranks 1,4,16 --fit-steps 2 --fit-seeds 1"), "{text}");
+    let p = envs::presets::load(fitted.to_str().unwrap()).unwrap();
+    assert!(p.sites.spectrum_exponent > 0.0 && p.sites.spectrum_exponent <= 2.0, "{}", p.sites.spectrum_exponent);
+    // A single rank, or one above the narrowest projection (64), is refused before anything is written.
+    for (ranks, expect) in [("8", "at least two distinct ranks"), ("8,8", "at least two"), ("1,128", "ranks up to 64")]
+    {
+        let out2 = dir.path().join("presets/bad2.toml");
+        let mut bad_args: Vec<&str> =
+            base.iter().map(|a| if *a == fitted.to_str().unwrap() { out2.to_str().unwrap() } else { *a }).collect();
+        bad_args.extend(["--fit-ranks", ranks]);
+        let o = common::rankpilot(&bad_args);
+        assert_eq!(o.status.code(), Some(2), "{ranks}: {}", common::text(&o));
+        assert!(common::text(&o).contains("--fit-ranks") && common::text(&o).contains(expect), "{}", common::text(&o));
+        assert!(!out2.exists());
+    }
 }
 
 #[test]

@@ -16,6 +16,10 @@
 //! so the simulated rounds close shares that fall as a power law. The entropy effect keeps
 //! the template's value (one probe curve cannot identify it). `--keep-dynamics` keeps the
 //! template's dynamics whole, as does a probe curve that does not decrease.
+//!
+//! With `--fit-ranks`, plain real runs at those uniform ranks fit the exponent γ that flattens the
+//! probe's spectra (`sites.spectrum_exponent`), so that the simulator values higher ranks as the
+//! real loss does ([`envs::calibration::fit_spectrum_exponent`]).
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -91,9 +95,93 @@ pub struct CalibrateArgs {
     /// exponential).
     #[arg(long, default_value_t = 1)]
     fit_from: usize,
+    /// Uniform ranks of real runs that fit `sites.spectrum_exponent` γ (e.g. `1,2,4,8,16`; the
+    /// largest is the reference, and at least two distinct ranks are needed). The probe's spectra
+    /// come from one short rank-`--rank` run, which puts nearly all of a site's energy in its
+    /// first few singular values; real runs keep gaining from higher ranks. Each rank is run
+    /// `--fit-seeds` times for `--fit-steps` steps, and γ is the exponent whose simulated
+    /// gains (each site's captured share, weighted by its sensitivity, at one fitted scale) best
+    /// match the mean real gains over the reference rank ([`envs::calibration::fit_spectrum_exponent`]).
+    /// Without it the preset keeps the probe's spectra (γ = 1).
+    #[arg(long, value_delimiter = ',')]
+    fit_ranks: Vec<usize>,
+    /// Optimizer steps of each `--fit-ranks` run (`compare`'s and `finetune`'s default length).
+    #[arg(long, default_value_t = 200)]
+    fit_steps: usize,
+    /// Seeds per rank of the `--fit-ranks` runs (`--seed`, `--seed` + 1, ...); the gains are
+    /// paired by seed (same data order) and averaged.
+    #[arg(long, default_value_t = 2)]
+    fit_seeds: u64,
+    /// Peak learning rate of the `--fit-ranks` runs (default: `--lr`, the probe's). Use the
+    /// rate the real runs will use: `compare`'s sweep picks 5e-3 for fixed ranks on the tiny model.
+    #[arg(long)]
+    fit_lr: Option<f64>,
     /// TensorBoard log directory of the probe.
     #[arg(long, default_value = "runs/calibrate")]
     logdir: PathBuf,
+}
+
+/// γ fitted to real runs at uniform ranks (`--fit-ranks`).
+struct SpectrumFit {
+    /// The exponent written as `sites.spectrum_exponent`.
+    gamma: f64,
+    /// Loss units per unit of simulated gain, fitted with γ.
+    scale: f64,
+    /// Root-mean-square residual of the fitted gains (loss units).
+    rms: f64,
+    /// The reference (largest) rank.
+    top: u32,
+    /// Each other rank's mean real gain over the reference (final val loss at the rank minus at
+    /// the reference, paired by seed).
+    gains: Vec<(u32, f64)>,
+}
+
+impl SpectrumFit {
+    /// One line for the summary and the preset's header.
+    fn describe(&self, seeds: u64, steps: usize) -> String {
+        let gains: Vec<String> = self.gains.iter().map(|(r, g)| format!("r{r} {g:+.4}")).collect();
+        format!(
+            "spectrum_exponent {:.2} fitted to real runs at uniform ranks ({seeds} seed(s) x {steps} steps; final val loss over rank {}: {}): scale {:.4}, rms {:.4}",
+            self.gamma,
+            self.top,
+            gains.join(", "),
+            self.scale,
+            self.rms
+        )
+    }
+}
+
+/// Each rank's mean loss over the reference rank's, paired by seed: `losses[i][s]` is rank
+/// `ranks[i]`'s final loss at seed `s`; the reference is the largest rank.
+fn paired_gains(ranks: &[u32], losses: &[Vec<f64>]) -> (u32, Vec<(u32, f64)>) {
+    let (t, &top) = ranks.iter().enumerate().max_by_key(|x| x.1).expect("at least one rank");
+    let gains = ranks
+        .iter()
+        .zip(losses)
+        .filter(|(r, _)| **r != top)
+        .map(|(&r, l)| {
+            let d: Vec<f64> = l.iter().zip(&losses[t]).map(|(a, b)| a - b).collect();
+            (r, d.iter().sum::<f64>() / d.len().max(1) as f64)
+        })
+        .collect();
+    (top, gains)
+}
+
+/// The final validation loss of a plain run at uniform rank `rank`.
+fn uniform_rank_loss(a: &CalibrateArgs, rank: usize, seed: u64, bar: &indicatif::ProgressBar) -> Result<f64> {
+    let (model, vs, _tok, _corpus, data) =
+        load_model_and_data(&a.input.model, &a.input.data, 0.1, a.input.seq_len, a.common.device, Kind::Float)?;
+    let cfg = FinetuneConfig {
+        ranks: RankSpec { default: rank, patterns: vec![] },
+        seed,
+        ..a.input.finetune_config(a.fit_steps, a.fit_lr.unwrap_or(a.input.lr))
+    };
+    let mut ft = Finetuner::new(model, vs, data, cfg)?;
+    for _ in 0..a.fit_steps {
+        ft.train_step()?;
+        bar.inc(1);
+    }
+    Ok(ft.evaluate())
 }
 
 /// `--decay-law`.
@@ -176,6 +264,22 @@ pub fn run(a: &CalibrateArgs) -> Result<()> {
     if a.steps_per_round == 0 {
         return Err(BadInput("--steps-per-round 0: allowed: an integer >= 1".into()).into());
     }
+    let mut fit_ranks = a.fit_ranks.clone();
+    fit_ranks.sort_unstable();
+    fit_ranks.dedup();
+    if !a.fit_ranks.is_empty() && (fit_ranks.len() < 2 || fit_ranks[0] == 0) {
+        return Err(BadInput(format!(
+            "--fit-ranks {}: allowed: at least two distinct ranks >= 1, comma-separated (e.g. 1,2,4,8,16)",
+            a.fit_ranks.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(",")
+        ))
+        .into());
+    }
+    if a.fit_steps == 0 || a.fit_seeds == 0 {
+        return Err(BadInput("--fit-steps and --fit-seeds: allowed: integers >= 1".into()).into());
+    }
+    if let Some(lr) = a.fit_lr.filter(|lr| !(lr.is_finite() && *lr > 0.0)) {
+        return Err(BadInput(format!("--fit-lr {lr}: allowed: a finite number > 0")).into());
+    }
     let template = envs::presets::load(&a.env).map_err(|e| BadInput(format!("--env: {e}")))?;
     let stem = a.out.file_stem().and_then(|s| s.to_str()).unwrap_or("calibrated").to_string();
     let dir = a.out.parent().filter(|p| !p.as_os_str().is_empty()).map(PathBuf::from).unwrap_or_else(|| ".".into());
@@ -191,6 +295,13 @@ pub fn run(a: &CalibrateArgs) -> Result<()> {
         })
         .min()
         .unwrap_or(1);
+    if let Some(&r) = fit_ranks.last().filter(|&&r| r > min_dim) {
+        return Err(BadInput(format!(
+            "--fit-ranks {r}: allowed: ranks up to {min_dim}, the narrowest projection's min(d_in, d_out) in {}",
+            a.input.model.display()
+        ))
+        .into());
+    }
     let cfg = FinetuneConfig {
         ranks: RankSpec { default: a.rank.min(min_dim), patterns: vec![] },
         seed: a.common.seed,
@@ -222,6 +333,35 @@ pub fn run(a: &CalibrateArgs) -> Result<()> {
     tb.add_histogram("calibration/sensitivity", &cal.sites.iter().map(|s| s.sensitivity).collect::<Vec<_>>(), 0)?;
     tb.flush()?;
     cal.check().map_err(|e| anyhow::anyhow!("the measured calibration is invalid: {e}"))?;
+    drop(ft);
+
+    // γ from real runs at uniform ranks, paired by seed (`--fit-ranks`).
+    let spectrum_fit = if fit_ranks.is_empty() {
+        None
+    } else {
+        let bar = progress_bar(fit_ranks.len() * a.fit_seeds as usize * a.fit_steps);
+        let mut losses = Vec::with_capacity(fit_ranks.len());
+        for &rank in &fit_ranks {
+            let mut per_seed = Vec::with_capacity(a.fit_seeds as usize);
+            for k in 0..a.fit_seeds {
+                let seed = a.common.seed + k;
+                bar.set_message(format!("uniform rank {rank}, seed {seed}"));
+                let loss = uniform_rank_loss(a, rank, seed, &bar)?;
+                tb.add_scalar(&format!("calibration/uniform_rank_val_loss/seed_{seed}"), loss, rank as i64)?;
+                per_seed.push(loss);
+            }
+            losses.push(per_seed);
+        }
+        bar.finish_and_clear();
+        let ranks: Vec<u32> = fit_ranks.iter().map(|&r| r as u32).collect();
+        let (top, gains) = paired_gains(&ranks, &losses);
+        let (gamma, scale, rms) = envs::calibration::fit_spectrum_exponent(&cal, &gains, top)
+            .ok_or_else(|| anyhow::anyhow!("no spectrum exponent could be fitted to {gains:?}"))?;
+        tb.add_scalar("calibration/spectrum_exponent", gamma, 0)?;
+        tb.flush()?;
+        Some(SpectrumFit { gamma, scale, rms, top, gains })
+    };
+    let fit_line = spectrum_fit.as_ref().map(|f| f.describe(a.fit_seeds, a.fit_steps));
 
     // The preset: the template with the model's sites, ranks it can hold, and the resource
     // rescaled to the same scarcity.
@@ -244,7 +384,7 @@ pub fn run(a: &CalibrateArgs) -> Result<()> {
         intermediate: None,
         projections: preset.sites.projections.clone(),
         calibration: Some(cal_name.clone()),
-        spectrum_exponent: 1.0,
+        spectrum_exponent: spectrum_fit.as_ref().map_or(1.0, |f| f.gamma),
     };
     preset.calibration_data = Some(cal.clone());
     let t_spec = envs::EnvSpec::new(&template)?;
@@ -294,9 +434,12 @@ pub fn run(a: &CalibrateArgs) -> Result<()> {
         Dynamics::Fitted(..) => "; dynamics fitted to the probe's loss curve".to_string(),
         _ => format!("; dynamics from `{}`", template.name),
     });
+    if spectrum_fit.is_some() {
+        preset.description.push_str("; spectra flattened by an exponent fitted to uniform-rank runs");
+    }
     let body = toml::to_string(&preset).context("serializing the preset")?;
     let text = format!(
-        "# Written by `rankpilot calibrate --model {} --data {} --env {} --rank {} --steps {} --steps-per-round {} --seed {}{}`.\n# Sites and spectra: {cal_name}. Resource of `{}` rescaled by {scale:.4} (ratio of all-max-rank costs).\n# {dynamics_line}.\n{body}",
+        "# Written by `rankpilot calibrate --model {} --data {} --env {} --rank {} --steps {} --steps-per-round {} --seed {}{}`.\n# Sites and spectra: {cal_name}. Resource of `{}` rescaled by {scale:.4} (ratio of all-max-rank costs).\n# {dynamics_line}.\n{}{body}",
         a.input.model.display(),
         a.input.data,
         a.env,
@@ -309,8 +452,20 @@ pub fn run(a: &CalibrateArgs) -> Result<()> {
             + &a.perturbation_coef.map(|v| format!(" --perturbation-coef {v}")).unwrap_or_default()
             + if a.keep_dynamics { " --keep-dynamics" } else { "" }
             + if a.decay_law == Law::Power { " --decay-law power" } else { "" }
-            + &if a.fit_from != 1 { format!(" --fit-from {}", a.fit_from) } else { String::new() },
-        template.name
+            + &if a.fit_from != 1 { format!(" --fit-from {}", a.fit_from) } else { String::new() }
+            + &if fit_ranks.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    " --fit-ranks {} --fit-steps {} --fit-seeds {}{}",
+                    fit_ranks.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(","),
+                    a.fit_steps,
+                    a.fit_seeds,
+                    a.fit_lr.map(|lr| format!(" --fit-lr {lr}")).unwrap_or_default()
+                )
+            },
+        template.name,
+        fit_line.as_ref().map(|l| format!("# {l}.\n")).unwrap_or_default()
     );
     // Check the preset loads as written before anything is replaced.
     let cal_path = dir.join(&cal_name);
@@ -332,6 +487,9 @@ pub fn run(a: &CalibrateArgs) -> Result<()> {
         cal_path.display(),
         preset.ranks
     );
+    if let Some(l) = &fit_line {
+        println!("{l}");
+    }
     println!("next: rankpilot train --env {} --policy ppo --out checkpoints/{stem}", a.out.display());
     Ok(())
 }
@@ -339,6 +497,27 @@ pub fn run(a: &CalibrateArgs) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gains_are_paired_by_seed_against_the_largest_rank() {
+        // Ranks in any order; the reference is the largest (16), each gain the mean over seeds
+        // of (loss at r − loss at 16) for the same seed.
+        let ranks = [4, 16, 1];
+        let losses = vec![vec![2.10, 2.30], vec![2.00, 2.20], vec![2.40, 2.50]];
+        let (top, gains) = paired_gains(&ranks, &losses);
+        assert_eq!(top, 16);
+        assert_eq!(gains.len(), 2);
+        assert_eq!(gains[0].0, 4);
+        assert!((gains[0].1 - 0.10).abs() < 1e-12, "{gains:?}");
+        assert_eq!(gains[1].0, 1);
+        assert!((gains[1].1 - 0.35).abs() < 1e-12, "{gains:?}");
+        let fit = SpectrumFit { gamma: 0.52, scale: 0.4043, rms: 0.0052, top, gains };
+        let line = fit.describe(2, 200);
+        assert_eq!(
+            line,
+            "spectrum_exponent 0.52 fitted to real runs at uniform ranks (2 seed(s) x 200 steps; final val loss over rank 16: r4 +0.1000, r1 +0.3500): scale 0.4043, rms 0.0052"
+        );
+    }
 
     #[test]
     fn the_dynamics_line_names_the_law_and_its_values() {
