@@ -67,28 +67,29 @@ realrun: build
 	@echo "Tables: $(REAL_DIR)/compare/compare.md, $(REAL_DIR)/shared-init/compare.md  (TensorBoard: ~/.cache/rankpilot/venv/bin/tensorboard --logdir $(REAL_DIR))"
 
 ## The channel setting (AirLLM) in real runs: pre-train the tiny base model, then rankpilot's fixed,
-## AdaLoRA, squeeze and the two shipped channel policies (session 28's, and session 46's trained for
-## loss alone) on the shipped calibrated preset, 8 seeds, each row at its best learning rate of a
-## 3-point sweep (55 runs, two at a time at one thread each: about 36 min on 2 cores).
+## AdaLoRA, squeeze, EVA (standing for peft:eva, which runs without a resource) and the two shipped
+## channel policies (session 28's, and session 46's trained for loss alone) on the shipped
+## calibrated preset, 8 seeds, each row at its best learning rate of a 3-point sweep (66 runs, two
+## at a time at one thread each: about 43 min on 2 cores).
 CH_DIR ?= runs/channel
 channel: build
 	$(BIN) pretrain --out $(E2E_DIR)/model --logdir $(E2E_DIR)/pretrain --seed 0
 	$(BIN) compare --model $(E2E_DIR)/model --env envs/presets/tiny-code.toml --budget rank:8 --seeds 8 --seed 0 --jobs 2 \
 		--lr-sweep 2e-3,5e-3,1e-2 --logdir $(CH_DIR)/compare \
-		--schedulers fixed,adalora,squeeze,policy:checkpoints/tiny-code,policy:checkpoints/tiny-code-loss
+		--schedulers fixed,adalora,squeeze,eva,policy:checkpoints/tiny-code,policy:checkpoints/tiny-code-loss
 	@echo "Tables: $(CH_DIR)/compare/compare.md  (TensorBoard: ~/.cache/rankpilot/venv/bin/tensorboard --logdir $(CH_DIR)/compare)"
 
-## The latency setting (DR-RL) in real runs: pre-train the tiny base model, then rankpilot's fixed and
-## AdaLoRA beside the two shipped latency policies (trained for loss alone without a skip head, and
-## the session-30 one with compute costs and skips) on the calibrated preset with the table's
-## objective, 8 seeds, each row at its best learning rate of a 3-point sweep (44 runs, two at a time
-## at one thread each: about 35 min on 2 cores).
+## The latency setting (DR-RL) in real runs: pre-train the tiny base model, then rankpilot's fixed,
+## AdaLoRA and EVA beside the two shipped latency policies (trained for loss alone without a skip
+## head, and the session-30 one with compute costs and skips) on the calibrated preset with the
+## table's objective, 8 seeds, each row at its best learning rate of a 3-point sweep (55 runs, two at
+## a time at one thread each: about 42 min on 2 cores).
 LAT_DIR ?= runs/latency
 latency: build
 	$(BIN) pretrain --out $(E2E_DIR)/model --logdir $(E2E_DIR)/pretrain --seed 0
 	$(BIN) compare --model $(E2E_DIR)/model --env envs/presets/tiny-latency-loss.toml --budget rank:8 --seeds 8 --seed 0 --jobs 2 \
 		--lr-sweep 2e-3,5e-3,1e-2 --logdir $(LAT_DIR)/compare \
-		--schedulers fixed,adalora,policy:checkpoints/tiny-latency-loss,policy:checkpoints/tiny-latency
+		--schedulers fixed,adalora,eva,policy:checkpoints/tiny-latency-loss,policy:checkpoints/tiny-latency
 	@echo "Tables: $(LAT_DIR)/compare/compare.md  (TensorBoard: ~/.cache/rankpilot/venv/bin/tensorboard --logdir $(LAT_DIR)/compare)"
 
 ## All tests of the workspace, including the checks with the Python `tensorboard` reader, then
