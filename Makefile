@@ -50,10 +50,12 @@ compare: build
 	@echo "TensorBoard logs: $(E2E_DIR)  (view: ~/.cache/rankpilot/venv/bin/tensorboard --logdir $(E2E_DIR))"
 
 ## Real runs against Hugging Face PEFT's own methods at a plain parameter budget (rank 8 on
-## average, no resource): pre-train the tiny base model, then rankpilot's fixed, eva, adalora and
-## the shipped policy beside peft:lora, peft:adalora and peft:eva, 8 seeds, every row at its best
-## learning rate of a 3-point sweep chosen on the first half of the validation text and reported on
-## the second (88 runs, two at a time at one thread each: about 80 min on 2 cores). Then AdaLoRA's
+## average, no resource): pre-train the tiny base model, then rankpilot's fixed, eva (and fixed@eva,
+## EVA's init without the redistribution), adalora, adalora-svd, the distribution's policy and this
+## setting's (checkpoints/tiny-budget, trained on envs/presets/tiny-budget.toml), both with EVA's
+## init, beside peft:lora, peft:adalora and peft:eva, 8 seeds, every row at its best learning rate
+## of a 3-point sweep chosen on the first half of the validation text and reported on the second
+## (110 runs, two at a time at one thread each: about 100 min on 2 cores). Then AdaLoRA's
 ## faithfulness: adalora-svd beside peft:adalora started from the same tensors (--peer-init
 ## rankpilot), 8 seeds at 1e-2 (18 runs, about 10 min).
 REAL_DIR ?= runs/realrun
@@ -61,7 +63,7 @@ realrun: build
 	$(BIN) pretrain --out $(REAL_DIR)/model --logdir $(REAL_DIR)/pretrain --seed 0
 	$(BIN) compare --model $(REAL_DIR)/model --env none --budget rank:8 --seeds 8 --seed 0 --jobs 2 \
 		--lr-sweep 2e-3,5e-3,1e-2 --logdir $(REAL_DIR)/compare \
-		--schedulers fixed,eva,adalora,adalora-svd,policy:checkpoints/default@eva,peft:lora,peft:adalora,peft:eva
+		--schedulers fixed,eva,fixed@eva,adalora,adalora-svd,policy:checkpoints/default@eva,policy:checkpoints/tiny-budget@eva,peft:lora,peft:adalora,peft:eva
 	$(BIN) compare --model $(REAL_DIR)/model --env none --budget rank:8 --seeds 8 --seed 0 --jobs 2 \
 		--lr-sweep 1e-2 --peer-init rankpilot --logdir $(REAL_DIR)/shared-init --schedulers adalora-svd,peft:adalora
 	@echo "Tables: $(REAL_DIR)/compare/compare.md, $(REAL_DIR)/shared-init/compare.md  (TensorBoard: ~/.cache/rankpilot/venv/bin/tensorboard --logdir $(REAL_DIR))"

@@ -565,3 +565,24 @@ fn a_final_loss_reward_pays_each_rounds_progress_and_sums_to_the_loss_it_ends_at
     let msg = err("wireless-rayleigh", &[("cost_coef = 0.1", "cost_coef = 0.1\nloss_term = \"area\"")]);
     assert!(msg.contains("loss_term") || msg.contains("every-round"), "{msg}");
 }
+
+/// Every preset file shipped in `envs/presets/` (the calibrated ones with their calibration
+/// files) loads, builds its environment and runs an episode: a shipped policy's preset that no
+/// longer parses would otherwise surface only in a user's `train` or `eval`.
+#[test]
+fn every_shipped_preset_file_loads_and_runs() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("presets");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 10, "{files:?}");
+    for f in &files {
+        let p = presets::load_path(f).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+        VecEnv::new(&p, 1, 3).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+        let (_, rewards) = rollout(&p, 3, p.rounds as usize);
+        assert!(rewards.iter().all(|r| r.is_finite()), "{}", f.display());
+    }
+}

@@ -396,6 +396,12 @@ pub fn run(a: &CalibrateArgs) -> Result<()> {
     if let Some(c) = preset.resource.compute.as_mut() {
         c.latency_budget_s *= scale;
     }
+    // A parameter budget is an average rank per site, the same on any sites: nothing to rescale.
+    let resource_line = if preset.resource.channel.is_some() || preset.resource.compute.is_some() {
+        format!("resource of `{}` rescaled by {scale:.4} (ratio of all-max-rank costs)", template.name)
+    } else {
+        format!("resource of `{}` kept (an average rank per site needs no rescaling)", template.name)
+    };
     if let Some(v) = a.violation_coef {
         preset.reward.violation_coef = v;
     }
@@ -439,7 +445,7 @@ pub fn run(a: &CalibrateArgs) -> Result<()> {
     }
     let body = toml::to_string(&preset).context("serializing the preset")?;
     let text = format!(
-        "# Written by `rankpilot calibrate --model {} --data {} --env {} --rank {} --steps {} --steps-per-round {} --seed {}{}`.\n# Sites and spectra: {cal_name}. Resource of `{}` rescaled by {scale:.4} (ratio of all-max-rank costs).\n# {dynamics_line}.\n{}{body}",
+        "# Written by `rankpilot calibrate --model {} --data {} --env {} --rank {} --steps {} --steps-per-round {} --seed {}{}`.\n# Sites and spectra: {cal_name}. {}{}.\n# {dynamics_line}.\n{}{body}",
         a.input.model.display(),
         a.input.data,
         a.env,
@@ -464,7 +470,8 @@ pub fn run(a: &CalibrateArgs) -> Result<()> {
                     a.fit_lr.map(|lr| format!(" --fit-lr {lr}")).unwrap_or_default()
                 )
             },
-        template.name,
+        resource_line[..1].to_uppercase(),
+        &resource_line[1..],
         fit_line.as_ref().map(|l| format!("# {l}.\n")).unwrap_or_default()
     );
     // Check the preset loads as written before anything is replaced.
@@ -478,7 +485,7 @@ pub fn run(a: &CalibrateArgs) -> Result<()> {
     }
     checkpoint::atomic_write(&a.out, text.as_bytes())?;
     println!(
-        "calibrated {} sites in {:.1}s (probe rank {}, {} steps, val loss {val:.4}); wrote {} and {}; ranks {:?}; resource rescaled by {scale:.4}; {dynamics_line}",
+        "calibrated {} sites in {:.1}s (probe rank {}, {} steps, val loss {val:.4}); wrote {} and {}; ranks {:?}; {resource_line}; {dynamics_line}",
         cal.sites.len(),
         t0.elapsed().as_secs_f64(),
         a.rank.min(min_dim),
