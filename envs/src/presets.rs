@@ -376,6 +376,11 @@ pub struct ObservationConfig {
     pub grad_noise: f64,
     /// Log-normal noise on the per-site tail-energy share.
     pub tail_noise: f64,
+    /// The first round shows no measured sensitivity or gradient norm: every site reads 1, their
+    /// mean, as in a real run whose adapters start from B = 0 (nothing trained, nothing measured
+    /// yet). Off by default: the simulator reveals them from the first round.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unmeasured_first_round: bool,
 }
 
 /// Baseline settings.

@@ -255,6 +255,7 @@ impl EnvState {
         let rmax = spec.rank_set.max() as f32;
         let ranks = spec.rank_set.ranks();
         let wscale = n as f32 / p.sensitivity.total as f32;
+        let unmeasured = p.observation.unmeasured_first_round && self.round == 0;
         let mut rank_sum = 0.0f32;
         for (l, row) in sites.chunks_exact_mut(SITE_FEATURES).enumerate() {
             let j = self.rank_idx[l] as usize;
@@ -266,8 +267,8 @@ impl EnvState {
                 rank: r / rmax,
                 rank_log: spec.rank_log[j],
                 static_features: spec.static_site_features(l),
-                sensitivity: w * noise.sensitivity,
-                grad_norm: w * (1.0 - self.captured[l]).max(0.0).sqrt() * noise.grad_norm,
+                sensitivity: if unmeasured { 1.0 } else { w * noise.sensitivity },
+                grad_norm: if unmeasured { 1.0 } else { w * (1.0 - self.captured[l]).max(0.0).sqrt() * noise.grad_norm },
                 tail_share: self.tail[l * k + j] * noise.tail_share,
             }
             .write(row);

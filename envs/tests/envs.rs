@@ -586,3 +586,30 @@ fn every_shipped_preset_file_loads_and_runs() {
         assert!(rewards.iter().all(|r| r.is_finite()), "{}", f.display());
     }
 }
+
+/// `observation.unmeasured_first_round`: the first round shows every site's sensitivity and
+/// gradient norm at 1, their mean, as a real run from B = 0 does; later rounds show them measured.
+/// Without the key the simulator reveals them from the first round.
+#[test]
+fn an_unmeasured_first_round_hides_the_sensitivities_until_a_round_is_trained() {
+    let site_values = |p: &EnvPreset| {
+        let mut v = VecEnv::new(p, 1, 4).unwrap();
+        let n = v.n_sites();
+        let read = |v: &VecEnv| {
+            v.obs_sites()
+                .chunks_exact(SITE_FEATURES)
+                .map(|row| (row[SiteFeature::Sensitivity], row[SiteFeature::GradNorm]))
+                .collect::<Vec<_>>()
+        };
+        let first = read(&v);
+        v.step(&vec![v.spec().rank_set.rank(3); n]).unwrap();
+        (first, read(&v))
+    };
+    let hidden = edit("budget", &[("tail_noise = 0.2", "tail_noise = 0.2\nunmeasured_first_round = true")]).unwrap();
+    let (first, second) = site_values(&hidden);
+    assert!(first.iter().all(|&v| v == (1.0, 1.0)), "{first:?}");
+    assert!(second.iter().any(|&(s, g)| s != 1.0 && g != 1.0), "{second:?}");
+    let (first, later) = site_values(&presets::load("budget").unwrap());
+    assert!(first.iter().any(|&(s, _)| s != 1.0), "revealed by default: {first:?}");
+    assert_eq!(later, second, "the key changes the first round's view only");
+}
