@@ -268,7 +268,11 @@ impl EnvState {
                 rank_log: spec.rank_log[j],
                 static_features: spec.static_site_features(l),
                 sensitivity: if unmeasured { 1.0 } else { w * noise.sensitivity },
-                grad_norm: if unmeasured { 1.0 } else { w * (1.0 - self.captured[l]).max(0.0).sqrt() * noise.grad_norm },
+                grad_norm: if unmeasured {
+                    1.0
+                } else {
+                    w * (1.0 - self.captured[l]).max(0.0).sqrt() * noise.grad_norm
+                },
                 tail_share: self.tail[l * k + j] * noise.tail_share,
             }
             .write(row);
