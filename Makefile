@@ -57,7 +57,9 @@ compare: build
 ## of a 3-point sweep chosen on the first half of the validation text and reported on the second
 ## (110 runs, two at a time at one thread each: about 100 min on 2 cores). Then AdaLoRA's
 ## faithfulness: adalora-svd beside peft:adalora started from the same tensors (--peer-init
-## rankpilot), 8 seeds at 1e-2 (18 runs, about 10 min).
+## rankpilot), 8 seeds at 1e-2 (18 runs, about 10 min). Last, the two policies deciding once from
+## a probe of this model (`calibrate`'s 100-step rank-64 run, 20 s): `+hold` keeps the round-0
+## plan, `--probe` lets round 0 read the probe's per-site sensitivities (22 runs, about 13 min).
 REAL_DIR ?= runs/realrun
 realrun: build
 	$(BIN) pretrain --out $(REAL_DIR)/model --logdir $(REAL_DIR)/pretrain --seed 0
@@ -66,7 +68,11 @@ realrun: build
 		--schedulers fixed,eva,fixed@eva,adalora,adalora-svd,policy:checkpoints/default@eva,policy:checkpoints/tiny-budget@eva,peft:lora,peft:adalora,peft:eva
 	$(BIN) compare --model $(REAL_DIR)/model --env none --budget rank:8 --seeds 8 --seed 0 --jobs 2 \
 		--lr-sweep 1e-2 --peer-init rankpilot --logdir $(REAL_DIR)/shared-init --schedulers adalora-svd,peft:adalora
-	@echo "Tables: $(REAL_DIR)/compare/compare.md, $(REAL_DIR)/shared-init/compare.md  (TensorBoard: ~/.cache/rankpilot/venv/bin/tensorboard --logdir $(REAL_DIR))"
+	$(BIN) calibrate --model $(REAL_DIR)/model --out $(REAL_DIR)/probe/budget.toml --env budget --seed 0
+	$(BIN) compare --model $(REAL_DIR)/model --env none --budget rank:8 --seeds 8 --seed 0 --jobs 2 \
+		--lr-sweep 2e-3,5e-3,1e-2 --probe $(REAL_DIR)/probe/budget.calibration.json --logdir $(REAL_DIR)/probe-hold \
+		--schedulers policy:checkpoints/tiny-budget+hold@eva,policy:checkpoints/default+hold@eva
+	@echo "Tables: $(REAL_DIR)/compare/compare.md, $(REAL_DIR)/shared-init/compare.md, $(REAL_DIR)/probe-hold/compare.md  (TensorBoard: ~/.cache/rankpilot/venv/bin/tensorboard --logdir $(REAL_DIR))"
 
 ## The channel setting (AirLLM) in real runs: pre-train the tiny base model, then rankpilot's fixed,
 ## AdaLoRA, squeeze, EVA (standing for peft:eva, which runs without a resource) and the two shipped

@@ -15,6 +15,7 @@
 //! Without a resource (`--env none`) nothing is lost and no cost is charged; the observation then
 //! describes a fixed parameter budget.
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -89,9 +90,45 @@ pub struct RunResource {
     rounds: u32,
     last_violation: bool,
     last_cost_ratio: f64,
+    /// Per-site sensitivities measured by a probe before the run (a `rankpilot calibrate`
+    /// file of this model and data), in the run's site order: what round 0 reads before the
+    /// run has measured anything itself. `None`: round 0 reads 1 at every site.
+    pub probe_sensitivity: Option<Vec<f64>>,
 }
 
 impl RunResource {
+    /// Reads round 0's sensitivities from a calibration probe of this model and data (`file`,
+    /// for messages), matched to the run's sites by module name. Bad input when a site of the
+    /// run is missing there or a sensitivity is not a positive number.
+    pub fn set_probe(
+        &mut self,
+        cal: &envs::calibration::Calibration,
+        file: &Path,
+        signals: &[SiteSignals],
+    ) -> Result<()> {
+        let by_name: std::collections::HashMap<&str, f64> =
+            cal.sites.iter().map(|s| (s.name.as_str(), s.sensitivity)).collect();
+        let mut probe = Vec::with_capacity(signals.len());
+        for s in signals {
+            match by_name.get(s.name.as_str()) {
+                Some(&w) if w.is_finite() && w > 0.0 => probe.push(w),
+                Some(&w) => bail!(BadInput(format!(
+                    "{}: site `{}` has sensitivity {w}; allowed: a positive number",
+                    file.display(),
+                    s.name
+                ))),
+                None => bail!(BadInput(format!(
+                    "{}: no site `{}` (the run adapts {} sites); allowed: a calibration of this model's sites (`rankpilot calibrate --model …`)",
+                    file.display(),
+                    s.name,
+                    signals.len()
+                ))),
+            }
+        }
+        self.probe_sensitivity = Some(probe);
+        Ok(())
+    }
+
     /// `preset` is the resource preset (`None` = no resource); its sites are replaced by the run's.
     /// `ranks` overrides the preset's rank set (a policy's). Seeds the channel with `seed`.
     pub fn new(
@@ -137,6 +174,7 @@ impl RunResource {
             budget_params,
             state,
             rng,
+            probe_sensitivity: None,
             hist: BudgetRatioLags::default(),
             round: 0,
             rounds: rounds as u32,
@@ -301,15 +339,22 @@ pub fn observe(res: &RunResource, signals: &[SiteSignals], st: &RunState) -> Obs
     let imp_sum: f64 = signals.iter().map(|s| s.importance).sum();
     let g_sum: f64 = signals.iter().map(|s| s.grad_norm).sum();
     let res_scale = loss_ratio.clamp(0.0, 1.0).sqrt();
+    // Before the run has measured anything, a probe's sensitivities (if given) stand in for
+    // both readings, as the simulator's first round reveals them; otherwise every site reads 1.
+    let probe_sum: f64 = res.probe_sensitivity.as_ref().map_or(0.0, |p| p.iter().sum());
+    let unmeasured = |l: usize| match &res.probe_sensitivity {
+        Some(p) if probe_sum > 0.0 => n as f64 * p[l] / probe_sum,
+        _ => 1.0,
+    };
     for (l, s) in signals.iter().enumerate() {
         let sv = &s.singular_values;
         let total: f64 = sv.iter().map(|x| x * x).sum();
-        let g = if g_sum > 0.0 { n as f64 * s.grad_norm / g_sum } else { 1.0 };
+        let g = if g_sum > 0.0 { n as f64 * s.grad_norm / g_sum } else { unmeasured(l) };
         SiteValues {
             rank: (s.rank as f64 / rmax as f64) as f32,
             rank_log: observation::rank_log(s.rank as u32, rmax),
             static_features: spec.static_site_features(l),
-            sensitivity: if imp_sum > 0.0 { (n as f64 * s.importance / imp_sum) as f32 } else { 1.0 },
+            sensitivity: if imp_sum > 0.0 { (n as f64 * s.importance / imp_sum) as f32 } else { unmeasured(l) as f32 },
             grad_norm: (g * res_scale) as f32,
             tail_share: match sv.last() {
                 Some(last) if s.rank > 0 && total > 0.0 => (last * last / total) as f32,
@@ -849,5 +894,49 @@ mod tests {
         // The round after the skip trains again, from where round 0 left off.
         assert!(r[2].train_loss < r[0].train_loss, "{} -> {}", r[0].train_loss, r[2].train_loss);
         assert_eq!(bar.position(), 30, "the progress bar counts the skipped steps");
+    }
+
+    #[test]
+    fn a_probe_gives_round_zero_its_sensitivities_until_the_run_measures_its_own() {
+        use envs::SiteFeature;
+        let ft = tune::testing::tiny_run(10, "0");
+        let mut signals = ft.signals(false);
+        let n = signals.len();
+        assert!(signals.iter().all(|s| s.importance == 0.0 && s.grad_norm == 0.0), "nothing measured yet");
+        let ppr: f64 = signals.iter().map(|s| (s.d_in + s.d_out) as f64).sum();
+        let mut res = RunResource::new(None, &signals, None, 3, 8.0 * ppr, 7).unwrap();
+        let st = RunState { round: 0, rounds: 3, loss: f64::NAN, initial_loss: f64::NAN, token_entropy: 0.5 };
+        let read = |res: &RunResource, signals: &[SiteSignals], f: SiteFeature| -> Vec<f32> {
+            let obs = observe(res, signals, &st);
+            (0..n).map(|l| obs.site(l)[f]).collect()
+        };
+        assert!(read(&res, &signals, SiteFeature::Sensitivity).iter().all(|&x| x == 1.0), "no probe: 1 everywhere");
+        // The probe lists the sites in reverse order: they are matched by name.
+        let mut cal = sites_calibration("probe", &signals);
+        for (l, site) in cal.sites.iter_mut().enumerate() {
+            site.sensitivity = (l + 1) as f64;
+        }
+        cal.sites.reverse();
+        let file = Path::new("probe.calibration.json");
+        res.set_probe(&cal, file, &signals).unwrap();
+        let total = (n * (n + 1) / 2) as f64;
+        let want: Vec<f32> = (0..n).map(|l| (n as f64 * (l + 1) as f64 / total) as f32).collect();
+        assert_eq!(read(&res, &signals, SiteFeature::Sensitivity), want);
+        assert_eq!(read(&res, &signals, SiteFeature::GradNorm), want);
+        // Once the run has measured its own, the probe is not read.
+        for s in &mut signals {
+            s.importance = 2.0;
+            s.grad_norm = 3.0;
+        }
+        assert!(read(&res, &signals, SiteFeature::Sensitivity).iter().all(|&x| x == 1.0));
+        assert!(read(&res, &signals, SiteFeature::GradNorm).iter().all(|&x| x == 1.0));
+        // A probe of other sites is bad input naming the file and the site.
+        cal.sites.pop();
+        let e = res.set_probe(&cal, file, &signals).unwrap_err().to_string();
+        assert!(e.contains("probe.calibration.json") && e.contains(&signals[0].name) && e.contains("allowed"), "{e}");
+        cal.sites[0].sensitivity = 0.0;
+        cal.sites.push(sites_calibration("probe", &signals).sites.swap_remove(0));
+        let e = res.set_probe(&cal, file, &signals).unwrap_err().to_string();
+        assert!(e.contains("sensitivity 0") && e.contains("a positive number"), "{e}");
     }
 }

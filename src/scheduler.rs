@@ -29,7 +29,7 @@ use runio::checkpoint;
 use tune::finetune::{RankPlan, SiteSignals};
 
 /// Scheduler names accepted by `--scheduler`, for error messages.
-pub const SCHEDULER_NAMES: &str = "fixed, fixed:R, adalora, adalora-svd, squeeze, eva, policy:<checkpoint dir>, or a classic one with +skip (e.g. fixed+skip)";
+pub const SCHEDULER_NAMES: &str = "fixed, fixed:R, adalora, adalora-svd, squeeze, eva, policy:<checkpoint dir>, policy:<checkpoint dir>+hold, or a classic one with +skip (e.g. fixed+skip)";
 
 /// What a scheduler sees at a round boundary.
 pub struct RoundView<'a> {
@@ -123,6 +123,8 @@ pub enum SchedulerSpec {
     /// `<classic>+skip`: the classic scheduler, skipping every round whose plan does not fit the
     /// resource's conservative estimate ([`SkipUnfit`]).
     SkipUnfit(Box<SchedulerSpec>),
+    /// `policy:<dir>+hold`: the policy's round-0 plan, held for the whole run ([`HoldFirstPlan`]).
+    Hold(Box<SchedulerSpec>),
 }
 
 impl SchedulerSpec {
@@ -130,9 +132,20 @@ impl SchedulerSpec {
     pub fn parse(s: &str) -> Result<SchedulerSpec, String> {
         let s = s.trim();
         let bad = || format!("unknown scheduler `{s}`: allowed: {SCHEDULER_NAMES}");
+        if let Some(inner) = s.strip_suffix("+hold") {
+            return match SchedulerSpec::parse(inner)? {
+                policy @ SchedulerSpec::Policy(_) => Ok(SchedulerSpec::Hold(Box::new(policy))),
+                _ => Err(format!(
+                    "`{s}`: allowed: +hold after policy:<dir> (the classic schedulers' plans are made for every round)"
+                )),
+            };
+        }
         if let Some(inner) = s.strip_suffix("+skip") {
             return match SchedulerSpec::parse(inner)? {
-                SchedulerSpec::Policy(_) | SchedulerSpec::SkipUnfit(_) | SchedulerSpec::AdaloraSvd => Err(format!(
+                SchedulerSpec::Policy(_)
+                | SchedulerSpec::Hold(_)
+                | SchedulerSpec::SkipUnfit(_)
+                | SchedulerSpec::AdaloraSvd => Err(format!(
                     "`{s}`: allowed: +skip after fixed, fixed:R, adalora or squeeze (a policy decides its own skips; adalora-svd runs without a resource)"
                 )),
                 classic => Ok(SchedulerSpec::SkipUnfit(Box::new(classic))),
@@ -160,7 +173,7 @@ impl SchedulerSpec {
     pub fn needs_eva_init(&self) -> bool {
         match self {
             SchedulerSpec::Eva => true,
-            SchedulerSpec::SkipUnfit(inner) => inner.needs_eva_init(),
+            SchedulerSpec::SkipUnfit(inner) | SchedulerSpec::Hold(inner) => inner.needs_eva_init(),
             _ => false,
         }
     }
@@ -195,7 +208,7 @@ impl SchedulerSpec {
     pub fn fixed_rank(&self) -> Option<usize> {
         match self {
             SchedulerSpec::Fixed(r) => *r,
-            SchedulerSpec::SkipUnfit(inner) => inner.fixed_rank(),
+            SchedulerSpec::SkipUnfit(inner) | SchedulerSpec::Hold(inner) => inner.fixed_rank(),
             _ => None,
         }
     }
@@ -210,6 +223,7 @@ impl SchedulerSpec {
             SchedulerSpec::Squeeze => "squeeze".into(),
             SchedulerSpec::Eva => "eva".into(),
             SchedulerSpec::SkipUnfit(inner) => format!("{}+skip", inner.label()),
+            SchedulerSpec::Hold(inner) => format!("{}+hold", inner.label()),
             SchedulerSpec::Policy(d) => {
                 let name = |p: &Path| p.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
                 match name(d).as_str() {
@@ -310,6 +324,10 @@ impl SchedulerSpec {
             SchedulerSpec::SkipUnfit(inner) => Box::new(SkipUnfit {
                 inner: inner.build(params_per_rank, max_rank, budget, total_steps, rounds, device)?,
             }),
+            SchedulerSpec::Hold(inner) => Box::new(HoldFirstPlan {
+                inner: inner.build(params_per_rank, max_rank, budget, total_steps, rounds, device)?,
+                plan: None,
+            }),
         })
     }
 }
@@ -339,6 +357,46 @@ impl RankScheduler for SkipUnfit {
             return Ok(RankPlan { ranks: view.signals.iter().map(|s| s.rank).collect(), skip: true });
         }
         Ok(plan)
+    }
+}
+
+/// A policy that decides once (`policy:<dir>+hold`): its round-0 plan is kept for the whole run,
+/// as EVA keeps its redistribution. In the simulator a policy on a parameter budget plans in its
+/// first round and then rarely changes a rank; a real run's early readings drift while its
+/// adapters grow (a site's measured importance after one round is not the one after a hundred
+/// steps), which the simulator's stationary sensitivities do not model, and a policy that reacts
+/// to them undoes its own plan. Holding separates the policy's allocation from its reactions.
+pub struct HoldFirstPlan {
+    inner: Box<dyn RankScheduler>,
+    /// The plan once made (round 0; a resumed run reads it back).
+    plan: Option<Vec<usize>>,
+}
+
+impl RankScheduler for HoldFirstPlan {
+    fn name(&self) -> String {
+        format!("{}+hold", self.inner.name())
+    }
+    fn rank_set(&self) -> Option<&[u32]> {
+        self.inner.rank_set()
+    }
+    fn save_state(&self) -> serde_json::Value {
+        serde_json::json!({ "inner": self.inner.save_state(), "plan": self.plan })
+    }
+    fn load_state(&mut self, state: &serde_json::Value) -> Result<()> {
+        self.plan = serde_json::from_value(state["plan"].clone())?;
+        self.inner.load_state(&state["inner"])
+    }
+    fn plan(&mut self, view: &RoundView<'_>) -> Result<RankPlan> {
+        if let Some(plan) = &self.plan {
+            return Ok(RankPlan::new(plan.clone()));
+        }
+        let first = self.inner.plan(view)?;
+        if first.skip {
+            // Nothing to hold yet: the adapters keep their ranks, and the next round decides.
+            return Ok(first);
+        }
+        self.plan = Some(first.ranks.clone());
+        Ok(first)
     }
 }
 
@@ -967,6 +1025,82 @@ mod tests {
         });
         let plan = s.plan(&view).unwrap();
         assert!(!plan.skip && plan.ranks.iter().all(|&r| ranks.contains(&(r as u32))), "{plan:?}");
+    }
+
+    /// A scripted inner scheduler: round k plans rank k + 1 everywhere, and skips round `skip`.
+    struct Counting {
+        skip: Option<usize>,
+    }
+
+    impl RankScheduler for Counting {
+        fn name(&self) -> String {
+            "counting".into()
+        }
+        fn plan(&mut self, view: &RoundView<'_>) -> Result<RankPlan> {
+            let ranks = vec![view.round + 1; view.signals.len()];
+            Ok(RankPlan { ranks, skip: self.skip == Some(view.round) })
+        }
+    }
+
+    #[test]
+    fn hold_keeps_the_policys_first_plan_for_the_whole_run() {
+        let spec = SchedulerSpec::parse("policy:checkpoints/x+hold").unwrap();
+        assert_eq!(spec, SchedulerSpec::Hold(Box::new(SchedulerSpec::Policy("checkpoints/x".into()))));
+        assert_eq!(
+            (spec.label(), spec.fixed_rank(), spec.needs_eva_init()),
+            ("policy:x+hold".to_string(), None, false)
+        );
+        let e = SchedulerSpec::parse("fixed+hold").unwrap_err();
+        assert!(e.contains("allowed: +hold after policy:<dir>"), "{e}");
+        assert!(SchedulerSpec::parse("policy:x+hold+skip").unwrap_err().contains("allowed: +skip after"));
+        assert!(SchedulerSpec::parse("policy:x+hold+hold").is_err());
+
+        let obs = Observation::zeros(2);
+        let sites: Vec<envs::Site> = Vec::new();
+        let set = envs::RankSet::new(&[0, 1, 2, 4, 8], 8).unwrap();
+        let unit = vec![1.0; 2];
+        let play = |hold: &mut HoldFirstPlan, rounds: usize| -> Vec<RankPlan> {
+            let mut ranks = vec![0usize; 2];
+            (0..rounds)
+                .map(|round| {
+                    let sig = signals(&ranks, &[vec![], vec![]]);
+                    let view = RoundView {
+                        round,
+                        rounds,
+                        step: round * 10,
+                        total_steps: rounds * 10,
+                        signals: &sig,
+                        observation: &obs,
+                        context: RoundContext {
+                            rank_set: &set,
+                            sites: &sites,
+                            unit_cost: &unit,
+                            resource: envs::presets::ResourceKind::Budget,
+                            estimated_budget: 1e9,
+                            conservative_budget: 1e9,
+                            cost_coef: 0.0,
+                            privileged: None,
+                        },
+                    };
+                    let plan = hold.plan(&view).unwrap();
+                    ranks = plan.ranks.clone();
+                    plan
+                })
+                .collect()
+        };
+        let mut hold = HoldFirstPlan { inner: Box::new(Counting { skip: None }), plan: None };
+        assert_eq!(hold.name(), "counting+hold");
+        let plans = play(&mut hold, 4);
+        assert!(plans.iter().all(|p| *p == RankPlan::new(vec![1, 1])), "{plans:?}");
+        // A skipped first round holds nothing; the first played plan is held.
+        let mut hold = HoldFirstPlan { inner: Box::new(Counting { skip: Some(0) }), plan: None };
+        let plans = play(&mut hold, 4);
+        assert_eq!(plans[0], RankPlan { ranks: vec![1, 1], skip: true });
+        assert!(plans[1..].iter().all(|p| *p == RankPlan::new(vec![2, 2])), "{plans:?}");
+        // A resumed run holds the saved plan.
+        let mut resumed = HoldFirstPlan { inner: Box::new(Counting { skip: None }), plan: None };
+        resumed.load_state(&hold.save_state()).unwrap();
+        assert!(play(&mut resumed, 2).iter().all(|p| *p == RankPlan::new(vec![2, 2])));
     }
 
     /// EVA's redistribution: components compete on explained variance across sites, each site

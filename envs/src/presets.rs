@@ -381,6 +381,18 @@ pub struct ObservationConfig {
     /// yet). Off by default: the simulator reveals them from the first round.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub unmeasured_first_round: bool,
+    /// Exponent γ of the sensitivity in the gradient-norm reading: a site reads
+    /// w^γ·√(residual), with the w^γ rescaled to the sensitivities' total. 1 (the default) is the
+    /// model's own reading; a real run's gradient norms are flatter across sites than its
+    /// sensitivities (γ < 1), which `calibrate` can measure.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub grad_exponent: f64,
+    /// Factor on the tail-energy share a site reads (clipped to 1). 1 (the default) reads the
+    /// spectrum's own share; a real adapter trained for a few rounds concentrates its energy in
+    /// its leading directions, so its smallest singular value holds less than the spectrum's
+    /// (factor < 1).
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub tail_scale: f64,
 }
 
 /// Baseline settings.
@@ -771,6 +783,18 @@ impl Validate for ObservationConfig {
         ] {
             v.check((0.0..=5.0).contains(&x), k, x, "a number >= 0 and <= 5 (a standard deviation of ln)");
         }
+        v.check(
+            (0.0..=2.0).contains(&self.grad_exponent),
+            "grad_exponent",
+            self.grad_exponent,
+            "a number >= 0 and <= 2",
+        );
+        v.check(
+            self.tail_scale > 0.0 && self.tail_scale <= 10.0,
+            "tail_scale",
+            self.tail_scale,
+            "a number > 0 and <= 10",
+        );
     }
 }
 

@@ -256,6 +256,16 @@ impl EnvState {
         let ranks = spec.rank_set.ranks();
         let wscale = n as f32 / p.sensitivity.total as f32;
         let unmeasured = p.observation.unmeasured_first_round && self.round == 0;
+        // The gradient-norm reading's sensitivity term w^γ, rescaled to the sensitivities' total
+        // (γ = 1 reads w itself, bit for bit).
+        let gamma = p.observation.grad_exponent as f32;
+        let grad_scale = if gamma == 1.0 {
+            1.0
+        } else {
+            let powered: f32 = self.w.iter().map(|w| w.powf(gamma)).sum();
+            self.w.iter().sum::<f32>() / powered.max(f32::MIN_POSITIVE)
+        };
+        let tail_scale = p.observation.tail_scale as f32;
         let mut rank_sum = 0.0f32;
         for (l, row) in sites.chunks_exact_mut(SITE_FEATURES).enumerate() {
             let j = self.rank_idx[l] as usize;
@@ -271,9 +281,14 @@ impl EnvState {
                 grad_norm: if unmeasured {
                     1.0
                 } else {
-                    w * (1.0 - self.captured[l]).max(0.0).sqrt() * noise.grad_norm
+                    let w_grad = if gamma == 1.0 { w } else { self.w[l].powf(gamma) * grad_scale * wscale };
+                    w_grad * (1.0 - self.captured[l]).max(0.0).sqrt() * noise.grad_norm
                 },
-                tail_share: self.tail[l * k + j] * noise.tail_share,
+                tail_share: if tail_scale == 1.0 {
+                    self.tail[l * k + j] * noise.tail_share
+                } else {
+                    (self.tail[l * k + j] * tail_scale).min(1.0) * noise.tail_share
+                },
             }
             .write(row);
         }

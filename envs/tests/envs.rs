@@ -613,3 +613,32 @@ fn an_unmeasured_first_round_hides_the_sensitivities_until_a_round_is_trained() 
     assert!(first.iter().any(|&(s, _)| s != 1.0), "revealed by default: {first:?}");
     assert_eq!(later, second, "the key changes the first round's view only");
 }
+
+#[test]
+fn the_observation_model_can_flatten_gradient_norms_and_scale_tail_shares_as_real_runs_read_them() {
+    let after_one_round = |p: &EnvPreset| {
+        let mut v = VecEnv::new(p, 1, 4).unwrap();
+        let n = v.n_sites();
+        v.step(&vec![v.spec().rank_set.rank(3); n]).unwrap();
+        let col = |f: SiteFeature| v.obs_sites().chunks_exact(SITE_FEATURES).map(|row| row[f]).collect::<Vec<f32>>();
+        (col(SiteFeature::Sensitivity), col(SiteFeature::GradNorm), col(SiteFeature::TailShare))
+    };
+    let log_sd = |x: &[f32]| {
+        let ln: Vec<f64> = x.iter().map(|&v| (v as f64).ln()).collect();
+        let m = ln.iter().sum::<f64>() / ln.len() as f64;
+        (ln.iter().map(|v| (v - m).powi(2)).sum::<f64>() / ln.len() as f64).sqrt()
+    };
+    let (s0, g0, t0) = after_one_round(&presets::load("budget").unwrap());
+    let read =
+        edit("budget", &[("tail_noise = 0.2", "tail_noise = 0.2\ngrad_exponent = 0.4\ntail_scale = 0.5")]).unwrap();
+    let (s1, g1, t1) = after_one_round(&read);
+    assert_eq!(s1, s0, "the sensitivities and the generator's stream are unchanged");
+    assert!(log_sd(&g1) < 0.7 * log_sd(&g0), "flatter gradient norms: {} vs {}", log_sd(&g1), log_sd(&g0));
+    for (a, b) in t1.iter().zip(&t0) {
+        assert!((a - 0.5 * b).abs() <= 1e-6 * b.abs().max(1e-6), "tail share halved: {a} vs {b}");
+    }
+    let e = err("budget", &[("tail_noise = 0.2", "tail_noise = 0.2\ngrad_exponent = 3")]);
+    assert!(e.contains("grad_exponent") && e.contains("a number >= 0 and <= 2"), "{e}");
+    let e = err("budget", &[("tail_noise = 0.2", "tail_noise = 0.2\ntail_scale = 0")]);
+    assert!(e.contains("tail_scale") && e.contains("a number > 0 and <= 10"), "{e}");
+}

@@ -540,7 +540,7 @@ fn largest_rank(scheduler: &str, budget: &str, sites: Vec<SiteShape>) -> PyResul
                     .map_err(|e| bad(format!("policy:{}: {e}", dir.display())))?;
                 cfg.schema.ranks.iter().copied().max().unwrap_or(0) as usize
             }
-            SchedulerSpec::SkipUnfit(inner) => of(inner, p, c)?,
+            SchedulerSpec::SkipUnfit(inner) | SchedulerSpec::Hold(inner) => of(inner, p, c)?,
             // EVA's redistribution reads the input bases `--init eva` computes in the Rust loop;
             // the Trainer callback does not compute them.
             SchedulerSpec::Eva => {

@@ -29,6 +29,12 @@ pub fn load_env(name: &str) -> Result<Option<envs::EnvPreset>> {
     Ok(Some(p))
 }
 
+/// Reads a calibration probe (`--probe`): a `rankpilot calibrate` file of per-site
+/// measurements. Its errors are bad input naming the file.
+pub fn load_probe(path: &std::path::Path) -> Result<envs::calibration::Calibration> {
+    envs::calibration::Calibration::load(path).map_err(|e| BadInput(format!("--probe: {e}")).into())
+}
+
 /// Loads a base model, its tokenizer and the tokenized corpus (the tokenizer must fit the
 /// model's vocabulary).
 pub fn load_model_and_data(

@@ -15,7 +15,7 @@ use runio::checkpoint;
 use serde::Deserialize;
 
 use crate::cli::Common;
-use crate::commands::common::{TuneInput, load_env, load_model_and_data, progress_bar};
+use crate::commands::common::{TuneInput, load_env, load_model_and_data, load_probe, progress_bar};
 use crate::commands::peers::{self, PeerInit, PeftMethod};
 use rankpilot::controller::{RunOptions, RunReport};
 use rankpilot::scheduler::{BudgetSpec, SchedulerSpec};
@@ -36,9 +36,16 @@ pub struct CompareArgs {
     /// Average adapter-parameter budget every scheduler is held to: parameters or `rank:R`.
     #[arg(long, default_value = "rank:4", value_parser = BudgetSpec::parse)]
     budget: BudgetSpec,
+    /// A calibration probe of this model and data (the `.calibration.json` that `rankpilot
+    /// calibrate` writes beside its preset): in round 0, before a run has measured anything,
+    /// policies read each site's sensitivity from it instead of 1, as the simulator's first
+    /// round reveals them. The other schedulers read no observation and ignore it.
+    #[arg(long)]
+    probe: Option<PathBuf>,
     /// Schedulers to compare (comma-separated): fixed, fixed:R, adalora, adalora-svd, squeeze, eva,
-    /// policy:<dir>, and the classic ones with +skip (skip a round whose plan does not fit the
-    /// conservative estimate). adalora-svd is AdaLoRA as PEFT implements it (SVD-form sites,
+    /// policy:<dir>, policy:<dir>+hold (the policy's round-0 plan held for the run, as EVA holds
+    /// its own; with --probe), and the classic ones with +skip (skip a round whose plan does not
+    /// fit the conservative estimate). adalora-svd is AdaLoRA as PEFT implements it (SVD-form sites,
     /// orthogonality penalty, masking every step), in rankpilot's loop; it needs --env none and
     /// --budget rank:R. A row ending in @eva (or @eva:N) starts and grows its sites with EVA instead of
     /// --init, e.g. `fixed,fixed@eva`. Hugging Face PEFT's own methods are rows too: peft:lora,
@@ -380,6 +387,10 @@ pub fn run(a: &CompareArgs) -> Result<()> {
         PeerInit::Peft => sweep_arg,
         PeerInit::Rankpilot => format!("{sweep_arg} --peer-init rankpilot"),
     };
+    let sweep_arg = match &a.probe {
+        Some(p) => format!("{sweep_arg} --probe {}", p.display()),
+        None => sweep_arg,
+    };
     let sweep_arg = match a.input.shrink {
         tune::lora::Shrink::Svd => sweep_arg,
         tune::lora::Shrink::Prune => format!("{sweep_arg} --shrink prune"),
@@ -541,6 +552,9 @@ fn run_task(a: &CompareArgs, env: Option<&envs::EnvPreset>, task: &Task) -> Resu
             let mut ft = Finetuner::new(model, vs, data, cfg)?;
             let (mut sched, mut res) =
                 rankpilot::controller::prepare(&ft, scheduler, env, Some(a.budget), a.rounds, seed, device)?;
+            if let Some(path) = &a.probe {
+                res.set_probe(&load_probe(path)?, path, &ft.signals(false))?;
+            }
             let bar = progress_bar(a.steps);
             if a.worker_out.is_some() {
                 bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());

@@ -24,7 +24,7 @@ use tune::model::Target;
 use tune::peft::PeftAdapter;
 
 use crate::cli::Common;
-use crate::commands::common::{TuneInput, load_env, load_model_and_data, progress_bar};
+use crate::commands::common::{TuneInput, load_env, load_model_and_data, load_probe, progress_bar};
 
 /// Arguments of `rankpilot finetune`.
 #[derive(Debug, Args)]
@@ -92,7 +92,7 @@ pub struct FinetuneArgs {
     /// uniform rank within --budget), `fixed:R`, `adalora`, `adalora-svd` (AdaLoRA as PEFT
     /// implements it: SVD-form sites masked every step; --budget rank:R, no --env), `squeeze`,
     /// `eva` (EVA's redistribution by explained variance, with --init eva) or
-    /// `policy:<checkpoint dir>`;
+    /// `policy:<checkpoint dir>` (`policy:<dir>+hold` keeps its round-0 plan for the whole run);
     /// a classic one with `+skip` (e.g. `fixed+skip`) skips every round whose plan does not fit the
     /// resource's conservative estimate, as a policy may (nothing trained or sent, adapters kept).
     /// Sites start empty and round 0's plan sets them (--ranks, --resize-at and --adapter are for
@@ -112,6 +112,12 @@ pub struct FinetuneArgs {
     /// (the parameters of a uniform rank R). Default: R for `fixed:R`, else rank:8.
     #[arg(long, value_parser = BudgetSpec::parse)]
     budget: Option<BudgetSpec>,
+    /// A calibration probe of this model and data (the `.calibration.json` that `rankpilot
+    /// calibrate` writes beside its preset): in round 0, before the run has measured anything, a
+    /// policy reads each site's sensitivity from it instead of 1, as the simulator's first round
+    /// reveals them. Needs --scheduler; other schedulers ignore it.
+    #[arg(long, requires = "scheduler")]
+    probe: Option<PathBuf>,
     /// Write a resumable checkpoint to <logdir>/resume at the start of every N-th round (0 = never):
     /// the sites with their optimizer and importance state, modules_to_save, the data position,
     /// the scheduler's and the resource's state, the rounds so far. Each replaces the last.
@@ -183,7 +189,11 @@ pub fn run(a: &FinetuneArgs) -> Result<()> {
     }
     let (mut sched, mut res, opts) = match &a.scheduler {
         Some(spec) => {
-            let (sched, res) = controller::prepare(&ft, spec, env.as_ref(), a.budget, a.rounds, a.common.seed, device)?;
+            let (sched, mut res) =
+                controller::prepare(&ft, spec, env.as_ref(), a.budget, a.rounds, a.common.seed, device)?;
+            if let Some(path) = &a.probe {
+                res.set_probe(&load_probe(path)?, path, &ft.signals(false))?;
+            }
             (sched, res, RunOptions::even(a.rounds, a.steps, a.eval_every)?)
         }
         None => {
