@@ -875,6 +875,26 @@ mod tests {
         assert_eq!(s.target_rank(), 3);
     }
 
+    /// A round's context with an ample budget (1e9 in the resource's unit).
+    fn test_context<'a>(
+        set: &'a envs::RankSet,
+        sites: &'a [envs::Site],
+        unit: &'a [f64],
+        resource: envs::presets::ResourceKind,
+        cost_coef: f64,
+    ) -> RoundContext<'a> {
+        RoundContext {
+            rank_set: set,
+            sites,
+            unit_cost: unit,
+            resource,
+            estimated_budget: 1e9,
+            conservative_budget: 1e9,
+            cost_coef,
+            privileged: None,
+        }
+    }
+
     fn signals(ranks: &[usize], scores: &[Vec<f64>]) -> Vec<SiteSignals> {
         ranks
             .iter()
@@ -938,16 +958,7 @@ mod tests {
                     total_steps: 100,
                     signals: &sig,
                     observation: &obs,
-                    context: RoundContext {
-                        rank_set: &set,
-                        sites: &sites,
-                        unit_cost: &unit,
-                        resource: envs::presets::ResourceKind::Budget,
-                        estimated_budget: 1e9,
-                        conservative_budget: 1e9,
-                        cost_coef: 0.1,
-                        privileged: None,
-                    },
+                    context: test_context(&set, &sites, &unit, envs::presets::ResourceKind::Budget, 0.1),
                 };
                 let plan = s.plan(&view).unwrap();
                 let p: f64 = plan.ranks.iter().zip(&ppr).map(|(&r, c)| r as f64 * c).sum();
@@ -1006,16 +1017,7 @@ mod tests {
             total_steps: 40,
             signals: &sig,
             observation: &obs,
-            context: RoundContext {
-                rank_set: &set,
-                sites: &sites,
-                unit_cost: &unit,
-                resource: envs::presets::ResourceKind::Channel,
-                estimated_budget: 1e9,
-                conservative_budget: 1e9,
-                cost_coef: 0.1,
-                privileged: None,
-            },
+            context: test_context(&set, &sites, &unit, envs::presets::ResourceKind::Channel, 0.1),
         };
         assert_eq!(s.plan(&view).unwrap(), RankPlan { ranks: vec![3, 8], skip: true });
         // The same policy with P(skip) ≈ 0 plays a plan from its rank set.
@@ -1071,16 +1073,7 @@ mod tests {
                         total_steps: rounds * 10,
                         signals: &sig,
                         observation: &obs,
-                        context: RoundContext {
-                            rank_set: &set,
-                            sites: &sites,
-                            unit_cost: &unit,
-                            resource: envs::presets::ResourceKind::Budget,
-                            estimated_budget: 1e9,
-                            conservative_budget: 1e9,
-                            cost_coef: 0.0,
-                            privileged: None,
-                        },
+                        context: test_context(&set, &sites, &unit, envs::presets::ResourceKind::Budget, 0.0),
                     };
                     let plan = hold.plan(&view).unwrap();
                     ranks = plan.ranks.clone();
