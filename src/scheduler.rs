@@ -366,6 +366,11 @@ impl RankScheduler for SkipUnfit {
 /// adapters grow (a site's measured importance after one round is not the one after a hundred
 /// steps), which the simulator's stationary sensitivities do not model, and a policy that reacts
 /// to them undoes its own plan. Holding separates the policy's allocation from its reactions.
+///
+/// The held plan still answers to the resource: in a round whose conservative estimate it does
+/// not fit (a slow throughput, a poor channel) it is trimmed to fit ([`trim_to_fit`]), and the
+/// round is skipped only if even the smallest ranks do not fit. On a parameter budget the held
+/// plan always fits, so there it is played unchanged.
 pub struct HoldFirstPlan {
     inner: Box<dyn RankScheduler>,
     /// The plan once made (round 0; a resumed run reads it back).
@@ -388,7 +393,17 @@ impl RankScheduler for HoldFirstPlan {
     }
     fn plan(&mut self, view: &RoundView<'_>) -> Result<RankPlan> {
         if let Some(plan) = &self.plan {
-            return Ok(RankPlan::new(plan.clone()));
+            return Ok(
+                match trim_to_fit(
+                    plan,
+                    view.context.rank_set.ranks(),
+                    view.context.unit_cost,
+                    view.context.conservative_budget,
+                ) {
+                    Some(ranks) => RankPlan::new(ranks),
+                    None => RankPlan { ranks: view.signals.iter().map(|s| s.rank).collect(), skip: true },
+                },
+            );
         }
         let first = self.inner.plan(view)?;
         if first.skip {
@@ -398,6 +413,29 @@ impl RankScheduler for HoldFirstPlan {
         self.plan = Some(first.ranks.clone());
         Ok(first)
     }
+}
+
+/// The held plan `held`, trimmed until its cost (rank × `unit_cost`, summed) is at most `budget`:
+/// each step moves one site down to the next rank of `ranks`, the site that keeps the largest
+/// share of its held rank (ties: the one whose step saves the most), so the plan shrinks in
+/// proportion and keeps its shape. No site goes below the smallest positive rank (or its held
+/// rank, if smaller), since a site trimmed to 0 would lose its trained adapter. `None` when
+/// even that does not fit.
+pub fn trim_to_fit(held: &[usize], ranks: &[u32], unit_cost: &[f64], budget: f64) -> Option<Vec<usize>> {
+    let cost = |plan: &[usize]| -> f64 { plan.iter().zip(unit_cost).map(|(&r, u)| r as f64 * u).sum() };
+    let floor = ranks.iter().copied().find(|&r| r > 0).unwrap_or(0) as usize;
+    let below = |r: usize| ranks.iter().rev().map(|&x| x as usize).find(|&x| x < r);
+    let mut plan = held.to_vec();
+    while cost(&plan) > budget {
+        let step = (0..plan.len())
+            .filter_map(|l| {
+                let next = below(plan[l]).filter(|&x| x >= floor.min(held[l]))?;
+                Some((l, next, plan[l] as f64 / held[l] as f64, (plan[l] - next) as f64 * unit_cost[l]))
+            })
+            .max_by(|a, b| a.2.total_cmp(&b.2).then(a.3.total_cmp(&b.3)).then(b.0.cmp(&a.0)))?;
+        plan[step.0] = step.1;
+    }
+    Some(plan)
 }
 
 /// A hand-written schedule (`finetune --resize-at STEP:RANKS`): at each listed step the sites
@@ -692,7 +730,17 @@ impl RankScheduler for EvaRedistribution {
     }
     fn plan(&mut self, view: &RoundView<'_>) -> Result<RankPlan> {
         if let Some(plan) = &self.plan {
-            return Ok(RankPlan::new(plan.clone()));
+            return Ok(
+                match trim_to_fit(
+                    plan,
+                    view.context.rank_set.ranks(),
+                    view.context.unit_cost,
+                    view.context.conservative_budget,
+                ) {
+                    Some(ranks) => RankPlan::new(ranks),
+                    None => RankPlan { ranks: view.signals.iter().map(|s| s.rank).collect(), skip: true },
+                },
+            );
         }
         if let Some(s) = view.signals.iter().find(|s| s.input_variance.is_empty() && s.projection != "embed_tokens") {
             bail!(BadInput(format!(
@@ -1094,6 +1142,40 @@ mod tests {
         let mut resumed = HoldFirstPlan { inner: Box::new(Counting { skip: None }), plan: None };
         resumed.load_state(&hold.save_state()).unwrap();
         assert!(play(&mut resumed, 2).iter().all(|p| *p == RankPlan::new(vec![2, 2])));
+        // A round whose conservative estimate the held plan does not fit plays it trimmed, and
+        // skips (keeping the adapters' ranks) where even rank 1 everywhere does not fit.
+        let sig = signals(&[2, 2], &[vec![], vec![]]);
+        let round = |budget: f64| {
+            let mut context = test_context(&set, &sites, &unit, envs::presets::ResourceKind::Compute, 0.0);
+            context.conservative_budget = budget;
+            RoundView { round: 3, rounds: 4, step: 30, total_steps: 40, signals: &sig, observation: &obs, context }
+        };
+        assert_eq!(resumed.plan(&round(3.0)).unwrap(), RankPlan::new(vec![1, 2]));
+        assert_eq!(resumed.plan(&round(1.5)).unwrap(), RankPlan { ranks: vec![2, 2], skip: true });
+        assert_eq!(resumed.plan(&round(4.0)).unwrap(), RankPlan::new(vec![2, 2]));
+    }
+
+    #[test]
+    fn a_held_plan_is_trimmed_in_proportion_to_fit_a_round_it_does_not_fit() {
+        let set = [0u32, 1, 2, 4, 8, 16];
+        let unit = [1.0, 1.0, 2.0];
+        // Fits: played as held.
+        assert_eq!(trim_to_fit(&[16, 4, 2], &set, &unit, 24.0), Some(vec![16, 4, 2]));
+        // 24 > 20: the site keeping the largest share of its held rank steps down first (all at
+        // 1.0: the one that saves most, site 0), and one step is enough.
+        assert_eq!(trim_to_fit(&[16, 4, 2], &set, &unit, 20.0), Some(vec![8, 4, 2]));
+        // Further: every site halves once before any halves twice (the shape is kept).
+        assert_eq!(trim_to_fit(&[16, 4, 2], &set, &unit, 12.0), Some(vec![8, 2, 1]));
+        assert_eq!(trim_to_fit(&[16, 4, 2], &set, &unit, 8.0), Some(vec![4, 2, 1]));
+        // No site goes below rank 1 (its adapter would be lost); a held 0 stays 0.
+        assert_eq!(trim_to_fit(&[16, 0, 2], &set, &unit, 3.0), Some(vec![1, 0, 1]));
+        assert_eq!(trim_to_fit(&[16, 4, 2], &set, &unit, 3.9), None);
+        // Every trimmed plan fits and never exceeds the held ranks.
+        for budget in [4.0, 5.0, 7.5, 13.0, 19.0, 23.9] {
+            let plan = trim_to_fit(&[16, 4, 2], &set, &unit, budget).unwrap();
+            let cost: f64 = plan.iter().zip(&unit).map(|(&r, u)| r as f64 * u).sum();
+            assert!(cost <= budget && plan.iter().zip([16, 4, 2]).all(|(&r, h)| r <= h), "{budget}: {plan:?}");
+        }
     }
 
     /// EVA's redistribution: components compete on explained variance across sites, each site
