@@ -91,14 +91,19 @@ channel: build
 ## AdaLoRA and EVA beside the two shipped latency policies (trained for loss alone without a skip
 ## head, and the session-30 one with compute costs and skips) on the calibrated preset with the
 ## table's objective, 8 seeds, each row at its best learning rate of a 3-point sweep (55 runs, two at
-## a time at one thread each: about 42 min on 2 cores).
+## a time at one thread each: about 42 min on 2 cores). Then a probe of the same model and the
+## budget setting's two policies holding their round-0 plans beside AdaLoRA (33 runs, about 20 min).
 LAT_DIR ?= runs/latency
 latency: build
 	$(BIN) pretrain --out $(E2E_DIR)/model --logdir $(E2E_DIR)/pretrain --seed 0
 	$(BIN) compare --model $(E2E_DIR)/model --env envs/presets/tiny-latency-loss.toml --budget rank:8 --seeds 8 --seed 0 --jobs 2 \
 		--lr-sweep 2e-3,5e-3,1e-2 --logdir $(LAT_DIR)/compare \
 		--schedulers fixed,adalora,eva,policy:checkpoints/tiny-latency-loss,policy:checkpoints/tiny-latency
-	@echo "Tables: $(LAT_DIR)/compare/compare.md  (TensorBoard: ~/.cache/rankpilot/venv/bin/tensorboard --logdir $(LAT_DIR)/compare)"
+	$(BIN) calibrate --model $(E2E_DIR)/model --out $(LAT_DIR)/probe/budget.toml --env budget --seed 0
+	$(BIN) compare --model $(E2E_DIR)/model --env envs/presets/tiny-latency-loss.toml --budget rank:8 --seeds 8 --seed 0 --jobs 2 \
+		--lr-sweep 2e-3,5e-3,1e-2 --probe $(LAT_DIR)/probe/budget.calibration.json --logdir $(LAT_DIR)/probe-hold \
+		--schedulers adalora,policy:checkpoints/tiny-budget+hold@eva,policy:checkpoints/default+hold@eva
+	@echo "Tables: $(LAT_DIR)/compare/compare.md, $(LAT_DIR)/probe-hold/compare.md  (TensorBoard: ~/.cache/rankpilot/venv/bin/tensorboard --logdir $(LAT_DIR))"
 
 ## All tests of the workspace, including the checks with the Python `tensorboard` reader, then
 ## the Python package's suite (Gymnasium env checker, SB3, Policy.act vs `rankpilot act`,

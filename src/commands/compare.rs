@@ -44,7 +44,7 @@ pub struct CompareArgs {
     probe: Option<PathBuf>,
     /// Schedulers to compare (comma-separated): fixed, fixed:R, adalora, adalora-svd, squeeze, eva,
     /// policy:<dir>, policy:<dir>+hold (the policy's round-0 plan held for the run, as EVA holds
-    /// its own; with --probe), and the classic ones with +skip (skip a round whose plan does not
+    /// its own, trimmed in a round whose conservative estimate it does not fit; with --probe), and the classic ones with +skip (skip a round whose plan does not
     /// fit the conservative estimate). adalora-svd is AdaLoRA as PEFT implements it (SVD-form sites,
     /// orthogonality penalty, masking every step), in rankpilot's loop; it needs --env none and
     /// --budget rank:R. A row ending in @eva (or @eva:N) starts and grows its sites with EVA instead of

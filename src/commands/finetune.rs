@@ -92,7 +92,8 @@ pub struct FinetuneArgs {
     /// uniform rank within --budget), `fixed:R`, `adalora`, `adalora-svd` (AdaLoRA as PEFT
     /// implements it: SVD-form sites masked every step; --budget rank:R, no --env), `squeeze`,
     /// `eva` (EVA's redistribution by explained variance, with --init eva) or
-    /// `policy:<checkpoint dir>` (`policy:<dir>+hold` keeps its round-0 plan for the whole run);
+    /// `policy:<checkpoint dir>` (`policy:<dir>+hold` keeps its round-0 plan for the whole run,
+    /// trimmed in proportion in a round whose conservative estimate it does not fit);
     /// a classic one with `+skip` (e.g. `fixed+skip`) skips every round whose plan does not fit the
     /// resource's conservative estimate, as a policy may (nothing trained or sent, adapters kept).
     /// Sites start empty and round 0's plan sets them (--ranks, --resize-at and --adapter are for
