@@ -730,17 +730,7 @@ impl RankScheduler for EvaRedistribution {
     }
     fn plan(&mut self, view: &RoundView<'_>) -> Result<RankPlan> {
         if let Some(plan) = &self.plan {
-            return Ok(
-                match trim_to_fit(
-                    plan,
-                    view.context.rank_set.ranks(),
-                    view.context.unit_cost,
-                    view.context.conservative_budget,
-                ) {
-                    Some(ranks) => RankPlan::new(ranks),
-                    None => RankPlan { ranks: view.signals.iter().map(|s| s.rank).collect(), skip: true },
-                },
-            );
+            return Ok(RankPlan::new(plan.clone()));
         }
         if let Some(s) = view.signals.iter().find(|s| s.input_variance.is_empty() && s.projection != "embed_tokens") {
             bail!(BadInput(format!(
@@ -1203,6 +1193,17 @@ mod tests {
         assert!(spent <= 80.0, "{plan:?}");
         assert_eq!(plan, vec![2, 0, 3], "the largest ratios that fit");
         assert!(plan.iter().zip([4, 4, 3]).all(|(&r, cap)| r <= cap));
+        // Once made, the plan is played as EVA plays it, whatever the round's resource: unlike a
+        // held policy plan, EVA's is not trimmed to a conservative estimate.
+        let mut eva = EvaRedistribution { plan: Some(plan.clone()), ..eva };
+        let (obs, sites, unit) = (Observation::zeros(3), Vec::<envs::Site>::new(), vec![1.0; 3]);
+        let set = envs::RankSet::new(&[0, 1, 2, 4], 8).unwrap();
+        let sig = signals(&[2, 0, 3], &[vec![], vec![], vec![]]);
+        let mut context = test_context(&set, &sites, &unit, envs::presets::ResourceKind::Compute, 0.0);
+        context.conservative_budget = 1.0;
+        let view =
+            RoundView { round: 2, rounds: 4, step: 20, total_steps: 40, signals: &sig, observation: &obs, context };
+        assert_eq!(eva.plan(&view).unwrap(), RankPlan::new(plan));
     }
 
     #[test]
